@@ -1,0 +1,70 @@
+"""Name → implementation registries for adapters and metrics.
+
+Entries are lazy ``"module:attribute"`` strings so that listing models never imports torch-heavy
+code, and registering a new model is one line next to its file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable, Iterator
+
+
+class RegistryError(KeyError):
+    """An unknown or duplicate registry name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class Registry:
+    """A mapping from names to lazily imported objects."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._targets: dict[str, str | Any] = {}
+
+    def register(self, name: str, target: str | Any) -> None:
+        """Register ``target`` (an object or a ``"module:attr"`` string) under ``name``."""
+        if name in self._targets and self._targets[name] != target:
+            raise RegistryError(f"{self.kind} {name!r} is already registered as {self._targets[name]!r}")
+        self._targets[name] = target
+
+    def decorator(self, name: str) -> Callable[[Any], Any]:
+        """``@REGISTRY.decorator("name")`` registers the decorated object."""
+
+        def wrap(obj: Any) -> Any:
+            self.register(name, obj)
+            return obj
+
+        return wrap
+
+    def get(self, name: str) -> Any:
+        """Return the object registered as ``name``, importing it if needed."""
+        if name not in self._targets:
+            close = difflib.get_close_matches(name, self._targets, n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._targets)) or 'none'}"
+            )
+        target = self._targets[name]
+        if isinstance(target, str):
+            module, _, attr = target.partition(":")
+            target = getattr(importlib.import_module(module), attr)
+            self._targets[name] = target
+        return target
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._targets)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._targets
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+ADAPTERS = Registry("model")
+METRICS = Registry("metric")

@@ -1,0 +1,1 @@
+"""Tables built from result records only."""
