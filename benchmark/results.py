@@ -1,0 +1,337 @@
+"""Result records: one JSON file per (model, checkpoint, task, fraction, seed).
+
+A record is the only thing tables, plots and comparisons read. Its fields (schema version 1)::
+
+    schema          int, SCHEMA_VERSION of the code that wrote it
+    model           {name, adapter, checkpoint: {path, sha256} | null, layout, ...}
+    task            {name, version, higher_is_better?, ...}
+    frac, seed      training-data fraction in (0, 1] and the seed (split draw and head init)
+    split           {dataset, version, sha256} of the split files the run used
+    metrics         {name: value | null}; primary_metric names the headline one
+    ci              {metric: bootstrap_ci(...) result} | null
+    n               {train, val, test} image counts actually used
+    config          the fully resolved protocol config; config["overrides"] holds what the user set
+    timing          wall-clock seconds per phase
+    env             {vlpbench, git, python, torch, cuda, device}
+    data            {synthetic, ...} | null, facts about the data the run saw
+    per_image       per-image scores | null, so CIs and new aggregates need no re-run
+    created         UTC ISO-8601 time of make_record
+
+Files live at ``<results>/runs/<model>/<sha256[:8] | nockpt>/<task>.v<version>/frac<f>-seed<s>.json``,
+are written atomically and are never overwritten silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import vlpbench
+from vlpbench.errors import ConfigError, DataError, VlpbenchError
+
+SCHEMA_VERSION = 1
+
+_ROUND_DECIMALS = 6
+_GIT_TIMEOUT_S = 5.0
+_UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def make_record(*, model: dict, task: dict, frac: float, seed: int, split: dict, metrics: dict,
+                primary_metric: str, n: dict, config: dict, timing: dict, ci: dict | None = None,
+                per_image: dict | None = None, data: dict | None = None) -> dict:
+    """Assemble a result record, adding ``schema``, ``env`` and ``created``.
+
+    The arguments are stored as given (see the module docstring for their shapes); rounding to 6
+    decimals and conversion of numpy values happen when the record is written.
+
+    Raises:
+        ConfigError: a required field is missing or invalid (e.g. ``primary_metric`` not in
+            ``metrics``, ``frac`` outside (0, 1]).
+    """
+    record = {
+        "schema": SCHEMA_VERSION,
+        "model": model,
+        "task": task,
+        "frac": frac,
+        "seed": seed,
+        "split": split,
+        "metrics": metrics,
+        "primary_metric": primary_metric,
+        "ci": ci,
+        "n": n,
+        "config": config,
+        "timing": timing,
+        "env": environment(),
+        "data": data,
+        "per_image": per_image,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    problem = _problem(record)
+    if problem:
+        raise ConfigError(f"result record: {problem}")
+    return record
+
+
+def environment() -> dict[str, Any]:
+    """What produced a record: package version, source commit, Python, torch, CUDA and device."""
+    import torch
+
+    device = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    return {
+        "vlpbench": vlpbench.__version__,
+        "git": _git_commit(Path(vlpbench.__file__).resolve().parent),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": device,
+    }
+
+
+def _git(source: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True,
+                              timeout=_GIT_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _git_commit(source: Path) -> str | None:
+    """HEAD of the checkout holding ``source`` (+ "-dirty" if it has changes), else None."""
+    commit = _git(source, "rev-parse", "HEAD")
+    # An installed copy can sit inside some unrelated repository (a venv in a project folder):
+    # only trust HEAD if git actually tracks our own files.
+    if not commit or _git(source, "ls-files", "--error-unmatch", "__init__.py") is None:
+        return None
+    status = _git(source, "status", "--porcelain")
+    return commit.strip() + ("-dirty" if status is None or status.strip() else "")
+
+
+def _safe(name: Any) -> str:
+    """``name`` reduced to path-safe characters; never empty, never starting with a dot."""
+    return _UNSAFE_PATH_CHARS.sub("_", str(name)).lstrip(".") or "_"
+
+
+def _format_frac(frac: float) -> str:
+    # Rounded as on write, so a record read back maps to the same file; repr is the shortest
+    # round-tripping form: 0.01, 0.1, 1.0.
+    return repr(round(float(frac), _ROUND_DECIMALS))
+
+
+def record_path(results_dir: str | os.PathLike, record: dict) -> Path:
+    """Where ``record`` lives: ``runs/<model>/<sha256[:8]|nockpt>/<task>.v<version>/frac<f>-seed<s>[-<o>].json``.
+
+    ``<o>`` is a short hash of ``config.overrides`` when there are any, so a run with non-default task
+    options never replaces the canonical one. Only ``model.name``, ``model.checkpoint``,
+    ``task.name``, ``task.version``, ``frac``, ``seed`` and ``config.overrides`` are read, so a stub
+    with those fields is enough. Names are reduced to ``[A-Za-z0-9._-]``.
+    """
+    model, task = record["model"], record["task"]
+    checkpoint = model.get("checkpoint") or {}
+    sha = checkpoint.get("sha256")
+    overrides = (record.get("config") or {}).get("overrides") or {}
+    variant = ""
+    if overrides:
+        canonical = json.dumps(overrides, sort_keys=True, default=str).encode()
+        variant = "-" + hashlib.sha256(canonical).hexdigest()[:8]
+    return (Path(results_dir) / "runs" / _safe(model["name"]) / (_safe(sha[:8]) if sha else "nockpt")
+            / _safe(f"{task['name']}.v{task['version']}")
+            / f"frac{_safe(_format_frac(record['frac']))}-seed{int(record['seed'])}{variant}.json")
+
+
+def existing_record(results_dir: str | os.PathLike, record_stub: dict) -> Path | None:
+    """The path of the record ``record_stub`` would be written to, if it already exists.
+
+    Call this before training, so a run whose result would be refused is not run at all.
+    """
+    path = record_path(results_dir, record_stub)
+    return path if path.exists() else None
+
+
+def write_record(record: dict, results_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``record`` as JSON under ``results_dir`` and return its path.
+
+    The JSON goes to a temporary file in the target folder, is flushed and fsynced, and is then
+    renamed over the target, so a crash leaves either no record or a complete one. Floats are
+    rounded to 6 decimals; NaN and infinities are written as ``null``.
+
+    Raises:
+        VlpbenchError: the record exists and ``overwrite`` is False. With ``overwrite`` the old file
+            is kept as ``<name>.replaced-<UTC time>.json.bak`` next to the new one.
+        ConfigError: the record is malformed.
+    """
+    problem = _problem(record)
+    if problem:
+        raise ConfigError(f"result record: {problem}")
+    path = record_path(results_dir, record)
+    if path.exists() and not overwrite:
+        raise VlpbenchError(f"{path} already exists; pass --overwrite to replace it "
+                            f"(the old record is then kept as a .bak file)")
+    text = json.dumps(_jsonable(record), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Hidden and not ending in .json, so load_records never sees it; created through os.open (not
+    # mkstemp, which forces mode 0600) so the record gets the user's usual umask permissions.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            path.rename(_backup_path(path))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _backup_path(path: Path) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    backup = path.with_name(f"{path.stem}.replaced-{stamp}.json.bak")
+    suffix = 1
+    while backup.exists():  # rename would silently replace an older backup
+        backup = path.with_name(f"{path.stem}.replaced-{stamp}-{suffix}.json.bak")
+        suffix += 1
+    return backup
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the renames themselves; folders cannot be opened for fsync on Windows."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with numpy/torch values made plain, floats rounded to 6 decimals, NaN/inf as None."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return round(float(value), _ROUND_DECIMALS) if math.isfinite(value) else None
+    if hasattr(value, "tolist"):  # numpy arrays, torch tensors
+        return _jsonable(value.tolist())
+    return value
+
+
+def load_record(path: str | os.PathLike) -> dict:
+    """Read and validate one record.
+
+    Raises:
+        DataError: the file is unreadable, not JSON, or lacks / has an invalid required key (the
+            message names the file and the key).
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise DataError(f"{path}: cannot read result record ({error.strerror})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a JSON result record ({error})") from error
+    problem = _problem(record)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    return record
+
+
+def load_records(results_dir: str | os.PathLike) -> list[dict]:
+    """Every record under ``<results_dir>/runs`` (``.json`` files; backups and temp files are not).
+
+    Records are returned in path order. A results folder without ``runs/`` holds no records.
+
+    Raises:
+        DataError: ``results_dir`` does not exist, or a record is malformed (see :func:`load_record`).
+    """
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise DataError(f"results folder {results_dir} does not exist")
+    runs = results_dir / "runs"
+    if not runs.is_dir():
+        return []
+    return [load_record(path) for path in sorted(runs.rglob("*.json")) if path.is_file()]
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_version(value: Any) -> bool:
+    return _is_int(value) or (isinstance(value, str) and bool(value))
+
+
+# (dotted key, test, what is expected); a record with any failing entry is rejected.
+_CHECKS: list[tuple[str, Any, str]] = [
+    ("model", lambda v: isinstance(v, dict), "an object"),
+    ("model.name", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    ("model.checkpoint", lambda v: v is None or (isinstance(v, dict) and "sha256" in v and "path" in v),
+     "null or an object with path and sha256"),
+    ("task", lambda v: isinstance(v, dict), "an object"),
+    ("task.name", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    ("task.version", _is_version, "an integer or a non-empty string"),
+    ("frac", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    ("seed", _is_int, "an integer"),
+    ("split", lambda v: isinstance(v, dict), "an object"),
+    ("split.dataset", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    ("split.version", _is_version, "an integer or a non-empty string"),
+    ("split.sha256", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    ("metrics", lambda v: isinstance(v, dict), "an object"),
+    ("primary_metric", lambda v: isinstance(v, str), "a string"),
+    ("n", lambda v: isinstance(v, dict), "an object"),
+    ("config", lambda v: isinstance(v, dict), "an object"),
+    ("timing", lambda v: isinstance(v, dict), "an object"),
+    ("env", lambda v: isinstance(v, dict), "an object"),
+    ("created", lambda v: isinstance(v, str), "a string"),
+]
+
+
+def _problem(record: Any) -> str | None:
+    """The first thing wrong with ``record``, as a message naming the key, or None."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    if "schema" not in record:
+        return "missing key 'schema'"
+    if record["schema"] != SCHEMA_VERSION:
+        # Older versions get an upgrade step here when the schema changes; newer ones need newer code.
+        return (f"invalid key 'schema': version {record['schema']!r} is not known to vlpbench "
+                f"{vlpbench.__version__} (knows {SCHEMA_VERSION})")
+    for dotted, test, expected in _CHECKS:
+        parent, _, key = dotted.rpartition(".")
+        holder = record[parent] if parent else record
+        if key not in holder:
+            return f"missing key {dotted!r}"
+        if not test(holder[key]):
+            return f"invalid key {dotted!r}: expected {expected}, got {holder[key]!r}"
+    if record["primary_metric"] not in record["metrics"]:
+        return (f"invalid key 'primary_metric': {record['primary_metric']!r} is not among the metrics "
+                f"({', '.join(map(repr, record['metrics'])) or 'none'})")
+    return None

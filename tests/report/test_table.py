@@ -1,0 +1,114 @@
+"""Leaderboard tables: numbers worked out by hand, bolding, and what may never share a cell."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlpbench.errors import DataError
+from vlpbench.report.table import markdown_table, table_rows
+
+SPLIT_A = "a" * 8 + "1" * 56
+SPLIT_B = "b" * 8 + "2" * 56
+
+
+def _record(model: str, value: float, *, seed: int = 0, frac: float = 0.01, task: str = "siim_seg",
+            version: int = 1, split: str = SPLIT_A, higher: bool = True, overrides: dict | None = None,
+            synthetic: bool = False, sha: str = "c" * 64) -> dict:
+    return {
+        "schema": 1,
+        "model": {"name": model, "adapter": model, "checkpoint": {"path": "x.pth", "sha256": sha}},
+        "task": {"name": task, "version": version, "higher_is_better": higher},
+        "frac": frac, "seed": seed,
+        "split": {"dataset": "siim", "version": "v1", "sha256": split},
+        "metrics": {"dice": value}, "primary_metric": "dice",
+        "n": {"train": 93, "val": 10, "test": 10},
+        "config": {"overrides": overrides or {}},
+        "timing": {}, "env": {}, "data": {"synthetic": synthetic}, "created": "2025-01-01T00:00:00+00:00",
+    }
+
+
+def _seeds(model: str, values: list[float], **kwargs) -> list[dict]:
+    return [_record(model, v, seed=s, **kwargs) for s, v in enumerate(values)]
+
+
+def _cells(markdown: str) -> dict[tuple[str, str], str]:
+    """{(row label, column header): cell text} of the table part of ``markdown``."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    split = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
+    header, body = split[0], split[2:]  # split[1] is the alignment row
+    return {(row[0], header[i]): row[i] for row in body for i in range(1, len(header))}
+
+
+def test_mean_and_sample_std_over_three_seeds():
+    # g2d: 61, 63, 65 → mean 63, deviations -2, 0, 2 → variance (4 + 0 + 4) / 2 = 4 → std 2.
+    # mgca: 50, 55, 57 → mean 54, deviations -4, 1, 3 → variance (16 + 1 + 9) / 2 = 13 → std 3.606.
+    records = _seeds("g2d", [0.61, 0.63, 0.65]) + _seeds("mgca", [0.50, 0.55, 0.57])
+    rows = {r["model"]: r for r in table_rows(records)}
+    assert rows["g2d"]["mean"] == pytest.approx(0.63) and rows["g2d"]["std"] == pytest.approx(0.02)
+    assert rows["mgca"]["mean"] == pytest.approx(0.54)
+    assert rows["mgca"]["std"] == pytest.approx(0.13 ** 0.5 / 10)
+    assert (rows["g2d"]["n_seeds"], rows["g2d"]["seeds"], rows["g2d"]["metric"]) == (3, [0, 1, 2], "dice")
+
+    markdown = markdown_table(records)
+    cells = _cells(markdown)
+    assert cells[("", "siim_seg 1%")] == "Dice ↑"
+    assert cells[("g2d", "siim_seg 1%")] == "**63.0 ± 2.0**"
+    assert cells[("mgca", "siim_seg 1%")] == "54.0 ± 3.6"
+    assert "over 3 seeds" in markdown
+    assert f"- siim_seg 1%: task v1; split siim v1, sha256 {SPLIT_A[:12]}" in markdown
+
+    raw = _cells(markdown_table(records, percent=False, decimals=3))
+    assert raw[("mgca", "siim_seg 1%")] == "0.540 ± 0.036"
+
+
+def test_best_follows_higher_is_better():
+    records = [_record("a", 0.2, higher=False), _record("b", 0.3, higher=False)]
+    cells = _cells(markdown_table(records))
+    assert cells[("", "siim_seg 1%")] == "Dice ↓"
+    assert (cells[("a", "siim_seg 1%")], cells[("b", "siim_seg 1%")]) == ("**20.0**", "30.0")
+    # Equal at the printed precision: both are best.
+    tied = _cells(markdown_table([_record("a", 0.70001), _record("b", 0.69999)]))
+    assert tied[("a", "siim_seg 1%")] == tied[("b", "siim_seg 1%")] == "**70.0**"
+
+
+def test_versions_and_splits_never_share_a_cell():
+    records = (_seeds("g2d", [0.60, 0.62]) + _seeds("g2d", [0.40, 0.42], version=2)
+               + _seeds("g2d", [0.20, 0.22], split=SPLIT_B))
+    rows = table_rows(records)
+    assert sorted((r["version"], r["split_sha256"][:8], round(r["mean"], 6)) for r in rows) == [
+        (1, "aaaaaaaa", 0.61), (1, "bbbbbbbb", 0.21), (2, "aaaaaaaa", 0.41)]
+    markdown = markdown_table(records)
+    cells = _cells(markdown)
+    assert cells[("g2d", "siim_seg v1 (aaaaaaaa) 1%")] == "61.0 ± 1.4"
+    assert cells[("g2d", "siim_seg v1 (bbbbbbbb) 1%")] == "21.0 ± 1.4"
+    assert cells[("g2d", "siim_seg v2 (aaaaaaaa) 1%")] == "41.0 ± 1.4"
+    assert f"- siim_seg v2 (aaaaaaaa) 1%: task v2; split siim v1, sha256 {SPLIT_A[:12]}" in markdown
+    assert f"- siim_seg v1 (bbbbbbbb) 1%: task v1; split siim v1, sha256 {SPLIT_B[:12]}" in markdown
+
+
+def test_missing_cells_and_seed_counts():
+    records = (_seeds("g2d", [0.60, 0.62, 0.64]) + _seeds("g2d", [0.70, 0.72, 0.74], frac=1.0)
+               + [_record("mgca", 0.5)])
+    markdown = markdown_table(records)
+    cells = _cells(markdown)
+    assert cells[("mgca", "siim_seg 100%")] == "–"
+    assert cells[("mgca", "siim_seg 1%")] == "50.0 (n=1)"  # one seed: the mean alone
+    assert cells[("g2d", "siim_seg 1%")] == "**62.0 ± 2.0** (n=3)"
+    assert cells[("g2d", "siim_seg 100%")] == "72.0 ± 2.0 (n=3)"  # alone in its column: not bold
+    assert "- siim_seg 1%, 100%: task v1" in markdown
+
+
+def test_overrides_synthetic_and_checkpoint_labels():
+    records = [_record("g2d", 0.6), _record("g2d", 0.3, overrides={"image_size": 64, "epochs": 2}),
+               _record("g2d", 0.1, synthetic=True, overrides={"betas": [0.9, 0.99]}),
+               _record("mgca", 0.5, sha="d" * 64), _record("mgca", 0.55, sha="e" * 64)]
+    assert [r["model"] for r in table_rows(records)] == [
+        "g2d", "g2d (betas=[0.9, 0.99]) [synthetic]", "g2d (epochs=2, image_size=64)",
+        "mgca @dddddddd", "mgca @eeeeeeee"]  # two checkpoints of one model are never averaged
+
+
+def test_duplicate_seed_is_an_error():
+    with pytest.raises(DataError, match="two records for g2d, siim_seg v1, frac 0.01, seed 0"):
+        table_rows([_record("g2d", 0.6), _record("g2d", 0.7)])
+    with pytest.raises(DataError, match="no result records"):
+        markdown_table([])
