@@ -1,0 +1,391 @@
+"""The adapter contract: safe checkpoint reading, strict key accounting, and the ``Adapter`` base class.
+
+An adapter turns a checkpoint, in the form its authors publish it, into what the protocols consume:
+a fresh smp-style ResNet-50 encoder (``encoder()``) and, where the checkpoint carries one, the
+weights of an ``smp.Unet("resnet50", classes=1)`` decoder (``decoder_state_dict()``).
+
+Loading is strict. Every checkpoint key is either mapped onto a module key or listed as deliberately
+ignored with a reason; anything missing, unexpected or of the wrong shape makes the constructor raise
+``CheckpointError`` with the full accounting (``LoadReport.format()``). ``Adapter.inspect`` produces the
+same accounting without raising, for diagnosing a file.
+
+A concrete adapter is a key-mapping function, ``map_weights``, usually built from ``split_prefix`` and
+``match_resnet50_encoder``.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import hashlib
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from vlpbench.errors import CheckpointError, ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_HASH_CHUNK = 1 << 20
+# How many keys of each problem list go into a result record; format() lists all of them.
+_SUMMARY_KEYS = 5
+
+Shape = tuple[int, ...]
+
+
+def sha256_file(path: str | Path) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB chunks so large checkpoints stay out of memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_state_dict_file(path: str | Path) -> tuple[Any, str]:
+    """Load a checkpoint without executing code from it; return ``(object, sha256 of the file)``.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, truncated or corrupt, or it needs arbitrary
+            unpickling (loading it would execute code from the file; that payload is never run).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        sha256 = sha256_file(path)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {e}") from e
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu"), sha256
+        except Exception as e:  # safetensors raises its own error type, or OSError/ValueError
+            raise CheckpointError(f"checkpoint file {path} is not a readable safetensors file "
+                                  f"(truncated or corrupt?): {e}") from e
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), sha256
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("Weights only load failed"):
+            raise CheckpointError(
+                f"refused to load checkpoint file {path}: it is not a plain state dict, and loading it "
+                f"would execute code from the file (arbitrary unpickling). The payload was not run. "
+                f"Re-save its tensors as a plain state dict or safetensors. "
+                f"Detail: {_weights_only_detail(str(e))}"
+            ) from e
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {e}") from e
+    except Exception as e:  # a damaged file surfaces as RuntimeError, EOFError, KeyError, ... by where it breaks
+        raise CheckpointError(
+            f"checkpoint file {path} is truncated or corrupt ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _weights_only_detail(message: str) -> str:
+    """What the file asked for, from torch's weights-only refusal.
+
+    Only the name of the blocked callable (or opcode) is kept: torch's message also advises retrying
+    with ``weights_only=False`` or allow-listing the callable, advice not to pass on for unknown files.
+    """
+    if match := re.search(r"GLOBAL\s+([\w.]+)", message):
+        return f"the file calls {match.group(1)} while unpickling"
+    if match := re.search(r"Unsupported operand (\d+)", message):
+        return f"the file uses pickle opcode {match.group(1)}, outside the weights-only subset"
+    return "the file needs objects outside the weights-only allow-list"
+
+
+@dataclass
+class LoadReport:
+    """Accounting of how a checkpoint's keys were used.
+
+    Attributes:
+        layout: the detected checkpoint layout, e.g. ``"encoder"`` or ``"pretrain"``.
+        mapped: ``(checkpoint key, module key)`` pairs; module keys are named as in
+            ``smp.Unet("resnet50", classes=1)`` (``encoder.*``, ``decoder.*``, ``segmentation_head.*``).
+        ignored: reason → checkpoint keys deliberately not used.
+        missing: checkpoint keys the layout needs but the file lacks.
+        unexpected: checkpoint keys that are neither mapped nor ignored.
+        mismatched: ``(checkpoint key, expected shape, found shape)``.
+    """
+
+    layout: str
+    mapped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: dict[str, list[str]] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, Shape, Shape]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is missing, unexpected or mismatched."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def ignore(self, reason: str, keys: list[str]) -> None:
+        """Record ``keys`` as deliberately unused for ``reason`` (no-op for an empty list)."""
+        if keys:
+            self.ignored.setdefault(reason, []).extend(keys)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able digest for result records: counts plus the first few keys of each problem list."""
+        return {
+            "layout": self.layout,
+            "ok": self.ok,
+            "mapped": len(self.mapped),
+            "ignored": {reason: len(keys) for reason, keys in self.ignored.items()},
+            "missing": {"count": len(self.missing), "first": self.missing[:_SUMMARY_KEYS]},
+            "unexpected": {"count": len(self.unexpected), "first": self.unexpected[:_SUMMARY_KEYS]},
+            "mismatched": {
+                "count": len(self.mismatched),
+                "first": [[k, list(exp), list(got)] for k, exp, got in self.mismatched[:_SUMMARY_KEYS]],
+            },
+        }
+
+    def format(self) -> str:
+        """Human-readable accounting; lists every missing, unexpected and mismatched key."""
+        lines = [f"layout: {self.layout}", f"mapped: {len(self.mapped)} keys"]
+        n_ignored = sum(len(keys) for keys in self.ignored.values())
+        lines.append(f"ignored: {n_ignored} keys")
+        for reason, keys in self.ignored.items():
+            groups = ", ".join(dict.fromkeys(k.split(".", 1)[0] for k in keys))
+            lines.append(f"  - {len(keys)} keys ({groups}): {reason}")
+        lines.append(f"missing: {len(self.missing)} keys")
+        lines += [f"  - {k}" for k in self.missing]
+        lines.append(f"unexpected: {len(self.unexpected)} keys")
+        lines += [f"  - {k}" for k in self.unexpected]
+        lines.append(f"mismatched: {len(self.mismatched)} keys")
+        lines += [f"  - {k}: expected shape {exp}, found {got}" for k, exp, got in self.mismatched]
+        return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def resnet50_encoder_shapes() -> Mapping[str, Shape]:
+    """Keys and shapes of the smp ResNet-50 encoder state dict (torchvision names without ``fc``: 318 keys)."""
+    from segmentation_models_pytorch.encoders import get_encoder
+
+    # Built on the meta device: only names and shapes are needed, and this skips the init (and RNG use).
+    with torch.device("meta"):
+        encoder = get_encoder("resnet50", weights=None)
+    # Read-only: the cached mapping is shared by every caller.
+    return MappingProxyType({k: tuple(v.shape) for k, v in encoder.state_dict().items()})
+
+
+@functools.lru_cache(maxsize=None)
+def unet_decoder_shapes() -> Mapping[str, Shape]:
+    """Keys and shapes of the ``decoder.*`` and ``segmentation_head.*`` part of ``smp.Unet("resnet50", classes=1)``."""
+    import segmentation_models_pytorch as smp
+
+    with torch.device("meta"):
+        unet = smp.Unet("resnet50", encoder_weights=None, in_channels=3, classes=1)
+    return MappingProxyType({k: tuple(v.shape) for k, v in unet.state_dict().items() if not k.startswith("encoder.")})
+
+
+def split_prefix(state: Mapping[str, Any], *prefixes: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``state`` into (keys starting with one of ``prefixes``, the rest); keys are kept whole."""
+    taken = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefixes)}
+    rest = {k: v for k, v in state.items() if k not in taken}
+    return taken, rest
+
+
+def match_keys(
+    found: Mapping[str, Any],
+    expected: Mapping[str, Shape],
+    report: LoadReport,
+    *,
+    source_prefix: str = "",
+    target_prefix: str = "",
+) -> dict[str, torch.Tensor]:
+    """Compare ``found`` (keys already stripped of ``source_prefix``) with ``expected`` names and shapes.
+
+    Fills ``report``: mapped pairs ``(source_prefix + key, target_prefix + key)``, missing and unexpected
+    keys, and shape mismatches, all named as in the checkpoint (with ``source_prefix``). A value that is
+    not a tensor counts as unexpected. Returns the matching tensors under their expected (unprefixed) names.
+    """
+    matched: dict[str, torch.Tensor] = {}
+    for key, value in found.items():
+        if key not in expected or not isinstance(value, torch.Tensor):
+            report.unexpected.append(f"{source_prefix}{key}")  # f-string: keys of a foreign object may not be str
+        elif tuple(value.shape) != expected[key]:
+            report.mismatched.append((source_prefix + key, expected[key], tuple(value.shape)))
+        else:
+            matched[key] = value
+            report.mapped.append((source_prefix + key, target_prefix + key))
+    report.missing += [
+        source_prefix + key
+        for key in expected
+        if key not in found or not isinstance(found[key], torch.Tensor)
+    ]
+    return matched
+
+
+def match_resnet50_encoder(
+    found: Mapping[str, Any], report: LoadReport, *, source_prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """Account ``found`` against the smp ResNet-50 encoder (318 torchvision keys without ``fc``).
+
+    ``found`` holds torchvision-named keys (``conv1.weight``, ``layer4.2.bn3.running_var``, ...) already
+    stripped of ``source_prefix``. Module keys are recorded as ``encoder.<key>``. Returns the encoder state dict.
+    """
+    return match_keys(found, resnet50_encoder_shapes(), report, source_prefix=source_prefix,
+                      target_prefix="encoder.")
+
+
+@dataclass
+class Weights:
+    """What ``Adapter.map_weights`` returns: the accounting and the tensors it mapped."""
+
+    report: LoadReport
+    encoder: dict[str, torch.Tensor]
+    decoder: dict[str, torch.Tensor] | None = None
+
+
+class Adapter(abc.ABC):
+    """Base class of model adapters; subclasses implement ``map_weights``.
+
+    Class attributes:
+        name: registry name (``vlpbench run --model NAME``).
+        description: one line for model listings.
+        capabilities: what the family can provide (``"features"``; ``"decoder"`` when a checkpoint can carry
+            a U-Net decoder). An instance narrows this to what its checkpoint provides.
+        image_size, mean, std: the pre-training input contract (square side in pixels; per-channel RGB
+            normalisation applied to images scaled to [0, 1]).
+        takes_checkpoint: True if a checkpoint file is required, False if the adapter accepts none.
+        default_options: accepted options and their defaults.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    capabilities: frozenset[str] = frozenset({"features"})
+    image_size: ClassVar[int] = 224
+    mean: ClassVar[tuple[float, float, float]] = IMAGENET_MEAN
+    std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
+    takes_checkpoint: ClassVar[bool] = True
+    default_options: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
+        """Load ``checkpoint`` strictly.
+
+        Raises:
+            ConfigError: an unknown option, or a checkpoint missing where one is required (or given where
+                none is accepted).
+            CheckpointError: the file is unsafe or corrupt, or any key is missing, unexpected or mismatched
+                (the message carries the full ``LoadReport.format()``); nothing is loaded then.
+        """
+        self.options = self._resolve_options(options)
+        obj, self.checkpoint_path, self.checkpoint_sha256 = self._read(checkpoint)
+        weights = self.map_weights(obj, self.options)
+        self.report = weights.report
+        if not self.report.ok:
+            source = self.checkpoint_path or "generated weights"
+            hint = "" if self.report.mapped else " No key matched at all: is it from another model family?"
+            raise CheckpointError(
+                f"{source} does not match the key layout of adapter {self.name!r}; nothing was loaded.{hint}\n"
+                f"{self.report.format()}"
+            )
+        self._encoder_state = weights.encoder
+        self._decoder_state = weights.decoder
+        if weights.decoder is None:
+            self.capabilities = type(self).capabilities - {"decoder"}
+
+    @classmethod
+    @abc.abstractmethod
+    def map_weights(cls, checkpoint: Any, options: Mapping[str, Any]) -> Weights:
+        """Map a loaded checkpoint object (None for adapters that take none) onto encoder/decoder weights.
+
+        Must account for every key in the returned report and must not raise for key problems (``inspect``
+        relies on that); raise ``CheckpointError`` only when the object is not a state dict at all.
+        """
+
+    @classmethod
+    def inspect(cls, checkpoint: str | Path | None = None, **options: Any) -> LoadReport:
+        """Return the key accounting for ``checkpoint`` without raising on missing/unexpected/mismatched keys.
+
+        Still raises ``CheckpointError`` for unsafe, missing or corrupt files and ``ConfigError`` for bad options.
+        """
+        resolved = cls._resolve_options(options)
+        obj, _, _ = cls._read(checkpoint)
+        return cls.map_weights(obj, resolved).report
+
+    def encoder(self) -> torch.nn.Module:
+        """A new smp ResNet-50 encoder holding this adapter's weights (loaded strictly).
+
+        ``forward(x)`` returns 6 feature maps: x itself and strides 2, 4, 8, 16, 32 with
+        ``out_channels == (3, 64, 256, 512, 1024, 2048)``. The module is in training mode, like any new module.
+        """
+        from segmentation_models_pytorch.encoders import get_encoder
+
+        # Meta construction skips the random init: it costs time and would consume the global RNG.
+        with torch.device("meta"):
+            module = get_encoder("resnet50", weights=None)
+        module = module.to_empty(device="cpu")
+        if set(module.state_dict()) != {n for n, _ in module.named_parameters()} | {
+            n for n, _ in module.named_buffers()
+        }:
+            # A non-persistent buffer would stay uninitialised after to_empty(); never hand that out.
+            raise RuntimeError("smp ResNet-50 encoder has tensors outside its state dict; cannot materialise it")
+        # smp's load_state_dict pops "fc.*" from the dict it is given, so it gets a copy; strict by default.
+        module.load_state_dict(dict(self._encoder_state))
+        return module
+
+    def decoder_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Copies of the U-Net decoder weights (``decoder.*``, ``segmentation_head.*`` as in
+        ``smp.Unet("resnet50", classes=1)``), or None when the checkpoint carries no decoder."""
+        if self._decoder_state is None:
+            return None
+        return {k: v.clone() for k, v in self._decoder_state.items()}
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description for result records."""
+        checkpoint = None
+        if self.checkpoint_path is not None:
+            checkpoint = {"path": self.checkpoint_path, "sha256": self.checkpoint_sha256}
+        return {
+            "adapter": self.name,
+            "checkpoint": checkpoint,
+            "layout": self.report.layout,
+            "options": dict(self.options),
+            "load_report": self.report.summary(),
+        }
+
+    @classmethod
+    def _resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge ``options`` over the defaults; reject unknown names and values of the wrong type."""
+        unknown = sorted(set(options) - set(cls.default_options))
+        if unknown:
+            known = ", ".join(sorted(cls.default_options)) or "none"
+            raise ConfigError(f"adapter {cls.name!r} has no option {', '.join(unknown)}; known options: {known}")
+        resolved = dict(cls.default_options)
+        for key, value in options.items():
+            kind = type(cls.default_options[key])
+            if isinstance(value, str) and kind is not str:
+                # Values from the command line arrive as strings.
+                try:
+                    value = kind(value)
+                except ValueError as e:
+                    raise ConfigError(f"adapter {cls.name!r}: option {key}={value!r} is not a {kind.__name__}") from e
+            if type(value) is not kind:
+                raise ConfigError(f"adapter {cls.name!r}: option {key}={value!r} is not a {kind.__name__}")
+            resolved[key] = value
+        return resolved
+
+    @classmethod
+    def _read(cls, checkpoint: str | Path | None) -> tuple[Any, str | None, str | None]:
+        """Return ``(loaded object, path, sha256)``, all None when there is no checkpoint."""
+        if checkpoint is None:
+            if cls.takes_checkpoint:
+                raise ConfigError(f"adapter {cls.name!r} needs a checkpoint file")
+            return None, None, None
+        if not cls.takes_checkpoint:
+            raise ConfigError(f"adapter {cls.name!r} takes no checkpoint (got {checkpoint})")
+        obj, sha256 = load_state_dict_file(checkpoint)
+        return obj, str(checkpoint), sha256
