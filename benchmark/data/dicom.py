@@ -1,0 +1,196 @@
+"""Read chest X-ray DICOMs into 8-bit arrays, and write SIIM-style DICOMs for synthetic datasets.
+
+The reader scales and inverts like the reference downstream code (MGCA's
+``cv2.convertScaleAbs(x, alpha=255 / x.max())``, then ``255 - x`` for MONOCHROME1). The writer
+reproduces the files of the SIIM-ACR and RSNA Kaggle releases (DCMTK-made Secondary Capture
+objects with one JPEG Baseline fragment), tag for tag; see reference/datasets.md §1.2.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom import config
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
+
+from vlpbench.errors import DataError
+
+# What DCMTK 3.6.0 wrote into every SIIM and RSNA file.
+IMPLEMENTATION_CLASS_UID = "1.2.276.0.7230010.3.0.3.6.0"
+IMPLEMENTATION_VERSION_NAME = "OFFIS_DCMTK_360"
+
+PATIENT_AGE = 0x00101010
+PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+VIEW_POSITIONS = ("PA", "AP")
+
+
+def read_dicom(path: str | Path) -> np.ndarray:
+    """Decode a single-frame grayscale DICOM into a uint8 (H, W) array, bright = dense.
+
+    The pixels are scaled by ``255 / max`` (rounded, saturated to 0..255; an all-zero image stays
+    zero) and MONOCHROME1 images are inverted, as in the reference downstream code.
+
+    Raises:
+        DataError: the file is missing, is not DICOM, has no pixel data, or its pixels cannot be
+            decoded (for example a truncated JPEG stream). The message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: DICOM file not found")
+    # pydicom only warns when a file ends early (and then drops the pixel data): keep the
+    # warnings so that the error can say why the pixel data is missing.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path)
+        except pydicom.errors.InvalidDicomError as exc:
+            raise DataError(f"{path}: not a DICOM file ({exc})") from exc
+        except Exception as exc:  # pydicom reports damaged headers with many exception types
+            raise DataError(f"{path}: unreadable DICOM header ({type(exc).__name__}: {exc})") from exc
+    if "PixelData" not in ds:
+        reasons = "".join(f"; pydicom: {w.message}" for w in caught)
+        raise DataError(f"{path}: DICOM file has no pixel data (7FE0,0010){reasons}")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # decoder plugins (Pillow, pylibjpeg, gdcm) raise their own types
+        raise DataError(f"{path}: cannot decode the pixel data ({type(exc).__name__}: {exc})") from exc
+    if pixels.ndim != 2:
+        raise DataError(f"{path}: expected a single-frame grayscale image, got pixel array shape {pixels.shape}")
+
+    scaled = pixels.astype(np.float64)
+    peak = scaled.max()
+    if peak > 0:
+        scaled *= 255.0 / peak
+    image = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        image = 255 - image
+    return image
+
+
+def _jpeg_baseline(pixels: np.ndarray, quality: int) -> bytes:
+    """Encode a uint8 (H, W) array as a baseline 8-bit 1-component JPEG without a JFIF header."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=quality)
+    stream = buffer.getvalue()
+    # DCMTK's streams start SOI, DQT: drop the APP0 (JFIF) segment that libjpeg adds after SOI.
+    if stream[2:4] == b"\xff\xe0":
+        segment_length = int.from_bytes(stream[4:6], "big")
+        stream = stream[:2] + stream[4 + segment_length :]
+    return stream
+
+
+def write_dicom(
+    path: str | Path,
+    pixels: np.ndarray,
+    *,
+    sop_instance_uid: str,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    patient_id: str,
+    patient_sex: str,
+    patient_age: int | str,
+    view_position: str,
+    photometric: str = "MONOCHROME2",
+    jpeg_quality: int = 90,
+    pixel_spacing: float = 0.168,
+) -> Path:
+    """Write ``pixels`` as a SIIM-ACR style DICOM file and return its path.
+
+    The file matches the Kaggle release byte layout: 128-byte preamble and ``DICM``, Explicit VR
+    Little Endian meta with DCMTK's implementation UID, transfer syntax JPEG Baseline
+    (1.2.840.10008.1.2.4.50) with the pixels encapsulated as an empty Basic Offset Table plus one
+    fragment, Secondary Capture SOP class, and the dataset elements of reference/datasets.md §1.2
+    in file order (StudyDate 19010101, Modality CR, ConversionType WSD, SeriesDescription
+    ``view: PA|AP``, PatientName = PatientID, a bare-number PatientAge, ...).
+
+    Args:
+        path: the file to write (parent folders are created).
+        pixels: uint8 (H, W) image, bright = dense.
+        sop_instance_uid, study_instance_uid, series_instance_uid: the three UIDs.
+        patient_id: also written as PatientName, as in SIIM.
+        patient_sex: ``"M"`` or ``"F"``.
+        patient_age: years, written as a bare number (``62``, not ``062Y``), as in SIIM.
+        view_position: ``"PA"`` or ``"AP"``.
+        photometric: ``"MONOCHROME2"``, or ``"MONOCHROME1"`` to store ``255 - pixels`` so that
+            :func:`read_dicom` returns the same picture.
+        jpeg_quality: Pillow JPEG quality (1-95).
+        pixel_spacing: mm per pixel, both directions.
+
+    Raises:
+        ValueError: ``pixels`` is not a uint8 2-D array, or an enumerated argument is invalid.
+    """
+    if pixels.dtype != np.uint8 or pixels.ndim != 2:
+        raise ValueError(f"pixels must be a uint8 (H, W) array, got {pixels.dtype} {pixels.shape}")
+    if photometric not in PHOTOMETRIC:
+        raise ValueError(f"photometric must be one of {PHOTOMETRIC}, got {photometric!r}")
+    if view_position not in VIEW_POSITIONS:
+        raise ValueError(f"view_position must be one of {VIEW_POSITIONS}, got {view_position!r}")
+    if patient_sex not in ("M", "F"):
+        raise ValueError(f"patient_sex must be 'M' or 'F', got {patient_sex!r}")
+    stored = 255 - pixels if photometric == "MONOCHROME1" else pixels
+    rows, columns = pixels.shape
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = JPEGBaseline8Bit
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.StudyDate = "19010101"
+    ds.StudyTime = "000000.00"
+    ds.AccessionNumber = ""
+    ds.Modality = "CR"
+    ds.ConversionType = "WSD"
+    ds.ReferringPhysicianName = ""
+    ds.SeriesDescription = f"view: {view_position}"
+    ds.PatientName = patient_id
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = patient_sex
+    # SIIM stores a bare number, which breaks the standard's "062Y" form: skip pydicom's check.
+    ds[PATIENT_AGE] = DataElement(PATIENT_AGE, "AS", str(int(patient_age)), validation_mode=config.IGNORE)
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = view_position
+    ds.StudyInstanceUID = study_instance_uid
+    ds.SeriesInstanceUID = series_instance_uid
+    ds.StudyID = ""
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows = rows
+    ds.Columns = columns
+    # DS values are limited to 16 characters; round like the real files (0.168, 0.143).
+    ds.PixelSpacing = [f"{pixel_spacing:.6g}"] * 2
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    # has_bot=False still writes the Basic Offset Table item, but empty, as DCMTK did.
+    ds.PixelData = encapsulate([_jpeg_baseline(stored, jpeg_quality)], has_bot=False)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

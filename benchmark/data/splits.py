@@ -1,0 +1,312 @@
+"""Versioned, immutable split files: stratified draws, the SIIM v1 generator and the loader.
+
+A split version lives in ``splits/<dataset>/<version>/``: one CSV per part (``train``, ``val``,
+``test`` and the nested training subsets ``train_1pct`` ⊂ ``train_10pct`` ⊂ ``train``) plus a
+``MANIFEST.json`` with the sha256 of every file, the seed and the generator. Files are never
+edited in place: :func:`load_split` refuses a file whose hash does not match its manifest, and a
+change of split makes a new version.
+
+Regenerate SIIM v1 (byte-identical)::
+
+    python -m vlpbench.data.splits siim
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vlpbench.data.siim import EMPTY, read_labels
+from vlpbench.data.xrv_files import SIIM_RLE, xrv_data_file
+from vlpbench.errors import ConfigError, DataError
+from vlpbench.splits import SPLITS_DIR
+
+SEED = 0
+FRACTIONS = (0.70, 0.15, 0.15)  # train, val, test
+SUBSET_FRACTIONS = {0.01: "train_1pct", 0.1: "train_10pct", 1.0: "train"}
+PARTS = ("train", "val", "test", "train_1pct", "train_10pct")
+MANIFEST = "MANIFEST.json"
+SIIM_LABEL = "pneumothorax"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def apportion(total: int, weights: Sequence[float], capacity: Sequence[int] | None = None) -> list[int]:
+    """Split ``total`` into integers proportional to ``weights`` (largest remainder, ties by order).
+
+    With ``capacity``, no part gets more than its capacity; the excess goes to the first parts
+    with room.
+    """
+    if total == 0:
+        return [0] * len(weights)
+    if sum(weights) <= 0:
+        raise ValueError(f"cannot apportion {total} over weights {list(weights)}")
+    quotas = [total * w / sum(weights) for w in weights]
+    counts = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda i: (counts[i] - quotas[i], i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    if capacity is not None:
+        if total > sum(capacity):
+            raise ValueError(f"cannot fit {total} into capacities {list(capacity)}")
+        for i in range(len(counts)):
+            for j in range(len(counts)):
+                moved = max(0, min(counts[i] - capacity[i], capacity[j] - counts[j]))
+                counts[i] -= moved
+                counts[j] += moved
+    return counts
+
+
+def _by_class(ids: Sequence[str], labels: Sequence[int]) -> dict[int, list[str]]:
+    """Ids grouped by label, classes and ids sorted, so a draw depends only on the set of pairs."""
+    if len(ids) != len(labels):
+        raise ValueError(f"{len(ids)} ids but {len(labels)} labels")
+    if len(set(ids)) != len(ids):
+        raise ValueError("ids must be unique")
+    groups: dict[int, list[str]] = {}
+    for image_id, label in zip(ids, labels):
+        groups.setdefault(int(label), []).append(image_id)
+    return {label: sorted(groups[label]) for label in sorted(groups)}
+
+
+def stratified_sample(ids: Sequence[str], labels: Sequence[int], size: int, seed: int) -> list[str]:
+    """Draw ``size`` ids without replacement, keeping the label proportions (largest remainder).
+
+    Deterministic given the (id, label) pairs and ``seed``; the result is in draw order.
+    """
+    groups = _by_class(ids, labels)
+    if not 0 <= size <= len(ids):
+        raise ValueError(f"cannot draw {size} of {len(ids)} ids")
+    rng = np.random.default_rng(seed)
+    counts = apportion(size, [len(members) for members in groups.values()])
+    drawn: list[str] = []
+    for members, count in zip(groups.values(), counts):
+        drawn.extend(members[i] for i in rng.permutation(len(members))[:count])
+    return drawn
+
+
+def stratified_subset(ids: Sequence[str], labels: Sequence[int], fraction: float, seed: int) -> list[str]:
+    """Draw ``round(len(ids) * fraction)`` ids, stratified by label (8,433 ids: 1 % → 84, 10 % → 843)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return stratified_sample(ids, labels, round(len(ids) * fraction), seed)
+
+
+def stratified_split(
+    ids: Sequence[str],
+    labels: Sequence[int],
+    fractions: tuple[float, float, float] = FRACTIONS,
+    *,
+    seed: int,
+) -> tuple[list[str], list[str], list[str]]:
+    """Split ids into (train, val, test), stratified by label and deterministic given ``seed``.
+
+    val and test get ``floor(N * fraction)`` ids each (12,047 → 1,807 and 1,807) and train the
+    rest (8,433). Within each part the classes are apportioned by largest remainder.
+    """
+    if len(fractions) != 3 or min(fractions) <= 0 or not math.isclose(sum(fractions), 1.0):
+        raise ValueError(f"fractions must be three positive numbers summing to 1, got {fractions}")
+    groups = _by_class(ids, labels)
+    sizes = [len(members) for members in groups.values()]
+    # The epsilon keeps float error from losing an id: 100 * 0.29 is 28.999999999999996.
+    n_val, n_test = (math.floor(len(ids) * f + 1e-9) for f in fractions[1:])
+    val_counts = apportion(n_val, sizes)
+    # A tiny class could win the rounding for both val and test: test takes what val left.
+    test_counts = apportion(n_test, sizes, [size - n_v for size, n_v in zip(sizes, val_counts)])
+    rng = np.random.default_rng(seed)
+    train: list[str] = []
+    val: list[str] = []
+    test: list[str] = []
+    for members, n_v, n_t in zip(groups.values(), val_counts, test_counts):
+        shuffled = [members[i] for i in rng.permutation(len(members))]
+        val.extend(shuffled[:n_v])
+        test.extend(shuffled[n_v : n_v + n_t])
+        train.extend(shuffled[n_v + n_t :])
+    return train, val, test
+
+
+def _split_csv(labels: dict[str, int]) -> bytes:
+    rows = "".join(f"{image_id},{labels[image_id]}\n" for image_id in sorted(labels))
+    return f"image_id,{SIIM_LABEL}\n{rows}".encode()
+
+
+def generate_siim_v1(out_dir: str | Path) -> dict:
+    """Write SIIM split v1 from the real stage-2 label file shipped in torchxrayvision.
+
+    Labels are per image (pneumothorax = any mask row), never per CSV row. The 12,047 images are
+    split 70/15/15 (8,433 / 1,807 / 1,807) stratified with seed :data:`SEED`; then 10 % of train
+    (843) is drawn, stratified, and the 1 % subset (84) is drawn from the 10 % subset. Writes
+    ``train.csv``, ``val.csv``, ``test.csv``, ``train_1pct.csv``, ``train_10pct.csv`` (columns
+    ``image_id,pneumothorax``, sorted by image_id, LF) and ``MANIFEST.json``. Nothing in the
+    output depends on time or installed versions, so regeneration is byte-identical.
+
+    Returns:
+        The manifest (also written to ``MANIFEST.json``).
+    """
+    source = xrv_data_file(SIIM_RLE)
+    rows = read_labels(source)
+    label = {image_id: int(masks[0] != EMPTY) for image_id, masks in rows.items()}
+    ids = list(label)
+    train, val, test = stratified_split(ids, [label[i] for i in ids], FRACTIONS, seed=SEED)
+    train_10 = stratified_subset(train, [label[i] for i in train], 0.1, SEED)
+    train_1 = stratified_sample(train_10, [label[i] for i in train_10], round(len(train) * 0.01), SEED)
+    parts = {"train": train, "val": val, "test": test, "train_1pct": train_1, "train_10pct": train_10}
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for part, part_ids in parts.items():
+        data = _split_csv({image_id: label[image_id] for image_id in part_ids})
+        (out_dir / f"{part}.csv").write_bytes(data)
+        files[f"{part}.csv"] = {
+            "sha256": _sha256(data),
+            "rows": len(part_ids),
+            "positives": sum(label[i] for i in part_ids),
+        }
+    manifest = {
+        "dataset": "siim",
+        "version": "v1",
+        "generator": "vlpbench.data.splits:generate_siim_v1",
+        "seed": SEED,
+        "fractions": {
+            "train": FRACTIONS[0],
+            "val": FRACTIONS[1],
+            "test": FRACTIONS[2],
+            "train_10pct": 0.1,
+            "train_1pct": 0.01,
+        },
+        "source": {
+            "package": "torchxrayvision",
+            "file": source.name,
+            "sha256": _sha256(gzip.decompress(source.read_bytes())),
+            "n_rows": sum(len(masks) for masks in rows.values()),
+            "n_images": len(rows),
+        },
+        "files": files,
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", newline="\n")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Split:
+    """A loaded, hash-verified split version. Build it with :func:`load_split`."""
+
+    dataset: str
+    version: str
+    manifest: dict = field(repr=False)
+    manifest_sha256: str
+    _labels: dict[str, dict[str, int]] = field(repr=False)
+
+    def _part(self, part: str) -> dict[str, int]:
+        if part not in self._labels:
+            raise ConfigError(f"unknown split part {part!r}; choose one of {', '.join(PARTS)}")
+        return self._labels[part]
+
+    def ids(self, part: str) -> list[str]:
+        """The image ids of ``part`` (train, val, test, train_1pct, train_10pct), in file order."""
+        return list(self._part(part))
+
+    def labels(self, part: str) -> dict[str, int]:
+        """``{image_id: label}`` for ``part``."""
+        return dict(self._part(part))
+
+    def sha256(self, part: str) -> str:
+        """The sha256 of the part's CSV file, as verified against the manifest."""
+        self._part(part)
+        return self.manifest["files"][f"{part}.csv"]["sha256"]
+
+    @staticmethod
+    def part_for_fraction(fraction: float) -> str:
+        """The training part for a data fraction: 0.01 → train_1pct, 0.1 → train_10pct, 1.0 → train."""
+        for allowed, part in SUBSET_FRACTIONS.items():
+            if math.isclose(fraction, allowed):
+                return part
+        raise ConfigError(f"data fraction {fraction} has no split; allowed: {', '.join(map(str, SUBSET_FRACTIONS))}")
+
+
+def _read_part(path: Path, data: bytes) -> dict[str, int]:
+    lines = data.decode("utf-8").splitlines()
+    if not lines or not lines[0].startswith("image_id,"):
+        raise DataError(f"{path}: expected a header 'image_id,<label>'")
+    labels = {}
+    for number, line in enumerate(lines[1:], start=2):
+        image_id, _, value = line.partition(",")
+        if not image_id or value not in ("0", "1"):
+            raise DataError(f"{path} line {number}: expected '<image_id>,0' or '<image_id>,1', found {line!r}")
+        labels[image_id] = int(value)
+    return labels
+
+
+def load_split(dataset: str, version: str = "v1", *, root: str | Path | None = None) -> Split:
+    """Load ``<root>/<dataset>/<version>/`` (root defaults to the package's ``splits/`` folder).
+
+    Every part file is checked against the sha256 in ``MANIFEST.json``.
+
+    Raises:
+        ConfigError: no such dataset or version (the message lists what exists).
+        DataError: the manifest or a part file is missing or malformed, or a file was edited.
+    """
+    root = Path(root) if root is not None else SPLITS_DIR
+    folder = root / dataset / version
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        available = sorted(str(p.parent.relative_to(root)) for p in root.glob(f"*/*/{MANIFEST}"))
+        raise ConfigError(f"no split {dataset}/{version} in {root}; available: {', '.join(available) or 'none'}")
+    manifest_bytes = manifest_path.read_bytes()
+    try:
+        manifest = json.loads(manifest_bytes)
+        expected = {part: manifest["files"][f"{part}.csv"]["sha256"] for part in PARTS}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{manifest_path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+    if (manifest.get("dataset"), manifest.get("version")) != (dataset, version):
+        raise DataError(
+            f"{manifest_path} describes {manifest.get('dataset')}/{manifest.get('version')}, not {dataset}/{version}"
+        )
+
+    labels = {}
+    for part in PARTS:
+        path = folder / f"{part}.csv"
+        if not path.is_file():
+            raise DataError(f"split file {path} is missing (listed in {manifest_path})")
+        data = path.read_bytes()
+        if _sha256(data) != expected[part]:
+            raise DataError(
+                f"split file {path} was edited: its sha256 {_sha256(data)} differs from {expected[part]} in "
+                f"{manifest_path}; split files are immutable, restore it (git checkout) or make a new version"
+            )
+        labels[part] = _read_part(path, data)
+    return Split(dataset, version, manifest, _sha256(manifest_bytes), labels)
+
+
+GENERATORS = {"siim": generate_siim_v1}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: regenerate a dataset's split files (``python -m vlpbench.data.splits siim``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m vlpbench.data.splits",
+        description="Regenerate committed split files from the real label files (byte-identical).",
+    )
+    parser.add_argument("dataset", choices=sorted(GENERATORS))
+    parser.add_argument("--out", type=Path, help="output folder (default: splits/<dataset>/v1 in the package)")
+    args = parser.parse_args(argv)
+    out = args.out or SPLITS_DIR / args.dataset / "v1"
+    manifest = GENERATORS[args.dataset](out)
+    for name, info in sorted(manifest["files"].items()):
+        print(f"wrote {out / name}: {info['rows']} rows, {info['positives']} positive, sha256 {info['sha256'][:12]}")
+    print(f"wrote {out / MANIFEST}")
+
+
+if __name__ == "__main__":
+    main()
