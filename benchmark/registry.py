@@ -1,4 +1,4 @@
-"""Name → implementation registries for adapters and metrics.
+"""Name → implementation registries for adapters, metrics, dataset readers and protocols.
 
 Entries are lazy ``"module:attribute"`` strings so that listing models never imports torch-heavy
 code, and registering a new model is one line next to its file.
@@ -68,3 +68,9 @@ class Registry:
 
 ADAPTERS = Registry("model")
 METRICS = Registry("metric")
+DATASETS = Registry("dataset")
+PROTOCOLS = Registry("protocol")
+
+# Built-in dataset readers and protocols; adapters register in vlpbench/adapters/__init__.py.
+DATASETS.register("siim", "vlpbench.data.siim:SiimSource")
+PROTOCOLS.register("segmentation", "vlpbench.protocols.segmentation:run_segmentation_task")

@@ -1,0 +1,205 @@
+"""The ``vlpbench`` command: a thin layer that parses arguments and calls ``vlpbench.api``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+import time
+from typing import Callable
+
+from vlpbench import __version__
+from vlpbench.errors import VlpbenchError
+from vlpbench.registry import RegistryError
+
+log = logging.getLogger("vlpbench")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlpbench",
+        description="Benchmark chest X-ray vision-language pre-training models on standard downstream protocols.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            examples:
+              vlpbench demo                      # synthetic data, real pipeline, a real table
+              vlpbench run --model g2d --task siim_seg --frac 0.01 --checkpoint g2d_encoder.pth --data-root ~/data/siim
+              vlpbench table
+            """),
+    )
+    parser.add_argument("--version", action="version", version=f"vlpbench {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, example: str, func: Callable) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("run", "Run one model on one task at one training fraction and write a result record.",
+                "vlpbench run --model g2d --task siim_seg --frac 0.01 --checkpoint g2d_encoder.pth "
+                "--data-root ~/data/siim --seed 0", _run)
+    p.add_argument("--model", required=True, help="adapter name (see `vlpbench models`)")
+    p.add_argument("--task", required=True, help="task name (see `vlpbench tasks`)")
+    p.add_argument("--frac", required=True, type=float, help="training fraction: 0.01, 0.1 or 1.0")
+    p.add_argument("--checkpoint", help="checkpoint file of the model, as its authors publish it")
+    p.add_argument("--model-option", dest="model_options", action="append", metavar="KEY=VALUE",
+                   help="adapter option, e.g. --model-option seed=1 for `random` (recorded; repeatable)")
+    p.add_argument("--name", help="row label in tables (default: MODEL:CHECKPOINT-STEM)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the head's initialisation and training (default 0)")
+    _data_root(p)
+    _results(p)
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="override a task option, e.g. --set lr=5e-4 (recorded in the result; repeatable)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing record of the same run (the old one is kept as .bak)")
+
+    p = command("score", "Score predictions from any framework with the task's canonical metric and split.",
+                "vlpbench score --task siim_seg --predictions preds/ --data-root ~/data/siim --json", _score)
+    p.add_argument("--task", required=True)
+    p.add_argument("--predictions", required=True,
+                   help="folder of <image_id>.png masks (non-zero = positive) or .npy probabilities")
+    _data_root(p)
+    p.add_argument("--split", default="test", help="split part to score against (default test)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a sentence")
+
+    p = command("table", "Print the Markdown leaderboard of the result records.",
+                "vlpbench table --results results/", _table)
+    _results(p)
+
+    p = command("synth", "Write a synthetic dataset in the real on-disk format (real ids and masks).",
+                "vlpbench synth --dataset siim --out /tmp/siim --n 300 --seed 0", _synth)
+    p.add_argument("--dataset", required=True, help="dataset to imitate: siim")
+    p.add_argument("--out", required=True, help="folder to create (must be new or empty)")
+    p.add_argument("--n", type=int, default=200, help="number of images (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024, as SIIM)")
+
+    p = command("demo", "Synthesize SIIM, run siim_seg at two fractions with a G2D-layout checkpoint, print the table.",
+                "vlpbench demo --out vlpbench-demo", _demo)
+    p.add_argument("--out", default="vlpbench-demo", help="working folder (default ./vlpbench-demo)")
+    p.add_argument("--n", type=int, default=500, help="synthetic images (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+    p = command("inspect", "Show how a checkpoint's keys map onto an adapter; exit 1 on missing weights.",
+                "vlpbench inspect --model g2d --checkpoint g2d_encoder_decoder.pth", _inspect)
+    p.add_argument("--model", required=True)
+    p.add_argument("--checkpoint")
+
+    command("models", "List the model adapters.", "vlpbench models", _models)
+    command("tasks", "List the tasks.", "vlpbench tasks", _tasks)
+    return parser
+
+
+def _data_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", help="dataset folder as its download unpacks "
+                   "(default: $VLPBENCH_<DATASET>_ROOT, $VLPBENCH_DATA/<dataset>, or vlpbench.yaml)")
+
+
+def _results(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", default="results", help="results folder (default ./results)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from vlpbench import api
+    from vlpbench.config import parse_overrides
+
+    record, path = api.run(args.model, args.task, args.frac, seed=args.seed, checkpoint=args.checkpoint,
+                           name=args.name, model_options=parse_overrides(args.model_options), data_root=args.data_root, results=args.results,
+                           overrides=parse_overrides(args.overrides), device=args.device,
+                           overwrite=args.overwrite, progress=not args.quiet)
+    metric = record["primary_metric"]
+    ci = record.get("ci", {}).get(metric, {})
+    print(f"{record['task']['name']} {metric} = {record['metrics'][metric]:.4f} "
+          f"(95% CI {ci.get('low', float('nan')):.4f}–{ci.get('high', float('nan')):.4f}, "
+          f"n_test={record['n']['test']})\nrecord: {path}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    result = api.score(args.task, args.predictions, data_root=args.data_root, split=args.split)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        ci = result["ci"]["dice"]
+        print(f"{result['task']} ({result['split']}, n={result['n']}): dice = {result['metrics']['dice']:.4f} "
+              f"(95% CI {ci['low']:.4f}–{ci['high']:.4f})")
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    print(api.table(args.results))
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    summary = api.synth(args.dataset, args.out, n=args.n, seed=args.seed, size=args.size, progress=not args.quiet)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    started = time.perf_counter()
+    print(api.demo(args.out, n=args.n, seed=args.seed, device=args.device, progress=not args.quiet))
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; records in {args.out}/results/runs")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    report = api.inspect(args.model, args.checkpoint)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _models(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    _print_rows(api.model_table())
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    _print_rows(api.task_table())
+    return 0
+
+
+def _print_rows(rows: list[dict]) -> None:
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vlpbench`` console script."""
+    args = _parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except (VlpbenchError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

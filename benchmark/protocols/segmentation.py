@@ -1,0 +1,317 @@
+"""Segmentation protocol: a U-Net decoder trained on a frozen encoder, scored by per-image Dice.
+
+This is MGCA's downstream segmentation (which G2D follows): smp U-Net on ResNet-50 features, the
+encoder frozen, loss ``10 * focal - log(soft Dice)``, AdamW, early stopping on validation loss, and
+the test set scored with the best-validation weights. Where MGCA's code has a quirk (BatchNorm
+statistics drifting in the "frozen" encoder, Dice averaged over batch means, Dice on resized masks)
+the canonical choice here differs and the quirk is a config option (see the task YAML).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vlpbench.errors import VlpbenchError
+from vlpbench.protocols import SplitIds
+from vlpbench.metrics.bootstrap import bootstrap_ci
+from vlpbench.metrics.dice import dice_per_image
+
+log = logging.getLogger("vlpbench")
+
+
+class SegmentationSource(Protocol):
+    """What the protocol needs from a dataset reader."""
+
+    def image(self, image_id: str) -> np.ndarray: ...  # uint8 (H, W)
+    def mask(self, image_id: str) -> np.ndarray: ...  # 0/1 (H, W), same size as the image
+    def label(self, image_id: str) -> int: ...
+
+
+class Images:
+    """Images and soft masks of one split part, resized once to the protocol's input size."""
+
+    def __init__(self, source: SegmentationSource, ids: list[str], size: int, desc: str, progress: bool):
+        self.ids = list(ids)
+        self.images = torch.empty((len(ids), size, size), dtype=torch.uint8)
+        self.masks = torch.empty((len(ids), size, size), dtype=torch.float32)
+
+        def load(index: int) -> None:
+            image_id = self.ids[index]
+            self.images[index] = torch.from_numpy(resize_image(source.image(image_id), size))
+            self.masks[index] = torch.from_numpy(resize_mask(source.mask(image_id), size))
+
+        # Decoding DICOM/JPEG releases the GIL, so threads give a real speed-up.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            list(tqdm(pool.map(load, range(len(ids))), total=len(ids), desc=f"load {desc}",
+                      disable=not progress, leave=False, unit="img"))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def resize_image(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 image → ``size``² with antialiased bilinear resampling."""
+    return np.array(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """0/1 mask → soft ``size``² mask by area averaging (as MGCA's INTER_AREA resize; not re-binarised)."""
+    image = Image.fromarray(mask.astype(np.float32))
+    return np.asarray(image.resize((size, size), Image.BOX), dtype=np.float32).clip(0.0, 1.0)
+
+
+def mixed_loss(logits: torch.Tensor, target: torch.Tensor, focal_weight: float, gamma: float) -> torch.Tensor:
+    """MGCA's MixedLoss: ``focal_weight * focal(gamma) - log(soft Dice over the whole batch)``."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    # (1 - p_t)^gamma written through logsigmoid so that it stays finite and accepts soft targets.
+    modulation = torch.exp(gamma * F.logsigmoid(-logits * (2.0 * target - 1.0)))
+    focal = (modulation * bce).mean()
+    probs = torch.sigmoid(logits)
+    soft_dice = (2.0 * (probs * target).sum() + 1.0) / (probs.sum() + target.sum() + 1.0)
+    return focal_weight * focal - torch.log(soft_dice)
+
+
+def random_affine(batch: int, scale_limit: float, rotate_deg: float, p: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Affine matrices for albumentations-style ShiftScaleRotate(shift 0); identity with prob 1 - p."""
+    apply = torch.rand(batch, generator=generator) < p
+    scale = 1.0 + (torch.rand(batch, generator=generator) * 2 - 1) * scale_limit
+    angle = (torch.rand(batch, generator=generator) * 2 - 1) * math.radians(rotate_deg)
+    scale = torch.where(apply, scale, torch.ones_like(scale))
+    angle = torch.where(apply, angle, torch.zeros_like(angle))
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale  # grid maps output → input
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+    return theta
+
+
+class UNet(torch.nn.Module):
+    """smp U-Net (ResNet-50 layout, 1 class) whose encoder is the adapter's."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        import segmentation_models_pytorch as smp
+
+        # Build with the same key layout as G2D's published *_encoder_decoder.pth, then swap in the
+        # adapter's encoder (weights already loaded strictly by the adapter).
+        unet = smp.Unet("resnet50", encoder_weights=None, in_channels=3, classes=1, activation=None)
+        if tuple(encoder.out_channels) != tuple(unet.encoder.out_channels):
+            raise VlpbenchError(f"encoder channels {tuple(encoder.out_channels)} do not match the "
+                                f"U-Net's {tuple(unet.encoder.out_channels)}")
+        unet.encoder = encoder
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unet(x)
+
+
+def run_segmentation(
+    encoder: torch.nn.Module,
+    source: SegmentationSource,
+    split: SplitIds,
+    config: dict[str, Any],
+    *,
+    seed: int,
+    device: torch.device,
+    decoder_state: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the decoder on ``split.train``, early-stop on ``split.val``, score ``split.test``.
+
+    Returns ``metrics``, ``ci``, ``per_image`` (Dice per test image), ``n``, ``timing`` and
+    ``training`` (epochs run, best epoch, loss curves).
+    """
+    if config["dice_resolution"] not in ("native", "input"):
+        raise VlpbenchError(f"dice_resolution must be 'native' or 'input', got {config['dice_resolution']!r}")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    size = int(config["image_size"])
+
+    train_ids = list(split.train)
+    if config["balance_negatives"]:
+        train_ids = balance_negatives(train_ids, source.label, rng)
+    if len(train_ids) < config["batch_size"]:
+        raise VlpbenchError(f"only {len(train_ids)} training images for batch size {config['batch_size']} "
+                            "(training drops the last incomplete batch, as MGCA does)")
+    log.info("segmentation: %d train (%s), %d val, %d test images at %dpx",
+             len(train_ids), "balanced" if config["balance_negatives"] else "all",
+             len(split.val), len(split.test), size)
+    train = Images(source, train_ids, size, "train", progress)
+    val = Images(source, split.val, size, "val", progress)
+    test = Images(source, split.test, size, "test", progress)
+    t_data = time.perf_counter()
+
+    model = UNet(encoder)
+    if decoder_state is not None:
+        model.unet.load_state_dict({**model.unet.encoder.state_dict(prefix="encoder."), **decoder_state})
+    for parameter in model.unet.encoder.parameters():
+        parameter.requires_grad_(False)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config["lr"], betas=tuple(config["betas"]),
+                                  weight_decay=config["weight_decay"])
+    normalize = _normalizer(config["mean"], config["std"])
+    loss_fn = _loss(config)
+
+    best = {"loss": math.inf, "epoch": -1, "state": None}
+    history: list[dict[str, float]] = []
+    bar = tqdm(range(config["max_epochs"]), desc="epochs", disable=not progress, unit="ep")
+    for epoch in bar:
+        train_loss = _train_epoch(model, train, optimizer, loss_fn, normalize, config, generator, device)
+        val_loss = _evaluate_loss(model, val, loss_fn, normalize, config["batch_size"], device)
+        if not math.isfinite(train_loss) or not math.isfinite(val_loss):
+            raise VlpbenchError(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} "
+                                f"in epoch {epoch + 1}; lower the learning rate (--set lr=...)")
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss})
+        if val_loss < best["loss"]:
+            best = {"loss": val_loss, "epoch": epoch + 1,
+                    "state": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})}
+        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=best["epoch"])
+        log.debug("epoch %d: train loss %.4f, val loss %.4f", epoch + 1, train_loss, val_loss)
+        if epoch + 1 - best["epoch"] >= config["patience"]:
+            log.info("early stop after epoch %d (best %d)", epoch + 1, best["epoch"])
+            break
+    bar.close()
+    t_train = time.perf_counter()
+
+    model.load_state_dict(best["state"])
+    scores = _test_dice(model, test, source, normalize, config, device, progress)
+    t_test = time.perf_counter()
+    positive = np.array([bool(source.label(i)) for i in test.ids])
+    ci = bootstrap_ci(scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+    return {
+        "metrics": {
+            "dice": float(scores.mean()),
+            # The two halves of Dice and what an all-empty prediction would score, so that a reader
+            # can tell "finds pneumothorax" from "predicts nothing on a mostly negative test set".
+            "dice_positive": float(scores[positive].mean()) if positive.any() else None,
+            "empty_correct": float(scores[~positive].mean()) if (~positive).any() else None,
+            "all_empty_baseline": float((~positive).mean()),
+        },
+        "ci": {"dice": ci},
+        "per_image": {image_id: float(s) for image_id, s in zip(test.ids, scores)},
+        "n": {"train": len(train_ids), "val": len(val), "test": len(test)},
+        "training": {"epochs": len(history), "best_epoch": best["epoch"],
+                     "best_val_loss": best["loss"], "history": history},
+        "timing": {"data_s": t_data - t0, "train_s": t_train - t_data, "test_s": t_test - t_train,
+                   "total_s": t_test - t0},
+    }
+
+
+def run_segmentation_task(adapter, source: SegmentationSource, split: SplitIds,
+                          config: dict[str, Any], *, seed: int, device: torch.device,
+                          progress: bool = True) -> dict[str, Any]:
+    """Entry point used by ``vlpbench.api.run``: the adapter's encoder (and decoder if asked)."""
+    decoder_state = None
+    if config["init_decoder"]:
+        decoder_state = adapter.decoder_state_dict()
+        if decoder_state is None:
+            raise VlpbenchError(f"init_decoder=true needs a checkpoint with a U-Net decoder (G2D's "
+                                f"*_encoder_decoder.pth); {adapter.name} loaded layout {adapter.report.layout!r}")
+    return run_segmentation(adapter.encoder(), source, split, config, seed=seed, device=device,
+                            decoder_state=decoder_state, progress=progress)
+
+
+def balance_negatives(ids: list[str], label: Callable[[str], int], rng: np.random.Generator) -> list[str]:
+    """MGCA's training set: every positive image plus as many randomly chosen negatives."""
+    positives = [i for i in ids if label(i)]
+    negatives = [i for i in ids if not label(i)]
+    keep = min(len(positives), len(negatives))
+    chosen = set(rng.choice(len(negatives), size=keep, replace=False).tolist()) if keep else set()
+    kept = set(positives) | {negatives[index] for index in chosen}
+    return [i for i in ids if i in kept]
+
+
+def _normalizer(mean: float, std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def normalize(images01: torch.Tensor) -> torch.Tensor:
+        # Grey to the 3 channels the encoder expects, then the task's mean/std.
+        return ((images01 - mean) / std).expand(-1, 3, -1, -1)
+
+    return normalize
+
+
+def _loss(config: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return mixed_loss(logits, target, config["focal_weight"], config["focal_gamma"])
+
+    return loss
+
+
+def _batch(data: Images, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    images = data.images[index].unsqueeze(1).to(device, non_blocking=True).float().div_(255.0)
+    masks = data.masks[index].unsqueeze(1).to(device, non_blocking=True)
+    return images, masks
+
+
+def _train_epoch(model, data: Images, optimizer, loss_fn, normalize, config, generator, device) -> float:
+    model.train()
+    if config["freeze_bn"]:
+        model.unet.encoder.eval()  # frozen means frozen: BatchNorm statistics do not drift
+    batch_size = config["batch_size"]
+    order = torch.randperm(len(data), generator=generator)
+    total, count = 0.0, 0
+    for start in range(0, len(data) - batch_size + 1, batch_size):  # drop_last, as MGCA
+        images, masks = _batch(data, order[start:start + batch_size], device)
+        if config["augment"]:
+            theta = random_affine(len(images), 0.1, 10.0, 0.5, generator).to(device)
+            grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+            images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            masks = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        loss = loss_fn(model(normalize(images)), masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(images)
+        count += len(images)
+    return total / count
+
+
+@torch.no_grad()
+def _evaluate_loss(model, data: Images, loss_fn, normalize, batch_size: int, device) -> float:
+    model.eval()
+    total = 0.0
+    for start in range(0, len(data), batch_size):
+        images, masks = _batch(data, torch.arange(start, min(start + batch_size, len(data))), device)
+        total += loss_fn(model(normalize(images)), masks).item() * len(images)
+    return total / len(data)
+
+
+@torch.no_grad()
+def predict_probabilities(model, data: Images, normalize, batch_size: int, device):
+    """Yield ``(index, probabilities)`` batches at the input size, on ``device``."""
+    model.eval()
+    for start in range(0, len(data), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(data)))
+        images, _ = _batch(data, index, device)
+        yield index, torch.sigmoid(model(normalize(images)))
+
+
+def _test_dice(model, data: Images, source: SegmentationSource, normalize, config, device, progress) -> np.ndarray:
+    threshold = config["threshold"]
+    scores = np.empty(len(data))
+    bar = tqdm(total=len(data), desc="test", disable=not progress, leave=False, unit="img")
+    for index, probs in predict_probabilities(model, data, normalize, config["batch_size"], device):
+        if config["dice_resolution"] == "native":
+            # Upsample the probabilities to each image's own resolution and compare with its full mask.
+            for i, probs_i in zip(index.tolist(), probs):
+                truth = source.mask(data.ids[i])
+                upsampled = F.interpolate(probs_i[None], size=truth.shape, mode="bilinear", align_corners=False)
+                scores[i] = dice_per_image(upsampled[0].cpu(), torch.from_numpy(truth)[None], threshold)[0]
+        else:
+            scores[index.numpy()] = dice_per_image(probs.cpu(), data.masks[index].unsqueeze(1), threshold)
+        bar.update(len(index))
+    bar.close()
+    return scores

@@ -1,0 +1,23 @@
+"""Shared fixtures: a synthetic SIIM dataset and a random-init checkpoint in G2D's encoder layout."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def siim_root(tmp_path_factory):
+    """A synthetic SIIM-ACR folder (real ImageIds and RLE masks, JPEG-encapsulated DICOMs at 256²)."""
+    from vlpbench.data.synth import synth_siim
+
+    root = tmp_path_factory.mktemp("data") / "siim"
+    synth_siim(root, n=240, seed=0, size=256, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def g2d_encoder_checkpoint(tmp_path_factory):
+    """A random-init checkpoint with the key layout of G2D's published ``*_encoder.pth``."""
+    from vlpbench.adapters.g2d import write_g2d_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "g2d_encoder.pth"
+    write_g2d_checkpoint(path, layout="encoder", seed=0)
+    return path

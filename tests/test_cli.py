@@ -1,0 +1,59 @@
+import pytest
+
+from vlpbench.cli import main
+
+SUBCOMMANDS = ["run", "score", "table", "synth", "demo", "inspect", "models", "tasks"]
+
+
+def test_top_level_help_lists_every_subcommand_with_an_example(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "examples:" in out and "vlpbench run --model g2d" in out
+    for name in SUBCOMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_help_gives_an_example(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "example:" in out and f"vlpbench {name}" in out
+
+
+def test_models_and_tasks_list_the_registered_entries(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for model in ("g2d", "random", "resnet50"):
+        assert model in out
+    assert main(["tasks"]) == 0
+    assert "siim_seg" in capsys.readouterr().out
+
+
+def test_user_errors_exit_2_with_a_message_and_no_traceback(capsys, tmp_path):
+    assert main(["run", "--model", "g2dd", "--task", "siim_seg", "--frac", "0.01"]) == 2
+    assert "Did you mean 'g2d'" in capsys.readouterr().err
+    assert main(["run", "--model", "random", "--task", "siim_seg", "--frac", "0.5"]) == 2
+    assert "allows 0.01, 0.1, 1.0" in capsys.readouterr().err
+    assert main(["table", "--results", str(tmp_path)]) == 2
+    assert "no result records" in capsys.readouterr().err
+
+
+def test_inspect_exits_nonzero_on_missing_weights(tmp_path, capsys):
+    import torch
+
+    from vlpbench.adapters.g2d import write_g2d_checkpoint
+
+    good = tmp_path / "g2d_encoder.pth"
+    write_g2d_checkpoint(good, layout="encoder", seed=0)
+    assert main(["inspect", "--model", "g2d", "--checkpoint", str(good)]) == 0
+    assert "318" in capsys.readouterr().out
+    state = torch.load(good, weights_only=True)
+    del state["layer4.2.conv3.weight"]
+    bad = tmp_path / "partial.pth"
+    torch.save(state, bad)
+    assert main(["inspect", "--model", "g2d", "--checkpoint", str(bad)]) == 1
+    assert "layer4.2.conv3.weight" in capsys.readouterr().out
