@@ -163,6 +163,10 @@ def _inspect(args: argparse.Namespace) -> int:
     from vlpbench import api
 
     report = api.inspect(args.model, args.checkpoint)
+    if args.checkpoint:
+        from vlpbench.adapters.base import sha256_file
+
+        print(f"checkpoint: {args.checkpoint}\nsha256: {sha256_file(args.checkpoint)}")
     print(report.format())
     return 0 if report.ok else 1
 

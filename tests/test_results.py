@@ -78,6 +78,16 @@ def test_path_layout(tmp_path):
     assert path.relative_to(tmp_path / "runs").parts[:3] == ("_.._etc_pass_wd", "0123abcd", "a_b.v2_beta")
 
 
+def test_runs_with_task_overrides_never_replace_the_canonical_run(tmp_path):
+    canonical = _record()
+    tuned = _record(config={"lr": 5e-4, "overrides": {"lr": 5e-4}})
+    retuned = _record(config={"lr": 1e-3, "overrides": {"lr": 1e-3}})
+    paths = {record_path(tmp_path, r) for r in (canonical, tuned, retuned)}
+    assert len(paths) == 3
+    assert re.fullmatch(r"frac0\.01-seed0-[0-9a-f]{8}\.json", record_path(tmp_path, tuned).name)
+    assert record_path(tmp_path, tuned) == record_path(tmp_path, _record(config={"overrides": {"lr": 5e-4}}))
+
+
 def test_write_round_trip_rounds_and_converts(tmp_path):
     record = _record()
     path = write_record(record, tmp_path)
