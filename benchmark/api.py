@@ -207,7 +207,7 @@ def synth(dataset: str, out: str | Path, *, n: int = 200, seed: int = 0, size: i
     """Write a synthetic dataset in the real on-disk format of ``dataset``."""
     if dataset != "siim":
         raise ConfigError(f"synth: no synthetic generator for {dataset!r} yet (available: siim)")
-    from vlpbench.data.synth import synth_siim
+    from vlpbench.data.synth_siim import synth_siim
 
     return synth_siim(Path(out), n=n, seed=seed, size=size, progress=progress)
 

@@ -6,7 +6,7 @@ import pytest
 @pytest.fixture(scope="session")
 def siim_root(tmp_path_factory):
     """A synthetic SIIM-ACR folder (real ImageIds and RLE masks, JPEG-encapsulated DICOMs at 256²)."""
-    from vlpbench.data.synth import synth_siim
+    from vlpbench.data.synth_siim import synth_siim
 
     root = tmp_path_factory.mktemp("data") / "siim"
     synth_siim(root, n=240, seed=0, size=256, progress=False)

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from vlpbench.data.dicom import read_dicom
+from vlpbench.data.chest import SYNTHETIC_MARKER
 from vlpbench.errors import DataError
 
 HEIGHT = WIDTH = 1024
 EMPTY = "-1"
 HEADER = ("ImageId", "EncodedPixels")
 LABEL_FILES = ("stage_2_train.csv", "train-rle.csv")  # in order of preference
-SYNTHETIC_MARKER = "VLPBENCH_SYNTHETIC.json"
 
 _RLE_SYNTAX = re.compile(r"[0-9]+(?:\s+[0-9]+)*")
 _INTEGER = re.compile(r"-?[0-9]+")
@@ -193,7 +193,7 @@ class SiimSource:
 
     @property
     def synthetic(self) -> bool:
-        """True for a dataset written by :func:`vlpbench.data.synth.synth_siim`."""
+        """True for a dataset written by :func:`vlpbench.data.synth_siim.synth_siim`."""
         return (self.root / SYNTHETIC_MARKER).is_file()
 
     def _rows(self, image_id: str) -> list[str]:

@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 from vlpbench.data.lungs import load_lung_masks
 from vlpbench.data.siim import SiimSource
 from vlpbench.data.splits import load_split
-from vlpbench.data.synth import synth_siim
+from vlpbench.data.synth_siim import synth_siim
 from vlpbench.data.xrv_files import SIIM_RLE, xrv_data_file
 from vlpbench.errors import DataError
 
