@@ -205,11 +205,9 @@ def task_table() -> list[dict[str, Any]]:
 def synth(dataset: str, out: str | Path, *, n: int = 200, seed: int = 0, size: int = 1024,
           progress: bool = True) -> dict[str, Any]:
     """Write a synthetic dataset in the real on-disk format of ``dataset``."""
-    if dataset != "siim":
-        raise ConfigError(f"synth: no synthetic generator for {dataset!r} yet (available: siim)")
-    from vlpbench.data.synth_siim import synth_siim
+    from vlpbench.registry import SYNTHESIZERS
 
-    return synth_siim(Path(out), n=n, seed=seed, size=size, progress=progress)
+    return SYNTHESIZERS.get(dataset)(Path(out), n=n, seed=seed, size=size, progress=progress)
 
 
 # The demo is the real pipeline on a small synthetic set: only the data size, image size and epoch

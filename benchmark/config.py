@@ -82,3 +82,9 @@ def _number(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+def cache_dir() -> Path:
+    """Where vlpbench keeps what it derives from the user's data (splits derived from user files,
+    image caches): ``$VLPBENCH_CACHE``, else ``~/.cache/vlpbench``."""
+    return Path(os.environ.get("VLPBENCH_CACHE") or Path("~/.cache/vlpbench").expanduser())

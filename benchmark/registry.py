@@ -74,3 +74,5 @@ PROTOCOLS = Registry("protocol")
 # Built-in dataset readers and protocols; adapters register in vlpbench/adapters/__init__.py.
 DATASETS.register("siim", "vlpbench.data.siim:SiimSource")
 PROTOCOLS.register("segmentation", "vlpbench.protocols.segmentation:run_segmentation_task")
+SYNTHESIZERS = Registry("synthetic dataset")
+SYNTHESIZERS.register("siim", "vlpbench.data.synth_siim:synth_siim")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import importlib
 import json
 import math
 from collections.abc import Sequence
@@ -135,9 +136,77 @@ def stratified_split(
     return train, val, test
 
 
-def _split_csv(labels: dict[str, int]) -> bytes:
-    rows = "".join(f"{image_id},{labels[image_id]}\n" for image_id in sorted(labels))
-    return f"image_id,{SIIM_LABEL}\n{rows}".encode()
+def _split_csv(part_ids: Sequence[str], labels: dict[str, dict[str, int]], columns: Sequence[str]) -> bytes:
+    rows = "".join(
+        ",".join([image_id, *(str(int(labels[image_id][c])) for c in columns)]) + "\n" for image_id in sorted(part_ids)
+    )
+    return (",".join(["image_id", *columns]) + "\n" + rows).encode()
+
+
+def write_split(
+    out_dir: str | Path,
+    *,
+    dataset: str,
+    version: str,
+    parts: dict[str, Sequence[str]],
+    labels: dict[str, dict[str, int]],
+    columns: Sequence[str],
+    generator: str,
+    seed: int,
+    fractions: dict[str, float],
+    source: dict,
+) -> dict:
+    """Write one CSV per part (``image_id`` + one integer column per label, sorted by id, LF) and
+    ``MANIFEST.json``; return the manifest.
+
+    ``labels[image_id][column]`` is an integer (0/1 for binary or multi-label tasks, a class index for
+    multi-class ones). Nothing written depends on time or installed versions, so the same inputs
+    always give byte-identical files.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for part, part_ids in parts.items():
+        data = _split_csv(part_ids, labels, columns)
+        (out_dir / f"{part}.csv").write_bytes(data)
+        positives = {c: sum(int(labels[i][c] == 1) for i in part_ids) for c in columns}
+        files[f"{part}.csv"] = {
+            "sha256": _sha256(data),
+            "rows": len(part_ids),
+            # One label column: a plain count (as SIIM v1 has always had); several: per column.
+            "positives": positives[columns[0]] if len(columns) == 1 else positives,
+        }
+    manifest = {
+        "dataset": dataset,
+        "version": version,
+        "generator": generator,
+        "seed": seed,
+        "fractions": fractions,
+        "source": source,
+        "files": files,
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", newline="\n")
+    return manifest
+
+
+def multilabel_subset(ids: Sequence[str], labels: dict[str, dict[str, int]], columns: Sequence[str],
+                      size: int, seed: int) -> list[str]:
+    """A seeded random subset of ``size`` ids in which every class keeps at least one positive where
+    ``size`` allows (rarest class first), the rest drawn uniformly. Returned in ``ids`` order."""
+    rng = np.random.default_rng(seed)
+    order = [ids[i] for i in rng.permutation(len(ids))]
+    chosen: set[str] = set()
+    counts = {c: sum(int(labels[i][c] == 1) for i in ids) for c in columns}
+    for column in sorted(columns, key=lambda c: (counts[c], c)):
+        if len(chosen) >= size:
+            break
+        if counts[column] and not any(labels[i][column] == 1 for i in chosen):
+            chosen.add(next(i for i in order if labels[i][column] == 1))
+    for image_id in order:
+        if len(chosen) >= size:
+            break
+        chosen.add(image_id)
+    return [i for i in ids if i in chosen]
 
 
 def generate_siim_v1(out_dir: str | Path) -> dict:
@@ -160,42 +229,25 @@ def generate_siim_v1(out_dir: str | Path) -> dict:
     train, val, test = stratified_split(ids, [label[i] for i in ids], FRACTIONS, seed=SEED)
     train_10 = stratified_subset(train, [label[i] for i in train], 0.1, SEED)
     train_1 = stratified_sample(train_10, [label[i] for i in train_10], round(len(train) * 0.01), SEED)
-    parts = {"train": train, "val": val, "test": test, "train_1pct": train_1, "train_10pct": train_10}
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for part, part_ids in parts.items():
-        data = _split_csv({image_id: label[image_id] for image_id in part_ids})
-        (out_dir / f"{part}.csv").write_bytes(data)
-        files[f"{part}.csv"] = {
-            "sha256": _sha256(data),
-            "rows": len(part_ids),
-            "positives": sum(label[i] for i in part_ids),
-        }
-    manifest = {
-        "dataset": "siim",
-        "version": "v1",
-        "generator": "vlpbench.data.splits:generate_siim_v1",
-        "seed": SEED,
-        "fractions": {
-            "train": FRACTIONS[0],
-            "val": FRACTIONS[1],
-            "test": FRACTIONS[2],
-            "train_10pct": 0.1,
-            "train_1pct": 0.01,
-        },
-        "source": {
+    return write_split(
+        out_dir,
+        dataset="siim",
+        version="v1",
+        parts={"train": train, "val": val, "test": test, "train_1pct": train_1, "train_10pct": train_10},
+        labels={image_id: {SIIM_LABEL: y} for image_id, y in label.items()},
+        columns=[SIIM_LABEL],
+        generator="vlpbench.data.splits:generate_siim_v1",
+        seed=SEED,
+        fractions={"train": FRACTIONS[0], "val": FRACTIONS[1], "test": FRACTIONS[2],
+                   "train_10pct": 0.1, "train_1pct": 0.01},
+        source={
             "package": "torchxrayvision",
             "file": source.name,
             "sha256": _sha256(gzip.decompress(source.read_bytes())),
             "n_rows": sum(len(masks) for masks in rows.values()),
             "n_images": len(rows),
         },
-        "files": files,
-    }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", newline="\n")
-    return manifest
+    )
 
 
 @dataclass(frozen=True)
@@ -206,20 +258,32 @@ class Split:
     version: str
     manifest: dict = field(repr=False)
     manifest_sha256: str
-    _labels: dict[str, dict[str, int]] = field(repr=False)
+    columns: tuple[str, ...]
+    _labels: dict[str, dict[str, tuple[int, ...]]] = field(repr=False)
 
-    def _part(self, part: str) -> dict[str, int]:
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The parts this version has (usually train, val, test, train_1pct, train_10pct)."""
+        return tuple(self._labels)
+
+    def _part(self, part: str) -> dict[str, tuple[int, ...]]:
         if part not in self._labels:
-            raise ConfigError(f"unknown split part {part!r}; choose one of {', '.join(PARTS)}")
+            raise ConfigError(f"split {self.dataset}/{self.version} has no part {part!r}; "
+                              f"choose one of {', '.join(self._labels)}")
         return self._labels[part]
 
     def ids(self, part: str) -> list[str]:
         """The image ids of ``part`` (train, val, test, train_1pct, train_10pct), in file order."""
         return list(self._part(part))
 
-    def labels(self, part: str) -> dict[str, int]:
-        """``{image_id: label}`` for ``part``."""
-        return dict(self._part(part))
+    def labels(self, part: str, column: str | None = None) -> dict[str, int]:
+        """``{image_id: label}`` for ``part`` and one label column (default: the first)."""
+        index = self.columns.index(column) if column is not None else 0
+        return {image_id: values[index] for image_id, values in self._part(part).items()}
+
+    def label_table(self, part: str) -> dict[str, dict[str, int]]:
+        """``{image_id: {column: label}}`` for ``part``, every label column."""
+        return {i: dict(zip(self.columns, values)) for i, values in self._part(part).items()}
 
     def sha256(self, part: str) -> str:
         """The sha256 of the part's CSV file, as verified against the manifest."""
@@ -235,17 +299,24 @@ class Split:
         raise ConfigError(f"data fraction {fraction} has no split; allowed: {', '.join(map(str, SUBSET_FRACTIONS))}")
 
 
-def _read_part(path: Path, data: bytes) -> dict[str, int]:
+def _read_part(path: Path, data: bytes) -> tuple[tuple[str, ...], dict[str, tuple[int, ...]]]:
     lines = data.decode("utf-8").splitlines()
-    if not lines or not lines[0].startswith("image_id,"):
-        raise DataError(f"{path}: expected a header 'image_id,<label>'")
+    header = lines[0].split(",") if lines else []
+    if len(header) < 2 or header[0] != "image_id":
+        raise DataError(f"{path}: expected a header 'image_id,<label>[,<label>...]'")
     labels = {}
     for number, line in enumerate(lines[1:], start=2):
-        image_id, _, value = line.partition(",")
-        if not image_id or value not in ("0", "1"):
-            raise DataError(f"{path} line {number}: expected '<image_id>,0' or '<image_id>,1', found {line!r}")
-        labels[image_id] = int(value)
-    return labels
+        # Ids may contain commas (CheXpert paths do not, COVIDx names might): labels are parsed from the right.
+        fields = line.rsplit(",", len(header) - 1)
+        try:
+            values = tuple(int(v) for v in fields[1:])
+        except ValueError:
+            values = ()
+        if len(fields) != len(header) or not fields[0] or len(values) != len(header) - 1:
+            raise DataError(f"{path} line {number}: expected '<image_id>' and {len(header) - 1} integer "
+                            f"label(s), found {line!r}")
+        labels[fields[0]] = values
+    return tuple(header[1:]), labels
 
 
 def load_split(dataset: str, version: str = "v1", *, root: str | Path | None = None) -> Split:
@@ -266,7 +337,7 @@ def load_split(dataset: str, version: str = "v1", *, root: str | Path | None = N
     manifest_bytes = manifest_path.read_bytes()
     try:
         manifest = json.loads(manifest_bytes)
-        expected = {part: manifest["files"][f"{part}.csv"]["sha256"] for part in PARTS}
+        expected = {name.removesuffix(".csv"): info["sha256"] for name, info in manifest["files"].items()}
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{manifest_path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
     if (manifest.get("dataset"), manifest.get("version")) != (dataset, version):
@@ -275,7 +346,8 @@ def load_split(dataset: str, version: str = "v1", *, root: str | Path | None = N
         )
 
     labels = {}
-    for part in PARTS:
+    columns: tuple[str, ...] = ()
+    for part in expected:
         path = folder / f"{part}.csv"
         if not path.is_file():
             raise DataError(f"split file {path} is missing (listed in {manifest_path})")
@@ -285,11 +357,19 @@ def load_split(dataset: str, version: str = "v1", *, root: str | Path | None = N
                 f"split file {path} was edited: its sha256 {_sha256(data)} differs from {expected[part]} in "
                 f"{manifest_path}; split files are immutable, restore it (git checkout) or make a new version"
             )
-        labels[part] = _read_part(path, data)
-    return Split(dataset, version, manifest, _sha256(manifest_bytes), labels)
+        columns, labels[part] = _read_part(path, data)
+    return Split(dataset, version, manifest, _sha256(manifest_bytes), columns, labels)
 
 
-GENERATORS = {"siim": generate_siim_v1}
+# Generators of the committed splits (lazy "module:function", so each lives beside its reader).
+GENERATORS = {
+    "siim": "vlpbench.data.splits:generate_siim_v1",
+}
+
+
+def _generator(dataset: str):
+    module, _, name = GENERATORS[dataset].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -302,9 +382,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="output folder (default: splits/<dataset>/v1 in the package)")
     args = parser.parse_args(argv)
     out = args.out or SPLITS_DIR / args.dataset / "v1"
-    manifest = GENERATORS[args.dataset](out)
+    manifest = _generator(args.dataset)(out)
     for name, info in sorted(manifest["files"].items()):
-        print(f"wrote {out / name}: {info['rows']} rows, {info['positives']} positive, sha256 {info['sha256'][:12]}")
+        print(f"wrote {out / name}: {info['rows']} rows, positives {info['positives']}, sha256 {info['sha256'][:12]}")
     print(f"wrote {out / MANIFEST}")
 
 

@@ -76,7 +76,7 @@ def test_files_are_sorted_with_lf_endings():
 
 def test_regeneration_is_byte_identical(tmp_path, capsys):
     main(["siim", "--out", str(tmp_path)])
-    assert "train_1pct.csv: 84 rows, 19 positive" in capsys.readouterr().out
+    assert "train_1pct.csv: 84 rows, positives 19," in capsys.readouterr().out
     committed = sorted(p.name for p in COMMITTED.iterdir())
     assert committed == sorted(p.name for p in tmp_path.iterdir())
     for name in committed:
