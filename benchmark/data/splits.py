@@ -19,7 +19,9 @@ import hashlib
 import importlib
 import json
 import math
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import numpy as np
 
 from vlpbench.data.siim import EMPTY, read_labels
 from vlpbench.data.xrv_files import SIIM_RLE, xrv_data_file
+from vlpbench.config import cache_dir
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.splits import SPLITS_DIR
 
@@ -361,9 +364,45 @@ def load_split(dataset: str, version: str = "v1", *, root: str | Path | None = N
     return Split(dataset, version, manifest, _sha256(manifest_bytes), columns, labels)
 
 
+def derived_split(dataset: str, version: str, *, sources: Sequence[str | Path],
+                  build: Callable[[Path, str], dict]) -> Split:
+    """A split derived from the user's own files (where no label file ships to commit one from).
+
+    ``build(out_dir, version)`` writes the split with :func:`write_split`, under the version name it is
+    given (``<version>-<hash>``), which the loader checks against the folder. It runs once per distinct content
+    of ``sources`` (the user's label/list files): the result lives in
+    ``<cache>/splits/<dataset>/<version>-<sha256 of the sources, 12 hex>/`` and is reused, so the same
+    user files always give the same split, and changed files give a new folder, never an edit.
+    """
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(Path(source).name.encode() + b"\0" + _sha256(Path(source).read_bytes()).encode())
+    key = f"{version}-{digest.hexdigest()[:12]}"
+    root = cache_dir() / "splits"
+    folder = root / dataset / key
+    if not (folder / MANIFEST).is_file():
+        # Build beside the target and rename, so a crash or a concurrent run never leaves half a split.
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=ensure_dir(folder.parent)))
+        build(staging, key)
+        try:
+            staging.rename(folder)
+        except OSError:
+            shutil.rmtree(staging)  # another process finished first; its split is identical
+    return load_split(dataset, key, root=root)
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed and return it."""
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 # Generators of the committed splits (lazy "module:function", so each lives beside its reader).
 GENERATORS = {
     "siim": "vlpbench.data.splits:generate_siim_v1",
+    "rsna": "vlpbench.data.rsna:generate_split_v1",
+    "chexpert": "vlpbench.data.chexpert:generate_split_v1",
+    "chexpert5x200": "vlpbench.data.chexpert:generate_5x200_v1",
 }
 
 
