@@ -202,6 +202,20 @@ def task_table() -> list[dict[str, Any]]:
     return rows
 
 
+def data_check(dataset: str, root: str | Path | None = None, *, decode: bool = True, progress: bool = True):
+    """Validate a dataset folder (layout, labels, split coverage, every image decodable); a CheckReport."""
+    from vlpbench.data.check import check_dataset
+
+    return check_dataset(dataset, resolve_data_root(dataset, root), decode=decode, progress=progress)
+
+
+def splits_verify(dataset: str, root: str | Path | None = None):
+    """Check a split against its manifest and, given a data folder, against the data; a CheckReport."""
+    from vlpbench.data.check import verify_split
+
+    return verify_split(dataset, root)
+
+
 def synth(dataset: str, out: str | Path, *, n: int = 200, seed: int = 0, size: int = 1024,
           progress: bool = True) -> dict[str, Any]:
     """Write a synthetic dataset in the real on-disk format of ``dataset``."""

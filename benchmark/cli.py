@@ -34,10 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str, example: str, func: Callable) -> argparse.ArgumentParser:
+    def command(name: str, help: str, example: str, func: Callable | None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(func=func)
+        if func is not None:  # None: the command has sub-actions that set their own
+            p.set_defaults(func=func)
         return p
 
     p = command("run", "Run one model on one task at one training fraction and write a result record.",
@@ -91,6 +92,33 @@ def _parser() -> argparse.ArgumentParser:
                 "vlpbench inspect --model g2d --checkpoint g2d_encoder_decoder.pth", _inspect)
     p.add_argument("--model", required=True)
     p.add_argument("--checkpoint")
+
+    p = command("data", "Dataset tools: `data check` validates a dataset folder.",
+                "vlpbench data check --dataset siim --root ~/data/siim", None)
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    check = data_sub.add_parser(
+        "check", help="validate layout, label files and images; exit 1 on errors",
+        description="Validate a dataset folder: layout, label files, split coverage and that every image "
+                    "decodes. Names each missing or unreadable file; exits 1 on any error.",
+        epilog="example:\n  vlpbench data check --dataset siim --root ~/data/siim",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_argument("--dataset", required=True, help="dataset name (siim, rsna, ...)")
+    check.add_argument("--root", help="dataset folder (default: as for --data-root of `run`)")
+    check.add_argument("--no-decode", action="store_true", help="skip decoding every image (faster)")
+    check.set_defaults(func=_data_check)
+
+    p = command("splits", "Split tools: `splits verify` checks split files and their agreement with your data.",
+                "vlpbench splits verify --dataset siim --root ~/data/siim", None)
+    splits_sub = p.add_subparsers(dest="splits_command", required=True, metavar="ACTION")
+    verify = splits_sub.add_parser(
+        "verify", help="check split files against the manifest and the data; exit 1 on errors",
+        description="Check split files against their MANIFEST.json and, with --root, against the data "
+                    "folder: every id present, no id in two of train/val/test, subsets nested.",
+        epilog="example:\n  vlpbench splits verify --dataset siim --root ~/data/siim",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("--dataset", required=True)
+    verify.add_argument("--root", help="dataset folder to check the split against")
+    verify.set_defaults(func=_splits_verify)
 
     command("models", "List the model adapters.", "vlpbench models", _models)
     command("tasks", "List the tasks.", "vlpbench tasks", _tasks)
@@ -167,6 +195,22 @@ def _inspect(args: argparse.Namespace) -> int:
         from vlpbench.adapters.base import sha256_file
 
         print(f"checkpoint: {args.checkpoint}\nsha256: {sha256_file(args.checkpoint)}")
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    report = api.data_check(args.dataset, args.root, decode=not args.no_decode, progress=not args.quiet)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _splits_verify(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    report = api.splits_verify(args.dataset, args.root)
     print(report.format())
     return 0 if report.ok else 1
 

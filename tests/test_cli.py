@@ -2,7 +2,7 @@ import pytest
 
 from vlpbench.cli import main
 
-SUBCOMMANDS = ["run", "score", "table", "synth", "demo", "inspect", "models", "tasks"]
+SUBCOMMANDS = ["run", "score", "table", "synth", "demo", "inspect", "models", "tasks", "data", "splits"]
 
 
 def test_top_level_help_lists_every_subcommand_with_an_example(capsys):

@@ -340,7 +340,9 @@ def load_split(dataset: str, version: str = "v1", *, root: str | Path | None = N
     manifest_bytes = manifest_path.read_bytes()
     try:
         manifest = json.loads(manifest_bytes)
-        expected = {name.removesuffix(".csv"): info["sha256"] for name, info in manifest["files"].items()}
+        listed = {name.removesuffix(".csv"): info["sha256"] for name, info in manifest["files"].items()}
+        # Canonical part order first (train, val, test, subsets), then any other part.
+        expected = {part: listed[part] for part in (*PARTS, *sorted(listed)) if part in listed}
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{manifest_path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
     if (manifest.get("dataset"), manifest.get("version")) != (dataset, version):
