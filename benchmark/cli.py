@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except (VlpbenchError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `vlpbench table | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
