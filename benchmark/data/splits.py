@@ -38,6 +38,7 @@ FRACTIONS = (0.70, 0.15, 0.15)  # train, val, test
 SUBSET_FRACTIONS = {0.01: "train_1pct", 0.1: "train_10pct", 1.0: "train"}
 PARTS = ("train", "val", "test", "train_1pct", "train_10pct")
 MANIFEST = "MANIFEST.json"
+COMPRESS_ABOVE = 1 << 20  # bytes of CSV above which a part is stored as .csv.gz
 SIIM_LABEL = "pneumothorax"
 
 
@@ -171,9 +172,16 @@ def write_split(
     files = {}
     for part, part_ids in parts.items():
         data = _split_csv(part_ids, labels, columns)
-        (out_dir / f"{part}.csv").write_bytes(data)
+        name = f"{part}.csv"
+        if len(data) > COMPRESS_ABOVE:
+            # Large parts (CheXpert train: 185k paths) are stored gzipped; mtime 0 keeps the bytes
+            # reproducible, and the manifest hashes the CSV content, not the compressed stream.
+            name += ".gz"
+            (out_dir / name).write_bytes(gzip.compress(data, compresslevel=9, mtime=0))
+        else:
+            (out_dir / name).write_bytes(data)
         positives = {c: sum(int(labels[i][c] == 1) for i in part_ids) for c in columns}
-        files[f"{part}.csv"] = {
+        files[name] = {
             "sha256": _sha256(data),
             "rows": len(part_ids),
             # One label column: a plain count (as SIIM v1 has always had); several: per column.
@@ -263,6 +271,7 @@ class Split:
     manifest_sha256: str
     columns: tuple[str, ...]
     _labels: dict[str, dict[str, tuple[int, ...]]] = field(repr=False)
+    _sha256: dict[str, str] = field(repr=False)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -291,7 +300,7 @@ class Split:
     def sha256(self, part: str) -> str:
         """The sha256 of the part's CSV file, as verified against the manifest."""
         self._part(part)
-        return self.manifest["files"][f"{part}.csv"]["sha256"]
+        return self._sha256[part]
 
     @staticmethod
     def part_for_fraction(fraction: float) -> str:
@@ -340,7 +349,8 @@ def load_split(dataset: str, version: str = "v1", *, root: str | Path | None = N
     manifest_bytes = manifest_path.read_bytes()
     try:
         manifest = json.loads(manifest_bytes)
-        listed = {name.removesuffix(".csv"): info["sha256"] for name, info in manifest["files"].items()}
+        listed = {name.removesuffix(".gz").removesuffix(".csv"): (name, info["sha256"])
+                  for name, info in manifest["files"].items()}
         # Canonical part order first (train, val, test, subsets), then any other part.
         expected = {part: listed[part] for part in (*PARTS, *sorted(listed)) if part in listed}
     except (ValueError, KeyError, TypeError) as exc:
@@ -352,18 +362,24 @@ def load_split(dataset: str, version: str = "v1", *, root: str | Path | None = N
 
     labels = {}
     columns: tuple[str, ...] = ()
-    for part in expected:
-        path = folder / f"{part}.csv"
+    for part, (name, sha256) in expected.items():
+        path = folder / name
         if not path.is_file():
             raise DataError(f"split file {path} is missing (listed in {manifest_path})")
         data = path.read_bytes()
-        if _sha256(data) != expected[part]:
+        if name.endswith(".gz"):
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError) as exc:
+                raise DataError(f"split file {path} is not a readable gzip file: {exc}") from exc
+        if _sha256(data) != sha256:
             raise DataError(
-                f"split file {path} was edited: its sha256 {_sha256(data)} differs from {expected[part]} in "
+                f"split file {path} was edited: its sha256 {_sha256(data)} differs from {sha256} in "
                 f"{manifest_path}; split files are immutable, restore it (git checkout) or make a new version"
             )
         columns, labels[part] = _read_part(path, data)
-    return Split(dataset, version, manifest, _sha256(manifest_bytes), columns, labels)
+    return Split(dataset, version, manifest, _sha256(manifest_bytes), columns, labels,
+                 {part: sha256 for part, (_, sha256) in expected.items()})
 
 
 def derived_split(dataset: str, version: str, *, sources: Sequence[str | Path],
@@ -397,6 +413,20 @@ def ensure_dir(path: Path) -> Path:
     """Create ``path`` (and parents) if needed and return it."""
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def dataset_split(dataset: str, source, version: str = "v1") -> Split:
+    """The split of ``dataset``: the committed one, or, where no label file ships to commit one from,
+    the one its reader module derives from the user's files (``split_v1(source)``)."""
+    try:
+        return load_split(dataset, version)
+    except ConfigError:
+        module = importlib.import_module(type(source).__module__)
+        derive = getattr(module, f"split_{version}", None)
+        if derive is None:
+            raise ConfigError(f"dataset {dataset!r} has no split {version} (neither committed nor derivable "
+                              "from its files)") from None
+        return derive(source)
 
 
 # Generators of the committed splits (lazy "module:function", so each lives beside its reader).
