@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vlpbench.data.cache import cached_images
 from vlpbench.errors import VlpbenchError
 from vlpbench.protocols import SplitIds
 from vlpbench.metrics.bootstrap import bootstrap_ci
@@ -40,30 +41,30 @@ class SegmentationSource(Protocol):
 
 
 class Images:
-    """Images and soft masks of one split part, resized once to the protocol's input size."""
+    """Images and soft masks of one split part at the protocol's input size.
+
+    The images come from the image cache (decoded once per dataset, id and size, then memory-mapped);
+    the masks are decoded and resized here.
+    """
 
     def __init__(self, source: SegmentationSource, ids: list[str], size: int, desc: str, progress: bool):
         self.ids = list(ids)
-        self.images = torch.empty((len(ids), size, size), dtype=torch.uint8)
+        # Readers live in vlpbench.data.<dataset>, so the module's name is the cache's dataset name.
+        dataset = type(source).__module__.rpartition(".")[2]
+        cached = cached_images(source, dataset, self.ids, size, progress=progress)
+        self.images = torch.from_numpy(np.array(cached))  # a private writable copy in memory
         self.masks = torch.empty((len(ids), size, size), dtype=torch.float32)
 
         def load(index: int) -> None:
-            image_id = self.ids[index]
-            self.images[index] = torch.from_numpy(resize_image(source.image(image_id), size))
-            self.masks[index] = torch.from_numpy(resize_mask(source.mask(image_id), size))
+            self.masks[index] = torch.from_numpy(resize_mask(source.mask(self.ids[index]), size))
 
-        # Decoding DICOM/JPEG releases the GIL, so threads give a real speed-up.
+        # Pillow's resize releases the GIL, so threads overlap part of the work.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            list(tqdm(pool.map(load, range(len(ids))), total=len(ids), desc=f"load {desc}",
+            list(tqdm(pool.map(load, range(len(ids))), total=len(ids), desc=f"masks {desc}",
                       disable=not progress, leave=False, unit="img"))
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-def resize_image(pixels: np.ndarray, size: int) -> np.ndarray:
-    """uint8 image → ``size``² with antialiased bilinear resampling."""
-    return np.array(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

@@ -1,0 +1,390 @@
+"""Image cache: every image decoded once at the protocol's resolution, then read memory-mapped.
+
+Decoding a 1024² JPEG DICOM and shrinking it costs far more than training a frozen-encoder head on
+it, and every run of a sweep needs the same images. :func:`cached_images` decodes each image once
+(in worker processes), stores it as raw uint8 at ``size``², and hands back one read-only memory-map
+per requested id list. Layout under ``cache_dir()/images``::
+
+    <dataset>/<size>px-<key>/          key: sha256 of INFO.json's content
+        INFO.json                      format version, method, Pillow version, reader class,
+                                       data fingerprint, size
+        entries/<2 hex>/<32 hex>.u8    one image, size*size bytes row-major; the name hashes the
+                                       image id (and its file's size and mtime, see
+                                       source_fingerprint)
+        runs/<32 hex>.npy              the images of one id list, in order (.npy, memory-mapped)
+        tmp/                           files being written
+
+Every file appears by ``os.replace`` of a complete temp file, so a crash (kill -9 included) leaves
+either no file or a complete one, and two runs filling at once write the same bytes under the same
+name. Temp files orphaned by a crash are removed by a later fill once they are an hour old.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import numbers
+import os
+import pickle
+import re
+import secrets
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import PIL
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vlpbench.config import cache_dir
+from vlpbench.errors import DataError, VlpbenchError
+
+log = logging.getLogger("vlpbench")
+
+FORMAT_VERSION = 1
+METHOD = "pil-bilinear-antialias"
+MAX_WORKERS = 16
+MIN_IMAGES_PER_WORKER = 4  # fewer images do not pay for starting a worker process
+STALE_TEMP_S = 3600.0
+
+INFO = "INFO.json"
+ENTRIES, RUNS, TMP = "entries", "runs", "tmp"
+_DATASET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def resize_image(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 image → ``size``² with antialiased bilinear resampling.
+
+    Pillow's BILINEAR filter widens its support by the scale factor when shrinking, so this is an
+    area-aware (antialiased) bilinear resize.
+    """
+    return np.array(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
+
+
+def source_fingerprint(source: Any) -> str:
+    """What identifies the data behind ``source`` in the image cache's key.
+
+    A reader may define ``fingerprint()`` (or a ``fingerprint`` attribute) returning a str that is
+    cheap to compute (it runs on every call), the same in every process and run for the same data,
+    and different whenever an image id could decode to other pixels (another root, another release,
+    edited image files). Such a reader answers for its images: the cache then keys entries by image
+    id alone. Without one, the cache uses the resolved ``source.root`` plus the size and modification
+    time of ``source.label_file`` where the reader has one, and also keys each image's entry by the
+    size and modification time of its file (``source.path(image_id)``, where the reader has ``path``
+    and it returns a filesystem path), so an image edited in place is decoded again.
+
+    Raises:
+        VlpbenchError: the reader has neither ``fingerprint`` nor ``root``, or its fingerprint is
+            not a str.
+    """
+    reader = type(source).__name__
+    fingerprint = getattr(source, "fingerprint", None)
+    if fingerprint is not None:
+        value = fingerprint() if callable(fingerprint) else fingerprint
+        if not isinstance(value, str):
+            raise VlpbenchError(f"{reader}.fingerprint returned {type(value).__name__}; expected a str")
+        return value
+    root = getattr(source, "root", None)
+    if root is None:
+        raise VlpbenchError(f"{reader} has neither fingerprint() nor root, so the image cache cannot tell "
+                            "its data from other data; give the reader a fingerprint() str")
+    parts = [f"root={Path(root).resolve()}"]
+    label_file = getattr(source, "label_file", None)
+    if label_file is not None:
+        try:
+            stat = Path(label_file).stat()
+        except OSError as exc:
+            raise DataError(f"label file {label_file} of {reader} is unreadable: {exc.strerror}") from exc
+        parts.append(f"label_file={Path(label_file).resolve()} {stat.st_size} {stat.st_mtime_ns}")
+    return "\n".join(parts)
+
+
+def cached_images(source: Any, dataset: str, ids: Sequence[str], size: int, *,
+                  workers: int | None = None, progress: bool = True) -> np.ndarray:
+    """The images ``ids`` of ``source`` resized to ``size``² by :func:`resize_image`, from the cache.
+
+    Images not cached yet are decoded with ``source.image`` in ``workers`` processes (default: the
+    usable CPUs, at most 16; threads, with a logged reason, where ``source`` cannot be pickled).
+    The id list is then assembled once into one ``.npy`` file that later calls with the same ids
+    (same order) map directly. The key covers ``dataset``, the reader class, its data (see
+    :func:`source_fingerprint`), each image id, ``size``, the resize method and Pillow version,
+    and :data:`FORMAT_VERSION`; any change gives new entries.
+
+    Args:
+        source: a dataset reader: ``image(id) -> uint8 (H, W)``, and ``fingerprint()`` or ``root``.
+        dataset: the dataset's name, a folder name under the cache.
+        ids: image ids, in the order wanted (repeats allowed).
+        size: side of the square output.
+        workers: decoding processes; 1 decodes in this process.
+        progress: show tqdm bars while decoding and assembling.
+
+    Returns:
+        A read-only ``np.memmap`` of shape ``(len(ids), size, size)``, uint8 (for no ids, an empty
+        read-only array).
+
+    Raises:
+        DataError: an image file is missing or cannot be decoded (the message names it).
+        VlpbenchError: the cache cannot be written, or the reader cannot be fingerprinted.
+        ValueError: a bad ``dataset`` name, ``size`` or ``workers``.
+    """
+    ids = list(ids)
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    size = int(size)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if not ids:
+        empty = np.empty((0, size, size), dtype=np.uint8)
+        empty.flags.writeable = False
+        return empty
+    folder = _key_folder(source, dataset, size)
+    locate = getattr(source, "path", None) if getattr(source, "fingerprint", None) is None else None
+    names = [_entry_name(locate, image_id) for image_id in ids]
+    run = folder / RUNS / f"{hashlib.sha256(' '.join(names).encode()).hexdigest()[:32]}.npy"
+    images = _open_run(run, len(ids), size)
+    if images is not None:
+        return images
+
+    _sweep_temp(folder / TMP)
+    todo = _missing(folder, ids, names, size)
+    if todo:
+        _fill(source, dataset, folder, todo, size, workers, progress)
+    with _atomic(run, folder / TMP) as tmp:
+        _assemble(tmp, folder, ids, names, size, dataset, progress)
+    images = _open_run(run, len(ids), size)
+    if images is None:
+        raise VlpbenchError(f"image cache file {run} was removed or damaged while it was being opened")
+    return images
+
+
+def clear_cache(dataset: str | None = None) -> int:
+    """Delete the cached images of ``dataset`` (of every dataset when None); return the bytes freed.
+
+    Open memory-maps stay valid (POSIX keeps deleted files' data until they are closed), but a run
+    that is filling the same cache at that moment fails.
+    """
+    target = cache_root() if dataset is None else cache_root() / _checked_name(dataset)
+    if not target.exists():
+        return 0
+    freed = 0
+    for folder, _, files in os.walk(target):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                freed += os.stat(os.path.join(folder, name)).st_size
+    shutil.rmtree(target)
+    return freed
+
+
+def cache_root() -> Path:
+    """The image cache's folder: ``vlpbench.config.cache_dir() / "images"``."""
+    return cache_dir() / "images"
+
+
+def _checked_name(dataset: str) -> str:
+    if not isinstance(dataset, str) or not _DATASET_NAME.fullmatch(dataset):
+        raise ValueError(f"dataset name {dataset!r} cannot name a cache folder; expected letters, digits, "
+                         "'_', '.' or '-', not starting with '.' or '-'")
+    return dataset
+
+
+def _key_folder(source: Any, dataset: str, size: int) -> Path:
+    info = {
+        "format": FORMAT_VERSION,
+        "dataset": _checked_name(dataset),
+        "reader": f"{type(source).__module__}.{type(source).__qualname__}",
+        "fingerprint": source_fingerprint(source),
+        "size": size,
+        "method": METHOD,
+        "pillow": PIL.__version__,  # a Pillow release may resample differently
+    }
+    text = json.dumps(info, indent=2, sort_keys=True) + "\n"
+    folder = cache_root() / dataset / f"{size}px-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    try:
+        for sub in (ENTRIES, RUNS, TMP):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        if not (folder / INFO).is_file():
+            with _atomic(folder / INFO, folder / TMP) as tmp:
+                tmp.write_text(text)
+    except OSError as exc:
+        raise VlpbenchError(f"cannot create the image cache in {folder}: {exc}; "
+                            "set VLPBENCH_CACHE to a writable folder") from exc
+    return folder
+
+
+def _entry_name(locate: Any, image_id: str) -> str:
+    """The entry's file name: a hash of the id and, where ``locate`` gives a file, its size and mtime."""
+    stamp = ""
+    path = locate(image_id) if locate is not None else None
+    if isinstance(path, (str, os.PathLike)):  # not e.g. a zipfile.Path member
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            raise DataError(f"image file of {image_id} not found: {path} ({exc.strerror})") from exc
+        stamp = f"{stat.st_size} {stat.st_mtime_ns}"
+    return hashlib.sha256(f"{image_id}\0{stamp}".encode()).hexdigest()[:32]
+
+
+def _entry_path(folder: Path, name: str) -> Path:
+    # 256 subfolders keep directories small for datasets of 100k+ images.
+    return folder / ENTRIES / name[:2] / f"{name}.u8"
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, tmp_dir: Path) -> Iterator[Path]:
+    """Yield a new temp file in ``tmp_dir`` to write; when the block succeeds, rename it to ``path``."""
+    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # mode from the umask
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _open_run(path: Path, n: int, size: int) -> np.ndarray | None:
+    try:
+        images = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("image cache: %s is unreadable (%s); rebuilding it", path, exc)
+        return None
+    if images.shape != (n, size, size) or images.dtype != np.uint8:
+        log.warning("image cache: %s holds %s %s, expected uint8 %s; rebuilding it",
+                    path, images.dtype, images.shape, (n, size, size))
+        return None
+    return images
+
+
+def _sweep_temp(tmp_dir: Path) -> None:
+    cutoff = time.time() - STALE_TEMP_S
+    for entry in os.scandir(tmp_dir):
+        with contextlib.suppress(FileNotFoundError):  # a concurrent run renamed or swept it
+            if entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+
+
+def _missing(folder: Path, ids: list[str], names: list[str], size: int) -> list[tuple[str, str]]:
+    """(id, entry name) of each distinct entry that is absent or not exactly ``size``² bytes."""
+    todo, seen = [], set()
+    for image_id, name in zip(ids, names):
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            complete = _entry_path(folder, name).stat().st_size == size * size
+        except FileNotFoundError:
+            complete = False
+        if not complete:
+            todo.append((image_id, name))
+    return todo
+
+
+class _Filler:
+    """Decodes, resizes and stores one image; pickled into each worker process."""
+
+    def __init__(self, source: Any, folder: Path, size: int) -> None:
+        self.source = source
+        self.folder = folder
+        self.size = size
+
+    def __call__(self, item: tuple[str, str]) -> None:
+        image_id, name = item
+        pixels = self.source.image(image_id)
+        if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 2:
+            described = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+            raise DataError(f"{type(self.source).__name__}.image({image_id!r}) returned {described}; "
+                            "expected a uint8 (H, W) array")
+        data = resize_image(pixels, self.size).tobytes()
+        path = _entry_path(self.folder, name)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with _atomic(path, self.folder / TMP) as tmp:
+                tmp.write_bytes(data)
+        except OSError as exc:
+            raise VlpbenchError(f"cannot write image cache entry {path} (image {image_id}): {exc}; "
+                                "free disk space or set VLPBENCH_CACHE to another folder") from exc
+
+
+_worker_filler: _Filler | None = None
+
+
+def _start_worker(payload: bytes) -> None:
+    global _worker_filler
+    _worker_filler = pickle.loads(payload)
+
+
+def _fill_in_worker(item: tuple[str, str]) -> None:
+    _worker_filler(item)
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):  # honours taskset / cgroup CPU sets on Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _fill(source: Any, dataset: str, folder: Path, todo: list[tuple[str, str]], size: int,
+          workers: int | None, progress: bool) -> None:
+    filler = _Filler(source, folder, size)
+    wanted = min(MAX_WORKERS, _usable_cpus()) if workers is None else workers
+    count = max(1, min(wanted, len(todo) // MIN_IMAGES_PER_WORKER))
+    bar = tqdm(total=len(todo), desc=f"cache {dataset} {size}px", unit="img", disable=not progress, leave=False)
+    try:
+        if count == 1:
+            log.info("image cache: decoding %d %s images into %s", len(todo), dataset, folder)
+            for item in todo:
+                filler(item)
+                bar.update()
+            return
+        try:
+            # Pickled once here rather than by the pool, to fall back before starting any process;
+            # the workers then get the same copy whichever start method the platform uses.
+            payload = pickle.dumps(filler)
+        except Exception as exc:  # pickling fails with PicklingError, TypeError or AttributeError
+            log.warning("image cache: %s cannot be pickled for worker processes (%s: %s); decoding in "
+                        "%d threads instead", type(source).__name__, type(exc).__name__, exc, count)
+            pool, task = ThreadPoolExecutor(count), filler
+        else:
+            log.info("image cache: decoding %d %s images into %s with %d processes",
+                     len(todo), dataset, folder, count)
+            pool, task = ProcessPoolExecutor(count, initializer=_start_worker, initargs=(payload,)), _fill_in_worker
+        chunk = max(1, min(32, len(todo) // (count * 8)))
+        try:
+            for _ in pool.map(task, todo, chunksize=chunk):
+                bar.update()
+        except BrokenProcessPool as exc:
+            raise VlpbenchError(f"an image cache worker process died while decoding {dataset} images ({exc}); "
+                                "the images decoded so far are kept, run again") from exc
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        bar.close()
+
+
+def _assemble(out: Path, folder: Path, ids: list[str], names: list[str], size: int, dataset: str,
+              progress: bool) -> None:
+    images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(ids), size, size))
+    pairs = tqdm(zip(ids, names), total=len(ids), desc=f"assemble {dataset} {size}px", unit="img",
+                 disable=not progress, leave=False)
+    for index, (image_id, name) in enumerate(pairs):
+        path = _entry_path(folder, name)
+        try:
+            pixels = np.fromfile(path, dtype=np.uint8)
+        except OSError as exc:
+            raise VlpbenchError(f"image cache entry {path} (image {image_id}) vanished or is unreadable "
+                                f"({exc}); was the cache cleared during the run?") from exc
+        if pixels.size != size * size:
+            raise VlpbenchError(f"image cache entry {path} (image {image_id}) holds {pixels.size} bytes, "
+                                f"expected {size * size}; it was changed outside vlpbench: "
+                                f"run clear_cache({dataset!r})")
+        images[index] = pixels.reshape(size, size)
+    images.flush()
+    del images  # unmap before the rename
