@@ -86,7 +86,7 @@ def run(
     record) is checked before any training starts. Returns the record and its path.
     """
     from vlpbench.adapters import build_adapter
-    from vlpbench.data.splits import load_split
+    from vlpbench.data.splits import dataset_split
     from vlpbench.results import existing_record, make_record, write_record
 
     spec = load_task(task)
@@ -105,7 +105,7 @@ def run(
                           "the old record is kept as a .bak file)")
 
     source = open_dataset(spec, data_root)
-    split = load_split(spec.dataset, spec.split)
+    split = dataset_split(spec.dataset, source, spec.split)
     parts = {}
     absent = {}
     for role, part in (("train", split.part_for_fraction(frac)), ("val", "val"), ("test", "test")):
@@ -161,14 +161,14 @@ def table(results: str | Path = DEFAULT_RESULTS) -> str:
 def score(task: str, predictions: str | Path, *, data_root: str | Path | None = None,
           split: str = "test", bootstrap_resamples: int = 1000) -> dict[str, Any]:
     """Score predictions made by any framework against ``split`` with the task's canonical metric."""
-    from vlpbench.data.splits import load_split
+    from vlpbench.data.splits import dataset_split
     from vlpbench.scoring import score_segmentation
 
     spec = load_task(task)
     if spec.protocol != "segmentation":
         raise ConfigError(f"score: task {spec.name} ({spec.protocol}) has no scorer yet")
     source = open_dataset(spec, data_root)
-    split_obj = load_split(spec.dataset, spec.split)
+    split_obj = dataset_split(spec.dataset, source, spec.split)
     ids, _ = split_ids(split_obj, split, source)
     result = score_segmentation(Path(predictions), ids, source, threshold=spec.config["threshold"],
                                 bootstrap_resamples=bootstrap_resamples)
@@ -216,12 +216,14 @@ def splits_verify(dataset: str, root: str | Path | None = None):
     return verify_split(dataset, root)
 
 
-def synth(dataset: str, out: str | Path, *, n: int = 200, seed: int = 0, size: int = 1024,
+def synth(dataset: str, out: str | Path, *, n: int = 200, seed: int = 0, size: int | None = None,
           progress: bool = True) -> dict[str, Any]:
-    """Write a synthetic dataset in the real on-disk format of ``dataset``."""
+    """Write a synthetic dataset in the real on-disk format of ``dataset`` (``size``: image side;
+    None keeps the dataset's own default)."""
     from vlpbench.registry import SYNTHESIZERS
 
-    return SYNTHESIZERS.get(dataset)(Path(out), n=n, seed=seed, size=size, progress=progress)
+    options = {} if size is None else {"size": size}
+    return SYNTHESIZERS.get(dataset)(Path(out), n=n, seed=seed, progress=progress, **options)
 
 
 # The demo is the real pipeline on a small synthetic set: only the data size, image size and epoch

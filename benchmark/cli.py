@@ -75,11 +75,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("synth", "Write a synthetic dataset in the real on-disk format (real ids and masks).",
                 "vlpbench synth --dataset siim --out /tmp/siim --n 300 --seed 0", _synth)
-    p.add_argument("--dataset", required=True, help="dataset to imitate: siim")
+    p.add_argument("--dataset", required=True, help="dataset to imitate: siim, rsna, chexpert, cxr14, object_cxr, covidx")
     p.add_argument("--out", required=True, help="folder to create (must be new or empty)")
     p.add_argument("--n", type=int, default=200, help="number of images (default 200)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024, as SIIM)")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the dataset's own, e.g. 1024 for SIIM)")
 
     p = command("demo", "Synthesize SIIM, run siim_seg at two fractions with a G2D-layout checkpoint, print the table.",
                 "vlpbench demo --out vlpbench-demo", _demo)

@@ -3,7 +3,6 @@ does it agree with the split files?"""
 
 from __future__ import annotations
 
-import importlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from vlpbench.data.splits import dataset_split, load_split
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.registry import DATASETS
 
@@ -43,19 +43,6 @@ def _named(ids: list[str]) -> str:
     return ", ".join(ids[:_SHOWN]) + more
 
 
-def split_of(dataset: str, source):
-    """The dataset's split v1: the committed one, or the one its reader derives from the user's files."""
-    from vlpbench.data.splits import load_split
-
-    try:
-        return load_split(dataset, "v1")
-    except ConfigError:
-        module = importlib.import_module(type(source).__module__)
-        if not hasattr(module, "split_v1"):
-            raise ConfigError(f"dataset {dataset!r} has no split v1 (neither committed nor derivable)") from None
-        return module.split_v1(source)
-
-
 def check_dataset(dataset: str, root: str | Path, *, decode: bool = True, progress: bool = True) -> CheckReport:
     """Validate layout, label files and images of ``dataset`` at ``root``.
 
@@ -74,7 +61,7 @@ def check_dataset(dataset: str, root: str | Path, *, decode: bool = True, progre
         report.errors.append(f"{len(missing)} labelled images have no image file: {_named(missing)}")
 
     try:
-        split = split_of(dataset, source)
+        split = dataset_split(dataset, source)
     except (ConfigError, DataError) as exc:
         report.errors.append(f"split: {exc}")
     else:
@@ -117,14 +104,12 @@ def _undecodable(source, ids: list[str], progress: bool) -> list[tuple[str, str]
 def verify_split(dataset: str, root: str | Path | None = None) -> CheckReport:
     """Check the split files against their manifest and, with ``root``, against the user's data:
     every id present, and no id in two of train / val / test."""
-    from vlpbench.data.splits import load_split
-
     report = CheckReport(f"splits verify: {dataset}" + (f" against {root}" if root else ""))
     source = None
     try:
         if root is not None:
             source = DATASETS.get(dataset)(Path(root))
-            split = split_of(dataset, source)
+            split = dataset_split(dataset, source)
         else:
             split = load_split(dataset, "v1")
     except (ConfigError, DataError) as exc:
