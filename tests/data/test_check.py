@@ -51,3 +51,22 @@ def test_splits_verify_checks_manifest_overlap_and_presence(siim_copy, tmp_path,
     assert "train: 8433 ids" in report.format()
     assert main(["splits", "verify", "--dataset", "siim"]) == 0
     assert "every file matches it" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dataset", ["siim", "rsna", "chexpert", "cxr14", "object_cxr", "covidx"])
+def test_every_synthetic_dataset_passes_data_check_and_a_removed_image_is_named(dataset, tmp_path):
+    from vlpbench.api import synth
+    from vlpbench.registry import DATASETS
+
+    root = tmp_path / dataset
+    synth(dataset, root, n=16, seed=1, size=96, progress=False)
+    report = check_dataset(dataset, root, progress=False)
+    assert report.ok, report.format()
+    assert "16 images in the label files (synthetic dataset)" in report.format()
+    assert "decoded 16 of 16 image files" in report.format()
+
+    source = DATASETS.get(dataset)(root)
+    victim = source.image_ids[-1]
+    source.path(victim).unlink()
+    errors = "\n".join(check_dataset(dataset, root, decode=False, progress=False).errors)
+    assert f"1 labelled images have no image file: {victim}" in errors
