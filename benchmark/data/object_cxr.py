@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from vlpbench.data.chest import SYNTHETIC_MARKER
 from vlpbench.data.images import read_image
-from vlpbench.data.splits import Split, derived_split, stratified_sample, stratified_subset, write_split
+from vlpbench.data.splits import Split, derived_split, nested_subsets, stratified_sample, write_split
 from vlpbench.errors import DataError
 
 BOX, ELLIPSE, POLYGON = 0, 1, 2
@@ -438,8 +438,7 @@ def build_split_v1(source: ObjectCxrSource, out_dir: str | Path, version: str = 
     held_out = set(stratified_sample(pool, [labels[i] for i in pool], n_val, SEED))
     val = [i for i in pool if i in held_out]
     train = [i for i in pool if i not in held_out]
-    train_10 = stratified_subset(train, [labels[i] for i in train], 0.1, SEED)
-    train_1 = stratified_sample(train_10, [labels[i] for i in train_10], round(len(train) * 0.01), SEED)
+    train_10, train_1 = nested_subsets(train, labels, SEED)
     files = {name: source.label_files[part] for name, part in (("train.csv", "train"), ("dev.csv", "dev"))}
     return write_split(
         out_dir,

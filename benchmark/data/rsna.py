@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from vlpbench.data.chest import SYNTHETIC_MARKER
 from vlpbench.data.dicom import read_dicom
 from vlpbench.data.images import read_image
-from vlpbench.data.splits import stratified_sample, stratified_split, stratified_subset, write_split
+from vlpbench.data.splits import nested_subsets, stratified_split, write_split
 from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.errors import DataError
 
@@ -382,8 +382,7 @@ def generate_split_v1(out_dir: str | Path) -> dict:
         raise DataError(f"{source}: {len(ids)} patients, expected {sum(SPLIT_SIZES)} (the stage-2 train set)")
     fractions = tuple(size / len(ids) for size in SPLIT_SIZES)
     train, val, test = stratified_split(ids, [label[i] for i in ids], fractions, seed=SEED)
-    train_10 = stratified_subset(train, [label[i] for i in train], 0.1, SEED)
-    train_1 = stratified_sample(train_10, [label[i] for i in train_10], round(len(train) * 0.01), SEED)
+    train_10, train_1 = nested_subsets(train, label, SEED)
     data = _read_bytes(source)
     return write_split(
         out_dir,

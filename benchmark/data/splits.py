@@ -107,6 +107,64 @@ def stratified_subset(ids: Sequence[str], labels: Sequence[int], fraction: float
     return stratified_sample(ids, labels, round(len(ids) * fraction), seed)
 
 
+def nested_subsets(train: Sequence[str], labels: dict[str, int], seed: int) -> tuple[list[str], list[str]]:
+    """The 10 % and 1 % training subsets, both stratified on ``labels``: 10 % of ``train``, and
+    round(1 % of train) drawn from inside the 10 % one, so that 1 % ⊂ 10 % ⊂ train."""
+    train_10 = stratified_subset(train, [labels[i] for i in train], 0.1, seed)
+    train_1 = stratified_sample(train_10, [labels[i] for i in train_10], round(len(train) * 0.01), seed)
+    return train_10, train_1
+
+
+def _at_least_one(counts: list[int]) -> list[int]:
+    """Give every empty part one item taken from the largest part, where the total allows."""
+    counts = list(counts)
+    if sum(counts) >= len(counts):
+        for i, count in enumerate(counts):
+            if count == 0:
+                counts[i] = 1
+                counts[counts.index(max(counts))] -= 1
+    return counts
+
+
+def sample_split(split: Split, n: int, seed: int, *, top_weights: Sequence[float] | None = None) -> list[str]:
+    """Draw ``n`` ids of a binary-label split for a synthetic dataset.
+
+    The ids come from test / val / train in proportion to ``top_weights`` (default: the parts' sizes),
+    and within train from ``train_1pct``, the rest of ``train_10pct`` and the rest of train as 1:9:90,
+    every part getting at least one id where ``n`` allows; the positives are apportioned over all
+    parts at once, like the split's positive rates (per-part rounding would lose most of them in a
+    small sample). Deterministic given ``seed``.
+    """
+    train, sub10, sub1 = (split.labels(p) for p in ("train", "train_10pct", "train_1pct"))
+    pools = [
+        split.labels("test"),
+        split.labels("val"),
+        sub1,
+        {i: y for i, y in sub10.items() if i not in sub1},
+        {i: y for i, y in train.items() if i not in sub10},
+    ]
+    sizes = [len(pool) for pool in pools]
+    if not 1 <= n <= sum(sizes):
+        raise ValueError(f"n must be between 1 and {sum(sizes)} (the ids of split "
+                         f"{split.dataset}/{split.version}), got {n}")
+    top = [sizes[0], sizes[1], len(train)]
+    n_test, n_val, n_train = _at_least_one(apportion(n, top_weights or top, top))
+    counts = [n_test, n_val, *_at_least_one(apportion(n_train, (1, 9, 90), sizes[2:]))]
+    n_pos = [sum(pool.values()) for pool in pools]
+    expected = [count * pos / size for count, pos, size in zip(counts, n_pos, sizes)]
+    positives = apportion(round(sum(expected)), expected, [min(c, p) for c, p in zip(counts, n_pos)])
+    # A part short of negatives for its share takes more positives.
+    positives = [max(p, c - (size - pos)) for p, c, size, pos in zip(positives, counts, sizes, n_pos)]
+
+    rng = np.random.default_rng(seed)
+    chosen: list[str] = []
+    for pool, count, k in zip(pools, counts, positives):
+        for label, wanted in ((1, k), (0, count - k)):
+            members = sorted(i for i, y in pool.items() if y == label)
+            chosen.extend(members[j] for j in rng.permutation(len(members))[:wanted])
+    return chosen
+
+
 def stratified_split(
     ids: Sequence[str],
     labels: Sequence[int],
@@ -238,8 +296,7 @@ def generate_siim_v1(out_dir: str | Path) -> dict:
     label = {image_id: int(masks[0] != EMPTY) for image_id, masks in rows.items()}
     ids = list(label)
     train, val, test = stratified_split(ids, [label[i] for i in ids], FRACTIONS, seed=SEED)
-    train_10 = stratified_subset(train, [label[i] for i in train], 0.1, SEED)
-    train_1 = stratified_sample(train_10, [label[i] for i in train_10], round(len(train) * 0.01), SEED)
+    train_10, train_1 = nested_subsets(train, label, SEED)
     return write_split(
         out_dir,
         dataset="siim",

@@ -34,16 +34,12 @@ from vlpbench.data.rsna import (
     image_dir_names,
     label_file_name,
 )
-from vlpbench.data.splits import apportion, load_split
+from vlpbench.data.splits import load_split, sample_split
 from vlpbench.data.xrv_files import xrv_data_file
 
 LABEL_FILE = label_file_name("2")
 CLASS_FILE = class_file_name("2")
 IMAGE_DIR = image_dir_names("2")[0]
-
-# Within train, the 1 % subset, the rest of the 10 % subset and the rest of train are sampled 1:9:90;
-# test, val and train in proportion to their sizes (5,337 : 5,337 : 16,010).
-TRAIN_WEIGHTS = (1, 9, 90)
 
 # Patients without opacity are "No Lung Opacity / Not Normal" or "Normal" in the real file, about
 # 11,821 : 8,851 (datasets.md §2.4); the per-patient class does not ship, so it is drawn.
@@ -52,53 +48,6 @@ NEGATIVE_WEIGHTS = (11821, 8851)
 
 UID_ROOT = "1.2.276.0.7230010.3.1"  # DCMTK's; .4 instance, .2 study, .3 series, as in the real files
 UID_SITE = "8323329"
-
-
-def _at_least_one(counts: list[int]) -> list[int]:
-    """Give every empty part one item taken from the largest part, where the total allows."""
-    counts = list(counts)
-    if sum(counts) >= len(counts):
-        for i, count in enumerate(counts):
-            if count == 0:
-                counts[i] = 1
-                counts[counts.index(max(counts))] -= 1
-    return counts
-
-
-def _choose_ids(n: int, seed: int) -> list[str]:
-    """Draw ``n`` patientIds from split rsna/v1: proportionally from its parts, with the positives
-    apportioned over the parts like the split's positive rates."""
-    split = load_split("rsna", "v1")
-    train, sub10, sub1 = (split.labels(p) for p in ("train", "train_10pct", "train_1pct"))
-    pools = [
-        split.labels("test"),
-        split.labels("val"),
-        sub1,
-        {i: y for i, y in sub10.items() if i not in sub1},
-        {i: y for i, y in train.items() if i not in sub10},
-    ]
-    sizes = [len(pool) for pool in pools]
-    available = sum(sizes)
-    if not 1 <= n <= available:
-        raise ValueError(f"n must be between 1 and {available} (the patients of split rsna/v1), got {n}")
-    top = [sizes[0], sizes[1], len(train)]
-    n_test, n_val, n_train = _at_least_one(apportion(n, top, top))
-    counts = [n_test, n_val, *_at_least_one(apportion(n_train, TRAIN_WEIGHTS, sizes[2:]))]
-    # Positives are apportioned over all parts at once: rounding per part would lose most of them
-    # in a small sample.
-    n_pos = [sum(pool.values()) for pool in pools]
-    expected = [count * pos / size for count, pos, size in zip(counts, n_pos, sizes)]
-    positives = apportion(round(sum(expected)), expected, [min(c, p) for c, p in zip(counts, n_pos)])
-    # A part short of negatives for its share takes more positives.
-    positives = [max(p, c - (size - pos)) for p, c, size, pos in zip(positives, counts, sizes, n_pos)]
-
-    rng = np.random.default_rng(seed)
-    chosen: list[str] = []
-    for pool, count, k in zip(pools, counts, positives):
-        for label, wanted in ((1, k), (0, count - k)):
-            members = sorted(i for i, y in pool.items() if y == label)
-            chosen.extend(members[j] for j in rng.permutation(len(members))[:wanted])
-    return chosen
 
 
 def _headers(ids: set[str]) -> dict[str, dict[str, str]]:
@@ -163,7 +112,7 @@ def synth_rsna(out: str | Path, n: int = 200, seed: int = 0, *, size: int = NATI
     if size < 32:
         raise ValueError(f"size must be at least 32, got {size}")
     prepare_output(out, (LABEL_FILE, CLASS_FILE, IMAGE_DIR))
-    chosen = _choose_ids(n, seed)
+    chosen = sample_split(load_split("rsna", "v1"), n, seed)
 
     with zipfile.ZipFile(xrv_data_file(RSNA_LABELS)) as archive:
         shipped = archive.read(LABEL_FILE).decode("utf-8").splitlines()[1:]

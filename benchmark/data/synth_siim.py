@@ -21,7 +21,7 @@ from vlpbench.data.dicom import write_dicom
 from vlpbench.data.chest import lungs as lung_masks
 from vlpbench.data.chest import pick_lung, prepare_output, render, resize_field, write_marker
 from vlpbench.data.siim import EMPTY, HEIGHT, WIDTH, decode_rle
-from vlpbench.data.splits import apportion, load_split
+from vlpbench.data.splits import load_split, sample_split
 from vlpbench.data.xrv_files import SIIM_RLE, xrv_data_file
 from vlpbench.errors import DataError
 
@@ -29,59 +29,10 @@ LABEL_FILE = "stage_2_train.csv"
 DICOM_DIR = "dicom-images-train"
 UID_PREFIX = "1.2.276.0.7230010.3.1.4."
 
-# Share of the sample drawn from each part of split v1: test/val/train 15/15/70, and within
-# train the 1 % subset, the rest of the 10 % subset and the rest of train 1:9:90.
+# Share of the sample drawn from test/val/train of split v1 (see splits.sample_split).
 TOP_WEIGHTS = (15, 15, 70)
-TRAIN_WEIGHTS = (1, 9, 90)
 
 PIXEL_SPACINGS = (0.139, 0.143, 0.168, 0.171)  # mm at 1024 px, values seen in the real files
-
-
-def _at_least_one(counts: list[int]) -> list[int]:
-    """Give every empty part one item taken from the largest part, where the total allows."""
-    counts = list(counts)
-    if sum(counts) >= len(counts):
-        for i, count in enumerate(counts):
-            if count == 0:
-                counts[i] = 1
-                counts[counts.index(max(counts))] -= 1
-    return counts
-
-
-def _choose_ids(n: int, seed: int) -> list[str]:
-    """Draw ``n`` ImageIds from split siim/v1: proportionally from its parts, and with the
-    positives apportioned over the parts like the split's positive rates."""
-    split = load_split("siim", "v1")
-    train, sub10, sub1 = (split.labels(p) for p in ("train", "train_10pct", "train_1pct"))
-    pools = [
-        split.labels("test"),
-        split.labels("val"),
-        sub1,
-        {i: y for i, y in sub10.items() if i not in sub1},
-        {i: y for i, y in train.items() if i not in sub10},
-    ]
-    available = sum(len(pool) for pool in pools)
-    if not 1 <= n <= available:
-        raise ValueError(f"n must be between 1 and {available} (the images of split siim/v1), got {n}")
-    sizes = [len(pool) for pool in pools]
-    n_test, n_val, n_train = _at_least_one(apportion(n, TOP_WEIGHTS, [sizes[0], sizes[1], len(train)]))
-    counts = [n_test, n_val, *_at_least_one(apportion(n_train, TRAIN_WEIGHTS, sizes[2:]))]
-    # Apportion the positives over all parts at once: per-part rounding would lose most of
-    # them in a small sample (12 images would get 1 instead of 3).
-    n_pos = [sum(pool.values()) for pool in pools]
-    expected = [count * pos / size for count, pos, size in zip(counts, n_pos, sizes)]
-    n_neg = [size - pos for size, pos in zip(sizes, n_pos)]
-    positives = apportion(round(sum(expected)), expected, [min(c, p) for c, p in zip(counts, n_pos)])
-    # A part may lack negatives for its share (a tiny pool): such a part takes more positives.
-    positives = [max(p, c - neg) for p, c, neg in zip(positives, counts, n_neg)]
-
-    rng = np.random.default_rng(seed)
-    chosen: list[str] = []
-    for pool, count, k in zip(pools, counts, positives):
-        for label, wanted in ((1, k), (0, count - k)):
-            members = sorted(i for i, y in pool.items() if y == label)
-            chosen.extend(members[j] for j in rng.permutation(len(members))[:wanted])
-    return chosen
 
 
 def _uids(image_id: str) -> tuple[str, str]:
@@ -143,7 +94,7 @@ def synth_siim(out: str | Path, n: int = 200, seed: int = 0, *, size: int = 1024
     if size < 32:
         raise ValueError(f"size must be at least 32, got {size}")
     prepare_output(out, (LABEL_FILE, DICOM_DIR))
-    chosen = _choose_ids(n, seed)
+    chosen = sample_split(load_split("siim", "v1"), n, seed, top_weights=TOP_WEIGHTS)
 
     # The shipped rows of the chosen images, byte for byte and in shipped order (the rows of one
     # image are not always adjacent there).
