@@ -27,7 +27,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlpbench.data.chest import prepare_output, write_marker
-from vlpbench.data.chexpert import OBSERVATIONS
 from vlpbench.data.mimic_cxr import LABEL_COLUMNS, LABELS, METADATA_COLUMNS, REPORTS_ZIP, SPLIT_COLUMNS
 from vlpbench.data.synth_chexpert import FINDINGS, draw
 from vlpbench.data.xrv_files import xrv_data_file
@@ -54,17 +53,20 @@ PATTERNS = {
 }
 _FINDING = {name: re.compile(pattern, re.IGNORECASE) for name, pattern in PATTERNS.items()}
 _NEGATED = re.compile(r"\b(?:no|not|without|negative|resolved|resolution|removed|interval|clear|free|normal|"
-                      r"previous|prior|since)\b|\?", re.IGNORECASE)
+                      r"previous|prior|since|limited|evaluation|exclude|excluded|assess|possible|cannot)\b|\?", re.IGNORECASE)
 _OTHER = re.compile(r"nodul|granulom|opacit|mass|scar|fractur|degenerat|scolio|emphysem|hyperinfla|calcif|"
                     r"infiltrat|pneumonia|hernia|kyphos|surgical|clips|deformit|tortuous|ectatic|elevat",
                     re.IGNORECASE)
 _NORMAL = re.compile(r"\b(?:normal|clear|unremarkable|no acute)\b", re.IGNORECASE)
 _SENTENCE = re.compile(r"(?<=\.)\s+(?=[A-Z])")
+_NUMBERING = re.compile(r"^[0-9]+\.\s+|\s+[0-9]+\.$")  # OpenI's "1. ... 2." list markers
+_INDICATION = re.compile(r"[a-z][a-z ,-]{8,58}[a-z]")
 
 
 def _sentences(text: str) -> list[str]:
     text = " ".join(text.replace("XXXX", "___").split())
-    return [s for s in _SENTENCE.split(text) if 10 <= len(s) <= 200]
+    cleaned = (_NUMBERING.sub("", s).strip() for s in _SENTENCE.split(text))
+    return [s for s in cleaned if 10 <= len(s) <= 200 and s[0].isupper() and s.endswith(".")]
 
 
 @functools.cache
@@ -80,8 +82,9 @@ def openi_pools() -> dict[str, list[str]]:
             root = ElementTree.parse(archive.extractfile(member)).getroot()
             for node in root.iter("AbstractText"):
                 label, text = node.get("Label"), node.text or ""
-                if label == "INDICATION" and 10 <= len(text) <= 60 and "XXXX" not in text:
-                    pools["indication"].add(" ".join(text.split()).rstrip(".").lower())
+                indication = " ".join(text.split()).rstrip(".").lower()
+                if label == "INDICATION" and _INDICATION.fullmatch(indication) and "xxxx" not in indication:
+                    pools["indication"].add(indication)
                 if label not in ("FINDINGS", "IMPRESSION"):
                     continue
                 for sentence in _sentences(text):
@@ -109,7 +112,6 @@ def _chexpert_rows() -> list[list[str]]:
         fields = line.split(",")
         if fields[frontal] == "Frontal":
             rows.append([fields[j] for j in at])
-    assert set(LABELS) == set(OBSERVATIONS)
     return rows
 
 
@@ -119,7 +121,8 @@ def _pick(rng: np.random.Generator, pool: list[str]) -> str:
 
 def _block(header: str, text: str, *, below: bool) -> list[str]:
     """A report section: ``" HEADER:  text"`` wrapped, or the header alone, a blank line, the text."""
-    wrap = functools.partial(textwrap.wrap, width=79, initial_indent=" ", subsequent_indent=" ")
+    wrap = functools.partial(textwrap.wrap, width=79, initial_indent=" ", subsequent_indent=" ",
+                             break_on_hyphens=False, break_long_words=False)
     if below:
         return [f" {header}: ", " ", *wrap(text)]
     return wrap(f"{header}:  {text}")
@@ -131,8 +134,10 @@ def write_report(rng: np.random.Generator, findings: list[str], *, exam: str, se
     report ``variant`` and whether it has an ``addendum``."""
     pools = openi_pools()
     positive = [_pick(rng, pools[name]) for name in findings]
-    normal = [_pick(rng, pools["normal findings"]) for _ in range(int(rng.integers(1, 3)))]
-    body = " ".join([*positive, *normal] if findings else normal)
+    # A normal sentence ("heart size is normal", "lungs are clear") would contradict a finding, so
+    # only reports without one get them.
+    normal = [_pick(rng, pools["normal findings"]) for _ in range(int(rng.integers(2, 4)))]
+    body = " ".join(positive if findings else normal)
     impression = " ".join(positive[:2]) if findings else _pick(rng, pools["normal impression"])
     # §8.5: 83.2 % have an impression, 12.2 % only findings, 4.6 % neither.
     variant = str(rng.choice(["both", "findings", "impression", "neither"], p=[0.78, 0.12, 0.05, 0.05]))
@@ -161,7 +166,8 @@ def write_report(rng: np.random.Generator, findings: list[str], *, exam: str, se
     return "\n".join(lines) + "\n", {**expected, "variant": variant, "addendum": addendum}
 
 
-def _dicom_id(rng: np.random.Generator) -> str:
+def make_dicom_id(rng: np.random.Generator) -> str:
+    """A format-true MIMIC dicom_id: five dash-separated groups of 8 lower-case hex digits."""
     return "-".join(f"{int(v):08x}" for v in rng.integers(0, 2**32, size=5))
 
 
@@ -180,11 +186,14 @@ def _studies(rng: np.random.Generator, n: int) -> list[dict]:
             if count >= n:
                 return studies
             paired = bool(rng.random() < PA_LATERAL_SHARE)
-            views = ["PA", str(rng.choice(["LATERAL", "LL", ""], p=[0.85, 0.1, 0.05]))] if paired else ["AP"]
+            lateral = str(rng.choice(["LATERAL", "LL", ""], p=[0.85, 0.1, 0.05]))
+            if paired and not any(len(s["views"]) == 2 for s in studies):
+                lateral = ""  # the first lateral always shows the empty-ViewPosition quirk
+            views = ["PA", lateral] if paired else ["AP"]
             views = views[: n - count]
             studies.append({"subject": str(subject), "study": str(next(study_ids)), "split": split, "sex": sex,
                             "exam": "CHEST (PA AND LAT)" if paired else "CHEST (PORTABLE AP)",
-                            "views": views, "dicoms": [_dicom_id(rng) for _ in views]})
+                            "views": views, "dicoms": [make_dicom_id(rng) for _ in views]})
             count += len(views)
     return studies
 
@@ -218,7 +227,7 @@ def synth_mimic_cxr(out: str | Path, n: int = 200, seed: int = 0, *, size: int =
     """
     out = Path(out)
     if n < 3:
-        raise ValueError(f"n must be at least 3 (one image per official split), got {n}")
+        raise ValueError(f"n must be at least 3, got {n}")
     if size < 32:
         raise ValueError(f"size must be at least 32, got {size}")
     prepare_output(out, ("files", REPORTS_ZIP, *FILES.values()))
@@ -249,9 +258,10 @@ def synth_mimic_cxr(out: str | Path, n: int = 200, seed: int = 0, *, size: int =
             archive.writestr(member, text, compress_type=zipfile.ZIP_DEFLATED)
             reports[study_id] = facts
             date = f"21{int(study_rng.integers(10, 99))}{int(study_rng.integers(1, 13)):02d}{int(study_rng.integers(1, 29)):02d}"
-            seconds = int(study_rng.integers(0, 86400))
+            # The first study is before 10:00, so its StudyTime shows the lost leading zero.
+            seconds = int(study_rng.integers(0, 36000 if k == 0 else 86400))
             clock = seconds // 3600 * 10000 + seconds // 60 % 60 * 100 + seconds % 60
-            time = repr(round(clock + int(study_rng.integers(0, 1000)) / 1000, 3))
+            study_time = repr(round(clock + int(study_rng.integers(0, 1000)) / 1000, 3))
             for view, dicom in zip(study["views"], study["dicoms"]):
                 image_rng = np.random.default_rng([seed, index])
                 frontal = view in ("PA", "AP")
@@ -264,7 +274,7 @@ def synth_mimic_cxr(out: str | Path, n: int = 200, seed: int = 0, *, size: int =
                 Image.fromarray(pixels).save(target, format="JPEG", quality=90)
                 orientation = "" if view == "" else ("Recumbent" if view == "AP" and image_rng.random() < 0.3 else "Erect")
                 metadata.append(",".join([dicom, subject, study_id, study["exam"], view, str(rows), str(columns),
-                                          date, time, study["exam"], VIEW_MEANING[view], orientation]))
+                                          date, study_time, study["exam"], VIEW_MEANING[view], orientation]))
                 split_rows.append(",".join([dicom, study_id, subject, study["split"]]))
                 images[dicom] = {"findings": drawn, "view": view, "size": (rows, columns)}
                 index += 1
