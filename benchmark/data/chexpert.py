@@ -542,8 +542,9 @@ class ChexpertTestSet:
 
     @property
     def synthetic(self) -> bool:
-        """True when ``root`` carries the vlpbench synthetic marker."""
-        return (self.root / SYNTHETIC_MARKER).is_file()
+        """True for a test set written by :func:`vlpbench.data.synth_chexpert.synth_chexpert`: the
+        marker is in ``root`` or, when ``root`` is the release folder, in its parent."""
+        return any((folder / SYNTHETIC_MARKER).is_file() for folder in (self.root, self.label_file.parent.parent))
 
     @property
     def image_ids(self) -> list[str]:

@@ -14,6 +14,13 @@ classes under the ``mgca`` policy, plus pneumothorax and support devices when 1.
 - Pneumothorax: a dark apical-lateral cap with a pleural line; Support Devices: a tube and ECG leads.
 
 Lateral views show a chest without findings (they leave every frontal-only protocol).
+
+It also writes the radiologist-labelled test set as a user who fetched it keeps it beside train/ and
+valid/ (datasets.md §4.4; read by :class:`vlpbench.data.chexpert.ChexpertTestSet`): a
+``groundtruth.csv`` of study-level integer 0/1 labels (no final newline), whose ``Study`` values name
+the full release as the real file does, and ``test/patient647NN/study1/view1_frontal.jpg`` images
+(some with a ``view2_lateral.jpg``). Its labels are those of further real train.csv rows under
+U-zeros (empty and -1.0 become 0), and each study's frontal view shows its findings as above.
 """
 
 from __future__ import annotations
@@ -57,6 +64,21 @@ MAX_IMAGES = 5000  # keeps every pool's share within the pool (the 5x200 set: 15
 LANDSCAPE = 0.75  # share of images wider than tall (inferred for the small release)
 MAX_ASPECT = 1.3
 
+# The radiologist test set (datasets.md §4.4): groundtruth.csv's exact header, and its Study values,
+# which name the full release whichever copy the user has.
+GROUNDTRUTH = "groundtruth.csv"
+GROUNDTRUTH_HEADER = (
+    "Study,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,Lung Lesion,Edema,Consolidation,"
+    "Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,Fracture,Support Devices"
+)
+TEST_RELEASE = "CheXpert-v1.0"
+FIRST_TEST_PATIENT = 64741
+TEST_SHARE = 0.1  # test studies per image of n (beyond n: train.csv and valid.csv stay as they were)
+MIN_TEST = 5
+# CheXlocalize: 668 test images from 500 studies, each with a view1 (CheXzero); the further views
+# are taken to be laterals (inferred).
+TEST_EXTRA_VIEW_SHARE = 168 / 500
+
 
 def _nonempty(counts: list[int]) -> list[int]:
     """Give every empty pool one image taken from the largest pool."""
@@ -81,8 +103,9 @@ def _pools() -> tuple[list[list[str]], list[list[str]], list[str]]:
     return classes, parts, sorted(table.paths[i] for i in np.flatnonzero(~table.frontal))
 
 
-def _choose(n: int, seed: int) -> tuple[list[str], list[str]]:
-    """(train.csv Paths to copy, source Paths for the valid.csv rows), drawn from the splits."""
+def _choose(n: int, seed: int, n_test: int) -> tuple[list[str], list[str], list[str]]:
+    """(train.csv Paths to copy, source Paths for the valid.csv rows, source Paths for the
+    ``n_test`` test studies), drawn from the splits."""
     classes, parts, laterals = _pools()
     n_valid, n_five, n_val, n_train, n_lateral = _nonempty(apportion(n, POOL_WEIGHTS))
     counts = [n_val, *_nonempty(apportion(n_train, TRAIN_WEIGHTS)), n_lateral]
@@ -96,7 +119,11 @@ def _choose(n: int, seed: int) -> tuple[list[str], list[str]]:
     # valid.csv borrows the labels of further training images (under new paths).
     rest, taken = parts[-1], set(chosen)
     spare = [rest[j] for j in rng.permutation(len(rest))[: n_valid + len(taken)] if rest[j] not in taken]
-    return chosen, spare[:n_valid]
+    valid = spare[:n_valid]
+    # So do the test studies (drawn last, so that the draws above do not depend on n_test).
+    taken.update(valid)
+    spare = [rest[j] for j in rng.permutation(len(rest))[: n_test + len(taken)] if rest[j] not in taken]
+    return chosen, valid, spare[:n_test]
 
 
 def _valid_rows(sources: list[str], lines: dict[str, str]) -> list[tuple[str, str]]:
@@ -118,6 +145,23 @@ def _valid_rows(sources: list[str], lines: dict[str, str]) -> list[tuple[str, st
             lateral = [f"{folder}/view2_lateral.jpg", *fields[1:3], "Lateral", "", *fields[5:]]
             rows.append((lateral[0], ",".join(lateral)))
     return rows
+
+
+def _test_rows(values: np.ndarray) -> tuple[list[str], list[tuple[str, list[str], bool]]]:
+    """For the test studies' source observations (N x 14, OBSERVATIONS order, NaN = empty): the
+    groundtruth.csv lines (U-zeros: empty and -1.0 -> 0) and the images to draw, as
+    ``(path below the dataset folder, findings, frontal)``: ``view1_frontal.jpg`` per study and, for
+    the first studies, a ``view2_lateral.jpg``."""
+    labels = apply_policy(values, OBSERVATIONS, "zeros")
+    n_extra = min(round(len(labels) * TEST_EXTRA_VIEW_SHARE), len(labels))
+    lines, images = [], []
+    for k, row in enumerate(labels.tolist()):
+        study = f"test/patient{FIRST_TEST_PATIENT + k:05d}/study1"
+        lines.append(",".join([f"{TEST_RELEASE}/{study}", *map(str, row)]))
+        images.append((f"{study}/view1_frontal.jpg", _present(np.array(row, dtype=np.float32)), True))
+        if k < n_extra:
+            images.append((f"{study}/view2_lateral.jpg", [], False))
+    return lines, images
 
 
 def _present(values: np.ndarray) -> list[str]:
@@ -307,12 +351,20 @@ def synth_chexpert(out: str | Path, n: int = 200, seed: int = 0, *, size: int = 
     first folder (grayscale, ``size`` px on the short side, up to 1.3x on the long side), and
     ``out/VLPBENCH_SYNTHETIC.json``. Of the images, 15 % are valid rows, 15 % come from the 5x200
     set (equal per class), 15 % from split val, 45 % from split train (1:9:90 from train_1pct, the
-    rest of train_10pct, the rest of train) and 10 % are train laterals. Deterministic per ``seed``.
+    rest of train_10pct, the rest of train) and 10 % are train laterals.
+
+    Beyond the ``n`` images, the radiologist test set in the same folder: ``groundtruth.csv`` (the
+    real header, one row ``CheXpert-v1.0/test/patient647NN/study1`` per study with integer 0/1
+    labels, LF, no final newline) and ``test/patient647NN/study1/view1_frontal.jpg`` (about a third of
+    the studies also with ``view2_lateral.jpg``); 10 % of ``n`` studies, at least 5. Deterministic
+    per ``seed``; train.csv, valid.csv and their images do not depend on the test set.
 
     A previous synth output in ``out`` is replaced; any other non-empty folder is refused.
 
     Returns:
-        ``{"n", "train", "valid", "positives": {finding: frontal images showing it}, "path"}``.
+        ``{"n", "train", "valid", "test", "positives", "test_positives", "path"}``: the row counts of
+        train.csv, valid.csv and groundtruth.csv, and ``{finding: frontal images showing it}`` for
+        the train and valid images and for the test images.
 
     Raises:
         DataError: ``out`` holds other data, or a real label file or split is missing.
@@ -324,11 +376,11 @@ def synth_chexpert(out: str | Path, n: int = 200, seed: int = 0, *, size: int = 
     if size < 32:
         raise ValueError(f"size must be at least 32, got {size}")
     prepare_output(out, (RELEASE,))
-    chosen, sources = _choose(n, seed)
+    chosen, sources, test_sources = _choose(n, seed, max(MIN_TEST, round(n * TEST_SHARE)))
 
     text = gzip.decompress(xrv_data_file(CHEXPERT_TRAIN).read_bytes()).decode("utf-8")
     header, *shipped = text.splitlines()
-    wanted = set(chosen) | set(sources)
+    wanted = set(chosen) | set(sources) | set(test_sources)
     lines = {line.split(",", 1)[0]: line for line in shipped if line.split(",", 1)[0] in wanted}
     if len(lines) != len(wanted):
         raise DataError(f"{xrv_data_file(CHEXPERT_TRAIN)} lacks rows of split chexpert/v1; regenerate the split")
@@ -336,24 +388,30 @@ def synth_chexpert(out: str | Path, n: int = 200, seed: int = 0, *, size: int = 
     index = {path: i for i, path in enumerate(table.paths)}
     train_rows = [(path, lines[path]) for path in sorted(chosen, key=index.__getitem__)]
     valid_rows = _valid_rows(sources, lines)
+    test_lines, test_images = _test_rows(table.values[[index[path] for path in test_sources]])
 
     dataset = out / RELEASE
     if dataset.exists():
         shutil.rmtree(dataset)
     write_marker(out, "chexpert", n, seed)
-    positives = dict.fromkeys(FINDINGS, 0)
-    items = [*train_rows, *valid_rows]
-    for k, (path, line) in enumerate(tqdm(items, desc="synth chexpert", unit="image", disable=not progress)):
+    images = []  # (path below the dataset folder, findings, frontal), train and valid first
+    for path, line in [*train_rows, *valid_rows]:
         fields = line.split(",")
         frontal = fields[COLUMNS.index("Frontal/Lateral")] == "Frontal"
         values = np.array([float(v) if v else np.nan for v in fields[5:]], dtype=np.float32)
-        findings = _present(values) if frontal else []
+        images.append((path.split("/", 1)[1], _present(values) if frontal else [], frontal))
+    images += test_images
+    positives = {"train": dict.fromkeys(FINDINGS, 0), "test": dict.fromkeys(FINDINGS, 0)}
+    for k, (relative, findings, frontal) in enumerate(tqdm(images, desc="synth chexpert", unit="image",
+                                                           disable=not progress)):
         for name in findings:
-            positives[name] += 1
+            positives["test" if relative.startswith("test/") else "train"][name] += 1
         pixels = draw([seed, k], findings, _shape(np.random.default_rng([seed, k, 1]), size), frontal=frontal)
-        target = dataset / path.split("/", 1)[1]
+        target = dataset / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(target, format="JPEG", quality=90)
     for name, rows in (("train.csv", train_rows), ("valid.csv", valid_rows)):
         (dataset / name).write_bytes((header + "\n" + "".join(f"{line}\n" for _, line in rows)).encode())
-    return {"n": n, "train": len(train_rows), "valid": len(valid_rows), "positives": positives, "path": str(out)}
+    (dataset / GROUNDTRUTH).write_bytes("\n".join([GROUNDTRUTH_HEADER, *test_lines]).encode())
+    return {"n": n, "train": len(train_rows), "valid": len(valid_rows), "test": len(test_lines),
+            "positives": positives["train"], "test_positives": positives["test"], "path": str(out)}

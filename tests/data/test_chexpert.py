@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from vlpbench.data import chexpert
+from vlpbench.data.check import check_dataset
 from vlpbench.data.chexpert import (
     CHEXPERT_TRAIN,
     COLUMNS,
@@ -406,7 +407,8 @@ def test_synth_layout_and_rows(synth, shipped_lines):
     folder = out / "CheXpert-v1.0-small"
     assert sorted(p.name for p in out.iterdir()) == ["CheXpert-v1.0-small", "VLPBENCH_SYNTHETIC.json"]
     assert json.loads((out / "VLPBENCH_SYNTHETIC.json").read_text())["dataset"] == "chexpert"
-    assert sorted(p.name for p in folder.iterdir()) == ["train", "train.csv", "valid", "valid.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == ["groundtruth.csv", "test", "train", "train.csv", "valid",
+                                                        "valid.csv"]
     train = (folder / "train.csv").read_bytes()
     assert train.startswith((HEADER + "\n").encode()) and train.endswith(b"\n") and b"\r" not in train
     rows = train.decode().splitlines()[1:]
@@ -426,6 +428,67 @@ def test_synth_layout_and_rows(synth, shipped_lines):
     for path in folder.rglob("*.jpg"):
         with Image.open(path) as image:
             assert image.format == "JPEG" and image.mode == "L" and min(image.size) == SIZE
+
+
+# The real groundtruth.csv header (datasets.md §4.4): the train.csv observation order after Study.
+REAL_GT_HEADER = ("Study,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,Lung Lesion,Edema,"
+                  "Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,Fracture,"
+                  "Support Devices")
+
+
+def test_synth_test_set_file_is_in_the_real_format(synth, table):
+    out, summary = synth
+    raw = (out / "CheXpert-v1.0-small/groundtruth.csv").read_bytes()
+    assert not raw.endswith(b"\n") and b"\r" not in raw  # LF, no final newline
+    header, *rows = raw.decode().split("\n")
+    assert header == REAL_GT_HEADER and len(rows) == summary["test"] == 5  # 10 % of 40, at least 5
+    fields = [row.split(",") for row in rows]
+    assert [f[0] for f in fields] == [f"CheXpert-v1.0/test/patient{64741 + k}/study1" for k in range(5)]
+    assert all(len(f) == 15 and set(f[1:]) <= {"0", "1"} for f in fields)
+    # Each row is a real train.csv row under U-zeros (empty and -1.0 -> 0).
+    real = {tuple(row) for row in apply_policy(table.values[table.frontal], OBSERVATIONS, "zeros").tolist()}
+    assert all(tuple(map(int, f[1:])) in real for f in fields)
+    assert any(set(f[1:]) != {"0"} for f in fields)
+
+
+@pytest.mark.parametrize("below", ["", "CheXpert-v1.0-small"])
+def test_synth_test_set_is_read_by_chexpert_test_set(synth, below):
+    out, summary = synth
+    test = ChexpertTestSet(out / below)
+    assert test.synthetic
+    rows = (out / "CheXpert-v1.0-small/groundtruth.csv").read_text().split("\n")[1:]
+    written = {row.split(",")[0]: dict(zip(OBSERVATIONS, map(int, row.split(",")[1:]))) for row in rows}
+    assert test.image_ids == list(written) and test.missing(test.image_ids) == []
+    for image_id, labels in written.items():
+        assert test.labels(image_id, OBSERVATIONS) == labels
+    for name in FINDINGS:  # the drawn findings are exactly the positive labels
+        assert summary["test_positives"][name] == sum(labels[name] for labels in written.values())
+    images = sorted(p.relative_to(out / "CheXpert-v1.0-small").as_posix()
+                    for p in (out / "CheXpert-v1.0-small/test").rglob("*.jpg"))
+    assert [i for i in images if i.endswith("lateral.jpg")] == [
+        f"test/patient{64741 + k}/study1/view2_lateral.jpg" for k in range(2)]
+    for image_id, labels in written.items():
+        study = image_id.split("/", 1)[1]
+        path = test.path(image_id)
+        assert path == out / "CheXpert-v1.0-small" / study / "view1_frontal.jpg"  # not the lateral view2
+        pixels = test.image(image_id)
+        assert pixels.dtype == np.uint8 and min(pixels.shape) == SIZE
+        # Rendered as the train images are: the generator's picture for the image's index (train and
+        # valid first, then the test images in path order), with the study's positive findings.
+        k = summary["train"] + summary["valid"] + images.index(f"{study}/view1_frontal.jpg")
+        findings = [name for name in FINDINGS if labels[name]]
+        error = np.abs(pixels.astype(float) - draw([SEED, k], findings, pixels.shape)).mean()
+        assert error < 2.5
+        if findings:
+            assert np.abs(pixels.astype(float) - draw([SEED, k], [], pixels.shape)).mean() > error + 4
+
+
+def test_data_check_passes_on_synth_output(synth, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLPBENCH_CACHE", str(tmp_path))
+    report = check_dataset("chexpert", synth[0], progress=False)
+    assert report.ok, report.format()
+    assert f"{N} images in the label files (synthetic dataset)" in report.info
+    assert f"decoded {N} of {N} image files" in report.info
 
 
 def test_synth_draws_from_every_pool(synth, split):
