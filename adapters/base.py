@@ -1,16 +1,17 @@
 """The adapter contract: safe checkpoint reading, strict key accounting, and the ``Adapter`` base class.
 
 An adapter turns a checkpoint, in the form its authors publish it, into what the protocols consume:
-a fresh smp-style ResNet-50 encoder (``encoder()``) and, where the checkpoint carries one, the
-weights of an ``smp.Unet("resnet50", classes=1)`` decoder (``decoder_state_dict()``).
+a fresh smp encoder (``encoder()``; ResNet-50 unless the adapter's ``encoder_name`` says otherwise) and,
+where the checkpoint carries one, the weights of an ``smp.Unet("resnet50", classes=1)`` decoder
+(``decoder_state_dict()``).
 
 Loading is strict. Every checkpoint key is either mapped onto a module key or listed as deliberately
 ignored with a reason; anything missing, unexpected or of the wrong shape makes the constructor raise
 ``CheckpointError`` with the full accounting (``LoadReport.format()``). ``Adapter.inspect`` produces the
 same accounting without raising, for diagnosing a file.
 
-A concrete adapter is a key-mapping function, ``map_weights``, usually built from ``split_prefix`` and
-``match_resnet50_encoder``.
+A concrete adapter is a key-mapping function, ``map_weights``, usually built from ``unwrap_state_dict``
+(training containers and ``module.``/``_orig_mod.`` prefixes), ``split_prefix`` and ``match_encoder``.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from __future__ import annotations
 import abc
 import functools
 import hashlib
+import os
 import pickle
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 
@@ -48,11 +51,29 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# The containers training frameworks pickle around hyper-parameters, by the path pickle records for them,
+# with the harmless stand-in each is rebuilt as. Lightning's AttributeDict is a dict with attribute
+# access; torch's weights-only unpickler fills only exact dicts, so it comes back as a plain dict.
+# argparse.Namespace (Lightning's hparams when a model saved an argparse result) only carries
+# attributes, which SimpleNamespace holds the same way.
+LIGHTNING_ATTRIBUTE_DICT = "pytorch_lightning.utilities.parsing.AttributeDict"
+CHECKPOINT_CONTAINERS: Mapping[str, type] = MappingProxyType({
+    LIGHTNING_ATTRIBUTE_DICT: dict,  # pytorch_lightning < 2.0
+    "lightning_fabric.utilities.data.AttributeDict": dict,  # pytorch_lightning >= 2.0
+    "lightning.fabric.utilities.data.AttributeDict": dict,  # the unified ``lightning`` package
+    "argparse.Namespace": types.SimpleNamespace,
+})
+
+
 def load_state_dict_file(path: str | Path) -> tuple[Any, str]:
     """Load a checkpoint without executing code from it; return ``(object, sha256 of the file)``.
 
     ``.safetensors`` files are read with safetensors; anything else with
-    ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers.
+    ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers. The
+    hyper-parameter containers of training frameworks (``CHECKPOINT_CONTAINERS``: Lightning's
+    ``AttributeDict`` under its three module paths, ``argparse.Namespace``) are allowed for this call only
+    and rebuilt as ``dict`` / ``types.SimpleNamespace``, so Lightning ``.ckpt`` files load without
+    Lightning installed. Nothing else is allowed, and there is no fallback to full unpickling.
 
     Raises:
         CheckpointError: the file is missing or unreadable, truncated or corrupt, or it needs arbitrary
@@ -76,7 +97,9 @@ def load_state_dict_file(path: str | Path) -> tuple[Any, str]:
                                   f"(truncated or corrupt?): {e}") from e
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), sha256
+        # Scoped allow-list: torch removes these entries again on exit, so nothing leaks into later loads.
+        with torch.serialization.safe_globals([(stand_in, name) for name, stand_in in CHECKPOINT_CONTAINERS.items()]):
+            return torch.load(path, map_location="cpu", weights_only=True), sha256
     except pickle.UnpicklingError as e:
         if str(e).startswith("Weights only load failed"):
             raise CheckpointError(
@@ -103,6 +126,47 @@ def _weights_only_detail(message: str) -> str:
     if match := re.search(r"Unsupported operand (\d+)", message):
         return f"the file uses pickle opcode {match.group(1)}, outside the weights-only subset"
     return "the file needs objects outside the weights-only allow-list"
+
+
+class LightningAttributeDict(dict):
+    """What ``save_checkpoint`` writes as Lightning's ``AttributeDict`` (Lightning itself is not needed).
+
+    ``load_state_dict_file`` reads it back, like a real Lightning ``AttributeDict``, as a plain ``dict``.
+    """
+
+
+class _StandInPickler(pickle._Pickler):
+    """Pickler that records the stand-in classes under the class paths of the real ones.
+
+    The pure-Python pickler is used because its ``save_global`` can be overridden; it only pickles the
+    container structure, since torch stores tensor data outside the pickle.
+    """
+
+    _paths: ClassVar[Mapping[type, str]] = {LightningAttributeDict: LIGHTNING_ATTRIBUTE_DICT}
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        path = self._paths.get(obj) if isinstance(obj, type) else None
+        if path is None:
+            super().save_global(obj, name)
+            return
+        module, qualname = path.rsplit(".", 1)
+        # GLOBAL is valid in every protocol; unpicklers resolve it by module and name alone.
+        self.write(pickle.GLOBAL + module.encode() + b"\n" + qualname.encode() + b"\n")
+        self.memoize(obj)
+
+
+def save_checkpoint(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically, writing ``LightningAttributeDict`` as Lightning's class.
+
+    The file is written beside the target and renamed, so an interrupted write never leaves a truncated
+    checkpoint. Returns the path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(obj, partial, pickle_module=types.SimpleNamespace(__name__="pickle", Pickler=_StandInPickler))
+    os.replace(partial, path)
+    return path
 
 
 @dataclass
@@ -168,16 +232,38 @@ class LoadReport:
         return "\n".join(lines)
 
 
-@functools.lru_cache(maxsize=None)
-def resnet50_encoder_shapes() -> Mapping[str, Shape]:
-    """Keys and shapes of the smp ResNet-50 encoder state dict (torchvision names without ``fc``: 318 keys)."""
+def build_meta_encoder(encoder_name: str) -> torch.nn.Module:
+    """smp encoder ``encoder_name`` (``get_encoder(name, weights=None)``) with its tensors on the meta device.
+
+    Meta construction skips the random init: only names and shapes exist, no time or global RNG is spent.
+
+    Raises:
+        ConfigError: smp (or timm, for ``tu-`` names) knows no encoder of that name.
+    """
     from segmentation_models_pytorch.encoders import get_encoder
 
-    # Built on the meta device: only names and shapes are needed, and this skips the init (and RNG use).
-    with torch.device("meta"):
-        encoder = get_encoder("resnet50", weights=None)
+    try:
+        with torch.device("meta"):
+            return get_encoder(encoder_name, weights=None)
+    except (KeyError, RuntimeError) as e:  # smp: KeyError for its own names; timm: RuntimeError "Unknown model"
+        raise ConfigError(f"unknown encoder {encoder_name!r}: expected an smp encoder name such as 'resnet50', "
+                          f"or 'tu-<timm model name>'") from e
+
+
+@functools.lru_cache(maxsize=None)
+def encoder_shapes(encoder_name: str = "resnet50") -> Mapping[str, Shape]:
+    """Keys and shapes of the state dict of smp encoder ``encoder_name``, cached per name.
+
+    ResNets use torchvision names without ``fc`` (``resnet50``: 318 keys); ``tu-`` encoders hold the timm
+    feature extractor under ``model.``.
+    """
     # Read-only: the cached mapping is shared by every caller.
-    return MappingProxyType({k: tuple(v.shape) for k, v in encoder.state_dict().items()})
+    return MappingProxyType({k: tuple(v.shape) for k, v in build_meta_encoder(encoder_name).state_dict().items()})
+
+
+def resnet50_encoder_shapes() -> Mapping[str, Shape]:
+    """Keys and shapes of the smp ResNet-50 encoder state dict (torchvision names without ``fc``: 318 keys)."""
+    return encoder_shapes("resnet50")
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,6 +314,18 @@ def match_keys(
     return matched
 
 
+def match_encoder(
+    found: Mapping[str, Any], report: LoadReport, encoder_name: str = "resnet50", *, source_prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """Account ``found`` against the smp encoder ``encoder_name`` (``encoder_shapes``).
+
+    ``found`` holds keys named as in the encoder's state dict, already stripped of ``source_prefix``. Module
+    keys are recorded as ``encoder.<key>``. Returns the encoder state dict.
+    """
+    return match_keys(found, encoder_shapes(encoder_name), report, source_prefix=source_prefix,
+                      target_prefix="encoder.")
+
+
 def match_resnet50_encoder(
     found: Mapping[str, Any], report: LoadReport, *, source_prefix: str = ""
 ) -> dict[str, torch.Tensor]:
@@ -236,8 +334,56 @@ def match_resnet50_encoder(
     ``found`` holds torchvision-named keys (``conv1.weight``, ``layer4.2.bn3.running_var``, ...) already
     stripped of ``source_prefix``. Module keys are recorded as ``encoder.<key>``. Returns the encoder state dict.
     """
-    return match_keys(found, resnet50_encoder_shapes(), report, source_prefix=source_prefix,
-                      target_prefix="encoder.")
+    return match_encoder(found, report, "resnet50", source_prefix=source_prefix)
+
+
+WRAPPER_REASON = ("other entries of the checkpoint container (hyper-parameters, epoch and step counters, "
+                  "optimizer, scheduler and callback states): training state, not weights")
+# DataParallel/DistributedDataParallel save their module under "module."; torch.compile under "_orig_mod.".
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap_state_dict(
+    checkpoint: Any, report: LoadReport, *, containers: Iterable[str] = ("state_dict",), what: str = "a checkpoint"
+) -> tuple[dict[str, Any], str]:
+    """Find the state dict in ``checkpoint``; return it with wrapper prefixes removed, and the removed prefix.
+
+    Containers: while the object has an entry named in ``containers`` (in that order) holding a dict, that
+    entry is taken and the object's other entries are ignored with ``WRAPPER_REASON``; a Lightning ``.ckpt``
+    (``state_dict``, ``hyper_parameters``, ``epoch``, ``global_step``, ``optimizer_states``, ...) unwraps this
+    way. Prefixes: while every key starts with one of ``WRAPPER_PREFIXES``, it is removed. Each step is noted
+    in ``report.layout``, e.g. ``"mgca-resnet50 (unwrapped 'state_dict', stripped 'module.')"``. Pass the
+    returned prefix as ``source_prefix`` so that the report names keys as they are in the file.
+
+    Raises:
+        CheckpointError: what remains is not a dict (``what`` names the expected content in the message).
+    """
+    containers = tuple(containers)
+    notes = []
+    state = checkpoint
+    while isinstance(state, Mapping):
+        container = next((k for k in containers if isinstance(state.get(k), Mapping)), None)
+        if container is None:
+            break
+        report.ignore(WRAPPER_REASON, [str(k) for k in state if k != container])
+        notes.append(f"unwrapped {container!r}")
+        state = state[container]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{what} is a dict of tensors; this file holds a {type(state).__name__}")
+
+    prefix = ""
+    state = dict(state)
+    while state:
+        strip = next((p for p in WRAPPER_PREFIXES if all(isinstance(k, str) and k.startswith(p) for k in state)),
+                     None)
+        if strip is None:
+            break
+        state = {k[len(strip):]: v for k, v in state.items()}
+        prefix += strip
+        notes.append(f"stripped {strip!r}")
+    if notes:
+        report.layout += f" ({', '.join(notes)})"
+    return state, prefix
 
 
 @dataclass
@@ -261,6 +407,9 @@ class Adapter(abc.ABC):
             normalisation applied to images scaled to [0, 1]).
         takes_checkpoint: True if a checkpoint file is required, False if the adapter accepts none.
         default_options: accepted options and their defaults.
+        encoder_name: the smp encoder ``encoder()`` builds (``get_encoder`` name, e.g. ``"resnet50"``,
+            ``"tu-efficientnet_b0"``); an instance may set its own from its options.
+        checkpoint_forms: the checkpoint forms the adapter accepts, one human-readable line each (listings).
     """
 
     name: ClassVar[str]
@@ -271,6 +420,8 @@ class Adapter(abc.ABC):
     std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
     takes_checkpoint: ClassVar[bool] = True
     default_options: ClassVar[Mapping[str, Any]] = {}
+    encoder_name: str = "resnet50"
+    checkpoint_forms: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         """Load ``checkpoint`` strictly.
@@ -317,23 +468,20 @@ class Adapter(abc.ABC):
         return cls.map_weights(obj, resolved).report
 
     def encoder(self) -> torch.nn.Module:
-        """A new smp ResNet-50 encoder holding this adapter's weights (loaded strictly).
+        """A new smp encoder ``self.encoder_name`` holding this adapter's weights (loaded strictly).
 
-        ``forward(x)`` returns 6 feature maps: x itself and strides 2, 4, 8, 16, 32 with
-        ``out_channels == (3, 64, 256, 512, 1024, 2048)``. The module is in training mode, like any new module.
+        ``forward(x)`` returns 6 feature maps: x itself and strides 2, 4, 8, 16, 32, with channels
+        ``out_channels`` (ResNet-50: ``(3, 64, 256, 512, 1024, 2048)``). The module is in training mode,
+        like any new module.
         """
-        from segmentation_models_pytorch.encoders import get_encoder
-
-        # Meta construction skips the random init: it costs time and would consume the global RNG.
-        with torch.device("meta"):
-            module = get_encoder("resnet50", weights=None)
-        module = module.to_empty(device="cpu")
+        module = build_meta_encoder(self.encoder_name).to_empty(device="cpu")
         if set(module.state_dict()) != {n for n, _ in module.named_parameters()} | {
             n for n, _ in module.named_buffers()
         }:
             # A non-persistent buffer would stay uninitialised after to_empty(); never hand that out.
-            raise RuntimeError("smp ResNet-50 encoder has tensors outside its state dict; cannot materialise it")
-        # smp's load_state_dict pops "fc.*" from the dict it is given, so it gets a copy; strict by default.
+            raise RuntimeError(f"smp encoder {self.encoder_name!r} has tensors outside its state dict; "
+                               "cannot materialise it")
+        # smp's ResNet load_state_dict pops "fc.*" from the dict it is given, so it gets a copy; strict by default.
         module.load_state_dict(dict(self._encoder_state))
         return module
 

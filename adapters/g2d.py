@@ -18,7 +18,6 @@ files, and this adapter loads each of them, telling them apart by their keys, ne
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +30,7 @@ from vlpbench.adapters.base import (
     Weights,
     match_keys,
     match_resnet50_encoder,
+    save_checkpoint,
     split_prefix,
     unet_decoder_shapes,
 )
@@ -57,6 +57,11 @@ class G2DAdapter(Adapter):
     description = "G2D (NeurIPS 2024) ResNet-50 U-Net: *_encoder.pth, *_encoder_decoder.pth or full checkpoint"
     capabilities = frozenset({"features", "decoder"})
     image_size = 256
+    checkpoint_forms = (
+        "G2D *_encoder.pth (smp ResNet-50 encoder, 318 keys)",
+        "G2D *_encoder_decoder.pth (smp Unet('resnet50', classes=1), 380 keys; decoder exposed)",
+        "G2D *_checkpoint.pth (pre-training checkpoint: model_state_dict with img_model.*, text side ignored)",
+    )
 
     @classmethod
     def map_weights(cls, checkpoint: Any, options: Mapping[str, Any]) -> Weights:
@@ -147,7 +152,6 @@ def write_g2d_checkpoint(
         raise ConfigError(f"unknown G2D layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if not 0 <= text_layers <= _BERT_LAYERS:
         raise ConfigError(f"text_layers must be between 0 and {_BERT_LAYERS}, got {text_layers}")
-    path = Path(path)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -159,12 +163,7 @@ def write_g2d_checkpoint(
         else:
             obj = _pretrain_checkpoint(unet, text_layers)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed, so an interrupted write never leaves a truncated checkpoint.
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    os.replace(partial, path)
-    return path
+    return save_checkpoint(obj, path)
 
 
 def _pretrain_checkpoint(unet: nn.Module, text_layers: int) -> dict[str, Any]:

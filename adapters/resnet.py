@@ -6,13 +6,19 @@ from typing import Any, Mapping
 
 import torch
 
-from vlpbench.adapters.base import Adapter, LoadReport, Weights, match_resnet50_encoder, split_prefix
-from vlpbench.errors import CheckpointError
+from vlpbench.adapters.base import (
+    WRAPPER_REASON,
+    Adapter,
+    LoadReport,
+    Weights,
+    match_resnet50_encoder,
+    split_prefix,
+    unwrap_state_dict,
+)
 
 FC_REASON = "classification head of the pre-training task"
-WRAPPER_REASON = "other entries of the checkpoint wrapper (training state, not weights)"
-_WRAPPERS = ("state_dict", "model")
-_DDP_PREFIX = "module."
+# Re-exported: the reason every adapter gives for the non-weight entries of a checkpoint container.
+__all__ = ["FC_REASON", "WRAPPER_REASON", "RandomResNet50", "TorchvisionResNet50"]
 
 
 class RandomResNet50(Adapter):
@@ -27,6 +33,7 @@ class RandomResNet50(Adapter):
     description = "randomly initialised ResNet-50 (torchvision default init), seeded; no checkpoint"
     takes_checkpoint = False
     default_options = {"seed": 0}
+    checkpoint_forms = ("none: weights are drawn from option seed (torchvision default init)",)
 
     @classmethod
     def map_weights(cls, checkpoint: Any, options: Mapping[str, Any]) -> Weights:
@@ -45,38 +52,24 @@ class TorchvisionResNet50(Adapter):
 
     Accepts the plain state dict (320 keys; ``fc.*`` is ignored), the same wrapped as ``{"state_dict": ...}``
     or ``{"model": ...}`` (other wrapper entries are ignored as training state), and a DataParallel
-    ``module.`` prefix on every key. Each unwrapping is recorded in the layout string. Input contract:
-    torchvision's ImageNet recipe, 224 pixels, ImageNet mean/std.
+    ``module.`` or torch.compile ``_orig_mod.`` prefix on every key. Each unwrapping is recorded in the
+    layout string. Input contract: torchvision's ImageNet recipe, 224 pixels, ImageNet mean/std.
     """
 
     name = "resnet50"
     description = "torchvision ResNet-50 weights from a local file (e.g. ImageNet); fc ignored"
+    checkpoint_forms = (
+        "torchvision ResNet-50 state dict .pth/.safetensors (320 keys; fc ignored)",
+        "the same inside {'state_dict': ...} or {'model': ...} (e.g. a Lightning .ckpt), "
+        "keys optionally prefixed 'module.' or '_orig_mod.'",
+    )
 
     @classmethod
     def map_weights(cls, checkpoint: Any, options: Mapping[str, Any]) -> Weights:
-        """Unwrap, strip ``module.``, ignore ``fc.*`` and account the rest as a ResNet-50 encoder."""
+        """Unwrap, strip ``module.``/``_orig_mod.``, ignore ``fc.*`` and account the rest as a ResNet-50 encoder."""
         report = LoadReport("torchvision-resnet50")
-        state = checkpoint
-        notes = []
-        while isinstance(state, Mapping):
-            wrapper = next((k for k in _WRAPPERS if isinstance(state.get(k), Mapping)), None)
-            if wrapper is None:
-                break
-            report.ignore(WRAPPER_REASON, [str(k) for k in state if k != wrapper])
-            notes.append(f"unwrapped {wrapper!r}")
-            state = state[wrapper]
-        if not isinstance(state, Mapping):
-            raise CheckpointError(f"a ResNet-50 checkpoint is a dict of tensors; this file holds a "
-                                  f"{type(state).__name__}")
-
-        prefix = ""
-        if state and all(isinstance(k, str) and k.startswith(_DDP_PREFIX) for k in state):
-            prefix = _DDP_PREFIX
-            notes.append(f"stripped {_DDP_PREFIX!r}")
-        if notes:
-            report.layout += f" ({', '.join(notes)})"
-
-        head, body = split_prefix(state, prefix + "fc.")
-        report.ignore(FC_REASON, list(head))
-        body = {(k[len(prefix):] if isinstance(k, str) else k): v for k, v in body.items()}
+        state, prefix = unwrap_state_dict(checkpoint, report, containers=("state_dict", "model"),
+                                          what="a ResNet-50 checkpoint")
+        head, body = split_prefix(state, "fc.")
+        report.ignore(FC_REASON, [prefix + k for k in head])
         return Weights(report, match_resnet50_encoder(body, report, source_prefix=prefix))

@@ -99,18 +99,18 @@ def random_affine(batch: int, scale_limit: float, rotate_deg: float, p: float,
 
 
 class UNet(torch.nn.Module):
-    """smp U-Net (ResNet-50 layout, 1 class) whose encoder is the adapter's."""
+    """smp U-Net (1 class) around the adapter's encoder; ``encoder_name`` is the adapter's smp encoder name."""
 
-    def __init__(self, encoder: torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module, encoder_name: str = "resnet50"):
         super().__init__()
         import segmentation_models_pytorch as smp
 
-        # Build with the same key layout as G2D's published *_encoder_decoder.pth, then swap in the
-        # adapter's encoder (weights already loaded strictly by the adapter).
-        unet = smp.Unet("resnet50", encoder_weights=None, in_channels=3, classes=1, activation=None)
+        # Build with the same key layout as G2D's published *_encoder_decoder.pth (for "resnet50"), then swap
+        # in the adapter's encoder (weights already loaded strictly by the adapter).
+        unet = smp.Unet(encoder_name, encoder_weights=None, in_channels=3, classes=1, activation=None)
         if tuple(encoder.out_channels) != tuple(unet.encoder.out_channels):
             raise VlpbenchError(f"encoder channels {tuple(encoder.out_channels)} do not match the "
-                                f"U-Net's {tuple(unet.encoder.out_channels)}")
+                                f"{encoder_name} U-Net's {tuple(unet.encoder.out_channels)}")
         unet.encoder = encoder
         self.unet = unet
 
@@ -128,8 +128,11 @@ def run_segmentation(
     device: torch.device,
     decoder_state: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    encoder_name: str = "resnet50",
 ) -> dict[str, Any]:
     """Train the decoder on ``split.train``, early-stop on ``split.val``, score ``split.test``.
+
+    ``encoder_name`` is the smp name of ``encoder``'s architecture; the U-Net decoder is built for it.
 
     Returns ``metrics``, ``ci``, ``per_image`` (Dice per test image), ``n``, ``timing`` and
     ``training`` (epochs run, best epoch, loss curves).
@@ -155,7 +158,7 @@ def run_segmentation(
     test = Images(source, split.test, size, "test", progress)
     t_data = time.perf_counter()
 
-    model = UNet(encoder)
+    model = UNet(encoder, encoder_name)
     if decoder_state is not None:
         model.unet.load_state_dict({**model.unet.encoder.state_dict(prefix="encoder."), **decoder_state})
     for parameter in model.unet.encoder.parameters():
@@ -223,7 +226,7 @@ def run_segmentation_task(adapter, source: SegmentationSource, split: SplitIds,
             raise VlpbenchError(f"init_decoder=true needs a checkpoint with a U-Net decoder (G2D's "
                                 f"*_encoder_decoder.pth); {adapter.name} loaded layout {adapter.report.layout!r}")
     return run_segmentation(adapter.encoder(), source, split, config, seed=seed, device=device,
-                            decoder_state=decoder_state, progress=progress)
+                            decoder_state=decoder_state, progress=progress, encoder_name=adapter.encoder_name)
 
 
 def balance_negatives(ids: list[str], label: Callable[[str], int], rng: np.random.Generator) -> list[str]:

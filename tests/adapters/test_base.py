@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -15,11 +16,15 @@ from safetensors.torch import save_file
 
 from vlpbench.adapters import build_adapter, get_adapter
 from vlpbench.adapters.base import (
+    WRAPPER_REASON,
+    Adapter,
     LoadReport,
+    encoder_shapes,
     load_state_dict_file,
     match_resnet50_encoder,
     resnet50_encoder_shapes,
     unet_decoder_shapes,
+    unwrap_state_dict,
 )
 from vlpbench.adapters.g2d import G2DAdapter
 from vlpbench.adapters.resnet import RandomResNet50, TorchvisionResNet50
@@ -298,4 +303,93 @@ def test_registry_helpers():
 def test_listing_adapters_imports_no_torch():
     code = "import sys, vlpbench.adapters as a; print(sorted(a.ADAPTERS.names()), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['g2d', 'random', 'resnet50'] False"
+    assert out.strip() == "['g2d', 'generic', 'mgca', 'random', 'resnet50'] False"
+
+
+# --- Lightning checkpoints and unwrapping -------------------------------------------------------------
+
+LIGHTNING_PATHS = ["pytorch_lightning.utilities.parsing", "lightning_fabric.utilities.data",
+                   "lightning.fabric.utilities.data"]
+
+
+def _fake_class(monkeypatch, module_path: str, name: str, base: type = object) -> type:
+    """A class pickle records as ``module_path.name``: fake modules are put in ``sys.modules`` for saving."""
+    parts = module_path.split(".")
+    for i in range(1, len(parts) + 1):
+        monkeypatch.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+    cls = type(name, (base,), {"__module__": module_path, "__qualname__": name})
+    setattr(sys.modules[module_path], name, cls)
+    return cls
+
+
+@pytest.mark.parametrize("module_path", [*LIGHTNING_PATHS, "argparse"])
+def test_lightning_hyper_parameter_containers_load_without_lightning(tmp_path, monkeypatch, module_path):
+    path = tmp_path / "last.ckpt"
+    with monkeypatch.context() as patch:
+        if module_path == "argparse":
+            import argparse
+
+            hparams = argparse.Namespace(img_encoder="resnet_50", emb_dim=128)
+        else:
+            attribute_dict = _fake_class(patch, module_path, "AttributeDict", dict)
+            hparams = attribute_dict(img_encoder="resnet_50", emb_dim=128)
+        torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": hparams, "epoch": 4}, path)
+    assert not any(m.split(".")[0] in ("pytorch_lightning", "lightning_fabric", "lightning") for m in sys.modules)
+    allowed_before = set(torch.serialization.get_safe_globals())
+
+    loaded, _ = load_state_dict_file(path)
+    hparams = loaded["hyper_parameters"]
+    if module_path == "argparse":
+        assert isinstance(hparams, types.SimpleNamespace) and vars(hparams) == {"img_encoder": "resnet_50",
+                                                                                 "emb_dim": 128}
+    else:
+        assert type(hparams) is dict and hparams == {"img_encoder": "resnet_50", "emb_dim": 128}
+    assert torch.equal(loaded["state_dict"]["w"], torch.ones(2)) and loaded["epoch"] == 4
+    # The allow-list was scoped to the call: nothing stays registered, and plain loads still refuse it.
+    assert set(torch.serialization.get_safe_globals()) == allowed_before
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+
+
+def test_other_classes_in_a_lightning_checkpoint_are_refused_and_not_run(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    with monkeypatch.context() as patch:
+        attribute_dict = _fake_class(patch, LIGHTNING_PATHS[0], "AttributeDict", dict)
+        callback = _fake_class(patch, "pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")
+        hparams = attribute_dict(img_encoder="resnet_50")
+        plain = tmp_path / "callback.ckpt"
+        torch.save({"state_dict": {}, "hyper_parameters": hparams, "callbacks": {callback: {"x": 1}}}, plain)
+        evil = tmp_path / "evil.ckpt"
+        torch.save({"state_dict": {}, "hyper_parameters": hparams, "loops": _RunsShell(str(marker))}, evil)
+
+    with pytest.raises(CheckpointError, match="refused.*pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"):
+        load_state_dict_file(plain)
+    with pytest.raises(CheckpointError, match="refused.*system while unpickling"):
+        load_state_dict_file(evil)
+    assert not marker.exists()
+
+
+def test_unwrap_state_dict_takes_containers_and_strips_prefixes():
+    tensors = {"conv1.weight": torch.zeros(1), "bn1.bias": torch.zeros(1)}
+    checkpoint = {"epoch": 1, "hyper_parameters": {"lr": 0.1},
+                  "state_dict": {f"module._orig_mod.{k}": v for k, v in tensors.items()}}
+    report = LoadReport("demo")
+    state, prefix = unwrap_state_dict(checkpoint, report)
+    assert state == tensors and prefix == "module._orig_mod."
+    assert report.layout == "demo (unwrapped 'state_dict', stripped 'module.', stripped '_orig_mod.')"
+    assert report.ignored == {WRAPPER_REASON: ["epoch", "hyper_parameters"]}
+
+    report = LoadReport("demo")
+    assert unwrap_state_dict(tensors, report) == (tensors, "") and report.layout == "demo" and not report.ignored
+    with pytest.raises(CheckpointError, match="a demo file is a dict of tensors; this file holds a list"):
+        unwrap_state_dict([torch.zeros(1)], LoadReport("x"), what="a demo file")
+
+
+def test_encoder_shapes_per_name_and_checkpoint_forms_everywhere():
+    assert encoder_shapes("resnet50") is resnet50_encoder_shapes()  # cached
+    assert len(encoder_shapes("resnet18")) == 120 and encoder_shapes("resnet18")["layer4.1.conv2.weight"] == (
+        512, 512, 3, 3)
+    assert Adapter.encoder_name == "resnet50"
+    for name in ("g2d", "resnet50", "random", "mgca", "generic"):
+        forms = get_adapter(name).checkpoint_forms
+        assert forms and all(isinstance(f, str) and f for f in forms), name
