@@ -183,12 +183,34 @@ def inspect(model: str, checkpoint: str | Path | None, **options: Any):
     return get_adapter(model).inspect(checkpoint, **options)
 
 
-def model_table() -> list[dict[str, str]]:
-    """Registered adapters with their descriptions."""
-    from vlpbench.adapters import get_adapter
-    from vlpbench.registry import ADAPTERS
+def model_table() -> list[dict[str, Any]]:
+    """Built-in and plug-in adapters, one dict each, sorted by name.
 
-    return [{"model": n, "description": get_adapter(n).description} for n in ADAPTERS.names()]
+    Keys: ``model``, ``description``, ``capabilities`` (sorted list), ``checkpoint_forms`` (the adapter's
+    ``checkpoint_forms``; empty when it declares none), ``package`` (``"<distribution> <version>"`` for a
+    plug-in, None for a built-in) and ``error`` (None, or why the adapter cannot be imported; the
+    description, capabilities and forms are then None, [] and []). Imports every adapter module.
+
+    Raises:
+        PluginError: two installed adapters claim the same name.
+    """
+    from vlpbench.adapters import adapter_names, get_adapter, plugins
+
+    found = plugins()
+    rows = []
+    for name in adapter_names():
+        plugin = found.get(name)
+        row: dict[str, Any] = {"model": name, "description": None, "capabilities": [], "checkpoint_forms": [],
+                               "package": f"{plugin.package} {plugin.version}" if plugin else None, "error": None}
+        try:
+            cls = get_adapter(name)
+        except Exception as e:  # one adapter that cannot be imported must not hide the others from the list
+            row["error"] = f"{type(e).__name__}: {e}"
+        else:
+            row.update(description=cls.description, capabilities=sorted(cls.capabilities),
+                       checkpoint_forms=list(getattr(cls, "checkpoint_forms", ())))
+        rows.append(row)
+    return rows
 
 
 def task_table() -> list[dict[str, Any]]:

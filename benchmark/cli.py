@@ -218,7 +218,24 @@ def _splits_verify(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from vlpbench import api
 
-    _print_rows(api.model_table())
+    # One block per model: descriptions and checkpoint forms are too long for the columns of one table.
+    rows = api.model_table()
+    indent = " " * (max(len(r["model"]) for r in rows) + 2)
+    blocks = []
+    for row in rows:
+        head = row["model"].ljust(len(indent))
+        if row["error"] is not None:
+            lines = [f"{head}cannot be used: {row['error']}"]
+        else:
+            forms = row["checkpoint_forms"] or ["–"]
+            lines = [head + row["description"],
+                     f"{indent}capabilities: {', '.join(row['capabilities']) or '–'}",
+                     f"{indent}checkpoints:  {forms[0]}"]
+            lines += [f"{indent}              {form}" for form in forms[1:]]
+        if row["package"] is not None:
+            lines.append(f"{indent}plug-in from: {row['package']}")
+        blocks.append("\n".join(lines))
+    print("\n\n".join(blocks))
     return 0
 
 

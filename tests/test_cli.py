@@ -27,8 +27,12 @@ def test_every_subcommand_help_gives_an_example(name, capsys):
 def test_models_and_tasks_list_the_registered_entries(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    for model in ("g2d", "random", "resnet50"):
-        assert model in out
+    blocks = {block.split()[0]: block for block in out.strip().split("\n\n")}
+    for model in ("g2d", "random", "resnet50", "mgca", "generic"):
+        assert model in blocks
+    assert "capabilities: decoder, features" in blocks["g2d"]
+    assert "capabilities: features" in blocks["random"] and "checkpoints:" in blocks["random"]
+    assert "plug-in from" not in blocks["g2d"]
     assert main(["tasks"]) == 0
     assert "siim_seg" in capsys.readouterr().out
 
