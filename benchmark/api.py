@@ -129,7 +129,7 @@ def run(
               "higher_is_better": spec.higher_is_better},
         frac=frac,
         seed=seed,
-        split={"dataset": spec.dataset, "version": spec.split, "sha256": split.manifest_sha256,
+        split={"dataset": split.dataset, "version": split.version, "sha256": split.manifest_sha256,
                "part": split.part_for_fraction(frac)},
         metrics=outcome["metrics"],
         primary_metric=spec.primary_metric,
