@@ -36,6 +36,7 @@ ADAPTERS.register("resnet50", "vlpbench.adapters.resnet:TorchvisionResNet50")
 ADAPTERS.register("random", "vlpbench.adapters.resnet:RandomResNet50")
 ADAPTERS.register("mgca", "vlpbench.adapters.mgca:MgcaAdapter")
 ADAPTERS.register("generic", "vlpbench.adapters.generic:GenericAdapter")
+ADAPTERS.register("clip", "vlpbench.adapters.clip:ClipAdapter")
 
 
 class PluginError(VlpbenchError):

@@ -32,6 +32,14 @@ import torch
 
 from vlpbench.errors import CheckpointError, ConfigError
 
+# Embedding capabilities used by the zero-shot and grounding protocols (see ``Adapter.embed_image`` etc.).
+EMBED_IMAGE, EMBED_TEXT, DENSE_EMBED = "embed_image", "embed_text", "dense_embed"
+
+
+class CapabilityError(ConfigError):
+    """An adapter instance lacks a capability a protocol needs; the message says what would provide it."""
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -393,6 +401,9 @@ class Weights:
     report: LoadReport
     encoder: dict[str, torch.Tensor]
     decoder: dict[str, torch.Tensor] | None = None
+    # Anything else the adapter mapped for its own capabilities (projection heads, a text encoder's
+    # tensors and config), by a name of the adapter's choosing; kept as ``Adapter._extra_state``.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Adapter(abc.ABC):
@@ -402,7 +413,10 @@ class Adapter(abc.ABC):
         name: registry name (``vlpbench run --model NAME``).
         description: one line for model listings.
         capabilities: what the family can provide (``"features"``; ``"decoder"`` when a checkpoint can carry
-            a U-Net decoder). An instance narrows this to what its checkpoint provides.
+            a U-Net decoder; ``"embed_image"``, ``"embed_text"``, ``"dense_embed"`` for the embedding
+            methods). An instance narrows this to what its checkpoint and options provide.
+        capability_hints: capability → what would provide it, for ``CapabilityError`` messages
+            (e.g. ``"pass --model-option text_encoder=DIR"``).
         image_size, mean, std: the pre-training input contract (square side in pixels; per-channel RGB
             normalisation applied to images scaled to [0, 1]).
         takes_checkpoint: True if a checkpoint file is required, False if the adapter accepts none.
@@ -422,6 +436,7 @@ class Adapter(abc.ABC):
     default_options: ClassVar[Mapping[str, Any]] = {}
     encoder_name: str = "resnet50"
     checkpoint_forms: ClassVar[tuple[str, ...]] = ()
+    capability_hints: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         """Load ``checkpoint`` strictly.
@@ -445,6 +460,7 @@ class Adapter(abc.ABC):
             )
         self._encoder_state = weights.encoder
         self._decoder_state = weights.decoder
+        self._extra_state = weights.extra
         if weights.decoder is None:
             self.capabilities = type(self).capabilities - {"decoder"}
 
@@ -504,6 +520,63 @@ class Adapter(abc.ABC):
             "options": dict(self.options),
             "load_report": self.report.summary(),
         }
+
+    # --- embedding capabilities ------------------------------------------------------------------------
+    #
+    # Images given to the embedding methods are already preprocessed to the adapter's input contract
+    # (``image_size``, ``mean``, ``std``); ``preprocess`` does that. Adapters that provide an embedding
+    # override the method and list its name in their (instance) ``capabilities``.
+
+    def require(self, *capabilities: str) -> None:
+        """Raise ``CapabilityError`` unless this instance provides every one of ``capabilities``.
+
+        Protocols call this before any work, so a missing text encoder fails at once, not after an hour.
+        """
+        missing = [c for c in capabilities if c not in self.capabilities]
+        if missing:
+            raise CapabilityError(self._capability_message(missing))
+
+    def _capability_message(self, missing: Iterable[str]) -> str:
+        """Name the adapter, each missing capability, and what would provide it."""
+        parts = []
+        for capability in missing:
+            hint = self.capability_hints.get(capability, "no checkpoint form of this adapter provides it")
+            parts.append(f"{capability} ({hint})")
+        return f"adapter {self.name!r} cannot provide {'; '.join(parts)}"
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Global image embeddings ``(B, D)``, L2-normalised, of preprocessed images ``(B, 3, H, W)``."""
+        raise CapabilityError(self._capability_message([EMBED_IMAGE]))
+
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        """Text embeddings ``(B, D)``, L2-normalised, in the same space as ``embed_image``."""
+        raise CapabilityError(self._capability_message([EMBED_TEXT]))
+
+    def dense_embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-location embeddings ``(B, D, h, w)`` of preprocessed images, L2-normalised over ``D``."""
+        raise CapabilityError(self._capability_message([DENSE_EMBED]))
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Bring images to the input contract: resize to ``image_size``², normalise with ``mean``/``std``.
+
+        ``images`` is ``(B, C, H, W)`` with C = 1 (grey, repeated to RGB) or 3, either ``uint8`` in
+        [0, 255] or floating point in [0, 1]. The resize is bilinear with antialiasing and does not keep
+        the aspect ratio; a crop, where a model's contract wants one, is the caller's.
+
+        Raises:
+            ConfigError: not a 4-d tensor with 1 or 3 channels.
+        """
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ConfigError(f"adapter {self.name!r}: preprocess expects (B, 1 or 3, H, W) images, "
+                              f"got shape {tuple(images.shape)}")
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        x = x.expand(-1, 3, -1, -1)  # grey to RGB, as the pre-training loaders do; a no-op for 3 channels
+        size = (self.image_size, self.image_size)
+        if tuple(x.shape[-2:]) != size:
+            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
 
     @classmethod
     def _resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:

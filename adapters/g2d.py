@@ -10,8 +10,11 @@ files, and this adapter loads each of them, telling them apart by their keys, ne
   ``segmentation_head.*``). The decoder is exposed by ``decoder_state_dict()``.
 - ``*_checkpoint.pth``, layout ``"pretrain"``: ``{"epoch", "model_state_dict", "optimizer_state_dict"}``
   where the model holds ``img_model.*`` (the U-Net), ``lm_model.*`` (Bio_ClinicalBERT), the projection
-  heads ``proj_v.*``/``proj_t.*``, ``attnpool.*`` and ``pseudo_conv.*``. The U-Net is mapped; the text
-  side, the heads and the training state are listed as ignored.
+  heads ``proj_v.*``/``proj_t.*``, ``attnpool.*`` and ``pseudo_conv.*``. The U-Net, ``proj_v`` and
+  ``attnpool`` are mapped (``embed_image``, ``dense_embed``). ``lm_model`` and ``proj_t`` are mapped when
+  option ``text_encoder`` names a local Bio_ClinicalBERT directory (config and tokenizer; the weights
+  come from the checkpoint), which adds ``embed_text``; otherwise they are ignored. ``pseudo_conv`` (not
+  used in G2D's forward) and the training state are ignored.
 
 ``write_g2d_checkpoint`` writes random-init files in these exact layouts for the demo and the tests.
 """
@@ -25,6 +28,9 @@ import torch
 from torch import nn
 
 from vlpbench.adapters.base import (
+    DENSE_EMBED,
+    EMBED_IMAGE,
+    EMBED_TEXT,
     Adapter,
     LoadReport,
     Weights,
@@ -38,36 +44,92 @@ from vlpbench.errors import CheckpointError, ConfigError
 
 LAYOUTS = ("encoder", "encoder_decoder", "pretrain")
 
-TEXT_SIDE_PREFIXES = ("lm_model.", "proj_v.", "proj_t.", "attnpool.", "pseudo_conv.")
-TEXT_SIDE_REASON = "text side and projection heads: used by zero-shot tasks, not by image-only protocols"
+TEXT_SIDE_PREFIXES = ("lm_model.", "proj_t.")
+TEXT_SIDE_REASON = ("text encoder and its projection head: mapped only with option text_encoder=DIR "
+                    "(a local Bio_ClinicalBERT directory: config and tokenizer)")
+IMAGE_HEAD_PREFIXES = ("proj_v.", "attnpool.")
+PSEUDO_CONV_REASON = "pseudo_conv: defined by G2D's model but not used in its forward pass"
+POSITION_IDS_REASON = "position_ids buffer (saved by transformers < 4.31): recomputed by BertModel, not a weight"
+_POSITION_IDS = "lm_model.embeddings.position_ids"
 TRAINING_STATE_REASON = "training state (epoch counter, optimizer): resumes pre-training, not used for evaluation"
 _TRAINING_STATE_KEYS = ("epoch", "optimizer_state_dict")
 _UNET_PARTS = ("encoder.", "decoder.", "segmentation_head.")
+# G2D config.yaml: projection width 128, 4 attention-pool heads, 256-pixel images (8×8 at stride 32).
+_PROJ, _POOL_HEADS, _POOL_POSITIONS = 128, 4, (256 // 32) ** 2 + 1
+# Training tokenisation truncates at 256 tokens (PRETRAIN/utils/dataset.py).
+_TEXT_MAX_LENGTH = 256
 
 
 class G2DAdapter(Adapter):
     """G2D's ResNet-50 image encoder, plus its U-Net decoder when the checkpoint carries one.
 
+    From the full pre-training checkpoint it also provides ``embed_image`` and ``dense_embed`` (128-d,
+    ``proj_v``/``attnpool``), and ``embed_text`` when option ``text_encoder`` names a local BERT directory.
+
     Input contract (``PRETRAIN/utils/dataset.py``, config ``img_size: 256``): 256×256 RGB after
-    ``CenterCrop(256)``, ImageNet mean/std. The 256 matters only for the attention-pool (zero-shot) path;
-    the convolutional encoder accepts any size divisible by 32.
+    ``CenterCrop(256)``, ImageNet mean/std. The 256 matters only for the attention-pool (``embed_image``)
+    path; the convolutional encoder and ``dense_embed`` accept any size divisible by 32.
     """
 
     name = "g2d"
     description = "G2D (NeurIPS 2024) ResNet-50 U-Net: *_encoder.pth, *_encoder_decoder.pth or full checkpoint"
-    capabilities = frozenset({"features", "decoder"})
+    capabilities = frozenset({"features", "decoder", EMBED_IMAGE, EMBED_TEXT, DENSE_EMBED})
     image_size = 256
+    default_options = {"text_encoder": ""}
     checkpoint_forms = (
         "G2D *_encoder.pth (smp ResNet-50 encoder, 318 keys)",
         "G2D *_encoder_decoder.pth (smp Unet('resnet50', classes=1), 380 keys; decoder exposed)",
-        "G2D *_checkpoint.pth (pre-training checkpoint: model_state_dict with img_model.*, text side ignored)",
+        "G2D *_checkpoint.pth (pre-training checkpoint: U-Net, proj_v, attnpool; lm_model and proj_t "
+        "with --model-option text_encoder=DIR)",
     )
+    capability_hints = {
+        EMBED_IMAGE: "needs G2D's full pre-training checkpoint *_checkpoint.pth, which holds proj_v and attnpool",
+        DENSE_EMBED: "needs G2D's full pre-training checkpoint *_checkpoint.pth, which holds proj_v",
+        EMBED_TEXT: "zero-shot needs a text encoder: load the full *_checkpoint.pth and pass "
+                    "--model-option text_encoder=DIR (a local Bio_ClinicalBERT directory with config and tokenizer)",
+    }
+
+    def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
+        """Load ``checkpoint`` strictly (see ``Adapter``) and build the heads it carries.
+
+        Raises:
+            ConfigError: also when ``text_encoder`` is not a readable BERT directory (config or tokenizer).
+        """
+        super().__init__(checkpoint, **options)
+        extra = self._extra_state
+        lacking = set()
+        self._proj_v = self._attnpool = self._bert = self._proj_t = self._tokenizer = None
+        # The random init of the modules below is overwritten at once; keep it off the caller's RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            if "proj_v" in extra:
+                self._proj_v = _loaded(_proj_v(), extra["proj_v"])
+                self._attnpool = _loaded(AttentionPool2d(), extra["attnpool"])
+            else:
+                lacking |= {EMBED_IMAGE, DENSE_EMBED}
+            if "lm_model" in extra:
+                from transformers import BertModel
+
+                config = extra["text_config"]
+                self._bert = _loaded(BertModel(config, add_pooling_layer=True), extra["lm_model"])
+                self._proj_t = _loaded(_proj_t(config.hidden_size), extra["proj_t"])
+                self._tokenizer = _load_tokenizer(self.options["text_encoder"])
+            else:
+                lacking.add(EMBED_TEXT)
+        self.capabilities = self.capabilities - lacking
+        self._image_encoder: nn.Module | None = None
 
     @classmethod
     def map_weights(cls, checkpoint: Any, options: Mapping[str, Any]) -> Weights:
-        """Detect the G2D layout from the keys and map the image U-Net (see the module docstring)."""
+        """Detect the G2D layout from the keys and map what it holds (see the module docstring).
+
+        Raises:
+            ConfigError: ``text_encoder`` given for a file without a text side, or not a local BERT directory.
+        """
         layout = detect_layout(checkpoint)
         report = LoadReport(layout)
+        if options["text_encoder"] and layout != "pretrain":
+            raise ConfigError(f"adapter 'g2d': option text_encoder needs the full pre-training checkpoint "
+                              f"(*_checkpoint.pth, which holds lm_model and proj_t); this file has layout {layout!r}")
         if layout == "encoder":
             return Weights(report, match_resnet50_encoder(checkpoint, report))
         if layout == "encoder_decoder":
@@ -77,10 +139,73 @@ class G2DAdapter(Adapter):
         model_state = checkpoint["model_state_dict"]
         report.ignore(TRAINING_STATE_REASON, [k for k in checkpoint if k in _TRAINING_STATE_KEYS])
         report.unexpected += [str(k) for k in checkpoint if k not in (*_TRAINING_STATE_KEYS, "model_state_dict")]
-        text_side, image_side = split_prefix(model_state, *TEXT_SIDE_PREFIXES)
-        report.ignore(TEXT_SIDE_REASON, list(text_side))
+        text_side, rest = split_prefix(model_state, *TEXT_SIDE_PREFIXES)
+        pseudo_conv, rest = split_prefix(rest, "pseudo_conv.")
+        report.ignore(PSEUDO_CONV_REASON, list(pseudo_conv))
+        image_heads, image_side = split_prefix(rest, *IMAGE_HEAD_PREFIXES)
+        with torch.device("meta"):  # shapes only: no init, no draw from the global RNG
+            heads = {"proj_v": _proj_v(), "attnpool": AttentionPool2d()}
+        extra = {name: _match_part(image_heads, f"{name}.", module, report) for name, module in heads.items()}
+        if options["text_encoder"]:
+            extra.update(_map_text_side(text_side, options["text_encoder"], report))
+        else:
+            report.ignore(TEXT_SIDE_REASON, list(text_side))
         encoder, decoder = _map_unet(image_side, report, prefix="img_model.")
-        return Weights(report, encoder, decoder)
+        return Weights(report, encoder, decoder, extra)
+
+    # --- embeddings (G2D PRETRAIN/models/cnn_ae.py: get_img_emb, get_text_emb) ------------------------
+
+    @torch.no_grad()
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """128-d global embeddings: ``attnpool(proj_v(layer4))`` with the mean-token query, L2-normalised.
+
+        Raises:
+            CapabilityError: the checkpoint carries no ``proj_v``/``attnpool``.
+            ConfigError: the input is not 256×256 (the pool's positional embedding has (256/32)²+1 = 65 rows).
+        """
+        self.require(EMBED_IMAGE)
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise ConfigError(
+                f"adapter {self.name!r}: embed_image needs {self.image_size}×{self.image_size} input, got "
+                f"{tuple(images.shape[-2:])}: G2D's attention pool has {_POOL_POSITIONS} positions "
+                f"((256/32)²+1), fixed at pre-training; use adapter.preprocess()"
+            )
+        tokens = self._projected_layer4(images)
+        return nn.functional.normalize(self._attnpool.to(images.device)(tokens), dim=-1)
+
+    @torch.no_grad()
+    def dense_embed(self, images: torch.Tensor) -> torch.Tensor:
+        """128-d per-location embeddings ``proj_v(layer4)`` ``(B, 128, H/32, W/32)``, L2-normalised per location.
+
+        Raises:
+            CapabilityError: the checkpoint carries no ``proj_v``.
+        """
+        self.require(DENSE_EMBED)
+        return nn.functional.normalize(self._projected_layer4(images), dim=1)
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        """128-d text embeddings: ``proj_t`` over BERT's last hidden state, CLS position, L2-normalised.
+
+        Tokenised as G2D does at evaluation, padding to the longest text; truncated at G2D's training length of
+        256 tokens (its evaluation code does not truncate, so only texts past 256 tokens differ).
+
+        Raises:
+            CapabilityError: no ``text_encoder`` was given (or the checkpoint has no text side).
+        """
+        self.require(EMBED_TEXT)
+        batch = self._tokenizer(list(texts), padding="longest", truncation=True, max_length=_TEXT_MAX_LENGTH,
+                                return_tensors="pt")
+        # G2D passes input ids and attention mask only; token types default to zeros.
+        hidden = self._bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return nn.functional.normalize(self._proj_t(hidden.transpose(1, 2))[:, :, 0], dim=-1)
+
+    def _projected_layer4(self, images: torch.Tensor) -> torch.Tensor:
+        """``proj_v`` over the stride-32 ResNet-50 features, ``(B, 128, H/32, W/32)``; encoder in eval mode."""
+        if self._image_encoder is None:
+            self._image_encoder = self.encoder().eval()
+        encoder = self._image_encoder.to(images.device)
+        return self._proj_v.to(images.device)(encoder(images)[-1])
 
 
 def detect_layout(checkpoint: Any) -> str:
@@ -103,6 +228,97 @@ def detect_layout(checkpoint: Any) -> str:
     return "encoder"
 
 
+class AttentionPool2d(nn.Module):
+    """G2D's attention pool (CLIP's ``AttentionPool2d`` with ``nn.MultiheadAttention``) over projected tokens.
+
+    The query is the mean token; keys and values are the mean token plus the H·W pixel tokens, each with
+    the learned positional embedding added; ``c_proj`` follows the attention. Returns ``(B, dim)``.
+    G2D also returns the per-head attention weights for its pseudo masks; evaluation does not use them.
+    """
+
+    def __init__(self, positions: int = _POOL_POSITIONS, dim: int = _PROJ, heads: int = _POOL_HEADS) -> None:
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(positions, dim) / dim**0.5)
+        self.mhsa = nn.MultiheadAttention(dim, heads)
+        self.c_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(start_dim=2).permute(2, 0, 1)  # (B, C, H, W) -> (H·W, B, C), sequence first
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+        x = x + self.positional_embedding[:, None, :].to(x.dtype)
+        x, _ = self.mhsa(x[:1], x, x, need_weights=False)
+        return self.c_proj(x).squeeze(0)
+
+
+def _proj_v() -> nn.Sequential:
+    """G2D's image projection: 1×1 conv 2048→128, BatchNorm without affine (running stats only), ReLU, 1×1 conv."""
+    return nn.Sequential(
+        nn.Conv2d(2048, _PROJ, 1, bias=False), nn.BatchNorm2d(_PROJ, affine=False), nn.ReLU(),
+        nn.Conv2d(_PROJ, _PROJ, 1, bias=False),
+    )
+
+
+def _proj_t(hidden: int) -> nn.Sequential:
+    """G2D's text projection over token features ``(B, hidden, L)``: Conv1d hidden→128, BN, ReLU, Conv1d."""
+    return nn.Sequential(
+        nn.Conv1d(hidden, _PROJ, 1, bias=False), nn.BatchNorm1d(_PROJ, affine=False), nn.ReLU(),
+        nn.Conv1d(_PROJ, _PROJ, 1, bias=False),
+    )
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Key → shape of ``module``'s state dict."""
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _match_part(
+    state: Mapping[str, Any], prefix: str, module: nn.Module, report: LoadReport
+) -> dict[str, torch.Tensor]:
+    """Account the keys of ``state`` under ``prefix`` against ``module``'s state dict (built on meta is fine)."""
+    part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return match_keys(part, _shapes(module), report, source_prefix=prefix, target_prefix=prefix)
+
+
+def _loaded(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """``module`` with ``state`` loaded strictly, in eval mode (BatchNorm uses the saved running statistics)."""
+    module.load_state_dict(state)
+    return module.eval()
+
+
+def _map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: LoadReport) -> dict[str, Any]:
+    """Account ``lm_model.*`` against a ``BertModel`` (with pooler) built from ``text_encoder``'s config,
+    and ``proj_t.*`` against a projection of that model's width; return the tensors and the config."""
+    from transformers import BertConfig, BertModel
+
+    try:
+        config = BertConfig.from_pretrained(text_encoder, local_files_only=True)
+    except OSError as e:
+        raise ConfigError(f"adapter 'g2d': text_encoder={text_encoder!r} is not a local BERT directory "
+                          f"with a config.json: {e}") from e
+    text_side = dict(text_side)
+    if _POSITION_IDS in text_side:
+        report.ignore(POSITION_IDS_REASON, [_POSITION_IDS])
+        del text_side[_POSITION_IDS]
+    with torch.device("meta"):  # shapes only: no init time spent on a 110M-parameter model
+        bert = BertModel(config, add_pooling_layer=True)
+        proj_t = _proj_t(config.hidden_size)
+    return {
+        "lm_model": _match_part(text_side, "lm_model.", bert, report),
+        "proj_t": _match_part(text_side, "proj_t.", proj_t, report),
+        "text_config": config,
+    }
+
+
+def _load_tokenizer(text_encoder: str) -> Any:
+    """The tokenizer saved in ``text_encoder`` (local files only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(text_encoder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"adapter 'g2d': no tokenizer can be loaded from text_encoder={text_encoder!r}: {e}") from e
+
+
 def _map_unet(
     state: Mapping[str, Any], report: LoadReport, *, prefix: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -121,14 +337,18 @@ def _map_unet(
 
 # --- random-init checkpoints in the published layouts -------------------------------------------------
 
-# Bio_ClinicalBERT (a BERT-base): vocabulary, width, positions, token types, FFN width, layers.
-_BERT_VOCAB, _BERT_HIDDEN, _BERT_POSITIONS, _BERT_TYPES, _BERT_FFN, _BERT_LAYERS = 28996, 768, 512, 2, 3072, 12
-# G2D config.yaml: projection width 128, 4 attention-pool heads, 256-pixel images (8×8 at stride 32).
-_PROJ, _POOL_HEADS, _POOL_POSITIONS = 128, 4, (256 // 32) ** 2 + 1
+# Bio_ClinicalBERT (a BERT-base): vocabulary, width, positions, token types, layers; its FFN is 4× the width.
+_BERT_VOCAB, _BERT_HIDDEN, _BERT_POSITIONS, _BERT_TYPES, _BERT_LAYERS = 28996, 768, 512, 2, 12
 
 
 def write_g2d_checkpoint(
-    path: str | Path, layout: str = "encoder", seed: int = 0, *, text_layers: int = _BERT_LAYERS
+    path: str | Path,
+    layout: str = "encoder",
+    seed: int = 0,
+    *,
+    text_layers: int = _BERT_LAYERS,
+    text_hidden: int = _BERT_HIDDEN,
+    text_vocab: int = _BERT_VOCAB,
 ) -> Path:
     """Write a random-init G2D checkpoint in one of the published key layouts; return its path.
 
@@ -142,9 +362,11 @@ def write_g2d_checkpoint(
     saved before its first step (empty ``state``). ``lm_model.*`` follows transformers' ``BertModel`` with
     pooler (no persistent ``position_ids`` buffer, as in transformers ≥ 4.31). With the real 12 text layers
     the file is about 570 MB; ``text_layers`` (0-12) keeps only the first layers for small test files.
+    ``text_hidden`` and ``text_vocab`` shrink the BERT (FFN width 4 × ``text_hidden``, 512 positions, 2 token
+    types) to match a tiny ``BertConfig`` in tests; ``proj_t`` takes ``text_hidden`` inputs.
 
     Raises:
-        ConfigError: unknown ``layout`` or ``text_layers`` outside 0-12.
+        ConfigError: unknown ``layout``, ``text_layers`` outside 0-12, or ``text_hidden``/``text_vocab`` < 1.
     """
     import segmentation_models_pytorch as smp
 
@@ -152,6 +374,8 @@ def write_g2d_checkpoint(
         raise ConfigError(f"unknown G2D layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if not 0 <= text_layers <= _BERT_LAYERS:
         raise ConfigError(f"text_layers must be between 0 and {_BERT_LAYERS}, got {text_layers}")
+    if text_hidden < 1 or text_vocab < 1:
+        raise ConfigError(f"text_hidden and text_vocab must be positive, got {text_hidden} and {text_vocab}")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -161,28 +385,19 @@ def write_g2d_checkpoint(
         elif layout == "encoder_decoder":
             obj = unet.state_dict()
         else:
-            obj = _pretrain_checkpoint(unet, text_layers)
+            obj = _pretrain_checkpoint(unet, text_layers, text_hidden, text_vocab)
 
     return save_checkpoint(obj, path)
 
 
-def _pretrain_checkpoint(unet: nn.Module, text_layers: int) -> dict[str, Any]:
+def _pretrain_checkpoint(unet: nn.Module, text_layers: int, text_hidden: int, text_vocab: int) -> dict[str, Any]:
     """G2D's ``save_checkpoints`` dict around ``unet``, with random text side and heads (uses the global RNG)."""
-    attnpool = nn.Module()
-    attnpool.positional_embedding = nn.Parameter(torch.randn(_POOL_POSITIONS, _PROJ) / _PROJ**0.5)
-    attnpool.mhsa = nn.MultiheadAttention(_PROJ, _POOL_HEADS)
-    attnpool.c_proj = nn.Linear(_PROJ, _PROJ)
+    attnpool = AttentionPool2d()
     # BatchNorm without affine parameters: only running statistics are saved.
-    proj_v = nn.Sequential(
-        nn.Conv2d(2048, _PROJ, 1, bias=False), nn.BatchNorm2d(_PROJ, affine=False), nn.ReLU(),
-        nn.Conv2d(_PROJ, _PROJ, 1, bias=False),
-    )
-    proj_t = nn.Sequential(
-        nn.Conv1d(_BERT_HIDDEN, _PROJ, 1, bias=False), nn.BatchNorm1d(_PROJ, affine=False), nn.ReLU(),
-        nn.Conv1d(_PROJ, _PROJ, 1, bias=False),
-    )
+    proj_v = _proj_v()
+    proj_t = _proj_t(text_hidden)
     pseudo_conv = nn.Conv2d(1024, _PROJ, 1)
-    bert = _bert_state(text_layers)
+    bert = _bert_state(text_layers, text_hidden, text_vocab)
 
     model_state: dict[str, torch.Tensor] = {}
     n_params = 0
@@ -206,32 +421,32 @@ def _pretrain_checkpoint(unet: nn.Module, text_layers: int) -> dict[str, Any]:
     return {"epoch": 0, "model_state_dict": model_state, "optimizer_state_dict": optimizer_state}
 
 
-def _bert_state(layers: int) -> dict[str, torch.Tensor]:
-    """A BERT-base state dict (transformers ``BertModel`` key names) with BERT's init: N(0, 0.02) weights."""
+def _bert_state(layers: int, hidden: int, vocab: int) -> dict[str, torch.Tensor]:
+    """A BERT state dict (transformers ``BertModel`` key names) with BERT's init: N(0, 0.02) weights."""
 
     def linear(out_features: int, in_features: int) -> dict[str, torch.Tensor]:
         return {"weight": torch.randn(out_features, in_features) * 0.02, "bias": torch.zeros(out_features)}
 
     def layer_norm() -> dict[str, torch.Tensor]:
-        return {"weight": torch.ones(_BERT_HIDDEN), "bias": torch.zeros(_BERT_HIDDEN)}
+        return {"weight": torch.ones(hidden), "bias": torch.zeros(hidden)}
 
     def named(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{k}": v for k, v in tensors.items()}
 
     state = {
-        "embeddings.word_embeddings.weight": torch.randn(_BERT_VOCAB, _BERT_HIDDEN) * 0.02,
-        "embeddings.position_embeddings.weight": torch.randn(_BERT_POSITIONS, _BERT_HIDDEN) * 0.02,
-        "embeddings.token_type_embeddings.weight": torch.randn(_BERT_TYPES, _BERT_HIDDEN) * 0.02,
+        "embeddings.word_embeddings.weight": torch.randn(vocab, hidden) * 0.02,
+        "embeddings.position_embeddings.weight": torch.randn(_BERT_POSITIONS, hidden) * 0.02,
+        "embeddings.token_type_embeddings.weight": torch.randn(_BERT_TYPES, hidden) * 0.02,
         **named("embeddings.LayerNorm", layer_norm()),
     }
     for i in range(layers):
         block = f"encoder.layer.{i}"
         for projection in ("query", "key", "value"):
-            state.update(named(f"{block}.attention.self.{projection}", linear(_BERT_HIDDEN, _BERT_HIDDEN)))
-        state.update(named(f"{block}.attention.output.dense", linear(_BERT_HIDDEN, _BERT_HIDDEN)))
+            state.update(named(f"{block}.attention.self.{projection}", linear(hidden, hidden)))
+        state.update(named(f"{block}.attention.output.dense", linear(hidden, hidden)))
         state.update(named(f"{block}.attention.output.LayerNorm", layer_norm()))
-        state.update(named(f"{block}.intermediate.dense", linear(_BERT_FFN, _BERT_HIDDEN)))
-        state.update(named(f"{block}.output.dense", linear(_BERT_HIDDEN, _BERT_FFN)))
+        state.update(named(f"{block}.intermediate.dense", linear(4 * hidden, hidden)))
+        state.update(named(f"{block}.output.dense", linear(hidden, 4 * hidden)))
         state.update(named(f"{block}.output.LayerNorm", layer_norm()))
-    state.update(named("pooler.dense", linear(_BERT_HIDDEN, _BERT_HIDDEN)))
+    state.update(named("pooler.dense", linear(hidden, hidden)))
     return state

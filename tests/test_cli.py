@@ -28,9 +28,10 @@ def test_models_and_tasks_list_the_registered_entries(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     blocks = {block.split()[0]: block for block in out.strip().split("\n\n")}
-    for model in ("g2d", "random", "resnet50", "mgca", "generic"):
+    for model in ("g2d", "random", "resnet50", "mgca", "generic", "clip"):
         assert model in blocks
-    assert "capabilities: decoder, features" in blocks["g2d"]
+    assert "capabilities: decoder, dense_embed, embed_image, embed_text, features" in blocks["g2d"]
+    assert "capabilities: dense_embed, embed_image, embed_text" in blocks["clip"]
     assert "capabilities: features" in blocks["random"] and "checkpoints:" in blocks["random"]
     assert "plug-in from" not in blocks["g2d"]
     assert main(["tasks"]) == 0

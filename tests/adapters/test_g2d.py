@@ -9,6 +9,7 @@ import torch
 from vlpbench.adapters import build_adapter
 from vlpbench.adapters.base import unet_decoder_shapes
 from vlpbench.adapters.g2d import (
+    PSEUDO_CONV_REASON,
     TEXT_SIDE_PREFIXES,
     TEXT_SIDE_REASON,
     TRAINING_STATE_REASON,
@@ -48,7 +49,7 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("layout,n_mapped", [("encoder", 318), ("encoder_decoder", 380), ("pretrain", 380)])
+@pytest.mark.parametrize("layout,n_mapped", [("encoder", 318), ("encoder_decoder", 380), ("pretrain", 392)])
 def test_each_published_layout_loads(adapters, files, layout, n_mapped):
     adapter = adapters[layout]
     assert adapter.report.ok
@@ -61,13 +62,16 @@ def test_each_published_layout_loads(adapters, files, layout, n_mapped):
 
 def test_pretrain_ignores_text_side_and_training_state(adapters):
     report = adapters["pretrain"].report
-    assert set(report.ignored) == {TEXT_SIDE_REASON, TRAINING_STATE_REASON}
+    assert set(report.ignored) == {TEXT_SIDE_REASON, TRAINING_STATE_REASON, PSEUDO_CONV_REASON}
     assert report.ignored[TRAINING_STATE_REASON] == ["epoch", "optimizer_state_dict"]
+    assert report.ignored[PSEUDO_CONV_REASON] == ["pseudo_conv.weight", "pseudo_conv.bias"]
     text = report.ignored[TEXT_SIDE_REASON]
-    # 1 BERT layer: 5 embedding + 16 layer + 2 pooler keys; attnpool 7, proj_v 5, proj_t 5, pseudo_conv 2.
-    assert len(text) == 23 + 7 + 5 + 5 + 2
+    # Without option text_encoder: 1 BERT layer (5 embedding + 16 layer + 2 pooler keys) and proj_t 5.
+    assert len(text) == 23 + 5
     assert all(k.startswith(TEXT_SIDE_PREFIXES) for k in text)
-    assert "lm_model.embeddings.word_embeddings.weight" in text and "attnpool.positional_embedding" in text
+    assert "lm_model.embeddings.word_embeddings.weight" in text
+    # The image heads (proj_v 5, attnpool 7) are mapped for embed_image / dense_embed.
+    assert ("attnpool.positional_embedding", "attnpool.positional_embedding") in report.mapped
     assert ("img_model.decoder.blocks.0.conv1.0.weight", "decoder.blocks.0.conv1.0.weight") in report.mapped
     assert ("img_model.encoder.conv1.weight", "encoder.conv1.weight") in report.mapped
 
@@ -111,7 +115,7 @@ def test_decoder_state_dict_is_the_checkpoint_decoder_and_loads_into_unet(adapte
 def test_encoder_layout_has_no_decoder(adapters):
     assert adapters["encoder"].decoder_state_dict() is None
     assert adapters["encoder"].capabilities == frozenset({"features"})
-    assert G2DAdapter.capabilities == frozenset({"features", "decoder"})
+    assert G2DAdapter.capabilities == frozenset({"features", "decoder", "embed_image", "embed_text", "dense_embed"})
 
 
 def test_one_seed_gives_the_same_image_weights_in_every_layout(adapters):
@@ -297,7 +301,7 @@ def test_pretrain_with_unknown_keys_is_rejected(tmp_path, files):
     report = _expect_rejected(path, "img_model.classification_head.1.weight", "scheduler_state_dict")
     assert report.layout == "pretrain"
     assert report.unexpected == ["scheduler_state_dict", "img_model.classification_head.1.weight"]
-    assert not report.missing and not report.mismatched and len(report.mapped) == 380
+    assert not report.missing and not report.mismatched and len(report.mapped) == 392
     assert "lm_model.pooler.dense.bias" in report.ignored[TEXT_SIDE_REASON]
 
 

@@ -1,0 +1,547 @@
+"""CLIP models fine-tuned on chest X-rays (CheXzero and the like): image and text embeddings, zero-shot scores.
+
+Checkpoint forms, told apart by their keys, never by the file name:
+
+- OpenAI-format state dicts, as CheXzero publishes them (``best_64_5e-05_original_22000_0.864.pt``: the
+  ``state_dict()`` of OpenAI's ``CLIP`` class, ViT-B/32): ``visual.conv1.weight``, ``visual.class_embedding``,
+  ``visual.positional_embedding``, ``visual.transformer.resblocks.N.*``, ``visual.ln_pre/ln_post.*``,
+  ``visual.proj``, ``transformer.resblocks.N.*``, ``token_embedding.weight``, ``positional_embedding``,
+  ``ln_final.*``, ``text_projection``, ``logit_scale``. Possibly wrapped (``{"state_dict": ...}``) or
+  ``module.``/``_orig_mod.``-prefixed; the scalars ``input_resolution``, ``context_length`` and ``vocab_size``
+  of OpenAI's TorchScript archives are ignored when present.
+- open_clip trainer checkpoints: ``{"epoch", "name", "state_dict": {"module.<same keys>"}, "optimizer", ...}``.
+  For ViT models open_clip uses the OpenAI key names, so both forms share one mapping.
+- Hugging Face ``CLIPModel`` directories (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``),
+  passed as the checkpoint path. The config is read by ``transformers.CLIPConfig`` with
+  ``local_files_only=True``; the weights file is read like any checkpoint (safetensors, or the weights-only
+  unpickler) and its sha256 recorded. The HF keys are accounted strictly under their own names, then
+  converted to OpenAI's (q/k/v projections concatenated into ``in_proj``, projection matrices transposed),
+  so every form runs the same model. Only configs that OpenAI's architecture expresses are accepted
+  (QuickGELU, 64-wide heads, 4x MLP, LayerNorm eps 1e-5); sharded weights are refused.
+
+ResNet-based CLIP checkpoints (``visual.layer1.*``, ``visual.attnpool.*``) are refused.
+
+The architecture is read from the weights the way open_clip's ``build_model_from_openai_state_dict`` reads it
+(widths, layer counts, patch and image size, context length, vocabulary, embedding width; 64-wide attention
+heads; QuickGELU, which OpenAI's models were trained with), and an open_clip ``CLIP`` of that shape is built
+with no pretrained weights and loaded strictly. The text side uses open_clip's ``SimpleTokenizer`` (OpenAI's
+BPE; its vocabulary ships inside the package, so nothing is downloaded).
+
+A ViT has no multi-scale feature maps, so this adapter has no "features" capability: ``encoder()`` refuses,
+and segmentation and detection protocols need a CNN-encoder adapter.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vlpbench.adapters.base import (
+    Adapter,
+    LoadReport,
+    Weights,
+    load_state_dict_file,
+    match_keys,
+    save_checkpoint,
+    split_prefix,
+    unwrap_state_dict,
+)
+from vlpbench.errors import CheckpointError, ConfigError
+
+# OpenAI CLIP's normalisation (open_clip.constants.OPENAI_DATASET_MEAN/STD), on images scaled to [0, 1].
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# CheXzero's own statistics (zero_shot.py ``make``: Normalize(101.48761, 83.43944) on the 0-255 scale,
+# from its cxr_stats notebook), converted to images scaled to [0, 1].
+CHEXZERO_MEAN = (101.48761 / 255,) * 3
+CHEXZERO_STD = (83.43944 / 255,) * 3
+NORMALIZATIONS: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "openai": (OPENAI_MEAN, OPENAI_STD),
+    "chexzero": (CHEXZERO_MEAN, CHEXZERO_STD),
+}
+
+OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
+OPENAI_SCALARS_REASON = ("hyper-parameter scalars of OpenAI's TorchScript archives (input_resolution, "
+                         "context_length, vocab_size); the architecture is read from the weight shapes instead")
+# OpenAI and open_clip attention heads are 64 wide in both towers.
+HEAD_WIDTH = 64
+# The keys the architecture is read from; without them there is nothing to build.
+_SHAPE_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
+               "positional_embedding", "token_embedding.weight", "ln_final.weight")
+_LAYOUT = "clip-openai"
+_RESNET_KEYS = ("visual.layer1.", "visual.attnpool.")
+_ENCODER_MESSAGE = (
+    "adapter 'clip' is a ViT with no multi-scale feature maps, so it has no smp encoder: segmentation and "
+    "detection protocols need a CNN encoder (e.g. adapters 'mgca', 'resnet50'). Use its capabilities "
+    "embed_image, embed_text, dense_embed (zero-shot and linear-probe protocols) instead"
+)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """The shape of an OpenAI-layout ViT CLIP, as read from its weights."""
+
+    embed_dim: int
+    image_size: int
+    patch_size: int
+    vision_width: int
+    vision_layers: int
+    context_length: int
+    vocab_size: int
+    text_width: int
+    text_layers: int
+
+    @classmethod
+    def vit_b32(cls) -> "ClipConfig":
+        """OpenAI's ViT-B/32, the model CheXzero fine-tunes."""
+        return cls(embed_dim=512, image_size=224, patch_size=32, vision_width=768, vision_layers=12,
+                   context_length=77, vocab_size=49408, text_width=512, text_layers=12)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> "ClipConfig":
+        """Read the shape from the weights as open_clip's ``build_model_from_openai_state_dict`` does.
+
+        ``state`` must hold ``_SHAPE_KEYS`` as tensors (the caller checks).
+        """
+        def blocks(prefix: str) -> int:
+            pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+            return len({m.group(1) for k in state if isinstance(k, str) and (m := pattern.match(k))})
+
+        patch_size = state["visual.conv1.weight"].shape[-1]
+        grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        return cls(
+            embed_dim=state["text_projection"].shape[1],
+            image_size=patch_size * grid,
+            patch_size=patch_size,
+            vision_width=state["visual.conv1.weight"].shape[0],
+            vision_layers=blocks("visual.transformer.resblocks."),
+            context_length=state["positional_embedding"].shape[0],
+            vocab_size=state["token_embedding.weight"].shape[0],
+            text_width=state["ln_final.weight"].shape[0],
+            text_layers=blocks("transformer.resblocks."),
+        )
+
+    def build(self) -> torch.nn.Module:
+        """A new open_clip ``CLIP`` of this shape (random init, fp32, QuickGELU as OpenAI trained with).
+
+        Raises:
+            CheckpointError: a width is not a multiple of the 64-wide attention heads.
+        """
+        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+        for what, width in (("vision", self.vision_width), ("text", self.text_width)):
+            if width % HEAD_WIDTH:
+                raise CheckpointError(f"CLIP {what} width {width} is not a multiple of the {HEAD_WIDTH}-wide "
+                                      "attention heads of OpenAI/open_clip CLIP")
+        return CLIP(
+            self.embed_dim,
+            vision_cfg=CLIPVisionCfg(layers=self.vision_layers, width=self.vision_width,
+                                     patch_size=self.patch_size, image_size=self.image_size),
+            text_cfg=CLIPTextCfg(context_length=self.context_length, vocab_size=self.vocab_size,
+                                 width=self.text_width, heads=self.text_width // HEAD_WIDTH,
+                                 layers=self.text_layers),
+            quick_gelu=True,
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _expected_shapes(config: ClipConfig) -> Mapping[str, tuple[int, ...]]:
+    """State-dict keys and shapes of the open_clip ``CLIP`` for ``config``, built on the meta device (no init)."""
+    with torch.device("meta"):
+        model = config.build()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    """open_clip's ``SimpleTokenizer`` (OpenAI's BPE, vocabulary bundled with the package); built once."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def _capability_error(message: str) -> Exception:
+    """``CapabilityError`` when ``vlpbench.adapters.base`` defines it, else ``ConfigError``.
+
+    Looked up at call time because base.py's embedding API landed alongside this adapter; ``CapabilityError``
+    subclasses ``ConfigError``, so callers catching either are served.
+    """
+    from vlpbench.adapters import base
+
+    return getattr(base, "CapabilityError", ConfigError)(message)
+
+
+class ClipAdapter(Adapter):
+    """A ViT CLIP in OpenAI's layout (CheXzero, open_clip fine-tunes): embeddings and zero-shot scores.
+
+    Input contract: square images of ``image_size`` pixels (read from the weights: patch size × grid; 224 for
+    CheXzero), scaled to [0, 1] and normalised with ``mean``/``std``. Option ``normalization``: ``"openai"``
+    (default: OpenAI CLIP's statistics, what open_clip fine-tunes and CLIP-initialised models expect) or
+    ``"chexzero"``: CheXzero's zero_shot.py normalises with its own grayscale CXR statistics (101.48761,
+    83.43944 on the 0-255 scale) rather than OpenAI's; pick it to reproduce CheXzero's numbers.
+
+    Methods take preprocessed image tensors ``[B, 3, image_size, image_size]`` and run without gradients in
+    eval mode on the model's device (CPU after loading; ``self.model.to(device)`` moves it).
+    """
+
+    name = "clip"
+    description = "CLIP ViT fine-tuned on CXR (CheXzero, open_clip): OpenAI-layout weights; embeddings, zero-shot"
+    capabilities = frozenset({"embed_image", "embed_text", "dense_embed"})
+    mean = OPENAI_MEAN
+    std = OPENAI_STD
+    default_options = {"normalization": "openai"}
+    capability_hints = {"features": "a ViT CLIP has no multi-scale feature maps; segmentation and detection need "
+                                    "a CNN-encoder adapter such as 'mgca' or 'resnet50'"}
+    checkpoint_forms = (
+        "OpenAI-layout ViT CLIP state dict .pt (CheXzero's released checkpoints; visual.*, transformer.*, "
+        "token_embedding, positional_embedding, ln_final, text_projection, logit_scale)",
+        "open_clip trainer checkpoint ({'state_dict': {'module.<same keys>'}, ...}); optimizer etc. ignored",
+        "either inside {'state_dict': ...}, keys optionally prefixed 'module.' or '_orig_mod.'",
+        "Hugging Face CLIPModel directory (config.json + model.safetensors or pytorch_model.bin; ViT, QuickGELU)",
+    )
+
+    def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
+        """Load ``checkpoint`` strictly (see ``Adapter.__init__``) and build the open_clip model from it.
+
+        Raises:
+            ConfigError: an unknown option or ``normalization`` value, or no checkpoint.
+            CheckpointError: as ``Adapter.__init__``; also a vocabulary that OpenAI's BPE tokenizer does not
+                fit, or a Hugging Face directory that is incomplete or not expressible as an OpenAI CLIP.
+        """
+        super().__init__(checkpoint, **options)
+        self.mean, self.std = NORMALIZATIONS[self.options["normalization"]]
+        self.config = ClipConfig.from_state_dict(self._encoder_state)
+        self.image_size = self.config.image_size
+        n_tokens = len(_tokenizer().encoder)
+        if self.config.vocab_size != n_tokens:
+            raise CheckpointError(f"{self.checkpoint_path}: token_embedding has {self.config.vocab_size} rows, but "
+                                  f"OpenAI's BPE tokenizer has {n_tokens} tokens; not an OpenAI-vocabulary CLIP")
+        self.model = self.config.build()
+        self.model.load_state_dict(self._encoder_state)  # strict: map_weights accounted every key already
+        # The visual tower returns (pooled, patch tokens): one forward serves embed_image and dense_embed.
+        self.model.visual.output_tokens = True
+        self.model.eval().requires_grad_(False)
+
+    @classmethod
+    def map_weights(cls, checkpoint: Any, options: Mapping[str, Any]) -> Weights:
+        """Unwrap, ignore OpenAI's scalars, read the shape from the weights and account every key against it.
+
+        The returned ``Weights.encoder`` holds the whole CLIP state dict (open_clip ``CLIP`` key names, which
+        are OpenAI's). When a key the shape is read from is missing, nothing is built and the report lists it.
+        A Hugging Face directory (``HfClipDirectory``) is accounted under its HF key names and converted.
+
+        Raises:
+            CheckpointError: the object is not a dict of tensors, or it is a ResNet-based CLIP.
+        """
+        if isinstance(checkpoint, HfClipDirectory):
+            return _map_hf_weights(checkpoint)
+        report = LoadReport(_LAYOUT)
+        state, prefix = unwrap_state_dict(checkpoint, report, what="a CLIP checkpoint")
+        if any(isinstance(k, str) and k.startswith(_RESNET_KEYS) for k in state):
+            raise CheckpointError("this is a ResNet-based CLIP (keys visual.layer1.* / visual.attnpool.*); only "
+                                  "ViT CLIPs (visual.conv1, visual.transformer.*, visual.proj) are supported")
+        scalars, state = split_prefix(state, *OPENAI_SCALARS)
+        report.ignore(OPENAI_SCALARS_REASON, [prefix + k for k in scalars])
+
+        absent = [k for k in _SHAPE_KEYS if not isinstance(state.get(k), torch.Tensor)]
+        if absent:
+            report.missing += [prefix + k for k in absent]
+            report.unexpected += [f"{prefix}{k}" for k in state if k not in _SHAPE_KEYS]
+            return Weights(report, {})
+        config = ClipConfig.from_state_dict(state)
+        # The unwrapping notes are already appended to the layout; the architecture goes before them.
+        report.layout = f"{_LAYOUT}-{_arch_name(config)}{report.layout[len(_LAYOUT):]}"
+        return Weights(report, match_keys(state, _expected_shapes(config), report, source_prefix=prefix))
+
+    def encoder(self) -> torch.nn.Module:
+        """Refused: a ViT CLIP has no multi-scale encoder (module docstring).
+
+        Raises:
+            CapabilityError (``ConfigError`` where base.py has none): always.
+        """
+        raise _capability_error(_ENCODER_MESSAGE)
+
+    @torch.no_grad()
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``[B, embed_dim]``, L2-normalised (the projected class token)."""
+        return F.normalize(self._visual(images)[0], dim=-1)
+
+    @torch.no_grad()
+    def dense_embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings ``[B, embed_dim, grid, grid]``, normalised over the embedding dimension.
+
+        The patch tokens of the last block after ``ln_post`` and ``visual.proj``, i.e. in the space of the
+        image and text embeddings, as the class token is projected; grid = image_size / patch_size.
+        """
+        _, tokens = self._visual(images)
+        grid = self.config.image_size // self.config.patch_size
+        tokens = tokens @ self.model.visual.proj
+        return F.normalize(tokens.transpose(1, 2).reshape(len(tokens), -1, grid, grid), dim=1)
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        """Text embeddings ``[len(texts), embed_dim]``, L2-normalised.
+
+        Tokenised with OpenAI's BPE (lower-cased, cleaned) to the checkpoint's context length; longer texts
+        are truncated, keeping the end-of-text token the embedding is read from.
+        """
+        if isinstance(texts, str) or not texts:
+            raise ConfigError(f"embed_text takes a non-empty list of strings, got {texts!r}")
+        tokens = _tokenizer()(list(texts), context_length=self.config.context_length)
+        return self.model.encode_text(tokens.to(self._device()), normalize=True)
+
+    @torch.no_grad()
+    def zero_shot_scores(self, images: torch.Tensor, classes: Sequence[str],
+                         templates: tuple[str, str] = ("{}", "no {}"), *,
+                         apply_logit_scale: bool = True) -> torch.Tensor:
+        """CheXzero's zero-shot probability per image and class, ``[B, len(classes)]``.
+
+        For each class the positive and negative prompts (``templates``, formatted with the class name) are
+        embedded; the logits are the cosine similarities with the image embedding times
+        ``logit_scale.exp()``; the score is the positive entry of the softmax over the pair. CheXzero's own
+        ``run_softmax_eval`` takes the softmax of the bare cosine similarities: pass
+        ``apply_logit_scale=False`` to reproduce its probabilities. Both give the same ranking, hence AUROC.
+        Beware "No Finding": its negative prompt "no No Finding" inverts the meaning (CheXzero issue #19).
+
+        Raises:
+            ConfigError: ``templates`` is not a pair of strings each with one ``{}``, or ``classes`` is empty.
+        """
+        if len(templates) != 2 or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+            raise ConfigError(f"templates must be a (positive, negative) pair of strings with one '{{}}' each, "
+                              f"got {templates!r}")
+        if isinstance(classes, str) or not classes:
+            raise ConfigError(f"classes must be a non-empty list of class names, got {classes!r}")
+        image = self.embed_image(images)
+        text = self.embed_text([t.format(c) for c in classes for t in templates]).view(len(classes), 2, -1)
+        logits = torch.einsum("bd,cpd->bcp", image, text)
+        if apply_logit_scale:
+            logits = logits * self.model.logit_scale.exp()
+        return logits.softmax(dim=-1)[..., 0]
+
+    def describe(self) -> dict[str, Any]:
+        """``Adapter.describe`` plus the architecture read from the weights."""
+        return {**super().describe(), "architecture": asdict(self.config)}
+
+    def _visual(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the visual tower: (projected class token ``[B, D]``, patch tokens after ln_post ``[B, N, width]``).
+
+        Raises:
+            ConfigError: ``images`` is not ``[B, 3, image_size, image_size]`` (the positional embedding is fixed).
+        """
+        size = self.config.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ConfigError(f"adapter 'clip' takes images [B, 3, {size}, {size}] (its positional embedding "
+                              f"fixes the size), got {list(images.shape)}")
+        return self.model.visual(images.to(self._device(), torch.float32))
+
+    def _device(self) -> torch.device:
+        """Where the model's tensors are; inputs are moved there."""
+        return self.model.logit_scale.device
+
+    @classmethod
+    def _resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``Adapter._resolve_options``, also checking the ``normalization`` value (before anything is loaded).
+
+        Raises:
+            ConfigError: an unknown option, or a ``normalization`` other than those in ``NORMALIZATIONS``.
+        """
+        resolved = super()._resolve_options(options)
+        if resolved["normalization"] not in NORMALIZATIONS:
+            raise ConfigError(f"adapter 'clip': option normalization={resolved['normalization']!r} is not one of "
+                              f"{', '.join(NORMALIZATIONS)}")
+        return resolved
+
+    @classmethod
+    def _read(cls, checkpoint: str | Path | None) -> tuple[Any, str | None, str | None]:
+        """``Adapter._read``; a directory is read as a Hugging Face ``CLIPModel`` (``HfClipDirectory``)."""
+        if checkpoint is not None and Path(checkpoint).is_dir():
+            return _read_hf_directory(Path(checkpoint))
+        return super()._read(checkpoint)
+
+
+def _arch_name(config: ClipConfig) -> str:
+    """``"vit-b32"`` for OpenAI's ViT-B/32 shape, else a shape summary such as ``"vit-w64-l2-p8-32"``."""
+    if config == ClipConfig.vit_b32():
+        return "vit-b32"
+    return f"vit-w{config.vision_width}-l{config.vision_layers}-p{config.patch_size}-{config.image_size}"
+
+
+def write_clip_checkpoint(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    vit_b32: bool = False,
+    embed_dim: int = 32,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_width: int = 64,
+    vision_layers: int = 2,
+    text_width: int = 64,
+    text_layers: int = 2,
+    context_length: int = 77,
+    openai_scalars: bool = False,
+) -> Path:
+    """Write a random-init OpenAI-layout ViT CLIP state dict (CheXzero's file form); return its path.
+
+    The tensors are open_clip's default init of the shape given, drawn under ``torch.manual_seed(seed)`` in a
+    forked RNG (the caller's RNG is untouched; one seed always gives the same file). The defaults are tiny
+    (for tests); ``vit_b32=True`` gives OpenAI's ViT-B/32 shape instead (about 600 MB in fp32) and
+    overrides the shape arguments. The vocabulary is always OpenAI's 49408 BPE tokens.
+    ``openai_scalars=True`` adds ``input_resolution``, ``context_length`` and ``vocab_size`` as in OpenAI's
+    TorchScript archives.
+
+    Raises:
+        ConfigError: ``image_size`` not a multiple of ``patch_size``, or a width not a multiple of 64.
+    """
+    if vit_b32:
+        config = ClipConfig.vit_b32()
+    else:
+        if image_size % patch_size:
+            raise ConfigError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        if vision_width % HEAD_WIDTH or text_width % HEAD_WIDTH:
+            raise ConfigError(f"widths must be multiples of {HEAD_WIDTH} (the attention head width), got "
+                              f"vision {vision_width}, text {text_width}")
+        config = ClipConfig(embed_dim=embed_dim, image_size=image_size, patch_size=patch_size,
+                            vision_width=vision_width, vision_layers=vision_layers, context_length=context_length,
+                            vocab_size=len(_tokenizer().encoder), text_width=text_width, text_layers=text_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = config.build().state_dict()
+    if openai_scalars:
+        state |= {"input_resolution": torch.tensor(config.image_size),
+                  "context_length": torch.tensor(config.context_length),
+                  "vocab_size": torch.tensor(config.vocab_size)}
+    return save_checkpoint(state, path)
+
+
+# --- Hugging Face CLIPModel directories -------------------------------------------------------------------
+
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HF_POSITION_IDS_REASON = ("position_ids buffers of older transformers versions: the constant 0..n-1, "
+                          "recomputed by the model")
+_HF_LAYOUT = "clip-hf"
+# OpenAI module key part -> HF key part, for the parts that differ only in name. Ordered: the first matching
+# prefix wins, so "visual.transformer.resblocks." is tried before "transformer.resblocks.".
+_HF_RENAMES = (
+    ("visual.conv1.", "vision_model.embeddings.patch_embedding."),
+    ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    ("visual.ln_pre.", "vision_model.pre_layrnorm."),  # sic: HF's spelling
+    ("visual.ln_post.", "vision_model.post_layernorm."),
+    ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+    ("transformer.resblocks.", "text_model.encoder.layers."),
+    ("token_embedding.", "text_model.embeddings.token_embedding."),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("ln_final.", "text_model.final_layer_norm."),
+    ("logit_scale", "logit_scale"),
+)
+_HF_BLOCK_RENAMES = (
+    ("attn.out_proj.", "self_attn.out_proj."), ("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."),
+    ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2."),
+)
+# OpenAI's projections are [width, embed_dim] matrices applied as x @ P; HF's are Linear weights, P transposed.
+_HF_TRANSPOSED = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
+
+
+@dataclass
+class HfClipDirectory:
+    """A Hugging Face ``CLIPModel`` directory as ``ClipAdapter._read`` reads it.
+
+    Attributes:
+        config: the architecture, from ``config.json``.
+        state: the weights file's state dict, under HF key names.
+        weights_file: the name of the file the weights came from (one of ``HF_WEIGHT_FILES``).
+    """
+
+    config: ClipConfig
+    state: dict[str, Any] = field(repr=False)
+    weights_file: str
+
+
+def _read_hf_directory(directory: Path) -> tuple[HfClipDirectory, str, str]:
+    """Read ``directory`` as a Hugging Face ``CLIPModel``: ``(HfClipDirectory, directory, sha256 of the weights)``.
+
+    Raises:
+        CheckpointError: no ``config.json`` or weights file, sharded weights, a config that is not a CLIP or
+            not expressible as an OpenAI CLIP, or an unsafe or unreadable weights file.
+    """
+    from transformers import CLIPConfig
+
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} is a directory without config.json, not a Hugging Face CLIPModel "
+                              "directory; pass an OpenAI-layout state dict (.pt) or an open_clip checkpoint file")
+    weights = next((directory / name for name in HF_WEIGHT_FILES if (directory / name).is_file()), None)
+    if weights is None:
+        sharded = any(directory.glob("*.index.json"))
+        raise CheckpointError(f"{directory} has no {' or '.join(HF_WEIGHT_FILES)}"
+                              + ("; sharded weights are not supported (a CLIP ViT fits in one file: re-save it "
+                                 "with a larger max_shard_size)" if sharded else ""))
+    try:
+        hf = CLIPConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as e:  # transformers: OSError for unreadable files, ValueError for other models
+        raise CheckpointError(f"{directory}/config.json is not a Hugging Face CLIP config: {e}") from e
+    for what, tower in (("vision", hf.vision_config), ("text", hf.text_config)):
+        found = {
+            "hidden_act": tower.hidden_act,
+            "head width": tower.hidden_size / tower.num_attention_heads,
+            "intermediate_size / hidden_size": tower.intermediate_size / tower.hidden_size,
+            "layer_norm_eps": tower.layer_norm_eps,
+        }
+        wanted = {"hidden_act": "quick_gelu", "head width": HEAD_WIDTH, "intermediate_size / hidden_size": 4,
+                  "layer_norm_eps": 1e-5}
+        wrong = {k: v for k, v in found.items() if v != wanted[k]}
+        if wrong:
+            raise CheckpointError(f"{directory}/config.json: the {what} tower has {wrong}, which OpenAI's CLIP "
+                                  f"architecture cannot express (it has {wanted})")
+    vision, text = hf.vision_config, hf.text_config
+    config = ClipConfig(embed_dim=hf.projection_dim, image_size=vision.image_size, patch_size=vision.patch_size,
+                        vision_width=vision.hidden_size, vision_layers=vision.num_hidden_layers,
+                        context_length=text.max_position_embeddings, vocab_size=text.vocab_size,
+                        text_width=text.hidden_size, text_layers=text.num_hidden_layers)
+    state, sha256 = load_state_dict_file(weights)
+    return HfClipDirectory(config, state, weights.name), str(directory), sha256
+
+
+def _hf_names(key: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """The HF key(s) and shape(s) that hold OpenAI module key ``key`` (three for a fused q/k/v projection)."""
+    if key in _HF_TRANSPOSED:
+        return [(_HF_TRANSPOSED[key], shape[::-1])]
+    old, new = next((o, n) for o, n in _HF_RENAMES if key.startswith(o))
+    name = new + key[len(old):]
+    block = re.match(r"(.*\.layers\.\d+\.)(.*)", name)
+    if block is None:
+        return [(name, shape)]
+    head, part = block.groups()
+    if part.startswith("attn.in_proj_"):
+        kind = part.removeprefix("attn.in_proj_")
+        return [(f"{head}self_attn.{p}_proj.{kind}", (shape[0] // 3, *shape[1:])) for p in "qkv"]
+    old, new = next((o, n) for o, n in _HF_BLOCK_RENAMES if part.startswith(o))
+    return [(head + new + part[len(old):], shape)]
+
+
+def _map_hf_weights(directory: HfClipDirectory) -> Weights:
+    """Account the HF keys strictly under their own names, then convert them to the OpenAI module keys."""
+    report = LoadReport(f"{_HF_LAYOUT}-{_arch_name(directory.config)} ({directory.weights_file})")
+    position_ids, state = split_prefix(directory.state, "vision_model.embeddings.position_ids",
+                                       "text_model.embeddings.position_ids")
+    report.ignore(HF_POSITION_IDS_REASON, list(position_ids))
+    sources = {key: _hf_names(key, shape) for key, shape in _expected_shapes(directory.config).items()}
+    found = match_keys(state, {name: shape for names in sources.values() for name, shape in names}, report)
+    module_key = {name: key for key, names in sources.items() for name, _ in names}
+    report.mapped = [(name, module_key[name]) for name, _ in report.mapped]
+
+    converted: dict[str, torch.Tensor] = {}
+    for key, names in sources.items():
+        if all(name in found for name, _ in names):
+            tensors = [found[name] for name, _ in names]
+            if key in _HF_TRANSPOSED:
+                converted[key] = tensors[0].T.contiguous()
+            else:  # q, k, v stack into in_proj in that order; a single tensor (also 0-d logit_scale) is kept
+                converted[key] = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+    return Weights(report, converted)
