@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from vlpbench.data import SYNTHETIC_MARKER
 from vlpbench.data.lungs import load_lung_masks
 from vlpbench.errors import DataError
 
 GENERATOR = "vlpbench synth"
-SYNTHETIC_MARKER = "VLPBENCH_SYNTHETIC.json"
 
 # Anatomy is drawn at this size and resized: it is smooth, so only lesions and the grain need the
 # full resolution.

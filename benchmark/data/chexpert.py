@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpbench.data.chest import SYNTHETIC_MARKER
+from vlpbench.data import is_synthetic
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, multilabel_subset, stratified_sample, write_split
 from vlpbench.data.xrv_files import xrv_data_file
@@ -268,7 +268,7 @@ class ChexpertSource:
     @property
     def synthetic(self) -> bool:
         """True for a dataset written by :func:`vlpbench.data.synth_chexpert.synth_chexpert`."""
-        return any((folder / SYNTHETIC_MARKER).is_file() for folder in (self.root, self.folder.parent))
+        return is_synthetic(self.root, self.folder.parent)
 
     @property
     def image_ids(self) -> list[str]:
@@ -544,7 +544,7 @@ class ChexpertTestSet:
     def synthetic(self) -> bool:
         """True for a test set written by :func:`vlpbench.data.synth_chexpert.synth_chexpert`: the
         marker is in ``root`` or, when ``root`` is the release folder, in its parent."""
-        return any((folder / SYNTHETIC_MARKER).is_file() for folder in (self.root, self.label_file.parent.parent))
+        return is_synthetic(self.root, self.label_file.parent.parent)
 
     @property
     def image_ids(self) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpbench.data.chest import SYNTHETIC_MARKER
+from vlpbench.data import is_synthetic
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, nested_subsets, stratified_sample, write_split
 from vlpbench.errors import DataError
@@ -200,7 +200,7 @@ class CovidxSource:
     @property
     def synthetic(self) -> bool:
         """True for a dataset written by :func:`vlpbench.data.synth_covidx.synth_covidx`."""
-        return (self.root / SYNTHETIC_MARKER).is_file()
+        return is_synthetic(self.root)
 
     def _row(self, image_id: str) -> tuple[str, str, str | None, str]:
         try:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpbench.data.chest import SYNTHETIC_MARKER
+from vlpbench.data import is_synthetic
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, multilabel_subset, write_split
 from vlpbench.errors import DataError
@@ -340,7 +340,7 @@ class Cxr14Source:
     @property
     def synthetic(self) -> bool:
         """True for a dataset written by :func:`vlpbench.data.synth_cxr14.synth_cxr14`."""
-        return (self.root / SYNTHETIC_MARKER).is_file()
+        return is_synthetic(self.root)
 
     def entry(self, image_id: str) -> Cxr14Entry:
         """The image's Data_Entry row.

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpbench.data.chest import SYNTHETIC_MARKER
+from vlpbench.data import is_synthetic
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, multilabel_subset, write_split
 from vlpbench.errors import DataError
@@ -309,7 +309,7 @@ class MimicCxrSource:
     @property
     def synthetic(self) -> bool:
         """True for a dataset written by :func:`vlpbench.data.synth_mimic_cxr.synth_mimic_cxr`."""
-        return any((p / SYNTHETIC_MARKER).is_file() for p in (self.root, self.folder))
+        return is_synthetic(self.root, self.folder)
 
     @property
     def image_ids(self) -> list[str]:

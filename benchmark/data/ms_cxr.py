@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpbench.data.chest import SYNTHETIC_MARKER
+from vlpbench.data import is_synthetic
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, write_split
 from vlpbench.errors import DataError
@@ -213,7 +213,7 @@ class MsCxrSource:
     @property
     def synthetic(self) -> bool:
         """True for a dataset written by :func:`vlpbench.data.synth_ms_cxr.synth_ms_cxr`."""
-        return any((p / SYNTHETIC_MARKER).is_file() for p in (self.root, self.label_file.parent))
+        return is_synthetic(self.root, self.label_file.parent)
 
     @property
     def image_ids(self) -> list[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from vlpbench.data.chest import SYNTHETIC_MARKER
+from vlpbench.data import is_synthetic
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, nested_subsets, stratified_sample, write_split
 from vlpbench.errors import DataError
@@ -336,7 +336,7 @@ class ObjectCxrSource:
     @property
     def synthetic(self) -> bool:
         """True for a dataset written by :func:`vlpbench.data.synth_object_cxr.synth_object_cxr`."""
-        return (self.root / SYNTHETIC_MARKER).is_file() or (self.folder / SYNTHETIC_MARKER).is_file()
+        return is_synthetic(self.root, self.folder)
 
     def _lookup(self, image_id: str) -> list[Object]:
         try:

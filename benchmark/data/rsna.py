@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
 
-from vlpbench.data.chest import SYNTHETIC_MARKER
+from vlpbench.data import is_synthetic
 from vlpbench.data.dicom import read_dicom
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import nested_subsets, stratified_split, write_split
@@ -271,7 +271,7 @@ class RsnaSource:
     @property
     def synthetic(self) -> bool:
         """True for a dataset written by :func:`vlpbench.data.synth_rsna.synth_rsna`."""
-        return (self.root / SYNTHETIC_MARKER).is_file()
+        return is_synthetic(self.root)
 
     def _rows(self, image_id: str) -> list[Box]:
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpbench.data.dicom import read_dicom
-from vlpbench.data.chest import SYNTHETIC_MARKER
+from vlpbench.data import is_synthetic
 from vlpbench.errors import DataError
 
 HEIGHT = WIDTH = 1024
@@ -194,7 +194,7 @@ class SiimSource:
     @property
     def synthetic(self) -> bool:
         """True for a dataset written by :func:`vlpbench.data.synth_siim.synth_siim`."""
-        return (self.root / SYNTHETIC_MARKER).is_file()
+        return is_synthetic(self.root)
 
     def _rows(self, image_id: str) -> list[str]:
         try:

@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vlpbench.data.chest import SYNTHETIC_MARKER, blur, pick_lung, prepare_output, render, resize_field, smooth_noise
+from vlpbench.data import SYNTHETIC_MARKER
+from vlpbench.data.chest import blur, pick_lung, prepare_output, render, resize_field, smooth_noise
 from vlpbench.data.chest import lungs as lung_masks
 from vlpbench.data.chest import write_marker
 from vlpbench.data.cxr14 import (
