@@ -34,6 +34,10 @@ from vlpbench.errors import CheckpointError, ConfigError
 
 # Embedding capabilities used by the zero-shot and grounding protocols (see ``Adapter.embed_image`` etc.).
 EMBED_IMAGE, EMBED_TEXT, DENSE_EMBED = "embed_image", "embed_text", "dense_embed"
+# What the zero-shot protocols ask for. An adapter with image and text embeddings has ZERO_SHOT through
+# the default ``zero_shot_scores``; with dense and text embeddings it has GROUNDING through the default
+# ``grounding_maps``. Models that score classes another way (MedKLIP's entity queries) declare them directly.
+ZERO_SHOT, GROUNDING = "zero_shot", "grounding"
 
 
 class CapabilityError(ConfigError):
@@ -406,6 +410,26 @@ class Weights:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def derived_capabilities(capabilities: Iterable[str]) -> frozenset[str]:
+    """ZERO_SHOT and GROUNDING where the embeddings behind the default implementations are present."""
+    have = set(capabilities)
+    derived = set()
+    if {EMBED_IMAGE, EMBED_TEXT} <= have:
+        derived.add(ZERO_SHOT)
+    if {DENSE_EMBED, EMBED_TEXT} <= have:
+        derived.add(GROUNDING)
+    return frozenset(derived)
+
+
+def check_zero_shot_arguments(classes: list[str], templates: tuple[str, str]) -> None:
+    """Raise ``ConfigError`` unless ``classes`` is a non-empty list and ``templates`` a pair with one ``{}`` each."""
+    if len(templates) != 2 or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+        raise ConfigError(f"templates must be a (positive, negative) pair of strings with one '{{}}' each, "
+                          f"got {templates!r}")
+    if isinstance(classes, str) or not classes:
+        raise ConfigError(f"classes must be a non-empty list of class names, got {classes!r}")
+
+
 class Adapter(abc.ABC):
     """Base class of model adapters; subclasses implement ``map_weights``.
 
@@ -463,6 +487,17 @@ class Adapter(abc.ABC):
         self._extra_state = weights.extra
         if weights.decoder is None:
             self.capabilities = type(self).capabilities - {"decoder"}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.capabilities = frozenset(cls.capabilities) | derived_capabilities(cls.capabilities)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ZERO_SHOT and GROUNDING follow from the embeddings, however a subclass narrows its capabilities.
+        if name == "capabilities":
+            value = frozenset(value)
+            value = (value - {ZERO_SHOT, GROUNDING}) | derived_capabilities(value) | (value & self.native_capabilities)
+        super().__setattr__(name, value)
 
     @classmethod
     @abc.abstractmethod
@@ -555,6 +590,45 @@ class Adapter(abc.ABC):
     def dense_embed(self, images: torch.Tensor) -> torch.Tensor:
         """Per-location embeddings ``(B, D, h, w)`` of preprocessed images, L2-normalised over ``D``."""
         raise CapabilityError(self._capability_message([DENSE_EMBED]))
+
+    # ZERO_SHOT / GROUNDING that the adapter implements itself rather than through the embeddings.
+    native_capabilities: ClassVar[frozenset[str]] = frozenset()
+    # Whether ``grounding_maps`` takes free text (a phrase) or only class names the model knows.
+    free_text: ClassVar[bool] = True
+
+    def zero_shot_scores(self, images: torch.Tensor, classes: list[str],
+                         templates: tuple[str, str] = ("{}", "no {}")) -> torch.Tensor:
+        """Probability that each class is present, ``(B, len(classes))``, for preprocessed images.
+
+        The default is CheXzero's: per class, the cosine similarities of the image embedding with the
+        positive and the negative prompt (``templates`` formatted with the class name), and the softmax
+        over that pair (``run_softmax_eval``: bare cosines, no logit scale), read at the positive prompt.
+
+        Raises:
+            CapabilityError: the adapter has no image or no text embedding.
+            ConfigError: ``templates`` is not a pair of strings with one ``{}`` each, or no classes.
+        """
+        self.require(ZERO_SHOT)
+        check_zero_shot_arguments(classes, templates)
+        image = self.embed_image(images)
+        text = self.embed_text([t.format(c) for c in classes for t in templates]).view(len(classes), 2, -1)
+        return torch.einsum("bd,cpd->bcp", image, text.to(image.device)).softmax(dim=-1)[..., 0]
+
+    def grounding_maps(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Heat maps ``(B, len(texts), h, w)`` at the model's own resolution: higher = more likely there.
+
+        The default is BioViL's: the cosine similarity of each text embedding with each location of
+        ``dense_embed``. Adapters whose ``free_text`` is False take class names they know instead of phrases.
+
+        Raises:
+            CapabilityError: the adapter has no dense or no text embedding.
+        """
+        self.require(GROUNDING)
+        if isinstance(texts, str) or not texts:
+            raise ConfigError(f"grounding_maps takes a non-empty list of texts, got {texts!r}")
+        dense = self.dense_embed(images)
+        text = self.embed_text(list(texts)).to(dense.device)
+        return torch.einsum("bdhw,td->bthw", dense, text)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Bring images to the input contract: resize to ``image_size``², normalise with ``mean``/``std``.

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from vlpbench.adapters.base import (
     Adapter,
+    check_zero_shot_arguments,
     LoadReport,
     Weights,
     load_state_dict_file,
@@ -312,11 +313,7 @@ class ClipAdapter(Adapter):
         Raises:
             ConfigError: ``templates`` is not a pair of strings each with one ``{}``, or ``classes`` is empty.
         """
-        if len(templates) != 2 or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
-            raise ConfigError(f"templates must be a (positive, negative) pair of strings with one '{{}}' each, "
-                              f"got {templates!r}")
-        if isinstance(classes, str) or not classes:
-            raise ConfigError(f"classes must be a non-empty list of class names, got {classes!r}")
+        check_zero_shot_arguments(classes, templates)
         image = self.embed_image(images)
         text = self.embed_text([t.format(c) for c in classes for t in templates]).view(len(classes), 2, -1)
         logits = torch.einsum("bd,cpd->bcp", image, text)

@@ -162,16 +162,16 @@ def score(task: str, predictions: str | Path, *, data_root: str | Path | None = 
           split: str = "test", bootstrap_resamples: int = 1000) -> dict[str, Any]:
     """Score predictions made by any framework against ``split`` with the task's canonical metric."""
     from vlpbench.data.splits import dataset_split
-    from vlpbench.scoring import score_segmentation
+    from vlpbench.registry import SCORERS
 
     spec = load_task(task)
-    if spec.protocol != "segmentation":
-        raise ConfigError(f"score: task {spec.name} ({spec.protocol}) has no scorer yet")
+    scorer = SCORERS.get(spec.protocol)
     source = open_dataset(spec, data_root)
     split_obj = dataset_split(spec.dataset, source, spec.split)
     ids, _ = split_ids(split_obj, split, source)
-    result = score_segmentation(Path(predictions), ids, source, threshold=spec.config["threshold"],
-                                bootstrap_resamples=bootstrap_resamples)
+    val_ids = split_ids(split_obj, "val", source)[0] if "val" in split_obj.parts and split != "val" else None
+    result = scorer(Path(predictions), source, ids, spec.config, val_ids=val_ids,
+                    bootstrap_resamples=bootstrap_resamples)
     return {"task": spec.name, "version": spec.version, "split": split,
             "split_sha256": split_obj.manifest_sha256, **result}
 

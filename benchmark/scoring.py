@@ -58,9 +58,11 @@ def find_predictions(folder: Path, ids: list[str]) -> dict[str, Path]:
     return found
 
 
-def score_segmentation(folder: Path, ids: list[str], source, *, threshold: float = 0.5,
-                       bootstrap_resamples: int = 1000) -> dict[str, Any]:
-    """Per-image Dice of each prediction against the full-resolution ground truth of ``ids``."""
+def score_segmentation(folder: Path, source, ids: list[str], config: dict[str, Any], *,
+                       val_ids: list[str] | None = None, bootstrap_resamples: int = 1000) -> dict[str, Any]:
+    """Per-image Dice of each prediction against the full-resolution ground truth of ``ids``, at the task's
+    ``threshold``."""
+    threshold = config["threshold"]
     found = find_predictions(folder, ids)
     scores = np.empty(len(ids))
     for index, image_id in enumerate(ids):

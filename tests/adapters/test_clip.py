@@ -58,7 +58,7 @@ def test_openai_layout_loads_with_every_key_mapped(adapter, state):
     assert adapter.config == ClipConfig(embed_dim=DIM, image_size=SIZE, patch_size=8, vision_width=64,
                                         vision_layers=2, context_length=77, vocab_size=49408, text_width=64,
                                         text_layers=2)
-    assert adapter.capabilities == {"embed_image", "embed_text", "dense_embed"}
+    assert adapter.capabilities == {"embed_image", "embed_text", "dense_embed", "zero_shot", "grounding"}
     assert adapter.image_size == SIZE and adapter.mean == OPENAI_MEAN and adapter.decoder_state_dict() is None
     assert adapter.describe()["architecture"]["vision_layers"] == 2
 

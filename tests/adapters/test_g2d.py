@@ -115,7 +115,7 @@ def test_decoder_state_dict_is_the_checkpoint_decoder_and_loads_into_unet(adapte
 def test_encoder_layout_has_no_decoder(adapters):
     assert adapters["encoder"].decoder_state_dict() is None
     assert adapters["encoder"].capabilities == frozenset({"features"})
-    assert G2DAdapter.capabilities == frozenset({"features", "decoder", "embed_image", "embed_text", "dense_embed"})
+    assert G2DAdapter.capabilities == frozenset({"features", "decoder", "embed_image", "embed_text", "dense_embed", "zero_shot", "grounding"})
 
 
 def test_one_seed_gives_the_same_image_weights_in_every_layout(adapters):

@@ -76,7 +76,7 @@ def test_tiny_bert_checkpoint_loads_with_every_key_accounted(adapter):
     assert {reason: len(keys) for reason, keys in report.ignored.items()} == {
         TRAINING_STATE_REASON: 2, PSEUDO_CONV_REASON: 2,
     }
-    assert adapter.capabilities == {"features", "decoder", "embed_image", "embed_text", "dense_embed"}
+    assert adapter.capabilities == {"features", "decoder", "embed_image", "embed_text", "dense_embed", "zero_shot", "grounding"}
     adapter.require("embed_image", "embed_text", "dense_embed")
 
 
