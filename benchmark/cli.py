@@ -121,7 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=_splits_verify)
 
     command("models", "List the model adapters.", "vlpbench models", _models)
-    command("tasks", "List the tasks.", "vlpbench tasks", _tasks)
+    p = command("tasks", "List the tasks; --verbose adds each task's classes, prompts and settings.",
+                "vlpbench tasks --verbose", _tasks)
+    p.add_argument("--verbose", dest="details", action="store_true",
+                   help="show every task's configuration (classes, prompts, hyper-parameters) and sources")
     return parser
 
 
@@ -242,7 +245,24 @@ def _models(args: argparse.Namespace) -> int:
 def _tasks(args: argparse.Namespace) -> int:
     from vlpbench import api
 
-    _print_rows(api.task_table())
+    if not args.details:
+        _print_rows(api.task_table())
+        return 0
+    import yaml
+
+    from vlpbench.tasks import load_task, task_names
+
+    blocks = []
+    for name in task_names():
+        spec = load_task(name)
+        head = (f"{spec.name} (v{spec.version}): {spec.description}\n"
+                f"  dataset {spec.dataset}/{spec.split}; protocol {spec.protocol}; "
+                f"{spec.primary_metric} ({'higher' if spec.higher_is_better else 'lower'} is better); "
+                f"fractions {', '.join(f'{f:g}' for f in spec.fractions)}")
+        body = yaml.safe_dump({"config": spec.config, "sources": spec.sources}, sort_keys=False, width=100,
+                              default_flow_style=None)
+        blocks.append(head + "\n" + "\n".join("  " + line for line in body.rstrip().splitlines()))
+    print("\n\n".join(blocks))
     return 0
 
 

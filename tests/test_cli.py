@@ -30,12 +30,20 @@ def test_models_and_tasks_list_the_registered_entries(capsys):
     blocks = {block.split()[0]: block for block in out.strip().split("\n\n")}
     for model in ("g2d", "random", "resnet50", "mgca", "generic", "clip"):
         assert model in blocks
-    assert "capabilities: decoder, dense_embed, embed_image, embed_text, features" in blocks["g2d"]
-    assert "capabilities: dense_embed, embed_image, embed_text" in blocks["clip"]
+    assert "capabilities: decoder, dense_embed, embed_image, embed_text, features, grounding, zero_shot" in blocks["g2d"]
+    assert "capabilities: dense_embed, embed_image, embed_text, grounding, zero_shot" in blocks["clip"]
     assert "capabilities: features" in blocks["random"] and "checkpoints:" in blocks["random"]
     assert "plug-in from" not in blocks["g2d"]
     assert main(["tasks"]) == 0
     assert "siim_seg" in capsys.readouterr().out
+
+
+def test_tasks_verbose_shows_each_tasks_configuration_and_sources(capsys):
+    assert main(["tasks", "--verbose"]) == 0
+    blocks = {block.split()[0]: block for block in capsys.readouterr().out.strip().split("\n\n")}
+    assert "protocol segmentation; dice (higher is better); fractions 0.01, 0.1, 1" in blocks["siim_seg"]
+    assert "    batch_size: 16" in blocks["rsna_seg"] and "    betas: [0.9, 0.999]" in blocks["rsna_seg"]
+    assert "  sources:" in blocks["siim_seg"]
 
 
 def test_user_errors_exit_2_with_a_message_and_no_traceback(capsys, tmp_path):

@@ -98,6 +98,10 @@ def random_affine(batch: int, scale_limit: float, rotate_deg: float, p: float,
     return theta
 
 
+# smp's default U-Net decoder widths, deepest first (MGCA and G2D use the 5-stage default).
+_DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+
 class UNet(torch.nn.Module):
     """smp U-Net (1 class) around the adapter's encoder; ``encoder_name`` is the adapter's smp encoder name."""
 
@@ -106,8 +110,11 @@ class UNet(torch.nn.Module):
         import segmentation_models_pytorch as smp
 
         # Build with the same key layout as G2D's published *_encoder_decoder.pth (for "resnet50"), then swap
-        # in the adapter's encoder (weights already loaded strictly by the adapter).
-        unet = smp.Unet(encoder_name, encoder_weights=None, in_channels=3, classes=1, activation=None)
+        # in the adapter's encoder (weights already loaded strictly by the adapter). An encoder that declares
+        # fewer stages (MedKLIP ends at layer3, stride 16) gets a decoder with one up-block per stage it has.
+        depth = len(encoder.out_channels) - 1
+        unet = smp.Unet(encoder_name, encoder_weights=None, in_channels=3, classes=1, activation=None,
+                        encoder_depth=depth, decoder_channels=_DECODER_CHANNELS[:depth])
         if tuple(encoder.out_channels) != tuple(unet.encoder.out_channels):
             raise VlpbenchError(f"encoder channels {tuple(encoder.out_channels)} do not match the "
                                 f"{encoder_name} U-Net's {tuple(unet.encoder.out_channels)}")
