@@ -63,6 +63,21 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_tree(folder: str | Path, names: Iterable[str]) -> tuple[str, list[str]]:
+    """One sha256 over the files ``names`` (paths relative to ``folder``) that exist there.
+
+    For folders read piecewise, such as a Hugging Face text encoder (config, tokenizer files, weights):
+    the digest covers each present file's relative path and content digest, in sorted order, so it
+    changes when any of them does. Returns ``(hex digest, the relative paths hashed, sorted)``.
+    """
+    folder = Path(folder)
+    present = sorted(name for name in set(names) if (folder / name).is_file())
+    digest = hashlib.sha256()
+    for name in present:
+        digest.update(f"{name}\0{sha256_file(folder / name)}\n".encode())
+    return digest.hexdigest(), present
+
+
 # The containers training frameworks pickle around hyper-parameters, by the path pickle records for them,
 # with the harmless stand-in each is rebuilt as. Lightning's AttributeDict is a dict with attribute
 # access; torch's weights-only unpickler fills only exact dicts, so it comes back as a plain dict.
@@ -459,6 +474,9 @@ class Adapter(abc.ABC):
     takes_checkpoint: ClassVar[bool] = True
     default_options: ClassVar[Mapping[str, Any]] = {}
     encoder_name: str = "resnet50"
+    # How many downsampling stages ``encoder()`` has: 5 (strides up to 32) unless a model's checkpoint stops
+    # earlier (MedKLIP: 4, up to stride 16); protocols build their heads from ``encoder().out_channels``.
+    encoder_depth: ClassVar[int] = 5
     checkpoint_forms: ClassVar[tuple[str, ...]] = ()
     capability_hints: ClassVar[Mapping[str, str]] = {}
 

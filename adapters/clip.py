@@ -335,7 +335,9 @@ class ClipAdapter(Adapter):
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ConfigError(f"adapter 'clip' takes images [B, 3, {size}, {size}] (its positional embedding "
                               f"fixes the size), got {list(images.shape)}")
-        return self.model.visual(images.to(self._device(), torch.float32))
+        # The model follows the images' device (a protocol puts them on its --device), as the other adapters do.
+        self.model.to(images.device)
+        return self.model.visual(images.float())
 
     def _device(self) -> torch.device:
         """Where the model's tensors are; inputs are moved there."""

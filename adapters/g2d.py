@@ -37,6 +37,7 @@ from vlpbench.adapters.base import (
     match_keys,
     match_resnet50_encoder,
     save_checkpoint,
+    sha256_tree,
     split_prefix,
     unet_decoder_shapes,
 )
@@ -58,6 +59,10 @@ _UNET_PARTS = ("encoder.", "decoder.", "segmentation_head.")
 _PROJ, _POOL_HEADS, _POOL_POSITIONS = 128, 4, (256 // 32) ** 2 + 1
 # Training tokenisation truncates at 256 tokens (PRETRAIN/utils/dataset.py).
 _TEXT_MAX_LENGTH = 256
+# What BertConfig and AutoTokenizer read from a local Hugging Face BERT folder; those present are hashed into
+# result records. The weights are not among them: they come from the checkpoint.
+TEXT_ENCODER_FILES = ("config.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                      "tokenizer.json", "added_tokens.json")
 
 
 class G2DAdapter(Adapter):
@@ -112,11 +117,13 @@ class G2DAdapter(Adapter):
                 config = extra["text_config"]
                 self._bert = _loaded(BertModel(config, add_pooling_layer=True), extra["lm_model"])
                 self._proj_t = _loaded(_proj_t(config.hidden_size), extra["proj_t"])
-                self._tokenizer = _load_tokenizer(self.options["text_encoder"])
+                self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
             else:
                 lacking.add(EMBED_TEXT)
         self.capabilities = self.capabilities - lacking
         self._image_encoder: nn.Module | None = None
+        self._text_encoder_record = (text_encoder_record(self.options["text_encoder"])
+                                     if self._bert is not None else None)
 
     @classmethod
     def map_weights(cls, checkpoint: Any, options: Mapping[str, Any]) -> Weights:
@@ -152,6 +159,13 @@ class G2DAdapter(Adapter):
             report.ignore(TEXT_SIDE_REASON, list(text_side))
         encoder, decoder = _map_unet(image_side, report, prefix="img_model.")
         return Weights(report, encoder, decoder, extra)
+
+    def describe(self) -> dict[str, Any]:
+        """``Adapter.describe`` plus, with ``text_encoder``, the folder and the sha256 of the files read from it."""
+        record = super().describe()
+        if self._text_encoder_record is not None:
+            record["text_encoder"] = self._text_encoder_record
+        return record
 
     # --- embeddings (G2D PRETRAIN/models/cnn_ae.py: get_img_emb, get_text_emb) ------------------------
 
@@ -309,14 +323,25 @@ def _map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: Load
     }
 
 
-def _load_tokenizer(text_encoder: str) -> Any:
-    """The tokenizer saved in ``text_encoder`` (local files only)."""
+def load_tokenizer(text_encoder: str, adapter: str) -> Any:
+    """The tokenizer saved in ``text_encoder`` (local files only); ``adapter`` names the adapter in errors.
+
+    Raises:
+        ConfigError: no tokenizer can be loaded from the folder.
+    """
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(text_encoder, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"adapter 'g2d': no tokenizer can be loaded from text_encoder={text_encoder!r}: {e}") from e
+        raise ConfigError(f"adapter {adapter!r}: no tokenizer can be loaded from text_encoder={text_encoder!r}: "
+                          f"{e}") from e
+
+
+def text_encoder_record(folder: str, names: tuple[str, ...] = TEXT_ENCODER_FILES) -> dict[str, Any]:
+    """``{"path", "sha256", "files"}`` of a text-encoder folder: one digest over the files ``names`` found there."""
+    digest, files = sha256_tree(folder, names)
+    return {"path": folder, "sha256": digest, "files": files}
 
 
 def _map_unet(
