@@ -64,6 +64,16 @@ def split_ids(split, part: str, source) -> tuple[list[str], int]:
     return [i for i in ids if i not in absent], len(missing)
 
 
+def derived_test_split(source):
+    """The split that the reader's module derives from the user's files for a test set the committed
+    split leaves out (CheXpert: the frontal images of valid.csv, ``vlpbench.data.chexpert.test_split``),
+    or None where the module derives none."""
+    import importlib
+
+    derive = getattr(importlib.import_module(type(source).__module__), "test_split", None)
+    return derive(source) if derive is not None else None
+
+
 def run(
     model: str,
     task: str,
@@ -106,10 +116,13 @@ def run(
 
     source = open_dataset(spec, data_root)
     split = dataset_split(spec.dataset, source, spec.split)
+    test_split = split if "test" in split.parts else derived_test_split(source) or split
     parts = {}
     absent = {}
-    for role, part in (("train", split.part_for_fraction(frac)), ("val", "val"), ("test", "test")):
-        parts[role], absent[role] = split_ids(split, part, source)
+    for role, part, holder in (("train", split.part_for_fraction(frac), split), ("val", "val", split),
+                               ("test", "test", test_split)):
+        # A part the split lacks (an evaluation-only set has only test) gives no ids.
+        parts[role], absent[role] = split_ids(holder, part, source) if part in holder.parts else ([], 0)
     if source.synthetic:
         log.warning("synthetic dataset at %s: using the %d/%d/%d split images it holds",
                     getattr(source, "root", data_root), len(parts["train"]), len(parts["val"]), len(parts["test"]))
@@ -119,7 +132,7 @@ def run(
     np.random.seed(seed)
     started = time.perf_counter()
     protocol = PROTOCOLS.get(spec.protocol)
-    outcome = protocol(adapter, source, SplitIds(**parts), config, seed=seed,
+    outcome = protocol(adapter, source, SplitIds(**parts, fraction=frac), config, seed=seed,
                        device=torch_device, progress=progress)
     outcome["timing"]["wall_s"] = time.perf_counter() - started
 
@@ -130,7 +143,8 @@ def run(
         frac=frac,
         seed=seed,
         split={"dataset": split.dataset, "version": split.version, "sha256": split.manifest_sha256,
-               "part": split.part_for_fraction(frac)},
+               "part": split.part_for_fraction(frac),
+               **({} if test_split is split else {"test_sha256": test_split.manifest_sha256})},
         metrics=outcome["metrics"],
         primary_metric=spec.primary_metric,
         n=outcome["n"],
@@ -147,15 +161,57 @@ def run(
     return record, path
 
 
-def table(results: str | Path = DEFAULT_RESULTS) -> str:
-    """The Markdown leaderboard of every record under ``results``."""
-    from vlpbench.report.table import markdown_table
+def table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: list[str] | None = None,
+          tasks: list[str] | None = None, fracs: list[float] | None = None, group: str | None = None,
+          metrics: list[str] | None = None, reference: bool | str | Path = False) -> str:
+    """The leaderboard of the records under ``results`` in ``fmt`` (md, latex, csv or html).
+
+    ``models`` / ``tasks`` / ``fracs`` / ``group`` filter the records, ``metrics`` picks the metrics
+    shown per task (default: the primary one), and ``reference`` adds the published rows of a
+    folder of reference files (True: ``<results>/reference``, else the checkout's
+    ``results/reference``). See :func:`vlpbench.report.table.render_table`.
+    """
+    from vlpbench.report.reference import default_reference_dir, load_references
+    from vlpbench.report.table import render_table
     from vlpbench.results import load_records
 
     records = load_records(results)
     if not records:
         raise DataError(f"no result records under {Path(results) / 'runs'} (run `vlpbench run` first)")
-    return markdown_table(records)
+    references = []
+    if reference:
+        references = load_references(default_reference_dir(results) if reference is True else reference)
+    return render_table(records, fmt, models=models, tasks=tasks, fracs=fracs, group=group, metrics=metrics,
+                        references=references)
+
+
+def compare(baseline: str | Path, candidate: str | Path, *, tasks: list[str] | None = None,
+            fracs: list[float] | None = None, abs_tol: float | None = None, k: float | None = None,
+            junit: str | Path | None = None) -> tuple[str, int]:
+    """Compare the candidate's records with the baseline's (each a results folder or one record).
+
+    Returns the Markdown summary and the exit code (0 no regression, 1 regression, 2 not
+    comparable); writes JUnit XML to ``junit`` when given. The rules are in
+    :mod:`vlpbench.report.compare`.
+    """
+    from vlpbench.report.compare import compare_records, exit_code, junit_xml, load_side, markdown_summary
+
+    comparisons = compare_records(load_side(baseline), load_side(candidate), tasks=tasks, fracs=fracs,
+                                  abs_tol=abs_tol, k=k)
+    if junit is not None:
+        Path(junit).parent.mkdir(parents=True, exist_ok=True)
+        Path(junit).write_text(junit_xml(comparisons), encoding="utf-8")
+    return markdown_summary(comparisons, baseline=str(baseline), candidate=str(candidate)), exit_code(comparisons)
+
+
+def baseline_update(results: str | Path = DEFAULT_RESULTS, baseline_dir: str | Path = DEFAULT_RESULTS / "baselines",
+                    *, force: bool = False):
+    """Copy the records under ``results`` into ``baseline_dir`` (a BaselineUpdate); refuses to
+    replace baseline records unless ``force`` (then the old ones are kept as .bak). See
+    :mod:`vlpbench.report.baseline`."""
+    from vlpbench.report.baseline import update_baseline
+
+    return update_baseline(results, baseline_dir, force=force)
 
 
 def score(task: str, predictions: str | Path, *, data_root: str | Path | None = None,
@@ -168,12 +224,15 @@ def score(task: str, predictions: str | Path, *, data_root: str | Path | None = 
     scorer = SCORERS.get(spec.protocol)
     source = open_dataset(spec, data_root)
     split_obj = dataset_split(spec.dataset, source, spec.split)
-    ids, _ = split_ids(split_obj, split, source)
+    holder = split_obj
+    if split == "test" and "test" not in split_obj.parts:
+        holder = derived_test_split(source) or split_obj
+    ids, _ = split_ids(holder, split, source)
     val_ids = split_ids(split_obj, "val", source)[0] if "val" in split_obj.parts and split != "val" else None
     result = scorer(Path(predictions), source, ids, spec.config, val_ids=val_ids,
                     bootstrap_resamples=bootstrap_resamples)
     return {"task": spec.name, "version": spec.version, "split": split,
-            "split_sha256": split_obj.manifest_sha256, **result}
+            "split_sha256": holder.manifest_sha256, **result}
 
 
 def inspect(model: str, checkpoint: str | Path | None, **options: Any):

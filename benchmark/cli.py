@@ -69,9 +69,52 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split part to score against (default test)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a sentence")
 
-    p = command("table", "Print the Markdown leaderboard of the result records.",
-                "vlpbench table --results results/", _table)
+    p = command("table", "Print the leaderboard of the result records as a paper table (Markdown, LaTeX, CSV, HTML).",
+                "vlpbench table --results results/ --group seg --format latex --reference", _table)
     _results(p)
+    p.add_argument("--format", dest="fmt", choices=("md", "latex", "csv", "html"), default="md",
+                   help="md (default), latex (booktabs), csv (one line per model × task × fraction) or html")
+    p.add_argument("--models", type=_names, help="comma-separated model names (row order follows it)")
+    p.add_argument("--tasks", type=_names, help="comma-separated task names (column order follows it)")
+    p.add_argument("--fracs", type=_fractions, help="comma-separated fractions: 0.01,0.1 or 1%%,10%%")
+    p.add_argument("--group", choices=("seg", "det", "cls", "zs", "ground"),
+                   help="the paper's task groups, by protocol: segmentation, detection, linear/fine-tuned "
+                        "classification, zero-shot classification, grounding")
+    p.add_argument("--metrics", type=_names,
+                   help="metrics per task as sub-columns, e.g. auc,f1,acc (default: the primary metric)")
+    p.add_argument("--reference", nargs="?", const=True, default=False, metavar="DIR",
+                   help="add published rows (marked as reported, never bold) from DIR "
+                        "(default: RESULTS/reference, else the checkout's results/reference)")
+
+    p = command("compare", "Compare a candidate's results with a baseline's: exit 0 no regression, 1 regression, "
+                "2 not comparable.",
+                "vlpbench compare --baseline results/baselines --candidate results --junit report.xml", _compare)
+    p.add_argument("--baseline", required=True, help="results folder or single record file")
+    p.add_argument("--candidate", required=True, help="results folder or single record file")
+    p.add_argument("--tasks", type=_names, help="compare only these tasks (comma-separated)")
+    p.add_argument("--fracs", type=_fractions, help="compare only these fractions (comma-separated)")
+    p.add_argument("--abs-tol", type=float, help="absolute tolerance in metric units for every cell "
+                   "(default: the task's compare.abs_tol, else 0.01)")
+    p.add_argument("--k", type=float, help="multiple of the pooled seed std allowed (default: the task's "
+                   "compare.k, else 2)")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML: one testcase per (task, fraction)")
+
+    p = command("baseline", "Baseline tools: `baseline update` copies result records into the CI baseline folder.",
+                "vlpbench baseline update --results results --baseline-dir results/baselines", None)
+    baseline_sub = p.add_subparsers(dest="baseline_command", required=True, metavar="ACTION")
+    update = baseline_sub.add_parser(
+        "update", help="copy result records into the baseline folder; refuses to replace any without --force",
+        description="Copy the records under --results into --baseline-dir (one record per model, task, "
+                    "fraction, seed and overrides). Identical records are left alone; replacing a different "
+                    "one needs --force, and the old record is then kept as a .bak file.",
+        epilog="example:\n  vlpbench baseline update --results results --baseline-dir results/baselines",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _results(update)
+    update.add_argument("--baseline-dir", default="results/baselines",
+                        help="baseline folder (default results/baselines)")
+    update.add_argument("--force", action="store_true",
+                        help="replace differing baseline records (each old one is kept as .bak)")
+    update.set_defaults(func=_baseline_update)
 
     p = command("synth", "Write a synthetic dataset in the real on-disk format (real ids and masks).",
                 "vlpbench synth --dataset siim --out /tmp/siim --n 300 --seed 0", _synth)
@@ -160,16 +203,53 @@ def _score(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        ci = result["ci"]["dice"]
-        print(f"{result['task']} ({result['split']}, n={result['n']}): dice = {result['metrics']['dice']:.4f} "
-              f"(95% CI {ci['low']:.4f}–{ci['high']:.4f})")
+        # One line per metric (the first after the task), each with its CI where it has one.
+        lines = [f"{name} = {value:.4f}" + (f" (95% CI {ci['low']:.4f}–{ci['high']:.4f})"
+                                            if (ci := result["ci"].get(name)) else "")
+                 for name, value in result["metrics"].items() if value is not None]
+        print(f"{result['task']} ({result['split']}, n={result['n']}): " + "\n  ".join(lines))
+        for note in result.get("notes", []):
+            print(f"note: {note}")
     return 0
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _fractions(text: str) -> list[float]:
+    from vlpbench.report.table import parse_fraction
+
+    try:
+        return [parse_fraction(part) for part in _names(text)]
+    except VlpbenchError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _table(args: argparse.Namespace) -> int:
     from vlpbench import api
 
-    print(api.table(args.results))
+    print(api.table(args.results, fmt=args.fmt, models=args.models, tasks=args.tasks, fracs=args.fracs,
+                    group=args.group, metrics=args.metrics, reference=args.reference), end="")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    summary, code = api.compare(args.baseline, args.candidate, tasks=args.tasks, fracs=args.fracs,
+                                abs_tol=args.abs_tol, k=args.k, junit=args.junit)
+    print(summary, end="")
+    return code
+
+
+def _baseline_update(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    print(api.baseline_update(args.results, args.baseline_dir, force=args.force).format())
     return 0
 
 

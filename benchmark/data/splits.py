@@ -472,12 +472,35 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
+# Evaluation-only datasets: every image of the label file is a test image (the CheXpert radiologist set).
+EVALUATION_ONLY = ("chexpert_test",)
+
+
+def evaluation_split(dataset: str, source, version: str = "v1") -> Split:
+    """The split of an evaluation-only dataset: one part, ``test``, holding ``source.image_ids`` with
+    the label columns of ``source.labels(id)``; cached by the sha256 of ``source.label_file``."""
+    ids = list(source.image_ids)
+    if not ids:
+        raise DataError(f"{source.label_file}: no images listed")
+
+    def build(out_dir: Path, key: str) -> dict:
+        labels = {image_id: source.labels(image_id) for image_id in ids}
+        return write_split(out_dir, dataset=dataset, version=key, parts={"test": ids}, labels=labels,
+                           columns=list(labels[ids[0]]), generator="vlpbench.data.splits:evaluation_split",
+                           seed=SEED, fractions={"test": 1.0}, source={"file": Path(source.label_file).name})
+
+    return derived_split(dataset, version, sources=[source.label_file], build=build)
+
+
 def dataset_split(dataset: str, source, version: str = "v1") -> Split:
     """The split of ``dataset``: the committed one, or, where no label file ships to commit one from,
-    the one its reader module derives from the user's files (``split_v1(source)``)."""
+    the one its reader module derives from the user's files (``split_v1(source)``), or, for a dataset in
+    :data:`EVALUATION_ONLY`, :func:`evaluation_split`."""
     try:
         return load_split(dataset, version)
     except ConfigError:
+        if dataset in EVALUATION_ONLY:
+            return evaluation_split(dataset, source, version)
         module = importlib.import_module(type(source).__module__)
         derive = getattr(module, f"split_{version}", None)
         if derive is None:

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 @dataclass
 class SplitIds:
-    """Image ids of each part of the split that one run uses."""
+    """Image ids of each part of the split that one run uses, and the run's training fraction (a
+    protocol whose hyper-parameters depend on it, e.g. MGCA's 1 % detection runs, reads it here)."""
 
     train: list[str]
     val: list[str]
     test: list[str]
+    fraction: float = 1.0

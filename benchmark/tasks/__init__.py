@@ -33,6 +33,9 @@ class Task:
     config: dict[str, Any]
     sources: dict[str, str]
     path: Path = field(compare=False)
+    # Optional `compare:` mapping, regression tolerances for `vlpbench compare`: abs_tol (a number,
+    # or {fraction: number}), k, rationale; validated by vlpbench.report.compare.task_tolerance.
+    compare: dict[str, Any] | None = field(default=None, compare=False)
 
     def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The task config with ``overrides`` applied; unknown keys and type changes are errors."""
@@ -82,4 +85,4 @@ def load_task(name: str) -> Task:
     if spec["name"] != name:
         raise ConfigError(f"{path}: name {spec['name']!r} does not match the file name {name!r}")
     spec["fractions"] = tuple(float(f) for f in spec["fractions"])
-    return Task(path=path, **{key: spec[key] for key in _REQUIRED})
+    return Task(path=path, compare=spec.get("compare"), **{key: spec[key] for key in _REQUIRED})

@@ -1,0 +1,643 @@
+"""Detection protocol: a YOLOv3 head trained on a frozen encoder, scored by COCO-style mAP.
+
+This is MGCA's downstream detection (which G2D follows, RSNA pneumonia and Object-CXR): the encoder's
+three deepest feature maps (ResNet-50 ``layer2/3/4``, strides 8/16/32) feed a YOLOv3 head with one
+class and three anchors per scale (the standard YOLOv3 anchors scaled from 416 to the input size),
+trained with MGCA's YOLO loss by AdamW, early-stopped on validation mAP, and the test set is scored
+with the best-validation weights. Predictions pass a confidence threshold and NMS (both 0.5) and are
+scored in original image pixels by :mod:`vlpbench.metrics.detection`.
+
+Where MGCA's code has a quirk the canonical choice differs and the quirk is an option or a reported
+metric: BatchNorm statistics of the "frozen" encoder drift in MGCA (``freeze_bn``), and its mAP
+skips images without a detection or without a box (reported as ``map_mgca``; ``val_metric``). The
+loss differs from MGCA's in one detail: the cell and anchor that a box is assigned to is left out of
+the no-object term (MGCA pushes it towards 0 there too, unless its anchor shape overlaps the box by
+more than the ignore threshold).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from vlpbench.data.cache import cached_images
+from vlpbench.errors import ConfigError, DataError, VlpbenchError
+from vlpbench.metrics.detection import DetectionMatches, map_ci, mgca_kept, summarize
+from vlpbench.protocols import SplitIds
+
+log = logging.getLogger("vlpbench")
+
+# YOLOv3's anchors (w, h) in pixels of its 416 input, coarsest scale (stride 32) first, as MGCA's ModelMain.
+YOLOV3_ANCHORS = (((116, 90), (156, 198), (373, 326)),
+                  ((30, 61), (62, 45), (59, 119)),
+                  ((10, 13), (16, 30), (33, 23)))
+YOLOV3_INPUT = 416
+NUM_CLASSES = 1
+_ATTRIBUTES = 5 + NUM_CLASSES  # x, y, w, h, objectness, class
+# exp() of a raw size above this would overflow float32; no box is 2e4 times its anchor.
+_MAX_LOG_SIZE = 10.0
+ONE_PERCENT = 0.01
+
+
+class DetectionSource(Protocol):
+    """What the protocol needs from a dataset reader."""
+
+    def image(self, image_id: str) -> np.ndarray: ...  # uint8 (H, W)
+    def image_size(self, image_id: str) -> tuple[int, int]: ...  # (H, W), from the header
+    def boxes(self, image_id: str) -> np.ndarray: ...  # float (K, 4) xyxy in image pixels
+    def label(self, image_id: str) -> int: ...
+
+
+def truth_boxes(source: DetectionSource, ids: Sequence[str], config: dict[str, Any]) -> list[np.ndarray]:
+    """Ground-truth boxes (K, 4) xyxy in original pixels; ``polygon_rule`` is passed on where the task
+    has it (Object-CXR)."""
+    options = {"polygon_rule": config["polygon_rule"]} if "polygon_rule" in config else {}
+    return [np.asarray(source.boxes(image_id, **options), dtype=np.float64).reshape(-1, 4) for image_id in ids]
+
+
+class DetectionImages:
+    """One split part at the input size: images from the image cache, boxes in original pixels and at
+    the input size, and per image the factors (x, y) from input to original pixels."""
+
+    def __init__(self, source: DetectionSource, ids: Sequence[str], size: int, config: dict[str, Any],
+                 desc: str, progress: bool):
+        self.ids = list(ids)
+        # Readers live in vlpbench.data.<dataset>, so the module's name is the cache's dataset name.
+        dataset = type(source).__module__.rpartition(".")[2]
+        self.images = torch.from_numpy(np.array(cached_images(source, dataset, self.ids, size, progress=progress)))
+        self.truths = truth_boxes(source, self.ids, config)
+        # Header reads (DICOM, JPEG) wait on the disk, so threads overlap them.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            shapes = list(tqdm(pool.map(source.image_size, self.ids), total=len(self.ids), desc=f"sizes {desc}",
+                               disable=not progress, leave=False, unit="img"))
+        self.scales = np.array([(width / size, height / size) for height, width in shapes], dtype=np.float64)
+        self.targets = [torch.from_numpy(truth / np.tile(scale, 2)).float()
+                        for truth, scale in zip(self.truths, self.scales)]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def scaled_anchors(size: int) -> torch.Tensor:
+    """YOLOv3's anchors in pixels of a ``size`` input, (3 scales, 3 anchors, 2), coarsest scale first
+    (MGCA: ``* 224 / 416`` at its 224 input)."""
+    return torch.tensor(YOLOV3_ANCHORS, dtype=torch.float32) * size / YOLOV3_INPUT
+
+
+def _conv_block(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
+    """YOLOv3's conv + BatchNorm + LeakyReLU(0.1)."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.LeakyReLU(0.1))
+
+
+class ScaleBlock(nn.Module):
+    """One YOLOv3 scale: five alternating 1×1 / 3×3 blocks (``width`` / ``2 width`` channels), whose
+    output also feeds the next finer scale, then a 3×3 block and the 1×1 prediction conv."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv_block(in_channels, width, 1), _conv_block(width, 2 * width, 3),
+                                  _conv_block(2 * width, width, 1), _conv_block(width, 2 * width, 3),
+                                  _conv_block(2 * width, width, 1))
+        self.predict = nn.Sequential(_conv_block(width, 2 * width, 3), nn.Conv2d(2 * width, out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        branch = self.body(x)
+        return self.predict(branch), branch
+
+
+class YoloHead(nn.Module):
+    """YOLOv3 head over three feature maps (finest first), as MGCA's ModelMain.
+
+    The coarsest map goes through a scale block of ``width`` channels; its branch is reduced by a 1×1
+    block to ``width / 2``, upsampled to the next map's size and concatenated with it, and so on. MGCA
+    uses ``width`` 512. Each scale predicts ``anchors × (5 + classes)`` channels.
+    """
+
+    def __init__(self, in_channels: Sequence[int], width: int = 512, anchors: int = 3):
+        super().__init__()
+        fine, mid, coarse = in_channels
+        out = anchors * _ATTRIBUTES
+        self.coarse = ScaleBlock(coarse, width, out)
+        self.reduce_mid = _conv_block(width, width // 2, 1)
+        self.mid = ScaleBlock(mid + width // 2, width // 2, out)
+        self.reduce_fine = _conv_block(width // 2, width // 4, 1)
+        self.fine = ScaleBlock(fine + width // 4, width // 4, out)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Raw predictions of the three scales, coarsest first (the order of :data:`YOLOV3_ANCHORS`)."""
+        fine, mid, coarse = features
+        out_coarse, branch = self.coarse(coarse)
+        # Nearest upsampling to the finer map's own size (= 2x for inputs divisible by the strides).
+        x = F.interpolate(self.reduce_mid(branch), size=mid.shape[-2:], mode="nearest")
+        out_mid, branch = self.mid(torch.cat([x, mid], 1))
+        x = F.interpolate(self.reduce_fine(branch), size=fine.shape[-2:], mode="nearest")
+        out_fine, _ = self.fine(torch.cat([x, fine], 1))
+        return [out_coarse, out_mid, out_fine]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """An encoder feature map the head uses: its index in the encoder's outputs, stride, and shape at the input size."""
+
+    index: int
+    stride: float
+    shape: tuple[int, int, int]  # (channels, height, width)
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+
+def deepest_stages(encoder: nn.Module, size: int) -> list[Stage]:
+    """The encoder's last three feature maps (finest first), with their strides and shapes at ``size``.
+
+    For ResNet-50 these are strides 8/16/32 (``layer2/3/4``, MGCA); an encoder that stops earlier (e.g.
+    MedKLIP's, at ``layer3``) gives its own last three, strides 4/8/16.
+
+    Raises:
+        ConfigError: the encoder has fewer than three feature maps below the input, or one is empty at ``size``.
+    """
+    channels = list(encoder.out_channels)
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        probe = encoder(torch.zeros(1, 3, size, size, device=next(encoder.parameters()).device))
+    encoder.train(was_training)
+    if len(probe) != len(channels) or len(probe) < 4:
+        raise ConfigError(f"the encoder returns {len(probe)} feature maps for out_channels {tuple(channels)}; "
+                          "the detection head needs three maps below the input")
+    if min(probe[-1].shape[-2:]) < 1:
+        raise ConfigError(f"image_size {size} leaves an empty feature map; use a larger image_size")
+    return [Stage(index, size / probe[index].shape[-1], tuple(probe[index].shape[1:]))
+            for index in range(len(probe) - 3, len(probe))]
+
+
+class Detector(nn.Module):
+    """Frozen encoder + YOLOv3 head; ``forward`` returns the head's raw predictions, coarsest first."""
+
+    def __init__(self, encoder: nn.Module, stages: Sequence[Stage], width: int):
+        super().__init__()
+        self.encoder = encoder
+        self.stage_indices = [stage.index for stage in stages]
+        self.head = YoloHead([stage.channels for stage in stages], width)
+        for parameter in self.encoder.parameters():
+            parameter.requires_grad_(False)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The three feature maps the head reads, without a graph (BatchNorm still updates in train mode)."""
+        with torch.no_grad():
+            features = self.encoder(x)
+        return [features[index] for index in self.stage_indices]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.head(self.features(x))
+
+
+class PartFeatures:
+    """The head's input for batches of one split part: encoder features computed once and kept on the
+    device (``keep``; only valid while the encoder is frozen in eval mode and nothing is augmented), or
+    computed batch by batch."""
+
+    def __init__(self, model: Detector, data: DetectionImages, config: dict[str, Any], device: torch.device,
+                 *, keep: bool, batch_size: int, progress: bool, desc: str):
+        self.model, self.data, self.config, self.device = model, data, config, device
+        self.kept: list[torch.Tensor] | None = None
+        if keep:
+            model.encoder.eval()
+            chunks = [model.features(self._images(list(range(start, min(start + batch_size, len(data))))))
+                      for start in tqdm(range(0, len(data), batch_size), desc=f"features {desc}",
+                                        disable=not progress, leave=False, unit="batch")]
+            self.kept = [torch.cat(maps) for maps in zip(*chunks)]
+
+    def _images(self, index: list[int]) -> torch.Tensor:
+        return _normalize(self.data.images[index].to(self.device, non_blocking=True), self.config)
+
+    def __call__(self, index: list[int]) -> list[torch.Tensor]:
+        if self.kept is not None:
+            rows = torch.tensor(index, device=self.device)
+            return [maps[rows] for maps in self.kept]
+        return self.model.features(self._images(index))
+
+
+def kept_parts(stages: Sequence[Stage], sizes: dict[str, int], budget_gb: float) -> dict[str, bool]:
+    """Which parts' features (float32) to keep, in the order given, while their total stays within ``budget_gb``."""
+    per_image = 4 * sum(int(np.prod(stage.shape)) for stage in stages)
+    kept, used = {}, 0
+    for name, count in sizes.items():
+        kept[name] = used + count * per_image <= budget_gb * 2**30
+        used += count * per_image if kept[name] else 0
+    return kept
+
+
+@dataclass
+class ScaleTargets:
+    """Training targets of one scale, each (B, anchors, H, W) (``offsets`` and ``log_sizes`` with a last
+    axis of 2: x, y and w, h)."""
+
+    positive: torch.Tensor  # the cell and best anchor of each box
+    ignore: torch.Tensor  # anchors whose shape overlaps a box in its cell above the ignore threshold
+    offsets: torch.Tensor  # box centre within its cell, in [0, 1]
+    log_sizes: torch.Tensor  # log(box size / anchor size)
+
+
+def _shape_iou(sizes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """IoU (K, A) of box sizes (K, 2) and anchor sizes (A, 2), both centred at the origin."""
+    inter = (torch.minimum(sizes[:, None, 0], anchors[None, :, 0])
+             * torch.minimum(sizes[:, None, 1], anchors[None, :, 1]))
+    union = (sizes[:, 0] * sizes[:, 1])[:, None] + (anchors[:, 0] * anchors[:, 1])[None, :] - inter
+    return inter / union
+
+
+def assign_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int], stride: tuple[float, float],
+                   anchors: torch.Tensor, ignore_threshold: float) -> ScaleTargets:
+    """YOLOv3 targets of one scale, as MGCA's ``YOLOLoss.get_target``.
+
+    Each box (xyxy, input pixels) goes to the cell holding its centre and to the anchor of this scale
+    whose shape fits it best (every scale gets every box, as in MGCA); anchors of that cell whose shape
+    IoU with the box exceeds ``ignore_threshold`` are left out of the no-object loss.
+
+    Args:
+        boxes: per image, (K, 4) xyxy boxes in input pixels.
+        grid: (H, W) of the scale's prediction map.
+        stride: (y, x) input pixels per cell.
+        anchors: (A, 2) anchor sizes (w, h) in input pixels.
+        ignore_threshold: shape IoU above which an anchor is ignored.
+    """
+    height, width = grid
+    stride_y, stride_x = stride
+    n_anchors = len(anchors)
+    shape = (len(boxes), n_anchors, height, width)
+    positive = torch.zeros(shape, dtype=torch.bool)
+    ignore = torch.zeros(shape, dtype=torch.bool)
+    offsets = torch.zeros((*shape, 2))
+    log_sizes = torch.zeros((*shape, 2))
+    counts = [len(b) for b in boxes]
+    if sum(counts) == 0:
+        return ScaleTargets(positive, ignore, offsets, log_sizes)
+    flat = torch.cat([b.reshape(-1, 4).float().cpu() for b in boxes])
+    image = torch.repeat_interleave(torch.arange(len(boxes)), torch.tensor(counts))
+    cell = torch.tensor([stride_x, stride_y])
+    centres = (flat[:, :2] + flat[:, 2:]) / 2 / cell
+    # At least one input pixel, so that a degenerate box still has a finite log-size target.
+    sizes = (flat[:, 2:] - flat[:, :2]).clamp(min=1.0) / cell
+    anchors_grid = anchors.float().cpu() / cell
+    iou = _shape_iou(sizes, anchors_grid)
+    gi = centres[:, 0].floor().long().clamp(0, width - 1)
+    gj = centres[:, 1].floor().long().clamp(0, height - 1)
+    over = iou > ignore_threshold
+    for a in range(n_anchors):
+        ignore[image[over[:, a]], a, gj[over[:, a]], gi[over[:, a]]] = True
+    best = iou.argmax(dim=1)
+    positive[image, best, gj, gi] = True
+    offsets[image, best, gj, gi] = centres - torch.stack([gi, gj], 1).float()
+    log_sizes[image, best, gj, gi] = torch.log(sizes / anchors_grid[best] + 1e-16)
+    return ScaleTargets(positive, ignore, offsets, log_sizes)
+
+
+def _split_attributes(raw: torch.Tensor, n_anchors: int) -> torch.Tensor:
+    """(B, anchors × attributes, H, W) → (B, anchors, H, W, attributes)."""
+    batch, _, height, width = raw.shape
+    return raw.view(batch, n_anchors, _ATTRIBUTES, height, width).permute(0, 1, 3, 4, 2)
+
+
+def yolo_loss(raw: torch.Tensor, targets: ScaleTargets, *, box_weight: float, noobj_weight: float) -> torch.Tensor:
+    """MGCA's YOLO loss of one scale.
+
+    ``box_weight`` × (BCE of the x, y offsets + squared error of the log sizes) + BCE of objectness at
+    the assigned anchors + ``noobj_weight`` × BCE of objectness towards 0 elsewhere (ignored anchors
+    excepted) + class BCE; every term is summed over the anchors concerned and divided by the number of
+    anchors of the scale (MGCA's mean over the masked map), so it is comparable across batches.
+    """
+    pred = _split_attributes(raw, targets.positive.shape[1])
+    device = raw.device
+    positive = targets.positive.to(device)
+    no_object = ~positive & ~targets.ignore.to(device)
+    cells = positive.numel()
+    hit = pred[positive]
+    bce = F.binary_cross_entropy_with_logits
+    xy = bce(hit[:, 0:2], targets.offsets.to(device)[positive], reduction="sum")
+    wh = F.mse_loss(hit[:, 2:4], targets.log_sizes.to(device)[positive], reduction="sum")
+    objectness = bce(hit[:, 4], torch.ones_like(hit[:, 4]), reduction="sum")
+    background = pred[..., 4][no_object]
+    objectness = objectness + noobj_weight * bce(background, torch.zeros_like(background), reduction="sum")
+    classes = bce(hit[:, 5:], torch.ones_like(hit[:, 5:]), reduction="sum") / NUM_CLASSES
+    return (box_weight * (xy + wh) + objectness + classes) / cells
+
+
+def decode(raw: torch.Tensor, anchors: torch.Tensor, stride: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw predictions of one scale → boxes (B, N, 4) xyxy in input pixels and objectness scores (B, N).
+
+    Centre = (sigmoid(offset) + cell index) × stride, size = exp(raw size) × anchor (YOLOv3); the score
+    is the objectness probability, as MGCA scores its detections.
+    """
+    pred = _split_attributes(raw, len(anchors))
+    batch, n_anchors, height, width, _ = pred.shape
+    stride_y, stride_x = stride
+    gy, gx = torch.meshgrid(torch.arange(height, device=raw.device), torch.arange(width, device=raw.device),
+                            indexing="ij")
+    cx = (torch.sigmoid(pred[..., 0]) + gx) * stride_x
+    cy = (torch.sigmoid(pred[..., 1]) + gy) * stride_y
+    anchors = anchors.to(raw.device, raw.dtype).view(1, n_anchors, 1, 1, 2)
+    size = torch.exp(pred[..., 2:4].clamp(max=_MAX_LOG_SIZE)) * anchors
+    half_w, half_h = size[..., 0] / 2, size[..., 1] / 2
+    boxes = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], -1)
+    return boxes.reshape(batch, -1, 4), torch.sigmoid(pred[..., 4]).reshape(batch, -1)
+
+
+def select_detections(boxes: torch.Tensor, scores: torch.Tensor, *, conf_threshold: float, nms_threshold: float,
+                      max_detections: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image: detections scoring at least ``conf_threshold``, greedy NMS at ``nms_threshold``, the
+    best ``max_detections``; (boxes (K, 4), scores (K,)) as float64 numpy, best first."""
+    from torchvision.ops import nms
+
+    selected = []
+    for image_boxes, image_scores in zip(boxes, scores):
+        keep = image_scores >= conf_threshold
+        image_boxes, image_scores = image_boxes[keep], image_scores[keep]
+        order = nms(image_boxes.float(), image_scores.float(), nms_threshold)[:max_detections]
+        selected.append((image_boxes[order].double().cpu().numpy(), image_scores[order].double().cpu().numpy()))
+    return selected
+
+
+def fraction_settings(config: dict[str, Any], fraction: float) -> tuple[float, int]:
+    """(learning rate, batch size) of a run: MGCA's run script uses ``lr_1pct`` / ``batch_size_1pct``
+    for 1 % of the training data and ``lr`` / ``batch_size`` otherwise."""
+    if fraction <= ONE_PERCENT + 1e-12:
+        return float(config["lr_1pct"]), int(config["batch_size_1pct"])
+    return float(config["lr"]), int(config["batch_size"])
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    if config["val_metric"] not in ("map", "map_mgca"):
+        raise ConfigError(f"val_metric must be 'map' or 'map_mgca', got {config['val_metric']!r}")
+    if config["neck_width"] < 4 or config["neck_width"] % 4:
+        raise ConfigError(f"neck_width must be a positive multiple of 4, got {config['neck_width']!r}")
+    for key in ("conf_threshold", "nms_threshold", "ignore_threshold"):
+        if not 0.0 <= config[key] <= 1.0:
+            raise ConfigError(f"{key} must lie in [0, 1], got {config[key]!r}")
+    if config["feature_cache_gb"] < 0:
+        raise ConfigError(f"feature_cache_gb must be >= 0 (0 turns the feature cache off), "
+                          f"got {config['feature_cache_gb']!r}")
+
+
+def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, config: dict[str, Any], *,
+                  seed: int, device: torch.device, progress: bool = True) -> dict[str, Any]:
+    """Train the YOLOv3 head on ``split.train``, early-stop on ``split.val`` mAP, score ``split.test``.
+
+    Returns ``metrics`` (``map`` over every test image, ``ap40`` … ``ap75``, and ``map_mgca`` with
+    MGCA's image skipping), ``ci`` (of ``map``), ``per_image`` ({}: mAP has no per-image part), ``n``
+    (images per part, test positives, negatives, boxes and detections), ``training`` (epochs, best
+    epoch, learning rate and batch size used, encoder stages used, history) and ``timing``.
+
+    Raises:
+        ConfigError: a bad option, or an encoder the head cannot use.
+        DataError: the validation or test part holds no box (mAP would be undefined).
+        VlpbenchError: too few training images for one batch, or the loss diverged.
+    """
+    _check_config(config)
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    size = int(config["image_size"])
+    lr, batch_size = fraction_settings(config, split.fraction)
+    if len(split.train) < batch_size:
+        raise VlpbenchError(f"only {len(split.train)} training images for batch size {batch_size} "
+                            "(training drops the last incomplete batch, as MGCA does)")
+    log.info("detection: %d train, %d val, %d test images at %dpx; lr %g, batch %d",
+             len(split.train), len(split.val), len(split.test), size, lr, batch_size)
+    train = DetectionImages(source, split.train, size, config, "train", progress)
+    val = DetectionImages(source, split.val, size, config, "val", progress)
+    test = DetectionImages(source, split.test, size, config, "test", progress)
+    for name, part in (("validation", val), ("test", test)):
+        if not any(len(t) for t in part.truths):
+            raise DataError(f"the {name} part ({len(part)} images) holds no box, so its mAP is undefined")
+    t_data = time.perf_counter()
+
+    encoder = encoder.to(device)
+    stages = deepest_stages(encoder, size)
+    model = Detector(encoder, stages, int(config["neck_width"])).to(device)
+    anchors = scaled_anchors(size)
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=lr, betas=tuple(config["betas"]),
+                                  weight_decay=config["weight_decay"])
+    # A frozen encoder in eval mode on unaugmented images gives the same features every epoch.
+    budget = float(config["feature_cache_gb"]) if config["freeze_bn"] else 0.0
+    kept = kept_parts(stages, {"train": len(train), "val": len(val)}, budget)
+    train_features = PartFeatures(model, train, config, device, keep=kept["train"], batch_size=batch_size,
+                                  progress=progress, desc="train")
+    val_features = PartFeatures(model, val, config, device, keep=kept["val"], batch_size=batch_size,
+                                progress=progress, desc="val")
+
+    best: dict[str, Any] = {"score": -math.inf, "epoch": -1, "state": None}
+    history: list[dict[str, float]] = []
+    bar = tqdm(range(config["max_epochs"]), desc="epochs", disable=not progress, unit="ep")
+    for epoch in bar:
+        train_loss = _train_epoch(model, train, train_features, optimizer, anchors, config, batch_size, generator)
+        val_loss, val_detections = _predict(model, val, val_features, anchors, config, batch_size)
+        if not math.isfinite(train_loss) or not math.isfinite(val_loss):
+            raise VlpbenchError(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} in epoch "
+                                f"{epoch + 1}; lower the learning rate (--set lr=... / lr_1pct=...)")
+        val_metrics = _map_metrics(_matches(val.truths, val_detections))
+        score = val_metrics[config["val_metric"]]
+        score = -math.inf if score is None else score
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                        "val_map": val_metrics["map"], "val_map_mgca": val_metrics["map_mgca"]})
+        if score > best["score"] or best["state"] is None:
+            best = {"score": score, "epoch": epoch + 1, "state": _snapshot(model, config["freeze_bn"])}
+        bar.set_postfix(loss=f"{train_loss:.3f}", val_map=f"{val_metrics['map']:.3f}", best=best["epoch"])
+        log.debug("epoch %d: train loss %.4f, val loss %.4f, val mAP %.4f", epoch + 1, train_loss, val_loss,
+                  val_metrics["map"])
+        if epoch + 1 - best["epoch"] >= config["patience"]:
+            log.info("early stop after epoch %d (best %d)", epoch + 1, best["epoch"])
+            break
+    bar.close()
+    t_train = time.perf_counter()
+
+    model.load_state_dict(best["state"], strict=False)
+    test_features = PartFeatures(model, test, config, device, keep=False, batch_size=batch_size,
+                                 progress=progress, desc="test")
+    _, detections = _predict(model, test, test_features, anchors, config, batch_size)
+    matches = _matches(test.truths, detections)
+    metrics = _map_metrics(matches)
+    ci = map_ci(matches, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+    t_test = time.perf_counter()
+    positives = sum(1 for t in test.truths if len(t))
+    return {
+        "metrics": metrics,
+        "ci": {"map": ci},
+        "per_image": {},
+        "n": {"train": len(train), "val": len(val), "test": len(test), "test_positive": positives,
+              "test_negative": len(test) - positives, "test_boxes": int(matches.n_truths.sum()),
+              "test_detections": int(matches.n_detections.sum())},
+        "training": {"epochs": len(history), "best_epoch": best["epoch"], "best_val": best["score"],
+                     "val_metric": config["val_metric"], "lr": lr, "batch_size": batch_size,
+                     "stages_used": [{"index": s.index, "stride": s.stride, "channels": s.channels} for s in stages],
+                     "features_kept": kept,
+                     "history": history},
+        "timing": {"data_s": t_data - t0, "train_s": t_train - t_data, "test_s": t_test - t_train,
+                   "total_s": t_test - t0},
+    }
+
+
+def run_detection_task(adapter, source: DetectionSource, split: SplitIds, config: dict[str, Any], *,
+                       seed: int, device: torch.device, progress: bool = True) -> dict[str, Any]:
+    """Entry point used by ``vlpbench.api.run``: the adapter's encoder, frozen, under the YOLOv3 head."""
+    return run_detection(adapter.encoder(), source, split, config, seed=seed, device=device, progress=progress)
+
+
+def _snapshot(model: Detector, freeze_bn: bool) -> dict[str, torch.Tensor]:
+    """The weights training changes: the head, and the encoder's BatchNorm statistics when they drift."""
+    state = model.state_dict()
+    keep = {k: v for k, v in state.items() if k.startswith("head.") or not freeze_bn}
+    return copy.deepcopy({k: v.detach().cpu() for k, v in keep.items()})
+
+
+def _normalize(images: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+    # uint8 grey → [0, 1] → the task's mean/std, on the 3 channels the encoder expects.
+    return ((images.float().div_(255.0) - config["mean"]) / config["std"]).unsqueeze(1).expand(-1, 3, -1, -1)
+
+
+def _batch_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], anchors: torch.Tensor, size: int,
+                config: dict[str, Any]) -> torch.Tensor:
+    total = outputs[0].new_zeros(())
+    for raw, scale_anchors in zip(outputs, anchors):
+        grid = tuple(raw.shape[-2:])
+        stride = (size / grid[0], size / grid[1])
+        scale_targets = assign_targets(targets, grid, stride, scale_anchors, config["ignore_threshold"])
+        total = total + yolo_loss(raw, scale_targets, box_weight=config["box_weight"],
+                                  noobj_weight=config["noobj_weight"])
+    return total
+
+
+def _train_epoch(model: Detector, data: DetectionImages, features: PartFeatures, optimizer, anchors, config,
+                 batch_size: int, generator: torch.Generator) -> float:
+    model.train()
+    if config["freeze_bn"]:
+        model.encoder.eval()  # frozen means frozen: BatchNorm statistics do not drift
+    size = data.images.shape[-1]
+    order = torch.randperm(len(data), generator=generator)
+    total, count = 0.0, 0
+    for start in range(0, len(data) - batch_size + 1, batch_size):  # drop_last, as MGCA
+        index = order[start:start + batch_size].tolist()
+        loss = _batch_loss(model.head(features(index)), [data.targets[i] for i in index], anchors, size, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(index)
+        count += len(index)
+    return total / count
+
+
+@torch.no_grad()
+def _predict(model: Detector, data: DetectionImages, features: PartFeatures, anchors, config,
+             batch_size: int) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
+    """Loss and detections (boxes in original pixels, scores) of every image of ``data``."""
+    model.eval()
+    size = data.images.shape[-1]
+    total = 0.0
+    detections: list[tuple[np.ndarray, np.ndarray]] = []
+    for start in range(0, len(data), batch_size):
+        index = list(range(start, min(start + batch_size, len(data))))
+        outputs = model.head(features(index))
+        total += _batch_loss(outputs, [data.targets[i] for i in index], anchors, size, config).item() * len(index)
+        decoded = [decode(raw, scale_anchors, (size / raw.shape[-2], size / raw.shape[-1]))
+                   for raw, scale_anchors in zip(outputs, anchors)]
+        boxes = torch.cat([b for b, _ in decoded], 1)
+        scores = torch.cat([s for _, s in decoded], 1)
+        selected = select_detections(boxes, scores, conf_threshold=config["conf_threshold"],
+                                     nms_threshold=config["nms_threshold"], max_detections=config["max_detections"])
+        for i, (image_boxes, image_scores) in zip(index, selected):
+            detections.append((image_boxes * np.tile(data.scales[i], 2), image_scores))
+    return total / len(data), detections
+
+
+def _matches(truths: list[np.ndarray], detections: Sequence[tuple[np.ndarray, np.ndarray]]) -> DetectionMatches:
+    return DetectionMatches(truths, [b for b, _ in detections], [s for _, s in detections])
+
+
+def _map_metrics(matches: DetectionMatches) -> dict[str, float | None]:
+    """``map``, ``ap40`` … ``ap75`` over every image and ``map_mgca`` with MGCA's skipping; None where undefined."""
+    coco = summarize(matches)
+    mgca = summarize(matches.subset(mgca_kept(matches)))
+    metrics = {key: value for key, value in coco.items() if key == "map" or key.startswith("ap")}
+    metrics["map_mgca"] = mgca["map"]
+    return {key: (None if math.isnan(value) else float(value)) for key, value in metrics.items()}
+
+
+def read_coco_results(path: Path, split_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A COCO-results JSON ``[{"image_id", "bbox": [x, y, w, h], "score"}, ...]`` (original pixels) as
+    ``{image_id: (boxes (K, 4) xyxy, scores (K,))}`` for every id of ``split_ids`` (no entry: no detection).
+
+    Raises:
+        DataError: the file is unreadable or not a JSON list; an entry is not an object, lacks a key, has
+            a non-string ``image_id``, a ``bbox`` that is not four finite numbers with ``w, h >= 0``, or a
+            non-finite ``score`` (the message names the entry's index and the key); or entries name
+            images outside the split (the message names one).
+    """
+    try:
+        entries = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"predictions file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a readable JSON file: {exc}") from exc
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a JSON list of {{\"image_id\", \"bbox\", \"score\"}} objects "
+                        f"(COCO results), found a {type(entries).__name__}")
+    boxes: dict[str, list[list[float]]] = {image_id: [] for image_id in split_ids}
+    scores: dict[str, list[float]] = {image_id: [] for image_id in split_ids}
+    outside: list[str] = []
+    for index, entry in enumerate(entries):
+        where = f"{path}: entry {index}"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected an object with image_id, bbox and score, found {entry!r}")
+        for key in ("image_id", "bbox", "score"):
+            if key not in entry:
+                raise DataError(f"{where}: missing key {key!r}")
+        image_id, bbox, score = entry["image_id"], entry["bbox"], entry["score"]
+        if not isinstance(image_id, str):
+            raise DataError(f"{where}: 'image_id' must be the dataset's image id as a string, found {image_id!r}")
+        if (not isinstance(bbox, list) or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+            raise DataError(f"{where}: 'bbox' must be [x, y, width, height], four finite numbers, found {bbox!r}")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise DataError(f"{where}: 'bbox' width and height must be >= 0, found {bbox!r}")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise DataError(f"{where}: 'score' must be a finite number, found {score!r}")
+        if image_id not in boxes:
+            outside.append(image_id)
+            continue
+        x, y, w, h = (float(v) for v in bbox)
+        boxes[image_id].append([x, y, x + w, y + h])
+        scores[image_id].append(float(score))
+    if outside:
+        raise DataError(f"{path}: {len(outside)} entries name images outside the split being scored, "
+                        f"e.g. {outside[0]!r}")
+    return {image_id: (np.array(boxes[image_id], dtype=np.float64).reshape(-1, 4),
+                       np.array(scores[image_id], dtype=np.float64)) for image_id in split_ids}
+
+
+def score_detection(predictions: Path, source: DetectionSource, ids: list[str], config: dict[str, Any], *,
+                    val_ids: list[str] | None = None, bootstrap_resamples: int = 1000) -> dict[str, Any]:
+    """mAP of COCO-results detections (original pixels) on ``ids``: the protocol's metrics and the CI of
+    ``map``. Every image of ``ids`` counts; only the label files are read, never the images."""
+    detections = read_coco_results(predictions, ids)
+    truths = truth_boxes(source, ids, config)
+    matches = _matches(truths, [detections[image_id] for image_id in ids])
+    metrics = _map_metrics(matches)
+    if metrics["map"] is None:
+        raise DataError(f"the {len(ids)} images scored hold no ground-truth box, so their mAP is undefined")
+    return {"metrics": metrics, "ci": {"map": map_ci(matches, n_resamples=bootstrap_resamples)}, "n": len(ids)}

@@ -1,0 +1,289 @@
+"""Frozen-encoder features: the test-time image pipeline, pooled features, and their on-disk cache.
+
+A linear probe on a frozen encoder sees each validation and test image through one deterministic
+pipeline, so its features can be computed once and reused by every run of a sweep (fractions,
+seeds, learning rates). :func:`cached_features` does that.
+
+Pipeline (:class:`Preprocessing`): the image cache's square resize to ``resize`` pixels (aspect not
+kept), a center crop of ``crop`` pixels, scaling to [0, 1], the task's mean/std on the grey value
+repeated to three channels, optionally MGCA's bilinear upsampling to 299 pixels, the encoder, and a
+global average pool of its deepest feature map. MGCA instead resizes the longer side to 256 and
+zero-pads to a square before the 224 center crop (``resize_img``); on the square-ish chest X-rays of
+these datasets the two differ by the padding band only, and the square resize lets every protocol
+share one image cache.
+
+Cache layout under ``vlpbench.config.cache_dir() / "features"``::
+
+    <dataset>/<key>.npy     float32 (n images, channels), numpy format (never a pickle)
+    <dataset>/<key>.json    the key's content: what produced the features
+
+``key`` is a hash of the adapter (name, checkpoint sha256, options, encoder name), the data (reader,
+:func:`vlpbench.data.cache.source_fingerprint`, the image ids in order and, where the reader gives
+file paths, each file's size and modification time), the pipeline and the resize method. Both files
+appear by an atomic rename; a file that is unreadable, truncated, of the wrong shape or whose
+``.json`` does not hold the expected key is recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import PIL
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vlpbench.config import cache_dir
+from vlpbench.data.cache import METHOD, cached_images, source_fingerprint
+from vlpbench.errors import ConfigError, VlpbenchError
+
+log = logging.getLogger("vlpbench")
+
+FORMAT_VERSION = 1
+MGCA_UPSAMPLE = 299  # MGCA ImageEncoder.resnet_forward: bilinear, align_corners=True, before the ResNet
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The deterministic (test-time) image pipeline in front of a frozen encoder.
+
+    Attributes:
+        resize: side of the square image-cache resize.
+        crop: side of the center crop fed to the encoder (before ``upsample_299``).
+        mean, std: normalisation of the [0, 1] grey value repeated to three channels: one number for
+            every channel (MGCA's 0.5) or one per channel (ImageNet's).
+        upsample_299: MGCA's bilinear upsampling of the crop to 299 pixels.
+    """
+
+    resize: int
+    crop: int
+    mean: float | tuple[float, float, float]
+    std: float | tuple[float, float, float]
+    upsample_299: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Preprocessing":
+        """From a task config's ``resize_size``, ``image_size``, ``mean``, ``std``, ``upsample_299``.
+
+        Raises:
+            ConfigError: a size below 1, a crop larger than the resize, or ``std`` not positive.
+        """
+        pre = cls(resize=int(config["resize_size"]), crop=int(config["image_size"]),
+                  mean=channel_values(config["mean"], "mean"), std=channel_values(config["std"], "std"),
+                  upsample_299=bool(config["upsample_299"]))
+        if pre.crop < 1 or pre.resize < pre.crop:
+            raise ConfigError(f"image_size={pre.crop} must be between 1 and resize_size={pre.resize} "
+                              "(the crop is taken from the resized image)")
+        return pre
+
+
+def channel_values(value: Any, key: str) -> float | tuple[float, float, float]:
+    """A config ``mean`` / ``std``: one number, or a list of three (R, G, B); ``std`` must be positive.
+
+    Raises:
+        ConfigError: naming ``key``, for anything else.
+    """
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if len(values) not in (1, 3) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{key}={value!r}: expected a number or a list of three numbers (R, G, B)")
+    if key == "std" and min(values) <= 0:
+        raise ConfigError(f"std={value!r} must be positive")
+    return float(values[0]) if len(values) == 1 else tuple(float(v) for v in values)
+
+
+def normalize(images01: torch.Tensor, mean: float | Sequence[float], std: float | Sequence[float]) -> torch.Tensor:
+    """``(B, 1, h, w)`` grey images in [0, 1] → ``(B, 3, h, w)`` normalised with ``mean`` / ``std``."""
+    def per_channel(value: float | Sequence[float]) -> torch.Tensor:
+        values = [value] * 3 if isinstance(value, (int, float)) else list(value)
+        return torch.tensor(values, dtype=images01.dtype, device=images01.device).view(1, 3, 1, 1)
+
+    return (images01.expand(-1, 3, -1, -1) - per_channel(mean)) / per_channel(std)
+
+
+def dataset_name(source: Any) -> str:
+    """The dataset's name as the caches know it: readers live in ``vlpbench.data.<dataset>``."""
+    return type(source).__module__.rpartition(".")[2]
+
+
+def load_images(source: Any, ids: Sequence[str], size: int, progress: bool) -> np.ndarray:
+    """The images ``ids`` as a read-only uint8 memory-map ``(n, size, size)`` from the image cache."""
+    return cached_images(source, dataset_name(source), list(ids), size, progress=progress)
+
+
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The central ``size``² window of ``(B, C, H, W)`` images (torchvision's CenterCrop offsets)."""
+    height, width = images.shape[-2:]
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return images[..., top:top + size, left:left + size]
+
+
+def encoder_input(images01: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """``(B, 1, h, w)`` grey images in [0, 1] → the normalised 3-channel encoder input."""
+    x = normalize(images01, pre.mean, pre.std)
+    if pre.upsample_299:
+        x = F.interpolate(x, size=(MGCA_UPSAMPLE, MGCA_UPSAMPLE), mode="bilinear", align_corners=True)
+    return x
+
+
+def pooled(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Global average pool of the encoder's deepest feature map: ``(B, out_channels[-1])``."""
+    return encoder(x)[-1].mean(dim=(2, 3))
+
+
+def freeze(encoder: torch.nn.Module) -> torch.nn.Module:
+    """Frozen means frozen: no gradients and BatchNorm in eval mode (as MGCA's classifier does)."""
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+    return encoder.eval()
+
+
+def uint8_batch(images: np.ndarray, index: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Images ``index`` of a uint8 (memory-mapped) stack as float ``(B, 1, S, S)`` in [0, 1] on ``device``."""
+    return torch.from_numpy(np.ascontiguousarray(images[index])).to(device).unsqueeze(1).float().div_(255.0)
+
+
+@torch.inference_mode()
+def extract_features(encoder: torch.nn.Module, images: np.ndarray, pre: Preprocessing, *, batch_size: int,
+                     device: torch.device, progress: bool = False, desc: str = "features") -> np.ndarray:
+    """Pooled features ``(n, channels)`` float32 of uint8 images ``(n, resize, resize)`` through ``pre``."""
+    freeze(encoder).to(device)
+    channels = int(encoder.out_channels[-1])
+    features = np.empty((len(images), channels), dtype=np.float32)
+    bar = tqdm(total=len(images), desc=desc, disable=not progress, leave=False, unit="img")
+    for start in range(0, len(images), batch_size):
+        index = np.arange(start, min(start + batch_size, len(images)))
+        x = encoder_input(center_crop(uint8_batch(images, index, device), pre.crop), pre)
+        features[index] = pooled(encoder, x).float().cpu().numpy()
+        bar.update(len(index))
+    bar.close()
+    return features
+
+
+@dataclass
+class Features:
+    """Features of one id list and where they came from (``hit``: read from the cache)."""
+
+    values: np.ndarray
+    hit: bool
+    path: Path
+    seconds: float
+
+
+def feature_key(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessing) -> dict[str, Any]:
+    """What identifies a set of cached features (JSON-able); see the module docstring."""
+    return {
+        "format": FORMAT_VERSION,
+        "adapter": {"name": adapter.name, "checkpoint_sha256": adapter.checkpoint_sha256,
+                    "options": {k: adapter.options[k] for k in sorted(adapter.options)},
+                    "encoder_name": adapter.encoder_name},
+        "data": {"dataset": dataset_name(source),
+                 "reader": f"{type(source).__module__}.{type(source).__qualname__}",
+                 "fingerprint": source_fingerprint(source),
+                 "n": len(ids), "ids_sha256": _ids_digest(source, ids)},
+        "preprocessing": {**asdict(pre), "resize_method": METHOD, "pillow": PIL.__version__,
+                          "pool": "global average of the deepest feature map"},
+    }
+
+
+def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessing, *, batch_size: int,
+                    device: torch.device, progress: bool = False, desc: str = "features") -> Features:
+    """Pooled frozen-encoder features of ``ids``, from the feature cache or computed and stored there.
+
+    On a miss the images come from the image cache and the encoder from ``adapter.encoder()``; on a
+    hit neither is touched.
+
+    Raises:
+        VlpbenchError: the cache folder cannot be written.
+    """
+    started = time.perf_counter()
+    ids = list(ids)
+    key = feature_key(adapter, source, ids, pre)
+    text = json.dumps(key, indent=2, sort_keys=True) + "\n"
+    folder = cache_root() / dataset_name(source)
+    stem = hashlib.sha256(text.encode()).hexdigest()[:32]
+    path = folder / f"{stem}.npy"
+    values = _load(path, folder / f"{stem}.json", text, len(ids))
+    if values is not None:
+        log.info("feature cache: hit %s (%d images)", path, len(ids))
+        return Features(values, True, path, time.perf_counter() - started)
+
+    log.info("feature cache: computing %d %s features into %s", len(ids), desc, path)
+    images = load_images(source, ids, pre.resize, progress)
+    values = extract_features(adapter.encoder(), images, pre, batch_size=batch_size, device=device,
+                              progress=progress, desc=desc)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _atomic(path) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, values, allow_pickle=False)
+        with _atomic(folder / f"{stem}.json") as tmp:
+            tmp.write_text(text)
+    except OSError as exc:
+        raise VlpbenchError(f"cannot write the feature cache {path}: {exc}; "
+                            "free disk space or set VLPBENCH_CACHE to another folder") from exc
+    return Features(values, False, path, time.perf_counter() - started)
+
+
+def cache_root() -> Path:
+    """The feature cache's folder: ``vlpbench.config.cache_dir() / "features"``."""
+    return cache_dir() / "features"
+
+
+def _ids_digest(source: Any, ids: Sequence[str]) -> str:
+    """Hash of the ids in order and, where the reader has no fingerprint of its own but gives file
+    paths, of each file's size and modification time (an image edited in place changes the key)."""
+    locate = getattr(source, "path", None) if getattr(source, "fingerprint", None) is None else None
+    digest = hashlib.sha256()
+    for image_id in ids:
+        stamp = ""
+        path = locate(image_id) if locate is not None else None
+        if isinstance(path, (str, os.PathLike)):
+            with contextlib.suppress(OSError):  # a missing file fails later, where the image is read
+                stat = os.stat(path)
+                stamp = f"{stat.st_size} {stat.st_mtime_ns}"
+        digest.update(f"{image_id}\0{stamp}\n".encode())
+    return digest.hexdigest()
+
+
+def _load(path: Path, key_path: Path, key_text: str, n: int) -> np.ndarray | None:
+    """The cached features, or None when absent or not trustworthy (logged)."""
+    try:
+        stored_key = key_path.read_text()
+    except (FileNotFoundError, UnicodeDecodeError, OSError):
+        return None
+    if stored_key != key_text:
+        log.warning("feature cache: %s does not hold the expected key; recomputing", key_path)
+        return None
+    try:
+        values = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, EOFError) as exc:
+        log.warning("feature cache: %s is unreadable (%s); recomputing", path, exc)
+        return None
+    if values.dtype != np.float32 or values.ndim != 2 or len(values) != n or not np.isfinite(values).all():
+        log.warning("feature cache: %s holds %s %s, expected finite float32 (%d, channels); recomputing",
+                    path, values.dtype, values.shape, n)
+        return None
+    return values
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Yield a temp file beside ``path``; when the block succeeds, rename it to ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

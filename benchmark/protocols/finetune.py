@@ -1,0 +1,197 @@
+"""Full fine-tuning for classification (KAD's ChestX-ray14 protocol, which G2D's Table 3 follows).
+
+Every parameter trains: the adapter's encoder (BatchNorm in training mode) and a linear layer over
+the global average pool of its deepest feature map, with BCE-with-logits over the labels, AdamW
+(lr 1e-4, batch 64), 256-pixel input and up to 50 epochs; the test set is scored with the weights of
+the best validation epoch. KAD publishes no fine-tuning code: the training augmentation (horizontal
+flip, and scale +-10 % / rotation +-10 degrees with probability 0.5), the weight decay and the
+early-stopping patience are vlpbench's choices, recorded in the task YAML. The best epoch is the one
+with the highest validation macro AUC (``select_on: auc``, KAD keeps its best-AUC model) or the
+lowest validation loss (``select_on: loss``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vlpbench.errors import ConfigError, DataError
+from vlpbench.metrics.classification import macro_auc
+from vlpbench.protocols import SplitIds
+from vlpbench.protocols.features import channel_values, load_images, normalize, pooled, uint8_batch
+from vlpbench.protocols.labels import class_names, label_kind, task_labels
+from vlpbench.protocols.linear import (
+    check_known,
+    check_schedule,
+    class_counts,
+    classification_metrics,
+    loss_function,
+    output_size,
+    per_image_scores,
+    primary_ci,
+    probabilities,
+    seeded_head,
+    targets,
+)
+from vlpbench.protocols.segmentation import random_affine
+
+log = logging.getLogger("vlpbench")
+
+SELECT_ON = ("auc", "loss")
+FLIP_P = 0.5
+AFFINE_P, SCALE_LIMIT, ROTATE_DEG = 0.5, 0.1, 10.0
+
+
+class Classifier(torch.nn.Module):
+    """Encoder → global average pool of its deepest map → linear layer."""
+
+    def __init__(self, encoder: torch.nn.Module, head: torch.nn.Linear):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled(self.encoder, x))
+
+
+def augment(images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Training augmentation of ``(B, 1, S, S)`` images: horizontal flip (p 0.5), then scale +-10 %
+    and rotation +-10 degrees (p 0.5), zero fill, as the segmentation protocol's affine."""
+    flip = torch.rand(len(images01), generator=generator) < FLIP_P
+    images01 = torch.where(flip.view(-1, 1, 1, 1).to(images01.device), images01.flip(-1), images01)
+    theta = random_affine(len(images01), SCALE_LIMIT, ROTATE_DEG, AFFINE_P, generator).to(images01.device)
+    grid = F.affine_grid(theta, list(images01.shape), align_corners=False)
+    return F.grid_sample(images01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,
+                      device: torch.device, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune the adapter's encoder with a linear head on ``split.train``, select the epoch on
+    ``split.val``, score ``split.test`` (entry point of protocol ``finetune``).
+
+    Raises:
+        ConfigError: an unknown ``select_on`` or ``label_kind``, or a bad ``mean`` / ``std``.
+        DataError: fewer training images than one batch, no validation or test images, or (with
+            ``select_on: auc``) no class with both labels among the validation images.
+    """
+    started = time.perf_counter()
+    kind = label_kind(config)
+    if config["select_on"] not in SELECT_ON:
+        raise ConfigError(f"select_on={config['select_on']!r}: expected one of {', '.join(SELECT_ON)}")
+    mean, std = channel_values(config["mean"], "mean"), channel_values(config["std"], "std")
+    check_schedule(config)
+    size, batch_size = int(config["image_size"]), int(config["batch_size"])
+    if len(split.train) < batch_size:
+        raise DataError(f"only {len(split.train)} training images for batch size {batch_size} "
+                        "(training drops the last incomplete batch)")
+    if not split.val or not split.test:
+        raise DataError(f"the split gives {len(split.val)} validation and {len(split.test)} test images; "
+                        "the protocol needs both")
+    classes = class_names(config)
+    labels = {part: task_labels(source, getattr(split, part), config) for part in ("train", "val", "test")}
+    check_known(labels)
+    if config["select_on"] == "auc" and not _auc_defined(kind, labels["val"]):
+        raise DataError("no class has both labels among the validation images, so the validation AUC that "
+                        "selects the epoch is undefined; use more data or --set select_on=loss")
+    images = {part: load_images(source, getattr(split, part), size, progress) for part in ("train", "val", "test")}
+    log.info("finetune: %d train, %d val, %d test images at %dpx; %s over %d class(es)", len(split.train),
+             len(split.val), len(split.test), size, kind, len(classes))
+    t_data = time.perf_counter()
+
+    encoder = adapter.encoder()
+    model = Classifier(encoder, seeded_head(int(encoder.out_channels[-1]),
+                                            output_size(kind, labels["train"], classes), seed)).to(device)
+    loss_fn = loss_function(kind)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=tuple(config["betas"]),
+                                  weight_decay=config["weight_decay"])
+    generator = torch.Generator().manual_seed(seed)
+    train_targets = targets(kind, labels["train"], device)
+
+    def inputs(x01: torch.Tensor) -> torch.Tensor:
+        return normalize(x01, mean, std)
+
+    best = {"score": -math.inf, "epoch": -1, "state": None}
+    history: list[dict[str, Any]] = []
+    bar = tqdm(range(int(config["max_epochs"])), desc="epochs", disable=not progress, unit="ep")
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(split.train), generator=generator).numpy()
+        total, steps = 0.0, len(split.train) // batch_size
+        for step in range(steps):
+            index = np.sort(order[step * batch_size:(step + 1) * batch_size])
+            x = uint8_batch(images["train"], index, device)
+            if config["augment"]:
+                x = augment(x, generator)
+            loss = loss_fn(model(inputs(x)), train_targets[torch.from_numpy(index).to(device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        logits = _predict(model, images["val"], inputs, batch_size, device)
+        val_loss = loss_fn(logits, targets(kind, labels["val"], device)).item()
+        val_auc = _auc(kind, labels["val"], probabilities(kind, logits))
+        train_loss = total / steps
+        if not math.isfinite(train_loss) or not math.isfinite(val_loss):
+            raise DataError(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} in epoch "
+                            f"{epoch + 1}; lower the learning rate (--set lr=...)")
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc})
+        score = val_auc if config["select_on"] == "auc" else -val_loss
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch + 1,
+                    "state": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})}
+        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", auc=val_auc, best=best["epoch"])
+        if epoch + 1 - best["epoch"] >= int(config["patience"]):
+            log.info("early stop after epoch %d (best %d)", epoch + 1, best["epoch"])
+            break
+    bar.close()
+    t_train = time.perf_counter()
+
+    model.load_state_dict(best["state"])
+    probs = probabilities(kind, _predict(model, images["test"], inputs, batch_size, device))
+    metrics = classification_metrics(kind, labels["test"], probs, classes)
+    ci = primary_ci(kind, labels["test"], probs, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+    t_test = time.perf_counter()
+    return {
+        "metrics": metrics,
+        "ci": ci,
+        "per_image": per_image_scores(kind, labels["test"], probs, split.test),
+        "n": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
+              "test_per_class": class_counts(kind, labels["test"], classes)},
+        "training": {"epochs": len(history), "best_epoch": best["epoch"], "select_on": config["select_on"],
+                     "best_val": best["score"] if config["select_on"] == "auc" else -best["score"],
+                     "history": history},
+        "timing": {"data_s": t_data - started, "train_s": t_train - t_data, "test_s": t_test - t_train,
+                   "total_s": t_test - started},
+    }
+
+
+def _auc_defined(kind: str, labels: np.ndarray) -> bool:
+    """Whether some class has both labels (two classes present, for a multi-class task)."""
+    if kind == "multiclass":
+        return len(np.unique(labels)) > 1
+    return any(len(np.unique(labels[:, k])) == 2 for k in range(labels.shape[1]))
+
+
+def _auc(kind: str, labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """Validation macro AUC (one-vs-rest for a multi-class task), None when no class defines one."""
+    if kind == "multiclass":
+        labels = np.eye(probs.shape[1], dtype=int)[labels]
+    return macro_auc(labels, probs)[0]
+
+
+@torch.no_grad()
+def _predict(model: torch.nn.Module, images: np.ndarray, inputs, batch_size: int,
+             device: torch.device) -> torch.Tensor:
+    """Logits of every image, in eval mode."""
+    model.eval()
+    out = [model(inputs(uint8_batch(images, np.arange(start, min(start + batch_size, len(images))), device)))
+           for start in range(0, len(images), batch_size)]
+    return torch.cat(out)

@@ -1,0 +1,380 @@
+"""Zero-shot grounding protocol: text-conditioned heat maps scored against the lesion's mask, no training.
+
+MedKLIP's RSNA grounding (which G2D's Table 2a follows) and BioViL's MS-CXR phrase grounding. Only positive
+images are scored, as both references do; the skipped negatives are counted. A *query* is one heat map to
+score: for RSNA and SIIM (``queries: class``) the task's ``prompt`` on each positive image, with the image's
+lesion mask as truth; for MS-CXR (``queries: phrases``) each phrase of each image, with the union of that
+phrase's boxes as truth. An adapter whose ``free_text`` is False (MedKLIP: fixed entity queries) gets the
+phrase's category label instead of its text; the record says which (``text_source``).
+
+Steps, each a task option:
+
+1. ``adapter.grounding_maps(adapter.preprocess(images), texts)``: maps at the model's own resolution, for
+   images from the image cache at the adapter's ``image_size``.
+2. ``upsample`` (``bilinear``, or ``nearest``: MedKLIP's ``repeat(16)``) to the evaluation grid:
+   ``eval_resolution: fixed`` compares at ``eval_size``² with the truth resized NEAREST (MedKLIP: the
+   1024² box mask to 224²); ``native`` compares at the truth's own size (RSNA and SIIM 1024², MS-CXR the
+   image's size from its label file).
+3. ``normalize: minmax`` rescales each map to [0, 1] (a constant map becomes 0) so that one threshold means
+   the same on every image; ``none`` keeps raw values (MedKLIP's attention probabilities).
+4. The threshold of recall / IoU / Dice: ``threshold_source: val`` searches the ``threshold_grid + 1``
+   quantiles of the pooled validation map values (at the model's resolution, normalised as in step 3) for
+   the highest mean Dice over the validation positives and applies it unchanged to test; ``fixed`` uses
+   ``threshold`` (``0.008`` with ``normalize: none`` is MedKLIP's cut of raw attention probabilities, uniform
+   attention over 14×14 patches being 0.0051; it means nothing for other maps).
+5. :mod:`vlpbench.metrics.grounding` on every test query: pointing game, pixel recall, IoU, Dice, CNR.
+
+``score_grounding`` applies steps 2 to 5 to heat maps made by any framework (an ``.npz``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vlpbench.data.cache import cached_images
+from vlpbench.errors import ConfigError, DataError, VlpbenchError
+from vlpbench.metrics.bootstrap import bootstrap_ci
+from vlpbench.metrics.grounding import METRIC_NAMES, candidate_thresholds, choose_threshold, grounding_scores
+from vlpbench.protocols import SplitIds
+
+log = logging.getLogger("vlpbench")
+
+CHOICES = {
+    "queries": ("class", "phrases"),
+    "upsample": ("bilinear", "nearest"),
+    "eval_resolution": ("fixed", "native"),
+    "normalize": ("minmax", "none"),
+    "threshold_source": ("val", "fixed"),
+}
+# Values per map that enter the pooled quantiles of the threshold search; larger maps are strided.
+_VALUES_PER_MAP = 4096
+
+
+@dataclass(frozen=True)
+class Query:
+    """One heat map to score: ``key`` names it in results and prediction files.
+
+    ``key`` is the image id (``queries: class``) or ``<image id>#<phrase index>`` (``queries: phrases``);
+    ``phrase`` is that index, or None for the image's class mask.
+    """
+
+    key: str
+    image_id: str
+    text: str
+    phrase: int | None = None
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Raise ``ConfigError`` naming the key for an option outside its allowed values."""
+    for key, allowed in CHOICES.items():
+        if config.get(key) not in allowed:
+            raise ConfigError(f"grounding option {key}={config.get(key)!r}: expected one of {', '.join(allowed)}")
+    if config["queries"] == "class" and not str(config.get("prompt") or "").strip():
+        raise ConfigError("grounding option prompt: queries=class needs the class prompt (e.g. pneumonia)")
+    if config["eval_resolution"] == "fixed" and int(config["eval_size"]) < 1:
+        raise ConfigError(f"grounding option eval_size={config['eval_size']!r}: expected a positive int")
+
+
+def text_source(config: Mapping[str, Any], free_text: bool) -> str:
+    """What the model is given: ``prompt`` (class tasks), ``phrase`` or, for a fixed-vocabulary model, ``category``."""
+    if config["queries"] == "class":
+        return "prompt"
+    return "phrase" if free_text else "category"
+
+
+def grounding_queries(source, ids: Iterable[str], config: Mapping[str, Any],
+                      texts: str = "prompt") -> tuple[list[Query], int]:
+    """The queries of the positive images among ``ids``, and how many negative images were skipped.
+
+    ``texts`` is a :func:`text_source` value. Uses the label files only (``label`` / ``phrases``).
+    """
+    queries: list[Query] = []
+    negatives = 0
+    for image_id in ids:
+        if config["queries"] == "class":
+            if source.label(image_id):
+                queries.append(Query(image_id, image_id, config["prompt"]))
+            else:
+                negatives += 1
+            continue
+        phrases = source.phrases(image_id)
+        if not phrases:
+            negatives += 1
+        for index, (category, phrase, _) in enumerate(phrases):
+            queries.append(Query(f"{image_id}#{index}", image_id, category if texts == "category" else phrase, index))
+    return queries, negatives
+
+
+def truth_mask(source, query: Query, config: Mapping[str, Any]) -> np.ndarray:
+    """The query's ground truth as a boolean mask at the evaluation resolution (see module docstring)."""
+    mask = source.mask(query.image_id) if query.phrase is None else source.mask(query.image_id, query.phrase)
+    if config["eval_resolution"] == "fixed":
+        size = int(config["eval_size"])
+        if mask.shape != (size, size):
+            mask = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8)).resize((size, size), Image.NEAREST))
+    return np.asarray(mask) > 0
+
+
+def _normalized(heat: torch.Tensor, normalize: str) -> torch.Tensor:
+    if normalize == "none":
+        return heat
+    low, high = heat.min(), heat.max()
+    return (heat - low) / (high - low) if high > low else torch.zeros_like(heat)
+
+
+def prepare_heatmap(raw: Any, shape: tuple[int, int], config: Mapping[str, Any]) -> np.ndarray:
+    """A raw 2-D map upsampled to ``shape`` (``config["upsample"]``) and normalised (``config["normalize"]``)."""
+    heat = torch.as_tensor(raw, dtype=torch.float32)
+    if tuple(heat.shape) != tuple(shape):
+        options = {"align_corners": False} if config["upsample"] == "bilinear" else {}
+        heat = F.interpolate(heat[None, None], size=tuple(shape), mode=config["upsample"], **options)[0, 0]
+    return _normalized(heat, config["normalize"]).numpy()
+
+
+def is_flat(raw: Any) -> bool:
+    """Whether a map is constant (every pixel ties for the maximum, so the pointing game always hits)."""
+    heat = torch.as_tensor(raw)
+    return bool(heat.max() == heat.min())
+
+
+def _pairs(maps: Mapping[str, Any], queries: list[Query], source, config: Mapping[str, Any],
+           desc: str, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(heat map, truth)`` at the evaluation resolution, one query at a time (memory stays per image)."""
+    for query in tqdm(queries, desc=desc, disable=not progress, leave=False, unit="map"):
+        truth = truth_mask(source, query, config)
+        yield prepare_heatmap(maps[query.key], truth.shape, config), truth
+
+
+def select_threshold(maps: Mapping[str, Any], queries: list[Query], source, config: Mapping[str, Any], *,
+                     progress: bool = False) -> dict[str, Any]:
+    """Step 4 on validation queries: ``{"threshold", "val_dice", "candidates"}``.
+
+    Raises:
+        DataError: there are no validation queries.
+    """
+    if not queries:
+        raise DataError("threshold_source=val: the validation part holds no positive image to choose the "
+                        "threshold on; use --set threshold_source=fixed (and threshold=...)")
+    pooled = []
+    for query in queries:
+        values = _normalized(torch.as_tensor(maps[query.key], dtype=torch.float32), config["normalize"]).ravel()
+        pooled.append(values[:: max(1, values.numel() // _VALUES_PER_MAP)].numpy())
+    candidates = candidate_thresholds(np.concatenate(pooled), int(config["threshold_grid"]))
+    threshold, val_dice = choose_threshold(_pairs(maps, queries, source, config, "threshold", progress), candidates)
+    return {"threshold": threshold, "val_dice": val_dice, "candidates": int(candidates.size)}
+
+
+def score_queries(maps: Mapping[str, Any], queries: list[Query], source, config: Mapping[str, Any],
+                  threshold: float, *, progress: bool = False) -> dict[str, np.ndarray]:
+    """Every metric of :data:`METRIC_NAMES` per query (CNR may be NaN), in query order."""
+    scores = {name: np.empty(len(queries)) for name in METRIC_NAMES}
+    for index, (heat, truth) in enumerate(_pairs(maps, queries, source, config, "test", progress)):
+        for name, value in grounding_scores(heat, truth, threshold).items():
+            scores[name][index] = value
+    return scores
+
+
+def summarize(scores: dict[str, np.ndarray], *, n_resamples: int, seed: int) -> tuple[dict, dict]:
+    """Means over queries and per-query bootstrap CIs; CNR over its finite values (None if there are none)."""
+    metrics: dict[str, float | None] = {}
+    ci: dict[str, dict] = {}
+    for name in METRIC_NAMES:
+        values = scores[name][np.isfinite(scores[name])]
+        metrics[name] = float(values.mean()) if values.size else None
+        if values.size:
+            ci[name] = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
+    return metrics, ci
+
+
+def compute_maps(adapter, source, queries: list[Query], *, batch_size: int, device: torch.device,
+                 progress: bool = True, desc: str = "maps") -> dict[str, torch.Tensor]:
+    """The adapter's raw heat map of every query, ``{key: (h, w) float32 CPU tensor}``.
+
+    Each batch of images is embedded once for all the distinct texts its queries ask for.
+
+    Raises:
+        VlpbenchError: ``grounding_maps`` returned a shape other than ``(B, texts, h, w)``.
+    """
+    image_ids = list(dict.fromkeys(query.image_id for query in queries))
+    by_image: dict[str, list[Query]] = {}
+    for query in queries:
+        by_image.setdefault(query.image_id, []).append(query)
+    # Readers live in vlpbench.data.<dataset>, so the module's name is the cache's dataset name.
+    dataset = type(source).__module__.rpartition(".")[2]
+    images = cached_images(source, dataset, image_ids, int(adapter.image_size), progress=progress)
+    maps: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(image_ids), desc=desc, disable=not progress, leave=False, unit="img")
+    for start in range(0, len(image_ids), batch_size):
+        batch_ids = image_ids[start:start + batch_size]
+        pixels = torch.from_numpy(np.array(images[start:start + batch_size]))[:, None].to(device)
+        texts = list(dict.fromkeys(query.text for image_id in batch_ids for query in by_image[image_id]))
+        with torch.no_grad():
+            batch = adapter.grounding_maps(adapter.preprocess(pixels), texts)
+        if batch.ndim != 4 or tuple(batch.shape[:2]) != (len(batch_ids), len(texts)):
+            raise VlpbenchError(f"adapter {adapter.name!r}: grounding_maps returned shape {tuple(batch.shape)} for "
+                                f"{len(batch_ids)} images and {len(texts)} texts; expected (B, T, h, w)")
+        batch = batch.detach().float().cpu()
+        column = {text: k for k, text in enumerate(texts)}
+        for row, image_id in enumerate(batch_ids):
+            for query in by_image[image_id]:
+                maps[query.key] = batch[row, column[query.text]].clone()
+        bar.update(len(batch_ids))
+    bar.close()
+    return maps
+
+
+def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,
+                       device: torch.device, progress: bool = True) -> dict[str, Any]:
+    """Entry point used by ``vlpbench.api.run``: heat maps of val and test positives, threshold, scores.
+
+    ``split.train`` is not used (nothing is trained). Returns ``metrics`` (the means of
+    :data:`~vlpbench.metrics.grounding.METRIC_NAMES` over test queries), ``ci``, ``per_image`` (Dice per
+    query key), ``n`` (``test``/``val``: queries scored / used for the threshold; images, skipped negatives,
+    constant maps, queries without a defined CNR), ``training`` (the threshold and how it was chosen, the
+    texts given, map and input sizes) and ``timing``.
+    """
+    adapter.require("grounding")
+    check_config(config)
+    t0 = time.perf_counter()
+    texts = text_source(config, adapter.free_text)
+    batch_size = int(config["batch_size"])
+    test, test_negatives = grounding_queries(source, split.test, config, texts)
+    if not test:
+        raise DataError(f"no positive test image among the {len(split.test)} test images: nothing to ground")
+    use_val = config["threshold_source"] == "val"
+    val, val_negatives = grounding_queries(source, split.val, config, texts) if use_val else ([], 0)
+    log.info("grounding: %d test and %d validation queries (%s texts), %d + %d negative images skipped",
+             len(test), len(val), texts, test_negatives, val_negatives)
+
+    maps = compute_maps(adapter, source, val, batch_size=batch_size, device=device, progress=progress,
+                        desc="val maps") if val else {}
+    maps.update(compute_maps(adapter, source, test, batch_size=batch_size, device=device, progress=progress,
+                             desc="test maps"))
+    t_maps = time.perf_counter()
+
+    if use_val:
+        chosen = select_threshold(maps, val, source, config, progress=progress)
+    else:
+        chosen = {"threshold": float(config["threshold"]), "val_dice": None, "candidates": 0}
+    t_threshold = time.perf_counter()
+
+    scores = score_queries(maps, test, source, config, chosen["threshold"], progress=progress)
+    metrics, ci = summarize(scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+    t_test = time.perf_counter()
+    map_size = list(next(iter(maps.values())).shape)
+    return {
+        "metrics": metrics,
+        "ci": ci,
+        "per_image": {query.key: float(value) for query, value in zip(test, scores["dice"])},
+        "n": {"train": 0, "val": len(val), "test": len(test),
+              "test_images": len({query.image_id for query in test}),
+              "test_negatives_skipped": test_negatives, "val_negatives_skipped": val_negatives,
+              "flat_maps": sum(is_flat(maps[query.key]) for query in test),
+              "cnr_undefined": int(np.count_nonzero(~np.isfinite(scores["cnr"])))},
+        "training": {**chosen, "threshold_source": config["threshold_source"], "text_source": texts,
+                     "map_size": map_size, "input_size": int(adapter.image_size)},
+        "timing": {"maps_s": t_maps - t0, "threshold_s": t_threshold - t_maps, "test_s": t_test - t_threshold,
+                   "total_s": t_test - t0},
+    }
+
+
+def read_heatmaps(path: Path) -> Mapping[str, np.ndarray]:
+    """Open an ``.npz`` of heat maps (read lazily, key by key; no pickles).
+
+    Raises:
+        DataError: the file is missing or not a readable ``.npz``.
+    """
+    if not path.is_file():
+        raise DataError(f"predictions file {path} not found; expected an .npz with one 2-D heat map per "
+                        "image id (MS-CXR: per '<image_id>#<phrase index>')")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: holds a single array; expected an .npz with one heat map per key")
+    return archive
+
+
+class _CheckedMaps(Mapping[str, np.ndarray]):
+    """The maps of an ``.npz``, each checked on access to be a finite, non-empty 2-D numeric array."""
+
+    def __init__(self, archive: Mapping[str, np.ndarray], path: Path):
+        self._archive, self._path = archive, path
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            heat = self._archive[key]
+        except ValueError as exc:  # an object array, which needs pickle
+            raise DataError(f"{self._path} key {key!r}: not a numeric array ({exc})") from exc
+        if heat.ndim != 2 or 0 in heat.shape or not np.issubdtype(heat.dtype, np.number):
+            raise DataError(f"{self._path} key {key!r}: expected a 2-D numeric heat map (H, W), got "
+                            f"shape {heat.shape} of {heat.dtype}")
+        if not np.isfinite(heat).all():
+            raise DataError(f"{self._path} key {key!r}: the heat map holds NaN or infinite values")
+        return heat
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._archive
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._archive)
+
+    def __len__(self) -> int:
+        return len(self._archive)
+
+
+def score_grounding(predictions: Path, source, ids: list[str], config: dict[str, Any], *,
+                    val_ids: list[str] | None = None, bootstrap_resamples: int = 1000) -> dict[str, Any]:
+    """Score an ``.npz`` of heat maps (any resolution) on the positive images among ``ids``.
+
+    Keys are image ids, or ``<image_id>#<phrase index>`` for MS-CXR; keys of other images are ignored.
+    The threshold is chosen as the protocol does when the file also holds maps of validation positives
+    (``val_ids``); otherwise the task's ``threshold`` is used and a note says so. Needs the label files only.
+
+    Returns ``metrics``, ``ci``, ``n`` (maps scored), ``negatives_skipped``, ``threshold`` (value, source,
+    validation maps used, their mean Dice) and ``notes``.
+
+    Raises:
+        DataError: the file is unreadable, a test positive has no map, or a map is not a finite 2-D array.
+    """
+    check_config(config)
+    maps = _CheckedMaps(read_heatmaps(predictions), predictions)
+    test, negatives = grounding_queries(source, ids, config)
+    if not test:
+        raise DataError(f"no positive image among the {len(ids)} images scored: nothing to ground")
+    missing = [query.key for query in test if query.key not in maps]
+    if missing:
+        raise DataError(f"{predictions}: {len(missing)} of {len(test)} positive test maps are missing, "
+                        f"e.g. keys {', '.join(map(repr, missing[:3]))}")
+    notes = []
+    val: list[Query] = []
+    if config["threshold_source"] == "val":
+        val = [query for query in grounding_queries(source, val_ids or [], config)[0] if query.key in maps]
+        if not val:
+            notes.append(f"{predictions.name} holds no map of a validation positive, so the threshold is the "
+                         f"task's fixed threshold {config['threshold']} instead of one chosen on validation maps")
+    if val:
+        chosen = {**select_threshold(maps, val, source, config), "source": "val", "val_maps": len(val)}
+    else:
+        chosen = {"threshold": float(config["threshold"]), "source": "config", "val_maps": 0, "val_dice": None}
+    scores = score_queries(maps, test, source, config, chosen["threshold"])
+    metrics, ci = summarize(scores, n_resamples=bootstrap_resamples, seed=0)
+    flat = sum(is_flat(maps[query.key]) for query in test)
+    if flat:
+        notes.append(f"{flat} of {len(test)} test maps are constant: every pixel ties for the maximum, so each "
+                     "scores a pointing-game hit")
+    return {"metrics": metrics, "ci": ci, "n": len(test), "negatives_skipped": negatives,
+            "threshold": chosen, "notes": notes}

@@ -1,0 +1,367 @@
+"""Linear classification on a frozen encoder (MGCA's protocol, which G2D follows).
+
+MGCA's ``SSLFineTuner``: the backbone frozen (no gradients, ``eval()``), a global average pool of its
+last feature map, ``SSLEvaluator`` (Flatten, Dropout(0), Linear: a plain linear layer, built as one
+here), AdamW on the head only, no scheduler, up to 50 epochs with early stopping on validation loss
+(patience 10), and the test set scored with the best-validation weights. BCE-with-logits for binary
+and multi-label tasks (RSNA, CheXpert), cross-entropy for multi-class ones (COVIDx). The training
+batches drop the last incomplete one as MGCA's loader does; the validation loss covers every
+validation image (MGCA's validation loader drops its last incomplete batch too).
+
+Two modes (config ``linear_mode``):
+
+- ``cached`` (default): every image passes the deterministic test-time pipeline once
+  (:mod:`vlpbench.protocols.features`), its pooled feature is cached on disk, and the head trains
+  on the cached features. A sweep over fractions, seeds or learning rates runs the encoder once.
+- ``mgca``: MGCA's training pipeline, each epoch a new random crop (``train_transform: crop``,
+  MGCA's ``DataTransforms``) or MGCA's ``Moco2Transform`` (``train_transform: moco2``, CheXpert)
+  through the frozen encoder. Validation and test images go through the same deterministic
+  pipeline as in ``cached`` mode, so both modes take their features from the cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vlpbench.errors import ConfigError, DataError
+from vlpbench.metrics.bootstrap import bootstrap_ci
+from vlpbench.metrics.classification import accuracy, auc_by_weights, macro_auc, resample_weights, roc_auc
+from vlpbench.protocols import SplitIds
+from vlpbench.protocols.features import (
+    Preprocessing,
+    cached_features,
+    encoder_input,
+    freeze,
+    load_images,
+    pooled,
+    uint8_batch,
+)
+from vlpbench.protocols.labels import class_names, class_slug, label_kind, task_labels
+
+log = logging.getLogger("vlpbench")
+
+MODES = ("cached", "mgca")
+TRAIN_TRANSFORMS = ("crop", "moco2")
+FEATURE_BATCH = 32  # images per encoder call when extracting features (memory only; results are equal)
+
+# MGCA Moco2Transform (mgca/datasets/transforms.py), SimCLR's settings.
+JITTER_P, BRIGHTNESS, CONTRAST = 0.8, 0.4, 0.4
+BLUR_P, BLUR_SIGMA = 0.5, (0.1, 2.0)
+FLIP_P = 0.5
+
+
+# --- labels and metrics, shared with the fine-tuning protocol ----------------------------------------
+
+
+def check_known(labels: dict[str, np.ndarray]) -> None:
+    """ConfigError where a label is -1 (CheXpert's uncertain labels kept by ``label_policy: ignore``):
+    the protocols train and score on 0/1 labels only."""
+    for part, values in labels.items():
+        if (values < 0).any():
+            raise ConfigError(f"{int((values < 0).any(axis=-1).sum())} {part} images have uncertain (-1) labels; "
+                              "these protocols need 0/1 labels: choose label_policy mgca, ones or zeros")
+
+
+def check_schedule(config: dict[str, Any]) -> None:
+    """ConfigError unless ``batch_size``, ``max_epochs`` and ``patience`` are at least 1."""
+    for key in ("batch_size", "max_epochs", "patience"):
+        if int(config[key]) < 1:
+            raise ConfigError(f"{key}={config[key]!r}: expected an integer of at least 1")
+
+
+def output_size(kind: str, labels: np.ndarray, classes: list[str]) -> int:
+    """Logits of the head: one per class (a single one for a binary task)."""
+    return len(classes) if kind == "multiclass" else int(labels.shape[1])
+
+
+def targets(kind: str, labels: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Loss targets: class indices (multi-class) or 0/1 floats (binary, multi-label)."""
+    if kind == "multiclass":
+        return torch.as_tensor(labels, dtype=torch.long, device=device)
+    return torch.as_tensor(labels, dtype=torch.float32, device=device)
+
+
+def loss_function(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy for multi-class tasks, BCE-with-logits otherwise (MGCA)."""
+    return F.cross_entropy if kind == "multiclass" else F.binary_cross_entropy_with_logits
+
+
+def probabilities(kind: str, logits: torch.Tensor) -> np.ndarray:
+    """Softmax (multi-class) or sigmoid probabilities as float64 numpy."""
+    probs = logits.softmax(dim=1) if kind == "multiclass" else torch.sigmoid(logits)
+    return probs.double().cpu().numpy()
+
+
+def classification_metrics(kind: str, labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Test metrics: ``auc`` (macro over classes with both labels present; one-vs-rest for a
+    multi-class task), ``auc_<class>`` per class, and ``accuracy`` (top-1) for a multi-class task."""
+    if kind == "multiclass":
+        per_class = [roc_auc((labels == k).astype(int), probs[:, k]) for k in range(len(classes))]
+        defined = [v for v in per_class if v is not None]
+        metrics = {"accuracy": accuracy(labels, probs), "auc": float(np.mean(defined)) if defined else None}
+    elif kind == "binary":
+        return {"auc": roc_auc(labels[:, 0], probs[:, 0])}
+    else:
+        mean, per_class = macro_auc(labels, probs)
+        metrics = {"auc": mean}
+    metrics.update({f"auc_{class_slug(name)}": value for name, value in zip(classes, per_class)})
+    return metrics
+
+
+def primary_ci(kind: str, labels: np.ndarray, probs: np.ndarray, *, n_resamples: int,
+               seed: int) -> dict[str, Any]:
+    """Bootstrap CI over test images of the primary metric: ``accuracy`` for multi-class tasks,
+    otherwise ``auc``. Resamples on which a class that has both labels in the test set loses one are
+    skipped (counted in ``skipped``), so every resample averages the same classes. Empty when the
+    metric is undefined on the test set itself."""
+    if kind == "multiclass":
+        correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+        return {"accuracy": bootstrap_ci(correct, n_resamples=n_resamples, seed=seed)}
+    # Each class's scores are sorted once; a resample is scored through its image counts in O(n).
+    per_class = [auc_by_weights(labels[:, k], probs[:, k]) for k in range(labels.shape[1])
+                 if len(np.unique(labels[:, k])) == 2]
+    if not per_class:
+        return {}
+
+    def statistic(index: np.ndarray) -> float:
+        weights = resample_weights(index, len(labels))
+        values = [auc(weights) for auc in per_class]
+        return math.nan if any(v is None for v in values) else float(np.mean(values))
+
+    return {"auc": bootstrap_ci(statistic, len(labels), n_resamples=n_resamples, seed=seed)}
+
+
+def per_image_scores(kind: str, labels: np.ndarray, probs: np.ndarray, ids: list[str]) -> dict[str, float]:
+    """Top-1 correctness (1.0 / 0.0) per test image for a multi-class task; empty otherwise, since an
+    AUC has no per-image score."""
+    if kind != "multiclass":
+        return {}
+    return {image_id: float(c) for image_id, c in zip(ids, probs.argmax(axis=1) == labels)}
+
+
+def class_counts(kind: str, labels: np.ndarray, classes: list[str]) -> dict[str, int]:
+    """Test images per class (multi-class) or positives per class."""
+    if kind == "multiclass":
+        return {name: int((labels == k).sum()) for k, name in enumerate(classes)}
+    return {name: int(labels[:, k].sum()) for k, name in enumerate(classes[:labels.shape[1]])}
+
+
+def seeded_head(in_features: int, out_features: int, seed: int) -> torch.nn.Linear:
+    """The linear head, initialised from ``seed`` without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.nn.Linear(in_features, out_features)
+
+
+# --- MGCA's training augmentation on batches ---------------------------------------------------------
+
+
+def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """torchvision RandomCrop(size) per image of ``(B, C, S, S)``: an offset drawn for each image."""
+    span = images.shape[-1] - size + 1
+    tops = torch.randint(0, span, (len(images),), generator=generator).tolist()
+    lefts = torch.randint(0, span, (len(images),), generator=generator).tolist()
+    return torch.stack([image[:, t:t + size, l:l + size] for image, t, l in zip(images, tops, lefts)])
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A ``(C, H, W)`` image blurred by a Gaussian of standard deviation ``sigma`` pixels (reflect border).
+
+    MGCA blurs with PIL ``ImageFilter.GaussianBlur(radius=sigma)``, PIL's radius being the standard
+    deviation; here the Gaussian is exact, truncated at 3 sigma.
+    """
+    radius = max(1, math.ceil(3 * sigma))
+    radius = min(radius, image.shape[-1] - 1, image.shape[-2] - 1)
+    offsets = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = F.pad(image[:, None], (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def moco2(images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """MGCA's Moco2Transform after its RandomCrop, on grey ``(B, 1, h, w)`` images in [0, 1].
+
+    Per image: ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, RandomGrayscale(0.2), GaussianBlur
+    sigma in [0.1, 2] with p 0.5, horizontal flip with p 0.5. The images are grey (MGCA converts
+    grey to RGB by repeating it), so saturation, hue and grayscale are exact no-ops and only the
+    jitter's brightness and contrast, in a random order as torchvision applies them, change pixels.
+    """
+    out = []
+    for image in images01:
+        draw = torch.rand(8, generator=generator).tolist()
+        if draw[0] < JITTER_P:
+            brightness = 1 + BRIGHTNESS * (2 * draw[1] - 1)
+            contrast = 1 + CONTRAST * (2 * draw[2] - 1)
+            steps = [("b", brightness), ("c", contrast)]
+            for name, factor in steps if draw[3] < 0.5 else steps[::-1]:
+                if name == "b":
+                    image = (image * factor).clamp(0, 1)
+                else:
+                    image = (factor * image + (1 - factor) * image.mean()).clamp(0, 1)
+        if draw[4] < BLUR_P:
+            image = gaussian_blur(image, BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * draw[5])
+        if draw[6] < FLIP_P:
+            image = image.flip(-1)
+        out.append(image)
+    return torch.stack(out)
+
+
+# --- the protocol ------------------------------------------------------------------------------------
+
+
+def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,
+                    device: torch.device, progress: bool = True) -> dict[str, Any]:
+    """Train a linear head on ``split.train`` over the frozen encoder, early-stop on ``split.val``,
+    score ``split.test`` (entry point of protocol ``linear``).
+
+    Returns the outcome dict of the protocol contract; ``training`` records the mode, the epochs,
+    the loss curves and whether each part's features came from the feature cache.
+
+    Raises:
+        ConfigError: an unknown ``linear_mode``, ``train_transform`` or ``label_kind``, or a bad
+            image size.
+        DataError: fewer training images than one batch, or no validation or test images.
+    """
+    started = time.perf_counter()
+    kind = label_kind(config)
+    mode, transform = config["linear_mode"], config["train_transform"]
+    if mode not in MODES:
+        raise ConfigError(f"linear_mode={mode!r}: expected one of {', '.join(MODES)}")
+    if transform not in TRAIN_TRANSFORMS:
+        raise ConfigError(f"train_transform={transform!r}: expected one of {', '.join(TRAIN_TRANSFORMS)}")
+    pre = Preprocessing.from_config(config)
+    check_schedule(config)
+    batch_size = int(config["batch_size"])
+    if len(split.train) < batch_size:
+        raise DataError(f"only {len(split.train)} training images for batch size {batch_size} "
+                        "(training drops the last incomplete batch, as MGCA does)")
+    if not split.val or not split.test:
+        raise DataError(f"the split gives {len(split.val)} validation and {len(split.test)} test images; "
+                        "the protocol needs both")
+    classes = class_names(config)
+    labels = {part: task_labels(source, getattr(split, part), config) for part in ("train", "val", "test")}
+    check_known(labels)
+    log.info("linear (%s): %d train, %d val, %d test images; %s over %d class(es)", mode, len(split.train),
+             len(split.val), len(split.test), kind, len(classes))
+
+    def features(part: str):
+        return cached_features(adapter, source, getattr(split, part), pre, batch_size=FEATURE_BATCH,
+                               device=device, progress=progress, desc=part)
+
+    val, test = features("val"), features("test")
+    cache = {"val": "hit" if val.hit else "miss", "test": "hit" if test.hit else "miss"}
+    if mode == "cached":
+        train = features("train")
+        cache["train"] = "hit" if train.hit else "miss"
+        train_values = torch.from_numpy(train.values).to(device)
+
+        def batches(index: torch.Tensor) -> torch.Tensor:
+            return train_values[index]
+    else:
+        cache["train"] = "not used (mgca mode runs the encoder on augmented images)"
+        batches = _augmented_batches(adapter, source, split.train, pre, transform, seed, device, progress)
+    t_data = time.perf_counter()
+
+    head = seeded_head(val.values.shape[1], output_size(kind, labels["train"], classes), seed).to(device)
+    loss_fn = loss_function(kind)
+    state = _fit(head, batches, targets(kind, labels["train"], device),
+                 torch.from_numpy(val.values).to(device), targets(kind, labels["val"], device),
+                 loss_fn, config, seed, progress)
+    t_train = time.perf_counter()
+
+    head.load_state_dict(state["best_state"])
+    with torch.no_grad():
+        probs = probabilities(kind, head(torch.from_numpy(test.values).to(device)))
+    metrics = classification_metrics(kind, labels["test"], probs, classes)
+    ci = primary_ci(kind, labels["test"], probs, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+    per_image = per_image_scores(kind, labels["test"], probs, split.test)
+    t_test = time.perf_counter()
+    return {
+        "metrics": metrics,
+        "ci": ci,
+        "per_image": per_image,
+        "n": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
+              "test_per_class": class_counts(kind, labels["test"], classes)},
+        "training": {"mode": mode, "feature_cache": cache, "epochs": len(state["history"]),
+                     "best_epoch": state["best_epoch"], "best_val_loss": state["best_loss"],
+                     "history": state["history"]},
+        "timing": {"data_s": t_data - started, "train_s": t_train - t_data, "test_s": t_test - t_train,
+                   "total_s": t_test - started, "features_val_s": val.seconds, "features_test_s": test.seconds},
+    }
+
+
+def _augmented_batches(adapter, source, ids: list[str], pre: Preprocessing, transform: str, seed: int,
+                       device: torch.device, progress: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """MGCA mode: pooled features of freshly augmented training images, through the frozen encoder."""
+    images = load_images(source, ids, pre.resize, progress)
+    encoder = freeze(adapter.encoder()).to(device)
+    generator = torch.Generator().manual_seed(seed + 1)  # the augmentation's own stream
+
+    def batch(index: torch.Tensor) -> torch.Tensor:
+        order = np.sort(index.cpu().numpy())  # memory-map reads in file order
+        x = random_crop(uint8_batch(images, order, torch.device("cpu")), pre.crop, generator)
+        if transform == "moco2":
+            x = moco2(x, generator)
+        with torch.no_grad():
+            return pooled(encoder, encoder_input(x.to(device), pre))[_restore(index, order)]
+
+    return batch
+
+
+def _restore(index: torch.Tensor, order: np.ndarray) -> torch.Tensor:
+    """Positions in ``order`` (sorted) of each entry of ``index``, to return rows in ``index`` order."""
+    return torch.from_numpy(np.searchsorted(order, index.cpu().numpy()))
+
+
+def _fit(head: torch.nn.Module, batches: Callable[[torch.Tensor], torch.Tensor], train_targets: torch.Tensor,
+         val_features: torch.Tensor, val_targets: torch.Tensor, loss_fn, config: dict[str, Any], seed: int,
+         progress: bool) -> dict[str, Any]:
+    """MGCA's loop: shuffled batches (last incomplete one dropped), AdamW, early stopping on val loss."""
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config["lr"], betas=tuple(config["betas"]),
+                                  weight_decay=config["weight_decay"])
+    generator = torch.Generator().manual_seed(seed)
+    batch_size, n = int(config["batch_size"]), len(train_targets)
+    best = {"best_loss": math.inf, "best_epoch": -1, "best_state": None}
+    history: list[dict[str, float]] = []
+    bar = tqdm(range(int(config["max_epochs"])), desc="epochs", disable=not progress, unit="ep")
+    for epoch in bar:
+        head.train()
+        order = torch.randperm(n, generator=generator).to(train_targets.device)
+        total = 0.0
+        steps = n // batch_size
+        for step in range(steps):
+            index = order[step * batch_size:(step + 1) * batch_size]
+            loss = loss_fn(head(batches(index)), train_targets[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        head.eval()
+        with torch.no_grad():
+            val_loss = loss_fn(head(val_features), val_targets).item()
+        train_loss = total / steps
+        if not math.isfinite(train_loss) or not math.isfinite(val_loss):
+            raise DataError(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} in epoch "
+                            f"{epoch + 1}; lower the learning rate (--set lr=...)")
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss})
+        if val_loss < best["best_loss"]:
+            best = {"best_loss": val_loss, "best_epoch": epoch + 1,
+                    "best_state": copy.deepcopy({k: v.detach().cpu() for k, v in head.state_dict().items()})}
+        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=best["best_epoch"])
+        if epoch + 1 - best["best_epoch"] >= int(config["patience"]):
+            log.info("early stop after epoch %d (best %d)", epoch + 1, best["best_epoch"])
+            break
+    bar.close()
+    return {**best, "history": history}

@@ -1,0 +1,329 @@
+"""Zero-shot classification: no training; each class is scored from a positive and a negative prompt.
+
+The adapter's ``zero_shot_scores`` gives, per image and class, the probability that the class is
+present (by default CheXzero's: the softmax over the cosine similarities of the image embedding with
+the prompts ``templates[0].format(prompt)`` and ``templates[1].format(prompt)``). The task YAML holds
+the data: ``classes`` (the dataset's names), ``prompts`` (class → the text put into the templates)
+and ``templates``.
+
+Metrics (``config["metrics"]``, any of ``auc``, ``f1``, ``acc``, ``mcc``), macro over classes and, for
+several classes, per class (``auc_<class slug>`` ...):
+
+* binary / multi-label tasks: AUC of each class; F1, accuracy and MCC of ``score >= threshold``, the
+  threshold of each class chosen by ``best_threshold`` (``threshold_criterion``) on validation images
+  (``threshold_source: val``), never on test. Which images those are is ``threshold_images``:
+  ``split_val`` (the split's val part) or ``chexpert_valid`` (the frontal images of CheXpert's
+  ``valid.csv``, for the radiologist test set, which has no validation part). ``test_oracle`` tunes
+  the thresholds on the test set itself, as MedKLIP's code does; the record flags it as optimistic.
+* multi-class tasks (CheXpert 5x200): the predicted class is the highest-scoring one; ``acc`` is top-1
+  accuracy, ``f1`` the macro F1 and ``mcc`` the multi-class MCC of those predictions, ``auc`` the
+  mean one-vs-rest AUC. No threshold is involved.
+
+Every metric gets a percentile bootstrap CI over test images, thresholds held fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vlpbench.adapters.base import EMBED_IMAGE, EMBED_TEXT, ZERO_SHOT, check_zero_shot_arguments
+from vlpbench.data.cache import cached_images
+from vlpbench.errors import ConfigError, DataError, VlpbenchError
+from vlpbench.metrics.bootstrap import bootstrap_ci
+from vlpbench.metrics.classification import (
+    CRITERIA,
+    argmax_metrics,
+    auc_by_weights,
+    best_threshold,
+    resample_weights,
+    threshold_metrics_by_weights,
+)
+from vlpbench.protocols import SplitIds
+from vlpbench.protocols.labels import class_names, class_slug, label_kind, task_labels
+
+log = logging.getLogger("vlpbench")
+
+METRICS = ("auc", "f1", "acc", "mcc")
+THRESHOLD_METRICS = ("f1", "acc", "mcc")
+THRESHOLD_SOURCES = ("val", "test_oracle")
+# G2D §A.4.2: resize to 256, center-crop 224 (option center_crop).
+CROP_FROM, CROP_TO = 256, 224
+
+
+def class_prompts(config: dict[str, Any], classes: list[str]) -> list[str]:
+    """The prompt text of each class, from ``config["prompts"]`` (class → text); every class needs one."""
+    prompts = config.get("prompts")
+    if not isinstance(prompts, dict):
+        raise ConfigError(f"config key prompts must map each class to its prompt text, got {prompts!r}")
+    problems = []
+    if missing := [c for c in classes if not (isinstance(prompts.get(c), str) and prompts[c].strip())]:
+        problems.append(f"no text for {', '.join(missing)}")
+    if extra := [str(c) for c in prompts if c not in classes]:
+        problems.append(f"not a class: {', '.join(extra)}")
+    if problems:
+        raise ConfigError(f"config key prompts: {'; '.join(problems)} (classes: {', '.join(classes)})")
+    return [prompts[c] for c in classes]
+
+
+def prompt_templates(config: dict[str, Any]) -> tuple[str, str]:
+    """``config["templates"]`` as a (positive, negative) pair of strings with one ``{}`` each."""
+    templates = config.get("templates")
+    if not isinstance(templates, (list, tuple)):
+        raise ConfigError(f"config key templates must be a (positive, negative) pair such as ['{{}}', 'no {{}}'], "
+                          f"got {templates!r}")
+    check_zero_shot_arguments(["class"], tuple(templates))
+    return tuple(templates)
+
+
+def _choice(config: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
+    value = config.get(key)
+    if value not in allowed:
+        raise ConfigError(f"config key {key} is {value!r}; expected one of {', '.join(allowed)}")
+    return value
+
+
+def _metric_names(config: dict[str, Any]) -> list[str]:
+    names = config.get("metrics", list(METRICS))
+    if not isinstance(names, list) or not names or any(m not in METRICS for m in names):
+        raise ConfigError(f"config key metrics is {names!r}; expected a list of {', '.join(METRICS)}")
+    return list(dict.fromkeys(names))
+
+
+def zero_shot_probabilities(adapter, source, ids: list[str], prompts: list[str], templates: tuple[str, str],
+                            config: dict[str, Any], *, device: torch.device, progress: bool,
+                            desc: str) -> np.ndarray:
+    """``(len(ids), len(prompts))`` probabilities from ``adapter.zero_shot_scores``, float64.
+
+    Images come from the image cache at the adapter's ``image_size`` (with ``center_crop``: at
+    ``image_size * 256 / 224``, then the central ``image_size``² crop) and pass ``adapter.preprocess``.
+
+    Raises:
+        VlpbenchError: the adapter returns the wrong shape, or values outside [0, 1] or not finite.
+    """
+    size = int(adapter.image_size)
+    cache_size = round(size * CROP_FROM / CROP_TO) if config["center_crop"] else size
+    dataset = type(source).__module__.rpartition(".")[2]  # readers live in vlpbench.data.<dataset>
+    images = cached_images(source, dataset, ids, cache_size, progress=progress)
+    offset = (cache_size - size) // 2
+    batch_size = int(config["batch_size"])
+    probabilities = np.empty((len(ids), len(prompts)))
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(ids), batch_size), desc=f"zero-shot {desc}", disable=not progress,
+                          leave=False, unit="batch"):
+            batch = np.array(images[start:start + batch_size, offset:offset + size, offset:offset + size])
+            pixels = torch.from_numpy(batch).unsqueeze(1).to(device)
+            scores = adapter.zero_shot_scores(adapter.preprocess(pixels), prompts, templates)
+            scores = scores.detach().double().cpu().numpy()
+            if scores.shape != (len(batch), len(prompts)):
+                raise VlpbenchError(f"adapter {adapter.name!r}: zero_shot_scores returned shape {scores.shape} "
+                                    f"for {len(batch)} images and {len(prompts)} classes")
+            if not (np.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1).all()):
+                raise VlpbenchError(f"adapter {adapter.name!r}: zero_shot_scores returned values outside [0, 1]")
+            probabilities[start:start + len(batch)] = scores
+    return probabilities
+
+
+def _chexpert_valid(source) -> tuple[Any, list[str], str]:
+    """The frontal images of CheXpert's valid.csv: from the CheXpert folder beside the test set, else
+    from the configured ``chexpert`` data folder."""
+    from vlpbench.config import resolve_data_root
+    from vlpbench.data.chexpert import ChexpertSource, test_ids
+
+    try:
+        reader = ChexpertSource(source.root)
+    except DataError as beside:
+        try:
+            reader = ChexpertSource(resolve_data_root("chexpert"))
+        except (ConfigError, DataError) as configured:
+            raise ConfigError(
+                f"threshold_images chexpert_valid: the thresholds come from CheXpert's valid.csv, found neither "
+                f"beside the test set ({beside}) nor in the chexpert data folder ({configured}); keep "
+                "CheXpert-v1.0-small/ beside the test set or set VLPBENCH_CHEXPERT_ROOT") from None
+    return reader, test_ids(reader), f"CheXpert valid.csv frontal images in {reader.folder}"
+
+
+def _split_val(source, split: SplitIds) -> tuple[Any, list[str], str]:
+    return source, list(split.val), "the split's val part"
+
+
+# Where validation images for thresholds come from: name -> (reader, ids, description).
+THRESHOLD_IMAGES: dict[str, Callable[[Any, SplitIds], tuple[Any, list[str], str]]] = {
+    "split_val": _split_val,
+    "chexpert_valid": lambda source, split: _chexpert_valid(source),
+}
+
+
+def class_thresholds(labels: np.ndarray, scores: np.ndarray, classes: list[str],
+                     criterion: str) -> list[float | None]:
+    """Per class the ``best_threshold`` of ``labels`` (N, C) and ``scores`` (N, C); None where the data
+    cannot define one (no positive image), which leaves that class out of F1, accuracy and MCC."""
+    chosen = []
+    for k, name in enumerate(classes):
+        try:
+            chosen.append(best_threshold(labels[:, k], scores[:, k], criterion))
+        except DataError as e:
+            log.warning("no %s threshold for class %s (%s): it is left out of F1, accuracy and MCC", criterion,
+                        name, e)
+            chosen.append(None)
+    return chosen
+
+
+Statistic = Callable[[np.ndarray], float]  # sample weights of the test items -> metric value (NaN: undefined)
+
+
+def _auc_statistic(labels: np.ndarray, scores: np.ndarray) -> Statistic:
+    auc = auc_by_weights(labels, scores)
+    return lambda w: np.nan if (value := auc(w)) is None else value
+
+
+def _macro(statistics: list[Statistic]) -> Statistic:
+    """The mean of ``statistics``; undefined when any of them is: the bootstrap then skips the resample
+    rather than average a different set of classes."""
+    return lambda w: float(np.mean([f(w) for f in statistics])) if statistics else np.nan
+
+
+def metric_statistics(kind: str, labels: np.ndarray, scores: np.ndarray, classes: list[str], wanted: list[str],
+                      thresholds: list[float | None] | None = None) -> dict[str, Statistic]:
+    """Metric name → ``weights -> value`` over the test items, macro and (for several classes) per class
+    (``<metric>_<class slug>``).
+
+    Multi-class (``labels`` (N,) indices): ``acc`` (alias ``accuracy``) top-1 accuracy, ``f1`` / ``mcc`` of
+    the top-1 decisions, ``auc`` one-vs-rest. Binary / multi-label (``labels`` (N, C) 0/1): ``auc``, and
+    ``f1`` / ``acc`` / ``mcc`` of ``score >= threshold`` for the classes whose threshold is not None
+    (none without ``thresholds``). A macro AUC averages the classes defined on the full test set.
+
+    Raises:
+        ConfigError: a metric name the task kind has no definition for.
+    """
+    n_classes = len(classes)
+    overall: dict[str, Statistic] = {}
+    if kind == "multiclass":
+        per_class = {"auc": {k: _auc_statistic((labels == k).astype(int), scores[:, k]) for k in range(n_classes)}}
+        for metric in ("acc", "f1", "mcc"):
+            overall[metric] = lambda w, metric=metric: argmax_metrics(labels, scores, w)[metric]
+        overall["accuracy"] = overall["acc"]
+    else:
+        per_class = {"auc": {k: _auc_statistic(labels[:, k], scores[:, k]) for k in range(n_classes)}}
+        at_threshold = {k: threshold_metrics_by_weights(labels[:, k], scores[:, k], t)
+                        for k, t in enumerate(thresholds or ()) if t is not None}
+        for metric in THRESHOLD_METRICS:
+            per_class[metric] = {k: (lambda w, f=f, metric=metric: f(w)[metric]) for k, f in at_threshold.items()}
+            overall[metric] = _macro(list(per_class[metric].values()))
+    full = np.ones(len(labels))
+    overall["auc"] = _macro([f for f in per_class["auc"].values() if np.isfinite(f(full))])
+
+    statistics: dict[str, Statistic] = {}
+    for metric in wanted:
+        if metric not in overall:
+            raise ConfigError(f"metric {metric!r} is not defined for a {kind} task; expected one of "
+                              f"{', '.join(overall)}")
+        statistics[metric] = overall[metric]
+        if n_classes > 1:
+            statistics.update({f"{metric}_{class_slug(classes[k])}": f for k, f in per_class.get(metric, {}).items()})
+    return statistics
+
+
+def evaluate_statistics(statistics: dict[str, Statistic], n: int, *, n_resamples: int,
+                        seed: int) -> tuple[dict[str, float | None], dict[str, dict]]:
+    """Each statistic on all ``n`` test items (None where undefined) and its bootstrap CI over items
+    (:func:`~vlpbench.metrics.bootstrap.bootstrap_ci`, every statistic on the same resamples)."""
+    full = np.ones(n)
+    metrics: dict[str, float | None] = {}
+    ci: dict[str, dict] = {}
+    for name, statistic in statistics.items():
+        value = statistic(full)
+        metrics[name] = float(value) if np.isfinite(value) else None
+        if metrics[name] is not None:
+            ci[name] = bootstrap_ci(lambda idx, f=statistic: f(resample_weights(idx, n)), n,
+                                    n_resamples=n_resamples, seed=seed)
+    return metrics, ci
+
+
+def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,
+                       device: torch.device, progress: bool = True) -> dict[str, Any]:
+    """Score ``split.test`` zero-shot; thresholds (binary / multi-label tasks) from validation images.
+
+    Returns ``metrics``, ``ci``, ``per_image`` (top-1 correctness per test image for a multi-class
+    task; {} otherwise: AUC is not a mean over images), ``n`` (``test``; ``val``: the threshold
+    images; ``test_positives`` per class), ``training`` (the thresholds and where they came from) and
+    ``timing``.
+
+    Raises:
+        CapabilityError: the adapter has no zero-shot scores (no image or no text embedding).
+        ConfigError: a bad task option.
+        DataError: no test images, or no class with both labels among them.
+    """
+    if ZERO_SHOT not in adapter.capabilities:
+        # The default scores need both embeddings: name the missing one(s) and the adapter's hint for them.
+        adapter.require(EMBED_IMAGE, EMBED_TEXT)
+    adapter.require(ZERO_SHOT)
+    t0 = time.perf_counter()
+    kind = label_kind(config)
+    classes = class_names(config)
+    prompts = class_prompts(config, classes)
+    templates = prompt_templates(config)
+    wanted = _metric_names(config)
+    if kind != "multiclass":  # top-1 decisions need no threshold
+        threshold_source = _choice(config, "threshold_source", THRESHOLD_SOURCES)
+        criterion = _choice(config, "threshold_criterion", CRITERIA)
+        threshold_images = THRESHOLD_IMAGES[_choice(config, "threshold_images", tuple(THRESHOLD_IMAGES))]
+    if not split.test:
+        raise DataError("zero-shot: no test images")
+
+    test_labels = task_labels(source, split.test, config)
+    test_scores = zero_shot_probabilities(adapter, source, list(split.test), prompts, templates, config,
+                                          device=device, progress=progress, desc="test")
+    t_test = time.perf_counter()
+    n_resamples = int(config["bootstrap_resamples"])
+    n_threshold_images = 0
+    if kind == "multiclass":
+        training: dict[str, Any] = {"decision": "argmax over classes", "thresholds": None}
+        statistics = metric_statistics(kind, test_labels, test_scores, classes, wanted)
+        correct = test_scores.argmax(axis=1) == test_labels
+        per_image = {image_id: float(c) for image_id, c in zip(split.test, correct)}
+        positives = {c: int((test_labels == k).sum()) for k, c in enumerate(classes)}
+    else:
+        if threshold_source == "val":
+            reader, ids, where = threshold_images(source, split)
+            if not ids:
+                raise DataError(f"zero-shot thresholds: no validation images ({where}); use threshold_images "
+                                f"chexpert_valid where it applies, or threshold_source test_oracle")
+            val_labels = task_labels(reader, ids, config)
+            val_scores = zero_shot_probabilities(adapter, reader, ids, prompts, templates, config,
+                                                 device=device, progress=progress, desc="val")
+            thresholds = class_thresholds(val_labels, val_scores, classes, criterion)
+            n_threshold_images = len(ids)
+        else:
+            log.warning("zero-shot: thresholds tuned on the test set (test_oracle, as MedKLIP's code); "
+                        "F1, accuracy and MCC are optimistic")
+            thresholds = class_thresholds(test_labels, test_scores, classes, criterion)
+            where = "the test set itself (optimistic)"
+            n_threshold_images = len(split.test)
+        training = {"thresholds": dict(zip(classes, thresholds)), "threshold_source": threshold_source,
+                    "threshold_images": where, "threshold_criterion": criterion,
+                    "optimistic": threshold_source == "test_oracle"}
+        statistics = metric_statistics(kind, test_labels, test_scores, classes, wanted, thresholds)
+        per_image = {}
+        positives = {c: int(test_labels[:, k].sum()) for k, c in enumerate(classes)}
+    t_scored = time.perf_counter()
+
+    metrics, ci = evaluate_statistics(statistics, len(split.test), n_resamples=n_resamples, seed=seed)
+    if "auc" in metrics and metrics["auc"] is None:
+        raise DataError(f"zero-shot: no class has both positive and negative test images "
+                        f"(positives per class: {positives}); AUC is undefined")
+    t_end = time.perf_counter()
+    return {
+        "metrics": metrics,
+        "ci": ci,
+        "per_image": per_image,
+        "n": {"train": 0, "val": n_threshold_images, "test": len(split.test), "test_positives": positives},
+        "training": training,
+        "timing": {"test_inference_s": t_test - t0, "threshold_s": t_scored - t_test,
+                   "metrics_s": t_end - t_scored, "total_s": t_end - t0},
+    }
