@@ -1,34 +1,34 @@
 """Leaderboard tables built from result records only.
 
 :func:`table_rows` does the aggregation (one row per model label × task column, mean and sample std
-over seeds) and the writers only format it, so a LaTeX or CSV writer can share the same numbers.
-Records of one task with a different task version or split hash never share a cell.
+over seeds), :func:`select_records` applies the ``--models/--tasks/--fracs/--group`` filters,
+:mod:`vlpbench.report.layout` turns rows into a paper-style grid (best / second marks, reported rows,
+footnotes), and the writers only format it: :func:`markdown_table` here, LaTeX, HTML and CSV in their
+own modules. Records of one task with a different task version or split hash never share a cell.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import defaultdict
-from typing import Any
+from functools import lru_cache
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from vlpbench.errors import DataError
+from vlpbench.errors import ConfigError, DataError
+from vlpbench.report.layout import (Grid, build_grid, cell_texts, metric_name, percent_label, version_label,
+                                    version_sort_key)
+from vlpbench.report.reference import ReferenceRow
 
-_METRIC_NAMES = {"dice": "Dice", "auc": "AUC", "auroc": "AUROC", "map": "mAP", "f1": "F1",
-                 "acc": "ACC", "accuracy": "Accuracy", "mcc": "MCC", "iou": "IoU", "miou": "mIoU"}
-_MISSING = "–"
+FORMATS = ("md", "latex", "csv", "html")
 
-
-def _version(value: Any) -> str:
-    text = str(value)
-    return text if text.startswith("v") else f"v{text}"
-
-
-def _percent(frac: float) -> str:
-    # 6 significant digits hide float noise such as 0.07 * 100 = 7.000000000000001.
-    return f"{frac * 100:g}%"
+# Paper table groups (G2D Tables 1-4), by the protocol a task declares.
+GROUP_PROTOCOLS = {"seg": ("segmentation",), "det": ("detection",), "cls": ("linear", "finetune"),
+                   "zs": ("zero_shot",), "ground": ("grounding",)}
+_PROTOCOL_GROUP = {p: g for g, protocols in GROUP_PROTOCOLS.items() for p in protocols}
 
 
 def _override_text(value: Any) -> str:
@@ -51,24 +51,78 @@ def _checkpoint_tag(record: dict) -> str:
     return sha[:8] if sha else "nockpt"
 
 
-def _sort_version(value: Any) -> tuple[int, Any]:
-    # Integer versions sort numerically (v2 before v10); string versions after them.
-    return (0, value) if isinstance(value, int) else (1, str(value))
+@lru_cache(maxsize=None)
+def _shipped_protocol(task: str) -> str | None:
+    from vlpbench.tasks import load_task
+
+    try:
+        return load_task(task).protocol
+    except ConfigError:
+        return None
 
 
-def table_rows(records: list[dict]) -> list[dict]:
+def task_group(record: dict) -> str | None:
+    """The paper table group (``seg``, ``det``, ``cls``, ``zs``, ``ground``) of a record's task.
+
+    Derived from ``task.protocol`` in the record, or from the shipped task YAML of that name for
+    records that do not carry it; None for a protocol outside the groups or an unknown task.
+    """
+    protocol = record["task"].get("protocol") or _shipped_protocol(record["task"]["name"])
+    return _PROTOCOL_GROUP.get(protocol)
+
+
+# Non-primary metrics carry no direction in a record; these names are errors or losses.
+_LOWER_IS_BETTER = frozenset({"loss", "error", "brier", "ece", "hd95", "hausdorff"})
+
+
+def _direction(record: dict, metric: str) -> bool:
+    if metric == record["primary_metric"]:
+        return bool(record["task"].get("higher_is_better", True))
+    return metric not in _LOWER_IS_BETTER
+
+
+def _shown_metrics(record: dict, metrics: Sequence[str] | None) -> list[str]:
+    if not metrics:
+        return [record["primary_metric"]]
+    present = [m for m in metrics if m in record["metrics"]]
+    return present or [record["primary_metric"]]
+
+
+def _ci_bounds(record: dict, metric: str) -> tuple[float, float] | None:
+    ci = (record.get("ci") or {}).get(metric)
+    if not isinstance(ci, dict) or ci.get("low") is None or ci.get("high") is None:
+        return None
+    return float(ci["low"]), float(ci["high"])
+
+
+def split_identity(split: dict) -> str:
+    """The split's sha256, or, where the test set was derived from the user's files (CheXpert's
+    valid.csv), a sha256 over both, so that runs on different test sets never share a cell."""
+    if not split.get("test_sha256"):
+        return split["sha256"]
+    return hashlib.sha256(f"{split['sha256']}+{split['test_sha256']}".encode()).hexdigest()
+
+
+def table_rows(records: list[dict], metrics: Sequence[str] | None = None) -> list[dict]:
     """Aggregate records into one entry per (model row, task column).
 
     The model row label is the model name with its config overrides and a ``[synthetic]`` mark
     (see :func:`markdown_table`); when one label covers several checkpoints, each gets an
     ``@<sha256[:8]>`` tag so different checkpoints are never averaged. A task column is
-    (task, task version, split sha256, fraction, primary metric).
+    (task, task version, split sha256, fraction, metric).
+
+    Args:
+        records: result records.
+        metrics: metric names to tabulate; each record contributes those of them it holds, or its
+            primary metric when it holds none of them. None: the primary metric only.
 
     Returns:
-        Dicts with ``model``, ``task``, ``version``, ``split_dataset``, ``split_version``,
-        ``split_sha256``, ``frac``, ``metric``, ``higher_is_better``, ``mean``, ``std`` (sample std,
-        ddof=1; None for a single seed), ``n_seeds`` and ``seeds``, sorted by model then column.
-        A null metric value counts as NaN, so it shows up instead of silently dropping a seed.
+        Dicts with ``model``, ``model_name``, ``task``, ``group``, ``version``, ``split_dataset``,
+        ``split_version``, ``split_sha256``, ``frac``, ``metric``, ``higher_is_better``, ``mean``,
+        ``std`` (sample std, ddof=1; None for a single seed), ``n_seeds``, ``seeds``, ``ci_low`` and
+        ``ci_high`` (the mean over seeds of each seed's bootstrap bounds, i.e. the typical
+        single-run interval; None unless every seed has one), sorted by model then column. A null
+        metric value counts as NaN, so it shows up instead of silently dropping a seed.
 
     Raises:
         DataError: two records fill the same cell with the same seed, or records of one column
@@ -85,111 +139,156 @@ def table_rows(records: list[dict]) -> list[dict]:
         if len(checkpoints[label]) > 1:
             name = record["model"]["name"]
             label = name + f" @{_checkpoint_tag(record)}" + label[len(name):]
-        task, split, metric = record["task"], record["split"], record["primary_metric"]
-        column = (task["name"], task["version"], split["sha256"], float(record["frac"]), metric)
-        higher_is_better = bool(task.get("higher_is_better", True))
-        if directions.setdefault(column, higher_is_better) != higher_is_better:
-            raise DataError(f"records of {task['name']} {_version(task['version'])} disagree on "
-                            f"higher_is_better for {metric}")
-        cell = cells.setdefault((label, *column), {
-            "model": label, "task": task["name"], "version": task["version"],
-            "split_dataset": split["dataset"], "split_version": split["version"],
-            "split_sha256": split["sha256"], "frac": float(record["frac"]), "metric": metric,
-            "higher_is_better": higher_is_better, "values": {}})
-        if record["seed"] in cell["values"]:
-            raise DataError(f"two records for {label}, {task['name']} {_version(task['version'])}, "
-                            f"frac {record['frac']}, seed {record['seed']}; remove one")
-        value = record["metrics"][metric]
-        cell["values"][record["seed"]] = math.nan if value is None else float(value)
+        task, split = record["task"], record["split"]
+        for metric in _shown_metrics(record, metrics):
+            column = (task["name"], task["version"], split_identity(split), float(record["frac"]), metric)
+            higher_is_better = _direction(record, metric)
+            if directions.setdefault(column, higher_is_better) != higher_is_better:
+                raise DataError(f"records of {task['name']} {version_label(task['version'])} disagree on "
+                                f"higher_is_better for {metric}")
+            cell = cells.setdefault((label, *column), {
+                "model": label, "model_name": record["model"]["name"], "task": task["name"],
+                "group": task_group(record), "version": task["version"],
+                "split_dataset": split["dataset"], "split_version": split["version"],
+                "split_sha256": split_identity(split), "frac": float(record["frac"]), "metric": metric,
+                "higher_is_better": higher_is_better, "values": {}, "cis": {}})
+            if record["seed"] in cell["values"]:
+                raise DataError(f"two records for {label}, {task['name']} {version_label(task['version'])}, "
+                                f"frac {record['frac']}, seed {record['seed']}; remove one")
+            value = record["metrics"][metric]
+            cell["values"][record["seed"]] = math.nan if value is None else float(value)
+            cell["cis"][record["seed"]] = _ci_bounds(record, metric)
 
     rows = []
     for cell in cells.values():
         seeds = sorted(cell.pop("values").items())
+        cis = cell.pop("cis")
         values = np.array([v for _, v in seeds], dtype=np.float64)
+        bounds = [cis[s] for s, _ in seeds]
+        complete = all(b is not None for b in bounds)
         cell.update(mean=float(values.mean()),
                     std=float(values.std(ddof=1)) if len(values) > 1 else None,
-                    n_seeds=len(values), seeds=[s for s, _ in seeds])
+                    n_seeds=len(values), seeds=[s for s, _ in seeds],
+                    ci_low=float(np.mean([b[0] for b in bounds])) if complete else None,
+                    ci_high=float(np.mean([b[1] for b in bounds])) if complete else None)
         rows.append(cell)
-    rows.sort(key=lambda r: (r["model"], *_column_sort_key(r)))
+    rows.sort(key=lambda r: (r["model"], r["task"], version_sort_key(r["version"]), r["split_sha256"], r["frac"],
+                             r["metric"]))
     return rows
 
 
-def _column_key(row: dict) -> tuple:
-    return (row["task"], row["version"], row["split_sha256"], row["frac"], row["metric"])
-
-
-def _column_sort_key(row: dict) -> tuple:
-    return (row["task"], _sort_version(row["version"]), row["split_sha256"], row["frac"], row["metric"])
-
-
-def _escape(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def markdown_table(records: list[dict], *, percent: bool = True, decimals: int = 1) -> str:
-    """A paper-style Markdown leaderboard of the primary metric.
-
-    Rows are models: ``record["model"]["name"]``, followed by the run's config overrides
-    (``g2d (epochs=2, image_size=64)``) and `` [synthetic]`` for runs on synthetic data. Columns are
-    task × fraction (``siim_seg 1%``), with the metric and its direction (``Dice ↑``) in the first
-    row. A cell is the mean ± sample std (ddof=1) over seeds, ×100 when ``percent``; a single seed
-    shows the mean alone; ``(n=K)`` follows every cell when the seed count differs between cells; "–"
-    marks a missing cell. The best value of a column (at the printed precision, following the
-    task's ``higher_is_better``) is bold when the column has two or more entries. A task whose
-    records span several task versions or split files at one fraction gets one column per version
-    and split, labelled ``v<version> (<sha256[:8]>)``. Lines under the table give each column's task
-    version, split and split sha256[:12].
+def parse_fraction(text: str) -> float:
+    """``"0.01"`` or ``"1%"`` as a fraction in (0, 1].
 
     Raises:
-        DataError: there are no records, or :func:`table_rows` rejects them.
+        ConfigError: not a number, or outside (0, 1].
     """
-    rows = table_rows(records)
-    if not rows:
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise ConfigError(f"--fracs {text!r}: expected a fraction such as 0.01 or a percentage such as 1%") from None
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"--fracs {text!r}: a training fraction lies in (0, 1] (or 0%-100%)")
+    return value
+
+
+def _known(option: str, wanted: Iterable[Any], present: set[Any], show=str) -> None:
+    absent = [w for w in wanted if w not in present]
+    if absent:
+        raise ConfigError(f"{option} {', '.join(map(show, absent))}: no such result record; the records hold "
+                          f"{', '.join(sorted(map(show, present)))}")
+
+
+def select_records(records: list[dict], *, models: Sequence[str] | None = None,
+                   tasks: Sequence[str] | None = None, fracs: Sequence[float] | None = None,
+                   group: str | None = None) -> list[dict]:
+    """The records that pass every given filter (None: no filter).
+
+    ``models`` match ``model.name``, ``tasks`` match ``task.name``, ``fracs`` match the training
+    fraction (to 6 decimals), ``group`` is one of :data:`GROUP_PROTOCOLS` and matches
+    :func:`task_group`.
+
+    Raises:
+        ConfigError: a filter names a model, task, fraction or group that no record has, or
+            ``group`` is not a known group.
+        DataError: the filters together leave no record.
+    """
+    if group is not None and group not in GROUP_PROTOCOLS:
+        raise ConfigError(f"--group {group!r}: expected one of {', '.join(GROUP_PROTOCOLS)}")
+    if models:
+        _known("--models", models, {r["model"]["name"] for r in records})
+    if tasks:
+        _known("--tasks", tasks, {r["task"]["name"] for r in records})
+    if fracs:
+        _known("--fracs", [round(f, 6) for f in fracs], {round(float(r["frac"]), 6) for r in records}, percent_label)
+    if group is not None:
+        _known("--group", [group], {g for g in map(task_group, records) if g is not None})
+
+    kept = [r for r in records
+            if (not models or r["model"]["name"] in models)
+            and (not tasks or r["task"]["name"] in tasks)
+            and (not fracs or round(float(r["frac"]), 6) in {round(f, 6) for f in fracs})
+            and (group is None or task_group(r) == group)]
+    if not kept:
+        raise DataError("no result record passes all of the filters together")
+    return kept
+
+
+def build_table(records: list[dict], *, models: Sequence[str] | None = None,
+                tasks: Sequence[str] | None = None, fracs: Sequence[float] | None = None,
+                group: str | None = None, metrics: Sequence[str] | None = None,
+                references: Sequence[ReferenceRow] = (), percent: bool = True, decimals: int = 1) -> Grid:
+    """Filter, aggregate and lay out ``records`` (see :func:`select_records` and :func:`table_rows`).
+
+    Rows follow ``models`` when given (else alphabetical), columns follow ``tasks`` when given
+    (else paper group order: seg, det, cls, zs, ground, then other tasks, each alphabetical).
+
+    Raises:
+        DataError: there are no records, or the filters leave none.
+        ConfigError: a filter names something no record has.
+    """
+    if not records:
         raise DataError("no result records to tabulate")
-    scale = 100.0 if percent else 1.0
+    chosen = select_records(records, models=models, tasks=tasks, fracs=fracs, group=group)
+    return build_grid(table_rows(chosen, metrics), references=references, model_order=models,
+                      task_order=tasks, metric_order=metrics, percent=percent, decimals=decimals)
 
-    columns = sorted({_column_key(r): r for r in rows}.values(), key=_column_sort_key)
-    variants: dict[tuple, set[tuple]] = defaultdict(set)
-    for c in columns:
-        variants[c["task"], c["frac"]].add((c["version"], c["split_sha256"]))
-    split_tasks = {task for (task, _), v in variants.items() if len(v) > 1}
 
-    def task_label(c: dict) -> str:
-        if c["task"] in split_tasks:
-            return f"{c['task']} {_version(c['version'])} ({c['split_sha256'][:8]})"
-        return c["task"]
+def _md_escape(text: str) -> str:
+    # Backslash escapes keep a hostile name literal on GitHub (``<script>`` is not HTML, ``*`` no
+    # emphasis); "_" is left alone because intraword underscores never emphasise (siim_seg).
+    for char in "\\|*`<>":
+        text = text.replace(char, "\\" + char)
+    return text
 
-    by_cell = {(r["model"], _column_key(r)): r for r in rows}
-    models = sorted({r["model"] for r in rows})
-    show_n = len({r["n_seeds"] for r in rows}) > 1
 
-    best: dict[tuple, float] = {}
-    for c in columns:
-        key = _column_key(c)
-        shown = [round(r["mean"] * scale, decimals) for r in rows
-                 if _column_key(r) == key and math.isfinite(r["mean"])]
-        if len(shown) > 1:
-            best[key] = max(shown) if c["higher_is_better"] else min(shown)
+def _md_metric_label(column) -> str:
+    return f"{metric_name(column.metric)} {'↑' if column.higher_is_better else '↓'}"
 
-    def cell_text(row: dict | None, key: tuple) -> str:
-        if row is None:
-            return _MISSING
-        text = f"{row['mean'] * scale:.{decimals}f}"
-        if row["std"] is not None:
-            text += f" ± {row['std'] * scale:.{decimals}f}"
-        if key in best and round(row["mean"] * scale, decimals) == best[key]:
+
+def markdown_grid(grid: Grid) -> str:
+    """Render a :class:`~vlpbench.report.layout.Grid` as a Markdown table with its notes."""
+    def cell_text(row, column) -> str:
+        cell = row.cells.get(column.key)
+        if cell is None:
+            return "–"
+        mean, std, n = cell_texts(cell, grid)
+        text = mean if std is None else f"{mean} ± {std}"
+        if cell.mark == "best":
             text = f"**{text}**"
-        return text + (f" (n={row['n_seeds']})" if show_n else "")
+        elif cell.mark == "second":
+            text = f"<u>{text}</u>"
+        return text + (f" ({n})" if n else "")
 
-    def metric_label(c: dict) -> str:
-        return f"{_METRIC_NAMES.get(c['metric'], c['metric'])} {'↑' if c['higher_is_better'] else '↓'}"
+    def row_label(row) -> str:
+        if row.citation is None:
+            return _md_escape(row.label)
+        return f"*{_md_escape(row.label)}*{row.citation.mark}"
 
-    table = [["Model", *(f"{task_label(c)} {_percent(c['frac'])}" for c in columns)],
-             ["", *(metric_label(c) for c in columns)]]
-    for model in models:
-        table.append([model, *(cell_text(by_cell.get((model, _column_key(c))), _column_key(c))
-                               for c in columns)])
-    table = [[_escape(text) for text in line] for line in table]
+    table = [["Model", *(_md_escape(f"{c.task_label} {percent_label(c.frac)}") for c in grid.columns)],
+             ["", *(_md_metric_label(c) for c in grid.columns)]]
+    table += [[row_label(row), *(cell_text(row, c) for c in grid.columns)] for row in grid.rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
 
     def format_line(line: list[str]) -> str:
@@ -200,22 +299,62 @@ def markdown_table(records: list[dict], *, percent: bool = True, decimals: int =
     alignment = [":" + "-" * (widths[0] - 1)] + ["-" * (w - 1) + ":" for w in widths[1:]]
     lines = [format_line(table[0]), "| " + " | ".join(alignment) + " |",
              *(format_line(line) for line in table[1:])]
-
-    seed_counts = sorted({r["n_seeds"] for r in rows})
-    unit = " (×100)" if percent else ""
-    if seed_counts == [1]:
-        lines += ["", f"Cells: primary metric{unit} of a single seed."]
-    else:
-        over = f"{seed_counts[0]} seeds" if len(seed_counts) == 1 else "n seeds"
-        lines += ["", f"Cells: mean ± sample std (ddof=1) of the primary metric{unit} over {over}."]
-
-    footnotes: dict[tuple, list[dict]] = defaultdict(list)
-    for c in columns:
-        key = (task_label(c), c["version"], c["split_dataset"], c["split_version"], c["split_sha256"])
-        footnotes[key].append(c)
-    lines.append("")
-    for (label, version, dataset, split_version, sha), cols in footnotes.items():
-        fracs = ", ".join(_percent(f) for f in sorted({c["frac"] for c in cols}))
-        lines.append(f"- {_escape(label)} {fracs}: task {_version(version)}; split {dataset} "
-                     f"{_version(split_version)}, sha256 {sha[:12]}")
+    lines += ["", *(_md_escape(note) for note in grid.legend)]
+    lines += ["", *(f"- {_md_escape(note)}" for note in grid.provenance)]
+    lines += [f"- {_md_escape(note)}" for note in grid.missing]
+    lines += [f"{c.mark} {_md_escape(c.text)}" for c in grid.citations]
     return "\n".join(lines) + "\n"
+
+
+def markdown_table(records: list[dict], *, percent: bool = True, decimals: int = 1, **options: Any) -> str:
+    """A paper-style Markdown leaderboard.
+
+    Rows are models: ``record["model"]["name"]``, followed by the run's config overrides
+    (``g2d (epochs=2, image_size=64)``) and `` [synthetic]`` for runs on synthetic data; reported
+    rows (``references``) come first, in italics with a citation mark (†). Columns are task ×
+    fraction (``siim_seg 1%``), with the metric and its direction (``Dice ↑``) in the first row. A
+    cell is the mean ± sample std (ddof=1) over seeds, ×100 when ``percent``; a single seed shows
+    the mean alone; ``(n=K)`` follows every cell when the seed count differs between cells; "–"
+    marks a missing cell. The best value of a column (at the printed precision, following the
+    metric's direction) is bold when the column has two or more measured entries, and the second
+    best distinct value is underlined (``<u>…</u>``) when it is not also the worst; reported rows are
+    never marked. A task whose records span several task versions or split files at one fraction
+    gets one column per version and split, labelled ``v<version> (<sha256[:8]>)``. Lines under the
+    table give each column's task version, split and split sha256[:12], why a model's cell is
+    missing where another version holds its record, and the citations.
+
+    ``options`` are the filters and settings of :func:`build_table` (``models``, ``tasks``,
+    ``fracs``, ``group``, ``metrics``, ``references``).
+
+    Raises:
+        DataError: there are no records, or :func:`table_rows` rejects them.
+    """
+    return markdown_grid(build_table(records, percent=percent, decimals=decimals, **options))
+
+
+def render_table(records: list[dict], fmt: str = "md", **options: Any) -> str:
+    """The table of ``records`` in ``fmt`` (``md``, ``latex``, ``csv`` or ``html``).
+
+    ``options`` are those of :func:`build_table`. CSV holds one row per model × task × fraction ×
+    metric with unscaled values (see :func:`vlpbench.report.csv_table.csv_table`).
+
+    Raises:
+        ConfigError: an unknown format or filter value.
+        DataError: no records, or none left by the filters.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    grid = build_table(records, **options)
+    if fmt == "csv":
+        from vlpbench.report.csv_table import csv_table
+
+        return csv_table(grid)
+    if fmt == "md":
+        return markdown_grid(grid)
+    if fmt == "latex":
+        from vlpbench.report.latex import latex_table
+
+        return latex_table(grid)
+    from vlpbench.report.html_table import html_table
+
+    return html_table(grid)

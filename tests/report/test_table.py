@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlpbench.errors import DataError
-from vlpbench.report.table import markdown_table, table_rows
+from vlpbench.errors import ConfigError, DataError
+from vlpbench.report.table import markdown_table, parse_fraction, select_records, table_rows
 
 SPLIT_A = "a" * 8 + "1" * 56
 SPLIT_B = "b" * 8 + "2" * 56
@@ -112,3 +112,85 @@ def test_duplicate_seed_is_an_error():
         table_rows([_record("g2d", 0.6), _record("g2d", 0.7)])
     with pytest.raises(DataError, match="no result records"):
         markdown_table([])
+
+
+def test_second_best_is_underlined_ties_share_a_mark_and_last_is_never_second(make):
+    records = [make("a", 0.70), make("b", 0.70), make("c", 0.60), make("d", 0.50),
+               # lower is better: 20 best, 30 second, 40 worst
+               *(make(m, v, task="rsna_seg", higher=False) for m, v in (("a", 0.4), ("b", 0.2), ("c", 0.3))),
+               # two distinct values over three entries: the worse one is both second and last, so unmarked
+               *(make(m, v, frac=1.0) for m, v in (("a", 0.9), ("b", 0.9), ("c", 0.8)))]
+    cells = _cells(markdown_table(records))
+    assert [cells[(m, "siim_seg 1%")] for m in "abcd"] == ["**70.0**", "**70.0**", "<u>60.0</u>", "50.0"]
+    assert [cells[(m, "rsna_seg 1%")] for m in "abc"] == ["40.0", "**20.0**", "<u>30.0</u>"]
+    assert [cells[(m, "siim_seg 100%")] for m in "abc"] == ["**90.0**", "**90.0**", "80.0"]
+    assert cells[("d", "rsna_seg 1%")] == cells[("d", "siim_seg 100%")] == "–"
+
+
+def test_reported_rows_come_first_and_are_never_marked(make):
+    from vlpbench.report.reference import ReferenceRow
+
+    paper = ReferenceRow("G2D (encoder)", "A paper", values={("siim_seg", 0.01, "dice"): 0.99},
+                         tables={("siim_seg", 0.01, "dice"): "Table 1"})
+    other = ReferenceRow("Unrelated", "A paper", values={("rsna_det", 0.01, "map"): 0.5},
+                         tables={("rsna_det", 0.01, "map"): "Table 1"})
+    text = markdown_table([make("g2d", 0.6), make("mgca", 0.5)], references=[paper, other])
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[3].startswith("| *G2D (encoder)*† |") and table[3].rstrip(" |").endswith("99.0")
+    cells = _cells(text)
+    assert cells[("g2d", "siim_seg 1%")] == "**60.0**"  # the reported 99.0 does not take "best"
+    assert not any("Unrelated" in line for line in table)  # fills no shown column
+    assert "† Reported in A paper (Table 1); published numbers, not reproduced by vlpbench, never marked best." in text
+
+
+def test_filters_pick_rows_columns_and_paper_groups_in_the_given_order(make):
+    records = [make(m, 0.5 + i / 10, task=t, frac=f) for i, m in enumerate(("g2d", "mgca", "random"))
+               for t in ("siim_seg", "rsna_det", "chexpert_cls") for f in (0.01, 1.0)]
+    rows = table_rows(select_records(records, group="det"))
+    assert {r["task"] for r in rows} == {"rsna_det"} and {r["group"] for r in rows} == {"det"}
+    cells = _cells(markdown_table(records, models=["random", "g2d"], tasks=["chexpert_cls", "siim_seg"],
+                                  fracs=[1.0]))
+    header = list(dict.fromkeys(column for _, column in cells))
+    assert header == ["chexpert_cls 100%", "siim_seg 100%"]
+    lines = [line for line in markdown_table(records, models=["random", "g2d"]).splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in lines[3:]] == ["random", "g2d"]
+    # Without --tasks, columns follow the paper's groups: seg, det, cls.
+    default = list(dict.fromkeys(column for _, column in _cells(markdown_table(records, fracs=[0.01]))))
+    assert default == ["siim_seg 1%", "rsna_det 1%", "chexpert_cls 1%"]
+    with pytest.raises(ConfigError, match="--models medklip: no such result record; the records hold g2d, mgca, random"):
+        select_records(records, models=["medklip"])
+    with pytest.raises(ConfigError, match="--fracs 10%"):
+        select_records(records, fracs=[0.1])
+    with pytest.raises(ConfigError, match="--group zs"):
+        select_records(records, group="zs")
+    with pytest.raises(DataError, match="no result record passes all of the filters"):
+        select_records(records, models=["g2d"], tasks=["siim_seg"], group="det")
+    assert parse_fraction("10%") == pytest.approx(0.1) and parse_fraction("0.01") == 0.01
+    with pytest.raises(ConfigError, match="in \\(0, 1\\]"):
+        parse_fraction("150%")
+
+
+def test_several_metrics_become_sub_columns_and_tasks_without_them_keep_their_primary(make):
+    zs = {"auc": 0.81, "f1": 0.62, "acc": 0.75, "mcc": 0.4}
+    records = [make("g2d", zs, task="rsna_zs", frac=1.0), make("g2d", 0.6)]
+    text = markdown_table(records, metrics=["auc", "f1", "acc"])
+    lines = [[c.strip() for c in line.strip("|").split(" | ")] for line in text.splitlines() if line.startswith("|")]
+    header, metric_row, g2d = lines[0], lines[2], lines[3]
+    assert header[1:] == ["siim_seg 1%", "rsna_zs 100%", "rsna_zs 100%", "rsna_zs 100%"]
+    assert metric_row[1:] == ["Dice ↑", "AUC ↑", "F1 ↑", "ACC ↑"]
+    assert g2d[1:] == ["60.0", "81.0", "62.0", "75.0"]
+    assert "Cells: each metric (×100) of a single seed." in text
+
+
+def test_a_missing_cell_says_where_the_models_record_is(make):
+    records = [make("g2d", 0.6, version=2), make("mgca", 0.5), make("mgca", 0.55, version=2)]
+    text = markdown_table(records)
+    assert _cells(text)[("g2d", "siim_seg v1 (aaaaaaaa) 1%")] == "–"
+    assert ("- g2d has no record in siim_seg v1 (aaaaaaaa) 1%: its record is task v2 on split sha256 aaaaaaaa "
+            "(column siim_seg v2 (aaaaaaaa)); different task versions or splits never share a cell") in text
+    assert "– no record." in text
+
+
+def test_markdown_keeps_hostile_names_literal(make):
+    text = markdown_table([make("<script>|*x*`", 0.6), make("ok", 0.5)])
+    assert "| \\<script\\>\\|\\*x\\*\\` " in text
