@@ -89,15 +89,24 @@ def run(
     device: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    precision: str = "fp32",
+    skip_corrupt: bool = False,
+    save_predictions: str | Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run one (model, task, fraction, seed) and write its result record.
 
     Everything that can fail fast (task, fraction, overrides, checkpoint, data folder, an existing
-    record) is checked before any training starts. Returns the record and its path.
+    record, an unwritable results folder) is checked before any training starts. Returns the record
+    and its path. ``precision``: ``fp32`` or ``bf16`` (autocast; see :mod:`vlpbench.protocols.runtime`),
+    recorded as ``config.precision``. ``skip_corrupt``: run without the images whose files cannot be
+    decoded (listed in the record as ``data.skipped_corrupt``) instead of stopping with an error naming them.
+    ``save_predictions``: a new or empty folder for the test predictions in the format ``score`` reads
+    (segmentation and grounding tasks; see :mod:`vlpbench.predictions`), recorded as ``data.predictions``.
     """
     from vlpbench.adapters import build_adapter
     from vlpbench.data.splits import dataset_split
-    from vlpbench.results import existing_record, make_record, write_record
+    from vlpbench.protocols.runtime import resolve_precision
+    from vlpbench.results import check_writable, existing_record, make_record, write_record
 
     spec = load_task(task)
     frac = float(frac)
@@ -105,14 +114,16 @@ def run(
         raise ConfigError(f"--frac {frac}: task {spec.name} allows {', '.join(map(str, spec.fractions))}")
     config = spec.resolve(overrides)
     torch_device = resolve_device(device)
+    config["precision"] = resolve_precision(precision, torch_device)
 
     adapter = build_adapter(model, checkpoint, **(model_options or {}))
     model_info = {"name": model_label(model, checkpoint, name), **adapter.describe()}
     stub = {"model": model_info, "task": {"name": spec.name, "version": spec.version}, "frac": frac,
-            "seed": seed, "config": {"overrides": dict(overrides or {})}}
+            "seed": seed, "config": {"overrides": dict(overrides or {}), "precision": config["precision"]}}
     if not overwrite and (path := existing_record(results, stub)) is not None:
         raise ConfigError(f"a record for this run already exists: {path} (pass --overwrite to replace it; "
                           "the old record is kept as a .bak file)")
+    check_writable(results)
 
     source = open_dataset(spec, data_root)
     split = dataset_split(spec.dataset, source, spec.split)
@@ -127,13 +138,17 @@ def run(
         log.warning("synthetic dataset at %s: using the %d/%d/%d split images it holds",
                     getattr(source, "root", data_root), len(parts["train"]), len(parts["val"]), len(parts["test"]))
 
-    log.info("run %s on %s at %g%% (seed %d) on %s", model_info["name"], spec.name, frac * 100, seed, torch_device)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    started = time.perf_counter()
     protocol = PROTOCOLS.get(spec.protocol)
-    outcome = protocol(adapter, source, SplitIds(**parts, fraction=frac), config, seed=seed,
-                       device=torch_device, progress=progress)
+    hooks = {}
+    if save_predictions is not None:
+        from vlpbench.predictions import prepare_folder
+
+        hooks["predictions"] = prepare_folder(save_predictions, protocol, spec.protocol)
+
+    log.info("run %s on %s at %g%% (seed %d) on %s", model_info["name"], spec.name, frac * 100, seed, torch_device)
+    started = time.perf_counter()
+    outcome, skipped = _run_protocol(protocol, adapter, source, parts, frac, config, seed=seed, device=torch_device,
+                                     progress=progress, skip_corrupt=skip_corrupt, hooks=hooks)
     outcome["timing"]["wall_s"] = time.perf_counter() - started
 
     record = make_record(
@@ -154,11 +169,61 @@ def run(
         ci=outcome["ci"],
         per_image=outcome["per_image"],
         data={"root": str(getattr(source, "root", data_root)), "synthetic": bool(source.synthetic),
-              "absent_from_split": absent},
+              "absent_from_split": absent, "skipped_corrupt": skipped,
+              **({"predictions": str(hooks["predictions"])} if hooks else {})},
     )
     path = write_record(record, results, overwrite=overwrite)
     log.info("%s = %.4f → %s", spec.primary_metric, outcome["metrics"][spec.primary_metric], path)
     return record, path
+
+
+def _run_protocol(protocol, adapter, source, parts: dict[str, list[str]], frac: float, config: dict[str, Any], *,
+                  seed: int, device: torch.device, progress: bool, skip_corrupt: bool,
+                  hooks: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The protocol's outcome on ``parts``, and the ids skipped as corrupt (sorted).
+
+    With ``skip_corrupt``, images whose files cannot be decoded are dropped from every part and the
+    protocol starts again, until none is left; protocols load their images before training, and the
+    image cache keeps what it decoded, so a restart repeats little. A CUDA out-of-memory error
+    becomes a message naming the batch size (``runtime.out_of_memory_hint``).
+    """
+    from vlpbench.data.cache import CorruptImagesError
+    from vlpbench.protocols.runtime import out_of_memory_hint
+
+    skipped: dict[str, str] = {}
+    while True:
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        kept = {role: [i for i in ids if i not in skipped] for role, ids in parts.items()}
+        try:
+            with out_of_memory_hint(config):
+                outcome = protocol(adapter, source, SplitIds(**kept, fraction=frac), config, seed=seed,
+                                   device=device, progress=progress, **hooks)
+            return outcome, sorted(skipped)
+        except CorruptImagesError as error:
+            new = {image_id: message for image_id, message in error.failures.items() if image_id not in skipped}
+            if not skip_corrupt or not new:
+                raise
+            for image_id, message in new.items():
+                log.warning("--skip-corrupt: running without image %s (%s)", image_id, message)
+            skipped.update(new)
+
+
+def sweep(config: str | Path | None = None, *, force: bool = False, dry_run: bool = False, progress: bool = True,
+          **fields: Any):
+    """Run a sweep of models × tasks × fractions × seeds, each run in its own process; a SweepReport.
+
+    ``config`` is a sweep YAML file; ``fields`` (models, tasks, fracs, seeds, set, data_roots, results,
+    device, launcher, workers, slurm, nproc_per_node, as in :mod:`vlpbench.sweep.spec`) replace its
+    values. Runs whose records exist are skipped unless ``force``; ``dry_run`` only lists the commands.
+    See :func:`vlpbench.sweep.run_sweep`.
+    """
+    from vlpbench.sweep import build_spec, load_sweep_file, run_sweep
+    from vlpbench.sweep.spec import merge
+
+    values = merge(load_sweep_file(config) if config is not None else {}, fields)
+    spec = build_spec(values, origin=f"sweep file {config}" if config is not None else "sweep")
+    return run_sweep(spec, force=force, dry_run=dry_run, progress=progress)
 
 
 def table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: list[str] | None = None,
@@ -202,6 +267,59 @@ def compare(baseline: str | Path, candidate: str | Path, *, tasks: list[str] | N
         Path(junit).parent.mkdir(parents=True, exist_ok=True)
         Path(junit).write_text(junit_xml(comparisons), encoding="utf-8")
     return markdown_summary(comparisons, baseline=str(baseline), candidate=str(candidate)), exit_code(comparisons)
+
+
+def _records(results: str | Path) -> list[dict]:
+    from vlpbench.results import load_records
+
+    records = load_records(results)
+    if not records:
+        raise DataError(f"no result records under {Path(results) / 'runs'} (run `vlpbench run` first)")
+    return records
+
+
+def plot(results: str | Path = DEFAULT_RESULTS, out: str | Path = "plots", *, tasks: list[str] | None = None,
+         formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Write a metric-versus-fraction plot per task (log x, one line per model, CI band) into ``out``;
+    the files written. See :mod:`vlpbench.report.plots`."""
+    from vlpbench.report.plots import plot_fraction_curves
+
+    return plot_fraction_curves(_records(results), out, tasks=tasks, formats=formats)
+
+
+def plot_panels(task: str, predictions: str | Path, out: str | Path = "plots", *, data_root: str | Path | None = None,
+                n: int = 4, formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Write ``<out>/<task>_panels.<format>``: image, ground truth and prediction (segmentation masks) or
+    heat map (grounding ``.npz``, or the folder ``run --save-predictions`` wrote) for ``n`` test images."""
+    from vlpbench.data.splits import dataset_split
+    from vlpbench.report.plots import grounding_panels, panel_figure, save_figure, segmentation_panels
+
+    spec = load_task(task)
+    builders = {"segmentation": segmentation_panels, "grounding": grounding_panels}
+    if spec.protocol not in builders:
+        raise ConfigError(f"--panels: task {spec.name} (protocol {spec.protocol}) has no image-level predictions "
+                          "to draw; segmentation and grounding tasks do")
+    if n < 1:
+        raise ConfigError(f"--n {n}: expected at least one image")
+    source = open_dataset(spec, data_root)
+    split = dataset_split(spec.dataset, source, spec.split)
+    holder = split if "test" in split.parts else derived_test_split(source) or split
+    ids, _ = split_ids(holder, "test", source)
+    panels = builders[spec.protocol](source, ids, Path(predictions), spec.config, n)
+    return save_figure(panel_figure(panels), Path(out) / f"{spec.name}_panels", formats)
+
+
+def leaderboard(results: str | Path = DEFAULT_RESULTS, out: str | Path = "site", *,
+                reference: bool | str | Path = False) -> Path:
+    """Write the self-contained leaderboard page ``<out>/index.html`` (sortable tables per task group,
+    plots, provenance per cell); ``reference`` as for :func:`table`. See :mod:`vlpbench.report.leaderboard`."""
+    from vlpbench.report.leaderboard import write_leaderboard
+    from vlpbench.report.reference import default_reference_dir, load_references
+
+    references = []
+    if reference:
+        references = load_references(default_reference_dir(results) if reference is True else reference)
+    return write_leaderboard(_records(results), out, references=references)
 
 
 def baseline_update(results: str | Path = DEFAULT_RESULTS, baseline_dir: str | Path = DEFAULT_RESULTS / "baselines",
@@ -305,6 +423,62 @@ def synth(dataset: str, out: str | Path, *, n: int = 200, seed: int = 0, size: i
 
     options = {} if size is None else {"size": size}
     return SYNTHESIZERS.get(dataset)(Path(out), n=n, seed=seed, progress=progress, **options)
+
+
+def pseudo_mask(checkpoint: str | Path, images: list[str | Path], out: str | Path, *, sentence: str | None = None,
+                model: str = "g2d", model_options: dict[str, Any] | None = None, variant: str = "paper",
+                options: dict[str, Any] | None = None, batch_size: int = 8, device: str = "auto",
+                progress: bool = True) -> dict[str, Any]:
+    """G2D's pseudo masks of ``images`` (files or folders) written to ``out``; returns the summary record.
+
+    Per image: ``<stem>_mask.png``, ``<stem>_attention.npy``, ``<stem>_overlay.png`` and, with ``sentence``,
+    ``<stem>_similarity.npy``; ``out/pseudo_masks.json`` holds the model, the options and each image's
+    threshold and mask fraction. ``variant`` and ``options`` are those of
+    :func:`vlpbench.pseudo_mask.pseudo_mask_options`; see :mod:`vlpbench.pseudo_mask` for the pipeline.
+    """
+    from tqdm.auto import tqdm
+
+    from vlpbench import pseudo_mask as pm
+    from vlpbench.adapters import build_adapter
+
+    settings = pm.pseudo_mask_options(variant, **(options or {}))
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: expected a positive number of images")
+    files = pm.collect_images(images)
+    torch_device = resolve_device(device)
+    adapter = build_adapter(model, checkpoint, **(model_options or {}))
+    out = Path(out)
+    entries = []
+    # One batch of images is read at a time, so memory does not grow with the number of images.
+    for start in tqdm(range(0, len(files), batch_size), desc="pseudo masks", disable=not progress, unit="batch"):
+        chunk = files[start:start + batch_size]
+        results = pm.pseudo_masks(adapter, [pm.load_image(path) for path in chunk], sentence=sentence,
+                                  options=settings, batch_size=batch_size, device=torch_device)
+        for path, result in zip(chunk, results):
+            entries.append({"image": str(path), "threshold": result.threshold,
+                            "mask_fraction": float(result.mask.mean()), "body_fraction": float(result.body.mean()),
+                            "files": pm.write_outputs(result, path.stem, out, heads=settings.heads)})
+    record = {"model": {"name": model, **adapter.describe()}, "sentence": sentence,
+              "input_size": int(adapter.image_size), "options": pm.options_record(settings), "images": entries}
+    pm.write_summary(out, record)
+    return record
+
+
+def finetune_clip(data: str | Path, checkpoint: str | Path, out: str | Path, *, config=None,
+                  mimic_parts: tuple[str, ...] = ("train",), device: str = "auto", resume: bool = False,
+                  stop_at_step: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune the CLIP in ``checkpoint`` on the image–report pairs in ``data``; return the run's metadata.
+
+    ``data`` is a MIMIC-CXR-JPG folder with reports (its frontal images of ``mimic_parts``) or a CSV with
+    columns ``image_path,report``. ``config`` is a :class:`vlpbench.clip_finetune.FinetuneConfig` (None: the
+    defaults). Writes ``model.pt`` (loads in the ``clip`` adapter), ``latest.pt`` (resume state),
+    ``metadata.json`` and the loss curve to ``out``; see :mod:`vlpbench.clip_finetune`.
+    """
+    from vlpbench.clip_finetune import FinetuneConfig, finetune, load_pairs
+
+    pairs = load_pairs(data, mimic_parts)
+    return finetune(pairs, checkpoint, out, config or FinetuneConfig(), device=resolve_device(device),
+                    resume=resume, stop_at_step=stop_at_step, progress=progress)
 
 
 # The demo is the real pipeline on a small synthetic set: only the data size, image size and epoch

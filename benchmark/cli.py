@@ -11,7 +11,7 @@ import time
 from typing import Callable
 
 from vlpbench import __version__
-from vlpbench.errors import VlpbenchError
+from vlpbench.errors import ConfigError, VlpbenchError
 from vlpbench.registry import RegistryError
 
 log = logging.getLogger("vlpbench")
@@ -57,8 +57,60 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="override a task option, e.g. --set lr=5e-4 (recorded in the result; repeatable)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32 (default), or bf16 autocast for the forward passes: faster on a GPU; accepted on a "
+                        "CPU, where it is usually slower (recorded as config.precision)")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="run without images whose files cannot be decoded, listing them in the record "
+                        "(data.skipped_corrupt); by default such files stop the run with an error naming them")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing record of the same run (the old one is kept as .bak)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars, logging unchanged (for log files: `vlpbench sweep` passes it)")
+    p.add_argument("--save-predictions", metavar="DIR",
+                   help="new or empty folder for the test predictions, in the format `vlpbench score` reads "
+                        "(segmentation: <image_id>.png masks; grounding: heatmaps.npz)")
+
+    p = command("sweep", "Run models × tasks × fractions × seeds, each run in its own process with its own log; "
+                "runs whose records exist are skipped, so a killed sweep resumes where it stopped.",
+                "vlpbench sweep --models random,g2d --checkpoint g2d=g2d_encoder.pth --tasks siim_seg,rsna_seg "
+                "--fracs 0.01,0.1,1 --seeds 0,1,2 --data-root siim=~/data/siim --data-root rsna=~/data/rsna\n  "
+                "vlpbench sweep --config examples/sweeps/segmentation.yaml --launcher slurm --slurm-partition gpu",
+                _sweep)
+    p.add_argument("--config", help="sweep YAML file (fields as the options below; options given here replace "
+                   "the file's; see examples/sweeps/)")
+    p.add_argument("--models", type=_names, help="comma-separated adapter names")
+    p.add_argument("--checkpoint", dest="checkpoints", action="append", metavar="MODEL=PATH",
+                   help="checkpoint of a model of --models (repeatable)")
+    p.add_argument("--model-option", dest="model_options", action="append", metavar="MODEL:KEY=VALUE",
+                   help="adapter option of a model of --models, e.g. generic:arch=resnet18 (repeatable)")
+    p.add_argument("--tasks", type=_names, help="comma-separated task names; a fraction a task does not allow is "
+                   "left out with a note (zero-shot tasks allow only 1)")
+    p.add_argument("--fracs", type=_fractions, help="comma-separated training fractions: 0.01,0.1,1 or 1%%,10%%")
+    p.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--set", dest="overrides", action="append", metavar="[TASK:]KEY=VALUE",
+                   help="override a task option in every task, or with TASK: in one (repeatable)")
+    p.add_argument("--data-root", dest="data_roots", action="append", metavar="DATASET=DIR",
+                   help="dataset folder, e.g. siim=~/data/siim (repeatable; default as for `run`)")
+    p.add_argument("--results", help="results folder (default ./results); logs go to RESULTS/sweep_logs")
+    p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--force", action="store_true",
+                   help="rerun runs whose records exist (each old record is kept as .bak)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs that would be launched, launch nothing")
+    p.add_argument("--launcher", choices=("local", "slurm", "torchrun"),
+                   help="local (default): --workers parallel runs on this machine; slurm: one job array through "
+                        "submitit; torchrun: one run at a time over --nproc-per-node processes")
+    p.add_argument("--workers", type=int, help="local: parallel runs (default: one per visible GPU, each with its "
+                   "own CUDA_VISIBLE_DEVICES; 1 on CPU)")
+    p.add_argument("--slurm-partition", help="slurm: partition")
+    p.add_argument("--slurm-timeout-min", type=int, help="slurm: time limit of each run in minutes (default 1440)")
+    p.add_argument("--gpus-per-node", type=int, help="slurm: GPUs per run")
+    p.add_argument("--array-parallelism", type=int, help="slurm: runs of the job array at a time")
+    p.add_argument("--slurm-cluster", choices=("slurm", "local"),
+                   help="slurm: submitit cluster (default: detected); local runs the array on this machine")
+    p.add_argument("--nproc-per-node", type=int,
+                   help="torchrun: processes per run. Only a protocol that shares a run among ranks "
+                        "(DistributedDataParallel) uses them; any other repeats the run on every rank")
 
     p = command("score", "Score predictions from any framework with the task's canonical metric and split.",
                 "vlpbench score --task siim_seg --predictions preds/ --data-root ~/data/siim --json", _score)
@@ -85,6 +137,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", nargs="?", const=True, default=False, metavar="DIR",
                    help="add published rows (marked as reported, never bold) from DIR "
                         "(default: RESULTS/reference, else the checkout's results/reference)")
+
+    p = command("plot", "Plot metric versus training fraction per task (log x, one line per model, CI band), "
+                "or with --panels image / ground truth / prediction panels of a few test images.",
+                "vlpbench plot --results results --out plots --format png,svg\n  "
+                "vlpbench plot --panels --task siim_seg --predictions preds/ --data-root ~/data/siim --out plots",
+                _plot)
+    _results(p)
+    p.add_argument("--out", required=True, help="folder for the figures")
+    p.add_argument("--tasks", type=_names, help="comma-separated task names (default: every task with records)")
+    p.add_argument("--format", dest="formats", type=_names, default=["png", "svg"],
+                   help="comma-separated: png, svg (default png,svg)")
+    p.add_argument("--panels", action="store_true", help="draw qualitative panels from saved predictions instead")
+    p.add_argument("--task", help="with --panels: a segmentation or grounding task")
+    p.add_argument("--predictions", help="with --panels: the folder `run --save-predictions` wrote, a folder of "
+                   "<image_id>.png masks, or a grounding .npz")
+    _data_root(p)
+    p.add_argument("--n", type=int, default=4, help="with --panels: number of test images (default 4)")
+
+    p = command("leaderboard", "Write the self-contained leaderboard page: sortable tables per task group, plots, "
+                "provenance per cell.", "vlpbench leaderboard --results results --out site", _leaderboard)
+    _results(p)
+    p.add_argument("--out", required=True, help="folder for index.html")
+    p.add_argument("--reference", nargs="?", const=True, default=False, metavar="DIR",
+                   help="add published rows from DIR (default: RESULTS/reference, else the checkout's "
+                        "results/reference)")
 
     p = command("compare", "Compare a candidate's results with a baseline's: exit 0 no regression, 1 regression, "
                 "2 not comparable.",
@@ -163,6 +240,86 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--root", help="dataset folder to check the split against")
     verify.set_defaults(func=_splits_verify)
 
+    p = command("pseudo-mask", "Write G2D's pseudo segmentation masks (attention-pool map, percentile threshold, "
+                "body mask, bilateral filter) and overlays for your images.",
+                "vlpbench pseudo-mask --checkpoint g2d_50_checkpoint.pth --out masks/ images/ "
+                "--sentence 'small left pneumothorax' --model-option text_encoder=Bio_ClinicalBERT/", _pseudo_mask)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of PNG/JPEG/DICOM (.dcm) files")
+    p.add_argument("--checkpoint", required=True,
+                   help="G2D's full pre-training checkpoint *_checkpoint.pth (it holds proj_v and the attention pool)")
+    p.add_argument("--out", required=True, help="folder for <stem>_mask.png (0/255, at the 256² input), "
+                   "<stem>_attention.npy (head-aggregated 8×8 map), <stem>_overlay.png and pseudo_masks.json")
+    p.add_argument("--sentence", help="a report sentence: its sentence-to-pixel similarity map is shown beside "
+                   "the attention (needs --model-option text_encoder=DIR) and saved as <stem>_similarity.npy")
+    p.add_argument("--model", default="g2d", help="adapter with an attention pool (default g2d)")
+    p.add_argument("--model-option", dest="model_options", action="append", metavar="KEY=VALUE",
+                   help="adapter option, e.g. text_encoder=DIR (a local Bio_ClinicalBERT folder; repeatable)")
+    p.add_argument("--variant", choices=("paper", "released"), default="paper",
+                   help="paper (default): body mask, >= threshold, bilateral filter; released: G2D's code, "
+                        "no body mask, no filter, NEAREST upsampling, strict > (the top 9 of 64 cells)")
+    p.add_argument("--heads", choices=("mean", "max"), help="head aggregation (default mean, the paper's Eq. 2)")
+    p.add_argument("--percentile", type=float, help="threshold percentile per image (default 85, the paper's)")
+    p.add_argument("--upsample", choices=("nearest", "bilinear", "bicubic"),
+                   help="upsampling of the 8×8 map (default nearest; interpretation: the paper smooths the "
+                        "'square-block edges' it leaves; released: nearest only)")
+    paper = p.add_argument_group("paper variant only (the paper gives no values: these defaults are interpretations)")
+    paper.add_argument("--percentile-scope", choices=("image", "body"),
+                       help="pixels the percentile is taken over: image (default, background zeroed) or body")
+    paper.add_argument("--body-threshold", type=_body_threshold, metavar="otsu|LEVEL",
+                       help="body mask: pixels above Otsu's threshold (default) or a grey level 0-255, holes "
+                            "filled, largest component kept")
+    paper.add_argument("--bilateral-diameter", type=int, help="bilateral filter window in pixels (default 15)")
+    paper.add_argument("--bilateral-sigma-space", type=float, help="spatial sigma in pixels (default 4)")
+    paper.add_argument("--bilateral-sigma-range", type=float, help="range sigma in mask units 0-1 (default 1)")
+    paper.add_argument("--binarize-at", type=float, help="level at which the filtered mask is binarised (default 0.5)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+
+    p = command("finetune-clip", "Fine-tune a CLIP on chest X-ray image–report pairs with random sentence sampling "
+                "and positive-pair loss relaxation (an interpretation of Jang et al.).",
+                "vlpbench finetune-clip --data ~/data/mimic-cxr-jpg/2.0.0 --checkpoint best_64_5e-05_original_22000_"
+                "0.864.pt --out clip-ft/\n  vlpbench run --model clip --checkpoint clip-ft/model.pt --task chexpert_zs "
+                "--frac 1.0", _finetune_clip)
+    p.description = (
+        "Fine-tune a CLIP (any checkpoint the `clip` adapter loads) on image–report pairs. Jang et al. (Sci. Rep. "
+        "2024) name random sentence sampling and positive-pair loss relaxation; their code and full method text "
+        "are unavailable, so this is vlpbench's documented interpretation, each part an option: every step pairs "
+        "each image with one sentence drawn from its report's findings and impression (split after . ? ! before "
+        "an upper-case letter or digit, headers and list numbers removed; --no-sentence-sampling: the whole "
+        "text), and the symmetric InfoNCE loss caps each positive cosine at --margin, so a positive pair above "
+        "it is no longer pulled closer (--margin off: the plain CLIP loss). AdamW, warm-up + cosine, bf16 on "
+        "GPU, gradient clipping. Writes OUT/model.pt (open_clip form, loads in the `clip` adapter), "
+        "OUT/latest.pt (resume state), OUT/metadata.json, OUT/loss.csv and loss.png.")
+    p.add_argument("--data", required=True, help="a MIMIC-CXR-JPG folder with reports (frontal images), or a CSV "
+                   "with columns image_path,report (paths relative to the CSV's folder)")
+    p.add_argument("--checkpoint", required=True, help="the initial CLIP: OpenAI-layout state dict (CheXzero), "
+                   "open_clip checkpoint or Hugging Face CLIPModel folder")
+    p.add_argument("--out", required=True, help="output folder (new, or a previous run's with --resume)")
+    p.add_argument("--mimic-parts", type=_names, default=["train"],
+                   help="official MIMIC-CXR split parts to train on, comma-separated (default train)")
+    p.add_argument("--epochs", type=int, help="passes over the pairs (default 10)")
+    p.add_argument("--batch-size", type=int, help="pairs per step (default 64); the last partial batch is dropped")
+    p.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 1e-5)")
+    p.add_argument("--weight-decay", type=float, help="AdamW decay of matrices (default 0.1)")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps before the cosine decay (default 500)")
+    p.add_argument("--grad-clip", type=float, help="maximum gradient L2 norm, 0 = off (default 1.0)")
+    p.add_argument("--margin", type=_margin, metavar="M|off",
+                   help="positive-pair relaxation: positives with cosine above M get no gradient (default 0.5; "
+                        "off: the plain CLIP loss)")
+    p.add_argument("--no-sentence-sampling", dest="sentence_sampling", action="store_false", default=None,
+                   help="pair each image with its whole findings + impression text instead of one sentence")
+    p.add_argument("--min-words", type=int, help="words with a letter a sentence needs to be kept (default 1)")
+    p.add_argument("--normalization", choices=("openai", "chexzero"),
+                   help="image normalisation of the clip adapter (default openai); evaluate with the same")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                   help="auto (default): bf16 autocast on a CUDA device that supports it, else fp32")
+    p.add_argument("--save-every", type=int, help="steps between resume states (default 0: every epoch)")
+    p.add_argument("--seed", type=int, help="order of the pairs and the sentence draws (default 0)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest.pt")
+    p.add_argument("--stop-at-step", type=int, metavar="N",
+                   help="stop after N steps in all (the schedule still spans every epoch); --resume continues")
+
     command("models", "List the model adapters.", "vlpbench models", _models)
     p = command("tasks", "List the tasks; --verbose adds each task's classes, prompts and settings.",
                 "vlpbench tasks --verbose", _tasks)
@@ -187,13 +344,41 @@ def _run(args: argparse.Namespace) -> int:
     record, path = api.run(args.model, args.task, args.frac, seed=args.seed, checkpoint=args.checkpoint,
                            name=args.name, model_options=parse_overrides(args.model_options), data_root=args.data_root, results=args.results,
                            overrides=parse_overrides(args.overrides), device=args.device,
-                           overwrite=args.overwrite, progress=not args.quiet)
+                           overwrite=args.overwrite, progress=not (args.quiet or args.no_progress),
+                           save_predictions=args.save_predictions, precision=args.precision,
+                           skip_corrupt=args.skip_corrupt)
     metric = record["primary_metric"]
     ci = record.get("ci", {}).get(metric, {})
     print(f"{record['task']['name']} {metric} = {record['metrics'][metric]:.4f} "
           f"(95% CI {ci.get('low', float('nan')):.4f}–{ci.get('high', float('nan')):.4f}, "
           f"n_test={record['n']['test']})\nrecord: {path}")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from vlpbench import api
+    from vlpbench.sweep import cli_values
+
+    slurm = {key: value for key, value in (
+        ("partition", args.slurm_partition), ("timeout_min", args.slurm_timeout_min),
+        ("gpus_per_node", args.gpus_per_node), ("array_parallelism", args.array_parallelism),
+        ("cluster", args.slurm_cluster)) if value is not None}
+    values = cli_values(models=args.models, checkpoints=args.checkpoints, model_options=args.model_options,
+                        tasks=args.tasks, fracs=args.fracs, seeds=args.seeds, overrides=args.overrides,
+                        data_roots=args.data_roots, results=args.results, device=args.device,
+                        launcher=args.launcher, workers=args.workers, nproc_per_node=args.nproc_per_node)
+    if slurm:
+        values["slurm"] = slurm
+    report = api.sweep(args.config, force=args.force, dry_run=args.dry_run, progress=not args.quiet, **values)
+    print(report.format())
+    return report.exit_code
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -237,6 +422,28 @@ def _table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    formats = tuple(args.formats)
+    if args.panels:
+        if not args.task or not args.predictions:
+            raise ConfigError("plot --panels needs --task and --predictions")
+        paths = api.plot_panels(args.task, args.predictions, args.out, data_root=args.data_root, n=args.n,
+                                formats=formats)
+    else:
+        paths = api.plot(args.results, args.out, tasks=args.tasks, formats=formats)
+    print("\n".join(map(str, paths)))
+    return 0
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    print(api.leaderboard(args.results, args.out, reference=args.reference))
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from vlpbench import api
 
@@ -267,6 +474,68 @@ def _demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     print(api.demo(args.out, n=args.n, seed=args.seed, device=args.device, progress=not args.quiet))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; records in {args.out}/results/runs")
+    return 0
+
+
+def _body_threshold(text: str) -> str | float:
+    if text == "otsu":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'otsu' or a grey level 0-255, got {text!r}") from None
+
+
+def _pseudo_mask(args: argparse.Namespace) -> int:
+    from vlpbench import api
+    from vlpbench.config import parse_overrides
+
+    options = {name: getattr(args, name) for name in (
+        "heads", "percentile", "upsample", "percentile_scope", "body_threshold", "bilateral_diameter",
+        "bilateral_sigma_space", "bilateral_sigma_range", "binarize_at")}
+    record = api.pseudo_mask(args.checkpoint, args.images, args.out, sentence=args.sentence, model=args.model,
+                             model_options=parse_overrides(args.model_options), variant=args.variant,
+                             options=options, batch_size=args.batch_size, device=args.device,
+                             progress=not args.quiet)
+    for entry in record["images"]:
+        print(f"{entry['image']}: mask {entry['mask_fraction']:.1%} of the image (threshold {entry['threshold']:.4g})")
+    print(f"{len(record['images'])} masks and overlays in {args.out} ({record['options']['variant']} variant)")
+    return 0
+
+
+def _margin(text: str) -> float | str:
+    if text == "off":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a cosine such as 0.5, or off, got {text!r}") from None
+
+
+def _finetune_clip(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from vlpbench import api
+    from vlpbench.clip_finetune import FinetuneConfig
+
+    given = {name: getattr(args, name) for name in (
+        "epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "margin", "sentence_sampling",
+        "min_words", "normalization", "precision", "save_every", "seed") if getattr(args, name) is not None}
+    if given.get("margin") == "off":
+        given["margin"] = None
+    config = dataclasses.replace(FinetuneConfig(), **given)
+    metadata = api.finetune_clip(args.data, args.checkpoint, args.out, config=config,
+                                 mimic_parts=tuple(args.mimic_parts), device=args.device, resume=args.resume,
+                                 stop_at_step=args.stop_at_step, progress=not args.quiet)
+    steps, loss = metadata["steps"], metadata["loss"]
+    print(f"{steps['done']} of {steps['total']} steps on {metadata['data']['pairs']} pairs; "
+          f"loss {loss['first']:.4f} -> {loss['last']:.4f}" if steps["done"] else "no step trained")
+    if metadata["files"]["model"]:
+        print(f"model: {metadata['files']['model']['path']}\nevaluate: vlpbench run --model clip --checkpoint "
+              f"{metadata['files']['model']['path']} --task chexpert_zs --frac 1.0"
+              + (f" --model-option normalization={config.normalization}" if config.normalization != "openai" else ""))
+    else:
+        print(f"stopped early; continue with --resume (state in {args.out})")
     return 0
 
 

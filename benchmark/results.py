@@ -23,6 +23,8 @@ are written atomically and are never overwritten silently.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -132,15 +134,19 @@ def _format_frac(frac: float) -> str:
 def record_path(results_dir: str | os.PathLike, record: dict) -> Path:
     """Where ``record`` lives: ``runs/<model>/<sha256[:8]|nockpt>/<task>.v<version>/frac<f>-seed<s>[-<o>].json``.
 
-    ``<o>`` is a short hash of ``config.overrides`` when there are any, so a run with non-default task
-    options never replaces the canonical one. Only ``model.name``, ``model.checkpoint``,
-    ``task.name``, ``task.version``, ``frac``, ``seed`` and ``config.overrides`` are read, so a stub
-    with those fields is enough. Names are reduced to ``[A-Za-z0-9._-]``.
+    ``<o>`` is a short hash of ``config.overrides`` (and of ``config.precision`` unless fp32) when there
+    are any, so a run with non-default task options or precision never replaces the canonical one.
+    Only ``model.name``, ``model.checkpoint``, ``task.name``, ``task.version``, ``frac``, ``seed``,
+    ``config.overrides`` and ``config.precision`` are read, so a stub with those fields is enough. Names are reduced to ``[A-Za-z0-9._-]``.
     """
     model, task = record["model"], record["task"]
     checkpoint = model.get("checkpoint") or {}
     sha = checkpoint.get("sha256")
-    overrides = (record.get("config") or {}).get("overrides") or {}
+    config = record.get("config") or {}
+    overrides = dict(config.get("overrides") or {})
+    if config.get("precision", "fp32") != "fp32":
+        # A reduced-precision run is a variant too; fp32 paths stay as they were before precision existed.
+        overrides["(precision)"] = config["precision"]
     variant = ""
     if overrides:
         canonical = json.dumps(overrides, sort_keys=True, default=str).encode()
@@ -170,6 +176,8 @@ def write_record(record: dict, results_dir: str | os.PathLike, *, overwrite: boo
         VlpbenchError: the record exists and ``overwrite`` is False. With ``overwrite`` the old file
             is kept as ``<name>.replaced-<UTC time>.json.bak`` next to the new one.
         ConfigError: the record is malformed.
+        VlpbenchError: the folder cannot be written (full disk, read-only file system, no permission);
+            the message says which, and a record being replaced is left in place.
     """
     problem = _problem(record)
     if problem:
@@ -179,24 +187,71 @@ def write_record(record: dict, results_dir: str | os.PathLike, *, overwrite: boo
         raise VlpbenchError(f"{path} already exists; pass --overwrite to replace it "
                             f"(the old record is then kept as a .bak file)")
     text = json.dumps(_jsonable(record), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Hidden and not ending in .json, so load_records never sees it; created through os.open (not
     # mkstemp, which forces mode 0600) so the record gets the user's usual umask permissions.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    backup = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         if path.exists():
-            path.rename(_backup_path(path))
+            backup = _backup_path(path)
+            path.rename(backup)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+    except BaseException as error:
+        with contextlib.suppress(OSError):  # on a read-only disk even the clean-up can fail
+            tmp.unlink(missing_ok=True)
+            if backup is not None and not path.exists():
+                backup.rename(path)  # the record being replaced stays where it was
+        if isinstance(error, OSError):
+            raise write_error(error, path.parent, "the record was not written") from error
         raise
-    _fsync_dir(path.parent)
     return path
+
+
+# errno → what a user can do about it; anything else is reported with the system's own words.
+_DISK_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def write_error(error: OSError, folder: str | os.PathLike, consequence: str) -> VlpbenchError:
+    """A VlpbenchError for ``error`` raised while writing under ``folder``: what went wrong (full disk,
+    read-only file system, no permission, ...), the folder, and ``consequence``."""
+    reason = _DISK_ERRORS.get(error.errno, error.strerror or type(error).__name__)
+    return VlpbenchError(f"cannot write to results folder {folder}: {reason} ({error.strerror or error}); "
+                         f"{consequence}, and records written earlier are unchanged. Free space, fix the "
+                         "permissions, or pass another --results folder")
+
+
+def check_writable(results_dir: str | os.PathLike) -> None:
+    """Check, before a run starts, that records can be written under ``results_dir``.
+
+    Writes and removes an empty hidden probe file in ``<results_dir>/runs``, or in its nearest existing
+    parent folder where it does not exist yet; creates nothing.
+
+    Raises:
+        VlpbenchError: that folder cannot be written (full disk, read-only file system, missing
+            permission), saying which.
+    """
+    folder = Path(results_dir) / "runs"
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    probe = folder / f".write-probe-{uuid.uuid4().hex}.tmp"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        probe.unlink()
+    except OSError as error:
+        raise write_error(error, folder, "nothing was run") from error
 
 
 def _backup_path(path: Path) -> Path:

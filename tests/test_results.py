@@ -119,7 +119,7 @@ def test_crash_during_write_keeps_the_old_record(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(results.os, "fsync", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(VlpbenchError, match="disk full"):
         write_record(_record(seed=0, metrics={"dice": 0.9}), tmp_path, overwrite=True)
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file, no .bak
     assert path.read_bytes() == before

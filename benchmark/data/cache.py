@@ -129,7 +129,9 @@ def cached_images(source: Any, dataset: str, ids: Sequence[str], size: int, *,
         read-only array).
 
     Raises:
-        DataError: an image file is missing or cannot be decoded (the message names it).
+        DataError: an image file is missing (the message names it).
+        CorruptImagesError: image files cannot be decoded; raised once every other image is stored,
+            with each failed id and the reader's message naming its file. Nothing is stored for them.
         VlpbenchError: the cache cannot be written, or the reader cannot be fingerprinted.
         ValueError: a bad ``dataset`` name, ``size`` or ``workers``.
     """
@@ -287,6 +289,18 @@ def _missing(folder: Path, ids: list[str], names: list[str], size: int) -> list[
     return todo
 
 
+class CorruptImagesError(DataError):
+    """Image files that cannot be decoded; ``failures`` maps each image id to the reader's message,
+    which names the file."""
+
+    def __init__(self, dataset: str, failures: dict[str, str]) -> None:
+        self.failures = dict(failures)
+        shown = "; ".join(f"{image_id}: {message}" for image_id, message in list(self.failures.items())[:5])
+        more = f"; and {len(self.failures) - 5} more" if len(self.failures) > 5 else ""
+        super().__init__(f"{len(self.failures)} {dataset} image(s) cannot be decoded: {shown}{more}. Replace the "
+                         "files, or run without them (vlpbench run --skip-corrupt)")
+
+
 class _Filler:
     """Decodes, resizes and stores one image; pickled into each worker process."""
 
@@ -295,9 +309,14 @@ class _Filler:
         self.folder = folder
         self.size = size
 
-    def __call__(self, item: tuple[str, str]) -> None:
+    def __call__(self, item: tuple[str, str]) -> str | None:
+        """Store the entry of ``item`` (id, entry name); return None, or the reader's DataError message
+        for a file that cannot be decoded (nothing is stored for it)."""
         image_id, name = item
-        pixels = self.source.image(image_id)
+        try:
+            pixels = self.source.image(image_id)
+        except DataError as exc:  # a corrupt file: reported with the others once every image is tried
+            return str(exc)
         if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 2:
             described = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
             raise DataError(f"{type(self.source).__name__}.image({image_id!r}) returned {described}; "
@@ -311,6 +330,7 @@ class _Filler:
         except OSError as exc:
             raise VlpbenchError(f"cannot write image cache entry {path} (image {image_id}): {exc}; "
                                 "free disk space or set VLPBENCH_CACHE to another folder") from exc
+        return None
 
 
 _worker_filler: _Filler | None = None
@@ -321,8 +341,8 @@ def _start_worker(payload: bytes) -> None:
     _worker_filler = pickle.loads(payload)
 
 
-def _fill_in_worker(item: tuple[str, str]) -> None:
-    _worker_filler(item)
+def _fill_in_worker(item: tuple[str, str]) -> str | None:
+    return _worker_filler(item)
 
 
 def _usable_cpus() -> int:
@@ -337,36 +357,49 @@ def _fill(source: Any, dataset: str, folder: Path, todo: list[tuple[str, str]], 
     wanted = min(MAX_WORKERS, _usable_cpus()) if workers is None else workers
     count = max(1, min(wanted, len(todo) // MIN_IMAGES_PER_WORKER))
     bar = tqdm(total=len(todo), desc=f"cache {dataset} {size}px", unit="img", disable=not progress, leave=False)
+    failures: dict[str, str] = {}
     try:
         if count == 1:
             log.info("image cache: decoding %d %s images into %s", len(todo), dataset, folder)
             for item in todo:
-                filler(item)
+                if (failure := filler(item)) is not None:
+                    failures[item[0]] = failure
                 bar.update()
-            return
-        try:
-            # Pickled once here rather than by the pool, to fall back before starting any process;
-            # the workers then get the same copy whichever start method the platform uses.
-            payload = pickle.dumps(filler)
-        except Exception as exc:  # pickling fails with PicklingError, TypeError or AttributeError
-            log.warning("image cache: %s cannot be pickled for worker processes (%s: %s); decoding in "
-                        "%d threads instead", type(source).__name__, type(exc).__name__, exc, count)
-            pool, task = ThreadPoolExecutor(count), filler
         else:
-            log.info("image cache: decoding %d %s images into %s with %d processes",
-                     len(todo), dataset, folder, count)
-            pool, task = ProcessPoolExecutor(count, initializer=_start_worker, initargs=(payload,)), _fill_in_worker
-        chunk = max(1, min(32, len(todo) // (count * 8)))
-        try:
-            for _ in pool.map(task, todo, chunksize=chunk):
-                bar.update()
-        except BrokenProcessPool as exc:
-            raise VlpbenchError(f"an image cache worker process died while decoding {dataset} images ({exc}); "
-                                "the images decoded so far are kept, run again") from exc
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            _fill_in_pool(filler, todo, count, dataset, folder, failures, bar)
     finally:
         bar.close()
+    if failures:
+        raise CorruptImagesError(dataset, failures)
+
+
+def _fill_in_pool(filler: _Filler, todo: list[tuple[str, str]], count: int, dataset: str, folder: Path,
+                  failures: dict[str, str], bar: Any) -> None:
+    """Decode ``todo`` in ``count`` worker processes (threads where the reader cannot be pickled),
+    adding each id whose file cannot be decoded to ``failures``."""
+    try:
+        # Pickled once here rather than by the pool, to fall back before starting any process;
+        # the workers then get the same copy whichever start method the platform uses.
+        payload = pickle.dumps(filler)
+    except Exception as exc:  # pickling fails with PicklingError, TypeError or AttributeError
+        log.warning("image cache: %s cannot be pickled for worker processes (%s: %s); decoding in "
+                    "%d threads instead", type(filler.source).__name__, type(exc).__name__, exc, count)
+        pool, task = ThreadPoolExecutor(count), filler
+    else:
+        log.info("image cache: decoding %d %s images into %s with %d processes",
+                 len(todo), dataset, folder, count)
+        pool, task = ProcessPoolExecutor(count, initializer=_start_worker, initargs=(payload,)), _fill_in_worker
+    chunk = max(1, min(32, len(todo) // (count * 8)))
+    try:
+        for (image_id, _), failure in zip(todo, pool.map(task, todo, chunksize=chunk)):
+            if failure is not None:
+                failures[image_id] = failure
+            bar.update()
+    except BrokenProcessPool as exc:
+        raise VlpbenchError(f"an image cache worker process died while decoding {dataset} images ({exc}); "
+                            "the images decoded so far are kept, run again") from exc
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _assemble(out: Path, folder: Path, ids: list[str], names: list[str], size: int, dataset: str,

@@ -38,6 +38,7 @@ from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.metrics.detection import DetectionMatches, map_ci, mgca_kept, summarize
 from vlpbench.protocols import SplitIds
+from vlpbench.protocols.runtime import check_finite, precision_of, prepare_model, to_device
 
 log = logging.getLogger("vlpbench")
 
@@ -225,7 +226,7 @@ class PartFeatures:
             self.kept = [torch.cat(maps) for maps in zip(*chunks)]
 
     def _images(self, index: list[int]) -> torch.Tensor:
-        return _normalize(self.data.images[index].to(self.device, non_blocking=True), self.config)
+        return _normalize(to_device(self.data.images[index], self.device), self.config)
 
     def __call__(self, index: list[int]) -> list[torch.Tensor]:
         if self.kept is not None:
@@ -431,6 +432,8 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     encoder = encoder.to(device)
     stages = deepest_stages(encoder, size)
     model = Detector(encoder, stages, int(config["neck_width"])).to(device)
+    for part in (model.encoder, model.head):  # the head reads the encoder's maps directly, not model.forward
+        prepare_model(part, device, precision_of(config))
     anchors = scaled_anchors(size)
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=lr, betas=tuple(config["betas"]),
                                   weight_decay=config["weight_decay"])
@@ -446,7 +449,8 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     history: list[dict[str, float]] = []
     bar = tqdm(range(config["max_epochs"]), desc="epochs", disable=not progress, unit="ep")
     for epoch in bar:
-        train_loss = _train_epoch(model, train, train_features, optimizer, anchors, config, batch_size, generator)
+        train_loss = _train_epoch(model, train, train_features, optimizer, anchors, config, batch_size, generator,
+                                  epoch + 1)
         val_loss, val_detections = _predict(model, val, val_features, anchors, config, batch_size)
         if not math.isfinite(train_loss) or not math.isfinite(val_loss):
             raise VlpbenchError(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} in epoch "
@@ -524,7 +528,7 @@ def _batch_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], anchor
 
 
 def _train_epoch(model: Detector, data: DetectionImages, features: PartFeatures, optimizer, anchors, config,
-                 batch_size: int, generator: torch.Generator) -> float:
+                 batch_size: int, generator: torch.Generator, epoch: int) -> float:
     model.train()
     if config["freeze_bn"]:
         model.encoder.eval()  # frozen means frozen: BatchNorm statistics do not drift
@@ -537,12 +541,12 @@ def _train_epoch(model: Detector, data: DetectionImages, features: PartFeatures,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(index)
+        total += check_finite(loss, epoch, start // batch_size + 1) * len(index)
         count += len(index)
     return total / count
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _predict(model: Detector, data: DetectionImages, features: PartFeatures, anchors, config,
              batch_size: int) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
     """Loss and detections (boxes in original pixels, scores) of every image of ``data``."""

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from vlpbench.config import cache_dir
 from vlpbench.data.cache import METHOD, cached_images, source_fingerprint
 from vlpbench.errors import ConfigError, VlpbenchError
+from vlpbench.protocols.runtime import DEFAULT_PRECISION, prepare_model, to_device
 
 log = logging.getLogger("vlpbench")
 
@@ -149,7 +150,7 @@ def freeze(encoder: torch.nn.Module) -> torch.nn.Module:
 
 def uint8_batch(images: np.ndarray, index: np.ndarray, device: torch.device) -> torch.Tensor:
     """Images ``index`` of a uint8 (memory-mapped) stack as float ``(B, 1, S, S)`` in [0, 1] on ``device``."""
-    return torch.from_numpy(np.ascontiguousarray(images[index])).to(device).unsqueeze(1).float().div_(255.0)
+    return to_device(torch.from_numpy(np.ascontiguousarray(images[index])), device).unsqueeze(1).float().div_(255.0)
 
 
 @torch.inference_mode()
@@ -196,11 +197,13 @@ def feature_key(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessin
 
 
 def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessing, *, batch_size: int,
-                    device: torch.device, progress: bool = False, desc: str = "features") -> Features:
+                    device: torch.device, progress: bool = False, desc: str = "features",
+                    precision: str = DEFAULT_PRECISION) -> Features:
     """Pooled frozen-encoder features of ``ids``, from the feature cache or computed and stored there.
 
-    On a miss the images come from the image cache and the encoder from ``adapter.encoder()``; on a
-    hit neither is touched.
+    On a miss the images come from the image cache and the encoder from ``adapter.encoder()``, run in
+    ``precision`` (``vlpbench.protocols.runtime``); on a hit neither is touched. Features computed in
+    bf16 are cached under a key of their own.
 
     Raises:
         VlpbenchError: the cache folder cannot be written.
@@ -208,6 +211,8 @@ def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preproce
     started = time.perf_counter()
     ids = list(ids)
     key = feature_key(adapter, source, ids, pre)
+    if precision != DEFAULT_PRECISION:  # fp32 keys stay as they were, so existing caches stay valid
+        key["precision"] = precision
     text = json.dumps(key, indent=2, sort_keys=True) + "\n"
     folder = cache_root() / dataset_name(source)
     stem = hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -219,8 +224,8 @@ def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preproce
 
     log.info("feature cache: computing %d %s features into %s", len(ids), desc, path)
     images = load_images(source, ids, pre.resize, progress)
-    values = extract_features(adapter.encoder(), images, pre, batch_size=batch_size, device=device,
-                              progress=progress, desc=desc)
+    values = extract_features(prepare_model(adapter.encoder(), device, precision), images, pre, batch_size=batch_size,
+                              device=device, progress=progress, desc=desc)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with _atomic(path) as tmp, open(tmp, "wb") as handle:

@@ -41,6 +41,7 @@ from vlpbench.protocols.linear import (
     seeded_head,
     targets,
 )
+from vlpbench.protocols.runtime import check_finite, precision_of, prepare_model
 from vlpbench.protocols.segmentation import random_affine
 
 log = logging.getLogger("vlpbench")
@@ -107,8 +108,9 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
     t_data = time.perf_counter()
 
     encoder = adapter.encoder()
-    model = Classifier(encoder, seeded_head(int(encoder.out_channels[-1]),
-                                            output_size(kind, labels["train"], classes), seed)).to(device)
+    model = prepare_model(Classifier(encoder, seeded_head(int(encoder.out_channels[-1]),
+                                                          output_size(kind, labels["train"], classes), seed)),
+                          device, precision_of(config))
     loss_fn = loss_function(kind)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=tuple(config["betas"]),
                                   weight_decay=config["weight_decay"])
@@ -134,7 +136,7 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item()
+            total += check_finite(loss, epoch + 1, step + 1)
         logits = _predict(model, images["val"], inputs, batch_size, device)
         val_loss = loss_fn(logits, targets(kind, labels["val"], device)).item()
         val_auc = _auc(kind, labels["val"], probabilities(kind, logits))
@@ -187,7 +189,7 @@ def _auc(kind: str, labels: np.ndarray, probs: np.ndarray) -> float | None:
     return macro_auc(labels, probs)[0]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _predict(model: torch.nn.Module, images: np.ndarray, inputs, batch_size: int,
              device: torch.device) -> torch.Tensor:
     """Logits of every image, in eval mode."""

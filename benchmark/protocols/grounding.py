@@ -47,7 +47,9 @@ from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.grounding import METRIC_NAMES, candidate_thresholds, choose_threshold, grounding_scores
+from vlpbench.predictions import write_heatmaps
 from vlpbench.protocols import SplitIds
+from vlpbench.protocols.runtime import DEFAULT_PRECISION, autocast, precision_of
 
 log = logging.getLogger("vlpbench")
 
@@ -199,8 +201,10 @@ def summarize(scores: dict[str, np.ndarray], *, n_resamples: int, seed: int) -> 
 
 
 def compute_maps(adapter, source, queries: list[Query], *, batch_size: int, device: torch.device,
-                 progress: bool = True, desc: str = "maps") -> dict[str, torch.Tensor]:
-    """The adapter's raw heat map of every query, ``{key: (h, w) float32 CPU tensor}``.
+                 progress: bool = True, desc: str = "maps",
+                 precision: str = DEFAULT_PRECISION) -> dict[str, torch.Tensor]:
+    """The adapter's raw heat map of every query, ``{key: (h, w) float32 CPU tensor}``, the adapter
+    running in ``precision`` (``vlpbench.protocols.runtime``).
 
     Each batch of images is embedded once for all the distinct texts its queries ask for.
 
@@ -220,7 +224,7 @@ def compute_maps(adapter, source, queries: list[Query], *, batch_size: int, devi
         batch_ids = image_ids[start:start + batch_size]
         pixels = torch.from_numpy(np.array(images[start:start + batch_size]))[:, None].to(device)
         texts = list(dict.fromkeys(query.text for image_id in batch_ids for query in by_image[image_id]))
-        with torch.no_grad():
+        with torch.inference_mode(), autocast(device, precision):
             batch = adapter.grounding_maps(adapter.preprocess(pixels), texts)
         if batch.ndim != 4 or tuple(batch.shape[:2]) != (len(batch_ids), len(texts)):
             raise VlpbenchError(f"adapter {adapter.name!r}: grounding_maps returned shape {tuple(batch.shape)} for "
@@ -236,8 +240,11 @@ def compute_maps(adapter, source, queries: list[Query], *, batch_size: int, devi
 
 
 def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,
-                       device: torch.device, progress: bool = True) -> dict[str, Any]:
+                       device: torch.device, progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
     """Entry point used by ``vlpbench.api.run``: heat maps of val and test positives, threshold, scores.
+
+    ``predictions``: a folder to save the raw val and test maps in, as ``score`` reads them (see
+    :mod:`vlpbench.predictions`), or None.
 
     ``split.train`` is not used (nothing is trained). Returns ``metrics`` (the means of
     :data:`~vlpbench.metrics.grounding.METRIC_NAMES` over test queries), ``ci``, ``per_image`` (Dice per
@@ -258,10 +265,13 @@ def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any],
     log.info("grounding: %d test and %d validation queries (%s texts), %d + %d negative images skipped",
              len(test), len(val), texts, test_negatives, val_negatives)
 
+    precision = precision_of(config)
     maps = compute_maps(adapter, source, val, batch_size=batch_size, device=device, progress=progress,
-                        desc="val maps") if val else {}
+                        desc="val maps", precision=precision) if val else {}
     maps.update(compute_maps(adapter, source, test, batch_size=batch_size, device=device, progress=progress,
-                             desc="test maps"))
+                             desc="test maps", precision=precision))
+    if predictions is not None:
+        write_heatmaps(predictions, maps)
     t_maps = time.perf_counter()
 
     if use_val:

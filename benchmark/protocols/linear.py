@@ -46,6 +46,7 @@ from vlpbench.protocols.features import (
     uint8_batch,
 )
 from vlpbench.protocols.labels import class_names, class_slug, label_kind, task_labels
+from vlpbench.protocols.runtime import check_finite, precision_of, prepare_model
 
 log = logging.getLogger("vlpbench")
 
@@ -258,7 +259,7 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
 
     def features(part: str):
         return cached_features(adapter, source, getattr(split, part), pre, batch_size=FEATURE_BATCH,
-                               device=device, progress=progress, desc=part)
+                               device=device, progress=progress, desc=part, precision=precision_of(config))
 
     val, test = features("val"), features("test")
     cache = {"val": "hit" if val.hit else "miss", "test": "hit" if test.hit else "miss"}
@@ -271,7 +272,8 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
             return train_values[index]
     else:
         cache["train"] = "not used (mgca mode runs the encoder on augmented images)"
-        batches = _augmented_batches(adapter, source, split.train, pre, transform, seed, device, progress)
+        batches = _augmented_batches(adapter, source, split.train, pre, transform, seed, device, progress,
+                                     precision_of(config))
     t_data = time.perf_counter()
 
     head = seeded_head(val.values.shape[1], output_size(kind, labels["train"], classes), seed).to(device)
@@ -303,10 +305,11 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
 
 
 def _augmented_batches(adapter, source, ids: list[str], pre: Preprocessing, transform: str, seed: int,
-                       device: torch.device, progress: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+                       device: torch.device, progress: bool,
+                       precision: str = "fp32") -> Callable[[torch.Tensor], torch.Tensor]:
     """MGCA mode: pooled features of freshly augmented training images, through the frozen encoder."""
     images = load_images(source, ids, pre.resize, progress)
-    encoder = freeze(adapter.encoder()).to(device)
+    encoder = prepare_model(freeze(adapter.encoder()), device, precision)
     generator = torch.Generator().manual_seed(seed + 1)  # the augmentation's own stream
 
     def batch(index: torch.Tensor) -> torch.Tensor:
@@ -347,7 +350,7 @@ def _fit(head: torch.nn.Module, batches: Callable[[torch.Tensor], torch.Tensor],
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item()
+            total += check_finite(loss, epoch + 1, step + 1)
         head.eval()
         with torch.no_grad():
             val_loss = loss_fn(head(val_features), val_targets).item()

@@ -15,6 +15,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -26,8 +27,10 @@ from tqdm.auto import tqdm
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import VlpbenchError
 from vlpbench.protocols import SplitIds
+from vlpbench.protocols.runtime import check_finite, precision_of, prepare_model, to_device
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.dice import dice_per_image
+from vlpbench.predictions import write_mask
 
 log = logging.getLogger("vlpbench")
 
@@ -136,10 +139,12 @@ def run_segmentation(
     decoder_state: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
     encoder_name: str = "resnet50",
+    predictions: Path | None = None,
 ) -> dict[str, Any]:
     """Train the decoder on ``split.train``, early-stop on ``split.val``, score ``split.test``.
 
     ``encoder_name`` is the smp name of ``encoder``'s architecture; the U-Net decoder is built for it.
+    ``predictions``: a folder to save each test image's thresholded mask in (see :mod:`vlpbench.predictions`).
 
     Returns ``metrics``, ``ci``, ``per_image`` (Dice per test image), ``n``, ``timing`` and
     ``training`` (epochs run, best epoch, loss curves).
@@ -170,7 +175,7 @@ def run_segmentation(
         model.unet.load_state_dict({**model.unet.encoder.state_dict(prefix="encoder."), **decoder_state})
     for parameter in model.unet.encoder.parameters():
         parameter.requires_grad_(False)
-    model.to(device)
+    prepare_model(model, device, precision_of(config))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config["lr"], betas=tuple(config["betas"]),
                                   weight_decay=config["weight_decay"])
@@ -181,7 +186,7 @@ def run_segmentation(
     history: list[dict[str, float]] = []
     bar = tqdm(range(config["max_epochs"]), desc="epochs", disable=not progress, unit="ep")
     for epoch in bar:
-        train_loss = _train_epoch(model, train, optimizer, loss_fn, normalize, config, generator, device)
+        train_loss = _train_epoch(model, train, optimizer, loss_fn, normalize, config, generator, device, epoch + 1)
         val_loss = _evaluate_loss(model, val, loss_fn, normalize, config["batch_size"], device)
         if not math.isfinite(train_loss) or not math.isfinite(val_loss):
             raise VlpbenchError(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} "
@@ -199,7 +204,7 @@ def run_segmentation(
     t_train = time.perf_counter()
 
     model.load_state_dict(best["state"])
-    scores = _test_dice(model, test, source, normalize, config, device, progress)
+    scores = _test_dice(model, test, source, normalize, config, device, progress, predictions)
     t_test = time.perf_counter()
     positive = np.array([bool(source.label(i)) for i in test.ids])
     ci = bootstrap_ci(scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
@@ -224,8 +229,9 @@ def run_segmentation(
 
 def run_segmentation_task(adapter, source: SegmentationSource, split: SplitIds,
                           config: dict[str, Any], *, seed: int, device: torch.device,
-                          progress: bool = True) -> dict[str, Any]:
-    """Entry point used by ``vlpbench.api.run``: the adapter's encoder (and decoder if asked)."""
+                          progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
+    """Entry point used by ``vlpbench.api.run``: the adapter's encoder (and decoder if asked); ``predictions``
+    is a folder for the test masks, or None."""
     decoder_state = None
     if config["init_decoder"]:
         decoder_state = adapter.decoder_state_dict()
@@ -233,7 +239,8 @@ def run_segmentation_task(adapter, source: SegmentationSource, split: SplitIds,
             raise VlpbenchError(f"init_decoder=true needs a checkpoint with a U-Net decoder (G2D's "
                                 f"*_encoder_decoder.pth); {adapter.name} loaded layout {adapter.report.layout!r}")
     return run_segmentation(adapter.encoder(), source, split, config, seed=seed, device=device,
-                            decoder_state=decoder_state, progress=progress, encoder_name=adapter.encoder_name)
+                            decoder_state=decoder_state, progress=progress, encoder_name=adapter.encoder_name,
+                            predictions=predictions)
 
 
 def balance_negatives(ids: list[str], label: Callable[[str], int], rng: np.random.Generator) -> list[str]:
@@ -262,12 +269,12 @@ def _loss(config: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor], torc
 
 
 def _batch(data: Images, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images = data.images[index].unsqueeze(1).to(device, non_blocking=True).float().div_(255.0)
-    masks = data.masks[index].unsqueeze(1).to(device, non_blocking=True)
+    images = to_device(data.images[index].unsqueeze(1), device).float().div_(255.0)
+    masks = to_device(data.masks[index].unsqueeze(1), device)
     return images, masks
 
 
-def _train_epoch(model, data: Images, optimizer, loss_fn, normalize, config, generator, device) -> float:
+def _train_epoch(model, data: Images, optimizer, loss_fn, normalize, config, generator, device, epoch: int) -> float:
     model.train()
     if config["freeze_bn"]:
         model.unet.encoder.eval()  # frozen means frozen: BatchNorm statistics do not drift
@@ -285,12 +292,12 @@ def _train_epoch(model, data: Images, optimizer, loss_fn, normalize, config, gen
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(images)
+        total += check_finite(loss, epoch, start // batch_size + 1) * len(images)
         count += len(images)
     return total / count
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _evaluate_loss(model, data: Images, loss_fn, normalize, batch_size: int, device) -> float:
     model.eval()
     total = 0.0
@@ -300,7 +307,7 @@ def _evaluate_loss(model, data: Images, loss_fn, normalize, batch_size: int, dev
     return total / len(data)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_probabilities(model, data: Images, normalize, batch_size: int, device):
     """Yield ``(index, probabilities)`` batches at the input size, on ``device``."""
     model.eval()
@@ -310,7 +317,8 @@ def predict_probabilities(model, data: Images, normalize, batch_size: int, devic
         yield index, torch.sigmoid(model(normalize(images)))
 
 
-def _test_dice(model, data: Images, source: SegmentationSource, normalize, config, device, progress) -> np.ndarray:
+def _test_dice(model, data: Images, source: SegmentationSource, normalize, config, device, progress,
+               predictions: Path | None = None) -> np.ndarray:
     threshold = config["threshold"]
     scores = np.empty(len(data))
     bar = tqdm(total=len(data), desc="test", disable=not progress, leave=False, unit="img")
@@ -321,8 +329,13 @@ def _test_dice(model, data: Images, source: SegmentationSource, normalize, confi
                 truth = source.mask(data.ids[i])
                 upsampled = F.interpolate(probs_i[None], size=truth.shape, mode="bilinear", align_corners=False)
                 scores[i] = dice_per_image(upsampled[0].cpu(), torch.from_numpy(truth)[None], threshold)[0]
+                if predictions is not None:
+                    write_mask(predictions, data.ids[i], upsampled[0, 0], truth.shape, threshold)
         else:
             scores[index.numpy()] = dice_per_image(probs.cpu(), data.masks[index].unsqueeze(1), threshold)
+            if predictions is not None:  # saved at native resolution, where `vlpbench score` compares
+                for i, probs_i in zip(index.tolist(), probs):
+                    write_mask(predictions, data.ids[i], probs_i[0], source.mask(data.ids[i]).shape, threshold)
         bar.update(len(index))
     bar.close()
     return scores

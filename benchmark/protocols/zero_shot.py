@@ -46,6 +46,7 @@ from vlpbench.metrics.classification import (
 )
 from vlpbench.protocols import SplitIds
 from vlpbench.protocols.labels import class_names, class_slug, label_kind, task_labels
+from vlpbench.protocols.runtime import autocast, precision_of
 
 log = logging.getLogger("vlpbench")
 
@@ -113,7 +114,7 @@ def zero_shot_probabilities(adapter, source, ids: list[str], prompts: list[str],
     offset = (cache_size - size) // 2
     batch_size = int(config["batch_size"])
     probabilities = np.empty((len(ids), len(prompts)))
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, precision_of(config)):
         for start in tqdm(range(0, len(ids), batch_size), desc=f"zero-shot {desc}", disable=not progress,
                           leave=False, unit="batch"):
             batch = np.array(images[start:start + batch_size, offset:offset + size, offset:offset + size])

@@ -36,11 +36,13 @@ def _override_text(value: Any) -> str:
 
 
 def _base_label(record: dict) -> str:
-    """Model name, then the user's config overrides, then a mark for synthetic data."""
+    """Model name, then the user's config overrides and a non-fp32 precision, then a mark for synthetic data."""
     label = record["model"]["name"]
     overrides = record["config"].get("overrides") or {}
     if overrides:
         label += " (" + ", ".join(f"{k}={_override_text(v)}" for k, v in sorted(overrides.items())) + ")"
+    if record["config"].get("precision", "fp32") != "fp32":
+        label += f" [{record['config']['precision']}]"
     if (record.get("data") or {}).get("synthetic"):
         label += " [synthetic]"
     return label

@@ -1,0 +1,110 @@
+"""The code a run's own process executes: ``vlpbench run ...`` with its output in the run's log file.
+
+The local launcher forks run processes from a server that has imported this module (and so torch and
+vlpbench) once; the slurm launcher calls ``execute_job`` inside each array task.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+import traceback
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from vlpbench.cli import main as cli_main
+
+
+def _preload() -> None:
+    """Import what every run needs (torch, smp with timm and torchvision, the protocols: seconds of
+    imports), so that processes forked from a server that imported this module start warm."""
+    import segmentation_models_pytorch  # noqa: F401
+
+    import vlpbench.adapters.base  # noqa: F401
+    import vlpbench.api  # noqa: F401
+    from vlpbench.registry import PROTOCOLS
+
+    for name in PROTOCOLS.names():
+        PROTOCOLS.get(name)
+    # A run process forked from the server re-imports the sweep's main module; when that is
+    # ``python -m vlpbench.cli``, runpy warns that the module is already imported, which is harmless.
+    warnings.filterwarnings("ignore", message=r".*found in sys\.modules after import of package",
+                            category=RuntimeWarning)
+
+
+_preload()
+
+
+def execute(argv: list[str], log: str | os.PathLike, record: str | os.PathLike | None = None) -> int:
+    """Run ``vlpbench <argv>`` in this process, appending its stdout and stderr to ``log``; the exit code.
+
+    Before the run, temporary files that a killed earlier attempt left next to ``record`` are removed
+    (``write_record`` renames its temporary file into place, so such a file is never a record).
+    """
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if record is not None:
+        remove_stale_temporaries(Path(record))
+    started = time.monotonic()
+    with open(log, "a", encoding="utf-8") as out:
+        out.write(f"=== {_now()} pid {os.getpid()}: vlpbench {shlex.join(argv)}\n")
+        out.flush()
+        code = _with_output_to(out.fileno(), argv)
+        out.write(f"=== {_now()} exit code {code} after {time.monotonic() - started:.1f} s\n")
+    return code
+
+
+def remove_stale_temporaries(record: Path) -> list[Path]:
+    """Delete the ``.<record name>.<id>.tmp`` files of ``record``'s folder; the paths removed."""
+    if not record.parent.is_dir():
+        return []
+    stale = sorted(record.parent.glob(f".{record.name}.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def child_main(argv: list[str], log: str, record: str | None, env: dict[str, str], threads: int | None) -> None:
+    """Entry point of a local run process: set the slot's environment, run, exit with the run's code."""
+    os.environ.update(env)
+    if threads:
+        torch.set_num_threads(threads)
+    sys.exit(execute(argv, log, record))
+
+
+def execute_job(argv: list[str], log: str, record: str | None) -> int:
+    """Entry point of a slurm array task (pickled by submitit): the run's exit code."""
+    return execute(argv, log, record)
+
+
+def _with_output_to(fd: int, argv: list[str]) -> int:
+    """``vlpbench.cli.main(argv)`` with file descriptors 1 and 2 pointing at ``fd``, then restored."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        code = cli_main(argv)
+    except SystemExit as stop:  # argparse rejects the arguments
+        code = stop.code if isinstance(stop.code, int) else 1
+    except Exception:  # a bug, not a user error: the traceback goes to the log, the sweep carries on
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+    return code
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
