@@ -167,6 +167,12 @@ def _tokenizer():
     return SimpleTokenizer()
 
 
+def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
+    """Token ids ``[len(texts), context_length]`` as ``ClipAdapter.embed_text`` makes them (OpenAI's BPE,
+    lower-cased and cleaned; a longer text is truncated, keeping the end-of-text token)."""
+    return _tokenizer()(list(texts), context_length=context_length)
+
+
 def _capability_error(message: str) -> Exception:
     """``CapabilityError`` when ``vlpbench.adapters.base`` defines it, else ``ConfigError``.
 

@@ -16,6 +16,11 @@ files, and this adapter loads each of them, telling them apart by their keys, ne
   come from the checkpoint), which adds ``embed_text``; otherwise they are ignored. ``pseudo_conv`` (not
   used in G2D's forward) and the training state are ignored.
 
+Option ``heatmap_source`` picks what ``grounding_maps`` returns: ``similarity`` (default), the cosine of each
+text with each location of ``dense_embed``; or ``attention_pool``, the attention of the pool's mean-token
+query (mean over heads, the source of G2D's pseudo masks), the same map for every text and needing no
+text encoder.
+
 ``write_g2d_checkpoint`` writes random-init files in these exact layouts for the demo and the tests.
 """
 
@@ -31,6 +36,7 @@ from vlpbench.adapters.base import (
     DENSE_EMBED,
     EMBED_IMAGE,
     EMBED_TEXT,
+    GROUNDING,
     Adapter,
     LoadReport,
     Weights,
@@ -44,6 +50,7 @@ from vlpbench.adapters.base import (
 from vlpbench.errors import CheckpointError, ConfigError
 
 LAYOUTS = ("encoder", "encoder_decoder", "pretrain")
+HEATMAP_SOURCES = ("similarity", "attention_pool")
 
 TEXT_SIDE_PREFIXES = ("lm_model.", "proj_t.")
 TEXT_SIDE_REASON = ("text encoder and its projection head: mapped only with option text_encoder=DIR "
@@ -80,7 +87,7 @@ class G2DAdapter(Adapter):
     description = "G2D (NeurIPS 2024) ResNet-50 U-Net: *_encoder.pth, *_encoder_decoder.pth or full checkpoint"
     capabilities = frozenset({"features", "decoder", EMBED_IMAGE, EMBED_TEXT, DENSE_EMBED})
     image_size = 256
-    default_options = {"text_encoder": ""}
+    default_options = {"text_encoder": "", "heatmap_source": "similarity"}
     checkpoint_forms = (
         "G2D *_encoder.pth (smp ResNet-50 encoder, 318 keys)",
         "G2D *_encoder_decoder.pth (smp Unet('resnet50', classes=1), 380 keys; decoder exposed)",
@@ -120,6 +127,9 @@ class G2DAdapter(Adapter):
                 self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
             else:
                 lacking.add(EMBED_TEXT)
+        if self.options["heatmap_source"] == "attention_pool":
+            # Text-independent maps: grounding needs the pool only, not the text side.
+            self.native_capabilities = frozenset({GROUNDING})
         self.capabilities = self.capabilities - lacking
         self._image_encoder: nn.Module | None = None
         self._text_encoder_record = (text_encoder_record(self.options["text_encoder"])
@@ -134,6 +144,12 @@ class G2DAdapter(Adapter):
         """
         layout = detect_layout(checkpoint)
         report = LoadReport(layout)
+        if options["heatmap_source"] not in HEATMAP_SOURCES:
+            raise ConfigError(f"adapter 'g2d': option heatmap_source={options['heatmap_source']!r}; expected one of "
+                              f"{', '.join(HEATMAP_SOURCES)}")
+        if options["heatmap_source"] == "attention_pool" and layout != "pretrain":
+            raise ConfigError(f"adapter 'g2d': option heatmap_source=attention_pool needs the full pre-training "
+                              f"checkpoint (*_checkpoint.pth, which holds attnpool); this file has layout {layout!r}")
         if options["text_encoder"] and layout != "pretrain":
             raise ConfigError(f"adapter 'g2d': option text_encoder needs the full pre-training checkpoint "
                               f"(*_checkpoint.pth, which holds lm_model and proj_t); this file has layout {layout!r}")
@@ -177,15 +193,24 @@ class G2DAdapter(Adapter):
             CapabilityError: the checkpoint carries no ``proj_v``/``attnpool``.
             ConfigError: the input is not 256×256 (the pool's positional embedding has (256/32)²+1 = 65 rows).
         """
-        self.require(EMBED_IMAGE)
-        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
-            raise ConfigError(
-                f"adapter {self.name!r}: embed_image needs {self.image_size}×{self.image_size} input, got "
-                f"{tuple(images.shape[-2:])}: G2D's attention pool has {_POOL_POSITIONS} positions "
-                f"((256/32)²+1), fixed at pre-training; use adapter.preprocess()"
-            )
+        self._check_pool_input(images, "embed_image")
         tokens = self._projected_layer4(images)
         return nn.functional.normalize(self._attnpool.to(images.device)(tokens), dim=-1)
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-head attention of the pool's mean-token query on each projected layer4 token, ``(B, 4, 8, 8)``.
+
+        The source of G2D's pseudo masks (``CNN_AE.get_img_emb`` with ``average_attn_weights=False``): the
+        weight on the mean token itself is dropped, so each head's map sums to 1 minus that weight.
+
+        Raises:
+            CapabilityError: the checkpoint carries no ``proj_v``/``attnpool``.
+            ConfigError: the input is not 256×256 (the pool's positional embedding fixes it).
+        """
+        self._check_pool_input(images, "attention_maps")
+        tokens = self._projected_layer4(images)
+        return self._attnpool.to(images.device).pixel_attention(tokens)
 
     @torch.no_grad()
     def dense_embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -213,6 +238,28 @@ class G2DAdapter(Adapter):
         # G2D passes input ids and attention mask only; token types default to zeros.
         hidden = self._bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         return nn.functional.normalize(self._proj_t(hidden.transpose(1, 2))[:, :, 0], dim=-1)
+
+    def grounding_maps(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Heat maps ``(B, len(texts), h, w)`` from the source that option ``heatmap_source`` names.
+
+        ``similarity``: ``Adapter.grounding_maps`` (text with each ``dense_embed`` location). ``attention_pool``:
+        the mean over heads of ``attention_maps``, repeated for every text (the pool's query is not a text).
+        """
+        if self.options["heatmap_source"] == "similarity":
+            return super().grounding_maps(images, texts)
+        if isinstance(texts, str) or not texts:
+            raise ConfigError(f"grounding_maps takes a non-empty list of texts, got {texts!r}")
+        return self.attention_maps(images).mean(dim=1, keepdim=True).expand(-1, len(texts), -1, -1)
+
+    def _check_pool_input(self, images: torch.Tensor, method: str) -> None:
+        """Require the pool's heads and the 256×256 input its positional embedding was trained for."""
+        self.require(EMBED_IMAGE)
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise ConfigError(
+                f"adapter {self.name!r}: {method} needs {self.image_size}×{self.image_size} input, got "
+                f"{tuple(images.shape[-2:])}: G2D's attention pool has {_POOL_POSITIONS} positions "
+                f"((256/32)²+1), fixed at pre-training; use adapter.preprocess()"
+            )
 
     def _projected_layer4(self, images: torch.Tensor) -> torch.Tensor:
         """``proj_v`` over the stride-32 ResNet-50 features, ``(B, 128, H/32, W/32)``; encoder in eval mode."""
@@ -247,7 +294,7 @@ class AttentionPool2d(nn.Module):
 
     The query is the mean token; keys and values are the mean token plus the H·W pixel tokens, each with
     the learned positional embedding added; ``c_proj`` follows the attention. Returns ``(B, dim)``.
-    G2D also returns the per-head attention weights for its pseudo masks; evaluation does not use them.
+    ``pixel_attention`` gives the per-head attention weights that G2D turns into its pseudo masks.
     """
 
     def __init__(self, positions: int = _POOL_POSITIONS, dim: int = _PROJ, heads: int = _POOL_HEADS) -> None:
@@ -257,11 +304,26 @@ class AttentionPool2d(nn.Module):
         self.c_proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(start_dim=2).permute(2, 0, 1)  # (B, C, H, W) -> (H·W, B, C), sequence first
-        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
-        x = x + self.positional_embedding[:, None, :].to(x.dtype)
+        x = self._sequence(x)
         x, _ = self.mhsa(x[:1], x, x, need_weights=False)
         return self.c_proj(x).squeeze(0)
+
+    def pixel_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head weights of the mean-token query on the H·W pixel tokens of ``x`` ``(B, C, H, W)``.
+
+        Returns ``(B, heads, H, W)``: the attention over the mean token itself is left out.
+        """
+        height, width = x.shape[-2:]
+        sequence = self._sequence(x)
+        _, weights = self.mhsa(sequence[:1], sequence, sequence, need_weights=True, average_attn_weights=False)
+        # weights: (B, heads, 1 query, 1 + H·W keys); key 0 is the mean token.
+        return weights[:, :, 0, 1:].reshape(x.shape[0], -1, height, width)
+
+    def _sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (1 + H·W, B, C), sequence first: the mean token, then the pixels, plus positions."""
+        x = x.flatten(start_dim=2).permute(2, 0, 1)
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+        return x + self.positional_embedding[:, None, :].to(x.dtype)
 
 
 def _proj_v() -> nn.Sequential:
