@@ -11,16 +11,19 @@ def _metric(column: Column) -> str:
     return f"{escape(metric_name(column.metric))} {'↑' if column.higher_is_better else '↓'}"
 
 
-def _cell(cell: Cell | None, grid: Grid) -> str:
-    if cell is None:
-        return "<td>–</td>"
+def cell_markup(cell: Cell, grid: Grid) -> str:
+    """A cell's ``mean ± std`` as HTML, bold when best and underlined when second, then ``(n=K)`` where shown."""
     mean, std, n = cell_texts(cell, grid)
     text = mean if std is None else f"{mean} ± {std}"
     if cell.mark == "best":
         text = f"<b>{text}</b>"
     elif cell.mark == "second":
         text = f"<u>{text}</u>"
-    return f"<td>{text}{f' ({n})' if n else ''}</td>"
+    return f"{text} ({n})" if n else text
+
+
+def _cell(cell: Cell | None, grid: Grid) -> str:
+    return "<td>–</td>" if cell is None else f"<td>{cell_markup(cell, grid)}</td>"
 
 
 def _label(row: Row) -> str:

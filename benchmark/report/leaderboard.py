@@ -19,7 +19,8 @@ from typing import Any, Sequence
 
 import vlpbench
 from vlpbench.errors import DataError
-from vlpbench.report.layout import Cell, Column, Grid, Row, cell_texts, metric_name, percent_label
+from vlpbench.report.html_table import cell_markup
+from vlpbench.report.layout import Cell, Column, Grid, Row, metric_name, percent_label
 from vlpbench.report.reference import ReferenceRow
 from vlpbench.report.table import GROUP_PROTOCOLS, build_table, split_identity, table_rows, task_group
 
@@ -149,14 +150,8 @@ def _cell_title(cell: Cell, row: Row, column: Column, provenance: Provenance) ->
 def _cell_html(cell: Cell | None, row: Row, column: Column, grid: Grid, provenance: Provenance) -> str:
     if cell is None:
         return "<td>–</td>"
-    mean, std, n = cell_texts(cell, grid)
-    text = mean if std is None else f"{mean} ± {std}"
-    if cell.mark == "best":
-        text = f"<b>{text}</b>"
-    elif cell.mark == "second":
-        text = f"<u>{text}</u>"
     title = _cell_title(cell, row, column, provenance)
-    return f'<td title="{_text(title)}">{text}{f" ({n})" if n else ""}</td>'
+    return f'<td title="{_text(title)}">{cell_markup(cell, grid)}</td>'
 
 
 def _row_header(row: Row) -> str:
