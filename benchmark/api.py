@@ -74,7 +74,35 @@ def derived_test_split(source):
     return derive(source) if derive is not None else None
 
 
-def run(
+def run(model: str, task: str, frac: float, *, device: str = "auto", **options: Any) -> tuple[dict[str, Any], Path | None]:
+    """Run one (model, task, fraction, seed) and write its result record; the options are those of
+    :func:`run_in_process`.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the processes join one process group for the run and share
+    it, for a protocol that supports it (``supports_distributed``; others are refused with a
+    ConfigError before anything starts); rank 0 writes the record and the other ranks return
+    ``(record, None)``.
+    """
+    from vlpbench import distributed
+
+    if distributed.requested_world_size() > 1:
+        check_distributed(load_task(task).protocol)
+    torch_device = resolve_device(device)
+    with distributed.session(torch_device):
+        return run_in_process(model, task, frac, device=str(distributed.local_device(torch_device)), **options)
+
+
+def check_distributed(protocol_name: str) -> None:
+    """ConfigError unless protocol ``protocol_name`` can share a run among torchrun's processes."""
+    if getattr(PROTOCOLS.get(protocol_name), "supports_distributed", False):
+        return
+    able = [name for name in PROTOCOLS.names() if getattr(PROTOCOLS.get(name), "supports_distributed", False)]
+    raise ConfigError(f"WORLD_SIZE>1 (torchrun): protocol {protocol_name!r} does not share a run among processes "
+                      f"and would repeat it on every rank; the protocols that do: {', '.join(able)}. "
+                      "Run it without torchrun (--nproc-per-node 1)")
+
+
+def run_in_process(
     model: str,
     task: str,
     frac: float,
@@ -92,8 +120,9 @@ def run(
     precision: str = "fp32",
     skip_corrupt: bool = False,
     save_predictions: str | Path | None = None,
-) -> tuple[dict[str, Any], Path]:
-    """Run one (model, task, fraction, seed) and write its result record.
+) -> tuple[dict[str, Any], Path | None]:
+    """Run one (model, task, fraction, seed) in this process (and its process group, if one is
+    initialised: then only rank 0 writes the record, and the others return ``(record, None)``).
 
     Everything that can fail fast (task, fraction, overrides, checkpoint, data folder, an existing
     record, an unwritable results folder) is checked before any training starts. Returns the record
@@ -103,6 +132,7 @@ def run(
     ``save_predictions``: a new or empty folder for the test predictions in the format ``score`` reads
     (segmentation and grounding tasks; see :mod:`vlpbench.predictions`), recorded as ``data.predictions``.
     """
+    from vlpbench import distributed
     from vlpbench.adapters import build_adapter
     from vlpbench.data.splits import dataset_split
     from vlpbench.protocols.runtime import resolve_precision
@@ -143,7 +173,9 @@ def run(
     if save_predictions is not None:
         from vlpbench.predictions import prepare_folder
 
-        hooks["predictions"] = prepare_folder(save_predictions, protocol, spec.protocol)
+        # Rank 0 checks and creates the folder; every rank then writes its own test images' files there.
+        folder = prepare_folder(save_predictions, protocol, spec.protocol) if distributed.is_main() else None
+        hooks["predictions"] = distributed.broadcast_object(folder)
 
     log.info("run %s on %s at %g%% (seed %d) on %s", model_info["name"], spec.name, frac * 100, seed, torch_device)
     started = time.perf_counter()
@@ -172,6 +204,8 @@ def run(
               "absent_from_split": absent, "skipped_corrupt": skipped,
               **({"predictions": str(hooks["predictions"])} if hooks else {})},
     )
+    if not distributed.is_main():
+        return record, None
     path = write_record(record, results, overwrite=overwrite)
     log.info("%s = %.4f → %s", spec.primary_metric, outcome["metrics"][spec.primary_metric], path)
     return record, path

@@ -109,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-cluster", choices=("slurm", "local"),
                    help="slurm: submitit cluster (default: detected); local runs the array on this machine")
     p.add_argument("--nproc-per-node", type=int,
-                   help="torchrun: processes per run. Only a protocol that shares a run among ranks "
-                        "(DistributedDataParallel) uses them; any other repeats the run on every rank")
+                   help="torchrun: processes per run, sharing it (DistributedDataParallel, sharded data, metrics "
+                        "gathered, rank 0 writing the record); protocols segmentation and linear support it, "
+                        "others refuse N > 1")
 
     p = command("score", "Score predictions from any framework with the task's canonical metric and split.",
                 "vlpbench score --task siim_seg --predictions preds/ --data-root ~/data/siim --json", _score)
@@ -347,6 +348,8 @@ def _run(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite, progress=not (args.quiet or args.no_progress),
                            save_predictions=args.save_predictions, precision=args.precision,
                            skip_corrupt=args.skip_corrupt)
+    if path is None:  # a torchrun rank other than 0: rank 0 writes and prints the result
+        return 0
     metric = record["primary_metric"]
     ci = record.get("ci", {}).get(metric, {})
     print(f"{record['task']['name']} {metric} = {record['metrics'][metric]:.4f} "

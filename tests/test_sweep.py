@@ -259,7 +259,9 @@ def test_killed_sweep_resumes_without_repeating_finished_runs(data, tmp_path):
     assert not list(results.rglob(".frac*.json.*.tmp")) and not list(results.rglob("*.bak"))
     for run in plan.runs:
         log = run.log.read_text()
-        assert log.count("exit code 0") == 1, log  # each run finished exactly once
+        # A run killed between writing its record and logging its exit has no exit line; none has two.
+        expected = {1} if run in missing else {0, 1}
+        assert log.count("exit code 0") in expected, log
     assert f"36 run(s): {36 - len(before)} done, 0 failed, {len(before)} skipped" in report.format()
 
 
@@ -295,7 +297,7 @@ def test_sweep_help_gives_an_example_and_says_what_torchrun_needs(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert exit_info.value.code == 0
     assert "example:" in out and "vlpbench sweep --models random,g2d" in out
-    assert "Only a protocol that shares a run among ranks (DistributedDataParallel) uses them" in out
+    assert "protocols segmentation and linear support it, others refuse N > 1" in out
 
 
 def test_slurm_launcher_runs_a_job_array_through_submitit_local_executor(data, tmp_path):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlpbench.errors import DataError
+
 
 @dataclass
 class SplitIds:
@@ -19,3 +21,13 @@ class SplitIds:
     val: list[str]
     test: list[str]
     fraction: float = 1.0
+
+    def require_training(self, batch_size: int) -> None:
+        """Raise ``DataError`` unless there is at least one full training batch (training drops the last
+        incomplete one, as MGCA does) and validation and test images to select and score with."""
+        if len(self.train) < batch_size:
+            raise DataError(f"only {len(self.train)} training images for batch size {batch_size} "
+                            "(training drops the last incomplete batch, as MGCA does)")
+        if not self.val or not self.test:
+            raise DataError(f"the split gives {len(self.val)} validation and {len(self.test)} test images; "
+                            "the protocol needs both")

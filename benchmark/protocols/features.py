@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vlpbench import distributed
 from vlpbench.config import cache_dir
 from vlpbench.data.cache import METHOD, cached_images, source_fingerprint
 from vlpbench.errors import ConfigError, VlpbenchError
@@ -218,23 +219,29 @@ def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preproce
     stem = hashlib.sha256(text.encode()).hexdigest()[:32]
     path = folder / f"{stem}.npy"
     values = _load(path, folder / f"{stem}.json", text, len(ids))
-    if values is not None:
+    if distributed.all_true(values is not None):
         log.info("feature cache: hit %s (%d images)", path, len(ids))
         return Features(values, True, path, time.perf_counter() - started)
 
     log.info("feature cache: computing %d %s features into %s", len(ids), desc, path)
-    images = load_images(source, ids, pre.resize, progress)
-    values = extract_features(prepare_model(adapter.encoder(), device, precision), images, pre, batch_size=batch_size,
-                              device=device, progress=progress, desc=desc)
+    with distributed.main_first():  # rank 0 fills the image cache, the others then read it
+        images = load_images(source, ids, pre.resize, progress)
+    # Under torchrun each rank encodes its block of whole batches; the gathered features are in id order.
+    start, stop = distributed.batch_block(len(ids), batch_size)
+    values = distributed.gather_arrays(extract_features(
+        prepare_model(adapter.encoder(), device, precision), images[start:stop], pre, batch_size=batch_size,
+        device=device, progress=progress, desc=desc))
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with _atomic(path) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, values, allow_pickle=False)
-        with _atomic(folder / f"{stem}.json") as tmp:
-            tmp.write_text(text)
+        if distributed.is_main():
+            folder.mkdir(parents=True, exist_ok=True)
+            with _atomic(path) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, values, allow_pickle=False)
+            with _atomic(folder / f"{stem}.json") as tmp:
+                tmp.write_text(text)
     except OSError as exc:
         raise VlpbenchError(f"cannot write the feature cache {path}: {exc}; "
                             "free disk space or set VLPBENCH_CACHE to another folder") from exc
+    distributed.barrier()
     return Features(values, False, path, time.perf_counter() - started)
 
 

@@ -90,12 +90,7 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
     mean, std = channel_values(config["mean"], "mean"), channel_values(config["std"], "std")
     check_schedule(config)
     size, batch_size = int(config["image_size"]), int(config["batch_size"])
-    if len(split.train) < batch_size:
-        raise DataError(f"only {len(split.train)} training images for batch size {batch_size} "
-                        "(training drops the last incomplete batch)")
-    if not split.val or not split.test:
-        raise DataError(f"the split gives {len(split.val)} validation and {len(split.test)} test images; "
-                        "the protocol needs both")
+    split.require_training(batch_size)
     classes = class_names(config)
     labels = {part: task_labels(source, getattr(split, part), config) for part in ("train", "val", "test")}
     check_known(labels)

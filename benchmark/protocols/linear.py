@@ -17,6 +17,13 @@ Two modes (config ``linear_mode``):
   MGCA's ``DataTransforms``) or MGCA's ``Moco2Transform`` (``train_transform: moco2``, CheXpert)
   through the frozen encoder. Validation and test images go through the same deterministic
   pipeline as in ``cached`` mode, so both modes take their features from the cache.
+
+Under torchrun (:mod:`vlpbench.distributed`) each rank encodes its block of whole feature batches
+and the features are gathered in id order on every rank (so they are bit for bit those of one
+process); rank 0 writes the feature cache while the others wait. The head is tiny, so every rank
+then trains it identically on all the features (same seeds, same data: the same head and metrics),
+and only rank 0 writes the record. In ``mgca`` mode the per-epoch augmented encoder pass is
+repeated on every rank: same result, no speed-up.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vlpbench import distributed
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.classification import accuracy, auc_by_weights, macro_auc, resample_weights, roc_auc
@@ -245,12 +253,7 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
     pre = Preprocessing.from_config(config)
     check_schedule(config)
     batch_size = int(config["batch_size"])
-    if len(split.train) < batch_size:
-        raise DataError(f"only {len(split.train)} training images for batch size {batch_size} "
-                        "(training drops the last incomplete batch, as MGCA does)")
-    if not split.val or not split.test:
-        raise DataError(f"the split gives {len(split.val)} validation and {len(split.test)} test images; "
-                        "the protocol needs both")
+    split.require_training(batch_size)
     classes = class_names(config)
     labels = {part: task_labels(source, getattr(split, part), config) for part in ("train", "val", "test")}
     check_known(labels)
@@ -296,12 +299,16 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
         "per_image": per_image,
         "n": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
               "test_per_class": class_counts(kind, labels["test"], classes)},
-        "training": {"mode": mode, "feature_cache": cache, "epochs": len(state["history"]),
+        "training": {"mode": mode, "feature_cache": cache, "world_size": distributed.world_size(),
+                     "epochs": len(state["history"]),
                      "best_epoch": state["best_epoch"], "best_val_loss": state["best_loss"],
                      "history": state["history"]},
         "timing": {"data_s": t_data - started, "train_s": t_train - t_data, "test_s": t_test - t_train,
                    "total_s": t_test - started, "features_val_s": val.seconds, "features_test_s": test.seconds},
     }
+
+
+run_linear_task.supports_distributed = True  # shares a torchrun run among its processes (module docstring)
 
 
 def _augmented_batches(adapter, source, ids: list[str], pre: Preprocessing, transform: str, seed: int,

@@ -1,9 +1,11 @@
 """The torchrun launcher: one run at a time, each over ``nproc_per_node`` processes on this node.
 
-Each run is ``torchrun --standalone --nproc-per-node N -m vlpbench.cli run ...``. Sharing a run among the
-processes is the protocol's job (DistributedDataParallel, sharded samplers, metrics gathered across
-ranks, only rank 0 writing the record): a protocol that does not do it repeats the whole run on every
-rank, so check what a protocol supports before using N > 1, and use ``--dry-run`` to see the commands.
+Each run is ``torchrun --standalone --nproc-per-node N -m vlpbench.cli run ...``. The processes share
+the run (:mod:`vlpbench.distributed`): the segmentation protocol trains its decoder under
+DistributedDataParallel on sharded batches and gathers the per-image Dice; the linear protocol shards
+feature extraction and gathers the features; rank 0 alone writes the record. A protocol that does not
+declare ``supports_distributed`` refuses N > 1 with a ConfigError naming those that do. ``--dry-run``
+shows the commands.
 """
 
 from __future__ import annotations
