@@ -110,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="slurm: submitit cluster (default: detected); local runs the array on this machine")
     p.add_argument("--nproc-per-node", type=int,
                    help="torchrun: processes per run, sharing it (DistributedDataParallel, sharded data, metrics "
-                        "gathered, rank 0 writing the record); protocols segmentation and linear support it, "
-                        "others refuse N > 1")
+                        "gathered, rank 0 writing the record); protocols segmentation, detection, linear, "
+                        "finetune, zero_shot and grounding support it, others refuse N > 1")
 
     p = command("score", "Score predictions from any framework with the task's canonical metric and split.",
                 "vlpbench score --task siim_seg --predictions preds/ --data-root ~/data/siim --json", _score)

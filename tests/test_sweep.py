@@ -297,7 +297,8 @@ def test_sweep_help_gives_an_example_and_says_what_torchrun_needs(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert exit_info.value.code == 0
     assert "example:" in out and "vlpbench sweep --models random,g2d" in out
-    assert "protocols segmentation and linear support it, others refuse N > 1" in out
+    assert ("protocols segmentation, detection, linear, finetune, zero_shot and grounding support it, "
+            "others refuse N > 1") in out
 
 
 def test_slurm_launcher_runs_a_job_array_through_submitit_local_executor(data, tmp_path):

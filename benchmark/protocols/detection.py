@@ -13,6 +13,16 @@ skips images without a detection or without a box (reported as ``map_mgca``; ``v
 loss differs from MGCA's in one detail: the cell and anchor that a box is assigned to is left out of
 the no-object term (MGCA pushes it towards 0 there too, unless its anchor shape overlaps the box by
 more than the ignore threshold).
+
+Under torchrun (:mod:`vlpbench.distributed`) the run computes what one process computes: every rank
+draws the same permutation of the training images and trains on its contiguous ``batch_size /
+world_size`` of each global batch; the head is wrapped in DistributedDataParallel, whose gradient
+average of the per-rank mean losses is the gradient of the global batch's mean loss, and BatchNorm
+normalises with the global batch's statistics (:class:`~vlpbench.distributed.GlobalBatchNorm2d`). Each
+rank computes the encoder features and the predictions of its block of whole validation and test
+batches (and of training batches, for the kept features); features, loss totals and detections are
+gathered in image order, so every rank selects the same epoch and scores the same mAP. What remains
+different is the order of floating-point sums, whose rounding AdamW amplifies over training.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from vlpbench import distributed
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.metrics.detection import DetectionMatches, map_ci, mgca_kept, summarize
@@ -220,10 +231,13 @@ class PartFeatures:
         self.kept: list[torch.Tensor] | None = None
         if keep:
             model.encoder.eval()
-            chunks = [model.features(self._images(list(range(start, min(start + batch_size, len(data))))))
-                      for start in tqdm(range(0, len(data), batch_size), desc=f"features {desc}",
+            first, stop = distributed.batch_block(len(data), batch_size)  # this rank's whole batches
+            chunks = [model.features(self._images(list(range(start, min(start + batch_size, stop)))))
+                      for start in tqdm(range(first, stop, batch_size), desc=f"features {desc}",
                                         disable=not progress, leave=False, unit="batch")]
             self.kept = [torch.cat(maps) for maps in zip(*chunks)]
+            if distributed.is_active():
+                self.kept = _gathered_maps(self.kept, device)
 
     def _images(self, index: list[int]) -> torch.Tensor:
         return _normalize(to_device(self.data.images[index], self.device), self.config)
@@ -233,6 +247,16 @@ class PartFeatures:
             rows = torch.tensor(index, device=self.device)
             return [maps[rows] for maps in self.kept]
         return self.model.features(self._images(index))
+
+
+def _gathered_maps(local: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Every rank's rows of each feature map, in rank (so image) order, on ``device`` of every rank.
+
+    Rank 0 always holds rows (blocks are larger first), so its shapes serve ranks that hold none.
+    """
+    shapes = distributed.broadcast_object([tuple(maps.shape[1:]) for maps in local])
+    arrays = [maps.float().cpu().numpy() for maps in local] or [np.empty((0, *shape), np.float32) for shape in shapes]
+    return [torch.from_numpy(distributed.gather_arrays(array)).to(device) for array in arrays]
 
 
 def kept_parts(stages: Sequence[Stage], sizes: dict[str, int], budget_gb: float) -> dict[str, bool]:
@@ -419,11 +443,16 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     if len(split.train) < batch_size:
         raise VlpbenchError(f"only {len(split.train)} training images for batch size {batch_size} "
                             "(training drops the last incomplete batch, as MGCA does)")
+    ranks = distributed.world_size()
+    if batch_size % ranks:
+        raise ConfigError(f"batch_size={batch_size} does not split evenly among {ranks} processes: use a "
+                          f"multiple of {ranks} (each process trains on batch_size / {ranks} images)")
     log.info("detection: %d train, %d val, %d test images at %dpx; lr %g, batch %d",
              len(split.train), len(split.val), len(split.test), size, lr, batch_size)
-    train = DetectionImages(source, split.train, size, config, "train", progress)
-    val = DetectionImages(source, split.val, size, config, "val", progress)
-    test = DetectionImages(source, split.test, size, config, "test", progress)
+    with distributed.main_first():  # rank 0 fills the image cache, the others then read it
+        train = DetectionImages(source, split.train, size, config, "train", progress)
+        val = DetectionImages(source, split.val, size, config, "val", progress)
+        test = DetectionImages(source, split.test, size, config, "test", progress)
     for name, part in (("validation", val), ("test", test)):
         if not any(len(t) for t in part.truths):
             raise DataError(f"the {name} part ({len(part)} images) holds no box, so its mAP is undefined")
@@ -434,6 +463,12 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     model = Detector(encoder, stages, int(config["neck_width"])).to(device)
     for part in (model.encoder, model.head):  # the head reads the encoder's maps directly, not model.forward
         prepare_model(part, device, precision_of(config))
+    head: nn.Module = model.head
+    if distributed.is_active():
+        distributed.global_batchnorm(model)
+        # DDP starts every rank from rank 0's head; global BatchNorm keeps the buffers equal after that.
+        head = torch.nn.parallel.DistributedDataParallel(
+            model.head, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     anchors = scaled_anchors(size)
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=lr, betas=tuple(config["betas"]),
                                   weight_decay=config["weight_decay"])
@@ -449,8 +484,8 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     history: list[dict[str, float]] = []
     bar = tqdm(range(config["max_epochs"]), desc="epochs", disable=not progress, unit="ep")
     for epoch in bar:
-        train_loss = _train_epoch(model, train, train_features, optimizer, anchors, config, batch_size, generator,
-                                  epoch + 1)
+        train_loss = _train_epoch(model, head, train, train_features, optimizer, anchors, config, batch_size,
+                                  generator, epoch + 1)
         val_loss, val_detections = _predict(model, val, val_features, anchors, config, batch_size)
         if not math.isfinite(train_loss) or not math.isfinite(val_loss):
             raise VlpbenchError(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} in epoch "
@@ -490,8 +525,8 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
         "training": {"epochs": len(history), "best_epoch": best["epoch"], "best_val": best["score"],
                      "val_metric": config["val_metric"], "lr": lr, "batch_size": batch_size,
                      "stages_used": [{"index": s.index, "stride": s.stride, "channels": s.channels} for s in stages],
-                     "features_kept": kept,
-                     "history": history},
+                     "features_kept": kept, "history": history, "world_size": ranks,
+                     "batch_per_process": batch_size // ranks, "effective_batch": batch_size},
         "timing": {"data_s": t_data - t0, "train_s": t_train - t_data, "test_s": t_test - t_train,
                    "total_s": t_test - t0},
     }
@@ -501,6 +536,9 @@ def run_detection_task(adapter, source: DetectionSource, split: SplitIds, config
                        seed: int, device: torch.device, progress: bool = True) -> dict[str, Any]:
     """Entry point used by ``vlpbench.api.run``: the adapter's encoder, frozen, under the YOLOv3 head."""
     return run_detection(adapter.encoder(), source, split, config, seed=seed, device=device, progress=progress)
+
+
+run_detection_task.supports_distributed = True  # shares a torchrun run among its processes (module docstring)
 
 
 def _snapshot(model: Detector, freeze_bn: bool) -> dict[str, torch.Tensor]:
@@ -527,8 +565,10 @@ def _batch_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], anchor
     return total
 
 
-def _train_epoch(model: Detector, data: DetectionImages, features: PartFeatures, optimizer, anchors, config,
-                 batch_size: int, generator: torch.Generator, epoch: int) -> float:
+def _train_epoch(model: Detector, head: nn.Module, data: DetectionImages, features: PartFeatures, optimizer,
+                 anchors, config, batch_size: int, generator: torch.Generator, epoch: int) -> float:
+    """Mean training loss of one epoch; ``head`` is ``model.head`` or its DistributedDataParallel wrapper,
+    which trains on this rank's share of each global batch."""
     model.train()
     if config["freeze_bn"]:
         model.encoder.eval()  # frozen means frozen: BatchNorm statistics do not drift
@@ -536,26 +576,29 @@ def _train_epoch(model: Detector, data: DetectionImages, features: PartFeatures,
     order = torch.randperm(len(data), generator=generator)
     total, count = 0.0, 0
     for start in range(0, len(data) - batch_size + 1, batch_size):  # drop_last, as MGCA
-        index = order[start:start + batch_size].tolist()
-        loss = _batch_loss(model.head(features(index)), [data.targets[i] for i in index], anchors, size, config)
+        index = list(distributed.shard(order[start:start + batch_size].tolist()))
+        loss = _batch_loss(head(features(index)), [data.targets[i] for i in index], anchors, size, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += check_finite(loss, epoch, start // batch_size + 1) * len(index)
-        count += len(index)
-    return total / count
+        count += batch_size
+    # Each rank's loss is the mean over its equal share: the global batch's mean is their mean.
+    return distributed.all_reduce_sum([total])[0] / count
 
 
 @torch.inference_mode()
 def _predict(model: Detector, data: DetectionImages, features: PartFeatures, anchors, config,
              batch_size: int) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
-    """Loss and detections (boxes in original pixels, scores) of every image of ``data``."""
+    """Loss and detections (boxes in original pixels, scores) of every image of ``data``; under torchrun
+    each rank predicts its block of whole batches and every rank returns the gathered whole."""
     model.eval()
     size = data.images.shape[-1]
     total = 0.0
     detections: list[tuple[np.ndarray, np.ndarray]] = []
-    for start in range(0, len(data), batch_size):
-        index = list(range(start, min(start + batch_size, len(data))))
+    first, stop = distributed.batch_block(len(data), batch_size)
+    for start in range(first, stop, batch_size):
+        index = list(range(start, min(start + batch_size, stop)))
         outputs = model.head(features(index))
         total += _batch_loss(outputs, [data.targets[i] for i in index], anchors, size, config).item() * len(index)
         decoded = [decode(raw, scale_anchors, (size / raw.shape[-2], size / raw.shape[-1]))
@@ -566,7 +609,23 @@ def _predict(model: Detector, data: DetectionImages, features: PartFeatures, anc
                                      nms_threshold=config["nms_threshold"], max_detections=config["max_detections"])
         for i, (image_boxes, image_scores) in zip(index, selected):
             detections.append((image_boxes * np.tile(data.scales[i], 2), image_scores))
-    return total / len(data), detections
+    if distributed.is_active():
+        detections = _gathered_detections(detections, first, len(data))
+    return distributed.all_reduce_sum([total])[0] / len(data), detections
+
+
+def _gathered_detections(local: list[tuple[np.ndarray, np.ndarray]], first: int,
+                         n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The detections of all ``n`` images, in image order, from every rank's block starting at ``first``.
+
+    Each detection travels as one float64 row (image index, box, score); rows arrive in rank order, so
+    sorted by image, and each image's rows keep their order (best first).
+    """
+    rows = [np.column_stack([np.full(len(scores), first + k, np.float64), boxes, scores])
+            for k, (boxes, scores) in enumerate(local)]
+    every = distributed.gather_arrays(np.concatenate(rows) if rows else np.empty((0, 6)))
+    bounds = np.searchsorted(every[:, 0], np.arange(n + 1), side="left")
+    return [(every[a:b, 1:5], every[a:b, 5]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _matches(truths: list[np.ndarray], detections: Sequence[tuple[np.ndarray, np.ndarray]]) -> DetectionMatches:

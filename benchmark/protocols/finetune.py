@@ -8,6 +8,16 @@ flip, and scale +-10 % / rotation +-10 degrees with probability 0.5), the weight
 early-stopping patience are vlpbench's choices, recorded in the task YAML. The best epoch is the one
 with the highest validation macro AUC (``select_on: auc``, KAD keeps its best-AUC model) or the
 lowest validation loss (``select_on: loss``).
+
+Under torchrun (:mod:`vlpbench.distributed`) the run computes what one process computes: every rank
+draws the same permutation and augmentation of each global batch of ``batch_size`` images and trains
+on its contiguous ``batch_size / world_size`` of it (the effective batch stays ``batch_size``); the
+model is wrapped in DistributedDataParallel, whose gradient average of the per-rank mean losses is the
+gradient of the global batch's mean loss, and BatchNorm normalises with the statistics of the global
+batch (:class:`~vlpbench.distributed.GlobalBatchNorm2d`). Each rank predicts its block of whole
+validation and test batches and the logits are gathered in image order, so the validation loss and
+AUC, hence the selected epoch, and the test metrics are the same on every rank. What remains different
+is the order of floating-point sums, whose rounding AdamW amplifies over training.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vlpbench import distributed
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.classification import macro_auc
 from vlpbench.protocols import SplitIds
@@ -91,13 +102,19 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
     check_schedule(config)
     size, batch_size = int(config["image_size"]), int(config["batch_size"])
     split.require_training(batch_size)
+    ranks = distributed.world_size()
+    if batch_size % ranks:
+        raise ConfigError(f"batch_size={batch_size} does not split evenly among {ranks} processes: use a "
+                          f"multiple of {ranks} (each process trains on batch_size / {ranks} images)")
     classes = class_names(config)
     labels = {part: task_labels(source, getattr(split, part), config) for part in ("train", "val", "test")}
     check_known(labels)
     if config["select_on"] == "auc" and not _auc_defined(kind, labels["val"]):
         raise DataError("no class has both labels among the validation images, so the validation AUC that "
                         "selects the epoch is undefined; use more data or --set select_on=loss")
-    images = {part: load_images(source, getattr(split, part), size, progress) for part in ("train", "val", "test")}
+    with distributed.main_first():  # rank 0 fills the image cache, the others then read it
+        images = {part: load_images(source, getattr(split, part), size, progress)
+                  for part in ("train", "val", "test")}
     log.info("finetune: %d train, %d val, %d test images at %dpx; %s over %d class(es)", len(split.train),
              len(split.val), len(split.test), size, kind, len(classes))
     t_data = time.perf_counter()
@@ -106,6 +123,12 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
     model = prepare_model(Classifier(encoder, seeded_head(int(encoder.out_channels[-1]),
                                                           output_size(kind, labels["train"], classes), seed)),
                           device, precision_of(config))
+    stepped = model
+    if distributed.is_active():
+        distributed.global_batchnorm(model)
+        # DDP starts every rank from rank 0's weights; global BatchNorm keeps the buffers equal after that.
+        stepped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     loss_fn = loss_function(kind)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=tuple(config["betas"]),
                                   weight_decay=config["weight_decay"])
@@ -126,8 +149,9 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
             index = np.sort(order[step * batch_size:(step + 1) * batch_size])
             x = uint8_batch(images["train"], index, device)
             if config["augment"]:
-                x = augment(x, generator)
-            loss = loss_fn(model(inputs(x)), train_targets[torch.from_numpy(index).to(device)])
+                x = augment(x, generator)  # drawn for the global batch, so the generators stay in step
+            mine = distributed.shard(np.arange(batch_size))  # this rank's equal share of the global batch
+            loss = loss_fn(stepped(inputs(x[mine])), train_targets[torch.from_numpy(index[mine]).to(device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -135,7 +159,7 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
         logits = _predict(model, images["val"], inputs, batch_size, device)
         val_loss = loss_fn(logits, targets(kind, labels["val"], device)).item()
         val_auc = _auc(kind, labels["val"], probabilities(kind, logits))
-        train_loss = total / steps
+        train_loss = distributed.all_reduce_sum([total])[0] / ranks / steps  # equal shares: mean of the means
         if not math.isfinite(train_loss) or not math.isfinite(val_loss):
             raise DataError(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} in epoch "
                             f"{epoch + 1}; lower the learning rate (--set lr=...)")
@@ -164,10 +188,14 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
               "test_per_class": class_counts(kind, labels["test"], classes)},
         "training": {"epochs": len(history), "best_epoch": best["epoch"], "select_on": config["select_on"],
                      "best_val": best["score"] if config["select_on"] == "auc" else -best["score"],
-                     "history": history},
+                     "history": history, "world_size": ranks, "batch_per_process": batch_size // ranks,
+                     "effective_batch": batch_size},
         "timing": {"data_s": t_data - started, "train_s": t_train - t_data, "test_s": t_test - t_train,
                    "total_s": t_test - started},
     }
+
+
+run_finetune_task.supports_distributed = True  # shares a torchrun run among its processes (module docstring)
 
 
 def _auc_defined(kind: str, labels: np.ndarray) -> bool:
@@ -187,8 +215,13 @@ def _auc(kind: str, labels: np.ndarray, probs: np.ndarray) -> float | None:
 @torch.inference_mode()
 def _predict(model: torch.nn.Module, images: np.ndarray, inputs, batch_size: int,
              device: torch.device) -> torch.Tensor:
-    """Logits of every image, in eval mode."""
+    """Logits of every image, in eval mode, on ``device``; under torchrun each rank predicts its block of
+    whole batches and the logits of all images are gathered in image order on every rank."""
     model.eval()
-    out = [model(inputs(uint8_batch(images, np.arange(start, min(start + batch_size, len(images))), device)))
-           for start in range(0, len(images), batch_size)]
-    return torch.cat(out)
+    first, stop = distributed.batch_block(len(images), batch_size)
+    out = [model(inputs(uint8_batch(images, np.arange(start, min(start + batch_size, stop)), device))).float()
+           for start in range(first, stop, batch_size)]
+    if not distributed.is_active():
+        return torch.cat(out)
+    local = torch.cat(out).cpu().numpy() if out else np.empty((0, model.head.out_features), dtype=np.float32)
+    return torch.from_numpy(distributed.gather_arrays(local)).to(device)

@@ -25,6 +25,10 @@ Steps, each a task option:
 5. :mod:`vlpbench.metrics.grounding` on every test query: pointing game, pixel recall, IoU, Dice, CNR.
 
 ``score_grounding`` applies steps 2 to 5 to heat maps made by any framework (an ``.npz``).
+
+Under torchrun (:mod:`vlpbench.distributed`) each rank computes the maps of its block of whole image
+batches (the batches of a single process); the maps are gathered in query order before the threshold
+and the scores, so every rank computes the single-process result, and rank 0 alone saves predictions.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vlpbench import distributed
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.metrics.bootstrap import bootstrap_ci
@@ -206,7 +211,8 @@ def compute_maps(adapter, source, queries: list[Query], *, batch_size: int, devi
     """The adapter's raw heat map of every query, ``{key: (h, w) float32 CPU tensor}``, the adapter
     running in ``precision`` (``vlpbench.protocols.runtime``).
 
-    Each batch of images is embedded once for all the distinct texts its queries ask for.
+    Each batch of images is embedded once for all the distinct texts its queries ask for. Under torchrun
+    each rank computes its block of batches and every rank returns the maps of all queries.
 
     Raises:
         VlpbenchError: ``grounding_maps`` returned a shape other than ``(B, texts, h, w)``.
@@ -217,12 +223,15 @@ def compute_maps(adapter, source, queries: list[Query], *, batch_size: int, devi
         by_image.setdefault(query.image_id, []).append(query)
     # Readers live in vlpbench.data.<dataset>, so the module's name is the cache's dataset name.
     dataset = type(source).__module__.rpartition(".")[2]
-    images = cached_images(source, dataset, image_ids, int(adapter.image_size), progress=progress)
+    with distributed.main_first():  # rank 0 fills the image cache, the others then read it
+        images = cached_images(source, dataset, image_ids, int(adapter.image_size), progress=progress)
     maps: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(image_ids), desc=desc, disable=not progress, leave=False, unit="img")
-    for start in range(0, len(image_ids), batch_size):
-        batch_ids = image_ids[start:start + batch_size]
-        pixels = torch.from_numpy(np.array(images[start:start + batch_size]))[:, None].to(device)
+    first, stop = distributed.batch_block(len(image_ids), batch_size)  # this rank's whole batches
+    bar = tqdm(total=stop - first, desc=desc, disable=not progress, leave=False, unit="img")
+    for start in range(first, stop, batch_size):
+        end = min(start + batch_size, stop)
+        batch_ids = image_ids[start:end]
+        pixels = torch.from_numpy(np.array(images[start:end]))[:, None].to(device)
         texts = list(dict.fromkeys(query.text for image_id in batch_ids for query in by_image[image_id]))
         with torch.inference_mode(), autocast(device, precision):
             batch = adapter.grounding_maps(adapter.preprocess(pixels), texts)
@@ -236,7 +245,24 @@ def compute_maps(adapter, source, queries: list[Query], *, batch_size: int, devi
                 maps[query.key] = batch[row, column[query.text]].clone()
         bar.update(len(batch_ids))
     bar.close()
-    return maps
+    return _gathered(maps, queries) if distributed.is_active() else maps
+
+
+def _gathered(maps: dict[str, torch.Tensor], queries: list[Query]) -> dict[str, torch.Tensor]:
+    """Every rank's maps, on every rank, keyed in query order.
+
+    A rank's images are a contiguous block of the image order, so its queries are a contiguous block of
+    ``queries`` and concatenating the ranks' stacks in rank order gives the maps in query order. Rank 0
+    always holds a block (blocks are larger first), so its map shape serves ranks that hold none.
+    """
+    local = [maps[query.key].numpy() for query in queries if query.key in maps]
+    shape = distributed.broadcast_object(local[0].shape if local else None)
+    if odd := next((heat.shape for heat in local if heat.shape != shape), None):
+        raise VlpbenchError(f"grounding_maps returned maps of shape {odd} and {shape}: the maps of one run "
+                            "must share one (h, w) to be gathered across processes")
+    stacked = np.stack(local) if local else np.empty((0, *shape), dtype=np.float32)
+    every = distributed.gather_arrays(stacked)
+    return {query.key: torch.from_numpy(heat) for query, heat in zip(queries, every)}
 
 
 def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,
@@ -270,7 +296,7 @@ def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any],
                         desc="val maps", precision=precision) if val else {}
     maps.update(compute_maps(adapter, source, test, batch_size=batch_size, device=device, progress=progress,
                              desc="test maps", precision=precision))
-    if predictions is not None:
+    if predictions is not None and distributed.is_main():  # every rank holds all maps: one file, from rank 0
         write_heatmaps(predictions, maps)
     t_maps = time.perf_counter()
 
@@ -294,10 +320,14 @@ def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any],
               "flat_maps": sum(is_flat(maps[query.key]) for query in test),
               "cnr_undefined": int(np.count_nonzero(~np.isfinite(scores["cnr"])))},
         "training": {**chosen, "threshold_source": config["threshold_source"], "text_source": texts,
-                     "map_size": map_size, "input_size": int(adapter.image_size)},
+                     "map_size": map_size, "input_size": int(adapter.image_size),
+                     "world_size": distributed.world_size()},
         "timing": {"maps_s": t_maps - t0, "threshold_s": t_threshold - t_maps, "test_s": t_test - t_threshold,
                    "total_s": t_test - t0},
     }
+
+
+run_grounding_task.supports_distributed = True  # shares a torchrun run among its processes (module docstring)
 
 
 def read_heatmaps(path: Path) -> Mapping[str, np.ndarray]:

@@ -20,6 +20,10 @@ several classes, per class (``auc_<class slug>`` ...):
   mean one-vs-rest AUC. No threshold is involved.
 
 Every metric gets a percentile bootstrap CI over test images, thresholds held fixed.
+
+Under torchrun (:mod:`vlpbench.distributed`) each rank scores its block of whole batches of the test
+and validation images (the batches of a single process) and the probabilities are gathered in image
+order before thresholds, metrics and CIs, so every rank computes the single-process result.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vlpbench import distributed
 from vlpbench.adapters.base import EMBED_IMAGE, EMBED_TEXT, ZERO_SHOT, check_zero_shot_arguments
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
@@ -103,6 +108,7 @@ def zero_shot_probabilities(adapter, source, ids: list[str], prompts: list[str],
 
     Images come from the image cache at the adapter's ``image_size`` (with ``center_crop``: at
     ``image_size * 256 / 224``, then the central ``image_size``² crop) and pass ``adapter.preprocess``.
+    Under torchrun each rank scores its block of batches; every rank returns all rows, in ``ids`` order.
 
     Raises:
         VlpbenchError: the adapter returns the wrong shape, or values outside [0, 1] or not finite.
@@ -110,14 +116,16 @@ def zero_shot_probabilities(adapter, source, ids: list[str], prompts: list[str],
     size = int(adapter.image_size)
     cache_size = round(size * CROP_FROM / CROP_TO) if config["center_crop"] else size
     dataset = type(source).__module__.rpartition(".")[2]  # readers live in vlpbench.data.<dataset>
-    images = cached_images(source, dataset, ids, cache_size, progress=progress)
+    with distributed.main_first():  # rank 0 fills the image cache, the others then read it
+        images = cached_images(source, dataset, ids, cache_size, progress=progress)
     offset = (cache_size - size) // 2
     batch_size = int(config["batch_size"])
-    probabilities = np.empty((len(ids), len(prompts)))
+    first, stop = distributed.batch_block(len(ids), batch_size)  # this rank's whole batches
+    probabilities = np.empty((stop - first, len(prompts)))
     with torch.inference_mode(), autocast(device, precision_of(config)):
-        for start in tqdm(range(0, len(ids), batch_size), desc=f"zero-shot {desc}", disable=not progress,
+        for start in tqdm(range(first, stop, batch_size), desc=f"zero-shot {desc}", disable=not progress,
                           leave=False, unit="batch"):
-            batch = np.array(images[start:start + batch_size, offset:offset + size, offset:offset + size])
+            batch = np.array(images[start:min(start + batch_size, stop), offset:offset + size, offset:offset + size])
             pixels = torch.from_numpy(batch).unsqueeze(1).to(device)
             scores = adapter.zero_shot_scores(adapter.preprocess(pixels), prompts, templates)
             scores = scores.detach().double().cpu().numpy()
@@ -126,8 +134,8 @@ def zero_shot_probabilities(adapter, source, ids: list[str], prompts: list[str],
                                     f"for {len(batch)} images and {len(prompts)} classes")
             if not (np.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1).all()):
                 raise VlpbenchError(f"adapter {adapter.name!r}: zero_shot_scores returned values outside [0, 1]")
-            probabilities[start:start + len(batch)] = scores
-    return probabilities
+            probabilities[start - first:start - first + len(batch)] = scores
+    return distributed.gather_arrays(probabilities)
 
 
 def _chexpert_valid(source) -> tuple[Any, list[str], str]:
@@ -324,7 +332,10 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
         "ci": ci,
         "per_image": per_image,
         "n": {"train": 0, "val": n_threshold_images, "test": len(split.test), "test_positives": positives},
-        "training": training,
+        "training": {**training, "world_size": distributed.world_size()},
         "timing": {"test_inference_s": t_test - t0, "threshold_s": t_scored - t_test,
                    "metrics_s": t_end - t_scored, "total_s": t_end - t0},
     }
+
+
+run_zero_shot_task.supports_distributed = True  # shares a torchrun run among its processes (module docstring)

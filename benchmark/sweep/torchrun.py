@@ -1,9 +1,10 @@
 """The torchrun launcher: one run at a time, each over ``nproc_per_node`` processes on this node.
 
 Each run is ``torchrun --standalone --nproc-per-node N -m vlpbench.cli run ...``. The processes share
-the run (:mod:`vlpbench.distributed`): the segmentation protocol trains its decoder under
-DistributedDataParallel on sharded batches and gathers the per-image Dice; the linear protocol shards
-feature extraction and gathers the features; rank 0 alone writes the record. A protocol that does not
+the run (:mod:`vlpbench.distributed`): the segmentation, detection and finetune protocols train under
+DistributedDataParallel on sharded batches and gather their validation and test scores; the linear
+protocol shards feature extraction and gathers the features; the zero_shot and grounding protocols
+shard inference and gather scores and heat maps; rank 0 alone writes the record. A protocol that does not
 declare ``supports_distributed`` refuses N > 1 with a ConfigError naming those that do. ``--dry-run``
 shows the commands.
 """
