@@ -425,6 +425,12 @@ class Weights:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def loaded_eval(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """``module`` with ``state`` loaded strictly, in eval mode (BatchNorm uses the saved running statistics)."""
+    module.load_state_dict(state)
+    return module.eval()
+
+
 def derived_capabilities(capabilities: Iterable[str]) -> frozenset[str]:
     """ZERO_SHOT and GROUNDING where the embeddings behind the default implementations are present."""
     have = set(capabilities)

@@ -40,6 +40,7 @@ from vlpbench.adapters.base import (
     Adapter,
     LoadReport,
     Weights,
+    loaded_eval,
     match_keys,
     match_resnet50_encoder,
     save_checkpoint,
@@ -114,16 +115,16 @@ class G2DAdapter(Adapter):
         # The random init of the modules below is overwritten at once; keep it off the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
             if "proj_v" in extra:
-                self._proj_v = _loaded(_proj_v(), extra["proj_v"])
-                self._attnpool = _loaded(AttentionPool2d(), extra["attnpool"])
+                self._proj_v = loaded_eval(_proj_v(), extra["proj_v"])
+                self._attnpool = loaded_eval(AttentionPool2d(), extra["attnpool"])
             else:
                 lacking |= {EMBED_IMAGE, DENSE_EMBED}
             if "lm_model" in extra:
                 from transformers import BertModel
 
                 config = extra["text_config"]
-                self._bert = _loaded(BertModel(config, add_pooling_layer=True), extra["lm_model"])
-                self._proj_t = _loaded(_proj_t(config.hidden_size), extra["proj_t"])
+                self._bert = loaded_eval(BertModel(config, add_pooling_layer=True), extra["lm_model"])
+                self._proj_t = loaded_eval(_proj_t(config.hidden_size), extra["proj_t"])
                 self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
             else:
                 lacking.add(EMBED_TEXT)
@@ -354,11 +355,6 @@ def _match_part(
     part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return match_keys(part, _shapes(module), report, source_prefix=prefix, target_prefix=prefix)
 
-
-def _loaded(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """``module`` with ``state`` loaded strictly, in eval mode (BatchNorm uses the saved running statistics)."""
-    module.load_state_dict(state)
-    return module.eval()
 
 
 def _map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: LoadReport) -> dict[str, Any]:

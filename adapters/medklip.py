@@ -47,6 +47,7 @@ from vlpbench.adapters.base import (
     Weights,
     encoder_shapes,
     load_state_dict_file,
+    loaded_eval,
     match_keys,
     save_checkpoint,
     sha256_file,
@@ -214,9 +215,7 @@ class MedKLIPAdapter(Adapter):
         """
         super().__init__(checkpoint, **options)
         with torch.random.fork_rng(devices=[]):  # overwritten at once; keep the init off the caller's RNG
-            self._head = MedKLIPHead()
-        self._head.load_state_dict(self._extra_state["head"])
-        self._head.eval()
+            self._head = loaded_eval(MedKLIPHead(), self._extra_state["head"])
         self._image_encoder: nn.Module | None = None
         self._entities, self._entity_record = self._load_entities()
         if self._entities is None:

@@ -41,6 +41,7 @@ from vlpbench.adapters.base import (
     LightningAttributeDict,
     LoadReport,
     Weights,
+    loaded_eval,
     match_keys,
     match_resnet50_encoder,
     save_checkpoint,
@@ -144,7 +145,7 @@ class MgcaAdapter(Adapter):
         # The random init of the modules below is overwritten at once; keep it off the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
             if "image_head" in extra:
-                self._image_head = _loaded(_global_embedding(2048), extra["image_head"])
+                self._image_head = loaded_eval(_global_embedding(2048), extra["image_head"])
             else:
                 lacking.add(EMBED_IMAGE)
             if "text_model" in extra:
@@ -153,8 +154,8 @@ class MgcaAdapter(Adapter):
                 config = extra["text_config"]
                 state = dict(extra["text_model"])
                 state[_TOKEN_TYPES] = torch.zeros(config.type_vocab_size, config.hidden_size)
-                self._bert = _loaded(BertModel(config, add_pooling_layer=False), state)
-                self._text_head = _loaded(_global_embedding(config.hidden_size), extra["text_head"])
+                self._bert = loaded_eval(BertModel(config, add_pooling_layer=False), state)
+                self._text_head = loaded_eval(_global_embedding(config.hidden_size), extra["text_head"])
                 self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
                 self._text_encoder_record = text_encoder_record(self.options["text_encoder"])
             else:
@@ -317,11 +318,6 @@ def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     """Key → shape of ``module``'s state dict."""
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
-
-def _loaded(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """``module`` with ``state`` loaded strictly, in eval mode (BatchNorm uses the saved running statistics)."""
-    module.load_state_dict(state)
-    return module.eval()
 
 
 # --- random-init checkpoints in the published layout -------------------------------------------------
