@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-from vlpbench.report.layout import Cell, Column, Grid, Row, cell_texts, metric_name
+from vlpbench.report.layout import Cell, Column, Grid, Row, format_cell, metric_name
 
 
 def _metric(column: Column) -> str:
@@ -13,13 +13,7 @@ def _metric(column: Column) -> str:
 
 def cell_markup(cell: Cell, grid: Grid) -> str:
     """A cell's ``mean ± std`` as HTML, bold when best and underlined when second, then ``(n=K)`` where shown."""
-    mean, std, n = cell_texts(cell, grid)
-    text = mean if std is None else f"{mean} ± {std}"
-    if cell.mark == "best":
-        text = f"<b>{text}</b>"
-    elif cell.mark == "second":
-        text = f"<u>{text}</u>"
-    return f"{text} ({n})" if n else text
+    return format_cell(cell, grid, pm="±", best="<b>{}</b>", second="<u>{}</u>")
 
 
 def _cell(cell: Cell | None, grid: Grid) -> str:

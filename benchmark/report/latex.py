@@ -7,7 +7,7 @@ needs only ``\\usepackage{booktabs}``. Every string from a record goes through :
 
 from __future__ import annotations
 
-from vlpbench.report.layout import Cell, Column, Grid, Row, cell_texts, metric_name
+from vlpbench.report.layout import Cell, Column, Grid, Row, format_cell, metric_name
 
 # Characters that are special to TeX, and typographic characters that pdflatex's default font
 # encoding (OT1) cannot print or prints as something else ("<" as "¡", "|" as "—").
@@ -46,13 +46,7 @@ def _mark(mark: str) -> str:
 def _cell(cell: Cell | None, grid: Grid) -> str:
     if cell is None:
         return "--"
-    mean, std, n = cell_texts(cell, grid)
-    text = mean if std is None else f"{mean} $\\pm$ {std}"
-    if cell.mark == "best":
-        text = f"\\textbf{{{text}}}"
-    elif cell.mark == "second":
-        text = f"\\underline{{{text}}}"
-    return text + (f" ({n})" if n else "")
+    return format_cell(cell, grid, pm="$\\pm$", best="\\textbf{{{}}}", second="\\underline{{{}}}")
 
 
 def _label(row: Row) -> str:

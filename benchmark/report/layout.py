@@ -148,6 +148,18 @@ def cell_texts(cell: Cell, grid: Grid) -> tuple[str, str | None, str | None]:
     return mean, std, n
 
 
+def format_cell(cell: Cell, grid: Grid, *, pm: str, best: str, second: str) -> str:
+    """``mean <pm> std`` of ``cell``, wrapped in ``best`` / ``second`` (``"{}"`` templates) by its mark, then
+    ``(n=K)`` where the grid shows seed counts; each writer passes its own markup."""
+    mean, std, n = cell_texts(cell, grid)
+    text = mean if std is None else f"{mean} {pm} {std}"
+    if cell.mark == "best":
+        text = best.format(text)
+    elif cell.mark == "second":
+        text = second.format(text)
+    return f"{text} ({n})" if n else text
+
+
 def _columns(rows: list[dict], task_order: Sequence[str] | None,
              metric_order: Sequence[str] | None) -> list[Column]:
     by_frac: dict[tuple, set[tuple]] = defaultdict(set)

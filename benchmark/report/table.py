@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from vlpbench.errors import ConfigError, DataError
-from vlpbench.report.layout import (Grid, build_grid, cell_texts, metric_name, percent_label, version_label,
+from vlpbench.report.layout import (Grid, build_grid, format_cell, metric_name, percent_label, version_label,
                                     version_sort_key)
 from vlpbench.report.reference import ReferenceRow
 
@@ -275,13 +275,7 @@ def markdown_grid(grid: Grid) -> str:
         cell = row.cells.get(column.key)
         if cell is None:
             return "–"
-        mean, std, n = cell_texts(cell, grid)
-        text = mean if std is None else f"{mean} ± {std}"
-        if cell.mark == "best":
-            text = f"**{text}**"
-        elif cell.mark == "second":
-            text = f"<u>{text}</u>"
-        return text + (f" ({n})" if n else "")
+        return format_cell(cell, grid, pm="±", best="**{}**", second="<u>{}</u>")
 
     def row_label(row) -> str:
         if row.citation is None:
