@@ -266,7 +266,8 @@ def _parser() -> argparse.ArgumentParser:
     paper = p.add_argument_group("paper variant only (the paper gives no values: these defaults are interpretations)")
     paper.add_argument("--percentile-scope", choices=("image", "body"),
                        help="pixels the percentile is taken over: image (default, background zeroed) or body")
-    paper.add_argument("--body-threshold", type=_body_threshold, metavar="otsu|LEVEL",
+    paper.add_argument("--body-threshold", type=_number_or("otsu", "'otsu' or a grey level 0-255"),
+                       metavar="otsu|LEVEL",
                        help="body mask: pixels above Otsu's threshold (default) or a grey level 0-255, holes "
                             "filled, largest component kept")
     paper.add_argument("--bilateral-diameter", type=int, help="bilateral filter window in pixels (default 15)")
@@ -304,7 +305,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, help="AdamW decay of matrices (default 0.1)")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps before the cosine decay (default 500)")
     p.add_argument("--grad-clip", type=float, help="maximum gradient L2 norm, 0 = off (default 1.0)")
-    p.add_argument("--margin", type=_margin, metavar="M|off",
+    p.add_argument("--margin", type=_number_or("off", "a cosine such as 0.5, or off"), metavar="M|off",
                    help="positive-pair relaxation: positives with cosine above M get no gradient (default 0.5; "
                         "off: the plain CLIP loss)")
     p.add_argument("--no-sentence-sampling", dest="sentence_sampling", action="store_false", default=None,
@@ -480,13 +481,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _body_threshold(text: str) -> str | float:
-    if text == "otsu":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'otsu' or a grey level 0-255, got {text!r}") from None
+def _number_or(word: str, expected: str) -> Callable[[str], float | str]:
+    """An argparse type: ``word`` itself, or a number; otherwise an error saying ``expected``."""
+    def parse(text: str) -> float | str:
+        if text == word:
+            return text
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+    return parse
 
 
 def _pseudo_mask(args: argparse.Namespace) -> int:
@@ -506,13 +511,6 @@ def _pseudo_mask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _margin(text: str) -> float | str:
-    if text == "off":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a cosine such as 0.5, or off, got {text!r}") from None
 
 
 def _finetune_clip(args: argparse.Namespace) -> int:
