@@ -31,7 +31,7 @@ import numpy as np
 
 from vlpbench.data import is_synthetic
 from vlpbench.data.images import read_image
-from vlpbench.data.splits import Split, derived_split, nested_subsets, stratified_sample, write_split
+from vlpbench.data.splits import Split, derived_split, holdout_parts, write_split
 from vlpbench.errors import DataError
 
 THREE_CLASS, BINARY = "3-class", "binary"
@@ -257,16 +257,12 @@ def build_split_v1(source: CovidxSource, out_dir: str | Path, version: str = "v1
     test = [i for i in source.image_ids if source.part(i) == "test"]
     # MGCA's train_test_split(train_size=0.8) rounds the train part down and gives val the rest.
     n_val = len(pool) - math.floor(len(pool) * (1 - VAL_FRACTION) + 1e-9)
-    held_out = set(stratified_sample(pool, [labels[i] for i in pool], n_val, SEED))
-    val = [i for i in pool if i in held_out]
-    train = [i for i in pool if i not in held_out]
-    train_10, train_1 = nested_subsets(train, labels, SEED)
     files = {part: source.label_files[part] for part in ("train", "test")}
     return write_split(
         out_dir,
         dataset="covidx",
         version=version,
-        parts={"train": train, "val": val, "test": test, "train_1pct": train_1, "train_10pct": train_10},
+        parts=holdout_parts(pool, test, labels, n_val, SEED),
         labels={image_id: {LABEL_COLUMN: y} for image_id, y in labels.items()},
         columns=[LABEL_COLUMN],
         generator="vlpbench.data.covidx:split_v1",

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from vlpbench.data import is_synthetic
 from vlpbench.data.images import read_image
-from vlpbench.data.splits import Split, derived_split, nested_subsets, stratified_sample, write_split
+from vlpbench.data.splits import Split, derived_split, holdout_parts, write_split
 from vlpbench.errors import DataError
 
 BOX, ELLIPSE, POLYGON = 0, 1, 2
@@ -435,16 +435,12 @@ def build_split_v1(source: ObjectCxrSource, out_dir: str | Path, version: str = 
     test = [i for i in source.image_ids if source.part(i) == "dev"]
     # floor, as train_test_split sizes its test part: 8,000 -> 1,600.
     n_val = math.floor(len(pool) * VAL_FRACTION + 1e-9)
-    held_out = set(stratified_sample(pool, [labels[i] for i in pool], n_val, SEED))
-    val = [i for i in pool if i in held_out]
-    train = [i for i in pool if i not in held_out]
-    train_10, train_1 = nested_subsets(train, labels, SEED)
     files = {name: source.label_files[part] for name, part in (("train.csv", "train"), ("dev.csv", "dev"))}
     return write_split(
         out_dir,
         dataset="object_cxr",
         version=version,
-        parts={"train": train, "val": val, "test": test, "train_1pct": train_1, "train_10pct": train_10},
+        parts=holdout_parts(pool, test, labels, n_val, SEED),
         labels={image_id: {LABEL_COLUMN: y} for image_id, y in labels.items()},
         columns=[LABEL_COLUMN],
         generator="vlpbench.data.object_cxr:split_v1",

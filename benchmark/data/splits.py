@@ -115,6 +115,17 @@ def nested_subsets(train: Sequence[str], labels: dict[str, int], seed: int) -> t
     return train_10, train_1
 
 
+def holdout_parts(pool: Sequence[str], test: Sequence[str], labels: dict[str, int], n_val: int,
+                  seed: int) -> dict[str, list[str]]:
+    """The parts of a split whose test set is given: ``n_val`` ids of ``pool`` held out as val
+    (stratified on ``labels``), the rest train, and its nested 10 % and 1 % subsets; pool order kept."""
+    held_out = set(stratified_sample(pool, [labels[i] for i in pool], n_val, seed))
+    train = [i for i in pool if i not in held_out]
+    train_10, train_1 = nested_subsets(train, labels, seed)
+    return {"train": train, "val": [i for i in pool if i in held_out], "test": list(test),
+            "train_1pct": train_1, "train_10pct": train_10}
+
+
 def _at_least_one(counts: list[int]) -> list[int]:
     """Give every empty part one item taken from the largest part, where the total allows."""
     counts = list(counts)
