@@ -269,13 +269,23 @@ class MimicCxrSource:
         zips = [p / REPORTS_ZIP for p in (self.folder, self.folder.parent, self.root) if (p / REPORTS_ZIP).is_file()]
         self.reports_zip = zips[0] if zips else None
         self._zip_members: dict[str, str] = {}
+        # One open handle for every report read: reopening re-reads the ~227k-entry central directory.
+        self._archive: zipfile.ZipFile | None = None
         if self.reports_zip is not None:
             try:
-                with zipfile.ZipFile(self.reports_zip) as archive:
-                    names = archive.namelist()
+                self._archive = zipfile.ZipFile(self.reports_zip)
             except (OSError, zipfile.BadZipFile) as exc:
                 raise DataError(f"{self.reports_zip}: not a readable zip ({exc})") from exc
-            self._zip_members = {Path(n).stem: n for n in names if n.endswith(".txt")}
+            self._zip_members = {Path(n).stem: n for n in self._archive.namelist() if n.endswith(".txt")}
+
+    def __getstate__(self) -> dict:
+        # An open zip cannot cross to worker processes; each process reopens it on first use.
+        return {**self.__dict__, "_archive": None}
+
+    def _reports_archive(self) -> zipfile.ZipFile:
+        if self._archive is None:
+            self._archive = zipfile.ZipFile(self.reports_zip)
+        return self._archive
 
     def _scan(self) -> tuple[set[str], dict[str, Path]]:
         """dicom_ids with a JPEG at the recipe path, and ``{sSTUDY: path}`` of unpacked reports."""
@@ -374,8 +384,7 @@ class MimicCxrSource:
             if name in self._reports:
                 return self._reports[name].read_text(encoding="utf-8")
             if name in self._zip_members:
-                with zipfile.ZipFile(self.reports_zip) as archive:
-                    return archive.read(self._zip_members[name]).decode("utf-8")
+                return self._reports_archive().read(self._zip_members[name]).decode("utf-8")
         except (OSError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
             raise DataError(f"cannot read the report {name}.txt of image {image_id} ({exc})") from exc
         raise DataError(f"no report {name}.txt for image {image_id}: expected {REPORTS_ZIP} in {self.folder} "
