@@ -31,6 +31,10 @@ class Registry:
             raise RegistryError(f"{self.kind} {name!r} is already registered as {self._targets[name]!r}")
         self._targets[name] = target
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a registration made for a while only, e.g. by a test); unknown names are ignored."""
+        self._targets.pop(name, None)
+
     def decorator(self, name: str) -> Callable[[Any], Any]:
         """``@REGISTRY.decorator("name")`` registers the decorated object."""
 
@@ -67,6 +71,7 @@ class Registry:
 
 
 ADAPTERS = Registry("model")
+# MetricSpec objects, registered by vlpbench.metrics; read them through vlpbench.metrics.metric_spec.
 METRICS = Registry("metric")
 DATASETS = Registry("dataset")
 PROTOCOLS = Registry("protocol")

@@ -4,10 +4,14 @@ A record is the only thing tables, plots and comparisons read. Its fields (schem
 
     schema          int, SCHEMA_VERSION of the code that wrote it
     model           {name, adapter, checkpoint: {path, sha256} | null, layout, ...}
-    task            {name, version, higher_is_better?, ...}
+    task            {name, version, higher_is_better?, ...}; higher_is_better is the primary metric's
+                    direction, kept for readers of the file (tables read it from the metric's spec)
     frac, seed      training-data fraction in (0, 1] and the seed (split draw and head init)
     split           {dataset, version, sha256} of the split files the run used
-    metrics         {name: value | null}; primary_metric names the headline one
+    metrics         {name: value | null}; primary_metric names the headline one. Every name is a
+                    metric of vlpbench.metrics (metric_spec); a record written under a former name
+                    (``accuracy``, now ``acc``) still loads, and tables and compare read it as the
+                    current name (vlpbench.report.table.table_rows)
     ci              {metric: bootstrap_ci(...) result} | null
     n               {train, val, test} image counts actually used
     config          the fully resolved protocol config; config["overrides"] holds what the user set
@@ -41,6 +45,7 @@ import numpy as np
 
 import vlpbench
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
+from vlpbench.metrics.specs import metric_spec
 
 SCHEMA_VERSION = 1
 
@@ -59,7 +64,7 @@ def make_record(*, model: dict, task: dict, frac: float, seed: int, split: dict,
 
     Raises:
         ConfigError: a required field is missing or invalid (e.g. ``primary_metric`` not in
-            ``metrics``, ``frac`` outside (0, 1]).
+            ``metrics``, ``frac`` outside (0, 1]), or a metric is not named as its spec names it.
     """
     record = {
         "schema": SCHEMA_VERSION,
@@ -79,10 +84,24 @@ def make_record(*, model: dict, task: dict, frac: float, seed: int, split: dict,
         "per_image": per_image,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    problem = _problem(record)
+    problem = _problem(record) or _metric_name_problem(record)
     if problem:
         raise ConfigError(f"result record: {problem}")
     return record
+
+
+def _metric_name_problem(record: dict) -> str | None:
+    """Why a metric name of a new record is not the current name of a registered metric, or None."""
+    ci = record["ci"] if isinstance(record["ci"], dict) else {}
+    for where, names in (("metrics", record["metrics"]), ("ci", ci)):
+        for name in names:
+            try:
+                current = metric_spec(name).name
+            except ConfigError as error:
+                return f"invalid key '{where}.{name}': {error}"
+            if current != name:
+                return f"invalid key '{where}.{name}': {name!r} is the former name of {current!r}"
+    return None
 
 
 def environment() -> dict[str, Any]:

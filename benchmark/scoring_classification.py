@@ -6,7 +6,7 @@ the task YAML names its classes (``config["classes"]``); a binary task also acce
 probability column of any name. Values are probabilities in [0, 1]; a multi-class task's columns are
 the class probabilities, and its decision is the highest one.
 
-Which metrics: ``config["metrics"]``, else ``accuracy`` for a multi-class task and ``auc`` otherwise
+Which metrics: ``config["metrics"]``, else ``acc`` for a multi-class task and ``auc`` otherwise
 (the linear protocol's). ``f1`` / ``acc`` / ``mcc`` of a binary or multi-label task need one threshold
 per class, chosen by ``best_threshold`` on the validation rows: they are reported only when the CSV
 also holds every validation image of the split; otherwise they are left out with a note. Thresholds
@@ -93,7 +93,7 @@ def read_probabilities(path: Path, classes: list[str], *, single_column: bool) -
 
 
 def _metric_names(config: dict[str, Any], kind: str) -> list[str]:
-    names = config.get("metrics", ["accuracy"] if kind == "multiclass" else ["auc"])
+    names = config.get("metrics", ["acc"] if kind == "multiclass" else ["auc"])
     if not isinstance(names, list) or not names or not all(isinstance(m, str) for m in names):
         raise ConfigError(f"config key metrics must be a list of metric names, got {names!r}")
     return list(dict.fromkeys(names))

@@ -1,4 +1,5 @@
-"""Shared fixtures: a synthetic SIIM dataset and a random-init checkpoint in G2D's encoder layout."""
+"""Shared fixtures: a synthetic SIIM dataset, a random-init checkpoint in G2D's encoder layout, and a
+lower-is-better metric."""
 
 import pytest
 
@@ -11,6 +12,18 @@ def private_cache(tmp_path_factory):
     patch.setenv("VLPBENCH_CACHE", str(folder))
     yield folder
     patch.undo()
+
+
+@pytest.fixture
+def error_metric():
+    """The name of a lower-is-better metric, ``error``, registered for one test (no shipped metric is one)."""
+    from vlpbench.metrics import MetricSpec, register_metric
+    from vlpbench.metrics.specs import PER_IMAGE_MEAN
+    from vlpbench.registry import METRICS
+
+    register_metric(MetricSpec("error", "Error", False, PER_IMAGE_MEAN, "share of test images got wrong"))
+    yield "error"
+    METRICS.unregister("error")
 
 
 @pytest.fixture(scope="session")

@@ -103,7 +103,7 @@ def test_linear_tasks_score_auc_or_top1_accuracy(rsna, roots, tmp_path):
     result = score_classification(csv_path, covidx, test_ids, {"classes": classes, "label_kind": "multiclass"},
                                   bootstrap_resamples=50)
     truth = [classes.index(covidx.class_name(i)) for i in test_ids]
-    assert result["metrics"] == {"accuracy": pytest.approx(accuracy_score(truth, table.argmax(axis=1)))}
+    assert result["metrics"] == {"acc": pytest.approx(accuracy_score(truth, table.argmax(axis=1)))}
 
 
 def test_multilabel_chexpert_zero_shot_scores_per_class(roots, tmp_path):

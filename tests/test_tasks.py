@@ -36,3 +36,19 @@ def test_overrides_are_applied_and_validated():
 def test_unknown_task_suggests_a_name():
     with pytest.raises(ConfigError, match="Did you mean 'siim_seg'"):
         load_task("siim_segm")
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("accuracy", "primary_metric 'accuracy' is the former name of 'acc'; write 'acc'"),
+    ("top1", "primary_metric: unknown metric 'top1'"),
+])
+def test_primary_metric_must_be_a_current_metric_name(tmp_path, monkeypatch, metric, message):
+    import yaml
+
+    from vlpbench import tasks
+
+    spec = yaml.safe_load(load_task("covidx_cls").path.read_text())
+    (tmp_path / "covidx_cls.yaml").write_text(yaml.safe_dump({**spec, "primary_metric": metric}))
+    monkeypatch.setattr(tasks, "TASKS_DIR", tmp_path)
+    with pytest.raises(ConfigError, match=f"covidx_cls.yaml: {message}"):
+        load_task("covidx_cls")

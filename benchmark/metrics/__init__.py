@@ -9,24 +9,62 @@
   heat maps against ground-truth regions.
 * :mod:`~vlpbench.metrics.bootstrap`: percentile bootstrap CIs over images, for per-image scores or
   for a statistic recomputed on each resample.
+* :mod:`~vlpbench.metrics.specs`: :class:`MetricSpec`, what each metric is called, printed as, which
+  way is better and how its CI is drawn.
 
-Metrics are registered in :data:`vlpbench.registry.METRICS` under the names task files and records
-use.
+Every metric a protocol reports is registered below, once, in :data:`vlpbench.registry.METRICS`;
+:func:`metric_spec` resolves any metric name a record holds.
 """
 
 from __future__ import annotations
 
+from vlpbench.metrics import classification, grounding
 from vlpbench.metrics.bootstrap import bootstrap_ci
+from vlpbench.metrics.detection import detection_map
 from vlpbench.metrics.dice import dice, dice_per_image
-from vlpbench.registry import METRICS
+from vlpbench.metrics.specs import PER_IMAGE_MEAN, RECOMPUTED, MetricSpec, metric_spec, register_metric
 
-METRICS.register("dice", "vlpbench.metrics.dice:dice")
-METRICS.register("map", "vlpbench.metrics.detection:detection_map")
-METRICS.register("auc", "vlpbench.metrics.classification:macro_auc")
-METRICS.register("accuracy", "vlpbench.metrics.classification:accuracy")
-METRICS.register("pointing_game", "vlpbench.metrics.grounding:pointing_game")
-METRICS.register("recall", "vlpbench.metrics.grounding:recall")
-METRICS.register("iou", "vlpbench.metrics.grounding:iou")
-METRICS.register("cnr", "vlpbench.metrics.grounding:cnr")
+for _spec in (
+    # Segmentation (and grounding: Dice of the thresholded heat map, per query).
+    MetricSpec("dice", "Dice", True, PER_IMAGE_MEAN,
+               "Dice per image at the threshold (empty truth and empty prediction score 1), mean over images",
+               dice),
+    MetricSpec("dice_positive", "Dice (positives)", True, PER_IMAGE_MEAN,
+               "mean Dice of the test images whose ground truth is not empty"),
+    MetricSpec("empty_correct", "Empty correct", True, PER_IMAGE_MEAN,
+               "share of the test images with an empty ground truth that are predicted empty (their mean Dice)"),
+    MetricSpec("all_empty_baseline", "All-empty Dice", True, PER_IMAGE_MEAN,
+               "the Dice an all-empty prediction would score: the share of test images with an empty ground truth"),
+    # Detection.
+    MetricSpec("map", "mAP", True, RECOMPUTED,
+               "COCO-style mAP over IoU 0.40:0.05:0.75, every test image counted", detection_map),
+    MetricSpec("map_mgca", "mAP (MGCA)", True, RECOMPUTED,
+               "mAP over the test images with a detection and a ground-truth box only, as MGCA's code"),
+    # Classification: linear probe, fine-tuning, zero-shot.
+    MetricSpec("auc", "AUC", True, RECOMPUTED,
+               "area under the ROC curve, macro over classes (one-vs-rest for a multi-class task)",
+               classification.roc_auc, per_class=True),
+    MetricSpec("acc", "ACC", True, PER_IMAGE_MEAN,
+               "accuracy: top-1 for a multi-class task, else of score >= the validation threshold, macro over "
+               "classes", classification.accuracy, per_class=True, aliases=("accuracy",)),
+    MetricSpec("f1", "F1", True, RECOMPUTED,
+               "F1 of score >= the validation threshold (of the top-1 class for a multi-class task), macro over "
+               "classes", classification.threshold_metrics, per_class=True),
+    MetricSpec("mcc", "MCC", True, RECOMPUTED,
+               "Matthews correlation of score >= the validation threshold, macro over classes (multi-class MCC of "
+               "the top-1 class for a multi-class task)", classification.threshold_metrics, per_class=True),
+    # Grounding, per query; Dice is the segmentation one above.
+    MetricSpec("pointing_game", "Pointing game", True, PER_IMAGE_MEAN,
+               "share of queries whose heat-map maximum lies in the ground-truth region", grounding.pointing_game),
+    MetricSpec("recall", "Recall", True, PER_IMAGE_MEAN,
+               "pixel recall: share of ground-truth pixels inside the thresholded heat map, mean over queries",
+               grounding.recall),
+    MetricSpec("iou", "IoU", True, PER_IMAGE_MEAN,
+               "IoU of the thresholded heat map and the ground truth, mean over queries", grounding.iou),
+    MetricSpec("cnr", "CNR", True, PER_IMAGE_MEAN,
+               "BioViL's contrast-to-noise ratio of the heat map inside vs outside the ground truth, mean over "
+               "queries where it is defined", grounding.cnr),
+):
+    register_metric(_spec)
 
-__all__ = ["bootstrap_ci", "dice", "dice_per_image"]
+__all__ = ["MetricSpec", "bootstrap_ci", "dice", "dice_per_image", "metric_spec", "register_metric"]

@@ -112,11 +112,11 @@ def probabilities(kind: str, logits: torch.Tensor) -> np.ndarray:
 
 def classification_metrics(kind: str, labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Test metrics: ``auc`` (macro over classes with both labels present; one-vs-rest for a
-    multi-class task), ``auc_<class>`` per class, and ``accuracy`` (top-1) for a multi-class task."""
+    multi-class task), ``auc_<class>`` per class, and ``acc`` (top-1 accuracy) for a multi-class task."""
     if kind == "multiclass":
         per_class = [roc_auc((labels == k).astype(int), probs[:, k]) for k in range(len(classes))]
         defined = [v for v in per_class if v is not None]
-        metrics = {"accuracy": accuracy(labels, probs), "auc": float(np.mean(defined)) if defined else None}
+        metrics = {"acc": accuracy(labels, probs), "auc": float(np.mean(defined)) if defined else None}
     elif kind == "binary":
         return {"auc": roc_auc(labels[:, 0], probs[:, 0])}
     else:
@@ -128,13 +128,13 @@ def classification_metrics(kind: str, labels: np.ndarray, probs: np.ndarray, cla
 
 def primary_ci(kind: str, labels: np.ndarray, probs: np.ndarray, *, n_resamples: int,
                seed: int) -> dict[str, Any]:
-    """Bootstrap CI over test images of the primary metric: ``accuracy`` for multi-class tasks,
+    """Bootstrap CI over test images of the primary metric: ``acc`` for multi-class tasks,
     otherwise ``auc``. Resamples on which a class that has both labels in the test set loses one are
     skipped (counted in ``skipped``), so every resample averages the same classes. Empty when the
     metric is undefined on the test set itself."""
     if kind == "multiclass":
         correct = (probs.argmax(axis=1) == labels).astype(np.float64)
-        return {"accuracy": bootstrap_ci(correct, n_resamples=n_resamples, seed=seed)}
+        return {"acc": bootstrap_ci(correct, n_resamples=n_resamples, seed=seed)}
     # Each class's scores are sorted once; a resample is scored through its image counts in O(n).
     per_class = [auc_by_weights(labels[:, k], probs[:, k]) for k in range(labels.shape[1])
                  if len(np.unique(labels[:, k])) == 2]

@@ -202,7 +202,7 @@ def metric_statistics(kind: str, labels: np.ndarray, scores: np.ndarray, classes
     """Metric name → ``weights -> value`` over the test items, macro and (for several classes) per class
     (``<metric>_<class slug>``).
 
-    Multi-class (``labels`` (N,) indices): ``acc`` (alias ``accuracy``) top-1 accuracy, ``f1`` / ``mcc`` of
+    Multi-class (``labels`` (N,) indices): ``acc`` top-1 accuracy, ``f1`` / ``mcc`` of
     the top-1 decisions, ``auc`` one-vs-rest. Binary / multi-label (``labels`` (N, C) 0/1): ``auc``, and
     ``f1`` / ``acc`` / ``mcc`` of ``score >= threshold`` for the classes whose threshold is not None
     (none without ``thresholds``). A macro AUC averages the classes defined on the full test set.
@@ -216,7 +216,6 @@ def metric_statistics(kind: str, labels: np.ndarray, scores: np.ndarray, classes
         per_class = {"auc": {k: _auc_statistic((labels == k).astype(int), scores[:, k]) for k in range(n_classes)}}
         for metric in ("acc", "f1", "mcc"):
             overall[metric] = lambda w, metric=metric: argmax_metrics(labels, scores, w)[metric]
-        overall["accuracy"] = overall["acc"]
     else:
         per_class = {"auc": {k: _auc_statistic(labels[:, k], scores[:, k]) for k in range(n_classes)}}
         at_threshold = {k: threshold_metrics_by_weights(labels[:, k], scores[:, k], t)

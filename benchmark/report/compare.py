@@ -1,8 +1,10 @@
 """Regression check of a candidate's result records against a baseline's (``vlpbench compare``).
 
 Each side is a results folder or one record file. Cells are paired by (task, fraction) and compared
-on the task's primary metric. ``gain`` is the candidate's mean minus the baseline's, sign-flipped for
-a lower-is-better metric, so a positive gain is always better. The allowed change is
+on the task's primary metric, named as its spec names it today (a record written under a former
+name, ``accuracy``, compares as ``acc``; see :func:`vlpbench.report.table.table_rows`). ``gain`` is
+the candidate's mean minus the baseline's, sign-flipped where the metric's spec says lower is
+better, so a positive gain is always better. The allowed change is
 ``max(abs_tol, k × pooled std)``:
 
 * **Seeds** (three or more runs over both sides): ``pooled std`` is the pooled sample std
@@ -14,7 +16,8 @@ a lower-is-better metric, so a positive gain is always better. The allowed chang
   Regression: ``mean(d) < -abs_tol`` **and** upper bound ``< 0``: the drop is larger than the
   tolerance and not explained by which images happen to be in the test set. Improvement mirrors
   it (``mean(d) > abs_tol`` and lower bound ``> 0``). Per-image scores are per-image values of the
-  primary metric (Dice per image), so their mean is the metric.
+  primary metric (Dice per image), so their mean is the metric; a metric whose spec is not a mean of
+  per-image scores (AUC, mAP) is never paired.
 * **abs_tol only** (one seed each, no usable per-image scores): regression ``gain < -abs_tol``.
 
 Anything else is "within tolerance". Defaults: ``abs_tol`` = :data:`DEFAULT_ABS_TOL` (one point of
@@ -28,7 +31,7 @@ Dice / AUC / mAP in metric units), ``k`` = :data:`DEFAULT_K`. A task YAML may ov
 and ``--abs-tol`` / ``--k`` on the command line override both for every cell.
 
 A cell is **not comparable** when the task version, split sha256 (and the sha256 of a test set
-derived from the user's files, ``split.test_sha256``), primary metric, its direction,
+derived from the user's files, ``split.test_sha256``), primary metric,
 the task overrides or the synthetic flag differ between the sides, when a side holds records of
 several models (or checkpoints, versions, ...) for it, when its metric is null, or when the baseline
 has it and the candidate does not. A candidate cell without a baseline is **new** (not a failure).
@@ -48,6 +51,7 @@ from xml.etree import ElementTree
 import numpy as np
 
 from vlpbench.errors import ConfigError, DataError
+from vlpbench.metrics.specs import PER_IMAGE_MEAN, metric_spec
 from vlpbench.report.layout import metric_name, percent_label, version_label
 from vlpbench.report.table import table_rows
 
@@ -126,7 +130,6 @@ class Side:
     version: Any
     split_sha256: str
     metric: str
-    higher_is_better: bool
     mean: float
     std: float | None
     n_seeds: int
@@ -134,6 +137,11 @@ class Side:
     synthetic: bool
     per_image: dict | None
     test_sha256: str | None = None  # a test set derived from the user's files (e.g. CheXpert valid.csv)
+
+    @property
+    def higher_is_better(self) -> bool:
+        """The metric's direction, from its spec."""
+        return metric_spec(self.metric).higher_is_better
 
     def text(self) -> str:
         if not math.isfinite(self.mean):
@@ -187,7 +195,7 @@ def _sides(records: list[dict]) -> dict[tuple[str, float], list[Side]]:
         first = group[0]
         cells = [Side(
             label=row["model"], version=row["version"], split_sha256=first["split"]["sha256"], metric=row["metric"],
-            higher_is_better=row["higher_is_better"], mean=row["mean"], std=row["std"], n_seeds=row["n_seeds"],
+            mean=row["mean"], std=row["std"], n_seeds=row["n_seeds"],
             overrides=json.dumps(first["config"].get("overrides") or {}, sort_keys=True, default=str),
             synthetic=bool((first.get("data") or {}).get("synthetic")),
             # Only a lone record can be paired image by image; several cells are not compared at all.
@@ -208,8 +216,6 @@ def _incomparable(b: Side, c: Side) -> list[str]:
         reasons.append(f"test set sha256 {str(b.test_sha256)[:8]} (baseline) vs {str(c.test_sha256)[:8]} (candidate)")
     if b.metric != c.metric:
         reasons.append(f"primary metric {b.metric} (baseline) vs {c.metric} (candidate)")
-    elif b.higher_is_better != c.higher_is_better:
-        reasons.append(f"{b.metric} direction differs (higher_is_better {b.higher_is_better} vs {c.higher_is_better})")
     if b.overrides != c.overrides:
         reasons.append(f"task overrides {b.overrides} (baseline) vs {c.overrides} (candidate)")
     if b.synthetic != c.synthetic:
@@ -222,6 +228,8 @@ def _incomparable(b: Side, c: Side) -> list[str]:
 
 def _paired_gains(b: Side, c: Side) -> tuple[np.ndarray | None, str | None]:
     """Per-image gains when both single-seed records hold scores of the same images, else a reason."""
+    if metric_spec(b.metric).ci != PER_IMAGE_MEAN:
+        return None, f"{b.metric} is not a mean of per-image scores: abs_tol rule"
     if not b.per_image or not c.per_image:
         return None, "no per-image scores on both sides: abs_tol rule"
     if set(b.per_image) != set(c.per_image):

@@ -12,11 +12,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from vlpbench.metrics.specs import metric_spec
 from vlpbench.report.reference import ReferenceRow
 
-_METRIC_NAMES = {"dice": "Dice", "auc": "AUC", "auroc": "AUROC", "map": "mAP", "f1": "F1",
-                 "acc": "ACC", "accuracy": "Accuracy", "mcc": "MCC", "iou": "IoU", "miou": "mIoU",
-                 "recall": "Recall", "pointing_game": "Pointing game", "cnr": "CNR"}
 # Paper order of the table groups; tasks outside them come last.
 _GROUP_ORDER = ("seg", "det", "cls", "zs", "ground")
 # Citation marks of reported rows, in order of appearance.
@@ -24,8 +22,12 @@ CITATION_MARKS = ("†", "‡", "§", "¶")
 
 
 def metric_name(metric: str) -> str:
-    """Display name of a metric key: ``dice`` → ``Dice``, ``map`` → ``mAP``; others unchanged."""
-    return _METRIC_NAMES.get(metric, metric)
+    """Display name of a metric key, from its spec: ``dice`` → ``Dice``, ``map`` → ``mAP``.
+
+    Raises:
+        ConfigError: no metric of that name (see :func:`vlpbench.metrics.metric_spec`).
+    """
+    return metric_spec(metric).display
 
 
 def percent_label(frac: float) -> str:
@@ -55,8 +57,12 @@ class Column:
     split_sha256: str
     frac: float
     metric: str
-    higher_is_better: bool
     task_label: str  # the task, plus ``v<version> (<sha8>)`` when its records span several
+
+    @property
+    def higher_is_better(self) -> bool:
+        """The metric's direction, from its spec; it decides best and second."""
+        return metric_spec(self.metric).higher_is_better
 
     @property
     def key(self) -> tuple:
@@ -187,7 +193,7 @@ def _columns(rows: list[dict], task_order: Sequence[str] | None,
     unique = {}
     for r in rows:
         column = Column(r["task"], r["version"], r["split_dataset"], r["split_version"], r["split_sha256"],
-                        r["frac"], r["metric"], r["higher_is_better"], label(r))
+                        r["frac"], r["metric"], label(r))
         unique.setdefault(column.key, column)
     return sorted(unique.values(), key=lambda c: (task_rank(c.task), c.task, version_sort_key(c.version),
                                                   c.split_sha256, c.frac, metric_rank(c.metric), c.metric))

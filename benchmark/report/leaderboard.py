@@ -205,8 +205,8 @@ def runs_table(records: list[dict]) -> str:
     ordered = sorted(records, key=lambda r: (r["model"]["name"], r["task"]["name"], str(r["task"]["version"]),
                                              float(r["frac"]), r["seed"]))
     for record in ordered:
-        metric = record["primary_metric"]
-        value = record["metrics"][metric]
+        value = record["metrics"][record["primary_metric"]]
+        metric = metric_name(record["primary_metric"])
         env = record.get("env") or {}
         cells = [record["model"]["name"], f"{record['task']['name']} v{record['task']['version']}",
                  percent_label(float(record["frac"])), record["seed"],

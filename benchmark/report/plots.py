@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from vlpbench.errors import ConfigError
+from vlpbench.metrics.specs import metric_spec
 from vlpbench.report.layout import metric_name, percent_label, version_label
 from vlpbench.report.table import select_records, table_rows
 
@@ -53,13 +54,17 @@ class Curve:
     split_sha256: str
     task_label: str
     metric: str
-    higher_is_better: bool
     model: str
     fracs: tuple[float, ...]
     means: tuple[float, ...]
     ci_low: tuple[float | None, ...]
     ci_high: tuple[float | None, ...]
     n_seeds: tuple[int, ...]
+
+    @property
+    def higher_is_better(self) -> bool:
+        """The metric's direction, from its spec."""
+        return metric_spec(self.metric).higher_is_better
 
     @property
     def column(self) -> tuple:
@@ -87,7 +92,7 @@ def fraction_curves(records: list[dict], tasks: Sequence[str] | None = None) -> 
     for (task, version, sha, metric, model), points in grouped.items():
         points.sort(key=lambda r: r["frac"])
         label = task if len(variants[task]) == 1 else f"{task} {version_label(version)} ({sha[:8]})"
-        curves.append(Curve(task, version, sha, label, metric, points[0]["higher_is_better"], model,
+        curves.append(Curve(task, version, sha, label, metric, model,
                             tuple(r["frac"] for r in points), tuple(r["mean"] for r in points),
                             tuple(r["ci_low"] for r in points), tuple(r["ci_high"] for r in points),
                             tuple(r["n_seeds"] for r in points)))

@@ -9,6 +9,8 @@ One file per paper table. Schema (version 1)::
     description  optional: what the table measured and how vlpbench tasks relate to it
     unit         "percent" (values as printed, divided by 100 on load) or "fraction"
     columns      [{"paper": "SIIM 1%", "task": "siim_seg", "frac": 0.01, "metric": "dice"}, ...]
+                 (``metric``: a metric name, see :func:`vlpbench.metrics.metric_spec`; a former name
+                 such as ``accuracy`` is read as the current one, ``acc``)
     rows         [{"method": "MGCA", "values": [49.7, 59.3, ...], "note": optional}, ...]
 
 (``note`` documents a row in the file, e.g. what a paper's asterisk means; tables do not print it.)
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vlpbench.errors import ConfigError, DataError
+from vlpbench.metrics.specs import metric_spec
 
 REFERENCE_SCHEMA = 1
 _UNITS = {"percent": 100.0, "fraction": 1.0}
@@ -105,7 +108,11 @@ def load_reference_file(path: str | Path) -> list[ReferenceRow]:
                 raise _fail(path, f"{where}.{key}", "a non-empty string", column[key])
         if not _is_number(column["frac"]) or not 0 < column["frac"] <= 1:
             raise _fail(path, f"{where}.frac", "a training fraction in (0, 1]", column["frac"])
-        key = (column["task"], float(column["frac"]), column["metric"])
+        try:
+            metric = metric_spec(column["metric"]).name  # a former name reads as the current one
+        except ConfigError as error:
+            raise DataError(f"{path}: key '{where}.metric': {error}") from None
+        key = (column["task"], float(column["frac"]), metric)
         if key in columns:
             raise DataError(f"{path}: key {where!r}: {key[0]} {key[1]:g} {key[2]} is already column "
                             f"{columns.index(key)}")

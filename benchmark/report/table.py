@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from vlpbench.errors import ConfigError, DataError
+from vlpbench.metrics.specs import former_names, metric_spec
 from vlpbench.report.layout import (Grid, build_grid, format_cell, metric_name, percent_label, version_label,
                                     version_sort_key)
 from vlpbench.report.reference import ReferenceRow
@@ -73,14 +74,53 @@ def task_group(record: dict) -> str | None:
     return _PROTOCOL_GROUP.get(protocol)
 
 
-# Non-primary metrics carry no direction in a record; these names are errors or losses.
-_LOWER_IS_BETTER = frozenset({"loss", "error", "brier", "ece", "hd95", "hausdorff"})
+def _record_name(record: dict) -> str:
+    return (f"the record of {record['model']['name']}, {record['task']['name']} "
+            f"{version_label(record['task']['version'])}, frac {record['frac']}, seed {record['seed']}")
 
 
-def _direction(record: dict, metric: str) -> bool:
-    if metric == record["primary_metric"]:
-        return bool(record["task"].get("higher_is_better", True))
-    return metric not in _LOWER_IS_BETTER
+def _current_names(record: dict) -> dict:
+    """``record`` with former metric names (``accuracy``) replaced by the current ones (``acc``) in
+    ``metrics``, ``ci`` and ``primary_metric``: a record written before a rename fills the same cells
+    and compares with new records. A shallow copy; the record file is never rewritten.
+
+    Raises:
+        DataError: the record holds one metric under two names, with different values.
+    """
+    renames = former_names()
+    if not any(name in renames for name in (record["primary_metric"], *record["metrics"])):
+        return record
+
+    def renamed(mapping: dict, what: str) -> dict:
+        out: dict = {}
+        for name, value in mapping.items():
+            current = renames.get(name, name)
+            if current in out and out[current] != value:
+                raise DataError(f"{_record_name(record)}: {what} holds {current} under its current and its former "
+                                f"name with different values")
+            out[current] = value
+        return out
+
+    return {**record, "metrics": renamed(record["metrics"], "metrics"),
+            "ci": renamed(record["ci"], "ci") if isinstance(record.get("ci"), dict) else record.get("ci"),
+            "primary_metric": renames.get(record["primary_metric"], record["primary_metric"])}
+
+
+def _current_metric_names(metrics: Sequence[str] | None) -> list[str] | None:
+    """``metrics`` (as ``--metrics`` gives them) under their current names: ``accuracy`` → ``acc``.
+
+    Raises:
+        ConfigError: a name that is no metric (see :func:`vlpbench.metrics.metric_spec`).
+    """
+    if not metrics:
+        return None
+    names = []
+    for name in metrics:
+        try:
+            names.append(metric_spec(name).name)
+        except ConfigError as error:
+            raise ConfigError(f"--metrics {name}: {error}") from None
+    return list(dict.fromkeys(names))
 
 
 def _shown_metrics(record: dict, metrics: Sequence[str] | None) -> list[str]:
@@ -113,6 +153,9 @@ def table_rows(records: list[dict], metrics: Sequence[str] | None = None) -> lis
     ``@<sha256[:8]>`` tag so different checkpoints are never averaged. A task column is
     (task, task version, split sha256, fraction, metric).
 
+    Metrics are named as their specs name them today (:mod:`vlpbench.metrics.specs`): a record
+    written under a former name (``accuracy``) fills the cells of the current one (``acc``).
+
     Args:
         records: result records.
         metrics: metric names to tabulate; each record contributes those of them it holds, or its
@@ -120,40 +163,42 @@ def table_rows(records: list[dict], metrics: Sequence[str] | None = None) -> lis
 
     Returns:
         Dicts with ``model``, ``model_name``, ``task``, ``group``, ``version``, ``split_dataset``,
-        ``split_version``, ``split_sha256``, ``frac``, ``metric``, ``higher_is_better``, ``mean``,
-        ``std`` (sample std, ddof=1; None for a single seed), ``n_seeds``, ``seeds``, ``ci_low`` and
-        ``ci_high`` (the mean over seeds of each seed's bootstrap bounds, i.e. the typical
-        single-run interval; None unless every seed has one), sorted by model then column. A null
-        metric value counts as NaN, so it shows up instead of silently dropping a seed.
+        ``split_version``, ``split_sha256``, ``frac``, ``metric``, ``mean``, ``std`` (sample std,
+        ddof=1; None for a single seed), ``n_seeds``, ``seeds``, ``ci_low`` and ``ci_high`` (the
+        mean over seeds of each seed's bootstrap bounds, i.e. the typical single-run interval; None
+        unless every seed has one), sorted by model then column. A null metric value counts as
+        NaN, so it shows up instead of silently dropping a seed.
 
     Raises:
-        DataError: two records fill the same cell with the same seed, or records of one column
-            disagree on ``higher_is_better``.
+        DataError: two records fill the same cell with the same seed, or a metric to tabulate has
+            no spec.
+        ConfigError: ``metrics`` names something that is no metric.
     """
+    metrics = _current_metric_names(metrics)
+    records = [_current_names(r) for r in records]
     base = [_base_label(r) for r in records]
     checkpoints: dict[str, set[str]] = defaultdict(set)
     for label, record in zip(base, records):
         checkpoints[label].add(_checkpoint_tag(record))
 
     cells: dict[tuple, dict[str, Any]] = {}
-    directions: dict[tuple, bool] = {}
     for label, record in zip(base, records):
         if len(checkpoints[label]) > 1:
             name = record["model"]["name"]
             label = name + f" @{_checkpoint_tag(record)}" + label[len(name):]
         task, split = record["task"], record["split"]
         for metric in _shown_metrics(record, metrics):
+            try:
+                metric_spec(metric)
+            except ConfigError as error:
+                raise DataError(f"{_record_name(record)}: {error}") from None
             column = (task["name"], task["version"], split_identity(split), float(record["frac"]), metric)
-            higher_is_better = _direction(record, metric)
-            if directions.setdefault(column, higher_is_better) != higher_is_better:
-                raise DataError(f"records of {task['name']} {version_label(task['version'])} disagree on "
-                                f"higher_is_better for {metric}")
             cell = cells.setdefault((label, *column), {
                 "model": label, "model_name": record["model"]["name"], "task": task["name"],
                 "group": task_group(record), "version": task["version"],
                 "split_dataset": split["dataset"], "split_version": split["version"],
                 "split_sha256": split_identity(split), "frac": float(record["frac"]), "metric": metric,
-                "higher_is_better": higher_is_better, "values": {}, "cis": {}})
+                "values": {}, "cis": {}})
             if record["seed"] in cell["values"]:
                 raise DataError(f"two records for {label}, {task['name']} {version_label(task['version'])}, "
                                 f"frac {record['frac']}, seed {record['seed']}; remove one")
@@ -252,6 +297,7 @@ def build_table(records: list[dict], *, models: Sequence[str] | None = None,
     """
     if not records:
         raise DataError("no result records to tabulate")
+    metrics = _current_metric_names(metrics)
     chosen = select_records(records, models=models, tasks=tasks, fracs=fracs, group=group)
     return build_grid(table_rows(chosen, metrics), references=references, model_order=models,
                       task_order=tasks, metric_order=metrics, percent=percent, decimals=decimals)

@@ -11,10 +11,11 @@ from typing import Any
 import yaml
 
 from vlpbench.errors import ConfigError
+from vlpbench.metrics.specs import metric_spec
 
 TASKS_DIR = Path(__file__).resolve().parent
 _REQUIRED = ("name", "version", "description", "dataset", "split", "protocol", "primary_metric",
-             "higher_is_better", "fractions", "config", "sources")
+             "fractions", "config", "sources")
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,7 @@ class Task:
     dataset: str
     split: str
     protocol: str
-    primary_metric: str
-    higher_is_better: bool
+    primary_metric: str  # a metric's name as vlpbench.metrics registers it
     fractions: tuple[float, ...]
     config: dict[str, Any]
     sources: dict[str, str]
@@ -36,6 +36,11 @@ class Task:
     # Optional `compare:` mapping, regression tolerances for `vlpbench compare`: abs_tol (a number,
     # or {fraction: number}), k, rationale; validated by vlpbench.report.compare.task_tolerance.
     compare: dict[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def higher_is_better(self) -> bool:
+        """The direction of the primary metric (no task ranks a metric the other way round)."""
+        return metric_spec(self.primary_metric).higher_is_better
 
     def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The task config with ``overrides`` applied; unknown keys and type changes are errors."""
@@ -63,6 +68,16 @@ def _compatible(default: Any, value: Any) -> bool:
     return isinstance(value, type(default))
 
 
+def _check_primary_metric(path: Path, name: Any) -> None:
+    """ConfigError unless ``name`` is a metric's current name (not unknown, not a former name)."""
+    try:
+        current = metric_spec(name).name
+    except ConfigError as error:
+        raise ConfigError(f"{path}: primary_metric: {error}") from None
+    if current != name:
+        raise ConfigError(f"{path}: primary_metric {name!r} is the former name of {current!r}; write {current!r}")
+
+
 def task_names() -> list[str]:
     """Names of all tasks shipped with vlpbench."""
     return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
@@ -84,5 +99,6 @@ def load_task(name: str) -> Task:
         raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}")
     if spec["name"] != name:
         raise ConfigError(f"{path}: name {spec['name']!r} does not match the file name {name!r}")
+    _check_primary_metric(path, spec["primary_metric"])
     spec["fractions"] = tuple(float(f) for f in spec["fractions"])
     return Task(path=path, compare=spec.get("compare"), **{key: spec[key] for key in _REQUIRED})

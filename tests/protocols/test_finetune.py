@@ -15,6 +15,7 @@ from vlpbench.cli import main
 from vlpbench.data.cxr14 import LABELS
 from vlpbench.data.splits import dataset_split
 from vlpbench.errors import ConfigError, DataError
+from vlpbench.metrics import metric_spec
 from vlpbench.protocols import SplitIds
 from vlpbench.protocols.finetune import augment, run_finetune_task
 from vlpbench.protocols.segmentation import random_affine
@@ -110,6 +111,8 @@ def test_finetuning_learns_covidx_and_select_on_loss_keeps_the_lowest_validation
                                 progress=False)
     # One-vs-rest macro AUC of the three classes; chance is 0.5.
     assert outcome["metrics"]["auc"] > 0.65
+    assert set(outcome["metrics"]) == {"acc", "auc", "auc_normal", "auc_pneumonia", "auc_covid_19"}
+    assert all(metric_spec(name).name == name for name in (*outcome["metrics"], *outcome["ci"]))
     history = outcome["training"]["history"]
     assert outcome["training"]["best_epoch"] == min(history, key=lambda h: h["val_loss"])["epoch"]
     assert outcome["training"]["best_val"] == min(h["val_loss"] for h in history)

@@ -15,6 +15,7 @@ from vlpbench.data.cache import resize_image
 from vlpbench.data.rsna import RsnaSource
 from vlpbench.data.splits import load_split
 from vlpbench.errors import ConfigError
+from vlpbench.metrics import metric_spec
 from vlpbench.protocols import SplitIds
 from vlpbench.protocols.zero_shot import run_zero_shot_task
 from vlpbench.registry import ADAPTERS
@@ -114,6 +115,7 @@ def test_rsna_zero_shot_beats_chance_with_thresholds_from_validation(roots, thre
     for name in ("auc", "f1", "acc", "mcc"):
         assert outcome["ci"][name]["low"] <= metrics[name] <= outcome["ci"][name]["high"]
     assert outcome["per_image"] == {}
+    assert all(metric_spec(name).name == name for name in metrics)
 
 
 def test_missing_text_side_fails_before_any_work_and_says_what_to_pass(roots):

@@ -15,7 +15,7 @@ from vlpbench.report.compare import (IMPROVEMENT, NEW, NOT_COMPARABLE, REGRESSIO
                                      exit_code, junit_xml, markdown_summary, task_tolerance)
 from vlpbench.results import load_records, write_record
 
-from .conftest import SPLIT_B
+from .conftest import SPLIT_B, with_former_names
 
 
 def _seeds(make, model, values, **kwargs):
@@ -43,12 +43,43 @@ def test_seed_rule_uses_max_of_abs_tol_and_k_pooled_std(make):
     assert _verdicts(compare_records(base, cand, abs_tol=0.1)) == dict.fromkeys(_verdicts(comparisons), WITHIN)
 
 
-def test_lower_is_better_flips_the_sign(make):
-    base = _seeds(make, "m", [0.20, 0.21, 0.22], higher=False)
-    worse = _seeds(make, "m", [0.30, 0.31, 0.32], higher=False)  # +0.10 on an error metric: worse
-    better = _seeds(make, "m", [0.10, 0.11, 0.12], higher=False)
+def test_lower_is_better_flips_the_sign(make, error_metric):
+    base = _seeds(make, "m", [0.20, 0.21, 0.22], primary=error_metric)
+    worse = _seeds(make, "m", [0.30, 0.31, 0.32], primary=error_metric)  # +0.10 on an error metric: worse
+    better = _seeds(make, "m", [0.10, 0.11, 0.12], primary=error_metric)
     assert compare_records(base, worse)[0].verdict == REGRESSION
     assert compare_records(base, better)[0].verdict == IMPROVEMENT
+
+
+def test_directions_come_from_the_metric_spec_not_the_record(make):
+    # Dice is higher-is-better whatever a record's task says: 0.60 → 0.50 is a regression.
+    base, cand = make("m", 0.60), make("m", 0.50)
+    base["task"]["higher_is_better"] = cand["task"]["higher_is_better"] = False
+    result = compare_records([base], [cand])[0]
+    assert result.verdict == REGRESSION and result.baseline.higher_is_better and result.delta == pytest.approx(-0.1)
+
+
+def test_a_record_under_the_former_metric_name_compares_with_a_current_one(make, tmp_path):
+    ids = [f"img{i}" for i in range(40)]
+    correct = {i: float(k % 10 != 0) for k, i in enumerate(ids)}  # 36 of 40 right: 0.90
+    new = make("m", {"acc": 0.90, "auc": 0.95}, task="covidx_cls", primary="acc", ci=0.02, per_image=correct)
+    write_record(with_former_names(new, {"acc": "accuracy"}), tmp_path / "old")
+    old = load_records(tmp_path / "old")
+    assert old[0]["primary_metric"] == "accuracy"  # the file keeps what was written
+    candidate = make("m", {"acc": 0.85, "auc": 0.95}, task="covidx_cls", primary="acc")
+    result = compare_records(old, [candidate])[0]
+    assert (result.baseline.metric, result.candidate.metric) == ("acc", "acc")
+    assert result.verdict == REGRESSION and result.delta == pytest.approx(-0.05)
+    assert "| covidx_cls | 1% | ACC ↑ | 0.9000 (n=1) | 0.8500 (n=1) | −0.0500 |" in markdown_summary([result])
+    assert compare_records(old, [new])[0].verdict == WITHIN
+
+
+def test_a_metric_that_is_not_a_mean_of_per_image_scores_is_never_paired(make):
+    scores = {f"img{i}": 1.0 for i in range(50)}
+    base = make("m", 0.80, task="chexpert_cls", per_image=scores)
+    result = compare_records([base], [make("m", 0.795, task="chexpert_cls", per_image=scores)])[0]
+    assert result.verdict == WITHIN and result.rule == "abs_tol 0.01"
+    assert "auc is not a mean of per-image scores: abs_tol rule" in result.notes
 
 
 def test_single_seeds_without_per_image_scores_use_abs_tol(make):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+
 import pytest
 
 from vlpbench.errors import ConfigError, DataError
@@ -12,15 +15,15 @@ SPLIT_B = "b" * 8 + "2" * 56
 
 
 def _record(model: str, value: float, *, seed: int = 0, frac: float = 0.01, task: str = "siim_seg",
-            version: int = 1, split: str = SPLIT_A, higher: bool = True, overrides: dict | None = None,
+            version: int = 1, split: str = SPLIT_A, metric: str = "dice", overrides: dict | None = None,
             synthetic: bool = False, sha: str = "c" * 64) -> dict:
     return {
         "schema": 1,
         "model": {"name": model, "adapter": model, "checkpoint": {"path": "x.pth", "sha256": sha}},
-        "task": {"name": task, "version": version, "higher_is_better": higher},
+        "task": {"name": task, "version": version},
         "frac": frac, "seed": seed,
         "split": {"dataset": "siim", "version": "v1", "sha256": split},
-        "metrics": {"dice": value}, "primary_metric": "dice",
+        "metrics": {metric: value}, "primary_metric": metric,
         "n": {"train": 93, "val": 10, "test": 10},
         "config": {"overrides": overrides or {}},
         "timing": {}, "env": {}, "data": {"synthetic": synthetic}, "created": "2025-01-01T00:00:00+00:00",
@@ -61,10 +64,10 @@ def test_mean_and_sample_std_over_three_seeds():
     assert raw[("mgca", "siim_seg 1%")] == "0.540 ± 0.036"
 
 
-def test_best_follows_higher_is_better():
-    records = [_record("a", 0.2, higher=False), _record("b", 0.3, higher=False)]
+def test_best_follows_the_metric_direction(error_metric):
+    records = [_record("a", 0.2, metric=error_metric), _record("b", 0.3, metric=error_metric)]
     cells = _cells(markdown_table(records))
-    assert cells[("", "siim_seg 1%")] == "Dice ↓"
+    assert cells[("", "siim_seg 1%")] == "Error ↓"
     assert (cells[("a", "siim_seg 1%")], cells[("b", "siim_seg 1%")]) == ("**20.0**", "30.0")
     # Equal at the printed precision: both are best.
     tied = _cells(markdown_table([_record("a", 0.70001), _record("b", 0.69999)]))
@@ -107,6 +110,39 @@ def test_overrides_synthetic_and_checkpoint_labels():
         "mgca @dddddddd", "mgca @eeeeeeee"]  # two checkpoints of one model are never averaged
 
 
+def test_records_under_the_former_metric_name_fill_the_current_column(make, tmp_path):
+    from vlpbench.report.table import render_table
+    from vlpbench.results import load_records, write_record
+
+    from .conftest import with_former_names
+
+    old = make("mgca", {"acc": 0.80, "auc": 0.90}, task="covidx_cls", primary="acc", ci=0.02)
+    write_record(with_former_names(old, {"acc": "accuracy"}), tmp_path)
+    records = load_records(tmp_path) + [make("g2d", {"acc": 0.85, "auc": 0.91}, task="covidx_cls", primary="acc")]
+    cells = _cells(markdown_table(records))
+    assert (cells[("", "covidx_cls 1%")], cells[("g2d", "covidx_cls 1%")], cells[("mgca", "covidx_cls 1%")]) == (
+        "ACC ↑", "**85.0**", "80.0")
+    # --metrics takes either name; the CSV names the metric as it is called today, with the old record's CI.
+    assert _cells(markdown_table(records, metrics=["accuracy", "auc"])) == _cells(
+        markdown_table(records, metrics=["acc", "auc"]))
+    lines = {row["model"]: row for row in csv.DictReader(io.StringIO(render_table(records, "csv")))}
+    assert [(m, lines[m]["metric"], lines[m]["mean"], lines[m]["ci_low"]) for m in ("g2d", "mgca")] == [
+        ("g2d", "acc", "0.85", ""), ("mgca", "acc", "0.8", "0.78")]
+    # One metric under both names with different values cannot be read.
+    both = with_former_names(old, {})
+    both["metrics"]["accuracy"] = 0.5
+    with pytest.raises(DataError, match="metrics holds acc under its current and its former name"):
+        table_rows([both])
+
+
+def test_unknown_metric_names_are_errors():
+    with pytest.raises(ConfigError, match="--metrics acuracy: unknown metric 'acuracy'"):
+        table_rows([_record("g2d", 0.6)], metrics=["acuracy"])
+    record = _record("g2d", 0.6, metric="hd95")
+    with pytest.raises(DataError, match="the record of g2d, siim_seg v1, frac 0.01, seed 0: unknown metric 'hd95'"):
+        table_rows([record])
+
+
 def test_duplicate_seed_is_an_error():
     with pytest.raises(DataError, match="two records for g2d, siim_seg v1, frac 0.01, seed 0"):
         table_rows([_record("g2d", 0.6), _record("g2d", 0.7)])
@@ -114,10 +150,10 @@ def test_duplicate_seed_is_an_error():
         markdown_table([])
 
 
-def test_second_best_is_underlined_ties_share_a_mark_and_last_is_never_second(make):
+def test_second_best_is_underlined_ties_share_a_mark_and_last_is_never_second(make, error_metric):
     records = [make("a", 0.70), make("b", 0.70), make("c", 0.60), make("d", 0.50),
                # lower is better: 20 best, 30 second, 40 worst
-               *(make(m, v, task="rsna_seg", higher=False) for m, v in (("a", 0.4), ("b", 0.2), ("c", 0.3))),
+               *(make(m, v, task="rsna_seg", primary=error_metric) for m, v in (("a", 0.4), ("b", 0.2), ("c", 0.3))),
                # two distinct values over three entries: the worse one is both second and last, so unmarked
                *(make(m, v, frac=1.0) for m, v in (("a", 0.9), ("b", 0.9), ("c", 0.8)))]
     cells = _cells(markdown_table(records))
