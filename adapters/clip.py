@@ -49,7 +49,6 @@ from vlpbench.adapters.base import (
     Weights,
     load_state_dict_file,
     match_keys,
-    save_checkpoint,
     split_prefix,
     unwrap_state_dict,
 )
@@ -375,54 +374,6 @@ def _arch_name(config: ClipConfig) -> str:
     if config == ClipConfig.vit_b32():
         return "vit-b32"
     return f"vit-w{config.vision_width}-l{config.vision_layers}-p{config.patch_size}-{config.image_size}"
-
-
-def write_clip_checkpoint(
-    path: str | Path,
-    *,
-    seed: int = 0,
-    vit_b32: bool = False,
-    embed_dim: int = 32,
-    image_size: int = 32,
-    patch_size: int = 8,
-    vision_width: int = 64,
-    vision_layers: int = 2,
-    text_width: int = 64,
-    text_layers: int = 2,
-    context_length: int = 77,
-    openai_scalars: bool = False,
-) -> Path:
-    """Write a random-init OpenAI-layout ViT CLIP state dict (CheXzero's file form); return its path.
-
-    The tensors are open_clip's default init of the shape given, drawn under ``torch.manual_seed(seed)`` in a
-    forked RNG (the caller's RNG is untouched; one seed always gives the same file). The defaults are tiny
-    (for tests); ``vit_b32=True`` gives OpenAI's ViT-B/32 shape instead (about 600 MB in fp32) and
-    overrides the shape arguments. The vocabulary is always OpenAI's 49408 BPE tokens.
-    ``openai_scalars=True`` adds ``input_resolution``, ``context_length`` and ``vocab_size`` as in OpenAI's
-    TorchScript archives.
-
-    Raises:
-        ConfigError: ``image_size`` not a multiple of ``patch_size``, or a width not a multiple of 64.
-    """
-    if vit_b32:
-        config = ClipConfig.vit_b32()
-    else:
-        if image_size % patch_size:
-            raise ConfigError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-        if vision_width % HEAD_WIDTH or text_width % HEAD_WIDTH:
-            raise ConfigError(f"widths must be multiples of {HEAD_WIDTH} (the attention head width), got "
-                              f"vision {vision_width}, text {text_width}")
-        config = ClipConfig(embed_dim=embed_dim, image_size=image_size, patch_size=patch_size,
-                            vision_width=vision_width, vision_layers=vision_layers, context_length=context_length,
-                            vocab_size=len(_tokenizer().encoder), text_width=text_width, text_layers=text_layers)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        state = config.build().state_dict()
-    if openai_scalars:
-        state |= {"input_resolution": torch.tensor(config.image_size),
-                  "context_length": torch.tensor(config.context_length),
-                  "vocab_size": torch.tensor(config.vocab_size)}
-    return save_checkpoint(state, path)
 
 
 # --- Hugging Face CLIPModel directories -------------------------------------------------------------------

@@ -21,7 +21,7 @@ text with each location of ``dense_embed``; or ``attention_pool``, the attention
 query (mean over heads, the source of G2D's pseudo masks), the same map for every text and needing no
 text encoder.
 
-``write_g2d_checkpoint`` writes random-init files in these exact layouts for the demo and the tests.
+:func:`vlpbench.testing.write_g2d_checkpoint` writes random-init files in these exact layouts.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from vlpbench.adapters.base import (
     loaded_eval,
     match_keys,
     match_resnet50_encoder,
-    save_checkpoint,
     sha256_tree,
     split_prefix,
     unet_decoder_shapes,
@@ -64,7 +63,7 @@ TRAINING_STATE_REASON = "training state (epoch counter, optimizer): resumes pre-
 _TRAINING_STATE_KEYS = ("epoch", "optimizer_state_dict")
 _UNET_PARTS = ("encoder.", "decoder.", "segmentation_head.")
 # G2D config.yaml: projection width 128, 4 attention-pool heads, 256-pixel images (8×8 at stride 32).
-_PROJ, _POOL_HEADS, _POOL_POSITIONS = 128, 4, (256 // 32) ** 2 + 1
+PROJECTION_WIDTH, _POOL_HEADS, _POOL_POSITIONS = 128, 4, (256 // 32) ** 2 + 1
 # Training tokenisation truncates at 256 tokens (PRETRAIN/utils/dataset.py).
 _TEXT_MAX_LENGTH = 256
 # What BertConfig and AutoTokenizer read from a local Hugging Face BERT folder; those present are hashed into
@@ -115,7 +114,7 @@ class G2DAdapter(Adapter):
         # The random init of the modules below is overwritten at once; keep it off the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
             if "proj_v" in extra:
-                self._proj_v = loaded_eval(_proj_v(), extra["proj_v"])
+                self._proj_v = loaded_eval(image_projection(), extra["proj_v"])
                 self._attnpool = loaded_eval(AttentionPool2d(), extra["attnpool"])
             else:
                 lacking |= {EMBED_IMAGE, DENSE_EMBED}
@@ -124,7 +123,7 @@ class G2DAdapter(Adapter):
 
                 config = extra["text_config"]
                 self._bert = loaded_eval(BertModel(config, add_pooling_layer=True), extra["lm_model"])
-                self._proj_t = loaded_eval(_proj_t(config.hidden_size), extra["proj_t"])
+                self._proj_t = loaded_eval(text_projection(config.hidden_size), extra["proj_t"])
                 self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
             else:
                 lacking.add(EMBED_TEXT)
@@ -168,7 +167,7 @@ class G2DAdapter(Adapter):
         report.ignore(PSEUDO_CONV_REASON, list(pseudo_conv))
         image_heads, image_side = split_prefix(rest, *IMAGE_HEAD_PREFIXES)
         with torch.device("meta"):  # shapes only: no init, no draw from the global RNG
-            heads = {"proj_v": _proj_v(), "attnpool": AttentionPool2d()}
+            heads = {"proj_v": image_projection(), "attnpool": AttentionPool2d()}
         extra = {name: _match_part(image_heads, f"{name}.", module, report) for name, module in heads.items()}
         if options["text_encoder"]:
             extra.update(_map_text_side(text_side, options["text_encoder"], report))
@@ -298,7 +297,7 @@ class AttentionPool2d(nn.Module):
     ``pixel_attention`` gives the per-head attention weights that G2D turns into its pseudo masks.
     """
 
-    def __init__(self, positions: int = _POOL_POSITIONS, dim: int = _PROJ, heads: int = _POOL_HEADS) -> None:
+    def __init__(self, positions: int = _POOL_POSITIONS, dim: int = PROJECTION_WIDTH, heads: int = _POOL_HEADS) -> None:
         super().__init__()
         self.positional_embedding = nn.Parameter(torch.randn(positions, dim) / dim**0.5)
         self.mhsa = nn.MultiheadAttention(dim, heads)
@@ -327,19 +326,19 @@ class AttentionPool2d(nn.Module):
         return x + self.positional_embedding[:, None, :].to(x.dtype)
 
 
-def _proj_v() -> nn.Sequential:
+def image_projection() -> nn.Sequential:
     """G2D's image projection: 1×1 conv 2048→128, BatchNorm without affine (running stats only), ReLU, 1×1 conv."""
     return nn.Sequential(
-        nn.Conv2d(2048, _PROJ, 1, bias=False), nn.BatchNorm2d(_PROJ, affine=False), nn.ReLU(),
-        nn.Conv2d(_PROJ, _PROJ, 1, bias=False),
+        nn.Conv2d(2048, PROJECTION_WIDTH, 1, bias=False), nn.BatchNorm2d(PROJECTION_WIDTH, affine=False), nn.ReLU(),
+        nn.Conv2d(PROJECTION_WIDTH, PROJECTION_WIDTH, 1, bias=False),
     )
 
 
-def _proj_t(hidden: int) -> nn.Sequential:
+def text_projection(hidden: int) -> nn.Sequential:
     """G2D's text projection over token features ``(B, hidden, L)``: Conv1d hidden→128, BN, ReLU, Conv1d."""
     return nn.Sequential(
-        nn.Conv1d(hidden, _PROJ, 1, bias=False), nn.BatchNorm1d(_PROJ, affine=False), nn.ReLU(),
-        nn.Conv1d(_PROJ, _PROJ, 1, bias=False),
+        nn.Conv1d(hidden, PROJECTION_WIDTH, 1, bias=False), nn.BatchNorm1d(PROJECTION_WIDTH, affine=False), nn.ReLU(),
+        nn.Conv1d(PROJECTION_WIDTH, PROJECTION_WIDTH, 1, bias=False),
     )
 
 
@@ -373,7 +372,7 @@ def _map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: Load
         del text_side[_POSITION_IDS]
     with torch.device("meta"):  # shapes only: no init time spent on a 110M-parameter model
         bert = BertModel(config, add_pooling_layer=True)
-        proj_t = _proj_t(config.hidden_size)
+        proj_t = text_projection(config.hidden_size)
     return {
         "lm_model": _match_part(text_side, "lm_model.", bert, report),
         "proj_t": _match_part(text_side, "proj_t.", proj_t, report),
@@ -416,120 +415,3 @@ def _map_unet(
         {k[len(prefix):]: v for k, v in decoder_part.items()}, unet_decoder_shapes(), report, source_prefix=prefix
     )
     return encoder, decoder
-
-
-# --- random-init checkpoints in the published layouts -------------------------------------------------
-
-# Bio_ClinicalBERT (a BERT-base): vocabulary, width, positions, token types, layers; its FFN is 4× the width.
-_BERT_VOCAB, _BERT_HIDDEN, _BERT_POSITIONS, _BERT_TYPES, _BERT_LAYERS = 28996, 768, 512, 2, 12
-
-
-def write_g2d_checkpoint(
-    path: str | Path,
-    layout: str = "encoder",
-    seed: int = 0,
-    *,
-    text_layers: int = _BERT_LAYERS,
-    text_hidden: int = _BERT_HIDDEN,
-    text_vocab: int = _BERT_VOCAB,
-) -> Path:
-    """Write a random-init G2D checkpoint in one of the published key layouts; return its path.
-
-    The image U-Net is ``smp.Unet('resnet50', in_channels=3, classes=1)`` with smp's default init under
-    ``torch.manual_seed(seed)`` (the global RNG is restored afterwards), so one seed gives the same image
-    weights in every layout and the same file content on every call.
-
-    For ``layout="pretrain"`` the file is the full training checkpoint: ``epoch``, ``model_state_dict``
-    in G2D's module order (``img_model``, ``attnpool``, ``lm_model``, ``proj_v``, ``proj_t``,
-    ``pseudo_conv``) with the real key names and shapes, and ``optimizer_state_dict`` of G2D's AdamW as
-    saved before its first step (empty ``state``). ``lm_model.*`` follows transformers' ``BertModel`` with
-    pooler (no persistent ``position_ids`` buffer, as in transformers ≥ 4.31). With the real 12 text layers
-    the file is about 570 MB; ``text_layers`` (0-12) keeps only the first layers for small test files.
-    ``text_hidden`` and ``text_vocab`` shrink the BERT (FFN width 4 × ``text_hidden``, 512 positions, 2 token
-    types) to match a tiny ``BertConfig`` in tests; ``proj_t`` takes ``text_hidden`` inputs.
-
-    Raises:
-        ConfigError: unknown ``layout``, ``text_layers`` outside 0-12, or ``text_hidden``/``text_vocab`` < 1.
-    """
-    import segmentation_models_pytorch as smp
-
-    if layout not in LAYOUTS:
-        raise ConfigError(f"unknown G2D layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-    if not 0 <= text_layers <= _BERT_LAYERS:
-        raise ConfigError(f"text_layers must be between 0 and {_BERT_LAYERS}, got {text_layers}")
-    if text_hidden < 1 or text_vocab < 1:
-        raise ConfigError(f"text_hidden and text_vocab must be positive, got {text_hidden} and {text_vocab}")
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = smp.Unet("resnet50", encoder_weights=None, in_channels=3, classes=1)
-        if layout == "encoder":
-            obj: dict[str, Any] = unet.encoder.state_dict()
-        elif layout == "encoder_decoder":
-            obj = unet.state_dict()
-        else:
-            obj = _pretrain_checkpoint(unet, text_layers, text_hidden, text_vocab)
-
-    return save_checkpoint(obj, path)
-
-
-def _pretrain_checkpoint(unet: nn.Module, text_layers: int, text_hidden: int, text_vocab: int) -> dict[str, Any]:
-    """G2D's ``save_checkpoints`` dict around ``unet``, with random text side and heads (uses the global RNG)."""
-    attnpool = AttentionPool2d()
-    # BatchNorm without affine parameters: only running statistics are saved.
-    proj_v = _proj_v()
-    proj_t = _proj_t(text_hidden)
-    pseudo_conv = nn.Conv2d(1024, _PROJ, 1)
-    bert = _bert_state(text_layers, text_hidden, text_vocab)
-
-    model_state: dict[str, torch.Tensor] = {}
-    n_params = 0
-    parts: list[tuple[str, nn.Module | dict[str, torch.Tensor]]] = [
-        ("img_model.", unet), ("attnpool.", attnpool), ("lm_model.", bert),
-        ("proj_v.", proj_v), ("proj_t.", proj_t), ("pseudo_conv.", pseudo_conv),
-    ]
-    for prefix, part in parts:
-        if isinstance(part, nn.Module):
-            model_state.update({prefix + k: v for k, v in part.state_dict().items()})
-            n_params += len(list(part.parameters()))
-        else:
-            model_state.update({prefix + k: v for k, v in part.items()})
-            n_params += len(part)  # every BERT tensor is a parameter
-
-    # G2D's optimizer: AdamW(model.parameters(), lr=2e-5, weight_decay=1e-8, betas=(0.9, 0.999)), with a
-    # CosineAnnealingWarmRestarts scheduler that adds "initial_lr" to the group.
-    placeholders = [nn.Parameter(torch.empty(0)) for _ in range(n_params)]
-    optimizer_state = torch.optim.AdamW(placeholders, lr=2e-5, weight_decay=1e-8, betas=(0.9, 0.999)).state_dict()
-    optimizer_state["param_groups"][0]["initial_lr"] = 2e-5
-    return {"epoch": 0, "model_state_dict": model_state, "optimizer_state_dict": optimizer_state}
-
-
-def _bert_state(layers: int, hidden: int, vocab: int) -> dict[str, torch.Tensor]:
-    """A BERT state dict (transformers ``BertModel`` key names) with BERT's init: N(0, 0.02) weights."""
-
-    def linear(out_features: int, in_features: int) -> dict[str, torch.Tensor]:
-        return {"weight": torch.randn(out_features, in_features) * 0.02, "bias": torch.zeros(out_features)}
-
-    def layer_norm() -> dict[str, torch.Tensor]:
-        return {"weight": torch.ones(hidden), "bias": torch.zeros(hidden)}
-
-    def named(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.{k}": v for k, v in tensors.items()}
-
-    state = {
-        "embeddings.word_embeddings.weight": torch.randn(vocab, hidden) * 0.02,
-        "embeddings.position_embeddings.weight": torch.randn(_BERT_POSITIONS, hidden) * 0.02,
-        "embeddings.token_type_embeddings.weight": torch.randn(_BERT_TYPES, hidden) * 0.02,
-        **named("embeddings.LayerNorm", layer_norm()),
-    }
-    for i in range(layers):
-        block = f"encoder.layer.{i}"
-        for projection in ("query", "key", "value"):
-            state.update(named(f"{block}.attention.self.{projection}", linear(hidden, hidden)))
-        state.update(named(f"{block}.attention.output.dense", linear(hidden, hidden)))
-        state.update(named(f"{block}.attention.output.LayerNorm", layer_norm()))
-        state.update(named(f"{block}.intermediate.dense", linear(4 * hidden, hidden)))
-        state.update(named(f"{block}.output.dense", linear(hidden, 4 * hidden)))
-        state.update(named(f"{block}.output.LayerNorm", layer_norm()))
-    state.update(named("pooler.dense", linear(hidden, hidden)))
-    return state

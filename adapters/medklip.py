@@ -24,8 +24,8 @@ padding to that length) each time it builds the model. This adapter does the sam
 (option ``entity_embeddings``). With either, it provides ``zero_shot_scores`` (the classifier's softmax at
 each class's entity) and ``grounding_maps`` (the decoder's cross-attention at each class's entity).
 
-``write_medklip_checkpoint``, ``write_medklip_entities`` and ``write_medklip_entity_embeddings`` write
-random-init files in these layouts for the demo and the tests.
+:mod:`vlpbench.testing` writes random-init files in these layouts (``write_medklip_checkpoint``,
+``write_medklip_entities``, ``write_medklip_entity_embeddings``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from vlpbench.adapters.base import (
     load_state_dict_file,
     loaded_eval,
     match_keys,
-    save_checkpoint,
     sha256_file,
     split_prefix,
     unwrap_state_dict,
@@ -106,7 +105,7 @@ _LAYOUT = "medklip-resnet50-layer3"
 # res_features index → torchvision ResNet-50 module (indices 2 and 3 are the parameter-free ReLU and max-pool).
 _BACKBONE_STAGES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3"}
 _BACKBONE_PREFIX = "res_features."
-_D_MODEL, _HEADS, _FFN, _LAYERS, _FEATURES = 256, 4, 1024, 4, 1024
+D_MODEL, HEADS, FFN, LAYERS, FEATURES = 256, 4, 1024, 4, 1024
 
 
 class QueryDecoderLayer(nn.Module):
@@ -117,7 +116,7 @@ class QueryDecoderLayer(nn.Module):
     memory ``(N, B, d)``. Returns the new queries and the head-averaged cross-attention ``(B, Q, N)``.
     """
 
-    def __init__(self, d_model: int = _D_MODEL, heads: int = _HEADS, ffn: int = _FFN) -> None:
+    def __init__(self, d_model: int = D_MODEL, heads: int = HEADS, ffn: int = FFN) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, heads)
         self.multihead_attn = nn.MultiheadAttention(d_model, heads)
@@ -140,10 +139,10 @@ class QueryDecoderLayer(nn.Module):
 class QueryDecoder(nn.Module):
     """MedKLIP's ``TransformerDecoder``: the layers, then a final LayerNorm; also returns each layer's attention."""
 
-    def __init__(self, layers: int = _LAYERS) -> None:
+    def __init__(self, layers: int = LAYERS) -> None:
         super().__init__()
         self.layers = nn.ModuleList(QueryDecoderLayer() for _ in range(layers))
-        self.norm = nn.LayerNorm(_D_MODEL)
+        self.norm = nn.LayerNorm(D_MODEL)
 
     def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         weights = []
@@ -158,11 +157,11 @@ class MedKLIPHead(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.disease_embedding_layer = nn.Linear(ENTITY_WIDTH, _D_MODEL)
-        self.res_l1 = nn.Linear(_FEATURES, _FEATURES)
-        self.res_l2 = nn.Linear(_FEATURES, _D_MODEL)
+        self.disease_embedding_layer = nn.Linear(ENTITY_WIDTH, D_MODEL)
+        self.res_l1 = nn.Linear(FEATURES, FEATURES)
+        self.res_l2 = nn.Linear(FEATURES, D_MODEL)
         self.decoder = QueryDecoder()
-        self.classifier = nn.Linear(_D_MODEL, 2)
+        self.classifier = nn.Linear(D_MODEL, 2)
 
     def forward(self, features: torch.Tensor, entities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer3 features ``(B, 1024, h, w)`` and entity embeddings ``(75, 768)`` → ``(logits, attention)``.
@@ -528,88 +527,3 @@ def _bert_weights_file(folder: Path) -> str:
         raise ConfigError(f"adapter 'medklip': text_encoder={str(folder)!r} has no {' or '.join(BERT_WEIGHT_FILES)}; "
                           "MedKLIP's entity queries are computed with the BERT's own weights")
     return weights
-
-
-# --- random-init files in the published layouts ----------------------------------------------------------------
-
-# Pretrain_MedKLIP.yaml, the parts that describe the model and its optimisation.
-_PUBLISHED_CONFIG = {
-    "image_res": 224, "d_model": _D_MODEL, "res_base_model": "resnet50", "num_queries": N_ENTITIES,
-    "dropout": 0.1, "attribute_set_size": 2, "N": _LAYERS, "H": _HEADS,
-    "text_encoder": "emilyalsentzer/Bio_ClinicalBERT",
-    "optimizer": {"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02},
-    "schedular": {"sched": "cosine", "lr": 1e-4, "epochs": 100, "min_lr": 1e-5, "decay_rate": 1,
-                  "warmup_lr": 1e-5, "warmup_epochs": 5, "cooldown_epochs": 0},
-}
-
-
-def write_medklip_checkpoint(path: str | Path, *, seed: int = 0, prefix: str = "module.") -> Path:
-    """Write a random-init MedKLIP ``checkpoint_final.pth`` with the published keys and shapes; return its path.
-
-    The container is train_MedKLIP.py's: ``model`` (342 keys, each prefixed with ``prefix``, DataParallel's
-    ``"module."`` by default; ``""`` gives the unprefixed form), ``optimizer`` (AdamW as saved before its first
-    step), ``lr_scheduler`` (plain values), ``config`` and ``epoch``. The trunk is torchvision's ResNet-50 init,
-    the rest MedKLIP's ``_init_weights`` (Linear and attention projections N(0, 0.02)), all drawn under
-    ``torch.manual_seed(seed)`` in a forked RNG: one seed always gives the same tensors, and the caller's
-    RNG is untouched.
-    """
-    import torchvision
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        resnet = torchvision.models.resnet50(weights=None)
-        head = MedKLIPHead()
-        cl_fc = nn.Linear(_D_MODEL, ENTITY_WIDTH)
-        for module in (head, cl_fc):
-            module.apply(_medklip_init)
-    res_features = nn.Sequential(*list(resnet.children())[:-3])
-    # MedKLIP registers its modules in this order, so its state dict lists them so.
-    parts: list[tuple[str, nn.Module]] = [
-        ("disease_embedding_layer", head.disease_embedding_layer), ("cl_fc", cl_fc),
-        ("res_features", res_features), ("res_l1", head.res_l1), ("res_l2", head.res_l2),
-        ("decoder", head.decoder), ("classifier", head.classifier),
-    ]
-    model = {f"{prefix}{name}.{k}": v for name, module in parts for k, v in module.state_dict().items()}
-    n_params = sum(len(list(module.parameters())) for _, module in parts)
-    placeholders = [nn.Parameter(torch.empty(0)) for _ in range(n_params)]
-    optimizer = torch.optim.AdamW(placeholders, lr=1e-4, weight_decay=0.02).state_dict()
-    schedule = _PUBLISHED_CONFIG["schedular"]
-    lr_scheduler = {"t_initial": schedule["epochs"], "lr_min": schedule["min_lr"], "warmup_t": schedule["warmup_epochs"],
-                    "warmup_lr_init": schedule["warmup_lr"], "base_values": [schedule["lr"]]}
-    obj = {"model": model, "optimizer": optimizer, "lr_scheduler": lr_scheduler,
-           "config": json.loads(json.dumps(_PUBLISHED_CONFIG)), "epoch": schedule["epochs"] - 1}
-    return save_checkpoint(obj, path)
-
-
-def _medklip_init(module: nn.Module) -> None:
-    """MedKLIP's ``_init_weights``: N(0, 0.02) Linear weights and attention projections."""
-    if isinstance(module, nn.Linear):
-        module.weight.data.normal_(mean=0.0, std=0.02)
-    elif isinstance(module, nn.MultiheadAttention):
-        module.in_proj_weight.data.normal_(mean=0.0, std=0.02)
-        module.out_proj.weight.data.normal_(mean=0.0, std=0.02)
-
-
-def write_medklip_entities(path: str | Path) -> Path:
-    """Write a synthetic ``observation explanation.json``: MedKLIP's 75 keys (position 20 spelt "eumonia", as
-    published), each with a short made-up description. Returns the path."""
-    path = Path(path)
-    book = {PUBLISHED_KEY_SPELLINGS.get(i, name): f"Synthetic description {i}: findings of {name.replace('_', ' ')}."
-            for i, name in enumerate(ENTITY_NAMES)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(book, indent=4) + "\n", encoding="utf-8")
-    return path
-
-
-def write_medklip_entity_embeddings(path: str | Path, *, seed: int = 0) -> Path:
-    """Write a random N(0, 1) (75, 768) entity-embedding tensor (``.safetensors``, else ``torch.save``); return the path."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    embeddings = torch.randn(N_ENTITIES, ENTITY_WIDTH, generator=torch.Generator().manual_seed(seed))
-    if path.suffix == ".safetensors":
-        save_file({"entity_embeddings": embeddings}, str(path))
-    else:
-        torch.save(embeddings, path)
-    return path

@@ -20,8 +20,8 @@ Inside ``state_dict`` (``mgca/models/mgca/mgca_module.py``, ``mgca/models/backbo
 - ``patch_local_atten_layer.*``, ``word_local_atten_layer.*``: token-level cross-attention.
 - ``prototype_layer.*``: the disease prototypes.
 
-The ViT-B/16 variant is refused. ``write_mgca_checkpoint`` writes random-init files in this exact layout
-for the demo and the tests.
+The ViT-B/16 variant is refused. :func:`vlpbench.testing.write_mgca_checkpoint` writes random-init files in
+this exact layout.
 """
 
 from __future__ import annotations
@@ -38,13 +38,11 @@ from vlpbench.adapters.base import (
     EMBED_IMAGE,
     EMBED_TEXT,
     Adapter,
-    LightningAttributeDict,
     LoadReport,
     Weights,
     loaded_eval,
     match_keys,
     match_resnet50_encoder,
-    save_checkpoint,
     split_prefix,
     unwrap_state_dict,
 )
@@ -101,6 +99,8 @@ _MGCA_INPUT = 299
 # MultimodalPretrainingDataset tokenises reports with truncation at max_words = 112 tokens.
 _TEXT_MAX_LENGTH = 112
 _WORD = re.compile(r"\w+")
+# MGCA defaults: emb_dim 128, hidden width 2048 of the projection heads.
+EMB_DIM, HEAD_HIDDEN = 128, 2048
 
 
 class MgcaAdapter(Adapter):
@@ -145,7 +145,7 @@ class MgcaAdapter(Adapter):
         # The random init of the modules below is overwritten at once; keep it off the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
             if "image_head" in extra:
-                self._image_head = loaded_eval(_global_embedding(2048), extra["image_head"])
+                self._image_head = loaded_eval(global_embedding(2048), extra["image_head"])
             else:
                 lacking.add(EMBED_IMAGE)
             if "text_model" in extra:
@@ -155,7 +155,7 @@ class MgcaAdapter(Adapter):
                 state = dict(extra["text_model"])
                 state[_TOKEN_TYPES] = torch.zeros(config.type_vocab_size, config.hidden_size)
                 self._bert = loaded_eval(BertModel(config, add_pooling_layer=False), state)
-                self._text_head = loaded_eval(_global_embedding(config.hidden_size), extra["text_head"])
+                self._text_head = loaded_eval(global_embedding(config.hidden_size), extra["text_head"])
                 self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
                 self._text_encoder_record = text_encoder_record(self.options["text_encoder"])
             else:
@@ -193,7 +193,7 @@ class MgcaAdapter(Adapter):
         image_head, state = split_prefix(state, IMAGE_GLOBAL_PREFIX)
         if image_head:
             with torch.device("meta"):  # shapes only: no init, no draw from the global RNG
-                expected = _shapes(_global_embedding(2048))
+                expected = _shapes(global_embedding(2048))
             extra["image_head"] = match_keys(_strip(image_head, IMAGE_GLOBAL_PREFIX), expected, report,
                                              source_prefix=prefix + IMAGE_GLOBAL_PREFIX,
                                              target_prefix="image_global_embed.")
@@ -298,7 +298,7 @@ def _map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: Load
     config.add_cross_attention = False
     with torch.device("meta"):  # shapes only: no init time spent on the BERT
         expected = _shapes(BertModel(config, add_pooling_layer=False))
-        head = _shapes(_global_embedding(config.hidden_size))
+        head = _shapes(global_embedding(config.hidden_size))
     del expected[_TOKEN_TYPES]
     return {
         "text_model": match_keys(model_part, expected, report, source_prefix=prefix + TEXT_MODEL_PREFIX,
@@ -319,125 +319,9 @@ def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-
-# --- random-init checkpoints in the published layout -------------------------------------------------
-
-# mgca/configs/bert_config.json: Bio_ClinicalBERT vocabulary and positions, 6 layers, cross-attention.
-_VOCAB, _POSITIONS, _TEXT_LAYERS, _TEXT_HIDDEN = 28996, 512, 6, 768
-# MGCA defaults: emb_dim 128, hidden width 2048 of the projection heads, 500 prototypes.
-_EMB, _HEAD_HIDDEN, _PROTOTYPES = 128, 2048, 500
-
-
-def write_mgca_checkpoint(
-    path: str | Path, seed: int = 0, *, text_layers: int = _TEXT_LAYERS, text_hidden: int = _TEXT_HIDDEN
-) -> Path:
-    """Write a random-init MGCA ``resnet_50.ckpt`` with the published keys and shapes; return its path.
-
-    The image encoder equals ``torchvision.models.resnet50()`` (without ``fc``) built right after
-    ``torch.manual_seed(seed)``; heads and text encoder follow from the same seed. The global RNG is restored
-    afterwards, so one seed always gives the same tensors.
-
-    The text encoder is BLIP's ``med.BertModel`` as MGCA configures it: embeddings without token types,
-    ``position_ids`` buffer, ``text_layers`` layers each with self-attention, cross-attention, FFN (4× width),
-    no pooler. The real width is 768 (the file is then about 400 MB); tests may shrink ``text_hidden``
-    (and ``text_layers``) to keep files small, which changes only ``text_encoder_q.*`` shapes, and with
-    them ``text_encoder_q.{global,local}_embed.head.0``.
-
-    Lightning entries: ``hyper_parameters`` (written as Lightning's ``AttributeDict`` class, readable without
-    Lightning), ``epoch``, ``global_step``, ``optimizer_states`` (empty), ``lr_schedulers`` (empty),
-    ``pytorch-lightning_version`` "1.5.9".
-
-    Raises:
-        ConfigError: ``text_layers`` negative or ``text_hidden`` not a positive multiple of 12 (the heads).
-    """
-    import torchvision
-
-    if text_layers < 0:
-        raise ConfigError(f"text_layers must be >= 0, got {text_layers}")
-    if text_hidden <= 0 or text_hidden % 12:
-        raise ConfigError(f"text_hidden must be a positive multiple of 12 (BERT's 12 heads), got {text_hidden}")
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        resnet = torchvision.models.resnet50(weights=None)
-        resnet.fc = nn.Identity()
-        parts: list[tuple[str, nn.Module]] = [
-            ("img_encoder_q.model.", resnet),
-            ("img_encoder_q.global_embed.head.", _global_embedding(2048)),
-            ("img_encoder_q.local_embed.head.", _local_embedding(1024)),
-            ("text_encoder_q.model.", _MedBert(text_layers, text_hidden)),
-            ("text_encoder_q.global_embed.head.", _global_embedding(text_hidden)),
-            ("text_encoder_q.local_embed.head.", _local_embedding(text_hidden)),
-            ("patch_local_atten_layer.", nn.MultiheadAttention(_EMB, 1)),
-            ("word_local_atten_layer.", nn.MultiheadAttention(_EMB, 1)),
-            ("prototype_layer.", nn.Linear(_EMB, _PROTOTYPES, bias=False)),
-        ]
-        state = {prefix + k: v for prefix, module in parts for k, v in module.state_dict().items()}
-
-    hyper_parameters = LightningAttributeDict(img_encoder="resnet_50", emb_dim=_EMB, num_prototypes=_PROTOTYPES)
-    checkpoint = {
-        "epoch": 0,
-        "global_step": 0,
-        "pytorch-lightning_version": "1.5.9",
-        "state_dict": state,
-        "callbacks": {},
-        "optimizer_states": [],
-        "lr_schedulers": [],
-        "hparams_name": "kwargs",
-        "hyper_parameters": hyper_parameters,
-    }
-    return save_checkpoint(checkpoint, path)
-
-
-def _global_embedding(in_dim: int) -> nn.Sequential:
+def global_embedding(in_dim: int) -> nn.Sequential:
     """MGCA's ``GlobalEmbedding``: Linear, BN, ReLU, Linear, BN without affine parameters."""
     return nn.Sequential(
-        nn.Linear(in_dim, _HEAD_HIDDEN), nn.BatchNorm1d(_HEAD_HIDDEN), nn.ReLU(inplace=True),
-        nn.Linear(_HEAD_HIDDEN, _EMB), nn.BatchNorm1d(_EMB, affine=False),
+        nn.Linear(in_dim, HEAD_HIDDEN), nn.BatchNorm1d(HEAD_HIDDEN), nn.ReLU(inplace=True),
+        nn.Linear(HEAD_HIDDEN, EMB_DIM), nn.BatchNorm1d(EMB_DIM, affine=False),
     )
-
-
-def _local_embedding(in_dim: int) -> nn.Sequential:
-    """MGCA's ``LocalEmbedding``: 1×1 Conv1d, BN, ReLU, 1×1 Conv1d, BN without affine parameters."""
-    return nn.Sequential(
-        nn.Conv1d(in_dim, _HEAD_HIDDEN, 1), nn.BatchNorm1d(_HEAD_HIDDEN), nn.ReLU(inplace=True),
-        nn.Conv1d(_HEAD_HIDDEN, _EMB, 1), nn.BatchNorm1d(_EMB, affine=False),
-    )
-
-
-class _MedBert(nn.Module):
-    """Only the parameter structure of BLIP's ``med.BertModel`` (no forward): the key names and shapes."""
-
-    def __init__(self, layers: int, hidden: int) -> None:
-        super().__init__()
-        self.embeddings = nn.Module()
-        self.embeddings.word_embeddings = nn.Embedding(_VOCAB, hidden)
-        self.embeddings.position_embeddings = nn.Embedding(_POSITIONS, hidden)
-        self.embeddings.LayerNorm = nn.LayerNorm(hidden)
-        self.embeddings.register_buffer("position_ids", torch.arange(_POSITIONS).expand((1, -1)))
-        self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(_med_layer(hidden) for _ in range(layers))
-
-
-def _med_layer(hidden: int) -> nn.Module:
-    """One ``med.BertLayer`` with cross-attention (``encoder_width`` = the text width, as in MGCA's config)."""
-
-    def attention() -> nn.Module:
-        block = nn.Module()
-        block.self = nn.Module()
-        for projection in ("query", "key", "value"):
-            setattr(block.self, projection, nn.Linear(hidden, hidden))
-        block.output = nn.Module()
-        block.output.dense = nn.Linear(hidden, hidden)
-        block.output.LayerNorm = nn.LayerNorm(hidden)
-        return block
-
-    layer = nn.Module()
-    layer.attention = attention()
-    layer.crossattention = attention()
-    layer.intermediate = nn.Module()
-    layer.intermediate.dense = nn.Linear(hidden, 4 * hidden)
-    layer.output = nn.Module()
-    layer.output.dense = nn.Linear(4 * hidden, hidden)
-    layer.output.LayerNorm = nn.LayerNorm(hidden)
-    return layer

@@ -468,12 +468,12 @@ def pseudo_mask(checkpoint: str | Path, images: list[str | Path], out: str | Pat
     Per image: ``<stem>_mask.png``, ``<stem>_attention.npy``, ``<stem>_overlay.png`` and, with ``sentence``,
     ``<stem>_similarity.npy``; ``out/pseudo_masks.json`` holds the model, the options and each image's
     threshold and mask fraction. ``variant`` and ``options`` are those of
-    :func:`vlpbench.pseudo_mask.pseudo_mask_options`; see :mod:`vlpbench.pseudo_mask` for the pipeline.
+    :func:`vlpbench.tools.pseudo_mask.pseudo_mask_options`; see :mod:`vlpbench.tools.pseudo_mask` for the pipeline.
     """
     from tqdm.auto import tqdm
 
-    from vlpbench import pseudo_mask as pm
     from vlpbench.adapters import build_adapter
+    from vlpbench.tools import pseudo_mask as pm
 
     settings = pm.pseudo_mask_options(variant, **(options or {}))
     if batch_size < 1:
@@ -504,11 +504,11 @@ def finetune_clip(data: str | Path, checkpoint: str | Path, out: str | Path, *, 
     """Fine-tune the CLIP in ``checkpoint`` on the image–report pairs in ``data``; return the run's metadata.
 
     ``data`` is a MIMIC-CXR-JPG folder with reports (its frontal images of ``mimic_parts``) or a CSV with
-    columns ``image_path,report``. ``config`` is a :class:`vlpbench.clip_finetune.FinetuneConfig` (None: the
+    columns ``image_path,report``. ``config`` is a :class:`vlpbench.tools.clip_finetune.FinetuneConfig` (None: the
     defaults). Writes ``model.pt`` (loads in the ``clip`` adapter), ``latest.pt`` (resume state),
-    ``metadata.json`` and the loss curve to ``out``; see :mod:`vlpbench.clip_finetune`.
+    ``metadata.json`` and the loss curve to ``out``; see :mod:`vlpbench.tools.clip_finetune`.
     """
-    from vlpbench.clip_finetune import FinetuneConfig, finetune, load_pairs
+    from vlpbench.tools.clip_finetune import FinetuneConfig, finetune, load_pairs
 
     pairs = load_pairs(data, mimic_parts)
     return finetune(pairs, checkpoint, out, config or FinetuneConfig(), device=resolve_device(device),
@@ -525,7 +525,7 @@ def demo(out: str | Path = "vlpbench-demo", *, n: int = 500, seed: int = 0, devi
          progress: bool = True) -> str:
     """Synthesize SIIM, write a random-init checkpoint in G2D's encoder layout, run ``siim_seg`` at
     two fractions through ``run`` and return the Markdown table."""
-    from vlpbench.adapters.g2d import write_g2d_checkpoint
+    from vlpbench.testing import write_g2d_checkpoint
 
     out = Path(out)
     data = out / "siim"

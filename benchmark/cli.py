@@ -517,7 +517,7 @@ def _finetune_clip(args: argparse.Namespace) -> int:
     import dataclasses
 
     from vlpbench import api
-    from vlpbench.clip_finetune import FinetuneConfig
+    from vlpbench.tools.clip_finetune import FinetuneConfig
 
     given = {name: getattr(args, name) for name in (
         "epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "margin", "sentence_sampling",

@@ -29,7 +29,7 @@ def error_metric():
 @pytest.fixture(scope="session")
 def siim_root(tmp_path_factory):
     """A synthetic SIIM-ACR folder (real ImageIds and RLE masks, JPEG-encapsulated DICOMs at 256²)."""
-    from vlpbench.data.synth_siim import synth_siim
+    from vlpbench.synthetic.siim import synth_siim
 
     root = tmp_path_factory.mktemp("data") / "siim"
     synth_siim(root, n=240, seed=0, size=256, progress=False)
@@ -39,7 +39,7 @@ def siim_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def g2d_encoder_checkpoint(tmp_path_factory):
     """A random-init checkpoint with the key layout of G2D's published ``*_encoder.pth``."""
-    from vlpbench.adapters.g2d import write_g2d_checkpoint
+    from vlpbench.testing import write_g2d_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "g2d_encoder.pth"
     write_g2d_checkpoint(path, layout="encoder", seed=0)

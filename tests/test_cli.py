@@ -59,7 +59,7 @@ def test_user_errors_exit_2_with_a_message_and_no_traceback(capsys, tmp_path):
 def test_inspect_exits_nonzero_on_missing_weights(tmp_path, capsys):
     import torch
 
-    from vlpbench.adapters.g2d import write_g2d_checkpoint
+    from vlpbench.testing import write_g2d_checkpoint
 
     good = tmp_path / "g2d_encoder.pth"
     write_g2d_checkpoint(good, layout="encoder", seed=0)

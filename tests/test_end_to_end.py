@@ -100,7 +100,7 @@ def test_encoder_decoder_option_needs_a_decoder_checkpoint(siim_root, g2d_encode
 
 
 def test_cli_run_then_table(siim_root, tmp_path, capsys):
-    from vlpbench.adapters.g2d import write_g2d_checkpoint
+    from vlpbench.testing import write_g2d_checkpoint
 
     checkpoint = write_g2d_checkpoint(tmp_path / "g2d_encoder_decoder.pth", layout="encoder_decoder", seed=1)
     args = ["run", "--model", "g2d", "--task", "siim_seg", "--frac", "0.1", "--checkpoint", str(checkpoint),

@@ -19,11 +19,11 @@ from vlpbench.data.cache import CorruptImagesError, cached_images
 from vlpbench.data.images import read_image
 from vlpbench.data.siim import SiimSource, read_labels
 from vlpbench.data.splits import dataset_split
-from vlpbench.data.synth_siim import synth_siim
 from vlpbench.errors import CheckpointError, ConfigError, DataError, VlpbenchError
 from vlpbench.protocols import runtime
 from vlpbench.protocols.features import Preprocessing, cached_features
 from vlpbench.protocols.segmentation import UNet
+from vlpbench.synthetic.siim import synth_siim
 
 # A resnet18 U-Net at 32 px for one or two epochs: fast, and the whole api.run path.
 TINY = {"image_size": 32, "batch_size": 2, "max_epochs": 1, "patience": 1, "balance_negatives": False,
@@ -335,6 +335,7 @@ def test_pickle_in_the_entity_cache_is_never_run(tmp_path, monkeypatch):
     from transformers import BertConfig, BertModel, BertTokenizer
 
     from vlpbench.adapters import medklip
+    from vlpbench.testing import write_medklip_entities
 
     monkeypatch.setenv("VLPBENCH_CACHE", str(tmp_path / "cache"))
     bert = tmp_path / "bert"
@@ -343,7 +344,7 @@ def test_pickle_in_the_entity_cache_is_never_run(tmp_path, monkeypatch):
     BertTokenizer(str(bert / "vocab.txt")).save_pretrained(bert)
     BertModel(BertConfig(vocab_size=6, hidden_size=768, num_hidden_layers=1, num_attention_heads=12,
                          intermediate_size=32, max_position_embeddings=64)).save_pretrained(bert)
-    entities = medklip.write_medklip_entities(tmp_path / "observation explanation.json")
+    entities = write_medklip_entities(tmp_path / "observation explanation.json")
     medklip.cached_entity_embeddings(str(entities), str(bert))
     (cached,) = (tmp_path / "cache" / "medklip_entities").iterdir()
     marker = tmp_path / "ran"

@@ -1,4 +1,4 @@
-"""Dataset readers (one module per on-disk format), split files and synthetic datasets."""
+"""Dataset readers (one module per on-disk format), split files and the image cache."""
 
 from pathlib import Path
 

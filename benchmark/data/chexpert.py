@@ -1,7 +1,7 @@
 """CheXpert reader (train.csv / valid.csv and the JPEG tree), the 5x200 zero-shot set, split v1,
 and the radiologist-labelled test set.
 
-Formats (reference/datasets.md §4): the download unpacks to ``CheXpert-v1.0-small/`` (or the full
+Formats (docs/datasets.md, "CheXpert"): the download unpacks to ``CheXpert-v1.0-small/`` (or the full
 ``CheXpert-v1.0/``) holding ``train.csv``, ``valid.csv`` and ``train/`` / ``valid/`` trees of
 ``patientNNNNN/studyN/viewN_{frontal,lateral}.jpg``. Both CSVs have the same 19 columns; ``Path``
 is relative to the *parent* of the dataset folder (it starts with the release folder's name), and
@@ -267,7 +267,7 @@ class ChexpertSource:
 
     @property
     def synthetic(self) -> bool:
-        """True for a dataset written by :func:`vlpbench.data.synth_chexpert.synth_chexpert`."""
+        """True for a dataset written by :func:`vlpbench.synthetic.chexpert.synth_chexpert`."""
         return is_synthetic(self.root, self.folder.parent)
 
     @property
@@ -350,12 +350,12 @@ def _five_by_200(table: LabelTable) -> list[tuple[str, str]]:
 def build_5x200(train_csv: str | Path) -> list[tuple[str, str]]:
     """The CheXpert 5x200 zero-shot set (GLoRIA / MGCA): 1,000 ``(Path, class)`` pairs.
 
-    The rule of datasets.md §4.3: empty values count as 0; frontal rows only; for each of
-    Atelectasis, Cardiomegaly, Consolidation, Edema and Pleural Effusion, the rows where that class
+    The rule of docs/datasets.md, "CheXpert 5x200": empty values count as 0; frontal rows only; for each
+    of Atelectasis, Cardiomegaly, Consolidation, Edema and Pleural Effusion, the rows where that class
     is 1.0 and the other 12 pathologies are 0 (a -1 anywhere excludes the row; No Finding is not
-    constrained); 200 drawn per class exactly as MGCA's ``df.sample(n=200, random_state=0)`` does.
-    On the real train.csv this reproduces the published instance (first row
-    ``patient38614/study1``; AP 764, PA 235, LL 1). Returned class by class, in draw order.
+    constrained); 200 drawn per class exactly as MGCA's ``df.sample(n=200, random_state=0)`` does. On
+    the real train.csv this reproduces the published instance (first row ``patient38614/study1``; AP
+    764, PA 235, LL 1). Returned class by class, in draw order.
 
     Raises:
         DataError: a malformed train.csv, or a class with fewer than 200 candidate rows.
@@ -542,7 +542,7 @@ class ChexpertTestSet:
 
     @property
     def synthetic(self) -> bool:
-        """True for a test set written by :func:`vlpbench.data.synth_chexpert.synth_chexpert`: the
+        """True for a test set written by :func:`vlpbench.synthetic.chexpert.synth_chexpert`: the
         marker is in ``root`` or, when ``root`` is the release folder, in its parent."""
         return is_synthetic(self.root, self.label_file.parent.parent)
 

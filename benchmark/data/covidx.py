@@ -1,6 +1,6 @@
 """COVIDx reader: space-separated label lines without header, images in train/ and test/.
 
-Format (reference/datasets.md §5): one line per image, ``patient_id filename class data_source``
+Format (docs/datasets.md, "COVIDx"): one line per image, ``patient_id filename class data_source``
 (single spaces, LF). Quirks handled here:
 
 - patient ids with spaces (``COVID 70 COVID(70).png COVID-19 sirm`` in v7/v8): lines are parsed
@@ -199,7 +199,7 @@ class CovidxSource:
 
     @property
     def synthetic(self) -> bool:
-        """True for a dataset written by :func:`vlpbench.data.synth_covidx.synth_covidx`."""
+        """True for a dataset written by :func:`vlpbench.synthetic.covidx.synth_covidx`."""
         return is_synthetic(self.root)
 
     def _row(self, image_id: str) -> tuple[str, str, str | None, str]:

@@ -1,7 +1,7 @@
 """NIH ChestX-ray14 reader: ``Data_Entry_2017[_v2020].csv``, ``BBox_List_2017.csv``, the official
 list files and the PNG folders, plus split v1 derived from the user's official lists.
 
-Formats (reference/datasets.md §6):
+Formats (docs/datasets.md, "ChestX-ray14"):
 
 - ``Data_Entry_2017_v2020.csv`` (else the original ``Data_Entry_2017.csv``): the header has 9 names
   but 11 comma-separated fields, because ``OriginalImage[Width,Height]`` and
@@ -22,8 +22,8 @@ in any package): test is ``test_list.txt`` (25,596 images in the real data). ``t
 (86,524) is split by patient into train and val: patients are taken in a seeded order (seed 0),
 first one patient for each finding not yet in val (rarest finding first), then whole patients
 while they fit, until val holds ``round(0.1 × len(train_val))`` images exactly. With the real
-lists this gives 77,872 / 8,652 / 25,596, the sizes of the KAD split that G2D uses (protocols.md
-§2.6); KAD's own lists do not ship, so the members differ from KAD's while the sizes and the
+lists this gives 77,872 / 8,652 / 25,596, the sizes of the KAD split that G2D uses (its
+Table 3); KAD's own lists do not ship, so the members differ from KAD's while the sizes and the
 patient-disjointness agree. The training subsets are nested random draws by image
 (``train_10pct`` = round(10 % of train) = 7,787, ``train_1pct`` ⊂ ``train_10pct`` = round(1 % of
 train) = 779) that keep at least one positive of every finding (:func:`~vlpbench.data.splits.multilabel_subset`).
@@ -339,7 +339,7 @@ class Cxr14Source:
 
     @property
     def synthetic(self) -> bool:
-        """True for a dataset written by :func:`vlpbench.data.synth_cxr14.synth_cxr14`."""
+        """True for a dataset written by :func:`vlpbench.synthetic.cxr14.synth_cxr14`."""
         return is_synthetic(self.root)
 
     def entry(self, image_id: str) -> Cxr14Entry:

@@ -3,7 +3,7 @@
 The reader scales and inverts like the reference downstream code (MGCA's
 ``cv2.convertScaleAbs(x, alpha=255 / x.max())``, then ``255 - x`` for MONOCHROME1). The writer
 reproduces the files of the SIIM-ACR and RSNA Kaggle releases (DCMTK-made Secondary Capture
-objects with one JPEG Baseline fragment), tag for tag; see reference/datasets.md §1.2.
+objects with one JPEG Baseline fragment), tag for tag; see docs/datasets.md, "SIIM DICOM files".
 """
 
 from __future__ import annotations
@@ -106,12 +106,12 @@ def write_dicom(
 ) -> Path:
     """Write ``pixels`` as a SIIM-ACR style DICOM file and return its path.
 
-    The file matches the Kaggle release byte layout: 128-byte preamble and ``DICM``, Explicit VR
-    Little Endian meta with DCMTK's implementation UID, transfer syntax JPEG Baseline
-    (1.2.840.10008.1.2.4.50) with the pixels encapsulated as an empty Basic Offset Table plus one
-    fragment, Secondary Capture SOP class, and the dataset elements of reference/datasets.md §1.2
-    in file order (StudyDate 19010101, Modality CR, ConversionType WSD, SeriesDescription
-    ``view: PA|AP``, PatientName = PatientID, a bare-number PatientAge, ...).
+    The file matches the Kaggle release byte layout: 128-byte preamble and ``DICM``, Explicit VR Little
+    Endian meta with DCMTK's implementation UID, transfer syntax JPEG Baseline (1.2.840.10008.1.2.4.50)
+    with the pixels encapsulated as an empty Basic Offset Table plus one fragment, Secondary Capture SOP
+    class, and the dataset elements of docs/datasets.md, "SIIM DICOM files", in file order (StudyDate
+    19010101, Modality CR, ConversionType WSD, SeriesDescription ``view: PA|AP``, PatientName =
+    PatientID, a bare-number PatientAge, ...).
 
     Args:
         path: the file to write (parent folders are created).

@@ -1,23 +1,23 @@
 """MIMIC-CXR-JPG reader (metadata, official split, CheXpert/NegBio labels, JPEG tree) with the
 free-text reports of MIMIC-CXR, and split v1 derived from the user's official split file.
 
-Formats (reference/datasets.md §8): a release folder (``mimic-cxr-jpg/2.0.0/`` or ``2.1.0/``) holds
-``mimic-cxr-2.0.0-metadata.csv.gz``, ``-split.csv.gz``, ``-chexpert.csv.gz`` and ``-negbio.csv.gz``
-(gunzipped ``.csv`` copies are accepted, and any ``mimic-cxr-<version>-`` prefix), and the images at
-``files/p<first two digits of subject>/p<subject_id>/s<study_id>/<dicom_id>.jpg``. The image id is
-the ``dicom_id``. Labels are study-level (joined on subject_id and study_id), the 14 columns in
-alphabetical order, valued ``1.0`` / ``0.0`` / ``-1.0`` / empty as in CheXpert.
+Formats (docs/datasets.md, "MIMIC-CXR-JPG"): a release folder (``mimic-cxr-jpg/2.0.0/`` or ``2.1.0/``)
+holds ``mimic-cxr-2.0.0-metadata.csv.gz``, ``-split.csv.gz``, ``-chexpert.csv.gz`` and
+``-negbio.csv.gz`` (gunzipped ``.csv`` copies are accepted, and any ``mimic-cxr-<version>-`` prefix),
+and the images at ``files/p<first two digits of subject>/p<subject_id>/s<study_id>/<dicom_id>.jpg``. The
+image id is the ``dicom_id``. Labels are study-level (joined on subject_id and study_id), the 14 columns
+in alphabetical order, valued ``1.0`` / ``0.0`` / ``-1.0`` / empty as in CheXpert.
 
 Reports come from the separate MIMIC-CXR download: ``mimic-cxr-reports.zip`` (members
 ``files/pXX/pSUBJECT/sSTUDY.txt``) in the release folder or its parent, or the same ``.txt`` files
 unpacked into the release folder's ``files/`` tree (or ``mimic-cxr-reports/files/`` beside it).
 
-Section rule (:func:`parse_sections`, after MIT-LCP ``section_parser.py`` §8.5): a header is a line
-that starts with one space, then upper-case words, then a colon; its content runs to the next
-header. Addenda sit above the final report behind a line of underscores, so only the text after the
-last such line is parsed. ``FINDINGS`` (or ``FINDING``) gives FINDINGS, ``IMPRESSION`` (or
-``IMPRESSIONS``, ``CONCLUSION``, ``CONCLUSIONS``) gives IMPRESSION; a repeated header keeps its last
-occurrence; content is whitespace-collapsed; an absent section is ``""``.
+Section rule (:func:`parse_sections`, after MIT-LCP's ``section_parser.py``; docs/datasets.md,
+"MIMIC-CXR reports"): a header is a line that starts with one space, then upper-case words, then a
+colon; its content runs to the next header. Addenda sit above the final report behind a line of
+underscores, so only the text after the last such line is parsed. ``FINDINGS`` (or ``FINDING``) gives
+FINDINGS, ``IMPRESSION`` (or ``IMPRESSIONS``, ``CONCLUSION``, ``CONCLUSIONS``) gives IMPRESSION; a
+repeated header keeps its last occurrence; content is whitespace-collapsed; an absent section is ``""``.
 
 Split v1 (:func:`split_v1`): train / val / test are the official ``train`` / ``validate`` / ``test``
 images that have a label row (no drawing); ``train_10pct`` and ``train_1pct`` (nested) are seeded
@@ -318,7 +318,7 @@ class MimicCxrSource:
 
     @property
     def synthetic(self) -> bool:
-        """True for a dataset written by :func:`vlpbench.data.synth_mimic_cxr.synth_mimic_cxr`."""
+        """True for a dataset written by :func:`vlpbench.synthetic.mimic_cxr.synth_mimic_cxr`."""
         return is_synthetic(self.root, self.folder)
 
     @property

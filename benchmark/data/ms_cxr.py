@@ -1,6 +1,6 @@
 """MS-CXR reader (phrase grounding boxes over MIMIC-CXR-JPG images) and its split v1.
 
-Formats (reference/datasets.md §7): PhysioNet ``ms-cxr/0.1/`` ships
+Formats (docs/datasets.md, "MS-CXR"): PhysioNet ``ms-cxr/0.1/`` ships
 ``MS_CXR_Local_Alignment_v1.0.0.csv`` (+ ``.json``, COCO), v1.1.0 ships
 ``MS_CXR_Local_Alignment_v1.1.0.csv`` (+ ``.json``), whose CSV adds a ``split`` column. One CSV
 row per box: ``dicom_id,category_name,label_text,path,x,y,w,h,image_width,image_height[,split]``,
@@ -212,7 +212,7 @@ class MsCxrSource:
 
     @property
     def synthetic(self) -> bool:
-        """True for a dataset written by :func:`vlpbench.data.synth_ms_cxr.synth_ms_cxr`."""
+        """True for a dataset written by :func:`vlpbench.synthetic.ms_cxr.synth_ms_cxr`."""
         return is_synthetic(self.root, self.label_file.parent)
 
     @property

@@ -1,6 +1,6 @@
 """Object-CXR reader: foreign objects drawn as boxes, ellipses and polygons on chest X-rays.
 
-Format (reference/datasets.md §3): ``train.csv`` and ``dev.csv`` with the header
+Format (docs/datasets.md, "Object-CXR"): ``train.csv`` and ``dev.csv`` with the header
 ``image_name,annotation`` and one row per image; a negative image keeps its comma and has an
 empty annotation (``08002.jpg,``). An annotation is ``object(;object)*``, an object is its type
 (``0`` box, ``1`` ellipse, ``2`` polygon) and integer pixel coordinates, all separated by single
@@ -8,10 +8,11 @@ spaces: ``x1 y1 x2 y2`` (the corners of the box or of the ellipse's bounding box
 vertices ``x1 y1 … xn yn``. Images are 8-bit greyscale JPEGs of varying size in ``train/`` and
 ``dev/`` (ids ``00001.jpg`` … ``09000.jpg``).
 
-Layouts found (§3.1): the unpacked release (``train.csv``, ``dev.csv``, ``train/``, ``dev/``), the
-release's ``train.zip`` / ``dev.zip`` left packed (images are read from the archives, as
-torchxrayvision does), the same inside a direct subfolder (``object-CXR/``), and the Kaggle mirror
-with a labelled ``test.csv`` whose first column is ``image_path`` (``test/09001.jpg``).
+Layouts found (docs/datasets.md, "Object-CXR layout and images"): the unpacked release (``train.csv``,
+``dev.csv``, ``train/``, ``dev/``), the release's ``train.zip`` / ``dev.zip`` left packed (images are
+read from the archives, as torchxrayvision does), the same inside a direct subfolder (``object-CXR/``),
+and the Kaggle mirror with a labelled ``test.csv`` whose first column is ``image_path``
+(``test/09001.jpg``).
 """
 
 from __future__ import annotations
@@ -335,7 +336,7 @@ class ObjectCxrSource:
 
     @property
     def synthetic(self) -> bool:
-        """True for a dataset written by :func:`vlpbench.data.synth_object_cxr.synth_object_cxr`."""
+        """True for a dataset written by :func:`vlpbench.synthetic.object_cxr.synth_object_cxr`."""
         return is_synthetic(self.root, self.folder)
 
     def _lookup(self, image_id: str) -> list[Object]:

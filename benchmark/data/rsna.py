@@ -1,6 +1,6 @@
 """RSNA Pneumonia Detection Challenge reader: box label file, detailed class info, DICOM or JPEG images.
 
-Formats (reference/datasets.md §2): ``stage_2_train_labels.csv`` (header
+Formats (docs/datasets.md, "RSNA Pneumonia Detection"): ``stage_2_train_labels.csv`` (header
 ``patientId,x,y,width,height,Target``) has one row per box, top-left ``x, y`` and the size written as
 floats (``264.0``) in pixels of the image; a patient without opacity has one row with the four box
 fields empty and Target 0. ``stage_2_detailed_class_info.csv`` (header ``patientId,class``) repeats
@@ -270,7 +270,7 @@ class RsnaSource:
 
     @property
     def synthetic(self) -> bool:
-        """True for a dataset written by :func:`vlpbench.data.synth_rsna.synth_rsna`."""
+        """True for a dataset written by :func:`vlpbench.synthetic.rsna.synth_rsna`."""
         return is_synthetic(self.root)
 
     def _rows(self, image_id: str) -> list[Box]:

@@ -1,6 +1,6 @@
 """SIIM-ACR Pneumothorax Segmentation reader: relative RLE masks, label files and DICOM trees.
 
-Formats (reference/datasets.md §1): the label file is ``stage_2_train.csv`` (header
+Formats (docs/datasets.md, "SIIM-ACR Pneumothorax"): the label file is ``stage_2_train.csv`` (header
 ``ImageId,EncodedPixels``) or the stage-1 ``train-rle.csv`` (header and values carry a leading
 space); one row per mask instance, ``-1`` for an image without pneumothorax. Masks use the
 *relative* column-major RLE of the competition. DICOMs live anywhere below the dataset root and
@@ -193,7 +193,7 @@ class SiimSource:
 
     @property
     def synthetic(self) -> bool:
-        """True for a dataset written by :func:`vlpbench.data.synth_siim.synth_siim`."""
+        """True for a dataset written by :func:`vlpbench.synthetic.siim.synth_siim`."""
         return is_synthetic(self.root)
 
     def _rows(self, image_id: str) -> list[str]:

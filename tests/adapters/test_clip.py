@@ -17,9 +17,9 @@ from vlpbench.adapters.clip import (
     OPENAI_SCALARS_REASON,
     ClipAdapter,
     ClipConfig,
-    write_clip_checkpoint,
 )
 from vlpbench.errors import CheckpointError, ConfigError
+from vlpbench.testing import write_clip_checkpoint
 
 # write_clip_checkpoint's defaults: 32-px images in 8-px patches (a 4×4 grid), 32-d embeddings.
 SIZE, GRID, DIM = 32, 4, 32

@@ -14,9 +14,9 @@ from vlpbench.adapters.g2d import (
     TEXT_SIDE_REASON,
     TRAINING_STATE_REASON,
     G2DAdapter,
-    write_g2d_checkpoint,
 )
 from vlpbench.errors import CheckpointError, ConfigError
+from vlpbench.testing import write_g2d_checkpoint
 
 LAYOUTS = ("encoder", "encoder_decoder", "pretrain")
 # Where the image encoder sits inside each layout's (model) state dict.

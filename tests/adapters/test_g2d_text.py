@@ -16,9 +16,9 @@ from vlpbench.adapters.g2d import (
     TEXT_SIDE_REASON,
     TRAINING_STATE_REASON,
     G2DAdapter,
-    write_g2d_checkpoint,
 )
 from vlpbench.errors import CheckpointError, ConfigError
+from vlpbench.testing import write_g2d_checkpoint
 
 WORDS = ["no", "pleural", "effusion", "pneumothorax", "cardiomegaly", "lung", "left", "right", "small", "large"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + WORDS + [chr(c) for c in range(97, 123)] + [

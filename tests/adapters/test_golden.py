@@ -19,10 +19,13 @@ from transformers import BertConfig, BertTokenizer
 
 from vlpbench.adapters import build_adapter
 from vlpbench.adapters.base import Adapter
-from vlpbench.adapters.clip import write_clip_checkpoint
-from vlpbench.adapters.g2d import write_g2d_checkpoint
-from vlpbench.adapters.medklip import write_medklip_checkpoint, write_medklip_entity_embeddings
-from vlpbench.adapters.mgca import write_mgca_checkpoint
+from vlpbench.testing import (
+    write_clip_checkpoint,
+    write_g2d_checkpoint,
+    write_medklip_checkpoint,
+    write_medklip_entity_embeddings,
+    write_mgca_checkpoint,
+)
 
 WORDS = ["no", "pleural", "effusion", "pneumothorax", "left", "small"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [chr(c) for c in range(97, 123)] + [

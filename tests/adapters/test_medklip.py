@@ -22,11 +22,9 @@ from vlpbench.adapters.medklip import (
     entity_index,
     load_entity_descriptions,
     load_entity_embeddings,
-    write_medklip_checkpoint,
-    write_medklip_entities,
-    write_medklip_entity_embeddings,
 )
 from vlpbench.errors import CheckpointError, ConfigError
+from vlpbench.testing import write_medklip_checkpoint, write_medklip_entities, write_medklip_entity_embeddings
 
 CONTAINER_ENTRIES = ["optimizer", "lr_scheduler", "config", "epoch"]
 CLASSES = ["Pneumonia", "Pleural Effusion", "Fibrosis", "pneumothorax"]

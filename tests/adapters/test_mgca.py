@@ -22,9 +22,9 @@ from vlpbench.adapters.mgca import (
     TEXT_SIDE_REASON,
     TOKEN_ATTENTION_REASON,
     MgcaAdapter,
-    write_mgca_checkpoint,
 )
 from vlpbench.errors import CheckpointError, ConfigError
+from vlpbench.testing import write_mgca_checkpoint
 
 LIGHTNING_ENTRIES = ["epoch", "global_step", "pytorch-lightning_version", "callbacks", "optimizer_states",
                      "lr_schedulers", "hparams_name", "hyper_parameters"]

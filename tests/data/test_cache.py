@@ -41,7 +41,7 @@ class CountingSiim(SiimSource):
 @pytest.fixture(scope="module")
 def siim12(tmp_path_factory) -> Path:
     """A synthetic SIIM folder of 12 JPEG DICOMs at 256² (never modified: tests copy it first)."""
-    from vlpbench.data.synth_siim import synth_siim
+    from vlpbench.synthetic.siim import synth_siim
 
     root = tmp_path_factory.mktemp("data") / "siim"
     synth_siim(root, n=N, seed=0, size=256, progress=False)

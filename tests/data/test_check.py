@@ -7,7 +7,7 @@ import pytest
 from vlpbench.cli import main
 from vlpbench.data.check import check_dataset, verify_split
 from vlpbench.data.siim import SiimSource
-from vlpbench.data.synth_siim import synth_siim
+from vlpbench.synthetic.siim import synth_siim
 
 
 @pytest.fixture()

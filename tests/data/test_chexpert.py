@@ -25,11 +25,11 @@ from vlpbench.data.chexpert import (
     read_label_table,
 )
 from vlpbench.data.splits import load_split, main
-from vlpbench.data.chest import blur, lungs, pick_lung, resize_field
-from vlpbench.data.synth_chexpert import FINDINGS, draw, finding_fields, synth_chexpert
 from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.errors import DataError
 from vlpbench.splits import SPLITS_DIR
+from vlpbench.synthetic.chest import blur, lungs, pick_lung, resize_field
+from vlpbench.synthetic.chexpert import FINDINGS, draw, finding_fields, synth_chexpert
 
 HEADER = ",".join(COLUMNS)
 N, SIZE, SEED = 40, 64, 0
@@ -430,7 +430,8 @@ def test_synth_layout_and_rows(synth, shipped_lines):
             assert image.format == "JPEG" and image.mode == "L" and min(image.size) == SIZE
 
 
-# The real groundtruth.csv header (datasets.md §4.4): the train.csv observation order after Study.
+# The real groundtruth.csv header (docs/datasets.md, "CheXpert radiologist test set"): the train.csv
+# observation order after Study.
 REAL_GT_HEADER = ("Study,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,Lung Lesion,Edema,"
                   "Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,Fracture,"
                   "Support Devices")

@@ -11,8 +11,8 @@ from PIL import Image
 
 from vlpbench.data.covidx import CovidxSource, build_split_v1, parse_line, read_labels, split_v1
 from vlpbench.data.splits import load_split
-from vlpbench.data.synth_covidx import _finding, synth_covidx
 from vlpbench.errors import DataError
+from vlpbench.synthetic.covidx import _finding, synth_covidx
 
 SIZE = 96
 

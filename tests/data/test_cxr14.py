@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlpbench.data.chest import lungs, pick_lung
 from vlpbench.data.cxr14 import LABELS, Cxr14Source, build_split_v1, read_bboxes, read_data_entry, split_v1
-from vlpbench.data.synth_cxr14 import FINDINGS, synth_cxr14
 from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.errors import DataError
+from vlpbench.synthetic.chest import lungs, pick_lung
+from vlpbench.synthetic.cxr14 import FINDINGS, synth_cxr14
 
 N, SIZE, SEED = 24, 256, 0
 ENTRY, BBOX = "Data_Entry_2017_v2020.csv", "BBox_List_2017.csv"

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from vlpbench.data.mimic_cxr import LABELS, MimicCxrSource, build_split_v1, parse_sections, split_v1
-from vlpbench.data.synth_mimic_cxr import FILES, PATTERNS, synth_mimic_cxr
 from vlpbench.errors import DataError
+from vlpbench.synthetic.mimic_cxr import FILES, PATTERNS, synth_mimic_cxr
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from vlpbench.data.ms_cxr import CATEGORIES, MsCxrSource, build_split_v1, label_file_name, split_v1
-from vlpbench.data.synth_ms_cxr import MIMIC, synth_ms_cxr
 from vlpbench.errors import DataError
+from vlpbench.synthetic.ms_cxr import MIMIC, synth_ms_cxr
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from vlpbench.data.object_cxr import (
     split_v1,
 )
 from vlpbench.data.splits import load_split
-from vlpbench.data.synth_object_cxr import synth_object_cxr
 from vlpbench.errors import DataError
+from vlpbench.synthetic.object_cxr import synth_object_cxr
 
 N, SEED, SIZE = 18, 0, 160
 

@@ -23,13 +23,14 @@ from vlpbench.data.rsna import (
     read_labels,
 )
 from vlpbench.data.splits import PARTS, load_split
-from vlpbench.data.synth_rsna import synth_rsna
 from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.errors import DataError
 from vlpbench.splits import SPLITS_DIR
+from vlpbench.synthetic.rsna import synth_rsna
 
 HEADER = "patientId,x,y,width,height,Target"
-# The first rows of the real file (datasets.md §2.3): a negative, then a patient with two boxes.
+# The first rows of the real file (docs/datasets.md, "RSNA box labels"): a negative, then a patient
+# with two boxes.
 NEGATIVE = "0004cfab-14fd-4e49-80ba-63a80b6bddd6"
 TWO_BOXES = "00436515-870c-4b36-a041-de91049b9ab4"
 

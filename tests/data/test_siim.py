@@ -14,7 +14,8 @@ from vlpbench.data.siim import SiimSource, decode_rle, encode_rle, read_labels
 from vlpbench.data.xrv_files import SIIM_RLE, xrv_data_file
 from vlpbench.errors import DataError
 
-# The first positive image of the stage-2 file (datasets.md §1.5 gives its decoded extent).
+# The first positive image of the stage-2 file (docs/datasets.md, "SIIM relative RLE", gives its
+# decoded extent).
 FIRST_POSITIVE = "1.2.276.0.7230010.3.1.4.8323329.13666.1517875247.117800"
 
 

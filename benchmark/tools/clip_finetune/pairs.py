@@ -24,9 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from vlpbench.clip_finetune.sentences import report_text
 from vlpbench.data.images import read_image
 from vlpbench.errors import ConfigError, DataError
+from vlpbench.tools.clip_finetune.sentences import report_text
 
 CSV_COLUMNS = ("image_path", "report")
 MIMIC_PARTS = ("train", "validate", "test")

@@ -11,13 +11,14 @@ from PIL import Image
 from scipy import ndimage
 from transformers import BertConfig, BertTokenizer
 
-from vlpbench import pseudo_mask as pm
 from vlpbench.adapters.base import Adapter
-from vlpbench.adapters.g2d import G2DAdapter, write_g2d_checkpoint
+from vlpbench.adapters.g2d import G2DAdapter
 from vlpbench.cli import main
-from vlpbench.data import chest
 from vlpbench.data.dicom import write_dicom
 from vlpbench.errors import ConfigError, DataError
+from vlpbench.synthetic import chest
+from vlpbench.testing import write_g2d_checkpoint
+from vlpbench.tools import pseudo_mask as pm
 
 SIZE, CELLS, CELL = 256, 8, 32
 # The cells (row, column) the constructed attention pool attends to: a 3×3 block, 9 of the 64 cells.
@@ -47,7 +48,7 @@ def lung_fields(size: int = SIZE) -> np.ndarray:
 
 
 def chest_image(seed: int) -> np.ndarray:
-    """A 256² synthetic chest (``vlpbench.data.chest``): body, ribs, spine, heart and lung markings."""
+    """A 256² synthetic chest (``vlpbench.synthetic.chest``): body, ribs, spine, heart and lung markings."""
     return chest.render(np.random.default_rng(seed), lung_fields(), SIZE)
 
 

@@ -10,12 +10,12 @@ import pydicom
 import pytest
 from PIL import Image, ImageFilter
 
-from vlpbench.data.lungs import load_lung_masks
 from vlpbench.data.siim import SiimSource
 from vlpbench.data.splits import load_split
-from vlpbench.data.synth_siim import synth_siim
 from vlpbench.data.xrv_files import SIIM_RLE, xrv_data_file
 from vlpbench.errors import DataError
+from vlpbench.synthetic.lungs import load_lung_masks
+from vlpbench.synthetic.siim import synth_siim
 
 N, SIZE, SEED = 12, 256, 0
 

@@ -9,7 +9,7 @@ images (9 header fields, 6 row fields, ``Infiltrate``), writes ``train_val_list.
 
 Every finding is drawn so that a model can learn it: where a box exists, the finding fills the
 box (an opacity, or a dark pneumothorax); the image's other findings are drawn where they occur
-in a real chest, composed from :mod:`vlpbench.data.chest`'s helpers: plate atelectasis, an
+in a real chest, composed from :mod:`vlpbench.synthetic.chest`'s helpers: plate atelectasis, an
 enlarged heart, lobar consolidation, perihilar oedema, a basal effusion with a meniscus, hyperlucent
 emphysematous lungs, reticular fibrosis, a retrocardiac hernia, patchy infiltrates, a mass,
 nodules, apical-lateral pleural thickening, a pneumonic patch and an apical pneumothorax rim.
@@ -29,20 +29,21 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlpbench.data import SYNTHETIC_MARKER
-from vlpbench.data.chest import blur, pick_lung, prepare_output, render, resize_field, smooth_noise
-from vlpbench.data.chest import lungs as lung_masks
-from vlpbench.data.chest import write_marker
 from vlpbench.data.cxr14 import (
     BBOX_FILE, DATA_ENTRY_FILES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, Cxr14Entry, read_bboxes, read_data_entry,
 )
 from vlpbench.data.xrv_files import xrv_data_file
+from vlpbench.synthetic.chest import blur, pick_lung, prepare_output, render, resize_field, smooth_noise
+from vlpbench.synthetic.chest import lungs as lung_masks
+from vlpbench.synthetic.chest import write_marker
 
 XRV_DATA_ENTRY = "Data_Entry_2017_v2020.csv.gz"
 XRV_BBOX = "BBox_List_2017.csv.gz"
 DATA_ENTRY = DATA_ENTRY_FILES[0]
 NATIVE = 1024  # the real PNGs, and the pixel space of the real boxes
 
-# Files per Kaggle folder images_001 … images_012, in Image Index order (datasets.md §6.1).
+# Files per Kaggle folder images_001 … images_012, in Image Index order (docs/datasets.md,
+# "ChestX-ray14 layout").
 FOLDER_SIZES = (4999,) + (10000,) * 10 + (7121,)
 FOLDERS = tuple(f"images_{k:03d}" for k in range(1, len(FOLDER_SIZES) + 1))
 

@@ -3,7 +3,7 @@
 Prints images/s for each mode, measured in the same run, and the ratio against full fine-tuning
 (the cost the frozen-encoder protocol avoids). Random weights; the numbers depend only on shapes.
 
-    python benchmarks/segmentation_throughput.py --size 224 --batch 8 --steps 10 [--device cuda]
+    python perf/segmentation_throughput.py --size 224 --batch 8 --steps 10 [--device cuda]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Synthetic chest radiographs: real lung shapes, a body, ribs, lung markings, and lesions drawn where labels say.
 
-Shared by every ``synth_<dataset>`` module, so that each synthetic dataset carries a learnable
+Shared by every synthesizer in :mod:`vlpbench.synthetic`, so that each synthetic dataset carries a learnable
 signal on the same anatomy: a lesion is rendered inside the picture exactly where the real label
 file puts it (an RLE mask, a box, an object outline), and a model can learn to find it.
 """
@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from vlpbench.data import SYNTHETIC_MARKER
-from vlpbench.data.lungs import load_lung_masks
 from vlpbench.errors import DataError
+from vlpbench.synthetic.lungs import load_lung_masks
 
 GENERATOR = "vlpbench synth"
 

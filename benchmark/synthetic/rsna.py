@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vlpbench.data.chest import ANATOMY_SIZE, blur, pick_lung, prepare_output, render, resize_field, write_marker
-from vlpbench.data.chest import lungs as lung_masks
 from vlpbench.data.dicom import write_dicom
 from vlpbench.data.rsna import (
     CLASS_HEADER,
@@ -36,13 +34,16 @@ from vlpbench.data.rsna import (
 )
 from vlpbench.data.splits import load_split, sample_split
 from vlpbench.data.xrv_files import xrv_data_file
+from vlpbench.synthetic.chest import ANATOMY_SIZE, blur, pick_lung, prepare_output, render, resize_field, write_marker
+from vlpbench.synthetic.chest import lungs as lung_masks
 
 LABEL_FILE = label_file_name("2")
 CLASS_FILE = class_file_name("2")
 IMAGE_DIR = image_dir_names("2")[0]
 
 # Patients without opacity are "No Lung Opacity / Not Normal" or "Normal" in the real file, about
-# 11,821 : 8,851 (datasets.md §2.4); the per-patient class does not ship, so it is drawn.
+# 11,821 : 8,851 (docs/datasets.md, "RSNA class file"); the per-patient class does not ship, so it
+# is drawn.
 NEGATIVE_CLASSES = ("No Lung Opacity / Not Normal", "Normal")
 NEGATIVE_WEIGHTS = (11821, 8851)
 

@@ -18,12 +18,12 @@ import numpy as np
 from tqdm import tqdm
 
 from vlpbench.data.dicom import write_dicom
-from vlpbench.data.chest import lungs as lung_masks
-from vlpbench.data.chest import pick_lung, prepare_output, render, resize_field, write_marker
 from vlpbench.data.siim import EMPTY, HEIGHT, WIDTH, decode_rle
 from vlpbench.data.splits import load_split, sample_split
 from vlpbench.data.xrv_files import SIIM_RLE, xrv_data_file
 from vlpbench.errors import DataError
+from vlpbench.synthetic.chest import lungs as lung_masks
+from vlpbench.synthetic.chest import pick_lung, prepare_output, render, resize_field, write_marker
 
 LABEL_FILE = "stage_2_train.csv"
 DICOM_DIR = "dicom-images-train"

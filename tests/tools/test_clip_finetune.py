@@ -15,9 +15,12 @@ from sklearn.metrics import roc_auc_score
 
 from vlpbench import api
 from vlpbench.adapters import build_adapter
-from vlpbench.adapters.clip import write_clip_checkpoint
 from vlpbench.cli import main
-from vlpbench.clip_finetune import (
+from vlpbench.data.images import read_image
+from vlpbench.errors import ConfigError, DataError
+from vlpbench.synthetic.chest import place_lung, render
+from vlpbench.testing import write_clip_checkpoint
+from vlpbench.tools.clip_finetune import (
     FinetuneConfig,
     clip_loss,
     csv_pairs,
@@ -27,10 +30,7 @@ from vlpbench.clip_finetune import (
     report_text,
     split_sentences,
 )
-from vlpbench.clip_finetune.trainer import lr_factor
-from vlpbench.data.chest import place_lung, render
-from vlpbench.data.images import read_image
-from vlpbench.errors import ConfigError, DataError
+from vlpbench.tools.clip_finetune.trainer import lr_factor
 
 CPU = torch.device("cpu")
 SIZE = 32  # the tiny CLIP's input: 8-px patches, a 4x4 grid
@@ -274,7 +274,7 @@ def test_bad_settings_and_pair_files_are_named(tiny_clip, tmp_path):
 # --- MIMIC-CXR pairs and the command ------------------------------------------------------------------------
 
 def test_mimic_pairs_and_the_command(tiny_clip, tmp_path, monkeypatch, capsys):
-    import vlpbench.data.synth_mimic_cxr as synth_module
+    import vlpbench.synthetic.mimic_cxr as synth_module
 
     # The pictures do not matter here; a flat grey image keeps the synthetic release fast to write.
     monkeypatch.setattr(synth_module, "draw", lambda seed, findings, shape, frontal=True: np.full(shape, 90, np.uint8))

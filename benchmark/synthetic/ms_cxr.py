@@ -2,9 +2,9 @@
 
 :func:`synth_ms_cxr` writes frontal images under the MIMIC-CXR-JPG path recipe, each with one or
 two phrases naming a finding; every finding is rendered into the picture (an opacity, or a dark
-pneumothorax, :func:`vlpbench.data.chest.render`) and the phrase's boxes are the tight bounds of
+pneumothorax, :func:`vlpbench.synthetic.chest.render`) and the phrase's boxes are the tight bounds of
 what was drawn, in the written image's pixels, which are the CSV's ``image_width`` x ``image_height``
-(§7.2: boxes in original pixels).
+(docs/datasets.md, "MS-CXR CSV": boxes in original pixels).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vlpbench.data.chest import ANATOMY_SIZE, blur, pick_lung, prepare_output, render, resize_field, write_marker
-from vlpbench.data.chest import lungs as lung_masks
 from vlpbench.data.ms_cxr import CATEGORIES, COLUMNS, COLUMNS_SPLIT, VERSIONS, label_file_name
-from vlpbench.data.synth_mimic_cxr import make_dicom_id
+from vlpbench.synthetic.chest import ANATOMY_SIZE, blur, pick_lung, prepare_output, render, resize_field, write_marker
+from vlpbench.synthetic.chest import lungs as lung_masks
+from vlpbench.synthetic.mimic_cxr import make_dicom_id
 
 MIMIC = "mimic-cxr-jpg/2.0.0"
 SPLIT_SHARES = (0.6, 0.2, 0.2)  # of subjects: train / val / test (the v1.1.0 column)

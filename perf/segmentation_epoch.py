@@ -14,7 +14,7 @@ seconds per phase:
 
 The task's own config is used (224 px, batch 8) unless overridden; ``--precision bf16`` on a GPU.
 
-    python benchmarks/segmentation_epoch.py --n 120 [--image-size 224] [--device cuda] [--precision bf16]
+    python perf/segmentation_epoch.py --n 120 [--image-size 224] [--device cuda] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 from vlpbench.api import resolve_device
 from vlpbench.data.siim import SiimSource
-from vlpbench.data.synth_siim import synth_siim
 from vlpbench.protocols.runtime import prepare_model, resolve_precision, to_device
 from vlpbench.protocols.segmentation import Images, UNet, mixed_loss, random_affine
+from vlpbench.synthetic.siim import synth_siim
 from vlpbench.tasks import load_task
 
 

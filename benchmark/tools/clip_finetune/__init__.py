@@ -13,10 +13,10 @@ vlpbench's documented interpretation, each part an option that can be switched o
   ``model.pt`` loads in the ``clip`` adapter for ``vlpbench run --model clip --task chexpert_zs``.
 """
 
-from vlpbench.clip_finetune.loss import clip_loss, relax_positives
-from vlpbench.clip_finetune.pairs import Pairs, csv_pairs, load_pairs, mimic_pairs
-from vlpbench.clip_finetune.sentences import report_text, split_sentences
-from vlpbench.clip_finetune.trainer import FinetuneConfig, finetune
+from vlpbench.tools.clip_finetune.loss import clip_loss, relax_positives
+from vlpbench.tools.clip_finetune.pairs import Pairs, csv_pairs, load_pairs, mimic_pairs
+from vlpbench.tools.clip_finetune.sentences import report_text, split_sentences
+from vlpbench.tools.clip_finetune.trainer import FinetuneConfig, finetune
 
 __all__ = ["FinetuneConfig", "Pairs", "clip_loss", "csv_pairs", "finetune", "load_pairs", "mimic_pairs",
            "relax_positives", "report_text", "split_sentences"]

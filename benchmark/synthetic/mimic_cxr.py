@@ -1,12 +1,12 @@
 """Synthetic MIMIC-CXR-JPG release with MIMIC-CXR reports, in the real on-disk format.
 
 :func:`synth_mimic_cxr` invents format-true ids (subject 10000000-19999999 under ``p<first two
-digits>``, study 50000000-59999999, dicom ids of five 8-hex groups), gives each study the labels of
-a real frontal row of the CheXpert train.csv that torchxrayvision ships (values spelled as there,
-reordered to MIMIC's alphabetical columns), draws each frontal image with the study's positive
-findings (:func:`vlpbench.data.synth_chexpert.draw`), and writes a report per study in the MIMIC
-layout (§8.5) whose sentences are real OpenI (Indiana, ``NLMCXR_reports.tgz``) sentences that name
-exactly those findings; ``XXXX`` de-identification becomes MIMIC's ``___``.
+digits>``, study 50000000-59999999, dicom ids of five 8-hex groups), gives each study the labels of a
+real frontal row of the CheXpert train.csv that torchxrayvision ships (values spelled as there,
+reordered to MIMIC's alphabetical columns), draws each frontal image with the study's positive findings
+(:func:`vlpbench.synthetic.chexpert.draw`), and writes a report per study in the MIMIC layout
+(docs/datasets.md, "MIMIC-CXR reports") whose sentences are real OpenI (Indiana, ``NLMCXR_reports.tgz``)
+sentences that name exactly those findings; ``XXXX`` de-identification becomes MIMIC's ``___``.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vlpbench.data.chest import prepare_output, write_marker
 from vlpbench.data.mimic_cxr import LABEL_COLUMNS, LABELS, METADATA_COLUMNS, REPORTS_ZIP, SPLIT_COLUMNS
-from vlpbench.data.synth_chexpert import FINDINGS, draw
 from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.errors import DataError
+from vlpbench.synthetic.chest import prepare_output, write_marker
+from vlpbench.synthetic.chexpert import FINDINGS, draw
 
 CHEXPERT_TRAIN = "chexpert_train.csv.gz"
 OPENI_REPORTS = "NLMCXR_reports.tgz"
@@ -41,7 +41,7 @@ SPLIT_SHARES = (0.7, 0.15, 0.15)  # of subjects: train / validate / test (the re
 PA_LATERAL_SHARE = 0.65  # studies "CHEST (PA AND LAT)"; the others are a single portable AP
 MAX_ASPECT = 1.2
 
-# Sentence patterns that name a drawn finding (synth_chexpert.FINDINGS), and what disqualifies one.
+# Sentence patterns that name a drawn finding (vlpbench.synthetic.chexpert.FINDINGS), and what disqualifies one.
 PATTERNS = {
     "Atelectasis": r"atelecta",
     "Cardiomegaly": r"cardiomegaly|heart (?:size )?is (?:mildly |moderately |markedly )?enlarged|enlarged (?:heart|cardiac)",
@@ -139,7 +139,7 @@ def write_report(rng: np.random.Generator, findings: list[str], *, exam: str, se
     normal = [_pick(rng, pools["normal findings"]) for _ in range(int(rng.integers(2, 4)))]
     body = " ".join(positive if findings else normal)
     impression = " ".join(positive[:2]) if findings else _pick(rng, pools["normal impression"])
-    # §8.5: 83.2 % have an impression, 12.2 % only findings, 4.6 % neither.
+    # 83.2 % have an impression, 12.2 % only findings, 4.6 % neither (docs/datasets.md, "MIMIC-CXR reports").
     variant = str(rng.choice(["both", "findings", "impression", "neither"], p=[0.78, 0.12, 0.05, 0.05]))
     if variant == "impression":
         impression = " ".join([*positive, impression] if findings else [impression])
@@ -215,7 +215,7 @@ def synth_mimic_cxr(out: str | Path, n: int = 200, seed: int = 0, *, size: int =
     study with no label row when n >= 20), ``mimic-cxr-reports.zip`` (members ``files/pXX/p<subject>/
     s<study>.txt``) and ``VLPBENCH_SYNTHETIC.json``. Subjects go to train / validate / test 70 / 15 /
     15 %. The negbio rows copy the chexpert rows. Frontal images show the study's ``1.0`` findings
-    among :data:`vlpbench.data.synth_chexpert.FINDINGS`; laterals show none. Deterministic per ``seed``.
+    among :data:`vlpbench.synthetic.chexpert.FINDINGS`; laterals show none. Deterministic per ``seed``.
 
     Returns:
         ``{"n", "path", "images": {dicom_id: {"findings", "view", "size"}}, "reports": {study_id:

@@ -1,12 +1,12 @@
 """Synthetic Object-CXR dataset in the real on-disk format, with the foreign objects drawn in.
 
 No Object-CXR label file ships in a package, so ids and annotations are invented in the real format
-(reference/datasets.md §3, §9): ``train.csv`` and ``dev.csv`` (header ``image_name,annotation``,
-negatives keep their comma), ids numbered as in the release (train from ``00001.jpg``, dev from
-``08001.jpg``), half of each part positive, objects of all three types (box, ellipse, polygon) with
-integer coordinates, and 8-bit greyscale baseline JFIF JPEGs of varying size in ``train/`` and
-``dev/``. Each object is rendered as a near-white, sharp-edged foreign object exactly where its
-annotation puts it (the pixels of :func:`vlpbench.data.object_cxr.rasterize`).
+(docs/datasets.md, "Object-CXR annotations"): ``train.csv`` and ``dev.csv`` (header
+``image_name,annotation``, negatives keep their comma), ids numbered as in the release (train from
+``00001.jpg``, dev from ``08001.jpg``), half of each part positive, objects of all three types (box,
+ellipse, polygon) with integer coordinates, and 8-bit greyscale baseline JFIF JPEGs of varying size in
+``train/`` and ``dev/``. Each object is rendered as a near-white, sharp-edged foreign object exactly
+where its annotation puts it (the pixels of :func:`vlpbench.data.object_cxr.rasterize`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vlpbench.data.chest import lungs as lung_masks
-from vlpbench.data.chest import pick_lung, prepare_output, render, write_marker
 from vlpbench.data.object_cxr import BOX, ELLIPSE, TYPE_NAMES, format_annotation, rasterize
 from vlpbench.data.splits import apportion
+from vlpbench.synthetic.chest import lungs as lung_masks
+from vlpbench.synthetic.chest import pick_lung, prepare_output, render, write_marker
 
 PARTS = (("train", 1, 8000), ("dev", 8001, 1000))  # folder, first id, images in the release
 HEADER = "image_name,annotation"

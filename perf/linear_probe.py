@@ -7,7 +7,7 @@ per image), the same again with every feature cached (a second run of a sweep: s
 of every epoch). The image cache is filled beforehand so that no run pays for decoding. Prints the
 wall time and test metric of each run and the cost ratios.
 
-    python benchmarks/linear_probe.py --n 200 --size 128 --epochs 10 [--arch resnet50] [--lr 0.01] [--device cuda]
+    python perf/linear_probe.py --n 200 --size 128 --epochs 10 [--arch resnet50] [--lr 0.01] [--device cuda]
 """
 
 from __future__ import annotations

@@ -16,11 +16,12 @@ classes under the ``mgca`` policy, plus pneumothorax and support devices when 1.
 Lateral views show a chest without findings (they leave every frontal-only protocol).
 
 It also writes the radiologist-labelled test set as a user who fetched it keeps it beside train/ and
-valid/ (datasets.md §4.4; read by :class:`vlpbench.data.chexpert.ChexpertTestSet`): a
-``groundtruth.csv`` of study-level integer 0/1 labels (no final newline), whose ``Study`` values name
-the full release as the real file does, and ``test/patient647NN/study1/view1_frontal.jpg`` images
-(some with a ``view2_lateral.jpg``). Its labels are those of further real train.csv rows under
-U-zeros (empty and -1.0 become 0), and each study's frontal view shows its findings as above.
+valid/ (docs/datasets.md, "CheXpert radiologist test set"; read by
+:class:`vlpbench.data.chexpert.ChexpertTestSet`): a ``groundtruth.csv`` of study-level integer 0/1
+labels (no final newline), whose ``Study`` values name the full release as the real file does, and
+``test/patient647NN/study1/view1_frontal.jpg`` images (some with a ``view2_lateral.jpg``). Its labels
+are those of further real train.csv rows under U-zeros (empty and -1.0 become 0), and each study's
+frontal view shows its findings as above.
 """
 
 from __future__ import annotations
@@ -34,9 +35,6 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vlpbench.data.chest import ANATOMY_SIZE, blur, pick_lung, prepare_output, render, resize_field, smooth_noise
-from vlpbench.data.chest import lungs as lung_masks
-from vlpbench.data.chest import write_marker
 from vlpbench.data.chexpert import (
     CHEXPERT_TRAIN,
     COLUMNS,
@@ -49,6 +47,9 @@ from vlpbench.data.chexpert import (
 from vlpbench.data.splits import apportion, load_split
 from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.errors import DataError
+from vlpbench.synthetic.chest import ANATOMY_SIZE, blur, pick_lung, prepare_output, render, resize_field, smooth_noise
+from vlpbench.synthetic.chest import lungs as lung_masks
+from vlpbench.synthetic.chest import write_marker
 
 RELEASE = "CheXpert-v1.0-small"
 FIRST_VALID_PATIENT = 64541
@@ -64,8 +65,8 @@ MAX_IMAGES = 5000  # keeps every pool's share within the pool (the 5x200 set: 15
 LANDSCAPE = 0.75  # share of images wider than tall (inferred for the small release)
 MAX_ASPECT = 1.3
 
-# The radiologist test set (datasets.md §4.4): groundtruth.csv's exact header, and its Study values,
-# which name the full release whichever copy the user has.
+# The radiologist test set (docs/datasets.md, "CheXpert radiologist test set"): groundtruth.csv's exact
+# header, and its Study values, which name the full release whichever copy the user has.
 GROUNDTRUTH = "groundtruth.csv"
 GROUNDTRUTH_HEADER = (
     "Study,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,Lung Lesion,Edema,Consolidation,"

@@ -11,7 +11,7 @@ Writes a synthetic SIIM set in the real layout (JPEG-Baseline DICOMs, ``--size``
 Each line gives wall-clock images/s (the ratio is against direct) and CPU milliseconds per image,
 this process and its workers together; on a shared machine the CPU column is the steadier one.
 
-    python benchmarks/image_cache.py --n 200 --size 1024 --image-size 224 [--workers 8]
+    python perf/image_cache.py --n 200 --size 1024 --image-size 224 [--workers 8]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 from vlpbench.data.cache import cached_images, resize_image
 from vlpbench.data.siim import SiimSource
-from vlpbench.data.synth_siim import synth_siim
+from vlpbench.synthetic.siim import synth_siim
 
 
 class Timer:

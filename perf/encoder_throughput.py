@@ -6,7 +6,7 @@ feature extraction and the frozen part of every protocol run it. On a GPU both f
 measured; on a CPU only fp32 (CPU bf16 autocast is a correctness check, not a speed-up). Random
 weights: the numbers depend only on shapes.
 
-    python benchmarks/encoder_throughput.py --arch resnet50 --size 224 --batch 32 --steps 20 [--device cuda]
+    python perf/encoder_throughput.py --arch resnet50 --size 224 --batch 32 --steps 20 [--device cuda]
 """
 
 from __future__ import annotations

@@ -35,10 +35,10 @@ from tqdm.auto import tqdm
 
 from vlpbench import __version__
 from vlpbench.adapters.base import save_checkpoint, sha256_file
-from vlpbench.clip_finetune.loss import clip_loss
-from vlpbench.clip_finetune.pairs import Pairs
-from vlpbench.clip_finetune.sentences import DEFAULT_MIN_WORDS, split_sentences
 from vlpbench.errors import CheckpointError, ConfigError, DataError
+from vlpbench.tools.clip_finetune.loss import clip_loss
+from vlpbench.tools.clip_finetune.pairs import Pairs
+from vlpbench.tools.clip_finetune.sentences import DEFAULT_MIN_WORDS, split_sentences
 
 log = logging.getLogger("vlpbench")
 

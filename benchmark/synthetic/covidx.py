@@ -1,8 +1,8 @@
 """Synthetic COVIDx dataset in the real on-disk format, with a visible finding per class.
 
 No COVIDx label file ships in a package, so the lines are invented in the real format of the chosen
-version (reference/datasets.md §5, §9): no header, single spaces, LF; patient ids and file names
-shaped like those of each data source (``rsna`` uuids, the ``rnsa`` typo, ``cohen`` figure names,
+version (docs/datasets.md, "COVIDx label lines"): no header, single spaces, LF; patient ids and file
+names shaped like those of each data source (``rsna`` uuids, the ``rnsa`` typo, ``cohen`` figure names,
 ``sirm`` ``COVID(70).png``, ``ricord``, ``actmed``, ``fig1``, ``bimcv``); PNG and JPEG files with
 ``png`` / ``jpg`` / ``jpeg`` / ``JPG`` extensions, some RGB, of varying size.
 
@@ -30,10 +30,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vlpbench.data.chest import blur, pick_lung, prepare_output, render, resize_field, smooth_noise, write_marker
-from vlpbench.data.chest import lungs as lung_masks
 from vlpbench.data.covidx import BINARY, SCHEMES, THREE_CLASS
 from vlpbench.data.splits import apportion
+from vlpbench.synthetic.chest import blur, pick_lung, prepare_output, render, resize_field, smooth_noise, write_marker
+from vlpbench.synthetic.chest import lungs as lung_masks
 
 # version -> (scheme, {part: label file}, {part: class weights}). Weights follow the real files:
 # 9A train 8,085 / 5,555 / 16,490 and test 100 / 100 / 200; 9B-like 13,992 / 16,490 for binary train.
