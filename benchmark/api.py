@@ -18,6 +18,7 @@ import torch
 from vlpbench.config import resolve_data_root
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.protocols import SplitIds
+from vlpbench.protocols.base import Protocol, protocol_named
 from vlpbench.registry import DATASETS, PROTOCOLS
 from vlpbench.tasks import Task, load_task, task_names
 
@@ -55,11 +56,21 @@ def split_ids(split, part: str, source) -> tuple[list[str], int]:
     A real dataset must hold every image of the split; a synthetic one (``vlpbench synth``) holds a
     sample of the split's real image ids, and only those are used.
     """
+    return _present(split, part, source, source.missing, "are not in the data folder")
+
+
+def labelled_ids(split, part: str, source) -> tuple[list[str], int]:
+    """Ids of ``part`` that the label files cover, and how many they lack: what ``score`` needs, since it
+    reads labels, masks and boxes from the label files and never opens an image."""
+    return _present(split, part, source, source.unlabelled, "have no row in the label files")
+
+
+def _present(split, part: str, source, absent_of, what: str) -> tuple[list[str], int]:
     ids = split.ids(part)
-    missing = source.missing(ids)
+    missing = absent_of(ids)
     if missing and not source.synthetic:
         raise DataError(f"{len(missing)} of {len(ids)} images of split {split.dataset}/{split.version} "
-                        f"{part} are not in the data folder, e.g. {', '.join(missing[:3])}")
+                        f"{part} {what}, e.g. {', '.join(missing[:3])}")
     absent = set(missing)
     return [i for i in ids if i not in absent], len(missing)
 
@@ -74,12 +85,22 @@ def derived_test_split(source):
     return derive(source) if derive is not None else None
 
 
+def task_splits(spec: Task, source):
+    """``(split, test_split)`` of a task on ``source``: the task's split, and the split holding its test
+    part (the same one, or the test set derived from the user's files where the split has none)."""
+    from vlpbench.data.splits import dataset_split
+
+    split = dataset_split(spec.dataset, source, spec.split)
+    test_split = split if "test" in split.parts else derived_test_split(source) or split
+    return split, test_split
+
+
 def run(model: str, task: str, frac: float, *, device: str = "auto", **options: Any) -> tuple[dict[str, Any], Path | None]:
     """Run one (model, task, fraction, seed) and write its result record; the options are those of
     :func:`run_in_process`.
 
     Under torchrun (``WORLD_SIZE`` > 1) the processes join one process group for the run and share
-    it, for a protocol that supports it (``supports_distributed``; others are refused with a
+    it, for a protocol that supports it (``Protocol.distributed``; others are refused with a
     ConfigError before anything starts); rank 0 writes the record and the other ranks return
     ``(record, None)``.
     """
@@ -94,9 +115,9 @@ def run(model: str, task: str, frac: float, *, device: str = "auto", **options: 
 
 def check_distributed(protocol_name: str) -> None:
     """ConfigError unless protocol ``protocol_name`` can share a run among torchrun's processes."""
-    if getattr(PROTOCOLS.get(protocol_name), "supports_distributed", False):
+    if protocol_named(protocol_name).distributed:
         return
-    able = [name for name in PROTOCOLS.names() if getattr(PROTOCOLS.get(name), "supports_distributed", False)]
+    able = [name for name in PROTOCOLS.names() if protocol_named(name).distributed]
     raise ConfigError(f"WORLD_SIZE>1 (torchrun): protocol {protocol_name!r} does not share a run among processes "
                       f"and would repeat it on every rank; the protocols that do: {', '.join(able)}. "
                       "Run it without torchrun (--nproc-per-node 1)")
@@ -130,11 +151,10 @@ def run_in_process(
     recorded as ``config.precision``. ``skip_corrupt``: run without the images whose files cannot be
     decoded (listed in the record as ``data.skipped_corrupt``) instead of stopping with an error naming them.
     ``save_predictions``: a new or empty folder for the test predictions in the format ``score`` reads
-    (segmentation and grounding tasks; see :mod:`vlpbench.predictions`), recorded as ``data.predictions``.
+    (every protocol; see :mod:`vlpbench.predictions`), recorded as ``data.predictions``.
     """
     from vlpbench import distributed
     from vlpbench.adapters import build_adapter
-    from vlpbench.data.splits import dataset_split
     from vlpbench.protocols.runtime import resolve_precision
     from vlpbench.results import check_writable, existing_record, make_record, write_record
 
@@ -156,8 +176,7 @@ def run_in_process(
     check_writable(results)
 
     source = open_dataset(spec, data_root)
-    split = dataset_split(spec.dataset, source, spec.split)
-    test_split = split if "test" in split.parts else derived_test_split(source) or split
+    split, test_split = task_splits(spec, source)
     parts = {}
     absent = {}
     for role, part, holder in (("train", split.part_for_fraction(frac), split), ("val", "val", split),
@@ -168,13 +187,13 @@ def run_in_process(
         log.warning("synthetic dataset at %s: using the %d/%d/%d split images it holds",
                     getattr(source, "root", data_root), len(parts["train"]), len(parts["val"]), len(parts["test"]))
 
-    protocol = PROTOCOLS.get(spec.protocol)
+    protocol = protocol_named(spec.protocol)
     hooks = {}
     if save_predictions is not None:
         from vlpbench.predictions import prepare_folder
 
         # Rank 0 checks and creates the folder; every rank then writes its own test images' files there.
-        folder = prepare_folder(save_predictions, protocol, spec.protocol) if distributed.is_main() else None
+        folder = prepare_folder(save_predictions) if distributed.is_main() else None
         hooks["predictions"] = distributed.broadcast_object(folder)
 
     log.info("run %s on %s at %g%% (seed %d) on %s", model_info["name"], spec.name, frac * 100, seed, torch_device)
@@ -211,7 +230,7 @@ def run_in_process(
     return record, path
 
 
-def _run_protocol(protocol, adapter, source, parts: dict[str, list[str]], frac: float, config: dict[str, Any], *,
+def _run_protocol(protocol: Protocol, adapter, source, parts: dict[str, list[str]], frac: float, config: dict[str, Any], *,
                   seed: int, device: torch.device, progress: bool, skip_corrupt: bool,
                   hooks: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The protocol's outcome on ``parts``, and the ids skipped as corrupt (sorted).
@@ -231,8 +250,8 @@ def _run_protocol(protocol, adapter, source, parts: dict[str, list[str]], frac: 
         kept = {role: [i for i in ids if i not in skipped] for role, ids in parts.items()}
         try:
             with out_of_memory_hint(config):
-                outcome = protocol(adapter, source, SplitIds(**kept, fraction=frac), config, seed=seed,
-                                   device=device, progress=progress, **hooks)
+                outcome = protocol.run(adapter, source, SplitIds(**kept, fraction=frac), config, seed=seed,
+                                       device=device, progress=progress, **hooks)
             return outcome, sorted(skipped)
         except CorruptImagesError as error:
             new = {image_id: message for image_id, message in error.failures.items() if image_id not in skipped}
@@ -325,7 +344,6 @@ def plot_panels(task: str, predictions: str | Path, out: str | Path = "plots", *
                 n: int = 4, formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
     """Write ``<out>/<task>_panels.<format>``: image, ground truth and prediction (segmentation masks) or
     heat map (grounding ``.npz``, or the folder ``run --save-predictions`` wrote) for ``n`` test images."""
-    from vlpbench.data.splits import dataset_split
     from vlpbench.report.plots import grounding_panels, panel_figure, save_figure, segmentation_panels
 
     spec = load_task(task)
@@ -336,9 +354,7 @@ def plot_panels(task: str, predictions: str | Path, out: str | Path = "plots", *
     if n < 1:
         raise ConfigError(f"--n {n}: expected at least one image")
     source = open_dataset(spec, data_root)
-    split = dataset_split(spec.dataset, source, spec.split)
-    holder = split if "test" in split.parts else derived_test_split(source) or split
-    ids, _ = split_ids(holder, "test", source)
+    ids, _ = split_ids(task_splits(spec, source)[1], "test", source)
     panels = builders[spec.protocol](source, ids, Path(predictions), spec.config, n)
     return save_figure(panel_figure(panels), Path(out) / f"{spec.name}_panels", formats)
 
@@ -366,25 +382,34 @@ def baseline_update(results: str | Path = DEFAULT_RESULTS, baseline_dir: str | P
     return update_baseline(results, baseline_dir, force=force)
 
 
-def score(task: str, predictions: str | Path, *, data_root: str | Path | None = None,
-          split: str = "test", bootstrap_resamples: int = 1000) -> dict[str, Any]:
-    """Score predictions made by any framework against ``split`` with the task's canonical metric."""
-    from vlpbench.data.splits import dataset_split
-    from vlpbench.registry import SCORERS
+def score(task: str, predictions: str | Path, *, data_root: str | Path | None = None, split: str = "test",
+          seed: int = 0, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score predictions made by any framework (or saved by ``run --save-predictions``) on a task.
 
+    ``predictions``: the folder ``run --save-predictions`` wrote, or the protocol's file (see
+    :mod:`vlpbench.predictions`). The data folder needs the label files only, no image. ``split``: the part
+    scored (``test``, or ``val``). ``seed`` seeds the bootstrap as ``run --seed`` does, so predictions saved by
+    a run give its metrics, CIs and thresholds exactly. ``overrides``: task options as ``run --set`` takes them.
+
+    Returns ``task``, ``version``, ``split``, ``split_sha256``, ``config`` (the overrides and seed used) and
+    the protocol's outcome: ``metrics``, ``ci``, ``per_image``, ``n`` and ``scoring`` (thresholds, notes).
+    """
     spec = load_task(task)
-    scorer = SCORERS.get(spec.protocol)
+    protocol = protocol_named(spec.protocol)
+    config = spec.resolve(overrides)
     source = open_dataset(spec, data_root)
-    split_obj = dataset_split(spec.dataset, source, spec.split)
-    holder = split_obj
-    if split == "test" and "test" not in split_obj.parts:
-        holder = derived_test_split(source) or split_obj
-    ids, _ = split_ids(holder, split, source)
-    val_ids = split_ids(split_obj, "val", source)[0] if "val" in split_obj.parts and split != "val" else None
-    result = scorer(Path(predictions), source, ids, spec.config, val_ids=val_ids,
-                    bootstrap_resamples=bootstrap_resamples)
-    return {"task": spec.name, "version": spec.version, "split": split,
-            "split_sha256": holder.manifest_sha256, **result}
+    task_split, test_split = task_splits(spec, source)
+    holder = test_split if split == "test" else task_split
+    if split not in holder.parts:
+        raise ConfigError(f"--split {split}: split {holder.dataset}/{holder.version} has the parts "
+                          f"{', '.join(holder.parts)}")
+    ids, _ = labelled_ids(holder, split, source)
+    val_ids: list[str] = []
+    if protocol.uses_val and split != "val" and "val" in task_split.parts:
+        val_ids, _ = labelled_ids(task_split, "val", source)
+    outcome = protocol.score(Path(predictions), source, SplitIds([], val_ids, ids), config, seed=seed)
+    return {"task": spec.name, "version": spec.version, "split": split, "split_sha256": holder.manifest_sha256,
+            "config": {"overrides": dict(overrides or {}), "seed": seed}, **outcome}
 
 
 def inspect(model: str, checkpoint: str | Path | None, **options: Any):

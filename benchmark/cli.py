@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="no progress bars, logging unchanged (for log files: `vlpbench sweep` passes it)")
     p.add_argument("--save-predictions", metavar="DIR",
                    help="new or empty folder for the test predictions, in the format `vlpbench score` reads "
-                        "(segmentation: <image_id>.png masks; grounding: heatmaps.npz)")
+                        "(segmentation: <image_id>.png masks; detection: detections.json; classification: "
+                        "predictions.csv; grounding: heatmaps.npz)")
 
     p = command("sweep", "Run models × tasks × fractions × seeds, each run in its own process with its own log; "
                 "runs whose records exist are skipped, so a killed sweep resumes where it stopped.",
@@ -113,13 +114,21 @@ def _parser() -> argparse.ArgumentParser:
                         "gathered, rank 0 writing the record); protocols segmentation, detection, linear, "
                         "finetune, zero_shot and grounding support it, others refuse N > 1")
 
-    p = command("score", "Score predictions from any framework with the task's canonical metric and split.",
+    p = command("score", "Score predictions from any framework (or saved by `run --save-predictions`) with the "
+                "task's evaluation: the same metrics, CIs and thresholds as `run`. Needs the label files only.",
                 "vlpbench score --task siim_seg --predictions preds/ --data-root ~/data/siim --json", _score)
     p.add_argument("--task", required=True)
     p.add_argument("--predictions", required=True,
-                   help="folder of <image_id>.png masks (non-zero = positive) or .npy probabilities")
+                   help="the folder `run --save-predictions` wrote, or the protocol's file: segmentation: a folder "
+                        "of <image_id>.png masks (non-zero = positive) or .npy probabilities; detection: COCO "
+                        "results JSON; classification: CSV with image_id and one probability column per class "
+                        "(plus the validation rows thresholds come from); grounding: .npz of heat maps")
     _data_root(p)
     p.add_argument("--split", default="test", help="split part to score against (default test)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the bootstrap CIs, as `run --seed` (default 0)")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="override a task option as `run --set` does, e.g. --set threshold=0.4 (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a sentence")
 
     p = command("table", "Print the leaderboard of the result records as a paper table (Markdown, LaTeX, CSV, HTML).",
@@ -388,7 +397,10 @@ def _seeds(text: str) -> list[int]:
 def _score(args: argparse.Namespace) -> int:
     from vlpbench import api
 
-    result = api.score(args.task, args.predictions, data_root=args.data_root, split=args.split)
+    from vlpbench.config import parse_overrides
+
+    result = api.score(args.task, args.predictions, data_root=args.data_root, split=args.split, seed=args.seed,
+                       overrides=parse_overrides(args.overrides))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -396,8 +408,8 @@ def _score(args: argparse.Namespace) -> int:
         lines = [f"{name} = {value:.4f}" + (f" (95% CI {ci['low']:.4f}–{ci['high']:.4f})"
                                             if (ci := result["ci"].get(name)) else "")
                  for name, value in result["metrics"].items() if value is not None]
-        print(f"{result['task']} ({result['split']}, n={result['n']}): " + "\n  ".join(lines))
-        for note in result.get("notes", []):
+        print(f"{result['task']} ({result['split']}, n={result['n']['test']}): " + "\n  ".join(lines))
+        for note in result["scoring"].get("notes", []):
             print(f"note: {note}")
     return 0
 

@@ -1,4 +1,7 @@
-"""Predictions of a run saved in the formats ``vlpbench score`` reads (``vlpbench run --save-predictions DIR``).
+"""Prediction files: what ``vlpbench run --save-predictions DIR`` writes and ``vlpbench score`` reads.
+
+Every protocol saves its test predictions (and the validation predictions its thresholds come from) in the
+format its ``score`` reads, so ``score`` on the folder gives the run's metrics, CIs and thresholds.
 
 - Segmentation: one ``<image_id>.png`` per test image, 0 or 255, at the image's native resolution and
   thresholded as the protocol scores (a pixel is positive when its probability is strictly above the
@@ -9,15 +12,20 @@
   every validation and test query, keyed as ``score`` expects (``<image_id>``, or
   ``<image_id>#<phrase index>`` for MS-CXR). With the validation maps present, ``score`` chooses the
   threshold on them as the run did, so it reproduces the run's metrics.
-
-A protocol saves predictions when it takes a ``predictions`` keyword (the folder, or None); ``api.run``
-passes one only to protocols that declare it (:func:`saves_predictions`).
+- Classification (linear probe, fine-tuning, zero-shot): ``predictions.csv``, a header ``image_id`` and
+  one probability column per class (named as the task names its classes), one row per test image and per
+  image the thresholds come from (validation images; CheXpert's valid.csv for the radiologist test set).
+- Detection: ``detections.json``, COCO results ``[{"image_id", "bbox": [x, y, w, h], "score"}]`` in
+  original image pixels, every detection the protocol kept for every test image.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +34,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlpbench.errors import ConfigError
+from vlpbench.errors import ConfigError, DataError
 
 HEATMAPS_FILE = "heatmaps.npz"
+PROBABILITIES_FILE = "predictions.csv"
+DETECTIONS_FILE = "detections.json"
+ID_COLUMN = "image_id"
 
 
-def saves_predictions(protocol: Callable[..., Any]) -> bool:
-    """Whether a protocol callable accepts the ``predictions`` keyword."""
-    return "predictions" in inspect.signature(protocol).parameters
-
-
-def prepare_folder(folder: str | Path, protocol: Callable[..., Any], protocol_name: str) -> Path:
-    """Check that ``protocol`` can save predictions and create ``folder`` (new or empty); its absolute path.
+def prepare_folder(folder: str | Path) -> Path:
+    """Create ``folder`` (new or empty) for a run's predictions; its absolute path.
 
     Called before any work starts, so a run that could not save what was asked for never trains.
 
     Raises:
-        ConfigError: the protocol saves no predictions, or ``folder`` is a file or a non-empty folder.
+        ConfigError: ``folder`` is a file or a non-empty folder.
     """
     folder = Path(folder).expanduser().absolute()
-    if not saves_predictions(protocol):
-        raise ConfigError(f"--save-predictions: protocol {protocol_name!r} saves no predictions "
-                          "(segmentation and grounding tasks do)")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ConfigError(f"--save-predictions {folder}: expected a new or empty folder, so that files of "
                           "another run are never mixed in")
@@ -78,3 +81,186 @@ def write_heatmaps(folder: Path, maps: Mapping[str, Any]) -> Path:
     path = folder / HEATMAPS_FILE
     np.savez(path, **arrays)
     return path
+
+
+def write_probabilities(folder: Path, classes: Sequence[str], rows: Mapping[str, Sequence[float]]) -> Path:
+    """Save ``{image_id: probability per class}`` as ``<folder>/predictions.csv`` (repr of each float, so
+    reading it back gives the same numbers bit for bit); its path."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([ID_COLUMN, *classes])
+    for image_id, values in rows.items():
+        writer.writerow([image_id, *(repr(float(v)) for v in values)])
+    path = folder / PROBABILITIES_FILE
+    path.write_text(buffer.getvalue(), encoding="utf-8")
+    return path
+
+
+def read_probabilities(path: Path, classes: list[str], *, single_column: bool) -> dict[str, np.ndarray]:
+    """``{image_id: probabilities in classes order}`` from a predictions CSV.
+
+    ``single_column``: a header of ``image_id`` and one other column is that one class's probability,
+    whatever the column is called.
+
+    Raises:
+        DataError: naming the file, and the line and column where it applies, for an unreadable file,
+            a header without ``image_id`` or with missing or unknown class columns, a row with the
+            wrong number of fields, an empty or repeated id, or a value that is not a number in [0, 1].
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the predictions CSV ({type(e).__name__}: {e})") from e
+    reader = csv.reader(text.splitlines())
+    header = [name.strip() for name in next(reader, [])]
+    expected = ", ".join([ID_COLUMN, *classes])
+    if ID_COLUMN not in header:
+        raise DataError(f"{path} line 1: no {ID_COLUMN!r} column; expected the columns {expected}")
+    others = [name for name in header if name != ID_COLUMN]
+    if single_column and len(others) == 1:
+        columns = {classes[0]: header.index(others[0])}
+    else:
+        missing = [c for c in classes if c not in header]
+        unknown = [name for name in others if name not in classes]
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if missing or unknown or repeated:
+            problems = [f"{what} {', '.join(map(repr, names))}" for what, names in
+                        (("lacks", missing), ("has unknown", unknown), ("repeats", repeated)) if names]
+            raise DataError(f"{path} line 1: the header {'; '.join(problems)}; expected the columns {expected}")
+        columns = {c: header.index(c) for c in classes}
+    id_at = header.index(ID_COLUMN)
+    rows: dict[str, np.ndarray] = {}
+    first_line: dict[str, int] = {}
+    for fields in reader:
+        line = reader.line_num
+        if not any(f.strip() for f in fields):
+            continue
+        if len(fields) != len(header):
+            raise DataError(f"{path} line {line}: {len(fields)} fields, the header has {len(header)}")
+        image_id = fields[id_at].strip()
+        if not image_id:
+            raise DataError(f"{path} line {line}: empty {ID_COLUMN}")
+        if image_id in first_line:
+            raise DataError(f"{path} line {line}: {ID_COLUMN} {image_id} repeats line {first_line[image_id]}")
+        first_line[image_id] = line
+        values = []
+        for name, at in columns.items():
+            text = fields[at].strip()
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not 0.0 <= value <= 1.0:  # also false for NaN
+                raise DataError(f"{path} line {line} column {header[at]!r}: {text!r} is not a probability "
+                                "(a number in [0, 1])")
+            values.append(value)
+        rows[image_id] = np.array(values)
+    return rows
+
+
+def write_detections(folder: Path, ids: Sequence[str], detections: Sequence[tuple[np.ndarray, np.ndarray]]) -> Path:
+    """Save each image's ``(boxes (K, 4) xyxy, scores (K,))`` as COCO results ``<folder>/detections.json``
+    (``bbox`` = ``[x, y, width, height]`` in original pixels); its path."""
+    entries = []
+    for image_id, (boxes, scores) in zip(ids, detections):
+        for (x1, y1, x2, y2), score in zip(np.asarray(boxes, dtype=np.float64).tolist(),
+                                           np.asarray(scores, dtype=np.float64).tolist()):
+            entries.append({"image_id": image_id, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+    path = folder / DETECTIONS_FILE
+    path.write_text(json.dumps(entries), encoding="utf-8")
+    return path
+
+
+def read_coco_results(path: Path, split_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A COCO-results JSON ``[{"image_id", "bbox": [x, y, w, h], "score"}, ...]`` (original pixels) as
+    ``{image_id: (boxes (K, 4) xyxy, scores (K,))}`` for every id of ``split_ids`` (no entry: no detection).
+
+    Raises:
+        DataError: the file is unreadable or not a JSON list; an entry is not an object, lacks a key, has
+            a non-string ``image_id``, a ``bbox`` that is not four finite numbers with ``w, h >= 0``, or a
+            non-finite ``score`` (the message names the entry's index and the key); or entries name
+            images outside the split (the message names one).
+    """
+    try:
+        entries = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"predictions file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a readable JSON file: {exc}") from exc
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a JSON list of {{\"image_id\", \"bbox\", \"score\"}} objects "
+                        f"(COCO results), found a {type(entries).__name__}")
+    boxes: dict[str, list[list[float]]] = {image_id: [] for image_id in split_ids}
+    scores: dict[str, list[float]] = {image_id: [] for image_id in split_ids}
+    outside: list[str] = []
+    for index, entry in enumerate(entries):
+        where = f"{path}: entry {index}"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected an object with image_id, bbox and score, found {entry!r}")
+        for key in ("image_id", "bbox", "score"):
+            if key not in entry:
+                raise DataError(f"{where}: missing key {key!r}")
+        image_id, bbox, score = entry["image_id"], entry["bbox"], entry["score"]
+        if not isinstance(image_id, str):
+            raise DataError(f"{where}: 'image_id' must be the dataset's image id as a string, found {image_id!r}")
+        if (not isinstance(bbox, list) or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+            raise DataError(f"{where}: 'bbox' must be [x, y, width, height], four finite numbers, found {bbox!r}")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise DataError(f"{where}: 'bbox' width and height must be >= 0, found {bbox!r}")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise DataError(f"{where}: 'score' must be a finite number, found {score!r}")
+        if image_id not in boxes:
+            outside.append(image_id)
+            continue
+        x, y, w, h = (float(v) for v in bbox)
+        boxes[image_id].append([x, y, x + w, y + h])
+        scores[image_id].append(float(score))
+    if outside:
+        raise DataError(f"{path}: {len(outside)} entries name images outside the split being scored, "
+                        f"e.g. {outside[0]!r}")
+    return {image_id: (np.array(boxes[image_id], dtype=np.float64).reshape(-1, 4),
+                       np.array(scores[image_id], dtype=np.float64)) for image_id in split_ids}
+
+
+def read_prediction_mask(path: Path, shape: tuple[int, int]) -> torch.Tensor:
+    """A segmentation prediction as probabilities at ``shape``.
+
+    PNG: non-zero is positive, resized with nearest neighbour. NPY: 2-D probabilities in [0, 1],
+    resized bilinearly.
+    """
+    try:
+        if path.suffix == ".png":
+            mask = torch.from_numpy((np.asarray(Image.open(path).convert("L")) > 0).astype(np.float32))
+            mode = "nearest"
+        else:
+            mask = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+            mode = "bilinear"
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the prediction: {exc}") from exc
+    if mask.ndim != 2:
+        raise DataError(f"{path}: expected a 2-D mask, got shape {tuple(mask.shape)}")
+    if tuple(mask.shape) != tuple(shape):
+        kwargs = {"align_corners": False} if mode == "bilinear" else {}
+        mask = F.interpolate(mask[None, None], size=shape, mode=mode, **kwargs)[0, 0]
+    return mask
+
+
+def find_masks(folder: Path, ids: Sequence[str]) -> dict[str, Path]:
+    """``<image_id>.png`` (or ``.npy``) for every id; an error lists how many are missing."""
+    if not folder.is_dir():
+        raise DataError(f"predictions folder {folder} does not exist")
+    found: dict[str, Path] = {}
+    missing = []
+    for image_id in ids:
+        for suffix in (".png", ".npy"):
+            candidate = folder / f"{image_id}{suffix}"
+            if candidate.is_file():
+                found[image_id] = candidate
+                break
+        else:
+            missing.append(image_id)
+    if missing:
+        raise DataError(f"{folder}: {len(missing)} of {len(ids)} test images have no prediction "
+                        f"(<image_id>.png or .npy), e.g. {', '.join(missing[:3])}")
+    return found

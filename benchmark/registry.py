@@ -76,7 +76,8 @@ METRICS = Registry("metric")
 DATASETS = Registry("dataset")
 PROTOCOLS = Registry("protocol")
 
-# Built-in dataset readers and protocols; adapters register in adapters/__init__.py (vlpbench.adapters).
+# Built-in dataset readers and protocols (each protocol an instance of vlpbench.protocols.base.Protocol, with
+# its run and score); adapters register in adapters/__init__.py (vlpbench.adapters).
 DATASETS.register("siim", "vlpbench.data.siim:SiimSource")
 DATASETS.register("rsna", "vlpbench.data.rsna:RsnaSource")
 DATASETS.register("chexpert", "vlpbench.data.chexpert:ChexpertSource")
@@ -88,23 +89,13 @@ DATASETS.register("object_cxr", "vlpbench.data.object_cxr:ObjectCxrSource")
 DATASETS.register("covidx", "vlpbench.data.covidx:CovidxSource")
 DATASETS.register("mimic_cxr", "vlpbench.data.mimic_cxr:MimicCxrSource")
 DATASETS.register("ms_cxr", "vlpbench.data.ms_cxr:MsCxrSource")
-PROTOCOLS.register("segmentation", "vlpbench.protocols.segmentation:run_segmentation_task")
-PROTOCOLS.register("detection", "vlpbench.protocols.detection:run_detection_task")
-PROTOCOLS.register("linear", "vlpbench.protocols.linear:run_linear_task")
-PROTOCOLS.register("finetune", "vlpbench.protocols.finetune:run_finetune_task")
-PROTOCOLS.register("zero_shot", "vlpbench.protocols.zero_shot:run_zero_shot_task")
-PROTOCOLS.register("grounding", "vlpbench.protocols.grounding:run_grounding_task")
+PROTOCOLS.register("segmentation", "vlpbench.protocols.segmentation:PROTOCOL")
+PROTOCOLS.register("detection", "vlpbench.protocols.detection:PROTOCOL")
+PROTOCOLS.register("linear", "vlpbench.protocols.linear:PROTOCOL")
+PROTOCOLS.register("finetune", "vlpbench.protocols.finetune:PROTOCOL")
+PROTOCOLS.register("zero_shot", "vlpbench.protocols.zero_shot:PROTOCOL")
+PROTOCOLS.register("grounding", "vlpbench.protocols.grounding:PROTOCOL")
 
-# Scorers for `vlpbench score`, by protocol: ``(predictions, source, ids, config, *, val_ids,
-# bootstrap_resamples) -> {"metrics", "ci", "n"}``; ``ids`` are the split part being scored and
-# ``val_ids`` the validation part (for thresholds chosen on validation, never on test).
-SCORERS = Registry("scorer")
-SCORERS.register("segmentation", "vlpbench.scoring:score_segmentation")
-SCORERS.register("detection", "vlpbench.protocols.detection:score_detection")
-SCORERS.register("linear", "vlpbench.scoring_classification:score_classification")
-SCORERS.register("finetune", "vlpbench.scoring_classification:score_classification")
-SCORERS.register("zero_shot", "vlpbench.scoring_classification:score_classification")
-SCORERS.register("grounding", "vlpbench.protocols.grounding:score_grounding")
 SYNTHESIZERS = Registry("synthetic dataset")
 SYNTHESIZERS.register("siim", "vlpbench.synthetic.siim:synth_siim")
 SYNTHESIZERS.register("rsna", "vlpbench.synthetic.rsna:synth_rsna")

@@ -1,14 +1,14 @@
 """`run --save-predictions`: what a run saves is exactly what `score` reads, and scores the same.
 
-Segmentation: a tiny U-Net run (ResNet-18, 32 px, 1 epoch) on the synthetic SIIM; its saved masks are
-re-scored by `vlpbench score` and by a direct numpy Dice, both equal to the record's per-image Dice.
-Grounding: a weight-free brightness model on siim_ground; `score` on the saved .npz chooses the same
-threshold on the validation maps and reproduces every metric of the record.
+For every task type a tiny run saves its predictions; `score` on that folder, over a copy of the data
+folder that holds the label files and no image, gives the run's metrics and CI bounds exactly (the same
+dict), because `run` and `score` share one evaluation per protocol.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -21,8 +21,19 @@ from vlpbench.adapters.base import Adapter, LoadReport, Weights
 from vlpbench.cli import main
 from vlpbench.data.siim import SiimSource
 from vlpbench.errors import ConfigError
-from vlpbench.predictions import HEATMAPS_FILE, prepare_folder, saves_predictions, write_heatmaps, write_mask
-from vlpbench.registry import ADAPTERS, PROTOCOLS
+from vlpbench.predictions import (
+    DETECTIONS_FILE,
+    HEATMAPS_FILE,
+    PROBABILITIES_FILE,
+    prepare_folder,
+    read_coco_results,
+    read_probabilities,
+    write_detections,
+    write_heatmaps,
+    write_mask,
+    write_probabilities,
+)
+from vlpbench.registry import ADAPTERS
 
 SEG_FAST = ["--set", "image_size=32", "--set", "max_epochs=1", "--set", "patience=1", "--set", "lr=1e-3",
             "--set", "batch_size=4", "--set", "bootstrap_resamples=100"]
@@ -95,7 +106,7 @@ def test_segmentation_masks_round_trip_through_score(siim_root, r18_checkpoint, 
     assert main(["score", "--task", "siim_seg", "--predictions", str(folder), "--data-root", str(siim_root),
                  "--json"]) == 0
     scored = json.loads(capsys.readouterr().out)
-    assert scored["n"] == record["n"]["test"]
+    assert scored["n"]["test"] == record["n"]["test"]
     assert scored["metrics"]["dice"] == pytest.approx(record["metrics"]["dice"], abs=1e-6)
 
 
@@ -113,37 +124,21 @@ def test_grounding_heatmaps_round_trip_through_score(siim_root, tmp_path):
     assert set(record["per_image"]) < keys and len(keys) == record["n"]["test"] + record["n"]["val"]
 
     scored = api.score("siim_ground", path, data_root=siim_root)
-    assert scored["threshold"]["source"] == "val" and scored["n"] == record["n"]["test"]
-    assert scored["threshold"]["threshold"] == pytest.approx(record["config"]["training"]["threshold"], abs=1e-6)
+    assert scored["scoring"]["threshold_source"] == "val" and scored["n"]["test"] == record["n"]["test"]
+    assert scored["scoring"]["threshold"] == pytest.approx(record["config"]["training"]["threshold"], abs=1e-6)
     assert set(scored["metrics"]) == set(record["metrics"])
     for name, value in record["metrics"].items():
         assert scored["metrics"][name] == pytest.approx(value, abs=1e-6), name
     assert 0.0 < record["metrics"]["dice"] < 1.0
 
 
-def test_only_segmentation_and_grounding_protocols_save_predictions():
-    assert sorted(name for name in PROTOCOLS.names() if saves_predictions(PROTOCOLS.get(name))) == \
-        ["grounding", "segmentation"]
-
-
-def test_prepare_folder_refuses_before_any_work(tmp_path):
-    linear = PROTOCOLS.get("linear")
-    with pytest.raises(ConfigError, match="protocol 'linear' saves no predictions"):
-        prepare_folder(tmp_path / "new", linear, "linear")
-    assert not (tmp_path / "new").exists()
+def test_prepare_folder_refuses_a_used_folder_before_any_work(tmp_path):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "old.png").write_bytes(b"")
     with pytest.raises(ConfigError, match="expected a new or empty folder"):
-        prepare_folder(tmp_path / "used", PROTOCOLS.get("segmentation"), "segmentation")
-    made = prepare_folder(tmp_path / "a" / "b", PROTOCOLS.get("segmentation"), "segmentation")
+        prepare_folder(tmp_path / "used")
+    made = prepare_folder(tmp_path / "a" / "b")
     assert made.is_dir() and made.is_absolute()
-
-
-def test_cli_refuses_a_protocol_without_predictions_before_training(siim_root, tmp_path, capsys):
-    code = main(["-q", "run", "--model", DarkSpotModel.name, "--task", "siim_zs", "--frac", "1.0", "--data-root",
-                 str(siim_root), "--results", str(tmp_path), "--save-predictions", str(tmp_path / "p")])
-    assert code == 2 and "saves no predictions" in capsys.readouterr().err
-    assert not list(tmp_path.rglob("*.json")) and not (tmp_path / "p").exists()
 
 
 def test_writers_threshold_strictly_and_resize_bilinearly(tmp_path):
@@ -157,3 +152,124 @@ def test_writers_threshold_strictly_and_resize_bilinearly(tmp_path):
     npz = write_heatmaps(tmp_path, {"a#0": torch.ones(3, 2, dtype=torch.float64), "b": np.zeros((2, 2))})
     with np.load(npz) as archive:
         assert sorted(archive.files) == ["a#0", "b"] and archive["a#0"].dtype == np.float32
+
+
+def test_classification_and_detection_writers_round_trip_exactly(tmp_path):
+    rows = {"a/1.jpg": [0.1 + 0.2, 1 / 3], "b": [0.0, 1.0]}
+    path = write_probabilities(tmp_path, ["x", "y z"], rows)
+    assert path.name == PROBABILITIES_FILE
+    read = read_probabilities(path, ["x", "y z"], single_column=False)
+    assert {k: v.tolist() for k, v in read.items()} == rows  # repr round-trips every float exactly
+    boxes = np.array([[1.5, 2.0, 11.5, 22.25], [0.0, 0.0, 4.0, 4.0]])
+    path = write_detections(tmp_path, ["p", "q"], [(boxes, np.array([0.9, 0.6])), (np.empty((0, 4)), np.empty(0))])
+    assert path.name == DETECTIONS_FILE
+    read = read_coco_results(path, ["p", "q"])
+    assert np.array_equal(read["p"][0], boxes) and read["p"][1].tolist() == [0.9, 0.6]
+    assert read["q"][0].shape == (0, 4)
+
+
+# --- run, then score the saved predictions over a data folder holding label files only -------------------
+
+
+class BrightnessClip(Adapter):
+    """Image and text embeddings without weights: an image's mean brightness against two fixed text
+    directions, so that zero-shot scores vary from image to image."""
+
+    name = "predictions-test-brightness-clip"
+    description = "test model: brightness embeddings"
+    capabilities = frozenset({"embed_image", "embed_text"})
+    takes_checkpoint = False
+    image_size = 32
+    mean = (0.0, 0.0, 0.0)
+    std = (1.0, 1.0, 1.0)
+
+    @classmethod
+    def map_weights(cls, checkpoint, options):
+        return Weights(LoadReport("none"), {})
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        level = images.mean(dim=(1, 2, 3))
+        return F.normalize(torch.stack([1 - level, level, 0.1 * images.std(dim=(1, 2, 3))], dim=1), dim=1)
+
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        return F.normalize(torch.tensor([[1.0, 0.2, 0.0] if t.startswith("no ") else [0.2, 1.0, 0.5]
+                                         for t in texts]), dim=1)
+
+
+ADAPTERS.register(BrightnessClip.name, BrightnessClip)
+
+
+def labels_only(root, dest):
+    """A copy of a dataset folder without its images (DICOM, JPEG, PNG)."""
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns("*.dcm", "*.jpg", "*.jpeg", "*.png"))
+    assert not [p for p in dest.rglob("*") if p.suffix in (".dcm", ".jpg", ".jpeg", ".png")]
+    return dest
+
+
+@pytest.fixture(scope="module")
+def rsna_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "rsna"
+    api.synth("rsna", root, n=120, size=64, progress=False)
+    return root
+
+
+def _run_then_score(task, model, data_root, tmp_path, *, checkpoint=None, options=None, overrides=None, frac=1.0):
+    record, _ = api.run(model, task, frac, checkpoint=checkpoint, model_options=options, data_root=data_root,
+                        results=tmp_path / "results", overrides=overrides, device="cpu", progress=False,
+                        save_predictions=tmp_path / "predictions")
+    scored = api.score(task, tmp_path / "predictions", data_root=labels_only(data_root, tmp_path / "labels"),
+                       overrides=overrides)
+    return record, scored
+
+
+def _assert_same_evaluation(record, scored):
+    assert scored["metrics"] == record["metrics"]
+    assert scored["ci"] == record["ci"]
+    assert scored["per_image"] == record.get("per_image", {})
+    assert scored["n"]["test"] == record["n"]["test"]
+
+
+@pytest.mark.slow
+def test_segmentation_run_and_score_agree_exactly(siim_root, r18_checkpoint, tmp_path):
+    overrides = {"image_size": 32, "max_epochs": 1, "patience": 1, "lr": 1e-3, "batch_size": 4,
+                 "bootstrap_resamples": 100}
+    record, scored = _run_then_score("siim_seg", "generic", siim_root, tmp_path, checkpoint=r18_checkpoint,
+                                     options={"arch": "resnet18"}, overrides=overrides, frac=0.1)
+    _assert_same_evaluation(record, scored)
+    assert set(scored["metrics"]) == {"dice", "dice_positive", "empty_correct", "all_empty_baseline"}
+
+
+@pytest.mark.slow
+def test_linear_probe_run_and_score_agree_exactly(rsna_root, r18_checkpoint, tmp_path):
+    overrides = {"image_size": 32, "resize_size": 36, "max_epochs": 2, "patience": 2, "bootstrap_resamples": 100}
+    record, scored = _run_then_score("rsna_cls", "generic", rsna_root, tmp_path, checkpoint=r18_checkpoint,
+                                     options={"arch": "resnet18"}, overrides=overrides)
+    _assert_same_evaluation(record, scored)
+    with open(tmp_path / "predictions" / PROBABILITIES_FILE) as f:
+        assert sum(1 for _ in f) == record["n"]["test"] + 1  # header and one row per test image
+
+
+@pytest.mark.slow
+def test_detection_run_and_score_agree_exactly(rsna_root, r18_checkpoint, tmp_path):
+    overrides = {"image_size": 64, "max_epochs": 1, "neck_width": 32, "batch_size": 8, "conf_threshold": 0.0,
+                 "bootstrap_resamples": 50}
+    record, scored = _run_then_score("rsna_det", "generic", rsna_root, tmp_path, checkpoint=r18_checkpoint,
+                                     options={"arch": "resnet18"}, overrides=overrides)
+    _assert_same_evaluation(record, scored)
+    assert scored["n"]["test_detections"] == record["n"]["test_detections"] > 0
+
+
+def test_zero_shot_run_and_score_agree_exactly_with_thresholds_from_validation(siim_root, tmp_path):
+    record, scored = _run_then_score("siim_zs", BrightnessClip.name, siim_root, tmp_path,
+                                     overrides={"bootstrap_resamples": 100})
+    _assert_same_evaluation(record, scored)
+    assert {"auc", "f1", "acc", "mcc"} <= set(scored["metrics"])
+    assert scored["scoring"]["thresholds"] == record["config"]["training"]["thresholds"]
+    assert scored["n"]["val"] == record["n"]["val"] > 0
+
+
+def test_grounding_run_and_score_agree_exactly(siim_root, tmp_path):
+    record, scored = _run_then_score("siim_ground", DarkSpotModel.name, siim_root, tmp_path,
+                                     overrides={"bootstrap_resamples": 100})
+    _assert_same_evaluation(record, scored)
+    assert scored["scoring"]["threshold"] == record["config"]["training"]["threshold"]

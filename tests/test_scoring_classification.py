@@ -13,7 +13,8 @@ from vlpbench.data.covidx import CovidxSource
 from vlpbench.data.rsna import RsnaSource
 from vlpbench.data.splits import dataset_split, load_split
 from vlpbench.errors import DataError
-from vlpbench.scoring_classification import score_classification
+from vlpbench.protocols import SplitIds
+from vlpbench.protocols.linear import PROTOCOL as LINEAR
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +55,12 @@ def test_zero_shot_scores_from_the_cli_equal_the_metrics_computed_directly(rsna,
     s_test = np.array([probs[i] for i in ids["test"]])
     y_val = np.array([source.label(i) for i in ids["val"]])
     s_val = np.array([probs[i] for i in ids["val"]])
-    assert result["n"] == len(ids["test"])
+    assert result["n"]["test"] == len(ids["test"])
     assert result["metrics"]["auc"] == pytest.approx(roc_auc_score(y_test, s_test), abs=1e-12)
     f1_by_cut = {t: f1_score(y_val, (s_val >= t).astype(int)) for t in np.unique(s_val)}
     best = max(f1_by_cut.values())
     threshold = max(t for t, v in f1_by_cut.items() if v >= best - 1e-12)
-    assert result["thresholds"] == {"pneumonia": threshold}
+    assert result["scoring"]["thresholds"] == {"pneumonia": threshold}
     predicted = (s_test >= threshold).astype(int)
     assert result["metrics"]["f1"] == pytest.approx(f1_score(y_test, predicted), abs=1e-12)
     assert result["metrics"]["acc"] == pytest.approx(accuracy_score(y_test, predicted), abs=1e-12)
@@ -72,24 +73,24 @@ def test_test_rows_only_leave_threshold_metrics_out_with_a_note(rsna, roots, tmp
     source, ids, probs = rsna
     # A binary task takes a single probability column whatever its name.
     test_only = write_csv(tmp_path / "test_only.csv", ["image_id", "p"], [(i, probs[i]) for i in ids["test"]])
-    result = api.score("rsna_zs", test_only, data_root=roots["rsna"], bootstrap_resamples=50)
-    assert set(result["metrics"]) == {"auc"} and result["thresholds"] is None
-    assert "f1, acc, mcc left out" in result["notes"][0]
+    result = api.score("rsna_zs", test_only, data_root=roots["rsna"], overrides={"bootstrap_resamples": 50})
+    assert set(result["metrics"]) == {"auc"} and result["scoring"]["thresholds"] is None
+    assert "f1, acc, mcc left out" in result["scoring"]["notes"][0]
     assert main(["score", "--task", "rsna_zs", "--predictions", str(test_only), "--data-root", str(roots["rsna"])]) == 0
     printed = capsys.readouterr().out
     assert f"rsna_zs (test, n={len(ids['test'])}): auc = {result['metrics']['auc']:.4f} (95% CI " in printed
     assert "note: f1, acc, mcc left out" in printed
     partial = write_csv(tmp_path / "partial.csv", ["image_id", "pneumonia"],
                         [(i, probs[i]) for i in ids["test"] + ids["val"][:2]])
-    with pytest.raises(DataError, match=f"rows for 2 of the {len(ids['val'])} validation images"):
-        api.score("rsna_zs", partial, data_root=roots["rsna"], bootstrap_resamples=50)
+    with pytest.raises(DataError, match=f"rows for 2 of the {len(ids['val'])} threshold images"):
+        api.score("rsna_zs", partial, data_root=roots["rsna"], overrides={"bootstrap_resamples": 50})
 
 
 def test_linear_tasks_score_auc_or_top1_accuracy(rsna, roots, tmp_path):
     source, ids, probs = rsna
     csv_path = write_csv(tmp_path / "linear.csv", ["image_id", "pneumonia"], [(i, probs[i]) for i in ids["test"]])
-    config = {"classes": ["pneumonia"], "label_kind": "binary"}
-    result = score_classification(csv_path, source, ids["test"], config, bootstrap_resamples=50)
+    config = {"classes": ["pneumonia"], "label_kind": "binary", "bootstrap_resamples": 50}
+    result = LINEAR.score(csv_path, source, SplitIds([], [], ids["test"]), config)
     y_test = [source.label(i) for i in ids["test"]]
     assert result["metrics"] == {"auc": pytest.approx(roc_auc_score(y_test, [probs[i] for i in ids["test"]]))}
 
@@ -100,10 +101,12 @@ def test_linear_tasks_score_auc_or_top1_accuracy(rsna, roots, tmp_path):
     table = rng.dirichlet(np.ones(3), size=len(test_ids)).round(3)
     csv_path = write_csv(tmp_path / "covidx.csv", ["image_id", "COVID-19", "normal", "pneumonia"],
                          [(i, row[2], row[0], row[1]) for i, row in zip(test_ids, table)])
-    result = score_classification(csv_path, covidx, test_ids, {"classes": classes, "label_kind": "multiclass"},
-                                  bootstrap_resamples=50)
+    result = LINEAR.score(csv_path, covidx, SplitIds([], [], test_ids),
+                          {"classes": classes, "label_kind": "multiclass", "bootstrap_resamples": 50})
     truth = [classes.index(covidx.class_name(i)) for i in test_ids]
-    assert result["metrics"] == {"acc": pytest.approx(accuracy_score(truth, table.argmax(axis=1)))}
+    assert result["metrics"]["acc"] == pytest.approx(accuracy_score(truth, table.argmax(axis=1)))
+    one_vs_rest = [roc_auc_score(np.equal(truth, k), table[:, k]) for k in range(3) if 0 < truth.count(k) < len(truth)]
+    assert result["metrics"]["auc"] == pytest.approx(np.mean(one_vs_rest))
 
 
 def test_multilabel_chexpert_zero_shot_scores_per_class(roots, tmp_path):
@@ -113,7 +116,7 @@ def test_multilabel_chexpert_zero_shot_scores_per_class(roots, tmp_path):
     table = rng.random((len(ids), 5)).round(2)
     csv_path = write_csv(tmp_path / "chexpert.csv", ["image_id", *COMPETITION_5],
                          [(i, *row) for i, row in zip(ids, table)])
-    result = api.score("chexpert_zs", csv_path, data_root=roots["chexpert"], bootstrap_resamples=50)
+    result = api.score("chexpert_zs", csv_path, data_root=roots["chexpert"], overrides={"bootstrap_resamples": 50})
     truth = np.array([[source.labels(i)[c] for c in COMPETITION_5] for i in ids])
     expected = {c: roc_auc_score(truth[:, k], table[:, k]) for k, c in enumerate(COMPETITION_5)
                 if 0 < truth[:, k].sum() < len(ids)}
@@ -121,12 +124,12 @@ def test_multilabel_chexpert_zero_shot_scores_per_class(roots, tmp_path):
     for name, value in expected.items():
         assert result["metrics"][f"auc_{name.lower().replace(' ', '_')}"] == pytest.approx(value)
     assert result["metrics"]["auc"] == pytest.approx(np.mean(list(expected.values())))
-    assert "f1" not in result["metrics"] and "the split has no val part" in result["notes"][0]
+    assert "f1" not in result["metrics"] and "CheXpert valid.csv" in result["scoring"]["notes"][0]
 
 
 @pytest.mark.parametrize("rows, message", [
-    (lambda ids: [(i, 0.5) for i in ids[1:]], "1 of {n} images of the split part have no row"),
-    (lambda ids: [(i, 0.5) for i in ids] + [("not-a-patient", 0.5)], "outside the split part scored"),
+    (lambda ids: [(i, 0.5) for i in ids[1:]], "1 of {n} test images have no row"),
+    (lambda ids: [(i, 0.5) for i in ids] + [("not-a-patient", 0.5)], "neither test images of the split nor threshold images"),
     (lambda ids: [(ids[0], "high")] + [(i, 0.5) for i in ids[1:]], "line 2 column 'pneumonia': 'high' is not"),
     (lambda ids: [(i, 0.5) for i in ids[:-1]] + [(ids[-1], 1.5)], "line {last} column 'pneumonia': '1.5'"),
     (lambda ids: [(i, 0.5) for i in ids] + [(ids[0], 0.5)], "line {dup}: image_id .* repeats line 2"),
@@ -137,7 +140,7 @@ def test_malformed_csvs_name_the_file_row_and_column(rsna, roots, tmp_path, rows
     csv_path = write_csv(tmp_path / "bad.csv", ["image_id", "pneumonia"], rows(test))
     expected = message.format(n=len(test), last=len(test) + 1, dup=len(test) + 2)
     with pytest.raises(DataError, match=expected) as error:
-        api.score("rsna_zs", csv_path, data_root=roots["rsna"], bootstrap_resamples=10)
+        api.score("rsna_zs", csv_path, data_root=roots["rsna"], overrides={"bootstrap_resamples": 10})
     assert str(csv_path) in str(error.value)
 
 
@@ -147,4 +150,4 @@ def test_a_multilabel_csv_needs_every_class_column(roots, tmp_path):
                          [(i, 0.1, 0.2, 0.3) for i in source.image_ids])
     with pytest.raises(DataError, match="lacks 'Cardiomegaly', 'Consolidation', 'Pleural Effusion'; has unknown "
                                         "'Pneumonia'"):
-        api.score("chexpert_zs", csv_path, data_root=roots["chexpert"], bootstrap_resamples=10)
+        api.score("chexpert_zs", csv_path, data_root=roots["chexpert"], overrides={"bootstrap_resamples": 10})

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpbench.data import is_synthetic
+from vlpbench.data.base import DatasetReader
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, multilabel_subset, stratified_sample, write_split
 from vlpbench.data.xrv_files import xrv_data_file
@@ -229,7 +230,7 @@ def _dataset_dir(root: Path) -> Path:
     return folder
 
 
-class ChexpertSource:
+class ChexpertSource(DatasetReader):
     """A CheXpert release on disk: ``train.csv``, ``valid.csv`` and the JPEG trees.
 
     Args:
@@ -316,6 +317,10 @@ class ChexpertSource:
     def image(self, image_id: str) -> np.ndarray:
         """The decoded image: uint8 (H, W)."""
         return read_image(self.path(image_id))
+
+    def unlabelled(self, ids: Sequence[str]) -> list[str]:
+        """The ids among ``ids`` without a label row, in order (images are not looked at)."""
+        return [i for i in ids if self._relative(i) is None]
 
     def missing(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` that lack a row in train.csv / valid.csv or a JPEG, in order."""
@@ -478,7 +483,7 @@ def _find(root: Path, name: str, *, folder: bool) -> Path | None:
     return hits[0] if hits else None
 
 
-class ChexpertTestSet:
+class ChexpertTestSet(DatasetReader):
     """The CheXpert test set with radiologist labels (the 500-study zero-shot set).
 
     Args:
@@ -578,6 +583,10 @@ class ChexpertTestSet:
     def image(self, image_id: str) -> np.ndarray:
         """The decoded image: uint8 (H, W)."""
         return read_image(self.path(image_id))
+
+    def unlabelled(self, ids: Sequence[str]) -> list[str]:
+        """The ids among ``ids`` without a label row, in order (images are not looked at)."""
+        return [i for i in ids if i not in self._labels]
 
     def missing(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` that lack a label row or an image, in order."""

@@ -25,11 +25,13 @@ import hashlib
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from vlpbench.data import is_synthetic
+from vlpbench.data.base import DatasetReader
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, holdout_parts, write_split
 from vlpbench.errors import DataError
@@ -144,7 +146,7 @@ def _image_folder(root: Path, part: str) -> Path | None:
     return hits[0] if hits else None
 
 
-class CovidxSource:
+class CovidxSource(DatasetReader):
     """A COVIDx dataset on disk: one version's label files and the ``train/`` / ``val/`` / ``test/`` images.
 
     Args:
@@ -244,6 +246,10 @@ class CovidxSource:
     def image(self, image_id: str) -> np.ndarray:
         """The decoded image: uint8 (H, W); RGB files are converted to luminance."""
         return read_image(self.path(image_id))
+
+    def unlabelled(self, ids: Sequence[str]) -> list[str]:
+        """The ids among ``ids`` without a label row, in order (images are not looked at)."""
+        return [i for i in ids if i not in self._rows]
 
     def missing(self, ids: list[str]) -> list[str]:
         """The ids among ``ids`` that lack a label line or an image file in their part's folder, in order."""

@@ -38,11 +38,13 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from vlpbench.data import is_synthetic
+from vlpbench.data.base import DatasetReader
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, multilabel_subset, write_split
 from vlpbench.errors import DataError
@@ -284,7 +286,7 @@ def _index_pngs(root: Path) -> dict[str, Path]:
     return paths
 
 
-class Cxr14Source:
+class Cxr14Source(DatasetReader):
     """A ChestX-ray14 dataset on disk.
 
     Args:
@@ -403,6 +405,10 @@ class Cxr14Source:
     def image(self, image_id: str) -> np.ndarray:
         """The decoded image: uint8 (H, W); RGBA files are converted to grey."""
         return read_image(self.path(image_id))
+
+    def unlabelled(self, ids: Sequence[str]) -> list[str]:
+        """The ids among ``ids`` without a label row, in order (images are not looked at)."""
+        return [i for i in ids if i not in self._entries]
 
     def missing(self, ids: list[str]) -> list[str]:
         """The ids among ``ids`` that lack a PNG below the root or a row in Data_Entry, in order."""

@@ -35,12 +35,14 @@ import math
 import os
 import re
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vlpbench.data import is_synthetic
+from vlpbench.data.base import DatasetReader
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, multilabel_subset, write_split
 from vlpbench.errors import DataError
@@ -238,7 +240,7 @@ def _release_dir(root: Path) -> Path:
     return hits[0]
 
 
-class MimicCxrSource:
+class MimicCxrSource(DatasetReader):
     """A MIMIC-CXR-JPG release on disk, with the reports where present.
 
     Args:
@@ -408,6 +410,11 @@ class MimicCxrSource:
         if image_id not in self._jpgs:
             raise DataError(f"no JPEG for image {image_id}: expected {self.path(image_id)}")
         return read_image(self.path(image_id))
+
+    def unlabelled(self, ids: Sequence[str]) -> list[str]:
+        """The ids among ``ids`` without a label row, in order (images are not looked at)."""
+        return [i for i in ids if i not in self._images
+                or (self._images[i].subject_id, self._images[i].study_id) not in self._labels]
 
     def missing(self, ids: list[str]) -> list[str]:
         """The ids among ``ids`` lacking a JPEG or a label row for their study, in order."""

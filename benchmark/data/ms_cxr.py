@@ -26,11 +26,13 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from vlpbench.data import is_synthetic
+from vlpbench.data.base import DatasetReader
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, write_split
 from vlpbench.errors import DataError
@@ -184,7 +186,7 @@ def _mimic_root(root: Path, given: str | Path | None) -> Path | None:
     return next((c for c in candidates if (c / "files").is_dir()), None)
 
 
-class MsCxrSource:
+class MsCxrSource(DatasetReader):
     """MS-CXR phrases and boxes, with the images resolved in a MIMIC-CXR-JPG release.
 
     Args:
@@ -284,6 +286,10 @@ class MsCxrSource:
             raise DataError(f"{self.path(image_id)}: image is {pixels.shape[1]}x{pixels.shape[0]} but "
                             f"{self.label_file} gives {self._images[image_id].width}x{self._images[image_id].height}")
         return pixels
+
+    def unlabelled(self, ids: Sequence[str]) -> list[str]:
+        """The ids among ``ids`` without a label row, in order (images are not looked at)."""
+        return [i for i in ids if i not in self._images]
 
     def missing(self, ids: list[str]) -> list[str]:
         """The ids among ``ids`` lacking a JPEG below the MIMIC folder or a row in the file, in order."""

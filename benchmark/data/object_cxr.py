@@ -22,12 +22,14 @@ import hashlib
 import heapq
 import math
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from vlpbench.data import is_synthetic
+from vlpbench.data.base import DatasetReader
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, holdout_parts, write_split
 from vlpbench.errors import DataError
@@ -281,7 +283,7 @@ def _find_folder(root: Path) -> Path:
                     f"or a direct subfolder (e.g. object-CXR/); found {present or 'neither'}")
 
 
-class ObjectCxrSource:
+class ObjectCxrSource(DatasetReader):
     """An Object-CXR dataset on disk: the label files plus the JPEGs (unpacked or in the zips).
 
     Args:
@@ -404,6 +406,10 @@ class ObjectCxrSource:
         """uint8 0/1 (H, W) at the image's size: boxes filled, ellipses as ellipses, polygons filled."""
         height, width = self.image_size(image_id)
         return rasterize(self._lookup(image_id), width, height)
+
+    def unlabelled(self, ids: Sequence[str]) -> list[str]:
+        """The ids among ``ids`` without a label row, in order (images are not looked at)."""
+        return [i for i in ids if i not in self._objects]
 
     def missing(self, ids: list[str]) -> list[str]:
         """The ids among ``ids`` that lack an image (file or zip member) or a label row, in order."""

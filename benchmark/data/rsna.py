@@ -21,6 +21,7 @@ import io
 import math
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 
 from vlpbench.data import is_synthetic
+from vlpbench.data.base import DatasetReader
 from vlpbench.data.dicom import read_dicom
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import nested_subsets, stratified_split, write_split
@@ -211,7 +213,7 @@ def _find_label_file(root: Path) -> tuple[Path, str]:
     raise DataError(f"{root}: no RSNA label file; expected {names} in this folder or a direct subfolder")
 
 
-class RsnaSource:
+class RsnaSource(DatasetReader):
     """An RSNA Pneumonia dataset on disk: the label file, the class info file and one image folder.
 
     Args:
@@ -355,6 +357,10 @@ class RsnaSource:
         (see :func:`boxes_to_mask`). Without an image file, the native 1024 x 1024."""
         height, width = self.image_size(image_id) if image_id in self._paths else (NATIVE_SIZE, NATIVE_SIZE)
         return boxes_to_mask(self.boxes(image_id), height, width)
+
+    def unlabelled(self, ids: Sequence[str]) -> list[str]:
+        """The ids among ``ids`` without a label row, in order (images are not looked at)."""
+        return [i for i in ids if i not in self._labels]
 
     def missing(self, ids: list[str]) -> list[str]:
         """The ids among ``ids`` that lack an image file or a row in the label file, in order."""

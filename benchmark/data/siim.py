@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import gzip
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from vlpbench.data.dicom import read_dicom
 from vlpbench.data import is_synthetic
+from vlpbench.data.base import DatasetReader
 from vlpbench.errors import DataError
 
 HEIGHT = WIDTH = 1024
@@ -162,7 +164,7 @@ def _find_label_file(root: Path) -> Path:
     )
 
 
-class SiimSource:
+class SiimSource(DatasetReader):
     """A SIIM-ACR dataset on disk: the label file plus every ``*.dcm`` below ``root``.
 
     Args:
@@ -227,6 +229,10 @@ class SiimSource:
     def image(self, image_id: str) -> np.ndarray:
         """The decoded image: uint8 (H, W), see :func:`vlpbench.data.dicom.read_dicom`."""
         return read_dicom(self.path(image_id))
+
+    def unlabelled(self, ids: Sequence[str]) -> list[str]:
+        """The ids among ``ids`` without a label row, in order (images are not looked at)."""
+        return [i for i in ids if i not in self._labels]
 
     def missing(self, ids: list[str]) -> list[str]:
         """The ids among ``ids`` that lack a DICOM below the root or a row in the label file, in order.

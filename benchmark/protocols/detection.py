@@ -28,7 +28,6 @@ different is the order of floating-point sums, whose rounding AdamW amplifies ov
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -48,7 +47,8 @@ from vlpbench import distributed
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.metrics.detection import DetectionMatches, map_ci, mgca_kept, summarize
-from vlpbench.protocols import SplitIds
+from vlpbench.predictions import DETECTIONS_FILE, read_coco_results, write_detections
+from vlpbench.protocols import SplitIds, base
 from vlpbench.protocols.runtime import check_finite, precision_of, prepare_model, to_device
 
 log = logging.getLogger("vlpbench")
@@ -421,7 +421,8 @@ def _check_config(config: dict[str, Any]) -> None:
 
 
 def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, config: dict[str, Any], *,
-                  seed: int, device: torch.device, progress: bool = True) -> dict[str, Any]:
+                  seed: int, device: torch.device, progress: bool = True,
+                  predictions: Path | None = None) -> dict[str, Any]:
     """Train the YOLOv3 head on ``split.train``, early-stop on ``split.val`` mAP, score ``split.test``.
 
     Returns ``metrics`` (``map`` over every test image, ``ap40`` … ``ap75``, and ``map_mgca`` with
@@ -510,18 +511,13 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     test_features = PartFeatures(model, test, config, device, keep=False, batch_size=batch_size,
                                  progress=progress, desc="test")
     _, detections = _predict(model, test, test_features, anchors, config, batch_size)
-    matches = _matches(test.truths, detections)
-    metrics = _map_metrics(matches)
-    ci = map_ci(matches, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+    if predictions is not None and distributed.is_main():  # every rank holds all detections: one file
+        write_detections(predictions, test.ids, detections)
+    evaluated = evaluate_detection(test.truths, detections, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
     t_test = time.perf_counter()
-    positives = sum(1 for t in test.truths if len(t))
     return {
-        "metrics": metrics,
-        "ci": {"map": ci},
-        "per_image": {},
-        "n": {"train": len(train), "val": len(val), "test": len(test), "test_positive": positives,
-              "test_negative": len(test) - positives, "test_boxes": int(matches.n_truths.sum()),
-              "test_detections": int(matches.n_detections.sum())},
+        **evaluated,
+        "n": {"train": len(train), "val": len(val), **evaluated["n"]},
         "training": {"epochs": len(history), "best_epoch": best["epoch"], "best_val": best["score"],
                      "val_metric": config["val_metric"], "lr": lr, "batch_size": batch_size,
                      "stages_used": [{"index": s.index, "stride": s.stride, "channels": s.channels} for s in stages],
@@ -532,13 +528,54 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     }
 
 
-def run_detection_task(adapter, source: DetectionSource, split: SplitIds, config: dict[str, Any], *,
-                       seed: int, device: torch.device, progress: bool = True) -> dict[str, Any]:
-    """Entry point used by ``vlpbench.api.run``: the adapter's encoder, frozen, under the YOLOv3 head."""
-    return run_detection(adapter.encoder(), source, split, config, seed=seed, device=device, progress=progress)
+def evaluate_detection(truths: list[np.ndarray], detections: Sequence[tuple[np.ndarray, np.ndarray]], *,
+                       n_resamples: int, seed: int) -> dict[str, Any]:
+    """``metrics`` (:func:`_map_metrics`), ``ci`` of ``map`` (images resampled), ``per_image`` ({}: mAP has no
+    per-image part) and the test counts in ``n`` of every test image's detections against its truth boxes.
+
+    Raises:
+        DataError: no test image holds a box, so mAP is undefined.
+    """
+    matches = _matches(truths, detections)
+    metrics = _map_metrics(matches)
+    if metrics["map"] is None:
+        raise DataError(f"the {len(truths)} test images hold no ground-truth box, so their mAP is undefined")
+    positives = sum(1 for t in truths if len(t))
+    return {"metrics": metrics, "ci": {"map": map_ci(matches, n_resamples=n_resamples, seed=seed)}, "per_image": {},
+            "n": {"test": len(truths), "test_positive": positives, "test_negative": len(truths) - positives,
+                  "test_boxes": int(matches.n_truths.sum()), "test_detections": int(matches.n_detections.sum())}}
 
 
-run_detection_task.supports_distributed = True  # shares a torchrun run among its processes (module docstring)
+class DetectionProtocol(base.Protocol):
+    """YOLOv3 head on the frozen encoder's deepest stages, COCO mAP over every test image (module docstring)."""
+
+    name = "detection"
+    table_group = "det"
+    prediction_files = f"{DETECTIONS_FILE}: COCO results [{{image_id, bbox [x, y, w, h], score}}] in image pixels"
+
+    def run(self, adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int, device: torch.device,
+            progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
+        """The adapter's encoder, frozen, under the YOLOv3 head (:func:`run_detection`)."""
+        return run_detection(adapter.encoder(), source, split, config, seed=seed, device=device, progress=progress,
+                             predictions=predictions)
+
+    def prediction_path(self, predictions: Path) -> Path:
+        """``detections.json`` inside a folder; a file as given."""
+        return predictions / DETECTIONS_FILE if predictions.is_dir() else predictions
+
+    def score(self, predictions: Path, source, split: SplitIds, config: dict[str, Any], *,
+              seed: int = 0) -> dict[str, Any]:
+        """mAP of COCO-results detections (original pixels) on ``split.test``, every image counted; only the
+        label files are read, never the images."""
+        ids = list(split.test)
+        path = self.prediction_path(Path(predictions))
+        detections = read_coco_results(path, ids)
+        evaluated = evaluate_detection(truth_boxes(source, ids, config), [detections[i] for i in ids],
+                                       n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+        return {**evaluated, "n": {"train": 0, "val": 0, **evaluated["n"]}, "scoring": {"notes": []}}
+
+
+PROTOCOL = DetectionProtocol()
 
 
 def _snapshot(model: Detector, freeze_bn: bool) -> dict[str, torch.Tensor]:
@@ -639,68 +676,3 @@ def _map_metrics(matches: DetectionMatches) -> dict[str, float | None]:
     metrics = {key: value for key, value in coco.items() if key == "map" or key.startswith("ap")}
     metrics["map_mgca"] = mgca["map"]
     return {key: (None if math.isnan(value) else float(value)) for key, value in metrics.items()}
-
-
-def read_coco_results(path: Path, split_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """A COCO-results JSON ``[{"image_id", "bbox": [x, y, w, h], "score"}, ...]`` (original pixels) as
-    ``{image_id: (boxes (K, 4) xyxy, scores (K,))}`` for every id of ``split_ids`` (no entry: no detection).
-
-    Raises:
-        DataError: the file is unreadable or not a JSON list; an entry is not an object, lacks a key, has
-            a non-string ``image_id``, a ``bbox`` that is not four finite numbers with ``w, h >= 0``, or a
-            non-finite ``score`` (the message names the entry's index and the key); or entries name
-            images outside the split (the message names one).
-    """
-    try:
-        entries = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DataError(f"predictions file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not a readable JSON file: {exc}") from exc
-    if not isinstance(entries, list):
-        raise DataError(f"{path}: expected a JSON list of {{\"image_id\", \"bbox\", \"score\"}} objects "
-                        f"(COCO results), found a {type(entries).__name__}")
-    boxes: dict[str, list[list[float]]] = {image_id: [] for image_id in split_ids}
-    scores: dict[str, list[float]] = {image_id: [] for image_id in split_ids}
-    outside: list[str] = []
-    for index, entry in enumerate(entries):
-        where = f"{path}: entry {index}"
-        if not isinstance(entry, dict):
-            raise DataError(f"{where}: expected an object with image_id, bbox and score, found {entry!r}")
-        for key in ("image_id", "bbox", "score"):
-            if key not in entry:
-                raise DataError(f"{where}: missing key {key!r}")
-        image_id, bbox, score = entry["image_id"], entry["bbox"], entry["score"]
-        if not isinstance(image_id, str):
-            raise DataError(f"{where}: 'image_id' must be the dataset's image id as a string, found {image_id!r}")
-        if (not isinstance(bbox, list) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
-            raise DataError(f"{where}: 'bbox' must be [x, y, width, height], four finite numbers, found {bbox!r}")
-        if bbox[2] < 0 or bbox[3] < 0:
-            raise DataError(f"{where}: 'bbox' width and height must be >= 0, found {bbox!r}")
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise DataError(f"{where}: 'score' must be a finite number, found {score!r}")
-        if image_id not in boxes:
-            outside.append(image_id)
-            continue
-        x, y, w, h = (float(v) for v in bbox)
-        boxes[image_id].append([x, y, x + w, y + h])
-        scores[image_id].append(float(score))
-    if outside:
-        raise DataError(f"{path}: {len(outside)} entries name images outside the split being scored, "
-                        f"e.g. {outside[0]!r}")
-    return {image_id: (np.array(boxes[image_id], dtype=np.float64).reshape(-1, 4),
-                       np.array(scores[image_id], dtype=np.float64)) for image_id in split_ids}
-
-
-def score_detection(predictions: Path, source: DetectionSource, ids: list[str], config: dict[str, Any], *,
-                    val_ids: list[str] | None = None, bootstrap_resamples: int = 1000) -> dict[str, Any]:
-    """mAP of COCO-results detections (original pixels) on ``ids``: the protocol's metrics and the CI of
-    ``map``. Every image of ``ids`` counts; only the label files are read, never the images."""
-    detections = read_coco_results(predictions, ids)
-    truths = truth_boxes(source, ids, config)
-    matches = _matches(truths, [detections[image_id] for image_id in ids])
-    metrics = _map_metrics(matches)
-    if metrics["map"] is None:
-        raise DataError(f"the {len(ids)} images scored hold no ground-truth box, so their mAP is undefined")
-    return {"metrics": metrics, "ci": {"map": map_ci(matches, n_resamples=bootstrap_resamples)}, "n": len(ids)}

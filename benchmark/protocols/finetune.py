@@ -26,6 +26,7 @@ import copy
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,16 +39,16 @@ from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.classification import macro_auc
 from vlpbench.protocols import SplitIds
 from vlpbench.protocols.features import channel_values, load_images, normalize, pooled, uint8_batch
+from vlpbench.predictions import write_probabilities
+from vlpbench.protocols.classification import class_counts, evaluate_classification, metric_names
 from vlpbench.protocols.labels import class_names, label_kind, task_labels
 from vlpbench.protocols.linear import (
+    LinearProtocol,
     check_known,
     check_schedule,
-    class_counts,
-    classification_metrics,
+    default_metrics,
     loss_function,
     output_size,
-    per_image_scores,
-    primary_ci,
     probabilities,
     seeded_head,
     targets,
@@ -85,7 +86,7 @@ def augment(images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,
-                      device: torch.device, progress: bool = True) -> dict[str, Any]:
+                      device: torch.device, progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
     """Fine-tune the adapter's encoder with a linear head on ``split.train``, select the epoch on
     ``split.val``, score ``split.test`` (entry point of protocol ``finetune``).
 
@@ -177,13 +178,14 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
 
     model.load_state_dict(best["state"])
     probs = probabilities(kind, _predict(model, images["test"], inputs, batch_size, device))
-    metrics = classification_metrics(kind, labels["test"], probs, classes)
-    ci = primary_ci(kind, labels["test"], probs, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+    if predictions is not None and distributed.is_main():
+        write_probabilities(predictions, classes, dict(zip(split.test, probs)))
+    evaluated = evaluate_classification(kind, classes, split.test, labels["test"], probs,
+                                        metric_names(config, default_metrics(kind)), thresholds=None,
+                                        n_resamples=int(config["bootstrap_resamples"]), seed=seed)
     t_test = time.perf_counter()
     return {
-        "metrics": metrics,
-        "ci": ci,
-        "per_image": per_image_scores(kind, labels["test"], probs, split.test),
+        **evaluated,
         "n": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
               "test_per_class": class_counts(kind, labels["test"], classes)},
         "training": {"epochs": len(history), "best_epoch": best["epoch"], "select_on": config["select_on"],
@@ -195,7 +197,19 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
     }
 
 
-run_finetune_task.supports_distributed = True  # shares a torchrun run among its processes (module docstring)
+class FinetuneProtocol(LinearProtocol):
+    """Full fine-tuning with a linear head (module docstring); scored like the linear probe."""
+
+    name = "finetune"
+
+    def run(self, adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int, device: torch.device,
+            progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
+        """:func:`run_finetune_task`."""
+        return run_finetune_task(adapter, source, split, config, seed=seed, device=device, progress=progress,
+                                 predictions=predictions)
+
+
+PROTOCOL = FinetuneProtocol()
 
 
 def _auc_defined(kind: str, labels: np.ndarray) -> bool:

@@ -24,7 +24,8 @@ Steps, each a task option:
    attention over 14×14 patches being 0.0051; it means nothing for other maps).
 5. :mod:`vlpbench.metrics.grounding` on every test query: pointing game, pixel recall, IoU, Dice, CNR.
 
-``score_grounding`` applies steps 2 to 5 to heat maps made by any framework (an ``.npz``).
+``score`` applies steps 2 to 5 to heat maps made by any framework (an ``.npz``), through the same
+:func:`evaluate_grounding` as ``run``.
 
 Under torchrun (:mod:`vlpbench.distributed`) each rank computes the maps of its block of whole image
 batches (the batches of a single process); the maps are gathered in query order before the threshold
@@ -52,8 +53,8 @@ from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.grounding import METRIC_NAMES, candidate_thresholds, choose_threshold, grounding_scores
-from vlpbench.predictions import write_heatmaps
-from vlpbench.protocols import SplitIds
+from vlpbench.predictions import HEATMAPS_FILE, write_heatmaps
+from vlpbench.protocols import SplitIds, base
 from vlpbench.protocols.runtime import DEFAULT_PRECISION, autocast, precision_of
 
 log = logging.getLogger("vlpbench")
@@ -300,20 +301,13 @@ def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any],
         write_heatmaps(predictions, maps)
     t_maps = time.perf_counter()
 
-    if use_val:
-        chosen = select_threshold(maps, val, source, config, progress=progress)
-    else:
-        chosen = {"threshold": float(config["threshold"]), "val_dice": None, "candidates": 0}
-    t_threshold = time.perf_counter()
-
-    scores = score_queries(maps, test, source, config, chosen["threshold"], progress=progress)
-    metrics, ci = summarize(scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+    evaluated = evaluate_grounding(maps, test, val, source, config, seed=seed, progress=progress)
+    scores = evaluated.pop("scores")
+    chosen = evaluated.pop("threshold")
     t_test = time.perf_counter()
     map_size = list(next(iter(maps.values())).shape)
     return {
-        "metrics": metrics,
-        "ci": ci,
-        "per_image": {query.key: float(value) for query, value in zip(test, scores["dice"])},
+        **evaluated,
         "n": {"train": 0, "val": len(val), "test": len(test),
               "test_images": len({query.image_id for query in test}),
               "test_negatives_skipped": test_negatives, "val_negatives_skipped": val_negatives,
@@ -322,12 +316,27 @@ def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any],
         "training": {**chosen, "threshold_source": config["threshold_source"], "text_source": texts,
                      "map_size": map_size, "input_size": int(adapter.image_size),
                      "world_size": distributed.world_size()},
-        "timing": {"maps_s": t_maps - t0, "threshold_s": t_threshold - t_maps, "test_s": t_test - t_threshold,
-                   "total_s": t_test - t0},
+        "timing": {"maps_s": t_maps - t0, "evaluate_s": t_test - t_maps, "total_s": t_test - t0},
     }
 
 
-run_grounding_task.supports_distributed = True  # shares a torchrun run among its processes (module docstring)
+def evaluate_grounding(maps: Mapping[str, Any], test: list[Query], val: list[Query], source,
+                       config: Mapping[str, Any], *, seed: int, progress: bool = False) -> dict[str, Any]:
+    """Steps 4 and 5 for ``run`` and ``score`` alike: the threshold (chosen on the ``val`` queries' maps, or
+    the task's fixed ``threshold`` when ``val`` is empty), then every test query scored.
+
+    Returns ``metrics`` (means over test queries), ``ci``, ``per_image`` (Dice per query key), ``threshold``
+    (``threshold``, ``val_dice``, ``candidates``) and ``scores`` (each metric per test query).
+    """
+    if val:
+        chosen = select_threshold(maps, val, source, config, progress=progress)
+    else:
+        chosen = {"threshold": float(config["threshold"]), "val_dice": None, "candidates": 0}
+    scores = score_queries(maps, test, source, config, chosen["threshold"], progress=progress)
+    metrics, ci = summarize(scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+    return {"metrics": metrics, "ci": ci,
+            "per_image": {query.key: float(value) for query, value in zip(test, scores["dice"])},
+            "threshold": chosen, "scores": scores}
 
 
 def read_heatmaps(path: Path) -> Mapping[str, np.ndarray]:
@@ -376,45 +385,64 @@ class _CheckedMaps(Mapping[str, np.ndarray]):
         return len(self._archive)
 
 
-def score_grounding(predictions: Path, source, ids: list[str], config: dict[str, Any], *,
-                    val_ids: list[str] | None = None, bootstrap_resamples: int = 1000) -> dict[str, Any]:
-    """Score an ``.npz`` of heat maps (any resolution) on the positive images among ``ids``.
+class GroundingProtocol(base.Protocol):
+    """Zero-shot heat maps scored against lesion masks (module docstring)."""
 
-    Keys are image ids, or ``<image_id>#<phrase index>`` for MS-CXR; keys of other images are ignored.
-    The threshold is chosen as the protocol does when the file also holds maps of validation positives
-    (``val_ids``); otherwise the task's ``threshold`` is used and a note says so. Needs the label files only.
+    name = "grounding"
+    table_group = "ground"
+    uses_val = True
+    prediction_files = (f"{HEATMAPS_FILE}: one 2-D heat map per positive test (and validation) image, keyed by "
+                        "image id (MS-CXR: '<image_id>#<phrase index>')")
 
-    Returns ``metrics``, ``ci``, ``n`` (maps scored), ``negatives_skipped``, ``threshold`` (value, source,
-    validation maps used, their mean Dice) and ``notes``.
+    def run(self, adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int, device: torch.device,
+            progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
+        """:func:`run_grounding_task`."""
+        return run_grounding_task(adapter, source, split, config, seed=seed, device=device, progress=progress,
+                                  predictions=predictions)
 
-    Raises:
-        DataError: the file is unreadable, a test positive has no map, or a map is not a finite 2-D array.
-    """
-    check_config(config)
-    maps = _CheckedMaps(read_heatmaps(predictions), predictions)
-    test, negatives = grounding_queries(source, ids, config)
-    if not test:
-        raise DataError(f"no positive image among the {len(ids)} images scored: nothing to ground")
-    missing = [query.key for query in test if query.key not in maps]
-    if missing:
-        raise DataError(f"{predictions}: {len(missing)} of {len(test)} positive test maps are missing, "
-                        f"e.g. keys {', '.join(map(repr, missing[:3]))}")
-    notes = []
-    val: list[Query] = []
-    if config["threshold_source"] == "val":
-        val = [query for query in grounding_queries(source, val_ids or [], config)[0] if query.key in maps]
-        if not val:
-            notes.append(f"{predictions.name} holds no map of a validation positive, so the threshold is the "
-                         f"task's fixed threshold {config['threshold']} instead of one chosen on validation maps")
-    if val:
-        chosen = {**select_threshold(maps, val, source, config), "source": "val", "val_maps": len(val)}
-    else:
-        chosen = {"threshold": float(config["threshold"]), "source": "config", "val_maps": 0, "val_dice": None}
-    scores = score_queries(maps, test, source, config, chosen["threshold"])
-    metrics, ci = summarize(scores, n_resamples=bootstrap_resamples, seed=0)
-    flat = sum(is_flat(maps[query.key]) for query in test)
-    if flat:
-        notes.append(f"{flat} of {len(test)} test maps are constant: every pixel ties for the maximum, so each "
-                     "scores a pointing-game hit")
-    return {"metrics": metrics, "ci": ci, "n": len(test), "negatives_skipped": negatives,
-            "threshold": chosen, "notes": notes}
+    def prediction_path(self, predictions: Path) -> Path:
+        """``heatmaps.npz`` inside a folder; a file as given."""
+        return predictions / HEATMAPS_FILE if predictions.is_dir() else predictions
+
+    def score(self, predictions: Path, source, split: SplitIds, config: dict[str, Any], *,
+              seed: int = 0) -> dict[str, Any]:
+        """Steps 2 to 5 on an ``.npz`` of heat maps (any resolution) of the positive images of ``split.test``.
+
+        Keys are image ids, or ``<image_id>#<phrase index>`` for MS-CXR; keys of other images are ignored. The
+        threshold is chosen as ``run`` chooses it when the file also holds the maps of the validation positives
+        (``split.val``); otherwise the task's ``threshold`` is used and a note says so. Reads the label files only.
+
+        Raises:
+            DataError: the file is unreadable, a test positive has no map, or a map is not a finite 2-D array.
+        """
+        check_config(config)
+        path = self.prediction_path(Path(predictions))
+        maps = _CheckedMaps(read_heatmaps(path), path)
+        test, negatives = grounding_queries(source, split.test, config)
+        if not test:
+            raise DataError(f"no positive image among the {len(split.test)} images scored: nothing to ground")
+        missing = [query.key for query in test if query.key not in maps]
+        if missing:
+            raise DataError(f"{path}: {len(missing)} of {len(test)} positive test maps are missing, "
+                            f"e.g. keys {', '.join(map(repr, missing[:3]))}")
+        notes = []
+        val: list[Query] = []
+        if config["threshold_source"] == "val":
+            val = [query for query in grounding_queries(source, split.val, config)[0] if query.key in maps]
+            if not val:
+                notes.append(f"{path.name} holds no map of a validation positive, so the threshold is the "
+                             f"task's fixed threshold {config['threshold']} instead of one chosen on validation maps")
+        evaluated = evaluate_grounding(maps, test, val, source, config, seed=seed)
+        scores = evaluated.pop("scores")
+        chosen = evaluated.pop("threshold")
+        flat = sum(is_flat(maps[query.key]) for query in test)
+        if flat:
+            notes.append(f"{flat} of {len(test)} test maps are constant: every pixel ties for the maximum, so each "
+                         "scores a pointing-game hit")
+        return {**evaluated,
+                "n": {"train": 0, "val": len(val), "test": len(test), "test_negatives_skipped": negatives,
+                      "cnr_undefined": int(np.count_nonzero(~np.isfinite(scores["cnr"])))},
+                "scoring": {**chosen, "threshold_source": "val" if val else "config", "notes": notes}}
+
+
+PROTOCOL = GroundingProtocol()

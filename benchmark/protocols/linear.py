@@ -32,6 +32,7 @@ import copy
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -41,9 +42,9 @@ from tqdm.auto import tqdm
 
 from vlpbench import distributed
 from vlpbench.errors import ConfigError, DataError
-from vlpbench.metrics.bootstrap import bootstrap_ci
-from vlpbench.metrics.classification import accuracy, auc_by_weights, macro_auc, resample_weights, roc_auc
-from vlpbench.protocols import SplitIds
+from vlpbench.predictions import PROBABILITIES_FILE, write_probabilities
+from vlpbench.protocols import SplitIds, base
+from vlpbench.protocols.classification import class_counts, evaluate_classification, metric_names, score_predictions_csv
 from vlpbench.protocols.features import (
     Preprocessing,
     cached_features,
@@ -53,7 +54,7 @@ from vlpbench.protocols.features import (
     pooled,
     uint8_batch,
 )
-from vlpbench.protocols.labels import class_names, class_slug, label_kind, task_labels
+from vlpbench.protocols.labels import class_names, label_kind, task_labels
 from vlpbench.protocols.runtime import check_finite, precision_of, prepare_model
 
 log = logging.getLogger("vlpbench")
@@ -108,60 +109,6 @@ def probabilities(kind: str, logits: torch.Tensor) -> np.ndarray:
     """Softmax (multi-class) or sigmoid probabilities as float64 numpy."""
     probs = logits.softmax(dim=1) if kind == "multiclass" else torch.sigmoid(logits)
     return probs.double().cpu().numpy()
-
-
-def classification_metrics(kind: str, labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Test metrics: ``auc`` (macro over classes with both labels present; one-vs-rest for a
-    multi-class task), ``auc_<class>`` per class, and ``acc`` (top-1 accuracy) for a multi-class task."""
-    if kind == "multiclass":
-        per_class = [roc_auc((labels == k).astype(int), probs[:, k]) for k in range(len(classes))]
-        defined = [v for v in per_class if v is not None]
-        metrics = {"acc": accuracy(labels, probs), "auc": float(np.mean(defined)) if defined else None}
-    elif kind == "binary":
-        return {"auc": roc_auc(labels[:, 0], probs[:, 0])}
-    else:
-        mean, per_class = macro_auc(labels, probs)
-        metrics = {"auc": mean}
-    metrics.update({f"auc_{class_slug(name)}": value for name, value in zip(classes, per_class)})
-    return metrics
-
-
-def primary_ci(kind: str, labels: np.ndarray, probs: np.ndarray, *, n_resamples: int,
-               seed: int) -> dict[str, Any]:
-    """Bootstrap CI over test images of the primary metric: ``acc`` for multi-class tasks,
-    otherwise ``auc``. Resamples on which a class that has both labels in the test set loses one are
-    skipped (counted in ``skipped``), so every resample averages the same classes. Empty when the
-    metric is undefined on the test set itself."""
-    if kind == "multiclass":
-        correct = (probs.argmax(axis=1) == labels).astype(np.float64)
-        return {"acc": bootstrap_ci(correct, n_resamples=n_resamples, seed=seed)}
-    # Each class's scores are sorted once; a resample is scored through its image counts in O(n).
-    per_class = [auc_by_weights(labels[:, k], probs[:, k]) for k in range(labels.shape[1])
-                 if len(np.unique(labels[:, k])) == 2]
-    if not per_class:
-        return {}
-
-    def statistic(index: np.ndarray) -> float:
-        weights = resample_weights(index, len(labels))
-        values = [auc(weights) for auc in per_class]
-        return math.nan if any(v is None for v in values) else float(np.mean(values))
-
-    return {"auc": bootstrap_ci(statistic, len(labels), n_resamples=n_resamples, seed=seed)}
-
-
-def per_image_scores(kind: str, labels: np.ndarray, probs: np.ndarray, ids: list[str]) -> dict[str, float]:
-    """Top-1 correctness (1.0 / 0.0) per test image for a multi-class task; empty otherwise, since an
-    AUC has no per-image score."""
-    if kind != "multiclass":
-        return {}
-    return {image_id: float(c) for image_id, c in zip(ids, probs.argmax(axis=1) == labels)}
-
-
-def class_counts(kind: str, labels: np.ndarray, classes: list[str]) -> dict[str, int]:
-    """Test images per class (multi-class) or positives per class."""
-    if kind == "multiclass":
-        return {name: int((labels == k).sum()) for k, name in enumerate(classes)}
-    return {name: int(labels[:, k].sum()) for k, name in enumerate(classes[:labels.shape[1]])}
 
 
 def seeded_head(in_features: int, out_features: int, seed: int) -> torch.nn.Linear:
@@ -231,7 +178,7 @@ def moco2(images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,
-                    device: torch.device, progress: bool = True) -> dict[str, Any]:
+                    device: torch.device, progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
     """Train a linear head on ``split.train`` over the frozen encoder, early-stop on ``split.val``,
     score ``split.test`` (entry point of protocol ``linear``).
 
@@ -289,14 +236,14 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
     head.load_state_dict(state["best_state"])
     with torch.no_grad():
         probs = probabilities(kind, head(torch.from_numpy(test.values).to(device)))
-    metrics = classification_metrics(kind, labels["test"], probs, classes)
-    ci = primary_ci(kind, labels["test"], probs, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
-    per_image = per_image_scores(kind, labels["test"], probs, split.test)
+    if predictions is not None and distributed.is_main():
+        write_probabilities(predictions, classes, dict(zip(split.test, probs)))
+    evaluated = evaluate_classification(kind, classes, split.test, labels["test"], probs,
+                                        metric_names(config, default_metrics(kind)), thresholds=None,
+                                        n_resamples=int(config["bootstrap_resamples"]), seed=seed)
     t_test = time.perf_counter()
     return {
-        "metrics": metrics,
-        "ci": ci,
-        "per_image": per_image,
+        **evaluated,
         "n": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
               "test_per_class": class_counts(kind, labels["test"], classes)},
         "training": {"mode": mode, "feature_cache": cache, "world_size": distributed.world_size(),
@@ -308,7 +255,38 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
     }
 
 
-run_linear_task.supports_distributed = True  # shares a torchrun run among its processes (module docstring)
+def default_metrics(kind: str) -> list[str]:
+    """The metrics of a linear-probe or fine-tuning task without a ``metrics`` option: top-1 accuracy and the
+    one-vs-rest AUC for a multi-class task, the AUC (macro and per class) otherwise."""
+    return ["acc", "auc"] if kind == "multiclass" else ["auc"]
+
+
+class LinearProtocol(base.Protocol):
+    """Linear head on frozen pooled features (module docstring)."""
+
+    name = "linear"
+    table_group = "cls"
+    prediction_files = f"{PROBABILITIES_FILE}: image_id and one probability column per class, one row per test image"
+
+    def run(self, adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int, device: torch.device,
+            progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
+        """:func:`run_linear_task`."""
+        return run_linear_task(adapter, source, split, config, seed=seed, device=device, progress=progress,
+                               predictions=predictions)
+
+    def prediction_path(self, predictions: Path) -> Path:
+        """``predictions.csv`` inside a folder; a file as given."""
+        return predictions / PROBABILITIES_FILE if predictions.is_dir() else predictions
+
+    def score(self, predictions: Path, source, split: SplitIds, config: dict[str, Any], *,
+              seed: int = 0) -> dict[str, Any]:
+        """The test rows of a predictions CSV, evaluated as ``run`` does (:mod:`vlpbench.protocols.classification`)."""
+        return score_predictions_csv(self.prediction_path(Path(predictions)), source, split.test, config,
+                                     default_metrics=default_metrics(label_kind(config)), seed=seed,
+                                     threshold_images=(source, list(split.val), "the split's val part"))
+
+
+PROTOCOL = LinearProtocol()
 
 
 def _augmented_batches(adapter, source, ids: list[str], pre: Preprocessing, transform: str, seed: int,

@@ -43,7 +43,8 @@ from vlpbench.protocols import SplitIds
 from vlpbench.protocols.runtime import check_finite, precision_of, prepare_model, to_device
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.dice import dice_per_image
-from vlpbench.predictions import write_mask
+from vlpbench.predictions import find_masks, read_prediction_mask, write_mask
+from vlpbench.protocols import base
 
 log = logging.getLogger("vlpbench")
 
@@ -244,19 +245,8 @@ def run_segmentation(
     scores = distributed.gather_arrays(_test_dice(model, test, source, normalize, config, device, progress,
                                                   predictions))
     t_test = time.perf_counter()
-    positive = np.array([bool(source.label(i)) for i in test.ids])
-    ci = bootstrap_ci(scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
     return {
-        "metrics": {
-            "dice": float(scores.mean()),
-            # The two halves of Dice and what an all-empty prediction would score, so that a reader
-            # can tell "finds pneumothorax" from "predicts nothing on a mostly negative test set".
-            "dice_positive": float(scores[positive].mean()) if positive.any() else None,
-            "empty_correct": float(scores[~positive].mean()) if (~positive).any() else None,
-            "all_empty_baseline": float((~positive).mean()),
-        },
-        "ci": {"dice": ci},
-        "per_image": {image_id: float(s) for image_id, s in zip(test.ids, scores)},
+        **evaluate_segmentation(source, test.ids, scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed),
         "n": {"train": len(train_ids), "val": len(val), "test": len(test)},
         "training": {"epochs": len(history), "best_epoch": best["epoch"],
                      "best_val_loss": best["loss"], "history": history, "world_size": ranks,
@@ -266,23 +256,67 @@ def run_segmentation(
     }
 
 
-def run_segmentation_task(adapter, source: SegmentationSource, split: SplitIds,
-                          config: dict[str, Any], *, seed: int, device: torch.device,
-                          progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
-    """Entry point used by ``vlpbench.api.run``: the adapter's encoder (and decoder if asked); ``predictions``
-    is a folder for the test masks, or None."""
-    decoder_state = None
-    if config["init_decoder"]:
-        decoder_state = adapter.decoder_state_dict()
-        if decoder_state is None:
-            raise VlpbenchError(f"init_decoder=true needs a checkpoint with a U-Net decoder (G2D's "
-                                f"*_encoder_decoder.pth); {adapter.name} loaded layout {adapter.report.layout!r}")
-    return run_segmentation(adapter.encoder(), source, split, config, seed=seed, device=device,
-                            decoder_state=decoder_state, progress=progress, encoder_name=adapter.encoder_name,
-                            predictions=predictions)
+def evaluate_segmentation(source: SegmentationSource, ids: list[str], scores: np.ndarray, *, n_resamples: int,
+                          seed: int) -> dict[str, Any]:
+    """``metrics``, ``ci`` and ``per_image`` of the per-image Dice ``scores`` of test images ``ids``: the mean
+    Dice with its bootstrap CI, and its two halves (positive images; negatives left empty) beside what an
+    all-empty prediction would score, so that a reader can tell "finds pneumothorax" from "predicts nothing
+    on a mostly negative test set"."""
+    positive = np.array([bool(source.label(i)) for i in ids], dtype=bool)
+    return {
+        "metrics": {
+            "dice": float(scores.mean()),
+            "dice_positive": float(scores[positive].mean()) if positive.any() else None,
+            "empty_correct": float(scores[~positive].mean()) if (~positive).any() else None,
+            "all_empty_baseline": float((~positive).mean()),
+        },
+        "ci": {"dice": bootstrap_ci(scores, n_resamples=n_resamples, seed=seed)},
+        "per_image": {image_id: float(s) for image_id, s in zip(ids, scores)},
+    }
 
 
-run_segmentation_task.supports_distributed = True  # shares a torchrun run among its processes (module docstring)
+class SegmentationProtocol(base.Protocol):
+    """U-Net decoder on the frozen encoder, per-image Dice (module docstring)."""
+
+    name = "segmentation"
+    table_group = "seg"
+    prediction_files = "one <image_id>.png per test image (0/255 at the image's resolution) or .npy probabilities"
+
+    def run(self, adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int, device: torch.device,
+            progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
+        """The adapter's encoder (and decoder if ``init_decoder``) through :func:`run_segmentation`."""
+        decoder_state = None
+        if config["init_decoder"]:
+            decoder_state = adapter.decoder_state_dict()
+            if decoder_state is None:
+                raise VlpbenchError(f"init_decoder=true needs a checkpoint with a U-Net decoder (G2D's "
+                                    f"*_encoder_decoder.pth); {adapter.name} loaded layout {adapter.report.layout!r}")
+        return run_segmentation(adapter.encoder(), source, split, config, seed=seed, device=device,
+                                decoder_state=decoder_state, progress=progress, encoder_name=adapter.encoder_name,
+                                predictions=predictions)
+
+    def score(self, predictions: Path, source, split: SplitIds, config: dict[str, Any], *,
+              seed: int = 0) -> dict[str, Any]:
+        """Per-image Dice of each saved mask against the full-resolution ground truth of ``split.test``, at
+        the task's ``threshold``; evaluated by :func:`evaluate_segmentation` as ``run`` does."""
+        threshold = config["threshold"]
+        ids = list(split.test)
+        found = find_masks(Path(predictions), ids)
+        scores = np.empty(len(ids))
+        for index, image_id in enumerate(ids):
+            truth = source.mask(image_id)
+            prediction = read_prediction_mask(found[image_id], truth.shape)
+            scores[index] = dice_per_image(prediction[None], torch.from_numpy(truth)[None], threshold)[0]
+        outcome = evaluate_segmentation(source, ids, scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+        notes = []
+        if config["dice_resolution"] != "native":
+            notes.append("Dice at the images' native resolution: the run scored resized masks "
+                         f"(dice_resolution={config['dice_resolution']}), so its Dice differs")
+        return {**outcome, "n": {"train": 0, "val": 0, "test": len(ids)},
+                "scoring": {"threshold": threshold, "notes": notes}}
+
+
+PROTOCOL = SegmentationProtocol()
 
 
 def balance_negatives(ids: list[str], label: Callable[[str], int], rng: np.random.Generator) -> list[str]:

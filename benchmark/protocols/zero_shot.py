@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -40,23 +41,16 @@ from vlpbench import distributed
 from vlpbench.adapters.base import EMBED_IMAGE, EMBED_TEXT, ZERO_SHOT, check_zero_shot_arguments
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
-from vlpbench.metrics.bootstrap import bootstrap_ci
-from vlpbench.metrics.classification import (
-    CRITERIA,
-    argmax_metrics,
-    auc_by_weights,
-    best_threshold,
-    resample_weights,
-    threshold_metrics_by_weights,
-)
-from vlpbench.protocols import SplitIds
-from vlpbench.protocols.labels import class_names, class_slug, label_kind, task_labels
+from vlpbench.metrics.classification import CRITERIA
+from vlpbench.predictions import PROBABILITIES_FILE, write_probabilities
+from vlpbench.protocols import SplitIds, base
+from vlpbench.protocols.classification import class_thresholds, evaluate_classification, score_predictions_csv
+from vlpbench.protocols.labels import class_names, label_kind, task_labels
 from vlpbench.protocols.runtime import autocast, precision_of
 
 log = logging.getLogger("vlpbench")
 
 METRICS = ("auc", "f1", "acc", "mcc")
-THRESHOLD_METRICS = ("f1", "acc", "mcc")
 THRESHOLD_SOURCES = ("val", "test_oracle")
 # G2D §A.4.2: resize to 256, center-crop 224 (option center_crop).
 CROP_FROM, CROP_TO = 256, 224
@@ -168,93 +162,8 @@ THRESHOLD_IMAGES: dict[str, Callable[[Any, SplitIds], tuple[Any, list[str], str]
 }
 
 
-def class_thresholds(labels: np.ndarray, scores: np.ndarray, classes: list[str],
-                     criterion: str) -> list[float | None]:
-    """Per class the ``best_threshold`` of ``labels`` (N, C) and ``scores`` (N, C); None where the data
-    cannot define one (no positive image), which leaves that class out of F1, accuracy and MCC."""
-    chosen = []
-    for k, name in enumerate(classes):
-        try:
-            chosen.append(best_threshold(labels[:, k], scores[:, k], criterion))
-        except DataError as e:
-            log.warning("no %s threshold for class %s (%s): it is left out of F1, accuracy and MCC", criterion,
-                        name, e)
-            chosen.append(None)
-    return chosen
-
-
-Statistic = Callable[[np.ndarray], float]  # sample weights of the test items -> metric value (NaN: undefined)
-
-
-def _auc_statistic(labels: np.ndarray, scores: np.ndarray) -> Statistic:
-    auc = auc_by_weights(labels, scores)
-    return lambda w: np.nan if (value := auc(w)) is None else value
-
-
-def _macro(statistics: list[Statistic]) -> Statistic:
-    """The mean of ``statistics``; undefined when any of them is: the bootstrap then skips the resample
-    rather than average a different set of classes."""
-    return lambda w: float(np.mean([f(w) for f in statistics])) if statistics else np.nan
-
-
-def metric_statistics(kind: str, labels: np.ndarray, scores: np.ndarray, classes: list[str], wanted: list[str],
-                      thresholds: list[float | None] | None = None) -> dict[str, Statistic]:
-    """Metric name → ``weights -> value`` over the test items, macro and (for several classes) per class
-    (``<metric>_<class slug>``).
-
-    Multi-class (``labels`` (N,) indices): ``acc`` top-1 accuracy, ``f1`` / ``mcc`` of
-    the top-1 decisions, ``auc`` one-vs-rest. Binary / multi-label (``labels`` (N, C) 0/1): ``auc``, and
-    ``f1`` / ``acc`` / ``mcc`` of ``score >= threshold`` for the classes whose threshold is not None
-    (none without ``thresholds``). A macro AUC averages the classes defined on the full test set.
-
-    Raises:
-        ConfigError: a metric name the task kind has no definition for.
-    """
-    n_classes = len(classes)
-    overall: dict[str, Statistic] = {}
-    if kind == "multiclass":
-        per_class = {"auc": {k: _auc_statistic((labels == k).astype(int), scores[:, k]) for k in range(n_classes)}}
-        for metric in ("acc", "f1", "mcc"):
-            overall[metric] = lambda w, metric=metric: argmax_metrics(labels, scores, w)[metric]
-    else:
-        per_class = {"auc": {k: _auc_statistic(labels[:, k], scores[:, k]) for k in range(n_classes)}}
-        at_threshold = {k: threshold_metrics_by_weights(labels[:, k], scores[:, k], t)
-                        for k, t in enumerate(thresholds or ()) if t is not None}
-        for metric in THRESHOLD_METRICS:
-            per_class[metric] = {k: (lambda w, f=f, metric=metric: f(w)[metric]) for k, f in at_threshold.items()}
-            overall[metric] = _macro(list(per_class[metric].values()))
-    full = np.ones(len(labels))
-    overall["auc"] = _macro([f for f in per_class["auc"].values() if np.isfinite(f(full))])
-
-    statistics: dict[str, Statistic] = {}
-    for metric in wanted:
-        if metric not in overall:
-            raise ConfigError(f"metric {metric!r} is not defined for a {kind} task; expected one of "
-                              f"{', '.join(overall)}")
-        statistics[metric] = overall[metric]
-        if n_classes > 1:
-            statistics.update({f"{metric}_{class_slug(classes[k])}": f for k, f in per_class.get(metric, {}).items()})
-    return statistics
-
-
-def evaluate_statistics(statistics: dict[str, Statistic], n: int, *, n_resamples: int,
-                        seed: int) -> tuple[dict[str, float | None], dict[str, dict]]:
-    """Each statistic on all ``n`` test items (None where undefined) and its bootstrap CI over items
-    (:func:`~vlpbench.metrics.bootstrap.bootstrap_ci`, every statistic on the same resamples)."""
-    full = np.ones(n)
-    metrics: dict[str, float | None] = {}
-    ci: dict[str, dict] = {}
-    for name, statistic in statistics.items():
-        value = statistic(full)
-        metrics[name] = float(value) if np.isfinite(value) else None
-        if metrics[name] is not None:
-            ci[name] = bootstrap_ci(lambda idx, f=statistic: f(resample_weights(idx, n)), n,
-                                    n_resamples=n_resamples, seed=seed)
-    return metrics, ci
-
-
 def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,
-                       device: torch.device, progress: bool = True) -> dict[str, Any]:
+                       device: torch.device, progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
     """Score ``split.test`` zero-shot; thresholds (binary / multi-label tasks) from validation images.
 
     Returns ``metrics``, ``ci``, ``per_image`` (top-1 correctness per test image for a multi-class
@@ -288,13 +197,11 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
     test_scores = zero_shot_probabilities(adapter, source, list(split.test), prompts, templates, config,
                                           device=device, progress=progress, desc="test")
     t_test = time.perf_counter()
-    n_resamples = int(config["bootstrap_resamples"])
     n_threshold_images = 0
+    saved = dict(zip(split.test, test_scores))
+    thresholds = None
     if kind == "multiclass":
         training: dict[str, Any] = {"decision": "argmax over classes", "thresholds": None}
-        statistics = metric_statistics(kind, test_labels, test_scores, classes, wanted)
-        correct = test_scores.argmax(axis=1) == test_labels
-        per_image = {image_id: float(c) for image_id, c in zip(split.test, correct)}
         positives = {c: int((test_labels == k).sum()) for k, c in enumerate(classes)}
     else:
         if threshold_source == "val":
@@ -307,6 +214,7 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
                                                  device=device, progress=progress, desc="val")
             thresholds = class_thresholds(val_labels, val_scores, classes, criterion)
             n_threshold_images = len(ids)
+            saved.update(zip(ids, val_scores))
         else:
             log.warning("zero-shot: thresholds tuned on the test set (test_oracle, as MedKLIP's code); "
                         "F1, accuracy and MCC are optimistic")
@@ -316,20 +224,21 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
         training = {"thresholds": dict(zip(classes, thresholds)), "threshold_source": threshold_source,
                     "threshold_images": where, "threshold_criterion": criterion,
                     "optimistic": threshold_source == "test_oracle"}
-        statistics = metric_statistics(kind, test_labels, test_scores, classes, wanted, thresholds)
-        per_image = {}
         positives = {c: int(test_labels[:, k].sum()) for k, c in enumerate(classes)}
+    if predictions is not None and distributed.is_main():
+        write_probabilities(predictions, classes, saved)
     t_scored = time.perf_counter()
 
-    metrics, ci = evaluate_statistics(statistics, len(split.test), n_resamples=n_resamples, seed=seed)
+    evaluated = evaluate_classification(kind, classes, split.test, test_labels, test_scores, wanted,
+                                        thresholds=thresholds, n_resamples=int(config["bootstrap_resamples"]),
+                                        seed=seed)
+    metrics = evaluated["metrics"]
     if "auc" in metrics and metrics["auc"] is None:
         raise DataError(f"zero-shot: no class has both positive and negative test images "
                         f"(positives per class: {positives}); AUC is undefined")
     t_end = time.perf_counter()
     return {
-        "metrics": metrics,
-        "ci": ci,
-        "per_image": per_image,
+        **evaluated,
         "n": {"train": 0, "val": n_threshold_images, "test": len(split.test), "test_positives": positives},
         "training": {**training, "world_size": distributed.world_size()},
         "timing": {"test_inference_s": t_test - t0, "threshold_s": t_scored - t_test,
@@ -337,4 +246,35 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
     }
 
 
-run_zero_shot_task.supports_distributed = True  # shares a torchrun run among its processes (module docstring)
+class ZeroShotProtocol(base.Protocol):
+    """Zero-shot classification from prompts, thresholds from validation images (module docstring)."""
+
+    name = "zero_shot"
+    table_group = "zs"
+    uses_val = True
+    prediction_files = (f"{PROBABILITIES_FILE}: image_id and one probability column per class, one row per test "
+                        "image and per image the thresholds come from")
+
+    def run(self, adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int, device: torch.device,
+            progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
+        """:func:`run_zero_shot_task`."""
+        return run_zero_shot_task(adapter, source, split, config, seed=seed, device=device, progress=progress,
+                                  predictions=predictions)
+
+    def prediction_path(self, predictions: Path) -> Path:
+        """``predictions.csv`` inside a folder; a file as given."""
+        return predictions / PROBABILITIES_FILE if predictions.is_dir() else predictions
+
+    def score(self, predictions: Path, source, split: SplitIds, config: dict[str, Any], *,
+              seed: int = 0) -> dict[str, Any]:
+        """The test rows of a predictions CSV, with thresholds chosen on its rows of the threshold images
+        (``threshold_images``) as ``run`` chooses them."""
+        kind = label_kind(config)
+        images = None
+        if kind != "multiclass" and _choice(config, "threshold_source", THRESHOLD_SOURCES) == "val":
+            images = THRESHOLD_IMAGES[_choice(config, "threshold_images", tuple(THRESHOLD_IMAGES))](source, split)
+        return score_predictions_csv(self.prediction_path(Path(predictions)), source, split.test, config,
+                                     default_metrics=METRICS, seed=seed, threshold_images=images)
+
+
+PROTOCOL = ZeroShotProtocol()

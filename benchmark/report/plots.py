@@ -315,10 +315,10 @@ def segmentation_panels(source, ids: Sequence[str], folder: Path, config: Mappin
     import torch
 
     from vlpbench.metrics.dice import dice_per_image
-    from vlpbench.scoring import find_predictions, read_prediction_mask
+    from vlpbench.predictions import find_masks, read_prediction_mask
 
     chosen = choose_ids(ids, {i: bool(source.label(i)) for i in ids}, n)
-    found = find_predictions(Path(folder), chosen)
+    found = find_masks(Path(folder), chosen)
     threshold = config["threshold"]
     panels = []
     for image_id in chosen:

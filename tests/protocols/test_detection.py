@@ -13,15 +13,16 @@ from vlpbench.data.rsna import RsnaSource
 from vlpbench.data.splits import load_split
 from vlpbench.errors import DataError
 from vlpbench.metrics.detection import RECALL_POINTS, detection_map
+from vlpbench.predictions import read_coco_results
+from vlpbench.protocols import SplitIds
 from vlpbench.protocols.detection import (
+    PROTOCOL,
     Detector,
     assign_targets,
     decode,
     deepest_stages,
     fraction_settings,
-    read_coco_results,
     scaled_anchors,
-    score_detection,
     select_detections,
     truth_boxes,
     yolo_loss,
@@ -289,8 +290,8 @@ def test_object_cxr_scoring_reads_only_labels_and_follows_the_polygon_rule(tmp_p
     entries = [_coco(i, box, 0.8) for i in ids for box in source.boxes(i)]
     predictions = tmp_path / "p.json"
     predictions.write_text(json.dumps(entries))
-    result = score_detection(predictions, source, ids, config, bootstrap_resamples=50)
-    assert result["metrics"]["map"] == pytest.approx(1.0, abs=1e-9) and result["n"] == len(ids)
+    result = PROTOCOL.score(predictions, source, SplitIds([], [], ids), {**config, "bootstrap_resamples": 50})
+    assert result["metrics"]["map"] == pytest.approx(1.0, abs=1e-9) and result["n"]["test"] == len(ids)
     # The task's polygon_rule reaches the reader: MGCA's polylabel-centred boxes on request.
     mgca = truth_boxes(source, ids, {**config, "polygon_rule": "mgca"})
     assert all(np.array_equal(m, source.boxes(i, polygon_rule="mgca")) for m, i in zip(mgca, ids))

@@ -26,10 +26,10 @@ from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.grounding import dice, grounding_scores, iou, pointing_game, recall
 from vlpbench.protocols import SplitIds
 from vlpbench.protocols.grounding import (
+    PROTOCOL,
     compute_maps,
     grounding_queries,
     run_grounding_task,
-    score_grounding,
     score_queries,
     truth_mask,
 )
@@ -215,12 +215,14 @@ def test_score_on_a_hand_made_npz_equals_the_direct_computation(roots, tmp_path)
     rng = np.random.default_rng(1)
     maps = {i: rng.random((8, 8)).astype(np.float32) for i in parts["test"] + parts["val"]}
     np.savez(tmp_path / "maps.npz", **maps)
-    result = api.score("rsna_ground", tmp_path / "maps.npz", data_root=roots["rsna"], bootstrap_resamples=100)
+    result = api.score("rsna_ground", tmp_path / "maps.npz", data_root=roots["rsna"],
+                       overrides={"bootstrap_resamples": 100})
 
     positives = [i for i in parts["test"] if source.label(i)]
     val_positives = [i for i in parts["val"] if source.label(i)]
-    assert result["n"] == len(positives) and result["negatives_skipped"] == len(parts["test"]) - len(positives)
-    assert result["threshold"]["source"] == "val" and result["threshold"]["val_maps"] == len(val_positives)
+    assert result["n"]["test"] == len(positives)
+    assert result["n"]["test_negatives_skipped"] == len(parts["test"]) - len(positives)
+    assert result["scoring"]["threshold_source"] == "val" and result["n"]["val"] == len(val_positives)
     # The threshold: the candidate quantile with the best mean validation Dice (maps at 224², truths NEAREST).
     pooled = np.concatenate([(maps[i] - maps[i].min()) / (maps[i].max() - maps[i].min()) for i in val_positives])
     candidates = np.unique(np.quantile(pooled.ravel(), np.linspace(0, 1, spec.config["threshold_grid"] + 1)))
@@ -233,8 +235,8 @@ def test_score_on_a_hand_made_npz_equals_the_direct_computation(roots, tmp_path)
         hit = (predicted & stacked_truth).sum(axis=(1, 2))
         mean_dice.append(np.mean(2 * hit / (predicted.sum(axis=(1, 2)) + stacked_truth.sum(axis=(1, 2)))))
     threshold = candidates[int(np.argmax(mean_dice))]
-    assert result["threshold"]["threshold"] == pytest.approx(threshold)
-    assert result["threshold"]["val_dice"] == pytest.approx(max(mean_dice))
+    assert result["scoring"]["threshold"] == pytest.approx(threshold)
+    assert result["scoring"]["val_dice"] == pytest.approx(max(mean_dice))
 
     test_pairs = [(_upsampled(maps[i], 224), _truth_224(source.mask(i))) for i in positives]
     expected = {"pointing_game": np.mean([pointing_game(h, t) for h, t in test_pairs]),
@@ -244,7 +246,7 @@ def test_score_on_a_hand_made_npz_equals_the_direct_computation(roots, tmp_path)
     inside_outside = [(h[t], h[~t]) for h, t in test_pairs]
     expected["cnr"] = np.mean([abs(a.mean() - b.mean()) / math.sqrt(a.var() + b.var()) for a, b in inside_outside])
     assert result["metrics"] == pytest.approx(expected)
-    assert result["notes"] == []
+    assert result["scoring"]["notes"] == []
 
 
 def test_score_without_validation_maps_uses_the_task_threshold(roots, tmp_path):
@@ -253,16 +255,17 @@ def test_score_without_validation_maps_uses_the_task_threshold(roots, tmp_path):
     keys = [f"{i}#{k}" for i in parts["test"] for k in range(len(source.phrases(i)))]
     maps = {key: rng.random((5, 7)) for key in keys}
     np.savez(tmp_path / "phrases.npz", **maps)
-    result = score_grounding(tmp_path / "phrases.npz", source, parts["test"], spec.config, val_ids=parts["val"],
-                             bootstrap_resamples=50)
-    assert result["threshold"] == {"threshold": 0.5, "source": "config", "val_maps": 0, "val_dice": None}
-    assert "no map of a validation positive" in result["notes"][0]
+    result = PROTOCOL.score(tmp_path / "phrases.npz", source, SplitIds([], parts["val"], parts["test"]),
+                            {**spec.config, "bootstrap_resamples": 50})
+    assert {key: result["scoring"][key] for key in ("threshold", "threshold_source", "val_dice")} == \
+        {"threshold": 0.5, "threshold_source": "config", "val_dice": None} and result["n"]["val"] == 0
+    assert "no map of a validation positive" in result["scoring"]["notes"][0]
     expected = []
     for key in keys:
         image_id, index = key.split("#")
         truth = _truth_224(source.mask(image_id, int(index)))
         expected.append(grounding_scores(_upsampled(maps[key].astype(np.float32), 224), truth, 0.5)["dice"])
-    assert result["n"] == len(keys) and result["metrics"]["dice"] == pytest.approx(np.mean(expected))
+    assert result["n"]["test"] == len(keys) and result["metrics"]["dice"] == pytest.approx(np.mean(expected))
 
 
 def test_score_errors_name_the_key_and_the_problem(roots, tmp_path):
@@ -270,12 +273,13 @@ def test_score_errors_name_the_key_and_the_problem(roots, tmp_path):
     positives = [i for i in parts["test"] if source.label(i)]
     np.savez(tmp_path / "partial.npz", **{positives[0]: np.ones((4, 4))})
     with pytest.raises(DataError, match=f"{len(positives) - 1} of {len(positives)} positive test maps are missing"):
-        score_grounding(tmp_path / "partial.npz", source, parts["test"], spec.config)
+        PROTOCOL.score(tmp_path / "partial.npz", source, SplitIds([], [], parts["test"]), spec.config)
     np.savez(tmp_path / "cube.npz", **{i: np.ones((2, 4, 4)) for i in positives})
     with pytest.raises(DataError, match=f"key '{positives[0]}': expected a 2-D numeric heat map"):
-        score_grounding(tmp_path / "cube.npz", source, parts["test"], {**spec.config, "threshold_source": "fixed"})
+        PROTOCOL.score(tmp_path / "cube.npz", source, SplitIds([], [], parts["test"]),
+                       {**spec.config, "threshold_source": "fixed"})
     with pytest.raises(DataError, match="not found"):
-        score_grounding(tmp_path / "absent.npz", source, parts["test"], spec.config)
+        PROTOCOL.score(tmp_path / "absent.npz", source, SplitIds([], [], parts["test"]), spec.config)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="not a readable .npz"):
-        score_grounding(tmp_path / "junk.npz", source, parts["test"], spec.config)
+        PROTOCOL.score(tmp_path / "junk.npz", source, SplitIds([], [], parts["test"]), spec.config)

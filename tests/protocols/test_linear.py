@@ -15,7 +15,8 @@ from sklearn.metrics import roc_auc_score
 
 from vlpbench import api
 from vlpbench.cli import main
-from vlpbench.protocols.linear import classification_metrics, gaussian_blur, moco2, primary_ci, random_crop
+from vlpbench.protocols.classification import evaluate_classification
+from vlpbench.protocols.linear import gaussian_blur, moco2, random_crop
 
 # Tiny images and a livelier head so that a CPU learns the synthetic findings in seconds; everything
 # else is the task's canonical protocol.
@@ -118,17 +119,23 @@ def test_metrics_match_scikit_learn():
     rng = np.random.default_rng(0)
     multilabel = rng.integers(0, 2, size=(60, 3))
     scores = np.clip(multilabel * 0.3 + rng.random((60, 3)), 0, 1).round(1)  # ties included
-    metrics = classification_metrics("multilabel", multilabel, scores, ["A", "B c", "D"])
+    ids = [str(i) for i in range(60)]
+    result = evaluate_classification("multilabel", ["A", "B c", "D"], ids, multilabel, scores, ["auc"], thresholds=None,
+                                     n_resamples=200, seed=0)
+    metrics = result["metrics"]
     assert np.isclose(metrics["auc"], roc_auc_score(multilabel, scores, average="macro"))
     assert np.isclose(metrics["auc_b_c"], roc_auc_score(multilabel[:, 1], scores[:, 1]))
-    ci = primary_ci("multilabel", multilabel, scores, n_resamples=200, seed=0)["auc"]
-    assert ci["low"] < metrics["auc"] < ci["high"] and ci["skipped"] == 0
+    ci = result["ci"]["auc"]
+    assert ci["low"] < metrics["auc"] < ci["high"] and ci["skipped"] == 0 and result["per_image"] == {}
 
     classes = rng.integers(0, 3, size=60)
     probs = rng.dirichlet([1, 1, 1], size=60) + np.eye(3)[classes] * 0.3
     probs /= probs.sum(axis=1, keepdims=True)
-    metrics = classification_metrics("multiclass", classes, probs, ["x", "y", "z"])
+    result = evaluate_classification("multiclass", ["x", "y", "z"], ids, classes, probs, ["acc", "auc"],
+                                     thresholds=None, n_resamples=50, seed=0)
+    metrics = result["metrics"]
     assert np.isclose(metrics["acc"], (probs.argmax(axis=1) == classes).mean())
+    assert list(result["per_image"].values()) == (probs.argmax(axis=1) == classes).astype(float).tolist()
     assert np.isclose(metrics["auc"], roc_auc_score(classes, probs, multi_class="ovr", average="macro"))
 
 

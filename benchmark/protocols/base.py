@@ -1,0 +1,77 @@
+"""The protocol unit: one object per downstream protocol, with ``run`` and ``score`` sharing one evaluation.
+
+A protocol declares what it can do (``distributed``, ``table_group``, ``prediction_files``) and owns two
+entry points:
+
+- :meth:`Protocol.run` trains / infers on a model, then evaluates the test predictions;
+- :meth:`Protocol.score` reads predictions from files (those ``run --save-predictions`` writes, or any
+  framework's in the same format), then evaluates them with the same function.
+
+So ``run`` and ``score`` give identical metrics, CIs and thresholds for identical predictions. Both return
+an *outcome*: ``metrics``, ``ci``, ``per_image`` and ``n``; ``run`` adds ``training`` and ``timing``,
+``score`` adds ``scoring`` (what it used: thresholds, notes).
+
+A protocol is registered once, in :data:`vlpbench.registry.PROTOCOLS`, as an instance.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from vlpbench.errors import ConfigError
+from vlpbench.protocols import SplitIds
+
+# Paper table groups (G2D Tables 1-4), in the order tables print them.
+TABLE_GROUPS = ("seg", "det", "cls", "zs", "ground")
+
+
+class Protocol(ABC):
+    """A downstream protocol: how a model is trained / queried on a task, and how its predictions are scored.
+
+    Attributes:
+        name: the name task files give in ``protocol:``.
+        table_group: the paper table group of its tasks (one of :data:`TABLE_GROUPS`).
+        distributed: whether one run can be shared among torchrun's processes.
+        prediction_files: what ``run --save-predictions`` writes and ``score`` reads, in words.
+        uses_val: whether ``score`` reads the validation part (thresholds chosen on validation predictions).
+    """
+
+    name: ClassVar[str]
+    table_group: ClassVar[str]
+    distributed: ClassVar[bool] = True
+    prediction_files: ClassVar[str]
+    uses_val: ClassVar[bool] = False
+
+    @abstractmethod
+    def run(self, adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int, device: torch.device,
+            progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
+        """Train / infer on ``split`` and evaluate its test part; ``predictions``: a folder to save the
+        test (and, where thresholds come from them, validation) predictions in, in the format ``score`` reads."""
+
+    @abstractmethod
+    def score(self, predictions: Path, source, split: SplitIds, config: dict[str, Any], *,
+              seed: int = 0) -> dict[str, Any]:
+        """Evaluate the predictions in ``predictions`` (a folder or file) on ``split.test``, with the
+        validation predictions of ``split.val`` where the protocol chooses thresholds on them. Reads the
+        label files only, never an image."""
+
+    def prediction_path(self, predictions: Path) -> Path:
+        """The file (or folder) ``score`` reads inside a folder that ``run --save-predictions`` wrote."""
+        return predictions
+
+    def __repr__(self) -> str:
+        return f"<protocol {self.name}>"
+
+
+def protocol_named(name: str) -> Protocol:
+    """The registered protocol ``name``; RegistryError listing the known ones otherwise."""
+    from vlpbench.registry import PROTOCOLS
+
+    protocol = PROTOCOLS.get(name)
+    if not isinstance(protocol, Protocol):
+        raise ConfigError(f"protocol {name!r} is registered as {protocol!r}, not a vlpbench.protocols.base.Protocol")
+    return protocol
