@@ -8,7 +8,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc
 
 from vlpbench import api
 from vlpbench.cli import main
-from vlpbench.data.chexpert import COMPETITION_5, ChexpertTestSet
+from vlpbench.data.chexpert import COMPETITION_5, ChexpertSource, ChexpertTestSet
 from vlpbench.data.covidx import CovidxSource
 from vlpbench.data.rsna import RsnaSource
 from vlpbench.data.splits import dataset_split, load_split
@@ -151,3 +151,37 @@ def test_a_multilabel_csv_needs_every_class_column(roots, tmp_path):
     with pytest.raises(DataError, match="lacks 'Cardiomegaly', 'Consolidation', 'Pleural Effusion'; has unknown "
                                         "'Pneumonia'"):
         api.score("chexpert_zs", csv_path, data_root=roots["chexpert"], overrides={"bootstrap_resamples": 10})
+
+
+def test_chexpert_zs_takes_thresholds_from_the_valid_csv_rows_of_the_same_csv(roots, tmp_path):
+    test_set = ChexpertTestSet(roots["chexpert"])
+    chexpert = ChexpertSource(roots["chexpert"])
+    test_ids, valid_ids = test_set.image_ids, chexpert.frontal_ids("valid")
+    assert test_ids and valid_ids
+    rng = np.random.default_rng(3)
+    probs = {i: rng.random(5).round(2) for i in test_ids + valid_ids}
+    csv_path = write_csv(tmp_path / "chexpert.csv", ["image_id", *COMPETITION_5],
+                         [(i, *probs[i]) for i in test_ids + valid_ids])
+    result = api.score("chexpert_zs", csv_path, data_root=roots["chexpert"], overrides={"bootstrap_resamples": 20})
+    assert result["scoring"]["threshold_source"] == "val" and result["n"]["val"] == len(valid_ids)
+
+    y_valid = np.array([[chexpert.labels(i, COMPETITION_5, "mgca")[c] for c in COMPETITION_5] for i in valid_ids])
+    y_test = np.array([[test_set.labels(i)[c] for c in COMPETITION_5] for i in test_ids])
+    s_valid = np.stack([probs[i] for i in valid_ids])
+    s_test = np.stack([probs[i] for i in test_ids])
+    f1s, accs, mccs = [], [], []
+    for k, name in enumerate(COMPETITION_5):
+        if not y_valid[:, k].any():
+            assert result["scoring"]["thresholds"][name] is None
+            continue
+        by_cut = {t: f1_score(y_valid[:, k], (s_valid[:, k] >= t).astype(int)) for t in np.unique(s_valid[:, k])}
+        threshold = max(t for t, v in by_cut.items() if v >= max(by_cut.values()) - 1e-12)
+        assert result["scoring"]["thresholds"][name] == pytest.approx(threshold)
+        predicted = (s_test[:, k] >= threshold).astype(int)
+        f1s.append(f1_score(y_test[:, k], predicted, zero_division=0))
+        accs.append(accuracy_score(y_test[:, k], predicted))
+        mccs.append(matthews_corrcoef(y_test[:, k], predicted))
+    assert f1s
+    assert result["metrics"]["f1"] == pytest.approx(np.mean(f1s), abs=1e-12)
+    assert result["metrics"]["acc"] == pytest.approx(np.mean(accs), abs=1e-12)
+    assert result["metrics"]["mcc"] == pytest.approx(np.mean(mccs), abs=1e-12)

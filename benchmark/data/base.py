@@ -11,10 +11,13 @@ label files, so ``score`` works on a folder that holds only those: it asks :meth
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from vlpbench.errors import ConfigError
 
 
 class DatasetReader(ABC):
@@ -47,3 +50,26 @@ class DatasetReader(ABC):
     @abstractmethod
     def missing(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` that lack a label row or an image file, in order."""
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The classification labels the dataset has, in its own spelling (none by default)."""
+        return ()
+
+    def class_labels(self, image_id: str, classes: Sequence[str], config: Mapping[str, Any]) -> list[int]:
+        """One int per class of ``classes``, in that order: 1 present, 0 absent (-1 where a task's label
+        policy keeps a label uncertain). ``config`` is the task's, for options such as CheXpert's
+        ``label_policy``. Every classification task reads its labels through this one method.
+
+        Raises:
+            ConfigError: the dataset has no classification labels, or a class it does not have.
+        """
+        raise ConfigError(f"no classification labels for dataset reader {type(self).__name__}")
+
+
+def check_classes(reader: DatasetReader, classes: Sequence[str]) -> None:
+    """ConfigError naming the classes of ``classes`` that ``reader``'s dataset does not have, and its classes."""
+    unknown = [c for c in classes if c not in reader.classes]
+    if unknown:
+        raise ConfigError(f"class(es) {', '.join(map(repr, unknown))} not in dataset reader {type(reader).__name__}; "
+                          f"its classes: {', '.join(reader.classes)}")

@@ -24,18 +24,19 @@ import io
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vlpbench.data import is_synthetic
-from vlpbench.data.base import DatasetReader
+from vlpbench.data.base import DatasetReader, check_classes
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, multilabel_subset, stratified_sample, write_split
 from vlpbench.data.xrv_files import xrv_data_file
-from vlpbench.errors import DataError
+from vlpbench.errors import ConfigError, DataError
 
 # The real CheXpert-v1.0-small train.csv: 223,414 rows (191,027 frontal), LF, final newline.
 CHEXPERT_TRAIN = "chexpert_train.csv.gz"
@@ -318,6 +319,24 @@ class ChexpertSource(DatasetReader):
         """The decoded image: uint8 (H, W)."""
         return read_image(self.path(image_id))
 
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The 14 CheXpert observations."""
+        return OBSERVATIONS
+
+    def class_labels(self, image_id: str, classes: Sequence[str], config: Mapping[str, Any]) -> list[int]:
+        """:meth:`labels` under the task's ``label_policy`` (uncertain and blank labels mapped by it)."""
+        check_classes(self, classes)
+        policy = config.get("label_policy")
+        if policy not in POLICIES:
+            raise ConfigError(f"CheXpert labels need config key label_policy, one of {', '.join(POLICIES)}; "
+                              f"got {policy!r}")
+        try:
+            labels = self.labels(image_id, classes, policy)
+        except ValueError as e:  # 'mgca' with a class it has no mapping for
+            raise ConfigError(f"label_policy={policy!r}: {e}") from e
+        return [labels[c] for c in classes]
+
     def unlabelled(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` without a label row, in order (images are not looked at)."""
         return [i for i in ids if self._relative(i) is None]
@@ -583,6 +602,16 @@ class ChexpertTestSet(DatasetReader):
     def image(self, image_id: str) -> np.ndarray:
         """The decoded image: uint8 (H, W)."""
         return read_image(self.path(image_id))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The 14 CheXpert observations."""
+        return OBSERVATIONS
+
+    def class_labels(self, image_id: str, classes: Sequence[str], config: Mapping[str, Any]) -> list[int]:
+        """The radiologists' majority vote (never uncertain: no label policy applies)."""
+        check_classes(self, classes)
+        return list(self.labels(image_id, classes).values())
 
     def unlabelled(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` without a label row, in order (images are not looked at)."""

@@ -25,13 +25,14 @@ import hashlib
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vlpbench.data import is_synthetic
-from vlpbench.data.base import DatasetReader
+from vlpbench.data.base import DatasetReader, check_classes
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, holdout_parts, write_split
 from vlpbench.errors import DataError
@@ -246,6 +247,12 @@ class CovidxSource(DatasetReader):
     def image(self, image_id: str) -> np.ndarray:
         """The decoded image: uint8 (H, W); RGB files are converted to luminance."""
         return read_image(self.path(image_id))
+
+    def class_labels(self, image_id: str, classes: Sequence[str], config: Mapping[str, Any]) -> list[int]:
+        """1 for the image's one class, 0 for the others."""
+        check_classes(self, classes)
+        name = self.class_name(image_id)
+        return [int(name == c) for c in classes]
 
     def unlabelled(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` without a label row, in order (images are not looked at)."""

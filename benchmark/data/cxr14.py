@@ -38,13 +38,14 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vlpbench.data import is_synthetic
-from vlpbench.data.base import DatasetReader
+from vlpbench.data.base import DatasetReader, check_classes
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, multilabel_subset, write_split
 from vlpbench.errors import DataError
@@ -405,6 +406,17 @@ class Cxr14Source(DatasetReader):
     def image(self, image_id: str) -> np.ndarray:
         """The decoded image: uint8 (H, W); RGBA files are converted to grey."""
         return read_image(self.path(image_id))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The 14 findings of Data_Entry (``No Finding`` is their absence, not a class)."""
+        return LABELS
+
+    def class_labels(self, image_id: str, classes: Sequence[str], config: Mapping[str, Any]) -> list[int]:
+        """:meth:`labels` of ``classes``."""
+        check_classes(self, classes)
+        labels = self.labels(image_id)
+        return [labels[c] for c in classes]
 
     def unlabelled(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` without a label row, in order (images are not looked at)."""

@@ -21,15 +21,16 @@ import io
 import math
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
 
 from vlpbench.data import is_synthetic
-from vlpbench.data.base import DatasetReader
+from vlpbench.data.base import DatasetReader, check_classes
 from vlpbench.data.dicom import read_dicom
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import nested_subsets, stratified_split, write_split
@@ -357,6 +358,16 @@ class RsnaSource(DatasetReader):
         (see :func:`boxes_to_mask`). Without an image file, the native 1024 x 1024."""
         height, width = self.image_size(image_id) if image_id in self._paths else (NATIVE_SIZE, NATIVE_SIZE)
         return boxes_to_mask(self.boxes(image_id), height, width)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """One class, ``pneumonia`` (Target 1)."""
+        return (SPLIT_LABEL,)
+
+    def class_labels(self, image_id: str, classes: Sequence[str], config: Mapping[str, Any]) -> list[int]:
+        """:meth:`label` for the one class."""
+        check_classes(self, classes)
+        return [self.label(image_id)]
 
     def unlabelled(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` without a label row, in order (images are not looked at)."""

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import gzip
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vlpbench.data.dicom import read_dicom
 from vlpbench.data import is_synthetic
-from vlpbench.data.base import DatasetReader
+from vlpbench.data.base import DatasetReader, check_classes
 from vlpbench.errors import DataError
 
 HEIGHT = WIDTH = 1024
@@ -28,6 +29,7 @@ LABEL_FILES = ("stage_2_train.csv", "train-rle.csv")  # in order of preference
 
 _RLE_SYNTAX = re.compile(r"[0-9]+(?:\s+[0-9]+)*")
 _INTEGER = re.compile(r"-?[0-9]+")
+SIIM_CLASS = "pneumothorax"  # the one class of split files and tasks: an image with a mask row
 
 
 def _fail(where: str, message: str) -> DataError:
@@ -229,6 +231,16 @@ class SiimSource(DatasetReader):
     def image(self, image_id: str) -> np.ndarray:
         """The decoded image: uint8 (H, W), see :func:`vlpbench.data.dicom.read_dicom`."""
         return read_dicom(self.path(image_id))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """One class, ``pneumothorax`` (an image with a mask row)."""
+        return (SIIM_CLASS,)
+
+    def class_labels(self, image_id: str, classes: Sequence[str], config: Mapping[str, Any]) -> list[int]:
+        """:meth:`label` for the one class."""
+        check_classes(self, classes)
+        return [self.label(image_id)]
 
     def unlabelled(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` without a label row, in order (images are not looked at)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpbench.data.siim import EMPTY, read_labels
+from vlpbench.data.siim import EMPTY, SIIM_CLASS, read_labels
 from vlpbench.data.xrv_files import SIIM_RLE, xrv_data_file
 from vlpbench.config import cache_dir
 from vlpbench.errors import ConfigError, DataError
@@ -39,7 +39,7 @@ SUBSET_FRACTIONS = {0.01: "train_1pct", 0.1: "train_10pct", 1.0: "train"}
 PARTS = ("train", "val", "test", "train_1pct", "train_10pct")
 MANIFEST = "MANIFEST.json"
 COMPRESS_ABOVE = 1 << 20  # bytes of CSV above which a part is stored as .csv.gz
-SIIM_LABEL = "pneumothorax"
+SIIM_LABEL = SIIM_CLASS
 
 
 def _sha256(data: bytes) -> str:

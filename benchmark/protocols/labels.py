@@ -7,74 +7,22 @@ how they combine (``config["label_kind"]``):
 * ``multilabel``: any number of classes present at once; labels ``(N, C)`` int.
 * ``multiclass``: exactly one class per image; labels ``(N,)`` int, the index into ``classes``.
 
-Each reader type has one entry in :data:`READERS`: the class names the dataset has, and the image's
-0/1 value of each requested class. CheXpert's uncertain labels go through ``config["label_policy"]``
-(:func:`vlpbench.data.chexpert.apply_policy`; with ``ignore`` a value may be -1).
+Every reader gives its labels through one method, :meth:`vlpbench.data.base.DatasetReader.class_labels`
+(the image's 0/1 value of each requested class; the reader checks the class names). CheXpert's uncertain
+labels go through ``config["label_policy"]`` there (with ``ignore`` a value may be -1).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from vlpbench.data import chexpert, covidx, cxr14, rsna, siim
-from vlpbench.data.splits import SIIM_LABEL
+from vlpbench.data.base import DatasetReader
 from vlpbench.errors import ConfigError, DataError
 
 LABEL_KINDS = ("binary", "multilabel", "multiclass")
-
-
-@dataclass(frozen=True)
-class LabelReader:
-    """How labels are read from one reader type.
-
-    Attributes:
-        classes: ``source -> the dataset's class names``.
-        values: ``(source, image_id, classes, config) -> one int per class`` (0/1; -1 under a CheXpert
-            ``ignore`` policy).
-    """
-
-    classes: Callable[[Any], Sequence[str]]
-    values: Callable[[Any, str, Sequence[str], dict[str, Any]], list[int]]
-
-
-def _single(name: str) -> LabelReader:
-    """A dataset with one binary label read by ``source.label(id)`` (RSNA pneumonia, SIIM pneumothorax)."""
-    return LabelReader(classes=lambda source: (name,),
-                       values=lambda source, image_id, classes, config: [source.label(image_id)])
-
-
-def _chexpert_values(source, image_id: str, classes: Sequence[str], config: dict[str, Any]) -> list[int]:
-    policy = config.get("label_policy")
-    if policy is None:
-        raise ConfigError(f"CheXpert labels need config key label_policy (one of {', '.join(chexpert.POLICIES)})")
-    try:
-        labels = source.labels(image_id, classes, policy)
-    except ValueError as e:  # an unknown policy, or 'mgca' with a class it has no mapping for
-        raise ConfigError(f"label_policy={policy!r}: {e}") from e
-    return [labels[c] for c in classes]
-
-
-def _covidx_values(source, image_id: str, classes: Sequence[str], config: dict[str, Any]) -> list[int]:
-    name = source.classes[source.label(image_id)]
-    return [int(name == c) for c in classes]
-
-
-READERS: dict[type, LabelReader] = {
-    rsna.RsnaSource: _single(rsna.SPLIT_LABEL),
-    siim.SiimSource: _single(SIIM_LABEL),
-    chexpert.ChexpertSource: LabelReader(classes=lambda source: chexpert.OBSERVATIONS, values=_chexpert_values),
-    chexpert.ChexpertTestSet: LabelReader(
-        classes=lambda source: chexpert.OBSERVATIONS,
-        values=lambda source, image_id, classes, config: list(source.labels(image_id, classes).values())),
-    cxr14.Cxr14Source: LabelReader(
-        classes=lambda source: cxr14.LABELS,
-        values=lambda source, image_id, classes, config: [source.labels(image_id)[c] for c in classes]),
-    covidx.CovidxSource: LabelReader(classes=lambda source: source.classes, values=_covidx_values),
-}
 
 
 def class_names(config: dict[str, Any]) -> list[str]:
@@ -99,19 +47,9 @@ def class_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def label_reader(source) -> LabelReader:
-    """The :class:`LabelReader` of ``source``'s type; ConfigError for a reader without labels here."""
-    for kind, reader in READERS.items():
-        if isinstance(source, kind):
-            return reader
-    known = ", ".join(kind.__name__ for kind in READERS)
-    raise ConfigError(f"no classification labels for dataset reader {type(source).__name__}; "
-                      f"classification tasks read {known}")
-
-
 def dataset_classes(source) -> tuple[str, ...]:
-    """The class names ``source``'s dataset has."""
-    return tuple(label_reader(source).classes(source))
+    """The class names ``source``'s dataset has (:attr:`vlpbench.data.base.DatasetReader.classes`)."""
+    return tuple(source.classes)
 
 
 def task_labels(source, ids: Sequence[str], config: dict[str, Any]) -> np.ndarray:
@@ -127,15 +65,12 @@ def task_labels(source, ids: Sequence[str], config: dict[str, Any]) -> np.ndarra
     """
     kind = label_kind(config)
     classes = class_names(config)
-    reader = label_reader(source)
-    known = tuple(reader.classes(source))
-    unknown = [c for c in classes if c not in known]
-    if unknown:
-        raise ConfigError(f"class(es) {', '.join(map(repr, unknown))} not in dataset reader "
-                          f"{type(source).__name__}; its classes: {', '.join(known)}")
+    if not isinstance(source, DatasetReader):
+        raise ConfigError(f"no classification labels for dataset reader {type(source).__name__}: it is not a "
+                          "vlpbench.data.base.DatasetReader")
     if kind == "binary" and len(classes) != 1:
         raise ConfigError(f"label_kind binary takes one class, got {len(classes)}: {', '.join(classes)}")
-    values = np.array([reader.values(source, image_id, classes, config) for image_id in ids],
+    values = np.array([source.class_labels(image_id, classes, config) for image_id in ids],
                       dtype=np.int64).reshape(len(ids), len(classes))
     if kind != "multiclass":
         return values
