@@ -273,3 +273,15 @@ def test_grounding_run_and_score_agree_exactly(siim_root, tmp_path):
                                      overrides={"bootstrap_resamples": 100})
     _assert_same_evaluation(record, scored)
     assert scored["scoring"]["threshold"] == record["config"]["training"]["threshold"]
+
+
+@pytest.mark.slow
+def test_finetune_run_and_score_agree_exactly(tmp_path_factory, r18_checkpoint, tmp_path):
+    root = tmp_path_factory.mktemp("data") / "cxr14"
+    api.synth("cxr14", root, n=120, size=64, progress=False)
+    overrides = {"image_size": 32, "max_epochs": 1, "patience": 1, "batch_size": 8, "select_on": "loss",
+                 "bootstrap_resamples": 50}
+    record, scored = _run_then_score("cxr14_ft", "generic", root, tmp_path, checkpoint=r18_checkpoint,
+                                     options={"arch": "resnet18"}, overrides=overrides)
+    _assert_same_evaluation(record, scored)
+    assert any(name.startswith("auc_") for name in scored["metrics"])

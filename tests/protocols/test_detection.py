@@ -251,7 +251,7 @@ def test_score_from_the_cli_gives_the_hand_computed_map(rsna_root, tmp_path, cap
     assert result["metrics"]["map"] == pytest.approx(expected, abs=1e-9)
     assert result["metrics"]["ap75"] == pytest.approx(expected, abs=1e-9)
     assert result["metrics"]["map_mgca"] == pytest.approx(1.0 / (1 + np.spacing(1)), abs=1e-9)
-    assert result["n"] == len(ids) and result["ci"]["map"]["low"] <= expected <= result["ci"]["map"]["high"]
+    assert result["n"]["test"] == len(ids) and result["ci"]["map"]["low"] <= expected <= result["ci"]["map"]["high"]
 
 
 def test_predictions_outside_the_split_or_malformed_are_data_errors(tmp_path):
