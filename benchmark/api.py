@@ -47,7 +47,7 @@ def model_label(model: str, checkpoint: str | Path | None, name: str | None = No
 
 def open_dataset(task: Task, data_root: str | Path | None = None):
     """The task's dataset reader over the user's folder."""
-    return DATASETS.get(task.dataset)(resolve_data_root(task.dataset, data_root))
+    return DATASETS.get(task.dataset).open(resolve_data_root(task.dataset, data_root))
 
 
 def split_ids(split, part: str, source) -> tuple[list[str], int]:
@@ -75,23 +75,13 @@ def _present(split, part: str, source, absent_of, what: str) -> tuple[list[str],
     return [i for i in ids if i not in absent], len(missing)
 
 
-def derived_test_split(source):
-    """The split that the reader's module derives from the user's files for a test set the committed
-    split leaves out (CheXpert: the frontal images of valid.csv, ``vlpbench.data.chexpert.test_split``),
-    or None where the module derives none."""
-    import importlib
-
-    derive = getattr(importlib.import_module(type(source).__module__), "test_split", None)
-    return derive(source) if derive is not None else None
-
-
 def task_splits(spec: Task, source):
     """``(split, test_split)`` of a task on ``source``: the task's split, and the split holding its test
     part (the same one, or the test set derived from the user's files where the split has none)."""
-    from vlpbench.data.splits import dataset_split
+    from vlpbench.data.splits import dataset_split, test_part_split
 
     split = dataset_split(spec.dataset, source, spec.split)
-    test_split = split if "test" in split.parts else derived_test_split(source) or split
+    test_split = split if "test" in split.parts else test_part_split(spec.dataset, source) or split
     return split, test_split
 
 
@@ -478,10 +468,14 @@ def synth(dataset: str, out: str | Path, *, n: int = 200, seed: int = 0, size: i
           progress: bool = True) -> dict[str, Any]:
     """Write a synthetic dataset in the real on-disk format of ``dataset`` (``size``: image side;
     None keeps the dataset's own default)."""
-    from vlpbench.registry import SYNTHESIZERS
+    from vlpbench.registry import load_target
 
+    spec = DATASETS.get(dataset)
+    if spec.synthesizer is None:
+        able = [name for name in DATASETS if DATASETS.get(name).synthesizer is not None]
+        raise ConfigError(f"dataset {dataset!r} has no synthetic copy; `vlpbench synth` writes {', '.join(able)}")
     options = {} if size is None else {"size": size}
-    return SYNTHESIZERS.get(dataset)(Path(out), n=n, seed=seed, progress=progress, **options)
+    return load_target(spec.synthesizer)(Path(out), n=n, seed=seed, progress=progress, **options)
 
 
 def pseudo_mask(checkpoint: str | Path, images: list[str | Path], out: str | Path, *, sentence: str | None = None,

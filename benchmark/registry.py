@@ -1,4 +1,4 @@
-"""Name → implementation registries for adapters, metrics, dataset readers and protocols.
+"""Name → implementation registries for adapters, metrics, datasets and protocols.
 
 Entries are lazy ``"module:attribute"`` strings so that listing models never imports torch-heavy
 code, and registering a new model is one line next to its file.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
 
 
 class RegistryError(KeyError):
@@ -54,8 +56,7 @@ class Registry:
             )
         target = self._targets[name]
         if isinstance(target, str):
-            module, _, attr = target.partition(":")
-            target = getattr(importlib.import_module(module), attr)
+            target = load_target(target)
             self._targets[name] = target
         return target
 
@@ -70,38 +71,82 @@ class Registry:
         return iter(self.names())
 
 
+def load_target(target: str) -> Any:
+    """The object a ``"module:attribute"`` string names, imported."""
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything vlpbench knows of one dataset, registered once (lazy ``"module:attribute"`` strings).
+
+    Attributes:
+        reader: the :class:`vlpbench.data.base.DatasetReader` class that opens a folder of it.
+        synthesizer: the function ``(out, *, n, seed, progress, **options)`` that writes a synthetic copy
+            in the real format (``vlpbench synth``), or None.
+        split_generators: split version → the function ``(out_dir) -> manifest`` that regenerates its
+            committed files under ``splits/<name>/<version>/`` from the real label files.
+        derived_splits: split version → the function ``(reader) -> Split`` that derives it from the
+            user's own files, for a dataset whose label files do not ship to commit a split from.
+        test_split: the function ``(reader) -> Split`` that derives the test part from the user's files
+            where the split has none (CheXpert: the frontal images of valid.csv), or None.
+        evaluation_only: every image of the label file is a test image (the CheXpert radiologist set).
+    """
+
+    reader: str
+    synthesizer: str | None = None
+    split_generators: Mapping[str, str] = field(default_factory=dict)
+    derived_splits: Mapping[str, str] = field(default_factory=dict)
+    test_split: str | None = None
+    evaluation_only: bool = False
+
+    def open(self, root: str | Path):
+        """The dataset's reader over the folder ``root``."""
+        return load_target(self.reader)(Path(root))
+
+
 ADAPTERS = Registry("model")
 # MetricSpec objects, registered by vlpbench.metrics; read them through vlpbench.metrics.metric_spec.
 METRICS = Registry("metric")
 DATASETS = Registry("dataset")
 PROTOCOLS = Registry("protocol")
 
-# Built-in dataset readers and protocols (each protocol an instance of vlpbench.protocols.base.Protocol, with
+# Built-in datasets (one DatasetSpec each) and protocols (each protocol an instance of vlpbench.protocols.base.Protocol, with
 # its run and score); adapters register in adapters/__init__.py (vlpbench.adapters).
-DATASETS.register("siim", "vlpbench.data.siim:SiimSource")
-DATASETS.register("rsna", "vlpbench.data.rsna:RsnaSource")
-DATASETS.register("chexpert", "vlpbench.data.chexpert:ChexpertSource")
+DATASETS.register("siim", DatasetSpec(
+    reader="vlpbench.data.siim:SiimSource", synthesizer="vlpbench.synthetic.siim:synth_siim",
+    split_generators={"v1": "vlpbench.data.splits:generate_siim_v1"}))
+DATASETS.register("rsna", DatasetSpec(
+    reader="vlpbench.data.rsna:RsnaSource", synthesizer="vlpbench.synthetic.rsna:synth_rsna",
+    split_generators={"v1": "vlpbench.data.rsna:generate_split_v1"}))
+DATASETS.register("chexpert", DatasetSpec(
+    reader="vlpbench.data.chexpert:ChexpertSource", synthesizer="vlpbench.synthetic.chexpert:synth_chexpert",
+    split_generators={"v1": "vlpbench.data.chexpert:generate_split_v1"},
+    test_split="vlpbench.data.chexpert:test_split"))
 # The same CheXpert folder under the name of its committed 5x200 split; the radiologist-labelled test set.
-DATASETS.register("chexpert5x200", "vlpbench.data.chexpert:ChexpertSource")
-DATASETS.register("chexpert_test", "vlpbench.data.chexpert:ChexpertTestSet")
-DATASETS.register("cxr14", "vlpbench.data.cxr14:Cxr14Source")
-DATASETS.register("object_cxr", "vlpbench.data.object_cxr:ObjectCxrSource")
-DATASETS.register("covidx", "vlpbench.data.covidx:CovidxSource")
-DATASETS.register("mimic_cxr", "vlpbench.data.mimic_cxr:MimicCxrSource")
-DATASETS.register("ms_cxr", "vlpbench.data.ms_cxr:MsCxrSource")
+DATASETS.register("chexpert5x200", DatasetSpec(
+    reader="vlpbench.data.chexpert:ChexpertSource",
+    split_generators={"v1": "vlpbench.data.chexpert:generate_5x200_v1"}))
+DATASETS.register("chexpert_test", DatasetSpec(reader="vlpbench.data.chexpert:ChexpertTestSet", evaluation_only=True))
+DATASETS.register("cxr14", DatasetSpec(
+    reader="vlpbench.data.cxr14:Cxr14Source", synthesizer="vlpbench.synthetic.cxr14:synth_cxr14",
+    derived_splits={"v1": "vlpbench.data.cxr14:split_v1"}))
+DATASETS.register("object_cxr", DatasetSpec(
+    reader="vlpbench.data.object_cxr:ObjectCxrSource", synthesizer="vlpbench.synthetic.object_cxr:synth_object_cxr",
+    derived_splits={"v1": "vlpbench.data.object_cxr:split_v1"}))
+DATASETS.register("covidx", DatasetSpec(
+    reader="vlpbench.data.covidx:CovidxSource", synthesizer="vlpbench.synthetic.covidx:synth_covidx",
+    derived_splits={"v1": "vlpbench.data.covidx:split_v1"}))
+DATASETS.register("mimic_cxr", DatasetSpec(
+    reader="vlpbench.data.mimic_cxr:MimicCxrSource", synthesizer="vlpbench.synthetic.mimic_cxr:synth_mimic_cxr",
+    derived_splits={"v1": "vlpbench.data.mimic_cxr:split_v1"}))
+DATASETS.register("ms_cxr", DatasetSpec(
+    reader="vlpbench.data.ms_cxr:MsCxrSource", synthesizer="vlpbench.synthetic.ms_cxr:synth_ms_cxr",
+    derived_splits={"v1": "vlpbench.data.ms_cxr:split_v1"}))
 PROTOCOLS.register("segmentation", "vlpbench.protocols.segmentation:PROTOCOL")
 PROTOCOLS.register("detection", "vlpbench.protocols.detection:PROTOCOL")
 PROTOCOLS.register("linear", "vlpbench.protocols.linear:PROTOCOL")
 PROTOCOLS.register("finetune", "vlpbench.protocols.finetune:PROTOCOL")
 PROTOCOLS.register("zero_shot", "vlpbench.protocols.zero_shot:PROTOCOL")
 PROTOCOLS.register("grounding", "vlpbench.protocols.grounding:PROTOCOL")
-
-SYNTHESIZERS = Registry("synthetic dataset")
-SYNTHESIZERS.register("siim", "vlpbench.synthetic.siim:synth_siim")
-SYNTHESIZERS.register("rsna", "vlpbench.synthetic.rsna:synth_rsna")
-SYNTHESIZERS.register("chexpert", "vlpbench.synthetic.chexpert:synth_chexpert")
-SYNTHESIZERS.register("cxr14", "vlpbench.synthetic.cxr14:synth_cxr14")
-SYNTHESIZERS.register("object_cxr", "vlpbench.synthetic.object_cxr:synth_object_cxr")
-SYNTHESIZERS.register("covidx", "vlpbench.synthetic.covidx:synth_covidx")
-SYNTHESIZERS.register("mimic_cxr", "vlpbench.synthetic.mimic_cxr:synth_mimic_cxr")
-SYNTHESIZERS.register("ms_cxr", "vlpbench.synthetic.ms_cxr:synth_ms_cxr")

@@ -49,7 +49,6 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vlpbench-linear-probe-"))
     os.environ["VLPBENCH_CACHE"] = str(work / "cache")  # a private cache: every run starts cold
     from vlpbench import api
-    from vlpbench.data.splits import dataset_split
     from vlpbench.protocols.features import cache_root, load_images
 
     try:
@@ -59,8 +58,7 @@ def main() -> None:
         checkpoint = _checkpoint(args.arch, work)
         spec = api.load_task(args.task)
         source = api.open_dataset(spec, data)
-        split = dataset_split(dataset, source, "v1")
-        holder = split if "test" in split.parts else api.derived_test_split(source)
+        split, holder = api.task_splits(spec, source)
         ids = [i for part, s in (("train", split), ("val", split), ("test", holder))
                for i in api.split_ids(s, part, source)[0]]
         load_images(source, ids, args.size, progress=False)  # decode once, outside every timing

@@ -50,7 +50,7 @@ def check_dataset(dataset: str, root: str | Path, *, decode: bool = True, progre
     """
     report = CheckReport(f"data check: {dataset} at {root}")
     try:
-        source = DATASETS.get(dataset)(Path(root))
+        source = DATASETS.get(dataset).open(Path(root))
     except DataError as exc:
         report.errors.append(str(exc))
         return report
@@ -119,7 +119,7 @@ def verify_split(dataset: str, root: str | Path | None = None) -> CheckReport:
     source = None
     try:
         if root is not None:
-            source = DATASETS.get(dataset)(Path(root))
+            source = DATASETS.get(dataset).open(Path(root))
             split = dataset_split(dataset, source)
         else:
             split = load_split(dataset, "v1")

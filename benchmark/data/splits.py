@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import importlib
 import json
 import math
 import shutil
@@ -483,10 +482,6 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
-# Evaluation-only datasets: every image of the label file is a test image (the CheXpert radiologist set).
-EVALUATION_ONLY = ("chexpert_test",)
-
-
 def evaluation_split(dataset: str, source, version: str = "v1") -> Split:
     """The split of an evaluation-only dataset: one part, ``test``, holding ``source.image_ids`` with
     the label columns of ``source.labels(id)``; cached by the sha256 of ``source.label_file``."""
@@ -504,34 +499,41 @@ def evaluation_split(dataset: str, source, version: str = "v1") -> Split:
 
 
 def dataset_split(dataset: str, source, version: str = "v1") -> Split:
-    """The split of ``dataset``: the committed one, or, where no label file ships to commit one from,
-    the one its reader module derives from the user's files (``split_v1(source)``), or, for a dataset in
-    :data:`EVALUATION_ONLY`, :func:`evaluation_split`."""
+    """The split ``version`` of ``dataset`` (as registered in :data:`vlpbench.registry.DATASETS`): the committed
+    one, or, where no label file ships to commit one from, the one derived from the user's files (the spec's
+    ``derived_splits``), or, for an evaluation-only dataset, :func:`evaluation_split`."""
+    from vlpbench.registry import DATASETS, load_target
+
+    spec = DATASETS.get(dataset)
     try:
         return load_split(dataset, version)
     except ConfigError:
-        if dataset in EVALUATION_ONLY:
+        if spec.evaluation_only:
             return evaluation_split(dataset, source, version)
-        module = importlib.import_module(type(source).__module__)
-        derive = getattr(module, f"split_{version}", None)
-        if derive is None:
+        if version not in spec.derived_splits:
             raise ConfigError(f"dataset {dataset!r} has no split {version} (neither committed nor derivable "
                               "from its files)") from None
-        return derive(source)
+        return load_target(spec.derived_splits[version])(source)
 
 
-# Generators of the committed splits (lazy "module:function", so each lives beside its reader).
-GENERATORS = {
-    "siim": "vlpbench.data.splits:generate_siim_v1",
-    "rsna": "vlpbench.data.rsna:generate_split_v1",
-    "chexpert": "vlpbench.data.chexpert:generate_split_v1",
-    "chexpert5x200": "vlpbench.data.chexpert:generate_5x200_v1",
-}
+def test_part_split(dataset: str, source) -> Split | None:
+    """The split holding the test part that ``dataset``'s spec derives from the user's files where its split
+    has none (CheXpert: the frontal images of valid.csv), or None where it derives none."""
+    from vlpbench.registry import DATASETS, load_target
+
+    spec = DATASETS.get(dataset)
+    return load_target(spec.test_split)(source) if spec.test_split else None
 
 
-def _generator(dataset: str):
-    module, _, name = GENERATORS[dataset].partition(":")
-    return getattr(importlib.import_module(module), name)
+test_part_split.__test__ = False  # not a pytest test, wherever a test module imports it
+
+
+def generators() -> dict[str, Callable[[Path], dict]]:
+    """``{dataset: regenerate its committed split v1}`` for every registered dataset that commits one."""
+    from vlpbench.registry import DATASETS, load_target
+
+    return {name: load_target(DATASETS.get(name).split_generators["v1"]) for name in DATASETS
+            if "v1" in DATASETS.get(name).split_generators}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -540,11 +542,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m vlpbench.data.splits",
         description="Regenerate committed split files from the real label files (byte-identical).",
     )
-    parser.add_argument("dataset", choices=sorted(GENERATORS))
+    regenerate = generators()
+    parser.add_argument("dataset", choices=sorted(regenerate))
     parser.add_argument("--out", type=Path, help="output folder (default: splits/<dataset>/v1 in the package)")
     args = parser.parse_args(argv)
     out = args.out or SPLITS_DIR / args.dataset / "v1"
-    manifest = _generator(args.dataset)(out)
+    manifest = regenerate[args.dataset](out)
     for name, info in sorted(manifest["files"].items()):
         print(f"wrote {out / name}: {info['rows']} rows, positives {info['positives']}, sha256 {info['sha256'][:12]}")
     print(f"wrote {out / MANIFEST}")

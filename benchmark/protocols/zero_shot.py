@@ -136,19 +136,22 @@ def _chexpert_valid(source) -> tuple[Any, list[str], str]:
     """The frontal images of CheXpert's valid.csv: from the CheXpert folder beside the test set, else
     from the configured ``chexpert`` data folder."""
     from vlpbench.config import resolve_data_root
-    from vlpbench.data.chexpert import ChexpertSource, test_ids
+    from vlpbench.data.splits import test_part_split
+    from vlpbench.registry import DATASETS
 
+    chexpert = DATASETS.get("chexpert")
     try:
-        reader = ChexpertSource(source.root)
+        reader = chexpert.open(source.root)
     except DataError as beside:
         try:
-            reader = ChexpertSource(resolve_data_root("chexpert"))
+            reader = chexpert.open(resolve_data_root("chexpert"))
         except (ConfigError, DataError) as configured:
             raise ConfigError(
                 f"threshold_images chexpert_valid: the thresholds come from CheXpert's valid.csv, found neither "
                 f"beside the test set ({beside}) nor in the chexpert data folder ({configured}); keep "
                 "CheXpert-v1.0-small/ beside the test set or set VLPBENCH_CHEXPERT_ROOT") from None
-    return reader, test_ids(reader), f"CheXpert valid.csv frontal images in {reader.folder}"
+    ids = test_part_split("chexpert", reader).ids("test")
+    return reader, ids, f"CheXpert valid.csv frontal images in {reader.folder}"
 
 
 def _split_val(source, split: SplitIds) -> tuple[Any, list[str], str]:

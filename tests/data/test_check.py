@@ -65,7 +65,7 @@ def test_every_synthetic_dataset_passes_data_check_and_a_removed_image_is_named(
     assert "16 images in the label files (synthetic dataset)" in report.format()
     assert re.search(r"decoded (\d+) of \1 image files", report.format())
 
-    source = DATASETS.get(dataset)(root)
+    source = DATASETS.get(dataset).open(root)
     victim = source.image_ids[-1]
     source.path(victim).unlink()
     errors = "\n".join(check_dataset(dataset, root, decode=False, progress=False).errors)
