@@ -220,8 +220,8 @@ def run_in_process(
     return record, path
 
 
-def _run_protocol(protocol: Protocol, adapter, source, parts: dict[str, list[str]], frac: float, config: dict[str, Any], *,
-                  seed: int, device: torch.device, progress: bool, skip_corrupt: bool,
+def _run_protocol(protocol: Protocol, adapter, source, parts: dict[str, list[str]], frac: float,
+                  config: dict[str, Any], *, seed: int, device: torch.device, progress: bool, skip_corrupt: bool,
                   hooks: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The protocol's outcome on ``parts``, and the ids skipped as corrupt (sorted).
 

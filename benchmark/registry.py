@@ -112,8 +112,8 @@ METRICS = Registry("metric")
 DATASETS = Registry("dataset")
 PROTOCOLS = Registry("protocol")
 
-# Built-in datasets (one DatasetSpec each) and protocols (each protocol an instance of vlpbench.protocols.base.Protocol, with
-# its run and score); adapters register in adapters/__init__.py (vlpbench.adapters).
+# Built-in datasets (one DatasetSpec each) and protocols (each an instance of vlpbench.protocols.base.Protocol,
+# with its run and score); adapters register in adapters/__init__.py (vlpbench.adapters).
 DATASETS.register("siim", DatasetSpec(
     reader="vlpbench.data.siim:SiimSource", synthesizer="vlpbench.synthetic.siim:synth_siim",
     split_generators={"v1": "vlpbench.data.splits:generate_siim_v1"}))
