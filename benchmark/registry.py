@@ -71,8 +71,10 @@ class Registry:
         return iter(self.names())
 
 
-def load_target(target: str) -> Any:
-    """The object a ``"module:attribute"`` string names, imported."""
+def load_target(target: str | Any) -> Any:
+    """The object a ``"module:attribute"`` string names, imported; any other value as it is."""
+    if not isinstance(target, str):
+        return target
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -80,6 +82,8 @@ def load_target(target: str) -> Any:
 @dataclass(frozen=True)
 class DatasetSpec:
     """Everything vlpbench knows of one dataset, registered once (lazy ``"module:attribute"`` strings).
+
+    Each attribute is a ``"module:attribute"`` string (imported when first used) or the object itself.
 
     Attributes:
         reader: the :class:`vlpbench.data.base.DatasetReader` class that opens a folder of it.
@@ -94,11 +98,11 @@ class DatasetSpec:
         evaluation_only: every image of the label file is a test image (the CheXpert radiologist set).
     """
 
-    reader: str
-    synthesizer: str | None = None
-    split_generators: Mapping[str, str] = field(default_factory=dict)
-    derived_splits: Mapping[str, str] = field(default_factory=dict)
-    test_split: str | None = None
+    reader: str | Any
+    synthesizer: str | Any | None = None
+    split_generators: Mapping[str, str | Any] = field(default_factory=dict)
+    derived_splits: Mapping[str, str | Any] = field(default_factory=dict)
+    test_split: str | Any | None = None
     evaluation_only: bool = False
 
     def open(self, root: str | Path):
