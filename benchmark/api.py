@@ -47,7 +47,20 @@ def model_label(model: str, checkpoint: str | Path | None, name: str | None = No
 
 def open_dataset(task: Task, data_root: str | Path | None = None):
     """The task's dataset reader over the user's folder."""
-    return DATASETS.get(task.dataset).open(resolve_data_root(task.dataset, data_root))
+    return DATASETS.get(task.dataset).open(dataset_folder(task.dataset, data_root))
+
+
+def dataset_folder(dataset: str, data_root: str | Path | None = None) -> Path:
+    """The data folder of ``dataset``: ``data_root`` if given, else the one configured for the dataset (see
+    :func:`vlpbench.config.resolve_data_root`), else, for a split set of another dataset's download
+    (``DatasetSpec.folder``, e.g. ``chexpert_test``), the one configured for that dataset."""
+    folder = DATASETS.get(dataset).folder
+    if data_root is not None or folder is None:
+        return resolve_data_root(dataset, data_root)
+    try:
+        return resolve_data_root(dataset)
+    except ConfigError:
+        return resolve_data_root(folder)
 
 
 def split_ids(split, part: str, source) -> tuple[list[str], int]:
@@ -454,7 +467,7 @@ def data_check(dataset: str, root: str | Path | None = None, *, decode: bool = T
     """Validate a dataset folder (layout, labels, split coverage, every image decodable); a CheckReport."""
     from vlpbench.data.check import check_dataset
 
-    return check_dataset(dataset, resolve_data_root(dataset, root), decode=decode, progress=progress)
+    return check_dataset(dataset, dataset_folder(dataset, root), decode=decode, progress=progress)
 
 
 def splits_verify(dataset: str, root: str | Path | None = None):

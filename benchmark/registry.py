@@ -96,6 +96,8 @@ class DatasetSpec:
         test_split: the function ``(reader) -> Split`` that derives the test part from the user's files
             where the split has none (CheXpert: the frontal images of valid.csv), or None.
         evaluation_only: every image of the label file is a test image (the CheXpert radiologist set).
+        folder: the dataset whose data folder this one is read from, when it is another split set of the same
+            download (``chexpert5x200`` and ``chexpert_test`` read the ``chexpert`` folder), or None.
     """
 
     reader: str | Any
@@ -104,6 +106,7 @@ class DatasetSpec:
     derived_splits: Mapping[str, str | Any] = field(default_factory=dict)
     test_split: str | Any | None = None
     evaluation_only: bool = False
+    folder: str | None = None
 
     def open(self, root: str | Path):
         """The dataset's reader over the folder ``root``."""
@@ -128,11 +131,13 @@ DATASETS.register("chexpert", DatasetSpec(
     reader="vlpbench.data.chexpert:ChexpertSource", synthesizer="vlpbench.synthetic.chexpert:synth_chexpert",
     split_generators={"v1": "vlpbench.data.chexpert:generate_split_v1"},
     test_split="vlpbench.data.chexpert:test_split"))
-# The same CheXpert folder under the name of its committed 5x200 split; the radiologist-labelled test set.
+# Two more split sets of the CheXpert folder: the committed 5x200 zero-shot set, and the radiologist-labelled
+# test set (groundtruth.csv and test/ kept in the same folder), so one data folder serves every CheXpert task.
 DATASETS.register("chexpert5x200", DatasetSpec(
-    reader="vlpbench.data.chexpert:ChexpertSource",
+    reader="vlpbench.data.chexpert:ChexpertSource", folder="chexpert",
     split_generators={"v1": "vlpbench.data.chexpert:generate_5x200_v1"}))
-DATASETS.register("chexpert_test", DatasetSpec(reader="vlpbench.data.chexpert:ChexpertTestSet", evaluation_only=True))
+DATASETS.register("chexpert_test", DatasetSpec(
+    reader="vlpbench.data.chexpert:ChexpertTestSet", folder="chexpert", evaluation_only=True))
 DATASETS.register("cxr14", DatasetSpec(
     reader="vlpbench.data.cxr14:Cxr14Source", synthesizer="vlpbench.synthetic.cxr14:synth_cxr14",
     derived_splits={"v1": "vlpbench.data.cxr14:split_v1"}))

@@ -30,3 +30,28 @@ def test_data_root_precedence(tmp_path, monkeypatch):
     assert resolve_data_root("siim", flag) == flag
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_data_root("siim", tmp_path / "nope")
+
+
+def test_one_chexpert_folder_serves_every_chexpert_split_set(tmp_path, monkeypatch):
+    from vlpbench import api
+    from vlpbench.data.chexpert import ChexpertSource, ChexpertTestSet
+    from vlpbench.tasks import load_task
+
+    root = tmp_path / "chexpert"
+    api.synth("chexpert", root, n=20, size=32, progress=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("VLPBENCH_DATA", "VLPBENCH_CHEXPERT_TEST_ROOT", "VLPBENCH_CHEXPERT5X200_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VLPBENCH_CHEXPERT_ROOT", str(root))
+    assert isinstance(api.open_dataset(load_task("chexpert_zs")), ChexpertTestSet)
+    assert isinstance(api.open_dataset(load_task("chexpert5x200_zs")), ChexpertSource)
+    assert api.dataset_folder("chexpert_test") == root == api.dataset_folder("chexpert5x200")
+    # A folder configured for the split set itself still wins.
+    own = tmp_path / "own"
+    own.mkdir()
+    monkeypatch.setenv("VLPBENCH_CHEXPERT_TEST_ROOT", str(own))
+    assert api.dataset_folder("chexpert_test") == own
+    monkeypatch.delenv("VLPBENCH_CHEXPERT_ROOT")
+    with pytest.raises(ConfigError, match="VLPBENCH_CHEXPERT_ROOT"):
+        api.dataset_folder("chexpert5x200")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlpbench.errors import ConfigError, VlpbenchError
+from vlpbench.registry import DATASETS
 from vlpbench.results import record_path
 from vlpbench.sweep.spec import ModelSpec, SweepSpec, set_arguments
 from vlpbench.tasks import load_task
@@ -90,7 +91,8 @@ def expand(spec: SweepSpec) -> Plan:
             task.resolve(overrides)
         except ConfigError as error:
             raise ConfigError(f"{error} (in a sweep, TASK:KEY=VALUE sets an option of one task only)") from None
-        dataset_root = spec.data_roots.get(task.dataset)
+        # A split set of another dataset's download (chexpert_test) also takes that dataset's folder.
+        dataset_root = spec.data_roots.get(task.dataset) or spec.data_roots.get(DATASETS.get(task.dataset).folder)
         fracs = [f for f in spec.fracs if f in task.fractions]
         left_out = [f for f in spec.fracs if f not in task.fractions]
         if left_out:
