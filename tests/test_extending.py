@@ -143,8 +143,6 @@ def registered(tmp_path, monkeypatch):
     shutil.copytree(vlpbench.tasks.TASKS_DIR, tasks)
     (tasks / f"{NAME}_cls.yaml").write_text(TASK_YAML)
     monkeypatch.setattr(vlpbench.tasks, "TASKS_DIR", tasks)
-    if "higher_is_better" in vlpbench.tasks._REQUIRED:  # tasks that state the direction themselves
-        (tasks / f"{NAME}_cls.yaml").write_text(TASK_YAML.replace("fractions:", "higher_is_better: true\nfractions:"))
 
 
 def test_a_new_dataset_and_task_run_through_the_whole_pipeline(registered, tmp_path):

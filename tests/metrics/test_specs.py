@@ -84,24 +84,26 @@ def test_task_directions_come_from_their_primary_metric():
 
 def _names_of_classification_outcomes() -> set[str]:
     """Every metric name the linear / fine-tuning protocols and zero-shot (protocol and scorer) can report."""
-    from vlpbench.protocols.linear import classification_metrics, primary_ci
+    from vlpbench.protocols.classification import evaluate_classification
+    from vlpbench.protocols.linear import default_metrics
     from vlpbench.protocols.zero_shot import METRICS as ZERO_SHOT_METRICS
-    from vlpbench.protocols.zero_shot import evaluate_statistics, metric_statistics
 
     rng = np.random.default_rng(0)
     classes = ["Normal", "Pleural Effusion", "COVID-19"]
     scores = rng.random((30, 3))
     multiclass = np.arange(30) % 3
     multilabel = (rng.random((30, 3)) < 0.5).astype(int)
+    ids = [str(i) for i in range(30)]
     names: set[str] = set()
     for kind, labels in (("multiclass", multiclass), ("multilabel", multilabel), ("binary", multilabel[:, :1])):
         probs = scores if kind != "binary" else scores[:, :1]
-        names |= set(classification_metrics(kind, labels, probs, classes[:probs.shape[1]]))
-        names |= set(primary_ci(kind, labels, probs, n_resamples=5, seed=0))
+        result = evaluate_classification(kind, classes[:probs.shape[1]], ids, labels, probs, default_metrics(kind),
+                                         thresholds=None, n_resamples=5, seed=0)
+        names |= set(result["metrics"]) | set(result["ci"])
     for kind, labels, thresholds in (("multiclass", multiclass, None), ("multilabel", multilabel, [0.5] * 3)):
-        statistics = metric_statistics(kind, labels, scores, classes, list(ZERO_SHOT_METRICS), thresholds)
-        metrics, ci = evaluate_statistics(statistics, 30, n_resamples=5, seed=0)
-        names |= set(metrics) | set(ci)
+        result = evaluate_classification(kind, classes, ids, labels, scores, list(ZERO_SHOT_METRICS),
+                                         thresholds=thresholds, n_resamples=5, seed=0)
+        names |= set(result["metrics"]) | set(result["ci"])
     return names
 
 
