@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlpbench.errors import ConfigError
 from vlpbench.protocols import SplitIds
+
+if TYPE_CHECKING:
+    import torch
 
 # Paper table groups (G2D Tables 1-4), in the order tables print them.
 TABLE_GROUPS = ("seg", "det", "cls", "zs", "ground")

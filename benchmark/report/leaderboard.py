@@ -22,7 +22,8 @@ from vlpbench.errors import DataError
 from vlpbench.report.html_table import cell_markup
 from vlpbench.report.layout import Cell, Column, Grid, Row, metric_name, percent_label
 from vlpbench.report.reference import ReferenceRow
-from vlpbench.report.table import GROUP_PROTOCOLS, build_table, split_identity, table_rows, task_group
+from vlpbench.protocols.base import TABLE_GROUPS
+from vlpbench.report.table import build_table, split_identity, table_rows, task_group
 
 GROUP_TITLES = {"seg": "Segmentation", "det": "Detection", "cls": "Classification (linear probe, fine-tuning)",
                 "zs": "Zero-shot classification", "ground": "Zero-shot grounding", "other": "Other tasks"}
@@ -236,7 +237,7 @@ def _groups(records: list[dict]) -> list[tuple[str, list[dict]]]:
     by_group: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         by_group[task_group(record) or "other"].append(record)
-    return [(g, by_group[g]) for g in (*GROUP_PROTOCOLS, "other") if by_group.get(g)]
+    return [(g, by_group[g]) for g in (*TABLE_GROUPS, "other") if by_group.get(g)]
 
 
 def leaderboard_html(records: list[dict], *, references: Sequence[ReferenceRow] = (), plots: bool = True,

@@ -22,14 +22,11 @@ from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.specs import former_names, metric_spec
 from vlpbench.report.layout import (Grid, build_grid, format_cell, metric_name, percent_label, version_label,
                                     version_sort_key)
+from vlpbench.protocols.base import TABLE_GROUPS
 from vlpbench.report.reference import ReferenceRow
 
 FORMATS = ("md", "latex", "csv", "html")
 
-# Paper table groups (G2D Tables 1-4), by the protocol a task declares.
-GROUP_PROTOCOLS = {"seg": ("segmentation",), "det": ("detection",), "cls": ("linear", "finetune"),
-                   "zs": ("zero_shot",), "ground": ("grounding",)}
-_PROTOCOL_GROUP = {p: g for g, protocols in GROUP_PROTOCOLS.items() for p in protocols}
 
 
 def _override_text(value: Any) -> str:
@@ -67,11 +64,13 @@ def _shipped_protocol(task: str) -> str | None:
 def task_group(record: dict) -> str | None:
     """The paper table group (``seg``, ``det``, ``cls``, ``zs``, ``ground``) of a record's task.
 
-    Derived from ``task.protocol`` in the record, or from the shipped task YAML of that name for
-    records that do not carry it; None for a protocol outside the groups or an unknown task.
+    The ``table_group`` the record's protocol declares (``task.protocol`` in the record, or the shipped task
+    YAML's for records that do not carry it); None for an unregistered protocol or an unknown task.
     """
+    from vlpbench.registry import PROTOCOLS
+
     protocol = record["task"].get("protocol") or _shipped_protocol(record["task"]["name"])
-    return _PROTOCOL_GROUP.get(protocol)
+    return PROTOCOLS.get(protocol).table_group if protocol in PROTOCOLS else None
 
 
 def _record_name(record: dict) -> str:
@@ -253,7 +252,7 @@ def select_records(records: list[dict], *, models: Sequence[str] | None = None,
     """The records that pass every given filter (None: no filter).
 
     ``models`` match ``model.name``, ``tasks`` match ``task.name``, ``fracs`` match the training
-    fraction (to 6 decimals), ``group`` is one of :data:`GROUP_PROTOCOLS` and matches
+    fraction (to 6 decimals), ``group`` is one of :data:`TABLE_GROUPS` and matches
     :func:`task_group`.
 
     Raises:
@@ -261,8 +260,8 @@ def select_records(records: list[dict], *, models: Sequence[str] | None = None,
             ``group`` is not a known group.
         DataError: the filters together leave no record.
     """
-    if group is not None and group not in GROUP_PROTOCOLS:
-        raise ConfigError(f"--group {group!r}: expected one of {', '.join(GROUP_PROTOCOLS)}")
+    if group is not None and group not in TABLE_GROUPS:
+        raise ConfigError(f"--group {group!r}: expected one of {', '.join(TABLE_GROUPS)}")
     if models:
         _known("--models", models, {r["model"]["name"] for r in records})
     if tasks:
