@@ -20,7 +20,7 @@ from vlpbench.data.images import read_image
 from vlpbench.data.siim import SiimSource, read_labels
 from vlpbench.data.splits import dataset_split
 from vlpbench.errors import CheckpointError, ConfigError, DataError, VlpbenchError
-from vlpbench.protocols import runtime
+from vlpbench.protocols import runtime, segmentation
 from vlpbench.protocols.features import Preprocessing, cached_features
 from vlpbench.protocols.segmentation import UNet
 from vlpbench.synthetic.siim import synth_siim
@@ -191,6 +191,14 @@ def test_nan_loss_stops_the_run_at_its_step_without_a_record(siim_small, resnet1
     # is the first non-finite loss.
     with pytest.raises(runtime.NonFiniteLossError, match="epoch 1, step 2"):
         _run(siim_small, resnet18_checkpoint, tmp_path, overrides={**TINY, "lr": float("inf")})
+    assert _records(tmp_path) == []
+
+
+def test_nan_validation_loss_stops_the_run_at_its_epoch_without_a_record(siim_small, resnet18_checkpoint, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setattr(segmentation, "_evaluate_loss", lambda *args: float("nan"))
+    with pytest.raises(runtime.NonFiniteLossError, match="validation loss became nan at epoch 1"):
+        _run(siim_small, resnet18_checkpoint, tmp_path)
     assert _records(tmp_path) == []
 
 

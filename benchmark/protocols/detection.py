@@ -27,7 +27,6 @@ different is the order of floating-point sums, whose rounding AdamW amplifies ov
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -49,7 +48,16 @@ from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.metrics.detection import DetectionMatches, map_ci, mgca_kept, summarize
 from vlpbench.predictions import DETECTIONS_FILE, read_coco_results, write_detections
 from vlpbench.protocols import SplitIds, base
-from vlpbench.protocols.runtime import check_finite, precision_of, prepare_model, to_device
+from vlpbench.protocols.runtime import (
+    Selection,
+    check_finite,
+    fit,
+    precision_of,
+    prepare_model,
+    require_finite,
+    state_copy,
+    to_device,
+)
 
 log = logging.getLogger("vlpbench")
 
@@ -63,6 +71,7 @@ _ATTRIBUTES = 5 + NUM_CLASSES  # x, y, w, h, objectness, class
 # exp() of a raw size above this would overflow float32; no box is 2e4 times its anchor.
 _MAX_LOG_SIZE = 10.0
 ONE_PERCENT = 0.01
+LR_OPTIONS = ("lr", "lr_1pct")  # what a diverged run is told to lower (lr_1pct on 1 % of the data)
 
 
 class DetectionSource(Protocol):
@@ -433,7 +442,8 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     Raises:
         ConfigError: a bad option, or an encoder the head cannot use.
         DataError: the validation or test part holds no box (mAP would be undefined).
-        VlpbenchError: too few training images for one batch, or the loss diverged.
+        VlpbenchError: too few training images for one batch.
+        NonFiniteLossError: the loss diverged (a VlpbenchError).
     """
     _check_config(config)
     t0 = time.perf_counter()
@@ -481,33 +491,23 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     val_features = PartFeatures(model, val, config, device, keep=kept["val"], batch_size=batch_size,
                                 progress=progress, desc="val")
 
-    best: dict[str, Any] = {"score": -math.inf, "epoch": -1, "state": None}
-    history: list[dict[str, float]] = []
-    bar = tqdm(range(config["max_epochs"]), desc="epochs", disable=not progress, unit="ep")
-    for epoch in bar:
-        train_loss = _train_epoch(model, head, train, train_features, optimizer, anchors, config, batch_size,
-                                  generator, epoch + 1)
+    def validate(epoch: int) -> dict[str, float | None]:
         val_loss, val_detections = _predict(model, val, val_features, anchors, config, batch_size)
-        if not math.isfinite(train_loss) or not math.isfinite(val_loss):
-            raise VlpbenchError(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} in epoch "
-                                f"{epoch + 1}; lower the learning rate (--set lr=... / lr_1pct=...)")
+        # A diverged head's boxes are not finite, and scoring them would fail on that instead.
+        require_finite(val_loss, "validation loss", epoch, LR_OPTIONS)
         val_metrics = _map_metrics(_matches(val.truths, val_detections))
-        score = val_metrics[config["val_metric"]]
-        score = -math.inf if score is None else score
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                        "val_map": val_metrics["map"], "val_map_mgca": val_metrics["map_mgca"]})
-        if score > best["score"] or best["state"] is None:
-            best = {"score": score, "epoch": epoch + 1, "state": _snapshot(model, config["freeze_bn"])}
-        bar.set_postfix(loss=f"{train_loss:.3f}", val_map=f"{val_metrics['map']:.3f}", best=best["epoch"])
-        log.debug("epoch %d: train loss %.4f, val loss %.4f, val mAP %.4f", epoch + 1, train_loss, val_loss,
-                  val_metrics["map"])
-        if epoch + 1 - best["epoch"] >= config["patience"]:
-            log.info("early stop after epoch %d (best %d)", epoch + 1, best["epoch"])
-            break
-    bar.close()
+        return {"val_loss": val_loss, "val_map": val_metrics["map"], "val_map_mgca": val_metrics["map_mgca"]}
+
+    # The first epoch, then any with a strictly higher validation mAP (an undefined mAP counts as the lowest).
+    fitted = fit(
+        lambda epoch: _train_epoch(model, head, train, train_features, optimizer, anchors, config, batch_size,
+                                   generator, epoch),
+        validate, max_epochs=int(config["max_epochs"]), patience=int(config["patience"]),
+        select=Selection(f"val_{config['val_metric']}", "max"), lr_options=LR_OPTIONS,
+        snapshot=lambda: _snapshot(model, config["freeze_bn"]),
+        restore=lambda state: model.load_state_dict(state, strict=False), progress=progress)
     t_train = time.perf_counter()
 
-    model.load_state_dict(best["state"], strict=False)
     test_features = PartFeatures(model, test, config, device, keep=False, batch_size=batch_size,
                                  progress=progress, desc="test")
     _, detections = _predict(model, test, test_features, anchors, config, batch_size)
@@ -518,10 +518,10 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     return {
         **evaluated,
         "n": {"train": len(train), "val": len(val), **evaluated["n"]},
-        "training": {"epochs": len(history), "best_epoch": best["epoch"], "best_val": best["score"],
+        "training": {"epochs": fitted.epochs, "best_epoch": fitted.best_epoch, "best_val": fitted.best_value,
                      "val_metric": config["val_metric"], "lr": lr, "batch_size": batch_size,
                      "stages_used": [{"index": s.index, "stride": s.stride, "channels": s.channels} for s in stages],
-                     "features_kept": kept, "history": history, "world_size": ranks,
+                     "features_kept": kept, "history": fitted.history, "world_size": ranks,
                      "batch_per_process": batch_size // ranks, "effective_batch": batch_size},
         "timing": {"data_s": t_data - t0, "train_s": t_train - t_data, "test_s": t_test - t_train,
                    "total_s": t_test - t0},
@@ -580,9 +580,7 @@ PROTOCOL = DetectionProtocol()
 
 def _snapshot(model: Detector, freeze_bn: bool) -> dict[str, torch.Tensor]:
     """The weights training changes: the head, and the encoder's BatchNorm statistics when they drift."""
-    state = model.state_dict()
-    keep = {k: v for k, v in state.items() if k.startswith("head.") or not freeze_bn}
-    return copy.deepcopy({k: v.detach().cpu() for k, v in keep.items()})
+    return state_copy({k: v for k, v in model.state_dict().items() if k.startswith("head.") or not freeze_bn})
 
 
 def _normalize(images: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:

@@ -22,9 +22,7 @@ is the order of floating-point sums, whose rounding AdamW amplifies over trainin
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from vlpbench import distributed
 from vlpbench.errors import ConfigError, DataError
@@ -53,7 +50,15 @@ from vlpbench.protocols.linear import (
     seeded_head,
     targets,
 )
-from vlpbench.protocols.runtime import check_finite, precision_of, prepare_model
+from vlpbench.protocols.runtime import (
+    LOWEST_VAL_LOSS,
+    Selection,
+    check_finite,
+    fit,
+    precision_of,
+    prepare_model,
+    state_copy,
+)
 from vlpbench.protocols.segmentation import random_affine
 
 log = logging.getLogger("vlpbench")
@@ -139,10 +144,7 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
     def inputs(x01: torch.Tensor) -> torch.Tensor:
         return normalize(x01, mean, std)
 
-    best = {"score": -math.inf, "epoch": -1, "state": None}
-    history: list[dict[str, Any]] = []
-    bar = tqdm(range(int(config["max_epochs"])), desc="epochs", disable=not progress, unit="ep")
-    for epoch in bar:
+    def train_epoch(epoch: int) -> float:
         model.train()
         order = torch.randperm(len(split.train), generator=generator).numpy()
         total, steps = 0.0, len(split.train) // batch_size
@@ -156,27 +158,20 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += check_finite(loss, epoch + 1, step + 1)
+            total += check_finite(loss, epoch, step + 1)
+        return distributed.all_reduce_sum([total])[0] / ranks / steps  # equal shares: mean of the means
+
+    def validate(epoch: int) -> dict[str, float | None]:
         logits = _predict(model, images["val"], inputs, batch_size, device)
-        val_loss = loss_fn(logits, targets(kind, labels["val"], device)).item()
-        val_auc = _auc(kind, labels["val"], probabilities(kind, logits))
-        train_loss = distributed.all_reduce_sum([total])[0] / ranks / steps  # equal shares: mean of the means
-        if not math.isfinite(train_loss) or not math.isfinite(val_loss):
-            raise DataError(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} in epoch "
-                            f"{epoch + 1}; lower the learning rate (--set lr=...)")
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc})
-        score = val_auc if config["select_on"] == "auc" else -val_loss
-        if score > best["score"]:
-            best = {"score": score, "epoch": epoch + 1,
-                    "state": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})}
-        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", auc=val_auc, best=best["epoch"])
-        if epoch + 1 - best["epoch"] >= int(config["patience"]):
-            log.info("early stop after epoch %d (best %d)", epoch + 1, best["epoch"])
-            break
-    bar.close()
+        return {"val_loss": loss_fn(logits, targets(kind, labels["val"], device)).item(),
+                "val_auc": _auc(kind, labels["val"], probabilities(kind, logits))}
+
+    # The first epoch, then any with a strictly higher validation AUC or strictly lower validation loss.
+    fitted = fit(train_epoch, validate, max_epochs=int(config["max_epochs"]), patience=int(config["patience"]),
+                 select=Selection("val_auc", "max") if config["select_on"] == "auc" else LOWEST_VAL_LOSS,
+                 snapshot=lambda: state_copy(model.state_dict()), restore=model.load_state_dict, progress=progress)
     t_train = time.perf_counter()
 
-    model.load_state_dict(best["state"])
     probs = probabilities(kind, _predict(model, images["test"], inputs, batch_size, device))
     if predictions is not None and distributed.is_main():
         write_probabilities(predictions, classes, dict(zip(split.test, probs)))
@@ -188,10 +183,9 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
         **evaluated,
         "n": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
               "test_per_class": class_counts(kind, labels["test"], classes)},
-        "training": {"epochs": len(history), "best_epoch": best["epoch"], "select_on": config["select_on"],
-                     "best_val": best["score"] if config["select_on"] == "auc" else -best["score"],
-                     "history": history, "world_size": ranks, "batch_per_process": batch_size // ranks,
-                     "effective_batch": batch_size},
+        "training": {"epochs": fitted.epochs, "best_epoch": fitted.best_epoch, "select_on": config["select_on"],
+                     "best_val": fitted.best_value, "history": fitted.history, "world_size": ranks,
+                     "batch_per_process": batch_size // ranks, "effective_batch": batch_size},
         "timing": {"data_s": t_data - started, "train_s": t_train - t_data, "test_s": t_test - t_train,
                    "total_s": t_test - started},
     }

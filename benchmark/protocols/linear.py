@@ -28,7 +28,6 @@ repeated on every rank: same result, no speed-up.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -38,10 +37,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from vlpbench import distributed
-from vlpbench.errors import ConfigError, DataError
+from vlpbench.errors import ConfigError
 from vlpbench.predictions import PROBABILITIES_FILE, write_probabilities
 from vlpbench.protocols import SplitIds, base
 from vlpbench.protocols.classification import class_counts, evaluate_classification, metric_names, score_predictions_csv
@@ -55,7 +53,15 @@ from vlpbench.protocols.features import (
     uint8_batch,
 )
 from vlpbench.protocols.labels import class_names, label_kind, task_labels
-from vlpbench.protocols.runtime import check_finite, precision_of, prepare_model
+from vlpbench.protocols.runtime import (
+    LOWEST_VAL_LOSS,
+    FitResult,
+    check_finite,
+    fit,
+    precision_of,
+    prepare_model,
+    state_copy,
+)
 
 log = logging.getLogger("vlpbench")
 
@@ -228,12 +234,11 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
 
     head = seeded_head(val.values.shape[1], output_size(kind, labels["train"], classes), seed).to(device)
     loss_fn = loss_function(kind)
-    state = _fit(head, batches, targets(kind, labels["train"], device),
-                 torch.from_numpy(val.values).to(device), targets(kind, labels["val"], device),
-                 loss_fn, config, seed, progress)
+    fitted = _fit(head, batches, targets(kind, labels["train"], device),
+                  torch.from_numpy(val.values).to(device), targets(kind, labels["val"], device),
+                  loss_fn, config, seed, progress)
     t_train = time.perf_counter()
 
-    head.load_state_dict(state["best_state"])
     with torch.no_grad():
         probs = probabilities(kind, head(torch.from_numpy(test.values).to(device)))
     if predictions is not None and distributed.is_main():
@@ -247,9 +252,9 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
         "n": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
               "test_per_class": class_counts(kind, labels["test"], classes)},
         "training": {"mode": mode, "feature_cache": cache, "world_size": distributed.world_size(),
-                     "epochs": len(state["history"]),
-                     "best_epoch": state["best_epoch"], "best_val_loss": state["best_loss"],
-                     "history": state["history"]},
+                     "epochs": fitted.epochs,
+                     "best_epoch": fitted.best_epoch, "best_val_loss": fitted.best_value,
+                     "history": fitted.history},
         "timing": {"data_s": t_data - started, "train_s": t_train - t_data, "test_s": t_test - t_train,
                    "total_s": t_test - started, "features_val_s": val.seconds, "features_test_s": test.seconds},
     }
@@ -315,16 +320,15 @@ def _restore(index: torch.Tensor, order: np.ndarray) -> torch.Tensor:
 
 def _fit(head: torch.nn.Module, batches: Callable[[torch.Tensor], torch.Tensor], train_targets: torch.Tensor,
          val_features: torch.Tensor, val_targets: torch.Tensor, loss_fn, config: dict[str, Any], seed: int,
-         progress: bool) -> dict[str, Any]:
-    """MGCA's loop: shuffled batches (last incomplete one dropped), AdamW, early stopping on val loss."""
+         progress: bool) -> FitResult:
+    """MGCA's loop: shuffled batches (last incomplete one dropped), AdamW, early stopping on val loss
+    (the first epoch, then any strictly lower one); ``head`` ends with the best epoch's weights."""
     optimizer = torch.optim.AdamW(head.parameters(), lr=config["lr"], betas=tuple(config["betas"]),
                                   weight_decay=config["weight_decay"])
     generator = torch.Generator().manual_seed(seed)
     batch_size, n = int(config["batch_size"]), len(train_targets)
-    best = {"best_loss": math.inf, "best_epoch": -1, "best_state": None}
-    history: list[dict[str, float]] = []
-    bar = tqdm(range(int(config["max_epochs"])), desc="epochs", disable=not progress, unit="ep")
-    for epoch in bar:
+
+    def train_epoch(epoch: int) -> float:
         head.train()
         order = torch.randperm(n, generator=generator).to(train_targets.device)
         total = 0.0
@@ -335,21 +339,14 @@ def _fit(head: torch.nn.Module, batches: Callable[[torch.Tensor], torch.Tensor],
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += check_finite(loss, epoch + 1, step + 1)
+            total += check_finite(loss, epoch, step + 1)
+        return total / steps
+
+    def validate(epoch: int) -> dict[str, float]:
         head.eval()
         with torch.no_grad():
-            val_loss = loss_fn(head(val_features), val_targets).item()
-        train_loss = total / steps
-        if not math.isfinite(train_loss) or not math.isfinite(val_loss):
-            raise DataError(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} in epoch "
-                            f"{epoch + 1}; lower the learning rate (--set lr=...)")
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss})
-        if val_loss < best["best_loss"]:
-            best = {"best_loss": val_loss, "best_epoch": epoch + 1,
-                    "best_state": copy.deepcopy({k: v.detach().cpu() for k, v in head.state_dict().items()})}
-        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=best["best_epoch"])
-        if epoch + 1 - best["best_epoch"] >= int(config["patience"]):
-            log.info("early stop after epoch %d (best %d)", epoch + 1, best["best_epoch"])
-            break
-    bar.close()
-    return {**best, "history": history}
+            return {"val_loss": loss_fn(head(val_features), val_targets).item()}
+
+    return fit(train_epoch, validate, max_epochs=int(config["max_epochs"]), patience=int(config["patience"]),
+               select=LOWEST_VAL_LOSS, snapshot=lambda: state_copy(head.state_dict()), restore=head.load_state_dict,
+               progress=progress)

@@ -1,5 +1,7 @@
 """Guards and switches shared by every protocol's training and inference loops.
 
+- :func:`fit`: the epoch loop of the training protocols (segmentation, detection, linear,
+  finetune): divergence check, best-epoch selection and snapshot, early stopping, history.
 - :func:`check_finite`: stop a run at the first NaN or infinite loss, naming the epoch and step.
 - :func:`out_of_memory_hint`: turn a CUDA out-of-memory error into a message with the batch size in
   use and the option that lowers it.
@@ -20,9 +22,11 @@ import contextlib
 import functools
 import logging
 import math
-from typing import Any, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from vlpbench.errors import ConfigError, VlpbenchError
 
@@ -30,10 +34,12 @@ log = logging.getLogger("vlpbench")
 
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_PRECISION = "fp32"
+# What else than the learning rate to try when a loss diverges.
+DIVERGED_HINT = "check the images for constant or corrupt ones, or run with --precision fp32"
 
 
 class NonFiniteLossError(VlpbenchError):
-    """The training loss became NaN or infinite; the run stopped before writing a record."""
+    """A training or validation loss became NaN or infinite; the run stopped before writing a record."""
 
 
 class OutOfMemoryError(VlpbenchError):
@@ -57,8 +63,7 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int) -> float:
     if not math.isfinite(value):
         raise NonFiniteLossError(
             f"training loss became {value} at epoch {epoch}, step {step}; the run stopped and no record was "
-            "written. Lower the learning rate (--set lr=...), check the images for constant or corrupt ones, "
-            "or run with --precision fp32")
+            f"written. Lower the learning rate (--set lr=...), {DIVERGED_HINT}")
     return value
 
 
@@ -163,3 +168,127 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+# --- the epoch loop shared by the training protocols ------------------------------------------------------
+
+@dataclass(frozen=True)
+class Selection:
+    """Which validation value picks the best epoch: ``key`` in the values ``validate`` returns, and
+    ``mode`` ``"min"`` (a loss: lower is better) or ``"max"`` (a metric: higher is better).
+
+    A value that is None or NaN (a metric undefined on the validation images) counts as the worst.
+    """
+
+    key: str
+    mode: str
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"Selection mode {self.mode!r}: expected 'min' or 'max'")
+
+    def score(self, values: Mapping[str, float | None]) -> float:
+        """The epoch's value of ``key``, with None and NaN replaced by the worst value (-inf or +inf)."""
+        value = values[self.key]
+        if value is None or math.isnan(value):
+            return math.inf if self.mode == "min" else -math.inf
+        return float(value)
+
+    def better(self, score: float, best: float) -> bool:
+        """Whether ``score`` is strictly better than ``best`` (a tie keeps the earlier epoch)."""
+        return score < best if self.mode == "min" else score > best
+
+
+LOWEST_VAL_LOSS = Selection("val_loss", "min")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` trained: one ``history`` entry per epoch run (``epoch``, ``train_loss`` and
+    the validation values), the selected epoch (1-based) and its selection value (-inf or +inf
+    where that value was None or NaN)."""
+
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_value: float
+
+    @property
+    def epochs(self) -> int:
+        """Epochs run."""
+        return len(self.history)
+
+
+def require_finite(value: float, what: str, epoch: int, lr_options: Sequence[str] = ("lr",)) -> float:
+    """``value`` after checking that it is finite.
+
+    Raises:
+        NonFiniteLossError: naming ``what``, the value, the epoch (1-based) and the learning-rate
+            option(s) ``lr_options`` to lower.
+    """
+    if not math.isfinite(value):
+        lower = " / ".join(f"{option}=..." for option in lr_options)
+        raise NonFiniteLossError(f"{what} became {value} at epoch {epoch}; the run stopped and no record was "
+                                 f"written. Lower the learning rate (--set {lower}), {DIVERGED_HINT}")
+    return value
+
+
+def state_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of a state dict on the CPU, unaffected by further training."""
+    return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
+
+
+def fit(train_epoch: Callable[[int], float], validate: Callable[[int], Mapping[str, float | None]], *,
+        max_epochs: int, patience: int, snapshot: Callable[[], Any], restore: Callable[[Any], Any],
+        select: Selection = LOWEST_VAL_LOSS, checked: Sequence[str] = ("val_loss",),
+        lr_options: Sequence[str] = ("lr",), progress: bool = True) -> FitResult:
+    """Train for up to ``max_epochs`` epochs, keep the best validation epoch, stop early, restore it.
+
+    Each epoch ``e`` (1-based) runs ``train_epoch(e)``, which returns the epoch's training loss, then
+    ``validate(e)``, which returns the validation values (an ordered mapping: its keys follow
+    ``epoch`` and ``train_loss`` in the history entry).
+
+    - Divergence: a training loss, or a validation value named in ``checked``, that is NaN or
+      infinite stops the run with :class:`NonFiniteLossError` (the training loss is checked before
+      ``validate`` runs).
+    - Selection: the first epoch is always the best so far; a later epoch replaces it only when its
+      ``select`` value is strictly better (ties keep the earlier epoch). ``snapshot()`` is called
+      for each new best epoch and returns a copy of what training changes (see :func:`state_copy`).
+    - Early stopping: training stops after epoch ``e`` when ``e - best_epoch >= patience``.
+    - At the end ``restore`` receives the best epoch's snapshot.
+
+    Under torchrun every rank must pass the same values (the protocols reduce or gather them), so
+    every rank runs the same epochs and selects the same one.
+
+    Raises:
+        ConfigError: ``max_epochs`` below 1 (no epoch, no weights to restore).
+        NonFiniteLossError: as above.
+    """
+    if max_epochs < 1:
+        raise ConfigError(f"max_epochs={max_epochs!r}: expected an integer of at least 1")
+    history: list[dict[str, Any]] = []
+    best_epoch, best_value, best_state = 0, math.nan, None
+    with tqdm(range(1, max_epochs + 1), desc="epochs", disable=not progress, unit="ep") as bar:
+        for epoch in bar:
+            train_loss = require_finite(train_epoch(epoch), "training loss", epoch, lr_options)
+            values = dict(validate(epoch))
+            for key in checked:
+                require_finite(values[key], _VALUE_NAMES.get(key, f"validation value {key}"), epoch, lr_options)
+            history.append({"epoch": epoch, "train_loss": train_loss, **values})
+            score = select.score(values)
+            if best_epoch == 0 or select.better(score, best_value):
+                best_epoch, best_value, best_state = epoch, score, snapshot()
+            shown = {key: _short(value) for key, value in history[-1].items() if key != "epoch"}
+            bar.set_postfix({**shown, "best": best_epoch})
+            log.debug("epoch %d: %s", epoch, ", ".join(f"{key} {value}" for key, value in shown.items()))
+            if epoch - best_epoch >= patience:
+                log.info("early stop after epoch %d (best %d)", epoch, best_epoch)
+                break
+    restore(best_state)
+    return FitResult(history, best_epoch, best_value)
+
+
+_VALUE_NAMES = {"val_loss": "validation loss"}
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -21,7 +21,6 @@ order of floating-point sums, whose rounding AdamW amplifies over training: the 
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -40,7 +39,15 @@ from vlpbench import distributed
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, VlpbenchError
 from vlpbench.protocols import SplitIds
-from vlpbench.protocols.runtime import check_finite, precision_of, prepare_model, to_device
+from vlpbench.protocols.runtime import (
+    LOWEST_VAL_LOSS,
+    check_finite,
+    fit,
+    precision_of,
+    prepare_model,
+    state_copy,
+    to_device,
+)
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.dice import dice_per_image
 from vlpbench.predictions import find_masks, read_prediction_mask, write_mask
@@ -219,37 +226,23 @@ def run_segmentation(
     loss_fn = _loss(config)
     train_loss_fn = _loss(config, across_ranks=distributed.is_active())
 
-    best = {"loss": math.inf, "epoch": -1, "state": None}
-    history: list[dict[str, float]] = []
-    bar = tqdm(range(config["max_epochs"]), desc="epochs", disable=not progress, unit="ep")
-    for epoch in bar:
-        train_loss = _train_epoch(model, stepped, train, optimizer, train_loss_fn, normalize, config, generator, device,
-                                  epoch + 1)
-        val_loss = _evaluate_loss(model, val, loss_fn, normalize, config["batch_size"], device)
-        if not math.isfinite(train_loss) or not math.isfinite(val_loss):
-            raise VlpbenchError(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} "
-                                f"in epoch {epoch + 1}; lower the learning rate (--set lr=...)")
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss})
-        if val_loss < best["loss"]:
-            best = {"loss": val_loss, "epoch": epoch + 1,
-                    "state": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})}
-        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=best["epoch"])
-        log.debug("epoch %d: train loss %.4f, val loss %.4f", epoch + 1, train_loss, val_loss)
-        if epoch + 1 - best["epoch"] >= config["patience"]:
-            log.info("early stop after epoch %d (best %d)", epoch + 1, best["epoch"])
-            break
-    bar.close()
+    # Early stopping on the validation loss: the first epoch, then any strictly lower one.
+    fitted = fit(
+        lambda epoch: _train_epoch(model, stepped, train, optimizer, train_loss_fn, normalize, config, generator,
+                                   device, epoch),
+        lambda epoch: {"val_loss": _evaluate_loss(model, val, loss_fn, normalize, config["batch_size"], device)},
+        max_epochs=int(config["max_epochs"]), patience=int(config["patience"]), select=LOWEST_VAL_LOSS,
+        snapshot=lambda: state_copy(model.state_dict()), restore=model.load_state_dict, progress=progress)
     t_train = time.perf_counter()
 
-    model.load_state_dict(best["state"])
     scores = distributed.gather_arrays(_test_dice(model, test, source, normalize, config, device, progress,
                                                   predictions))
     t_test = time.perf_counter()
     return {
         **evaluate_segmentation(source, test.ids, scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed),
         "n": {"train": len(train_ids), "val": len(val), "test": len(test)},
-        "training": {"epochs": len(history), "best_epoch": best["epoch"],
-                     "best_val_loss": best["loss"], "history": history, "world_size": ranks,
+        "training": {"epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
+                     "best_val_loss": fitted.best_value, "history": fitted.history, "world_size": ranks,
                      "batch_per_process": config["batch_size"] // ranks, "effective_batch": config["batch_size"]},
         "timing": {"data_s": t_data - t0, "train_s": t_train - t_data, "test_s": t_test - t_train,
                    "total_s": t_test - t0},
