@@ -285,3 +285,28 @@ def test_finetune_run_and_score_agree_exactly(tmp_path_factory, r18_checkpoint, 
                                      options={"arch": "resnet18"}, overrides=overrides)
     _assert_same_evaluation(record, scored)
     assert any(name.startswith("auc_") for name in scored["metrics"])
+
+
+def test_score_needs_only_the_real_label_file_not_one_image(tmp_path):
+    """The real SIIM stage-2 label file (shipped by torchxrayvision), no DICOM at all, and an empty mask for
+    every test image: every negative scores 1, every positive 0."""
+    import gzip
+
+    from vlpbench.data.splits import load_split
+    from vlpbench.data.xrv_files import SIIM_RLE, xrv_data_file
+
+    root = tmp_path / "siim"
+    root.mkdir()
+    (root / "stage_2_train.csv").write_bytes(gzip.decompress(xrv_data_file(SIIM_RLE).read_bytes()))
+    split = load_split("siim")
+    test = split.ids("test")
+    masks = tmp_path / "empty"
+    masks.mkdir()
+    empty = Image.fromarray(np.zeros((8, 8), dtype=np.uint8))
+    for image_id in test:
+        empty.save(masks / f"{image_id}.png")
+    scored = api.score("siim_seg", masks, data_root=root, overrides={"bootstrap_resamples": 20})
+    negatives = sum(1 for label in split.labels("test").values() if not label)
+    assert scored["n"]["test"] == len(test) == 1807
+    assert scored["metrics"] == {"dice": pytest.approx(negatives / len(test)), "dice_positive": 0.0,
+                                 "empty_correct": 1.0, "all_empty_baseline": pytest.approx(negatives / len(test))}
