@@ -19,7 +19,6 @@ from __future__ import annotations
 import abc
 import functools
 import hashlib
-import os
 import pickle
 import re
 import types
@@ -31,6 +30,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 import torch
 
 from vlpbench.errors import CheckpointError, ConfigError
+from vlpbench.files import atomic_path
 
 # Embedding capabilities used by the zero-shot and grounding protocols (see ``Adapter.embed_image`` etc.).
 EMBED_IMAGE, EMBED_TEXT, DENSE_EMBED = "embed_image", "embed_text", "dense_embed"
@@ -185,14 +185,13 @@ class _StandInPickler(pickle._Pickler):
 def save_checkpoint(obj: Any, path: str | Path) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically, writing ``LightningAttributeDict`` as Lightning's class.
 
-    The file is written beside the target and renamed, so an interrupted write never leaves a truncated
-    checkpoint. Returns the path.
+    The file is written beside the target and renamed (``vlpbench.files.atomic_path``), so an interrupted
+    write never leaves a truncated checkpoint. Returns the path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial, pickle_module=types.SimpleNamespace(__name__="pickle", Pickler=_StandInPickler))
-    os.replace(partial, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp, pickle_module=types.SimpleNamespace(__name__="pickle", Pickler=_StandInPickler))
     return path
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -55,6 +54,7 @@ from vlpbench.adapters.base import (
 )
 from vlpbench.adapters.g2d import TEXT_ENCODER_FILES, load_tokenizer, text_encoder_record
 from vlpbench.errors import CheckpointError, ConfigError
+from vlpbench.files import atomic_path
 
 # MedKLIP's ``original_class`` (Sample_zero-shot_Classification_CXR14/test.py; ``disease_name`` in
 # models/model_MedKLIP.py): the 75 entities, in the order of the queries and of observation explanation.json.
@@ -491,9 +491,8 @@ def cached_entity_embeddings(entities: str, text_encoder: str) -> tuple[torch.Te
     else:
         embeddings = compute_entity_embeddings(descriptions, text_encoder)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        save_file({"entity_embeddings": embeddings}, str(partial))
-        os.replace(partial, path)
+        with atomic_path(path) as tmp:
+            save_file({"entity_embeddings": embeddings}, str(tmp))
     record = {"entities": {"path": str(entities), "sha256": entities_sha}, "text_encoder": encoder,
               "cache": str(path)}
     return embeddings, record

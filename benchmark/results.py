@@ -27,7 +27,6 @@ are written atomically and are never overwritten silently.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -45,6 +44,7 @@ import numpy as np
 
 import vlpbench
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
+from vlpbench.files import atomic_write, backup_path
 from vlpbench.metrics.specs import metric_spec
 
 SCHEMA_VERSION = 1
@@ -206,30 +206,12 @@ def write_record(record: dict, results_dir: str | os.PathLike, *, overwrite: boo
         raise VlpbenchError(f"{path} already exists; pass --overwrite to replace it "
                             f"(the old record is then kept as a .bak file)")
     text = json.dumps(_jsonable(record), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    # Hidden and not ending in .json, so load_records never sees it; created through os.open (not
-    # mkstemp, which forces mode 0600) so the record gets the user's usual umask permissions.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    backup = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            backup = _backup_path(path)
-            path.rename(backup)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as error:
-        with contextlib.suppress(OSError):  # on a read-only disk even the clean-up can fail
-            tmp.unlink(missing_ok=True)
-            if backup is not None and not path.exists():
-                backup.rename(path)  # the record being replaced stays where it was
-        if isinstance(error, OSError):
-            raise write_error(error, path.parent, "the record was not written") from error
-        raise
+        # The temporary name is hidden and does not end in .json, so load_records never sees it.
+        atomic_write(path, text, backup=backup_path)
+    except OSError as error:
+        raise write_error(error, path.parent, "the record was not written") from error
     return path
 
 
@@ -271,27 +253,6 @@ def check_writable(results_dir: str | os.PathLike) -> None:
         probe.unlink()
     except OSError as error:
         raise write_error(error, folder, "nothing was run") from error
-
-
-def _backup_path(path: Path) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    backup = path.with_name(f"{path.stem}.replaced-{stamp}.json.bak")
-    suffix = 1
-    while backup.exists():  # rename would silently replace an older backup
-        backup = path.with_name(f"{path.stem}.replaced-{stamp}-{suffix}.json.bak")
-        suffix += 1
-    return backup
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist the renames themselves; folders cannot be opened for fsync on Windows."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _jsonable(value: Any) -> Any:

@@ -14,9 +14,9 @@ per requested id list. Layout under ``cache_dir()/images``::
         runs/<32 hex>.npy              the images of one id list, in order (.npy, memory-mapped)
         tmp/                           files being written
 
-Every file appears by ``os.replace`` of a complete temp file, so a crash (kill -9 included) leaves
-either no file or a complete one, and two runs filling at once write the same bytes under the same
-name. Temp files orphaned by a crash are removed by a later fill once they are an hour old.
+Every file appears by the rename of a complete temp file from ``tmp/`` (``vlpbench.files.atomic_path``,
+without fsync, for speed), so a crash (kill -9 included) leaves either no file or a complete one, and
+two runs filling at once write the same bytes under the same name. Temp files orphaned by a crash are removed by a later fill once they are an hour old.
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ import numbers
 import os
 import pickle
 import re
-import secrets
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import PIL
@@ -44,6 +43,7 @@ from tqdm.auto import tqdm
 
 from vlpbench.config import cache_dir
 from vlpbench.errors import DataError, VlpbenchError
+from vlpbench.files import atomic_path, atomic_write
 
 log = logging.getLogger("vlpbench")
 
@@ -157,7 +157,7 @@ def cached_images(source: Any, dataset: str, ids: Sequence[str], size: int, *,
     todo = _missing(folder, ids, names, size)
     if todo:
         _fill(source, dataset, folder, todo, size, workers, progress)
-    with _atomic(run, folder / TMP) as tmp:
+    with atomic_path(run, fsync=False, tmp_dir=folder / TMP) as tmp:
         _assemble(tmp, folder, ids, names, size, dataset, progress)
     images = _open_run(run, len(ids), size)
     if images is None:
@@ -211,8 +211,7 @@ def _key_folder(source: Any, dataset: str, size: int) -> Path:
         for sub in (ENTRIES, RUNS, TMP):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         if not (folder / INFO).is_file():
-            with _atomic(folder / INFO, folder / TMP) as tmp:
-                tmp.write_text(text)
+            atomic_write(folder / INFO, text, fsync=False, tmp_dir=folder / TMP)
     except OSError as exc:
         raise VlpbenchError(f"cannot create the image cache in {folder}: {exc}; "
                             "set VLPBENCH_CACHE to a writable folder") from exc
@@ -235,19 +234,6 @@ def _entry_name(locate: Any, image_id: str) -> str:
 def _entry_path(folder: Path, name: str) -> Path:
     # 256 subfolders keep directories small for datasets of 100k+ images.
     return folder / ENTRIES / name[:2] / f"{name}.u8"
-
-
-@contextlib.contextmanager
-def _atomic(path: Path, tmp_dir: Path) -> Iterator[Path]:
-    """Yield a new temp file in ``tmp_dir`` to write; when the block succeeds, rename it to ``path``."""
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # mode from the umask
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _open_run(path: Path, n: int, size: int) -> np.ndarray | None:
@@ -325,8 +311,7 @@ class _Filler:
         path = _entry_path(self.folder, name)
         try:
             path.parent.mkdir(exist_ok=True)
-            with _atomic(path, self.folder / TMP) as tmp:
-                tmp.write_bytes(data)
+            atomic_write(path, data, fsync=False, tmp_dir=self.folder / TMP)
         except OSError as exc:
             raise VlpbenchError(f"cannot write image cache entry {path} (image {image_id}): {exc}; "
                                 "free disk space or set VLPBENCH_CACHE to another folder") from exc

@@ -18,8 +18,6 @@ import gzip
 import hashlib
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from vlpbench.data.siim import EMPTY, SIIM_CLASS, read_labels
 from vlpbench.data.xrv_files import SIIM_RLE, xrv_data_file
 from vlpbench.config import cache_dir
 from vlpbench.errors import ConfigError, DataError
+from vlpbench.files import staged_folder
 from vlpbench.splits import SPLITS_DIR
 
 SEED = 0
@@ -466,20 +465,11 @@ def derived_split(dataset: str, version: str, *, sources: Sequence[str | Path],
     root = cache_dir() / "splits"
     folder = root / dataset / key
     if not (folder / MANIFEST).is_file():
-        # Build beside the target and rename, so a crash or a concurrent run never leaves half a split.
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=ensure_dir(folder.parent)))
-        build(staging, key)
-        try:
-            staging.rename(folder)
-        except OSError:
-            shutil.rmtree(staging)  # another process finished first; its split is identical
+        # Built beside the target and renamed, so a crash or a concurrent run never leaves half a split;
+        # where another process finished first, its split is identical and kept.
+        with staged_folder(folder) as staging:
+            build(staging, key)
     return load_split(dataset, key, root=root)
-
-
-def ensure_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) if needed and return it."""
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def evaluation_split(dataset: str, source, version: str = "v1") -> Split:

@@ -31,11 +31,10 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import PIL
@@ -47,6 +46,7 @@ from vlpbench import distributed
 from vlpbench.config import cache_dir
 from vlpbench.data.cache import METHOD, cached_images, source_fingerprint
 from vlpbench.errors import ConfigError, VlpbenchError
+from vlpbench.files import atomic_path, atomic_write
 from vlpbench.protocols.runtime import DEFAULT_PRECISION, prepare_model, to_device
 
 log = logging.getLogger("vlpbench")
@@ -234,10 +234,10 @@ def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preproce
     try:
         if distributed.is_main():
             folder.mkdir(parents=True, exist_ok=True)
-            with _atomic(path) as tmp, open(tmp, "wb") as handle:
+            # A cache, rebuilt when damaged: no fsync.
+            with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as handle:
                 np.save(handle, values, allow_pickle=False)
-            with _atomic(folder / f"{stem}.json") as tmp:
-                tmp.write_text(text)
+            atomic_write(folder / f"{stem}.json", text, fsync=False)
     except OSError as exc:
         raise VlpbenchError(f"cannot write the feature cache {path}: {exc}; "
                             "free disk space or set VLPBENCH_CACHE to another folder") from exc
@@ -287,15 +287,3 @@ def _load(path: Path, key_path: Path, key_text: str, n: int) -> np.ndarray | Non
                     path, values.dtype, values.shape, n)
         return None
     return values
-
-
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yield a temp file beside ``path``; when the block succeeds, rename it to ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from vlpbench.errors import ConfigError, DataError
+from vlpbench.files import backup_path
 from vlpbench.results import load_record, record_path, write_record
 
 
@@ -50,16 +50,6 @@ def _records(folder: Path) -> list[tuple[Path, dict]]:
     if not runs.is_dir():
         return []
     return [(path, load_record(path)) for path in sorted(runs.rglob("*.json")) if path.is_file()]
-
-
-def _backup(path: Path) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    backup = path.with_name(f"{path.stem}.replaced-{stamp}.json.bak")
-    suffix = 1
-    while backup.exists():
-        backup = path.with_name(f"{path.stem}.replaced-{stamp}-{suffix}.json.bak")
-        suffix += 1
-    return backup
 
 
 def update_baseline(results: str | os.PathLike, baseline_dir: str | os.PathLike, *,
@@ -103,7 +93,7 @@ def update_baseline(results: str | os.PathLike, baseline_dir: str | os.PathLike,
                           + ", ".join(map(str, conflicts)))
     for record, olds in plan:
         for old in olds:
-            backup = _backup(old)
+            backup = backup_path(old)
             old.rename(backup)
             update.replaced.append((old, backup))
         update.written.append(write_record(record, baseline_dir))

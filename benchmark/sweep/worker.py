@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from vlpbench.cli import main as cli_main
+from vlpbench.files import leftover_temporaries
 
 
 def _preload() -> None:
@@ -60,10 +61,9 @@ def execute(argv: list[str], log: str | os.PathLike, record: str | os.PathLike |
 
 
 def remove_stale_temporaries(record: Path) -> list[Path]:
-    """Delete the ``.<record name>.<id>.tmp`` files of ``record``'s folder; the paths removed."""
-    if not record.parent.is_dir():
-        return []
-    stale = sorted(record.parent.glob(f".{record.name}.*.tmp"))
+    """Delete the temporary files that killed writes of ``record`` left (``vlpbench.files.leftover_temporaries``);
+    the paths removed."""
+    stale = leftover_temporaries(record)
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
