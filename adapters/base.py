@@ -31,6 +31,7 @@ import torch
 
 from vlpbench.errors import CheckpointError, ConfigError
 from vlpbench.files import atomic_path
+from vlpbench.options import typed_value
 
 # Embedding capabilities used by the zero-shot and grounding protocols (see ``Adapter.embed_image`` etc.).
 EMBED_IMAGE, EMBED_TEXT, DENSE_EMBED = "embed_image", "embed_text", "dense_embed"
@@ -677,23 +678,18 @@ class Adapter(abc.ABC):
 
     @classmethod
     def _resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
-        """Merge ``options`` over the defaults; reject unknown names and values of the wrong type."""
+        """Merge ``options`` over the defaults; reject unknown names and values of the wrong type.
+
+        Each value takes the type of its default (``vlpbench.options.typed_value``): text for a number or
+        a boolean is read by the command line's rules, so ``"false"`` is False and ``"yes"`` an error.
+        """
         unknown = sorted(set(options) - set(cls.default_options))
         if unknown:
             known = ", ".join(sorted(cls.default_options)) or "none"
             raise ConfigError(f"adapter {cls.name!r} has no option {', '.join(unknown)}; known options: {known}")
         resolved = dict(cls.default_options)
         for key, value in options.items():
-            kind = type(cls.default_options[key])
-            if isinstance(value, str) and kind is not str:
-                # Values from the command line arrive as strings.
-                try:
-                    value = kind(value)
-                except ValueError as e:
-                    raise ConfigError(f"adapter {cls.name!r}: option {key}={value!r} is not a {kind.__name__}") from e
-            if type(value) is not kind:
-                raise ConfigError(f"adapter {cls.name!r}: option {key}={value!r} is not a {kind.__name__}")
-            resolved[key] = value
+            resolved[key] = typed_value(value, cls.default_options[key], f"adapter {cls.name!r}: option {key}")
         return resolved
 
     @classmethod

@@ -350,11 +350,12 @@ def _results(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from vlpbench import api
-    from vlpbench.config import parse_overrides
+    from vlpbench.options import parse_options
 
     record, path = api.run(args.model, args.task, args.frac, seed=args.seed, checkpoint=args.checkpoint,
-                           name=args.name, model_options=parse_overrides(args.model_options), data_root=args.data_root, results=args.results,
-                           overrides=parse_overrides(args.overrides), device=args.device,
+                           name=args.name, model_options=parse_options(args.model_options, "--model-option"),
+                           data_root=args.data_root, results=args.results,
+                           overrides=parse_options(args.overrides, "--set"), device=args.device,
                            overwrite=args.overwrite, progress=not (args.quiet or args.no_progress),
                            save_predictions=args.save_predictions, precision=args.precision,
                            skip_corrupt=args.skip_corrupt)
@@ -508,13 +509,13 @@ def _number_or(word: str, expected: str) -> Callable[[str], float | str]:
 
 def _pseudo_mask(args: argparse.Namespace) -> int:
     from vlpbench import api
-    from vlpbench.config import parse_overrides
+    from vlpbench.options import parse_options
 
     options = {name: getattr(args, name) for name in (
         "heads", "percentile", "upsample", "percentile_scope", "body_threshold", "bilateral_diameter",
         "bilateral_sigma_space", "bilateral_sigma_range", "binarize_at")}
     record = api.pseudo_mask(args.checkpoint, args.images, args.out, sentence=args.sentence, model=args.model,
-                             model_options=parse_overrides(args.model_options), variant=args.variant,
+                             model_options=parse_options(args.model_options, "--model-option"), variant=args.variant,
                              options=options, batch_size=args.batch_size, device=args.device,
                              progress=not args.quiet)
     for entry in record["images"]:

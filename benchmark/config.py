@@ -1,4 +1,4 @@
-"""Where each dataset lives on this machine, and how ``--set key=value`` strings are parsed.
+"""Where each dataset lives on this machine, and where vlpbench keeps what it derives from it.
 
 A dataset root is looked up, first match wins, in: the ``--data-root`` option; the environment
 variable ``VLPBENCH_<DATASET>_ROOT`` (e.g. ``VLPBENCH_SIIM_ROOT``); ``$VLPBENCH_DATA/<dataset>``;
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -57,31 +56,6 @@ def _existing(path: Path, origin: str) -> Path:
     if not path.is_dir():
         raise ConfigError(f"data folder {path} (from {origin}) does not exist")
     return path
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """Parse ``key=value`` strings; values are YAML scalars (``2``, ``1e-3``, ``true``, ``[1, 2]``)."""
-    overrides: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
-        overrides[key.strip()] = _number(value) if isinstance(value, str) else value
-    return overrides
-
-
-def _number(text: str) -> Any:
-    # YAML 1.1 reads "1e-3" (no dot) as a string; users mean a number.
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def cache_dir() -> Path:

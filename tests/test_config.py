@@ -1,14 +1,7 @@
 import pytest
 
-from vlpbench.config import parse_overrides, resolve_data_root
+from vlpbench.config import resolve_data_root
 from vlpbench.errors import ConfigError
-
-
-def test_parse_overrides_reads_yaml_scalars_and_exponents():
-    assert parse_overrides(["lr=1e-3", "max_epochs=2", "augment=false", "betas=[0.9, 0.99]", "x=abc"]) == {
-        "lr": 0.001, "max_epochs": 2, "augment": False, "betas": [0.9, 0.99], "x": "abc"}
-    with pytest.raises(ConfigError, match="expected key=value"):
-        parse_overrides(["lr"])
 
 
 def test_data_root_precedence(tmp_path, monkeypatch):

@@ -17,8 +17,8 @@ import yaml
 
 from vlpbench import api
 from vlpbench.cli import main
-from vlpbench.config import parse_overrides
 from vlpbench.errors import ConfigError
+from vlpbench.options import parse_options
 from vlpbench.results import load_record, record_path
 from vlpbench.sweep import build_spec, cli_values, expand, load_sweep_file, pending
 from vlpbench.sweep.local import start_server, worker_slots
@@ -94,8 +94,8 @@ def _overrides_hash(overrides):
 
 
 def test_run_arguments_give_back_the_planned_overrides_and_record_path(tmp_path):
-    # YAML reads 1e-3 as a string; `vlpbench run --set lr=1e-3` reads it as a number, and so must the
-    # plan, or the record's overrides hash (its path) would differ from the predicted one.
+    # Plain YAML reads 1e-3 as a string; a sweep file's 1e-3 is the number `vlpbench run --set lr=1e-3`
+    # gives, or the record's overrides hash (its path) would differ from the predicted one.
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump({
         "models": [{"adapter": "random", "options": {"seed": 3}}], "tasks": ["siim_seg"], "fracs": ["10%"],
@@ -107,10 +107,10 @@ def test_run_arguments_give_back_the_planned_overrides_and_record_path(tmp_path)
     argv = run.arguments(spec.results, "cpu", overwrite=False)
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     assert sorted(sets) == ["augment=false", "dice_resolution=input", "lr=0.001"]
-    assert parse_overrides(sets) == run.overrides
+    assert parse_options(sets) == run.overrides
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--model-option"] == ["seed=3"]
     stub = {"model": {"name": "random", "checkpoint": None}, "task": {"name": "siim_seg", "version": 1},
-            "frac": 0.1, "seed": 0, "config": {"overrides": parse_overrides(sets)}}
+            "frac": 0.1, "seed": 0, "config": {"overrides": parse_options(sets)}}
     assert run.record == record_path(spec.results, stub)
 
 

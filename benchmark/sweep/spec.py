@@ -2,7 +2,8 @@
 
 A sweep comes from a YAML file (``vlpbench sweep --config sweep.yaml``), from command-line options,
 or both; options given on the command line replace the file's value of the same field. Paths are
-taken as written (relative to the current directory), with ``~`` expanded.
+taken as written (relative to the current directory), with ``~`` expanded. Unquoted values read as on the
+command line (``vlpbench.options``): ``lr: 1e-3`` is a number, ``yes`` and ``no`` are text.
 
 Fields (YAML keys; the command-line option in brackets)::
 
@@ -29,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from vlpbench.config import parse_overrides
 from vlpbench.errors import ConfigError
+from vlpbench.options import load_yaml, parse_options, parse_value
 
 LAUNCHERS = ("local", "slurm", "torchrun")
 SLURM_KEYS = ("partition", "timeout_min", "gpus_per_node", "array_parallelism", "cpus_per_task", "mem_gb", "cluster")
@@ -85,7 +86,7 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
     """The fields of a sweep YAML file, unvalidated (``build_spec`` checks them)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise ConfigError(f"sweep file {path}: cannot be read ({error.strerror})") from error
     except yaml.YAMLError as error:
@@ -174,24 +175,27 @@ def cli_values(*, models: list[str] | None, checkpoints: list[str] | None, model
         if value:
             values[key] = value
     if overrides:
-        values["set"] = _cli_set(overrides)
+        values["set"] = parse_options(overrides, "--set", form="KEY=VALUE or TASK:KEY=VALUE")
     if data_roots:
         values["data_roots"] = dict(_pair(item, "=", "--data-root", "DATASET=DIR") for item in data_roots)
     return values
 
 
 def set_arguments(overrides: dict[str, Any]) -> list[str]:
-    """``KEY=VALUE`` strings that ``vlpbench.config.parse_overrides`` reads back as ``overrides``.
+    """``KEY=VALUE`` strings that ``vlpbench.options.parse_options`` reads back as ``overrides``.
 
     A value is written as is where that reads back the same (``lr=0.001``, ``arch=resnet18``), else as
-    JSON, which YAML reads back unchanged (``name="1e-3"``, a string that would read as a number).
+    JSON, which reads back unchanged (``name="1e-3"``, a string that would read as a number).
     """
     return [f"{key}={_argument_value(value)}" for key, value in overrides.items()]
 
 
 def _argument_value(value: Any) -> str:
     if isinstance(value, str):
-        back = parse_overrides([f"value={value}"])["value"]
+        try:
+            back = parse_value(value)
+        except ValueError:  # e.g. "[unclosed": written quoted
+            back = None
         if type(back) is str and back == value:
             return value
     return json.dumps(value)
@@ -200,11 +204,11 @@ def _argument_value(value: Any) -> str:
 def canonical(overrides: dict[str, Any], what: str) -> dict[str, Any]:
     """``overrides`` exactly as a ``vlpbench run`` process parses them back from ``set_arguments``.
 
-    A record's path hashes its overrides, so the sweep must predict them exactly: YAML's ``1e-3``, a
-    string, becomes the number a ``--set lr=1e-3`` gives.
+    A record's path hashes its overrides, so the sweep must predict them exactly (a tuple, for one,
+    comes back a list).
     """
     try:
-        return parse_overrides(set_arguments(overrides))
+        return parse_options(set_arguments(overrides), what)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{what}: values must be numbers, strings, booleans or lists ({error})") from error
 
@@ -243,18 +247,8 @@ def _cli_models(names: list[str], checkpoints: list[str], options: list[str]) ->
         entry(model, "--checkpoint")["checkpoint"] = path
     for item in options:
         model, setting = _pair(item, ":", "--model-option", "MODEL:KEY=VALUE")
-        entry(model, "--model-option").setdefault("options", {}).update(parse_overrides([setting]))
+        entry(model, "--model-option").setdefault("options", {}).update(parse_options([setting], "--model-option"))
     return list(entries.values())
-
-
-def _cli_set(items: list[str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE or TASK:KEY=VALUE")
-        values[key.strip()] = parse_overrides([f"value={raw}"])["value"]
-    return values
 
 
 def _split_set(values: dict[str, Any], origin: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
