@@ -12,7 +12,6 @@ from typing import Callable
 
 from vlpbench import __version__
 from vlpbench.errors import ConfigError, VlpbenchError
-from vlpbench.registry import RegistryError
 
 log = logging.getLogger("vlpbench")
 
@@ -644,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (VlpbenchError, RegistryError) as exc:
+    except VlpbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `vlpbench table | head`: the reader left; not an error of ours

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from vlpbench.errors import VlpbenchError
 
-class RegistryError(KeyError):
-    """An unknown or duplicate registry name."""
+
+class RegistryError(VlpbenchError, KeyError):
+    """An unknown or duplicate registry name (a KeyError too, for callers that look names up)."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])

@@ -71,3 +71,16 @@ def test_inspect_exits_nonzero_on_missing_weights(tmp_path, capsys):
     torch.save(state, bad)
     assert main(["inspect", "--model", "g2d", "--checkpoint", str(bad)]) == 1
     assert "layer4.2.conv3.weight" in capsys.readouterr().out
+
+
+def test_registry_errors_are_user_errors_and_still_key_errors(capsys):
+    from vlpbench.errors import VlpbenchError
+    from vlpbench.registry import ADAPTERS, RegistryError
+
+    with pytest.raises(RegistryError) as error:
+        ADAPTERS.get("g2dd")
+    assert isinstance(error.value, VlpbenchError) and isinstance(error.value, KeyError)
+    assert str(error.value).startswith("unknown model 'g2dd'. Did you mean 'g2d'?")
+    assert main(["inspect", "--model", "g2dd"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model 'g2dd'. Did you mean 'g2d'?") and "Traceback" not in err
