@@ -92,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a task option in every task, or with TASK: in one (repeatable)")
     p.add_argument("--data-root", dest="data_roots", action="append", metavar="DATASET=DIR",
                    help="dataset folder, e.g. siim=~/data/siim (repeatable; default as for `run`)")
+    p.add_argument("--root", dest="data_roots", action="append", help=argparse.SUPPRESS)
     p.add_argument("--results", help="results folder (default ./results); logs go to RESULTS/sweep_logs")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--force", action="store_true",
@@ -223,30 +224,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint")
 
     p = command("data", "Dataset tools: `data check` validates a dataset folder.",
-                "vlpbench data check --dataset siim --root ~/data/siim", None)
+                "vlpbench data check --dataset siim --data-root ~/data/siim", None)
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     check = data_sub.add_parser(
         "check", help="validate layout, label files and images; exit 1 on errors",
         description="Validate a dataset folder: layout, label files, split coverage and that every image "
                     "decodes. Names each missing or unreadable file; exits 1 on any error.",
-        epilog="example:\n  vlpbench data check --dataset siim --root ~/data/siim",
+        epilog="example:\n  vlpbench data check --dataset siim --data-root ~/data/siim",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("--dataset", required=True, help="dataset name (siim, rsna, ...)")
-    check.add_argument("--root", help="dataset folder (default: as for --data-root of `run`)")
+    _data_root(check)
     check.add_argument("--no-decode", action="store_true", help="skip decoding every image (faster)")
     check.set_defaults(func=_data_check)
 
     p = command("splits", "Split tools: `splits verify` checks split files and their agreement with your data.",
-                "vlpbench splits verify --dataset siim --root ~/data/siim", None)
+                "vlpbench splits verify --dataset siim --data-root ~/data/siim", None)
     splits_sub = p.add_subparsers(dest="splits_command", required=True, metavar="ACTION")
     verify = splits_sub.add_parser(
         "verify", help="check split files against the manifest and the data; exit 1 on errors",
-        description="Check split files against their MANIFEST.json and, with --root, against the data "
+        description="Check split files against their MANIFEST.json and, with --data-root, against the data "
                     "folder: every id present, no id in two of train/val/test, subsets nested.",
-        epilog="example:\n  vlpbench splits verify --dataset siim --root ~/data/siim",
+        epilog="example:\n  vlpbench splits verify --dataset siim --data-root ~/data/siim",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("--dataset", required=True)
-    verify.add_argument("--root", help="dataset folder to check the split against")
+    _data_root(verify, "dataset folder to check the split against (default: the manifest only)")
     verify.set_defaults(func=_splits_verify)
 
     p = command("pseudo-mask", "Write G2D's pseudo segmentation masks (attention-pool map, percentile threshold, "
@@ -338,9 +339,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _data_root(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-root", help="dataset folder as its download unpacks "
-                   "(default: $VLPBENCH_<DATASET>_ROOT, $VLPBENCH_DATA/<dataset>, or vlpbench.yaml)")
+DATA_ROOT_HELP = ("dataset folder as its download unpacks "
+                  "(default: $VLPBENCH_<DATASET>_ROOT, $VLPBENCH_DATA/<dataset>, or vlpbench.yaml)")
+
+
+def _data_root(p: argparse.ArgumentParser, help: str = DATA_ROOT_HELP) -> None:
+    p.add_argument("--data-root", help=help)
+    # `data check` and `splits verify` took --root before; every command accepts it, unlisted.
+    p.add_argument("--root", dest="data_root", help=argparse.SUPPRESS)
 
 
 def _results(p: argparse.ArgumentParser) -> None:
@@ -567,7 +573,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _data_check(args: argparse.Namespace) -> int:
     from vlpbench import api
 
-    report = api.data_check(args.dataset, args.root, decode=not args.no_decode, progress=not args.quiet)
+    report = api.data_check(args.dataset, args.data_root, decode=not args.no_decode, progress=not args.quiet)
     print(report.format())
     return 0 if report.ok else 1
 
@@ -575,7 +581,7 @@ def _data_check(args: argparse.Namespace) -> int:
 def _splits_verify(args: argparse.Namespace) -> int:
     from vlpbench import api
 
-    report = api.splits_verify(args.dataset, args.root)
+    report = api.splits_verify(args.dataset, args.data_root)
     print(report.format())
     return 0 if report.ok else 1
 

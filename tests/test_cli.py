@@ -73,6 +73,29 @@ def test_inspect_exits_nonzero_on_missing_weights(tmp_path, capsys):
     assert "layer4.2.conv3.weight" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", [["run", "--model", "random", "--task", "siim_seg", "--frac", "1"],
+                                     ["score", "--task", "siim_seg", "--predictions", "p"],
+                                     ["plot", "--out", "o"], ["data", "check", "--dataset", "siim"],
+                                     ["splits", "verify", "--dataset", "siim"]])
+def test_every_command_with_a_data_folder_takes_data_root_and_the_unlisted_root(command, capsys):
+    from vlpbench.cli import _parser
+
+    for option in ("--data-root", "--root"):
+        assert _parser().parse_args([*command, option, "/data/siim"]).data_root == "/data/siim"
+    assert _parser().parse_args(command).data_root is None
+    with pytest.raises(SystemExit):
+        main([*command[:2 if command[0] in ("data", "splits") else 1], "--help"])
+    out = capsys.readouterr().out
+    assert "--data-root" in out and "--root" not in out
+
+
+def test_sweep_takes_data_root_and_the_unlisted_root():
+    from vlpbench.cli import _parser
+
+    args = _parser().parse_args(["sweep", "--data-root", "siim=/a", "--root", "rsna=/b"])
+    assert args.data_roots == ["siim=/a", "rsna=/b"]
+
+
 def test_registry_errors_are_user_errors_and_still_key_errors(capsys):
     from vlpbench.errors import VlpbenchError
     from vlpbench.registry import ADAPTERS, RegistryError
@@ -84,3 +107,4 @@ def test_registry_errors_are_user_errors_and_still_key_errors(capsys):
     assert main(["inspect", "--model", "g2dd"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model 'g2dd'. Did you mean 'g2d'?") and "Traceback" not in err
+

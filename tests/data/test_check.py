@@ -36,8 +36,9 @@ def test_planted_missing_and_corrupt_files_are_named(siim_copy, capsys):
     errors = "\n".join(report.errors)
     assert f"1 indexed images have no image file: {gone}" in errors
     assert f"unreadable image {broken}" in errors and str(source.path(broken)) in errors
-    assert main(["-q", "data", "check", "--dataset", "siim", "--root", str(siim_copy)]) == 1
-    assert "FAILED: 2 problem(s)" in capsys.readouterr().out
+    for option in ("--data-root", "--root"):  # --root: the older name, still accepted
+        assert main(["-q", "data", "check", "--dataset", "siim", option, str(siim_copy)]) == 1
+        assert "FAILED: 2 problem(s)" in capsys.readouterr().out
 
 
 def test_a_layout_error_says_what_is_expected_where(tmp_path):
@@ -51,6 +52,9 @@ def test_splits_verify_checks_manifest_overlap_and_presence(siim_copy, tmp_path,
     assert "train: 8433 ids" in report.format()
     assert main(["splits", "verify", "--dataset", "siim"]) == 0
     assert "every file matches it" in capsys.readouterr().out
+    for option in ("--data-root", "--root"):
+        assert main(["splits", "verify", "--dataset", "siim", option, str(siim_copy)]) == 0
+        assert capsys.readouterr().out == report.format() + "\n"
 
 
 @pytest.mark.parametrize("dataset", ["siim", "rsna", "chexpert", "cxr14", "object_cxr", "covidx", "mimic_cxr", "ms_cxr"])
