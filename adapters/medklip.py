@@ -319,6 +319,23 @@ class MedKLIPAdapter(Adapter):
         return None, None
 
     @classmethod
+    def inspect(cls, checkpoint: str | Path | None = None, **options: Any) -> LoadReport:
+        """``Adapter.inspect``, also reading the entity files the options name (``entities``' 75 descriptions,
+        ``entity_embeddings``' tensor), without computing embeddings.
+
+        Raises:
+            ConfigError / CheckpointError: as ``Adapter.inspect``; also an entity file that a run would refuse.
+        """
+        report = super().inspect(checkpoint, **options)
+        resolved = cls._resolve_options(options)
+        if resolved["entity_embeddings"]:
+            load_entity_embeddings(resolved["entity_embeddings"])
+        if resolved["entities"]:
+            load_entity_descriptions(resolved["entities"])
+            _bert_weights_file(Path(resolved["text_encoder"]))
+        return report
+
+    @classmethod
     def _resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
         """``Adapter._resolve_options``, also checking that the options name one source of entity queries.
 

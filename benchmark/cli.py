@@ -219,9 +219,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
 
     p = command("inspect", "Show how a checkpoint's keys map onto an adapter; exit 1 on missing weights.",
-                "vlpbench inspect --model g2d --checkpoint g2d_encoder_decoder.pth", _inspect)
+                "vlpbench inspect --model g2d --checkpoint g2d_encoder_decoder.pth\n  "
+                "vlpbench inspect --model g2d --checkpoint g2d_50_checkpoint.pth --model-option text_encoder=DIR",
+                _inspect)
     p.add_argument("--model", required=True)
     p.add_argument("--checkpoint")
+    p.add_argument("--model-option", dest="model_options", action="append", metavar="KEY=VALUE",
+                   help="adapter option as for `run`, e.g. text_encoder=DIR to account for G2D's text side "
+                        "(repeatable)")
 
     p = command("data", "Dataset tools: `data check` validates a dataset folder.",
                 "vlpbench data check --dataset siim --data-root ~/data/siim", None)
@@ -560,8 +565,9 @@ def _finetune_clip(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from vlpbench import api
+    from vlpbench.options import parse_options
 
-    report = api.inspect(args.model, args.checkpoint)
+    report = api.inspect(args.model, args.checkpoint, **parse_options(args.model_options, "--model-option"))
     if args.checkpoint:
         from vlpbench.adapters.base import sha256_file
 

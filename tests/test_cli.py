@@ -108,3 +108,12 @@ def test_registry_errors_are_user_errors_and_still_key_errors(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model 'g2dd'. Did you mean 'g2d'?") and "Traceback" not in err
 
+
+def test_inspect_passes_model_options_to_the_adapter(g2d_encoder_checkpoint, capsys):
+    assert main(["inspect", "--model", "g2d", "--checkpoint", str(g2d_encoder_checkpoint),
+                 "--model-option", "heatmap_source=attention_pool"]) == 2
+    assert ("option heatmap_source=attention_pool needs the full pre-training checkpoint"
+            in capsys.readouterr().err)
+    assert main(["inspect", "--model", "g2d", "--checkpoint", str(g2d_encoder_checkpoint),
+                 "--model-option", "heatmap_source"]) == 2
+    assert "error: --model-option 'heatmap_source': expected KEY=VALUE" in capsys.readouterr().err

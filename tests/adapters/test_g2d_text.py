@@ -187,3 +187,21 @@ def test_preprocess_resizes_greyscale_uint8_and_normalises(adapter):
     torch.testing.assert_close(adapter.preprocess(white.float().expand(-1, 3, -1, -1) / 255), out)
     with pytest.raises(ConfigError, match="preprocess"):
         adapter.preprocess(torch.zeros(3, 256, 256))
+
+
+def test_inspect_takes_the_text_encoder_option_from_the_command_line(ckpt, text_dir, capsys):
+    from vlpbench import api
+    from vlpbench.cli import main
+
+    with_text = api.inspect("g2d", ckpt, text_encoder=text_dir)
+    assert with_text.ok and Counter(_group(k) for k, _ in with_text.mapped) == {
+        "img_model": 380, "proj_v": 5, "attnpool": 7, "lm_model": N_LM, "proj_t": 5}
+    image_only = api.inspect("g2d", ckpt)
+    assert len(image_only.mapped) == 392 and len(image_only.ignored[TEXT_SIDE_REASON]) == N_LM + 5
+
+    assert main(["inspect", "--model", "g2d", "--checkpoint", str(ckpt), "--model-option", f"text_encoder={text_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert f"mapped: {392 + N_LM + 5} keys\nignored: 4 keys\n" in out and TEXT_SIDE_REASON not in out
+    assert main(["inspect", "--model", "g2d", "--checkpoint", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert f"mapped: 392 keys\nignored: {4 + N_LM + 5} keys\n" in out and TEXT_SIDE_REASON in out

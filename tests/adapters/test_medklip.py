@@ -295,3 +295,26 @@ def test_entity_embedding_files_are_shape_checked(tmp_path, embeddings_file):
 def test_registered_and_listed():
     assert get_adapter("medklip") is MedKLIPAdapter and "medklip" in adapter_names()
     assert any("checkpoint_final.pth" in form for form in MedKLIPAdapter.checkpoint_forms)
+
+
+def test_inspect_takes_the_entity_options_from_the_command_line_and_reads_their_files(
+        ckpt, embeddings_file, bert_dir, tmp_path, capsys):
+    from vlpbench.cli import main
+
+    entities = write_medklip_entities(tmp_path / "observation explanation.json")
+    plain = MedKLIPAdapter.inspect(ckpt)
+    for options in (["--model-option", f"entity_embeddings={embeddings_file}"],
+                    ["--model-option", f"text_encoder={bert_dir}", "--model-option", f"entities={entities}"]):
+        assert main(["inspect", "--model", "medklip", "--checkpoint", str(ckpt), *options]) == 0
+        assert capsys.readouterr().out.endswith(plain.format() + "\n")
+
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(dict(list(json.loads(entities.read_text()).items())[:74])))
+    torch.save(torch.zeros(75, 512), tmp_path / "narrow.pt")
+    for options, message in (
+            ([f"text_encoder={bert_dir}", f"entities={short}"], f"entities file {short}: expected MedKLIP's"),
+            ([f"entity_embeddings={tmp_path / 'narrow.pt'}"], r"found a (75, 512)"),
+            ([f"entities={entities}"], "entities=FILE also needs text_encoder=DIR")):
+        assert main(["inspect", "--model", "medklip", "--checkpoint", str(ckpt),
+                     *(part for option in options for part in ("--model-option", option))]) == 2
+        assert message in capsys.readouterr().err
