@@ -408,10 +408,10 @@ def _seeds(text: str) -> list[int]:
 def _score(args: argparse.Namespace) -> int:
     from vlpbench import api
 
-    from vlpbench.config import parse_overrides
+    from vlpbench.options import parse_options
 
     result = api.score(args.task, args.predictions, data_root=args.data_root, split=args.split, seed=args.seed,
-                       overrides=parse_overrides(args.overrides))
+                       overrides=parse_options(args.overrides, "--set"))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
