@@ -119,7 +119,21 @@ def test_outside_a_process_group_the_helpers_are_the_single_process():
 
 
 def test_a_protocol_that_cannot_share_a_run_is_refused_under_torchrun(monkeypatch):
-    monkeypatch.setitem(PROTOCOLS._targets, "unshared", lambda *args, **kwargs: {})  # removed after the test
+    from vlpbench.protocols.base import Protocol
+
+    class Unshared(Protocol):
+        name = "unshared"
+        table_group = "cls"
+        distributed = False
+        prediction_files = "none"
+
+        def run(self, *args, **kwargs):
+            return {}
+
+        def score(self, *args, **kwargs):
+            return {}
+
+    monkeypatch.setitem(PROTOCOLS._targets, "unshared", Unshared())  # removed after the test
     with pytest.raises(ConfigError, match=r"'unshared'.*: detection, finetune, grounding, linear, segmentation, "
                                           r"zero_shot\."):
         api.check_distributed("unshared")
