@@ -76,19 +76,19 @@ def test_score_round_trip_and_all_empty_predictions(siim_root, tmp_path, capsys)
     ids, _ = api.split_ids(load_split("siim"), "test", source)
     _write_truth(source, ids, tmp_path / "truth")
     result = api.score("siim_seg", tmp_path / "truth", data_root=siim_root)
-    assert result["metrics"]["dice"] == 1.0 and result["n"] == len(ids)
+    assert result["metrics"]["dice"] == 1.0 and result["n"]["test"] == len(ids)
 
     _write_truth(source, ids, tmp_path / "empty", transform=np.zeros_like)
     negatives = sum(1 for i in ids if not source.label(i))
     assert main(["score", "--task", "siim_seg", "--predictions", str(tmp_path / "empty"),
                  "--data-root", str(siim_root), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["task"] == "siim_seg" and printed["n"] == len(ids)
+    assert printed["task"] == "siim_seg" and printed["n"]["test"] == len(ids)
     assert np.isclose(printed["metrics"]["dice"], negatives / len(ids))
 
     for image_id in ids[:2]:
         (tmp_path / "truth" / f"{image_id}.png").unlink()
-    with pytest.raises(DataError, match=f"2 of {len(ids)} split images have no prediction"):
+    with pytest.raises(DataError, match=f"2 of {len(ids)} test images have no prediction"):
         api.score("siim_seg", tmp_path / "truth", data_root=siim_root)
 
 
