@@ -38,6 +38,7 @@ class Protocol(ABC):
         table_group: the paper table group of its tasks (one of :data:`TABLE_GROUPS`).
         distributed: whether one run can be shared among torchrun's processes.
         prediction_files: what ``run --save-predictions`` writes and ``score`` reads, in words.
+        prediction_file: the one file ``score`` reads inside that folder, or None where it reads the folder.
         uses_val: whether ``score`` reads the validation part (thresholds chosen on validation predictions).
     """
 
@@ -45,6 +46,7 @@ class Protocol(ABC):
     table_group: ClassVar[str]
     distributed: ClassVar[bool] = True
     prediction_files: ClassVar[str]
+    prediction_file: ClassVar[str | None] = None
     uses_val: ClassVar[bool] = False
 
     @abstractmethod
@@ -61,7 +63,9 @@ class Protocol(ABC):
         label files only, never an image."""
 
     def prediction_path(self, predictions: Path) -> Path:
-        """The file (or folder) ``score`` reads inside a folder that ``run --save-predictions`` wrote."""
+        """What ``score`` reads: :attr:`prediction_file` inside a folder, else ``predictions`` as given."""
+        if self.prediction_file is not None and predictions.is_dir():
+            return predictions / self.prediction_file
         return predictions
 
     def __repr__(self) -> str:

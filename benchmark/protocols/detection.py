@@ -551,6 +551,7 @@ class DetectionProtocol(base.Protocol):
 
     name = "detection"
     table_group = "det"
+    prediction_file = DETECTIONS_FILE
     prediction_files = f"{DETECTIONS_FILE}: COCO results [{{image_id, bbox [x, y, w, h], score}}] in image pixels"
 
     def run(self, adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int, device: torch.device,
@@ -558,10 +559,6 @@ class DetectionProtocol(base.Protocol):
         """The adapter's encoder, frozen, under the YOLOv3 head (:func:`run_detection`)."""
         return run_detection(adapter.encoder(), source, split, config, seed=seed, device=device, progress=progress,
                              predictions=predictions)
-
-    def prediction_path(self, predictions: Path) -> Path:
-        """``detections.json`` inside a folder; a file as given."""
-        return predictions / DETECTIONS_FILE if predictions.is_dir() else predictions
 
     def score(self, predictions: Path, source, split: SplitIds, config: dict[str, Any], *,
               seed: int = 0) -> dict[str, Any]:

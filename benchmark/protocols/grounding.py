@@ -391,6 +391,7 @@ class GroundingProtocol(base.Protocol):
     name = "grounding"
     table_group = "ground"
     uses_val = True
+    prediction_file = HEATMAPS_FILE
     prediction_files = (f"{HEATMAPS_FILE}: one 2-D heat map per positive test (and validation) image, keyed by "
                         "image id (MS-CXR: '<image_id>#<phrase index>')")
 
@@ -399,10 +400,6 @@ class GroundingProtocol(base.Protocol):
         """:func:`run_grounding_task`."""
         return run_grounding_task(adapter, source, split, config, seed=seed, device=device, progress=progress,
                                   predictions=predictions)
-
-    def prediction_path(self, predictions: Path) -> Path:
-        """``heatmaps.npz`` inside a folder; a file as given."""
-        return predictions / HEATMAPS_FILE if predictions.is_dir() else predictions
 
     def score(self, predictions: Path, source, split: SplitIds, config: dict[str, Any], *,
               seed: int = 0) -> dict[str, Any]:

@@ -271,6 +271,7 @@ class LinearProtocol(base.Protocol):
 
     name = "linear"
     table_group = "cls"
+    prediction_file = PROBABILITIES_FILE
     prediction_files = f"{PROBABILITIES_FILE}: image_id and one probability column per class, one row per test image"
 
     def run(self, adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int, device: torch.device,
@@ -278,10 +279,6 @@ class LinearProtocol(base.Protocol):
         """:func:`run_linear_task`."""
         return run_linear_task(adapter, source, split, config, seed=seed, device=device, progress=progress,
                                predictions=predictions)
-
-    def prediction_path(self, predictions: Path) -> Path:
-        """``predictions.csv`` inside a folder; a file as given."""
-        return predictions / PROBABILITIES_FILE if predictions.is_dir() else predictions
 
     def score(self, predictions: Path, source, split: SplitIds, config: dict[str, Any], *,
               seed: int = 0) -> dict[str, Any]:

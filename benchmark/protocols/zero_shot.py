@@ -255,6 +255,7 @@ class ZeroShotProtocol(base.Protocol):
     name = "zero_shot"
     table_group = "zs"
     uses_val = True
+    prediction_file = PROBABILITIES_FILE
     prediction_files = (f"{PROBABILITIES_FILE}: image_id and one probability column per class, one row per test "
                         "image and per image the thresholds come from")
 
@@ -263,10 +264,6 @@ class ZeroShotProtocol(base.Protocol):
         """:func:`run_zero_shot_task`."""
         return run_zero_shot_task(adapter, source, split, config, seed=seed, device=device, progress=progress,
                                   predictions=predictions)
-
-    def prediction_path(self, predictions: Path) -> Path:
-        """``predictions.csv`` inside a folder; a file as given."""
-        return predictions / PROBABILITIES_FILE if predictions.is_dir() else predictions
 
     def score(self, predictions: Path, source, split: SplitIds, config: dict[str, Any], *,
               seed: int = 0) -> dict[str, Any]:
