@@ -38,10 +38,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import PIL
-from PIL import Image
 from tqdm.auto import tqdm
 
 from vlpbench.config import cache_dir
+from vlpbench.data.resize import RESIZE_METHODS, resize_antialias, resize_method
 from vlpbench.errors import DataError, VlpbenchError
 from vlpbench.files import atomic_path, atomic_write
 
@@ -59,12 +59,16 @@ _DATASET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def resize_image(pixels: np.ndarray, size: int) -> np.ndarray:
-    """uint8 image → ``size``² with antialiased bilinear resampling.
+    """uint8 image → ``size``² with antialiased bilinear resampling (the ``antialias`` method).
 
     Pillow's BILINEAR filter widens its support by the scale factor when shrinking, so this is an
     area-aware (antialiased) bilinear resize.
     """
-    return np.array(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
+    return resize_antialias(pixels, size)
+
+
+# What INFO.json calls each resize method; ``antialias`` keeps the name caches were first written under.
+_METHOD_TAGS = {"antialias": METHOD, "linear": "cv2-inter-linear", "pad_area": "mgca-pad-inter-area"}
 
 
 def source_fingerprint(source: Any) -> str:
@@ -105,9 +109,10 @@ def source_fingerprint(source: Any) -> str:
     return "\n".join(parts)
 
 
-def cached_images(source: Any, dataset: str, ids: Sequence[str], size: int, *,
+def cached_images(source: Any, dataset: str, ids: Sequence[str], size: int, *, method: str = "antialias",
                   workers: int | None = None, progress: bool = True) -> np.ndarray:
-    """The images ``ids`` of ``source`` resized to ``size``² by :func:`resize_image`, from the cache.
+    """The images ``ids`` of ``source`` resized to ``size``² by the resize ``method`` (a name of
+    :data:`vlpbench.data.resize.RESIZE_METHODS`; ``antialias`` is :func:`resize_image`), from the cache.
 
     Images not cached yet are decoded with ``source.image`` in ``workers`` processes (default: the
     usable CPUs, at most 16; threads, with a logged reason, where ``source`` cannot be pickled).
@@ -121,6 +126,7 @@ def cached_images(source: Any, dataset: str, ids: Sequence[str], size: int, *,
         dataset: the dataset's name, a folder name under the cache.
         ids: image ids, in the order wanted (repeats allowed).
         size: side of the square output.
+        method: the resize rule (``antialias``, ``linear`` or ``pad_area``; see :mod:`vlpbench.data.resize`).
         workers: decoding processes; 1 decodes in this process.
         progress: show tqdm bars while decoding and assembling.
 
@@ -134,8 +140,10 @@ def cached_images(source: Any, dataset: str, ids: Sequence[str], size: int, *,
             with each failed id and the reader's message naming its file. Nothing is stored for them.
         VlpbenchError: the cache cannot be written, or the reader cannot be fingerprinted.
         ValueError: a bad ``dataset`` name, ``size`` or ``workers``.
+        ConfigError: an unknown ``method``.
     """
     ids = list(ids)
+    resize_method(method)
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
     size = int(size)
@@ -145,7 +153,7 @@ def cached_images(source: Any, dataset: str, ids: Sequence[str], size: int, *,
         empty = np.empty((0, size, size), dtype=np.uint8)
         empty.flags.writeable = False
         return empty
-    folder = _key_folder(source, dataset, size)
+    folder = _key_folder(source, dataset, size, method)
     locate = getattr(source, "path", None) if getattr(source, "fingerprint", None) is None else None
     names = [_entry_name(locate, image_id) for image_id in ids]
     run = folder / RUNS / f"{hashlib.sha256(' '.join(names).encode()).hexdigest()[:32]}.npy"
@@ -156,7 +164,7 @@ def cached_images(source: Any, dataset: str, ids: Sequence[str], size: int, *,
     _sweep_temp(folder / TMP)
     todo = _missing(folder, ids, names, size)
     if todo:
-        _fill(source, dataset, folder, todo, size, workers, progress)
+        _fill(source, dataset, folder, todo, size, method, workers, progress)
     with atomic_path(run, fsync=False, tmp_dir=folder / TMP) as tmp:
         _assemble(tmp, folder, ids, names, size, dataset, progress)
     images = _open_run(run, len(ids), size)
@@ -195,14 +203,14 @@ def _checked_name(dataset: str) -> str:
     return dataset
 
 
-def _key_folder(source: Any, dataset: str, size: int) -> Path:
+def _key_folder(source: Any, dataset: str, size: int, method: str) -> Path:
     info = {
         "format": FORMAT_VERSION,
         "dataset": _checked_name(dataset),
         "reader": f"{type(source).__module__}.{type(source).__qualname__}",
         "fingerprint": source_fingerprint(source),
         "size": size,
-        "method": METHOD,
+        "method": _METHOD_TAGS[method],
         "pillow": PIL.__version__,  # a Pillow release may resample differently
     }
     text = json.dumps(info, indent=2, sort_keys=True) + "\n"
@@ -290,10 +298,11 @@ class CorruptImagesError(DataError):
 class _Filler:
     """Decodes, resizes and stores one image; pickled into each worker process."""
 
-    def __init__(self, source: Any, folder: Path, size: int) -> None:
+    def __init__(self, source: Any, folder: Path, size: int, method: str) -> None:
         self.source = source
         self.folder = folder
         self.size = size
+        self.method = method
 
     def __call__(self, item: tuple[str, str]) -> str | None:
         """Store the entry of ``item`` (id, entry name); return None, or the reader's DataError message
@@ -307,7 +316,7 @@ class _Filler:
             described = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
             raise DataError(f"{type(self.source).__name__}.image({image_id!r}) returned {described}; "
                             "expected a uint8 (H, W) array")
-        data = resize_image(pixels, self.size).tobytes()
+        data = RESIZE_METHODS[self.method](pixels, self.size).tobytes()
         path = _entry_path(self.folder, name)
         try:
             path.parent.mkdir(exist_ok=True)
@@ -336,9 +345,9 @@ def _usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def _fill(source: Any, dataset: str, folder: Path, todo: list[tuple[str, str]], size: int,
+def _fill(source: Any, dataset: str, folder: Path, todo: list[tuple[str, str]], size: int, method: str,
           workers: int | None, progress: bool) -> None:
-    filler = _Filler(source, folder, size)
+    filler = _Filler(source, folder, size, method)
     wanted = min(MAX_WORKERS, _usable_cpus()) if workers is None else workers
     count = max(1, min(wanted, len(todo) // MIN_IMAGES_PER_WORKER))
     bar = tqdm(total=len(todo), desc=f"cache {dataset} {size}px", unit="img", disable=not progress, leave=False)

@@ -1,10 +1,25 @@
-"""Task specifications: one versioned YAML file per task in this folder."""
+"""Task specifications: one versioned YAML file per task in this folder.
+
+A task file holds the ``canonical`` protocol (``split``, ``primary_metric``, ``config``) and, under
+``profiles:``, the settings another profile changes, each with the source it follows::
+
+    profiles:
+      paper:
+        description: MGCA's downstream code, the code behind the published numbers
+        split: {value: mgca, source: "HKU-MedAI/MGCA mgca/preprocess/rsna.py:110-113"}
+        primary_metric: {value: map_mgca, source: "..."}
+        config:
+          freeze_bn: {value: false, source: "HKU-MedAI/MGCA mgca/models/mgca/mgca_detector.py:69-71"}
+
+or, where no reference code exists, ``paper: {unavailable: "why"}``. :func:`load_task` returns the
+task with one profile resolved; records carry the profile, and tables never mix two profiles in a cell.
+"""
 
 from __future__ import annotations
 
 import copy
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +31,31 @@ from vlpbench.metrics.specs import metric_spec
 TASKS_DIR = Path(__file__).resolve().parent
 _REQUIRED = ("name", "version", "description", "dataset", "split", "protocol", "primary_metric",
              "fractions", "config", "sources")
+PROFILES = ("canonical", "paper")
+DEFAULT_PROFILE = "canonical"
+PROFILE_HELP = {
+    "canonical": "vlpbench's sound defaults (BatchNorm frozen, every image counted, thresholds tuned on validation)",
+    "paper": "the reference code that produced the published numbers, setting by setting, each with its source",
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting a profile changes: ``key`` is ``split``, ``primary_metric`` or a config key."""
+
+    key: str
+    value: Any
+    source: str
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A profile as a task file declares it: the settings it changes, or why it is unavailable."""
+
+    name: str
+    description: str = ""
+    settings: tuple[Setting, ...] = ()
+    unavailable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -36,11 +76,42 @@ class Task:
     # Optional `compare:` mapping, regression tolerances for `vlpbench compare`: abs_tol (a number,
     # or {fraction: number}), k, rationale; validated by vlpbench.report.compare.task_tolerance.
     compare: dict[str, Any] | None = field(default=None, compare=False)
+    profile: str = DEFAULT_PROFILE
+    profiles: dict[str, Profile] = field(default_factory=dict, compare=False)
 
     @property
     def higher_is_better(self) -> bool:
         """The direction of the primary metric (no task ranks a metric the other way round)."""
         return metric_spec(self.primary_metric).higher_is_better
+
+    def with_profile(self, profile: str) -> "Task":
+        """This task under ``profile``: its split, primary metric and config as that profile sets them.
+
+        Raises:
+            ConfigError: an unknown profile, or one this task cannot offer (the message says why).
+        """
+        if profile not in PROFILES:
+            raise ConfigError(f"--profile {profile!r}: expected one of {', '.join(PROFILES)}")
+        if profile == self.profile:
+            return self
+        if self.profile != DEFAULT_PROFILE:
+            raise ConfigError(f"task {self.name} is already resolved for profile {self.profile!r}")
+        spec = self.profiles.get(profile)
+        if spec is None:
+            raise ConfigError(f"--profile {profile}: task {self.name} declares no {profile!r} profile "
+                              f"(in {self.path})")
+        if spec.unavailable:
+            raise ConfigError(f"--profile {profile}: task {self.name} has no {profile!r} profile: {spec.unavailable}")
+        values = {s.key: s.value for s in spec.settings}
+        config = copy.deepcopy(self.config)
+        config.update({k: v for k, v in values.items() if k in self.config})
+        return replace(self, config=config, split=values.get("split", self.split),
+                       primary_metric=values.get("primary_metric", self.primary_metric), profile=profile)
+
+    def profile_settings(self) -> tuple[Setting, ...]:
+        """The settings the resolved profile changes from ``canonical``, with their sources (none for canonical)."""
+        spec = self.profiles.get(self.profile)
+        return spec.settings if spec is not None else ()
 
     def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The task config with ``overrides`` applied; unknown keys and type changes are errors."""
@@ -83,8 +154,66 @@ def task_names() -> list[str]:
     return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
 
 
-def load_task(name: str) -> Task:
-    """Load and validate the task YAML called ``name``."""
+def _profiles(path: Path, spec: dict) -> dict[str, Profile]:
+    """The ``profiles:`` mapping of a task file, validated: every setting names a known key, keeps the
+    type of the canonical value and cites a source."""
+    raw = spec.get("profiles")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: key 'profiles' must map profile names to their settings")
+    profiles = {}
+    for name, body in raw.items():
+        where = f"profiles.{name}"
+        if name not in PROFILES or name == DEFAULT_PROFILE:
+            others = [p for p in PROFILES if p != DEFAULT_PROFILE]
+            raise ConfigError(f"{path}: key {where!r}: expected one of {', '.join(others)} "
+                              f"({DEFAULT_PROFILE!r} is the task's own split, primary_metric and config)")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: key {where!r} must be a mapping")
+        unknown = sorted(set(body) - {"description", "split", "primary_metric", "config", "unavailable"})
+        if unknown:
+            raise ConfigError(f"{path}: unknown key '{where}.{unknown[0]}' (known: description, split, "
+                              "primary_metric, config, unavailable)")
+        if "unavailable" in body:
+            if set(body) - {"unavailable", "description"} or not isinstance(body["unavailable"], str):
+                raise ConfigError(f"{path}: key '{where}.unavailable' must be the reason as a string, alone")
+            profiles[name] = Profile(name, body.get("description", ""), unavailable=body["unavailable"])
+            continue
+        settings = []
+        entries = [(key, body[key], f"{where}.{key}") for key in ("split", "primary_metric") if key in body]
+        config = body.get("config") or {}
+        if not isinstance(config, dict):
+            raise ConfigError(f"{path}: key '{where}.config' must map option names to {{value, source}}")
+        entries += [(key, entry, f"{where}.config.{key}") for key, entry in config.items()]
+        for key, entry, at in entries:
+            if not isinstance(entry, dict) or set(entry) != {"value", "source"}:
+                raise ConfigError(f"{path}: key {at!r}: expected {{value: ..., source: ...}}, got {entry!r}")
+            if not isinstance(entry["source"], str) or not entry["source"].strip():
+                raise ConfigError(f"{path}: key '{at}.source': every setting of a profile cites its source")
+            value = entry["value"]
+            if key == "split":
+                if not isinstance(value, str) or not value:
+                    raise ConfigError(f"{path}: key '{at}.value': expected a split version name")
+            elif key == "primary_metric":
+                _check_primary_metric(path, value)
+            else:
+                if key not in spec["config"]:
+                    close = difflib.get_close_matches(key, spec["config"], n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ConfigError(f"{path}: key {at!r}: the task has no option {key!r}{hint}")
+                default = spec["config"][key]
+                if default is not None and not _compatible(default, value):
+                    raise ConfigError(f"{path}: key '{at}.value': expected {type(default).__name__} like the "
+                                      f"canonical {default!r}, got {value!r}")
+                value = float(value) if isinstance(default, float) else value
+            settings.append(Setting(key, value, entry["source"].strip()))
+        profiles[name] = Profile(name, body.get("description", ""), tuple(settings))
+    return profiles
+
+
+def load_task(name: str, profile: str = DEFAULT_PROFILE) -> Task:
+    """Load and validate the task YAML called ``name``, resolved for ``profile`` (see :meth:`Task.with_profile`)."""
     path = TASKS_DIR / f"{name}.yaml"
     if not path.is_file():
         close = difflib.get_close_matches(name, task_names(), n=3)
@@ -101,4 +230,6 @@ def load_task(name: str) -> Task:
         raise ConfigError(f"{path}: name {spec['name']!r} does not match the file name {name!r}")
     _check_primary_metric(path, spec["primary_metric"])
     spec["fractions"] = tuple(float(f) for f in spec["fractions"])
-    return Task(path=path, compare=spec.get("compare"), **{key: spec[key] for key in _REQUIRED})
+    task = Task(path=path, compare=spec.get("compare"), profiles=_profiles(path, spec),
+                **{key: spec[key] for key in _REQUIRED})
+    return task.with_profile(profile)
