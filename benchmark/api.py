@@ -144,6 +144,7 @@ def run_in_process(
     precision: str = "fp32",
     skip_corrupt: bool = False,
     save_predictions: str | Path | None = None,
+    profile: str = "canonical",
 ) -> tuple[dict[str, Any], Path | None]:
     """Run one (model, task, fraction, seed) in this process (and its process group, if one is
     initialised: then only rank 0 writes the record, and the others return ``(record, None)``).
@@ -155,13 +156,15 @@ def run_in_process(
     decoded (listed in the record as ``data.skipped_corrupt``) instead of stopping with an error naming them.
     ``save_predictions``: a new or empty folder for the test predictions in the format ``score`` reads
     (every protocol; see :mod:`vlpbench.predictions`), recorded as ``data.predictions``.
+    ``profile``: ``canonical`` (vlpbench's defaults) or ``paper`` (the reference code's settings, each with
+    its source in the task file; see :meth:`vlpbench.tasks.Task.with_profile`), recorded as ``task.profile``.
     """
     from vlpbench import distributed
     from vlpbench.adapters import build_adapter
     from vlpbench.protocols.runtime import resolve_precision
     from vlpbench.results import check_writable, existing_record, make_record, write_record
 
-    spec = load_task(task)
+    spec = load_task(task, profile)
     frac = float(frac)
     if frac not in spec.fractions:
         raise ConfigError(f"--frac {frac}: task {spec.name} allows {', '.join(map(str, spec.fractions))}")
@@ -171,7 +174,8 @@ def run_in_process(
 
     adapter = build_adapter(model, checkpoint, **(model_options or {}))
     model_info = {"name": model_label(model, checkpoint, name), **adapter.describe()}
-    stub = {"model": model_info, "task": {"name": spec.name, "version": spec.version}, "frac": frac,
+    stub = {"model": model_info, "task": {"name": spec.name, "version": spec.version, "profile": spec.profile},
+            "frac": frac,
             "seed": seed, "config": {"overrides": dict(overrides or {}), "precision": config["precision"]}}
     if not overwrite and (path := existing_record(results, stub)) is not None:
         raise ConfigError(f"a record for this run already exists: {path} (pass --overwrite to replace it; "
@@ -199,7 +203,8 @@ def run_in_process(
         folder = prepare_folder(save_predictions) if distributed.is_main() else None
         hooks["predictions"] = distributed.broadcast_object(folder)
 
-    log.info("run %s on %s at %g%% (seed %d) on %s", model_info["name"], spec.name, frac * 100, seed, torch_device)
+    log.info("run %s on %s (%s profile) at %g%% (seed %d) on %s", model_info["name"], spec.name, spec.profile,
+             frac * 100, seed, torch_device)
     started = time.perf_counter()
     outcome, skipped = _run_protocol(protocol, adapter, source, parts, frac, config, seed=seed, device=torch_device,
                                      progress=progress, skip_corrupt=skip_corrupt, hooks=hooks)
@@ -207,7 +212,7 @@ def run_in_process(
 
     record = make_record(
         model=model_info,
-        task={"name": spec.name, "version": spec.version, "protocol": spec.protocol,
+        task={"name": spec.name, "version": spec.version, "protocol": spec.protocol, "profile": spec.profile,
               "higher_is_better": spec.higher_is_better},
         frac=frac,
         seed=seed,
@@ -284,10 +289,11 @@ def sweep(config: str | Path | None = None, *, force: bool = False, dry_run: boo
 
 def table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: list[str] | None = None,
           tasks: list[str] | None = None, fracs: list[float] | None = None, group: str | None = None,
-          metrics: list[str] | None = None, reference: bool | str | Path = False) -> str:
+          metrics: list[str] | None = None, reference: bool | str | Path = False, profile: str | None = None) -> str:
     """The leaderboard of the records under ``results`` in ``fmt`` (md, latex, csv or html).
 
-    ``models`` / ``tasks`` / ``fracs`` / ``group`` filter the records, ``metrics`` picks the metrics
+    ``models`` / ``tasks`` / ``fracs`` / ``group`` / ``profile`` filter the records (records of two
+    protocol profiles give one table each), ``metrics`` picks the metrics
     shown per task (default: the primary one), and ``reference`` adds the published rows of a
     folder of reference files (True: ``<results>/reference``, else the checkout's
     ``results/reference``). See :func:`vlpbench.report.table.render_table`.
@@ -303,13 +309,14 @@ def table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: lis
     if reference:
         references = load_references(default_reference_dir(results) if reference is True else reference)
     return render_table(records, fmt, models=models, tasks=tasks, fracs=fracs, group=group, metrics=metrics,
-                        references=references)
+                        references=references, profile=profile)
 
 
 def compare(baseline: str | Path, candidate: str | Path, *, tasks: list[str] | None = None,
             fracs: list[float] | None = None, abs_tol: float | None = None, k: float | None = None,
-            junit: str | Path | None = None) -> tuple[str, int]:
-    """Compare the candidate's records with the baseline's (each a results folder or one record).
+            junit: str | Path | None = None, profile: str | None = None) -> tuple[str, int]:
+    """Compare the candidate's records with the baseline's (each a results folder or one record);
+    ``profile`` keeps only the records of that protocol profile on both sides.
 
     Returns the Markdown summary and the exit code (0 no regression, 1 regression, 2 not
     comparable); writes JUnit XML to ``junit`` when given. The rules are in
@@ -318,7 +325,7 @@ def compare(baseline: str | Path, candidate: str | Path, *, tasks: list[str] | N
     from vlpbench.report.compare import compare_records, exit_code, junit_xml, load_side, markdown_summary
 
     comparisons = compare_records(load_side(baseline), load_side(candidate), tasks=tasks, fracs=fracs,
-                                  abs_tol=abs_tol, k=k)
+                                  abs_tol=abs_tol, k=k, profile=profile)
     if junit is not None:
         Path(junit).parent.mkdir(parents=True, exist_ok=True)
         Path(junit).write_text(junit_xml(comparisons), encoding="utf-8")
@@ -386,18 +393,19 @@ def baseline_update(results: str | Path = DEFAULT_RESULTS, baseline_dir: str | P
 
 
 def score(task: str, predictions: str | Path, *, data_root: str | Path | None = None, split: str = "test",
-          seed: int = 0, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+          seed: int = 0, overrides: dict[str, Any] | None = None, profile: str = "canonical") -> dict[str, Any]:
     """Score predictions made by any framework (or saved by ``run --save-predictions``) on a task.
 
     ``predictions``: the folder ``run --save-predictions`` wrote, or the protocol's file (see
     :mod:`vlpbench.predictions`). The data folder needs the label files only, no image. ``split``: the part
     scored (``test``, or ``val``). ``seed`` seeds the bootstrap as ``run --seed`` does, so predictions saved by
     a run give its metrics, CIs and thresholds exactly. ``overrides``: task options as ``run --set`` takes them.
+    ``profile``: the protocol profile whose settings (split, metric, options) score the predictions.
 
-    Returns ``task``, ``version``, ``split``, ``split_sha256``, ``config`` (the overrides and seed used) and
+    Returns ``task``, ``version``, ``profile``, ``split``, ``split_sha256``, ``config`` (the overrides and seed used) and
     the protocol's outcome: ``metrics``, ``ci``, ``per_image``, ``n`` and ``scoring`` (thresholds, notes).
     """
-    spec = load_task(task)
+    spec = load_task(task, profile)
     protocol = protocol_named(spec.protocol)
     config = spec.resolve(overrides)
     source = open_dataset(spec, data_root)
@@ -411,7 +419,8 @@ def score(task: str, predictions: str | Path, *, data_root: str | Path | None = 
     if protocol.uses_val and split != "val" and "val" in task_split.parts:
         val_ids, _ = labelled_ids(task_split, "val", source)
     outcome = protocol.score(Path(predictions), source, SplitIds([], val_ids, ids), config, seed=seed)
-    return {"task": spec.name, "version": spec.version, "split": split, "split_sha256": holder.manifest_sha256,
+    return {"task": spec.name, "version": spec.version, "profile": spec.profile, "split": split,
+            "split_sha256": holder.manifest_sha256,
             "config": {"overrides": dict(overrides or {}), "seed": seed}, **outcome}
 
 

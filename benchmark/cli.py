@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the head's initialisation and training (default 0)")
     _data_root(p)
     _results(p)
+    _profile(p, "the protocol profile: canonical (default; vlpbench's sound defaults) or paper (the reference "
+                "code behind the published numbers; see `vlpbench tasks --verbose --profile paper`); recorded")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="override a task option, e.g. --set lr=5e-4 (recorded in the result; repeatable)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
@@ -90,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--set", dest="overrides", action="append", metavar="[TASK:]KEY=VALUE",
                    help="override a task option in every task, or with TASK: in one (repeatable)")
+    _profile(p, "the protocol profile of every run: canonical (default) or paper", default=None)
     p.add_argument("--data-root", dest="data_roots", action="append", metavar="DATASET=DIR",
                    help="dataset folder, e.g. siim=~/data/siim (repeatable; default as for `run`)")
     p.add_argument("--root", dest="data_roots", action="append", help=argparse.SUPPRESS)
@@ -129,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seed of the bootstrap CIs, as `run --seed` (default 0)")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="override a task option as `run --set` does, e.g. --set threshold=0.4 (repeatable)")
+    _profile(p, "the protocol profile whose split, metric and settings score the predictions (default canonical)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a sentence")
 
     p = command("table", "Print the leaderboard of the result records as a paper table (Markdown, LaTeX, CSV, HTML).",
@@ -144,9 +148,11 @@ def _parser() -> argparse.ArgumentParser:
                         "classification, zero-shot classification, grounding")
     p.add_argument("--metrics", type=_names,
                    help="metrics per task as sub-columns, e.g. auc,f1,acc (default: the primary metric)")
+    _profile(p, "only the records of this protocol profile (default: all, one table per profile)", default=None)
     p.add_argument("--reference", nargs="?", const=True, default=False, metavar="DIR",
                    help="add published rows (marked as reported, never bold) from DIR "
-                        "(default: RESULTS/reference, else the checkout's results/reference)")
+                        "(default: RESULTS/reference, else the checkout's results/reference); a published "
+                        "column shows only beside records of the profile and metric it was computed with")
 
     p = command("plot", "Plot metric versus training fraction per task (log x, one line per model, CI band), "
                 "or with --panels image / ground truth / prediction panels of a few test images.",
@@ -180,6 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate", required=True, help="results folder or single record file")
     p.add_argument("--tasks", type=_names, help="compare only these tasks (comma-separated)")
     p.add_argument("--fracs", type=_fractions, help="compare only these fractions (comma-separated)")
+    _profile(p, "compare only the records of this protocol profile on both sides (default: all; a cell whose "
+                "sides ran different profiles is not comparable, exit 2)", default=None)
     p.add_argument("--abs-tol", type=float, help="absolute tolerance in metric units for every cell "
                    "(default: the task's compare.abs_tol, else 0.01)")
     p.add_argument("--k", type=float, help="multiple of the pooled seed std allowed (default: the task's "
@@ -341,6 +349,7 @@ def _parser() -> argparse.ArgumentParser:
                 "vlpbench tasks --verbose", _tasks)
     p.add_argument("--verbose", dest="details", action="store_true",
                    help="show every task's configuration (classes, prompts, hyper-parameters) and sources")
+    _profile(p, "with --verbose: the settings as this profile resolves them, each changed one with its source")
     return parser
 
 
@@ -352,6 +361,12 @@ def _data_root(p: argparse.ArgumentParser, help: str = DATA_ROOT_HELP) -> None:
     p.add_argument("--data-root", help=help)
     # `data check` and `splits verify` took --root before; every command accepts it, unlisted.
     p.add_argument("--root", dest="data_root", help=argparse.SUPPRESS)
+
+
+def _profile(p: argparse.ArgumentParser, help: str, default: str | None = "canonical") -> None:
+    from vlpbench.tasks import PROFILES
+
+    p.add_argument("--profile", choices=PROFILES, default=default, help=help)
 
 
 def _results(p: argparse.ArgumentParser) -> None:
@@ -368,7 +383,7 @@ def _run(args: argparse.Namespace) -> int:
                            overrides=parse_options(args.overrides, "--set"), device=args.device,
                            overwrite=args.overwrite, progress=not (args.quiet or args.no_progress),
                            save_predictions=args.save_predictions, precision=args.precision,
-                           skip_corrupt=args.skip_corrupt)
+                           skip_corrupt=args.skip_corrupt, profile=args.profile)
     if path is None:  # a torchrun rank other than 0: rank 0 writes and prints the result
         return 0
     metric = record["primary_metric"]
@@ -389,7 +404,7 @@ def _sweep(args: argparse.Namespace) -> int:
         ("cluster", args.slurm_cluster)) if value is not None}
     values = cli_values(models=args.models, checkpoints=args.checkpoints, model_options=args.model_options,
                         tasks=args.tasks, fracs=args.fracs, seeds=args.seeds, overrides=args.overrides,
-                        data_roots=args.data_roots, results=args.results, device=args.device,
+                        data_roots=args.data_roots, profile=args.profile, results=args.results, device=args.device,
                         launcher=args.launcher, workers=args.workers, nproc_per_node=args.nproc_per_node)
     if slurm:
         values["slurm"] = slurm
@@ -411,7 +426,7 @@ def _score(args: argparse.Namespace) -> int:
     from vlpbench.options import parse_options
 
     result = api.score(args.task, args.predictions, data_root=args.data_root, split=args.split, seed=args.seed,
-                       overrides=parse_options(args.overrides, "--set"))
+                       overrides=parse_options(args.overrides, "--set"), profile=args.profile)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -419,7 +434,8 @@ def _score(args: argparse.Namespace) -> int:
         lines = [f"{name} = {value:.4f}" + (f" (95% CI {ci['low']:.4f}–{ci['high']:.4f})"
                                             if (ci := result["ci"].get(name)) else "")
                  for name, value in result["metrics"].items() if value is not None]
-        print(f"{result['task']} ({result['split']}, n={result['n']['test']}): " + "\n  ".join(lines))
+        profile = "" if result["profile"] == "canonical" else f", {result['profile']} profile"
+        print(f"{result['task']} ({result['split']}{profile}, n={result['n']['test']}): " + "\n  ".join(lines))
         for note in result["scoring"].get("notes", []):
             print(f"note: {note}")
     return 0
@@ -445,7 +461,7 @@ def _table(args: argparse.Namespace) -> int:
     from vlpbench import api
 
     print(api.table(args.results, fmt=args.fmt, models=args.models, tasks=args.tasks, fracs=args.fracs,
-                    group=args.group, metrics=args.metrics, reference=args.reference), end="")
+                    group=args.group, metrics=args.metrics, reference=args.reference, profile=args.profile), end="")
     return 0
 
 
@@ -475,7 +491,7 @@ def _compare(args: argparse.Namespace) -> int:
     from vlpbench import api
 
     summary, code = api.compare(args.baseline, args.candidate, tasks=args.tasks, fracs=args.fracs,
-                                abs_tol=args.abs_tol, k=args.k, junit=args.junit)
+                                abs_tol=args.abs_tol, k=args.k, junit=args.junit, profile=args.profile)
     print(summary, end="")
     return code
 
@@ -629,10 +645,22 @@ def _tasks(args: argparse.Namespace) -> int:
     blocks = []
     for name in task_names():
         spec = load_task(name)
-        head = (f"{spec.name} (v{spec.version}): {spec.description}\n"
+        if args.profile != spec.profile:
+            declared = spec.profiles.get(args.profile)
+            if declared is None or declared.unavailable:
+                why = declared.unavailable if declared else "the task file declares none"
+                blocks.append(f"{spec.name} (v{spec.version}): no {args.profile!r} profile: {why}")
+                continue
+            spec = spec.with_profile(args.profile)
+        head = (f"{spec.name} (v{spec.version}, {spec.profile} profile): {spec.description}\n"
                 f"  dataset {spec.dataset}/{spec.split}; protocol {spec.protocol}; "
                 f"{spec.primary_metric} ({'higher' if spec.higher_is_better else 'lower'} is better); "
                 f"fractions {', '.join(f'{f:g}' for f in spec.fractions)}")
+        changed = [f"    {s.key}: {s.value!r}  ({s.source})" for s in spec.profile_settings()]
+        if changed:
+            described = spec.profiles[spec.profile].description
+            head += (f"\n  {spec.profile} profile{': ' + described if described else ''}; "
+                     f"changed from canonical:\n" + "\n".join(changed))
         body = yaml.safe_dump({"config": spec.config, "sources": spec.sources}, sort_keys=False, width=100,
                               default_flow_style=None)
         blocks.append(head + "\n" + "\n".join("  " + line for line in body.rstrip().splitlines()))

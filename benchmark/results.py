@@ -4,8 +4,10 @@ A record is the only thing tables, plots and comparisons read. Its fields (schem
 
     schema          int, SCHEMA_VERSION of the code that wrote it
     model           {name, adapter, checkpoint: {path, sha256} | null, layout, ...}
-    task            {name, version, higher_is_better?, ...}; higher_is_better is the primary metric's
-                    direction, kept for readers of the file (tables read it from the metric's spec)
+    task            {name, version, profile?, higher_is_better?, ...}; profile is the protocol profile the
+                    run resolved (``canonical`` where absent, as in records written before profiles
+                    existed); higher_is_better is the primary metric's direction, kept for readers of
+                    the file (tables read it from the metric's spec)
     frac, seed      training-data fraction in (0, 1] and the seed (split draw and head init)
     split           {dataset, version, sha256} of the split files the run used
     metrics         {name: value | null}; primary_metric names the headline one. Every name is a
@@ -21,7 +23,8 @@ A record is the only thing tables, plots and comparisons read. Its fields (schem
     per_image       per-image scores | null, so CIs and new aggregates need no re-run
     created         UTC ISO-8601 time of make_record
 
-Files live at ``<results>/runs/<model>/<sha256[:8] | nockpt>/<task>.v<version>/frac<f>-seed<s>.json``,
+Files live at ``<results>/runs/<model>/<sha256[:8] | nockpt>/<task>.v<version>[-<profile>]/frac<f>-seed<s>.json``
+(the profile only where it is not ``canonical``),
 are written atomically and are never overwritten silently.
 """
 
@@ -46,6 +49,7 @@ import vlpbench
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.files import atomic_write, backup_path
 from vlpbench.metrics.specs import metric_spec
+from vlpbench.tasks import DEFAULT_PROFILE, PROFILES
 
 SCHEMA_VERSION = 1
 
@@ -150,12 +154,20 @@ def _format_frac(frac: float) -> str:
     return repr(round(float(frac), _ROUND_DECIMALS))
 
 
+def record_profile(record: dict) -> str:
+    """The protocol profile a record ran (``canonical`` for records that do not say)."""
+    return record["task"].get("profile") or DEFAULT_PROFILE
+
+
 def record_path(results_dir: str | os.PathLike, record: dict) -> Path:
-    """Where ``record`` lives: ``runs/<model>/<sha256[:8]|nockpt>/<task>.v<version>/frac<f>-seed<s>[-<o>].json``.
+    """Where ``record`` lives: ``runs/<model>/<sha256[:8]|nockpt>/<task>.v<version>[-<profile>]/frac<f>-seed<s>[-<o>].json``.
+
+    ``<profile>`` appears for a profile other than ``canonical``, so a ``paper`` run never replaces a
+    canonical one.
 
     ``<o>`` is a short hash of ``config.overrides`` (and of ``config.precision`` unless fp32) when there
     are any, so a run with non-default task options or precision never replaces the canonical one.
-    Only ``model.name``, ``model.checkpoint``, ``task.name``, ``task.version``, ``frac``, ``seed``,
+    Only ``model.name``, ``model.checkpoint``, ``task.name``, ``task.version``, ``task.profile``, ``frac``, ``seed``,
     ``config.overrides`` and ``config.precision`` are read, so a stub with those fields is enough. Names are reduced to ``[A-Za-z0-9._-]``.
     """
     model, task = record["model"], record["task"]
@@ -170,8 +182,10 @@ def record_path(results_dir: str | os.PathLike, record: dict) -> Path:
     if overrides:
         canonical = json.dumps(overrides, sort_keys=True, default=str).encode()
         variant = "-" + hashlib.sha256(canonical).hexdigest()[:8]
+    profile = record_profile(record)
+    task_folder = f"{task['name']}.v{task['version']}" + ("" if profile == DEFAULT_PROFILE else f"-{profile}")
     return (Path(results_dir) / "runs" / _safe(model["name"]) / (_safe(sha[:8]) if sha else "nockpt")
-            / _safe(f"{task['name']}.v{task['version']}")
+            / _safe(task_folder)
             / f"frac{_safe(_format_frac(record['frac']))}-seed{int(record['seed'])}{variant}.json")
 
 
@@ -333,6 +347,7 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("task", lambda v: isinstance(v, dict), "an object"),
     ("task.name", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
     ("task.version", _is_version, "an integer or a non-empty string"),
+    ("task.profile", lambda v: v in PROFILES, f"one of {', '.join(PROFILES)}"),
     ("frac", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("seed", _is_int, "an integer"),
     ("split", lambda v: isinstance(v, dict), "an object"),
@@ -349,6 +364,9 @@ _CHECKS: list[tuple[str, Any, str]] = [
 ]
 
 
+_OPTIONAL = {"task.profile"}  # absent in records written before profiles existed: canonical
+
+
 def _problem(record: Any) -> str | None:
     """The first thing wrong with ``record``, as a message naming the key, or None."""
     if not isinstance(record, dict):
@@ -363,6 +381,8 @@ def _problem(record: Any) -> str | None:
         parent, _, key = dotted.rpartition(".")
         holder = record[parent] if parent else record
         if key not in holder:
+            if dotted in _OPTIONAL:
+                continue
             return f"missing key {dotted!r}"
         if not test(holder[key]):
             return f"invalid key {dotted!r}: expected {expected}, got {holder[key]!r}"

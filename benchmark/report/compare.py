@@ -30,7 +30,7 @@ Dice / AUC / mAP in metric units), ``k`` = :data:`DEFAULT_K`. A task YAML may ov
 
 and ``--abs-tol`` / ``--k`` on the command line override both for every cell.
 
-A cell is **not comparable** when the task version, split sha256 (and the sha256 of a test set
+A cell is **not comparable** when the protocol profile, task version, split sha256 (and the sha256 of a test set
 derived from the user's files, ``split.test_sha256``), primary metric,
 the task overrides or the synthetic flag differ between the sides, when a side holds records of
 several models (or checkpoints, versions, ...) for it, when its metric is null, or when the baseline
@@ -54,6 +54,8 @@ from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.specs import PER_IMAGE_MEAN, metric_spec
 from vlpbench.report.layout import metric_name, percent_label, version_label
 from vlpbench.report.table import table_rows
+from vlpbench.results import record_profile
+from vlpbench.tasks import DEFAULT_PROFILE, PROFILES
 
 DEFAULT_ABS_TOL = 0.01
 DEFAULT_K = 2.0
@@ -137,6 +139,7 @@ class Side:
     synthetic: bool
     per_image: dict | None
     test_sha256: str | None = None  # a test set derived from the user's files (e.g. CheXpert valid.csv)
+    profile: str = DEFAULT_PROFILE
 
     @property
     def higher_is_better(self) -> bool:
@@ -200,7 +203,7 @@ def _sides(records: list[dict]) -> dict[tuple[str, float], list[Side]]:
             synthetic=bool((first.get("data") or {}).get("synthetic")),
             # Only a lone record can be paired image by image; several cells are not compared at all.
             per_image=first.get("per_image") if len(group) == 1 else None,
-            test_sha256=first["split"].get("test_sha256"))
+            test_sha256=first["split"].get("test_sha256"), profile=row["profile"])
             for row in table_rows(group)]
         sides[key] = cells
     return sides
@@ -208,6 +211,9 @@ def _sides(records: list[dict]) -> dict[tuple[str, float], list[Side]]:
 
 def _incomparable(b: Side, c: Side) -> list[str]:
     reasons = []
+    if b.profile != c.profile:
+        reasons.append(f"protocol profile {b.profile} (baseline) vs {c.profile} (candidate): the numbers were "
+                       "computed by different rules")
     if b.version != c.version:
         reasons.append(f"task version {version_label(b.version)} (baseline) vs {version_label(c.version)} (candidate)")
     if b.split_sha256 != c.split_sha256:
@@ -279,11 +285,11 @@ def _judge(task: str, frac: float, b: Side, c: Side, tolerance: Tolerance, n_res
 
 def compare_records(baseline: list[dict], candidate: list[dict], *, tasks: Sequence[str] | None = None,
                     fracs: Sequence[float] | None = None, abs_tol: float | None = None, k: float | None = None,
-                    n_resamples: int = PAIRED_RESAMPLES) -> list[Comparison]:
+                    n_resamples: int = PAIRED_RESAMPLES, profile: str | None = None) -> list[Comparison]:
     """Compare ``candidate`` with ``baseline`` per (task, fraction); see the module docstring.
 
-    ``tasks`` / ``fracs`` restrict the cells compared (on both sides); ``abs_tol`` / ``k`` override
-    every cell's tolerance.
+    ``tasks`` / ``fracs`` restrict the cells compared (on both sides), ``profile`` the records (on
+    both sides) to one protocol profile; ``abs_tol`` / ``k`` override every cell's tolerance.
 
     Raises:
         DataError: no cell is left to compare, or a side has two records for one seed.
@@ -294,6 +300,11 @@ def compare_records(baseline: list[dict], candidate: list[dict], *, tasks: Seque
     def keep(key: tuple[str, float]) -> bool:
         return (not tasks or key[0] in tasks) and (wanted_fracs is None or key[1] in wanted_fracs)
 
+    if profile is not None:
+        if profile not in PROFILES:
+            raise ConfigError(f"--profile {profile!r}: expected one of {', '.join(PROFILES)}")
+        baseline = [r for r in baseline if record_profile(r) == profile]
+        candidate = [r for r in candidate if record_profile(r) == profile]
     base = {key: v for key, v in _sides(baseline).items() if keep(key)}
     cand = {key: v for key, v in _sides(candidate).items() if keep(key)}
     if not base and not cand:
@@ -312,8 +323,9 @@ def compare_records(baseline: list[dict], candidate: list[dict], *, tasks: Seque
                                       notes=["no baseline for this cell"]))
             continue
         ambiguous = [f"the {name} holds {len(cells)} cells for it ("
-                     + "; ".join(f"{s.label}, task {version_label(s.version)}, split {s.split_sha256[:8]}" for s in cells)
-                     + "); keep one model, checkpoint and version per side"
+                     + "; ".join(f"{s.label}, task {version_label(s.version)}, split {s.split_sha256[:8]}, "
+                                 f"profile {s.profile}" for s in cells)
+                     + "); keep one model, checkpoint, version and profile per side (--profile picks one)"
                      for name, cells in (("baseline", b_cells), ("candidate", c_cells)) if len(cells) > 1]
         if ambiguous:
             results.append(Comparison(task, frac, NOT_COMPARABLE, notes=ambiguous))

@@ -1,7 +1,7 @@
 """The leaderboard page: one self-contained ``index.html`` built from result records only.
 
 Per paper task group (seg, det, cls, zs, ground, then any other tasks) the page holds a sortable table
-(the paper layout of :func:`vlpbench.report.table.build_table`; click a column header to sort, best
+(the paper layout of :func:`vlpbench.report.table.build_tables`, one table per protocol profile; click a column header to sort, best
 first, click again to reverse), the metric-versus-fraction plots of the group's tasks (inline base64
 PNG), and the provenance of every cell: a tooltip and a list of the runs behind it (checkpoint sha256,
 seed, date, vlpbench version and commit). Styles and the sorting script are inline, so the page needs
@@ -23,7 +23,8 @@ from vlpbench.report.html_table import cell_markup
 from vlpbench.report.layout import Cell, Column, Grid, Row, metric_name, percent_label
 from vlpbench.report.reference import ReferenceRow
 from vlpbench.protocols.base import TABLE_GROUPS
-from vlpbench.report.table import build_table, split_identity, table_rows, task_group
+from vlpbench.report.table import build_tables, split_identity, table_rows, task_group
+from vlpbench.tasks import DEFAULT_PROFILE
 
 GROUP_TITLES = {"seg": "Segmentation", "det": "Detection", "cls": "Classification (linear probe, fine-tuning)",
                 "zs": "Zero-shot classification", "ground": "Zero-shot grounding", "other": "Other tasks"}
@@ -263,9 +264,14 @@ def leaderboard_html(records: list[dict], *, references: Sequence[ReferenceRow] 
             "header to sort (best first), again to reverse.</p>",
             f"<nav>{nav}</nav>"]
     for group, chosen in groups:
-        grid = build_table(chosen, group=None if group == "other" else group, references=references)
-        body += [f'<section id="group-{group}">', f"<h2>{_text(GROUP_TITLES[group])}</h2>",
-                 sortable_table(grid, provenance, f"table-{group}")]
+        body += [f'<section id="group-{group}">', f"<h2>{_text(GROUP_TITLES[group])}</h2>"]
+        tables = build_tables(chosen, group=None if group == "other" else group, references=references)
+        for profile, grid in tables:
+            # Records of two profiles never share a table (see vlpbench.report.table.build_tables).
+            if len(tables) > 1:
+                body.append(f"<h3>Profile: {_text(profile)}</h3>")
+            suffix = "" if profile == DEFAULT_PROFILE else f"-{profile}"
+            body.append(sortable_table(grid, provenance, f"table-{group}{suffix}"))
         if plots:
             body += _inline_plots(chosen)
         body += [runs_table(chosen), "</section>"]

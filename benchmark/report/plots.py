@@ -60,6 +60,7 @@ class Curve:
     ci_low: tuple[float | None, ...]
     ci_high: tuple[float | None, ...]
     n_seeds: tuple[int, ...]
+    profile: str = "canonical"
 
     @property
     def higher_is_better(self) -> bool:
@@ -68,7 +69,7 @@ class Curve:
 
     @property
     def column(self) -> tuple:
-        return (self.task, self.version, self.split_sha256, self.metric)
+        return (self.task, self.version, self.split_sha256, self.metric, self.profile)
 
 
 def fraction_curves(records: list[dict], tasks: Sequence[str] | None = None) -> list[Curve]:
@@ -87,15 +88,18 @@ def fraction_curves(records: list[dict], tasks: Sequence[str] | None = None) -> 
     grouped: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         variants[row["task"]].add((row["version"], row["split_sha256"]))
-        grouped[row["task"], row["version"], row["split_sha256"], row["metric"], row["model"]].append(row)
+        grouped[row["task"], row["version"], row["split_sha256"], row["metric"], row["model"],
+                row["profile"]].append(row)
     curves = []
-    for (task, version, sha, metric, model), points in grouped.items():
+    for (task, version, sha, metric, model, profile), points in grouped.items():
         points.sort(key=lambda r: r["frac"])
         label = task if len(variants[task]) == 1 else f"{task} {version_label(version)} ({sha[:8]})"
+        # Records of two profiles never share a plot, as they never share a table cell.
+        label += "" if profile == "canonical" else f" [{profile} profile]"
         curves.append(Curve(task, version, sha, label, metric, model,
                             tuple(r["frac"] for r in points), tuple(r["mean"] for r in points),
                             tuple(r["ci_low"] for r in points), tuple(r["ci_high"] for r in points),
-                            tuple(r["n_seeds"] for r in points)))
+                            tuple(r["n_seeds"] for r in points), profile))
     order = {task: i for i, task in enumerate(tasks or ())}
     curves.sort(key=lambda c: (order.get(c.task, len(order)), c.task, str(c.version), c.split_sha256, c.model))
     return curves
@@ -178,6 +182,8 @@ def figure_stem(curve: Curve, variants: int = 1) -> str:
     """File name (without extension) of a task column's plot: the task, plus version and split when the
     task has several."""
     name = curve.task if variants == 1 else f"{curve.task}.{version_label(curve.version)}-{curve.split_sha256[:8]}"
+    if curve.profile != "canonical":
+        name += f".{curve.profile}"
     return _UNSAFE.sub("_", name)
 
 

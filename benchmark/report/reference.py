@@ -7,17 +7,21 @@ One file per paper table. Schema (version 1)::
     table        where in it the numbers are ("Table 1")
     url          optional link
     description  optional: what the table measured and how vlpbench tasks relate to it
+    profile      the protocol profile whose records the numbers compare with: ``paper`` (the
+                 reference code's settings, the default for a published table) or ``canonical``
     unit         "percent" (values as printed, divided by 100 on load) or "fraction"
     columns      [{"paper": "SIIM 1%", "task": "siim_seg", "frac": 0.01, "metric": "dice"}, ...]
-                 (``metric``: a metric name, see :func:`vlpbench.metrics.metric_spec`; a former name
-                 such as ``accuracy`` is read as the current one, ``acc``)
+                 (``metric``: the vlpbench metric the published column is, computed as the paper's code
+                 computed it under ``profile`` — e.g. ``map_mgca`` for MGCA's image-skipping mAP; see
+                 :func:`vlpbench.metrics.metric_spec`; a former name such as ``accuracy`` is read as
+                 the current one, ``acc``)
     rows         [{"method": "MGCA", "values": [49.7, 59.3, ...], "note": optional}, ...]
 
 (``note`` documents a row in the file, e.g. what a paper's asterisk means; tables do not print it.)
 
 ``values`` has one entry per column, in column order: a number, or null where the paper prints "-"
 or "/" (not reported). Rows of one method and one citation are merged across files into one
-reported row.
+reported row. A published row is shown only in the table of its profile, in the columns of its metric.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from typing import Any
 
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.specs import metric_spec
+from vlpbench.tasks import PROFILES
 
 REFERENCE_SCHEMA = 1
 _UNITS = {"percent": 100.0, "fraction": 1.0}
 _TOP_KEYS = {"schema": True, "citation": True, "table": True, "url": False, "description": False,
-             "unit": True, "columns": True, "rows": True}
+             "profile": False, "unit": True, "columns": True, "rows": True}
+DEFAULT_REFERENCE_PROFILE = "paper"
 _COLUMN_KEYS = {"paper", "task", "frac", "metric"}
 _ROW_KEYS = {"method": True, "values": True, "note": False}
 
@@ -51,6 +57,7 @@ class ReferenceRow:
     citation: str
     values: dict[tuple[str, float, str], float] = field(default_factory=dict)
     tables: dict[tuple[str, float, str], str] = field(default_factory=dict)
+    profile: str = DEFAULT_REFERENCE_PROFILE
 
 
 def _fail(path: Path, key: str, expected: str, got: Any) -> DataError:
@@ -93,6 +100,9 @@ def load_reference_file(path: str | Path) -> list[ReferenceRow]:
     for key in ("citation", "table"):
         if not isinstance(data[key], str) or not data[key].strip():
             raise _fail(path, key, "a non-empty string", data[key])
+    profile = data.get("profile", DEFAULT_REFERENCE_PROFILE)
+    if profile not in PROFILES:
+        raise _fail(path, "profile", " or ".join(map(repr, PROFILES)), profile)
     if data["unit"] not in _UNITS:
         raise _fail(path, "unit", " or ".join(map(repr, _UNITS)), data["unit"])
     scale = _UNITS[data["unit"]]
@@ -134,7 +144,7 @@ def load_reference_file(path: str | Path) -> list[ReferenceRow]:
                         values)
         if "note" in row and not isinstance(row["note"], str):
             raise _fail(path, f"{where}.note", "a string", row["note"])
-        reported = ReferenceRow(row["method"], data["citation"])
+        reported = ReferenceRow(row["method"], data["citation"], profile=profile)
         for j, value in enumerate(values):
             if value is None:
                 continue
@@ -149,7 +159,7 @@ def load_reference_file(path: str | Path) -> list[ReferenceRow]:
 
 def load_references(folder: str | Path) -> list[ReferenceRow]:
     """Reported rows of every ``*.json`` file in ``folder`` (files in name order), merged per
-    (method, citation).
+    (method, citation, profile).
 
     Raises:
         DataError: the folder does not exist or holds no reference file, a file breaks the schema,
@@ -161,10 +171,11 @@ def load_references(folder: str | Path) -> list[ReferenceRow]:
     files = sorted(folder.glob("*.json"))
     if not files:
         raise DataError(f"reference folder {folder} holds no *.json reference file")
-    merged: dict[tuple[str, str], ReferenceRow] = {}
+    merged: dict[tuple[str, str, str], ReferenceRow] = {}
     for path in files:
         for row in load_reference_file(path):
-            into = merged.setdefault((row.method, row.citation), ReferenceRow(row.method, row.citation))
+            into = merged.setdefault((row.method, row.citation, row.profile),
+                                     ReferenceRow(row.method, row.citation, profile=row.profile))
             for key, value in row.values.items():
                 if key in into.values and into.values[key] != value:
                     raise DataError(f"{path}: {row.method} {key[0]} {key[1]:g} {key[2]} = {value} but "

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 from collections import defaultdict
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
@@ -24,6 +25,8 @@ from vlpbench.report.layout import (Grid, build_grid, format_cell, metric_name, 
                                     version_sort_key)
 from vlpbench.protocols.base import TABLE_GROUPS
 from vlpbench.report.reference import ReferenceRow
+from vlpbench.results import record_profile
+from vlpbench.tasks import DEFAULT_PROFILE, PROFILE_HELP, PROFILES
 
 FORMATS = ("md", "latex", "csv", "html")
 
@@ -34,13 +37,16 @@ def _override_text(value: Any) -> str:
 
 
 def _base_label(record: dict) -> str:
-    """Model name, then the user's config overrides and a non-fp32 precision, then a mark for synthetic data."""
+    """Model name, then the user's config overrides, a non-fp32 precision and a profile other than
+    ``canonical``, then a mark for synthetic data."""
     label = record["model"]["name"]
     overrides = record["config"].get("overrides") or {}
     if overrides:
         label += " (" + ", ".join(f"{k}={_override_text(v)}" for k, v in sorted(overrides.items())) + ")"
     if record["config"].get("precision", "fp32") != "fp32":
         label += f" [{record['config']['precision']}]"
+    if record_profile(record) != DEFAULT_PROFILE:
+        label += f" [{record_profile(record)}]"
     if (record.get("data") or {}).get("synthetic"):
         label += " [synthetic]"
     return label
@@ -150,7 +156,7 @@ def table_rows(records: list[dict], metrics: Sequence[str] | None = None) -> lis
     The model row label is the model name with its config overrides and a ``[synthetic]`` mark
     (see :func:`markdown_table`); when one label covers several checkpoints, each gets an
     ``@<sha256[:8]>`` tag so different checkpoints are never averaged. A task column is
-    (task, task version, split sha256, fraction, metric).
+    (task, task version, split sha256, fraction, metric, profile).
 
     Metrics are named as their specs name them today (:mod:`vlpbench.metrics.specs`): a record
     written under a former name (``accuracy``) fills the cells of the current one (``acc``).
@@ -161,7 +167,7 @@ def table_rows(records: list[dict], metrics: Sequence[str] | None = None) -> lis
             primary metric when it holds none of them. None: the primary metric only.
 
     Returns:
-        Dicts with ``model``, ``model_name``, ``task``, ``group``, ``version``, ``split_dataset``,
+        Dicts with ``model``, ``model_name``, ``task``, ``profile``, ``group``, ``version``, ``split_dataset``,
         ``split_version``, ``split_sha256``, ``frac``, ``metric``, ``mean``, ``std`` (sample std,
         ddof=1; None for a single seed), ``n_seeds``, ``seeds``, ``ci_low`` and ``ci_high`` (the
         mean over seeds of each seed's bootstrap bounds, i.e. the typical single-run interval; None
@@ -191,9 +197,11 @@ def table_rows(records: list[dict], metrics: Sequence[str] | None = None) -> lis
                 metric_spec(metric)
             except ConfigError as error:
                 raise DataError(f"{_record_name(record)}: {error}") from None
-            column = (task["name"], task["version"], split_identity(split), float(record["frac"]), metric)
+            column = (task["name"], task["version"], split_identity(split), float(record["frac"]), metric,
+                      record_profile(record))
             cell = cells.setdefault((label, *column), {
                 "model": label, "model_name": record["model"]["name"], "task": task["name"],
+                "profile": record_profile(record),
                 "group": task_group(record), "version": task["version"],
                 "split_dataset": split["dataset"], "split_version": split["version"],
                 "split_sha256": split_identity(split), "frac": float(record["frac"]), "metric": metric,
@@ -248,12 +256,12 @@ def _known(option: str, wanted: Iterable[Any], present: set[Any], show=str) -> N
 
 def select_records(records: list[dict], *, models: Sequence[str] | None = None,
                    tasks: Sequence[str] | None = None, fracs: Sequence[float] | None = None,
-                   group: str | None = None) -> list[dict]:
+                   group: str | None = None, profile: str | None = None) -> list[dict]:
     """The records that pass every given filter (None: no filter).
 
     ``models`` match ``model.name``, ``tasks`` match ``task.name``, ``fracs`` match the training
     fraction (to 6 decimals), ``group`` is one of :data:`TABLE_GROUPS` and matches
-    :func:`task_group`.
+    :func:`task_group`, ``profile`` matches the record's protocol profile.
 
     Raises:
         ConfigError: a filter names a model, task, fraction or group that no record has, or
@@ -270,36 +278,79 @@ def select_records(records: list[dict], *, models: Sequence[str] | None = None,
         _known("--fracs", [round(f, 6) for f in fracs], {round(float(r["frac"]), 6) for r in records}, percent_label)
     if group is not None:
         _known("--group", [group], {g for g in map(task_group, records) if g is not None})
+    if profile is not None:
+        if profile not in PROFILES:
+            raise ConfigError(f"--profile {profile!r}: expected one of {', '.join(PROFILES)}")
+        _known("--profile", [profile], {record_profile(r) for r in records})
 
     kept = [r for r in records
             if (not models or r["model"]["name"] in models)
             and (not tasks or r["task"]["name"] in tasks)
             and (not fracs or round(float(r["frac"]), 6) in {round(f, 6) for f in fracs})
-            and (group is None or task_group(r) == group)]
+            and (group is None or task_group(r) == group)
+            and (profile is None or record_profile(r) == profile)]
     if not kept:
         raise DataError("no result record passes all of the filters together")
     return kept
 
 
+def build_tables(records: list[dict], *, models: Sequence[str] | None = None,
+                 tasks: Sequence[str] | None = None, fracs: Sequence[float] | None = None,
+                 group: str | None = None, metrics: Sequence[str] | None = None, profile: str | None = None,
+                 references: Sequence[ReferenceRow] = (), percent: bool = True,
+                 decimals: int = 1) -> list[tuple[str, Grid]]:
+    """One ``(profile, grid)`` per protocol profile among the chosen records, in :data:`PROFILES` order.
+
+    Records of two profiles never share a table: their numbers were computed by different rules, so
+    neither a cell nor a best mark may set them side by side. Published rows (``references``) go only
+    into the table of the profile they were computed with, and only into columns of their metric; a
+    note under each table says which published rows were left out and why.
+    """
+    if not records:
+        raise DataError("no result records to tabulate")
+    metrics = _current_metric_names(metrics)
+    chosen = select_records(records, models=models, tasks=tasks, fracs=fracs, group=group, profile=profile)
+    present = [p for p in PROFILES if any(record_profile(r) == p for r in chosen)]
+    tables = []
+    for name in present:
+        mine = [r for r in chosen if record_profile(r) == name]
+        grid = build_grid(table_rows(mine, metrics), references=[r for r in references if r.profile == name],
+                          model_order=models, task_order=tasks, metric_order=metrics, percent=percent,
+                          decimals=decimals)
+        tables.append((name, replace(grid, provenance=grid.provenance + tuple(_profile_notes(name, references)))))
+    return tables
+
+
+def _profile_notes(profile: str, references: Sequence[ReferenceRow]) -> list[str]:
+    notes = [] if profile == DEFAULT_PROFILE else [
+        f"Profile {profile}: {PROFILE_HELP[profile]} (`vlpbench tasks --verbose --profile {profile}`)."]
+    elsewhere = sorted({r.profile for r in references if r.profile != profile})
+    if elsewhere:
+        notes.append(f"Published rows computed with the {', '.join(elsewhere)} profile are shown only beside "
+                     f"records of that profile (run with --profile {elsewhere[0]}), never beside {profile} records.")
+    return notes
+
+
 def build_table(records: list[dict], *, models: Sequence[str] | None = None,
                 tasks: Sequence[str] | None = None, fracs: Sequence[float] | None = None,
-                group: str | None = None, metrics: Sequence[str] | None = None,
+                group: str | None = None, metrics: Sequence[str] | None = None, profile: str | None = None,
                 references: Sequence[ReferenceRow] = (), percent: bool = True, decimals: int = 1) -> Grid:
-    """Filter, aggregate and lay out ``records`` (see :func:`select_records` and :func:`table_rows`).
+    """Filter, aggregate and lay out ``records`` of one profile (see :func:`build_tables`).
 
     Rows follow ``models`` when given (else alphabetical), columns follow ``tasks`` when given
     (else paper group order: seg, det, cls, zs, ground, then other tasks, each alphabetical).
 
     Raises:
         DataError: there are no records, or the filters leave none.
-        ConfigError: a filter names something no record has.
+        ConfigError: a filter names something no record has, or the records span several profiles
+            and ``profile`` does not pick one.
     """
-    if not records:
-        raise DataError("no result records to tabulate")
-    metrics = _current_metric_names(metrics)
-    chosen = select_records(records, models=models, tasks=tasks, fracs=fracs, group=group)
-    return build_grid(table_rows(chosen, metrics), references=references, model_order=models,
-                      task_order=tasks, metric_order=metrics, percent=percent, decimals=decimals)
+    tables = build_tables(records, models=models, tasks=tasks, fracs=fracs, group=group, metrics=metrics,
+                          profile=profile, references=references, percent=percent, decimals=decimals)
+    if len(tables) > 1:
+        raise ConfigError(f"the records span the profiles {', '.join(p for p, _ in tables)}, which never share a "
+                          "table; pick one with --profile")
+    return tables[0][1]
 
 
 def _md_escape(text: str) -> str:
@@ -376,8 +427,9 @@ def markdown_table(records: list[dict], *, percent: bool = True, decimals: int =
 def render_table(records: list[dict], fmt: str = "md", **options: Any) -> str:
     """The table of ``records`` in ``fmt`` (``md``, ``latex``, ``csv`` or ``html``).
 
-    ``options`` are those of :func:`build_table`. CSV holds one row per model × task × fraction ×
-    metric with unscaled values (see :func:`vlpbench.report.csv_table.csv_table`).
+    ``options`` are those of :func:`build_tables`. Records of several profiles give one table per
+    profile, each under a heading. CSV holds one row per model × task × fraction × metric with
+    unscaled values and the profile (see :func:`vlpbench.report.csv_table.csv_table`).
 
     Raises:
         ConfigError: an unknown format or filter value.
@@ -385,17 +437,21 @@ def render_table(records: list[dict], fmt: str = "md", **options: Any) -> str:
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    grid = build_table(records, **options)
+    tables = build_tables(records, **options)
     if fmt == "csv":
         from vlpbench.report.csv_table import csv_table
 
-        return csv_table(grid)
+        return "".join(csv_table(grid, profile, header=i == 0) for i, (profile, grid) in enumerate(tables))
     if fmt == "md":
-        return markdown_grid(grid)
-    if fmt == "latex":
+        writer, heading = markdown_grid, "**Profile: {}**\n\n"
+    elif fmt == "latex":
         from vlpbench.report.latex import latex_table
 
-        return latex_table(grid)
-    from vlpbench.report.html_table import html_table
+        writer, heading = latex_table, "% Profile: {}\n"
+    else:
+        from vlpbench.report.html_table import html_table
 
-    return html_table(grid)
+        writer, heading = html_table, "<h3>Profile: {}</h3>\n"
+    if len(tables) == 1:
+        return writer(tables[0][1])
+    return "\n".join(heading.format(profile) + writer(grid) for profile, grid in tables)

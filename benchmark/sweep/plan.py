@@ -16,7 +16,7 @@ from vlpbench.errors import ConfigError, VlpbenchError
 from vlpbench.registry import DATASETS
 from vlpbench.results import record_path
 from vlpbench.sweep.spec import ModelSpec, SweepSpec, set_arguments
-from vlpbench.tasks import load_task
+from vlpbench.tasks import DEFAULT_PROFILE, load_task
 
 LOG_FOLDER = "sweep_logs"
 _HASH_CHUNK = 1 << 20
@@ -38,10 +38,12 @@ class Run:
     data_root: str | None
     record: Path | None
     log: Path
+    profile: str = DEFAULT_PROFILE
 
     def describe(self) -> str:
         """``"g2d siim_seg 1% seed 0"``, for progress lines and tables."""
-        return f"{self.model.label} {self.task} {self.frac:.0%} seed {self.seed}"
+        profile = "" if self.profile == DEFAULT_PROFILE else f" ({self.profile})"
+        return f"{self.model.label} {self.task}{profile} {self.frac:.0%} seed {self.seed}"
 
     def arguments(self, results: Path, device: str, *, overwrite: bool) -> list[str]:
         """The arguments of ``vlpbench`` that perform this run (``run --model ...``)."""
@@ -57,6 +59,8 @@ class Run:
             argv += ["--data-root", self.data_root]
         for setting in set_arguments(self.overrides):
             argv += ["--set", setting]
+        if self.profile != DEFAULT_PROFILE:
+            argv += ["--profile", self.profile]
         if overwrite:
             argv.append("--overwrite")
         return argv
@@ -85,7 +89,7 @@ def expand(spec: SweepSpec) -> Plan:
     identities = {model.label: checkpoint_sha256(model) for model in spec.models}
     runs, notes = [], []
     for task_name in spec.tasks:
-        task = load_task(task_name)
+        task = load_task(task_name, spec.profile)
         overrides = spec.overrides_for(task_name)
         try:
             task.resolve(overrides)
@@ -102,13 +106,15 @@ def expand(spec: SweepSpec) -> Plan:
             for frac in fracs:
                 for seed in spec.seeds:
                     stub = {"model": {"name": model.label, "checkpoint": _checkpoint(identities[model.label])},
-                            "task": {"name": task.name, "version": task.version}, "frac": frac, "seed": seed,
+                            "task": {"name": task.name, "version": task.version, "profile": task.profile},
+                            "frac": frac, "seed": seed,
                             "config": {"overrides": overrides}}
                     path = record_path(spec.results, stub)
                     runs.append(Run(model=model, task=task_name, frac=frac, seed=seed, overrides=overrides,
                                     data_root=dataset_root,
                                     record=None if identities[model.label] is False else path,
-                                    log=log_path(spec.results, task_name, path)))
+                                    log=log_path(spec.results, task_name, path, task.profile),
+                                    profile=task.profile))
     return Plan(runs=runs, notes=notes)
 
 
@@ -120,10 +126,11 @@ def pending(runs: list[Run], *, force: bool = False) -> tuple[list[Run], list[Ru
     return [run for run, e in zip(runs, exists) if not e], [run for run, e in zip(runs, exists) if e]
 
 
-def log_path(results: Path, task: str, record: Path) -> Path:
-    """``<results>/sweep_logs/<model>/<task>/frac<f>-seed<s>[-<overrides hash>].log`` for the run whose
-    record goes to ``record`` (``runs/<model>/<checkpoint>/<task>.v<version>/<stem>.json``)."""
-    return Path(results) / LOG_FOLDER / record.parents[2].name / task / f"{record.stem}.log"
+def log_path(results: Path, task: str, record: Path, profile: str = DEFAULT_PROFILE) -> Path:
+    """``<results>/sweep_logs/<model>/<task>[-<profile>]/frac<f>-seed<s>[-<overrides hash>].log`` for the run
+    whose record goes to ``record`` (``runs/<model>/<checkpoint>/<task>.v<version>[-<profile>]/<stem>.json``)."""
+    folder = task if profile == DEFAULT_PROFILE else f"{task}-{profile}"
+    return Path(results) / LOG_FOLDER / record.parents[2].name / folder / f"{record.stem}.log"
 
 
 def checkpoint_sha256(model: ModelSpec) -> str | None | bool:

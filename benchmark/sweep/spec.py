@@ -12,6 +12,7 @@ Fields (YAML keys; the command-line option in brackets)::
     fracs         training fractions                                [--fracs 0.01,0.1,1]
     seeds         seeds                                             [--seeds 0,1]
     set           {option: value} for every task, {"task:option": value} for one    [--set]
+    profile       protocol profile of every run: canonical or paper (default canonical)   [--profile]
     data_roots    {dataset: folder}                                 [--data-root DATASET=DIR]
     results       results folder (default results)                  [--results]
     device        auto, cpu or cuda (default auto)                  [--device]
@@ -32,6 +33,7 @@ import yaml
 
 from vlpbench.errors import ConfigError
 from vlpbench.options import load_yaml, parse_options, parse_value
+from vlpbench.tasks import DEFAULT_PROFILE, PROFILES
 
 LAUNCHERS = ("local", "slurm", "torchrun")
 SLURM_KEYS = ("partition", "timeout_min", "gpus_per_node", "array_parallelism", "cpus_per_task", "mem_gb", "cluster")
@@ -65,6 +67,7 @@ class SweepSpec:
     seeds: list[int]
     overrides: dict[str, Any] = field(default_factory=dict)
     task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    profile: str = DEFAULT_PROFILE
     data_roots: dict[str, str] = field(default_factory=dict)
     results: Path = Path("results")
     device: str = "auto"
@@ -78,7 +81,7 @@ class SweepSpec:
         return {**self.overrides, **self.task_overrides.get(task, {})}
 
 
-FIELDS = ("models", "tasks", "fracs", "seeds", "set", "data_roots", "results", "device", "launcher", "workers",
+FIELDS = ("models", "tasks", "fracs", "seeds", "set", "profile", "data_roots", "results", "device", "launcher", "workers",
           "slurm", "nproc_per_node")
 
 
@@ -114,6 +117,9 @@ def build_spec(values: dict[str, Any], origin: str = "sweep") -> SweepSpec:
     launcher = values.get("launcher") or "local"
     if launcher not in LAUNCHERS:
         raise ConfigError(f"{origin}: launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    profile = values.get("profile") or DEFAULT_PROFILE
+    if profile not in PROFILES:
+        raise ConfigError(f"{origin}: profile {profile!r} is not one of {', '.join(PROFILES)}")
     slurm = _mapping(values.get("slurm"), f"{origin}: 'slurm'")
     unknown = sorted(set(slurm) - set(SLURM_KEYS))
     if unknown:
@@ -127,6 +133,7 @@ def build_spec(values: dict[str, Any], origin: str = "sweep") -> SweepSpec:
         seeds=list(dict.fromkeys(_list(values["seeds"], int, f"{origin}: 'seeds'"))),
         overrides=overrides,
         task_overrides=task_overrides,
+        profile=profile,
         data_roots={str(k): str(Path(str(v)).expanduser())
                     for k, v in _mapping(values.get("data_roots"), f"{origin}: 'data_roots'").items()},
         results=Path(str(values.get("results") or "results")).expanduser(),
@@ -162,7 +169,7 @@ def cli_values(*, models: list[str] | None, checkpoints: list[str] | None, model
     """Sweep fields from command-line strings; only the options given appear in the result.
 
     ``checkpoints`` are ``MODEL=PATH``, ``model_options`` ``MODEL:KEY=VALUE``, ``overrides``
-    ``KEY=VALUE`` or ``TASK:KEY=VALUE``, ``data_roots`` ``DATASET=DIR``; ``rest`` (results, device,
+    ``KEY=VALUE`` or ``TASK:KEY=VALUE``, ``data_roots`` ``DATASET=DIR``; ``rest`` (profile, results, device,
     launcher, workers, slurm, nproc_per_node) is taken as given, None meaning "not given".
     """
     values: dict[str, Any] = {key: value for key, value in rest.items() if value not in (None, {}, [])}

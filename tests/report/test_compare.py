@@ -224,13 +224,24 @@ def test_cli_compare_exit_codes_and_baseline_update(make, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def _paper(record):
+    record["task"]["profile"] = "paper"
+    return record
+
+
 def test_cli_table_formats_filters_and_reference_rows(make, tmp_path, capsys):
-    for record in [make("g2d", 0.64), make("mgca", 0.5), make("g2d", 0.70, task="chexpert_cls", frac=1.0)]:
+    for record in [_paper(make("g2d", 0.64)), _paper(make("mgca", 0.5)),
+                   make("g2d", 0.70, task="chexpert_cls", frac=1.0)]:
         write_record(record, tmp_path)
     assert main(["table", "--results", str(tmp_path), "--group", "seg", "--reference"]) == 0
     out = capsys.readouterr().out
     assert "| *G2D (encoder)*† |" in out and "62.6" in out and "chexpert_cls" not in out
     assert "**64.0**" in out  # the reported 65.6 of "G2D (enc+dec)" does not take "best"
+    assert "g2d [paper]" in out and "Profile paper:" in out
+    # the published rows were computed with the paper profile: never beside canonical records
+    assert main(["table", "--results", str(tmp_path), "--group", "cls", "--reference"]) == 0
+    out = capsys.readouterr().out
+    assert "†" not in out.split("\n\n")[0] and "shown only beside records of that profile" in out
     assert main(["table", "--results", str(tmp_path), "--tasks", "chexpert_cls", "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("g2d,false,,chexpert_cls,1,chexpert,v1,")
     assert main(["table", "--results", str(tmp_path), "--format", "latex", "--fracs", "1%"]) == 0

@@ -47,7 +47,7 @@ def references(tmp_path):
     folder.mkdir()
     (folder / "paper_table1.json").write_text(json.dumps({
         "schema": 1, "citation": "Someone et al., A Paper, 2024", "table": "Table 1", "unit": "percent",
-        "columns": [{"paper": "SIIM 1%", "task": "siim_seg", "frac": 0.01, "metric": "dice"},
+        "profile": "canonical", "columns": [{"paper": "SIIM 1%", "task": "siim_seg", "frac": 0.01, "metric": "dice"},
                     {"paper": "RSNA 100%", "task": "rsna_det", "frac": 1.0, "metric": "map"}],
         "rows": [{"method": "MGCA", "values": [49.7, None]}, {"method": "G2D (encoder)", "values": [62.6, 27.2]}]}))
     return load_references(folder)

@@ -167,9 +167,9 @@ def test_reported_rows_come_first_and_are_never_marked(make):
     from vlpbench.report.reference import ReferenceRow
 
     paper = ReferenceRow("G2D (encoder)", "A paper", values={("siim_seg", 0.01, "dice"): 0.99},
-                         tables={("siim_seg", 0.01, "dice"): "Table 1"})
+                         tables={("siim_seg", 0.01, "dice"): "Table 1"}, profile="canonical")
     other = ReferenceRow("Unrelated", "A paper", values={("rsna_det", 0.01, "map"): 0.5},
-                         tables={("rsna_det", 0.01, "map"): "Table 1"})
+                         tables={("rsna_det", 0.01, "map"): "Table 1"}, profile="canonical")
     text = markdown_table([make("g2d", 0.6), make("mgca", 0.5)], references=[paper, other])
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert table[3].startswith("| *G2D (encoder)*† |") and table[3].rstrip(" |").endswith("99.0")
