@@ -155,8 +155,8 @@ def test_rsna_medklip_regenerates_byte_identically(tmp_path):
 
 def _medklip_test_csv() -> bytes | None:
     """MedKLIP's test.csv at the cited commit, from a local clone named by $VLPBENCH_MEDKLIP_REPO (a git dir)."""
-    repo = os.environ.get("VLPBENCH_MEDKLIP_REPO", "/work/.mirror/MediaBrain-SJTU+MedKLIP/repo")
-    if not Path(repo).is_dir():
+    repo = os.environ.get("VLPBENCH_MEDKLIP_REPO")
+    if not repo or not Path(repo).is_dir():
         return None
     result = subprocess.run(["git", "-C", repo, "show", f"{MEDKLIP_COMMIT}:{MEDKLIP_TEST_FILE}"],
                             capture_output=True, check=False)
