@@ -213,7 +213,7 @@ def shuffle_split(n: int, test_size: int | float, seed: int) -> tuple[list[int],
     without ``stratify`` (its ``ShuffleSplit`` rule), reimplemented so that no split depends on sklearn.
 
     The rule (``sklearn/model_selection/_split.py``, ``_validate_shuffle_split`` and
-    ``ShuffleSplit._iter_indices``, unchanged since scikit-learn 0.18): an integer ``test_size`` is the
+    ``ShuffleSplit._iter_indices``, read in scikit-learn 1.9.1): an integer ``test_size`` is the
     test count, a float one ``ceil(test_size * n)``; train is the other ``n - n_test``. One permutation
     ``numpy.random.RandomState(seed).permutation(n)`` is drawn; test is its first ``n_test`` positions
     and train the rest, both in permutation order (the order sklearn returns the rows in).
