@@ -128,7 +128,11 @@ DATASETS.register("siim", DatasetSpec(
     split_generators={"v1": "vlpbench.data.splits:generate_siim_v1"}))
 DATASETS.register("rsna", DatasetSpec(
     reader="vlpbench.data.rsna:RsnaSource", synthesizer="vlpbench.synthetic.rsna:synth_rsna",
-    split_generators={"v1": "vlpbench.data.rsna:generate_split_v1"}))
+    split_generators={"v1": "vlpbench.data.rsna:generate_split_v1",
+                      # Reference splits for the paper profile: MGCA's detection/segmentation split and
+                      # MedKLIP's public zero-shot grounding test list (docs/datasets.md).
+                      "mgca": "vlpbench.data.rsna:generate_split_mgca",
+                      "medklip": "vlpbench.data.rsna:generate_split_medklip"}))
 DATASETS.register("chexpert", DatasetSpec(
     reader="vlpbench.data.chexpert:ChexpertSource", synthesizer="vlpbench.synthetic.chexpert:synth_chexpert",
     split_generators={"v1": "vlpbench.data.chexpert:generate_split_v1"},
@@ -145,7 +149,8 @@ DATASETS.register("cxr14", DatasetSpec(
     derived_splits={"v1": "vlpbench.data.cxr14:split_v1"}))
 DATASETS.register("object_cxr", DatasetSpec(
     reader="vlpbench.data.object_cxr:ObjectCxrSource", synthesizer="vlpbench.synthetic.object_cxr:synth_object_cxr",
-    derived_splits={"v1": "vlpbench.data.object_cxr:split_v1"}))
+    derived_splits={"v1": "vlpbench.data.object_cxr:split_v1",
+                    "mgca": "vlpbench.data.object_cxr:split_mgca"}))  # MGCA's split (docs/datasets.md)
 DATASETS.register("covidx", DatasetSpec(
     reader="vlpbench.data.covidx:CovidxSource", synthesizer="vlpbench.synthetic.covidx:synth_covidx",
     derived_splits={"v1": "vlpbench.data.covidx:split_v1"}))

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from vlpbench.data import is_synthetic
 from vlpbench.data.base import DatasetReader
 from vlpbench.data.images import read_image
-from vlpbench.data.splits import Split, derived_split, holdout_parts, write_split
+from vlpbench.data.splits import Split, derived_split, holdout_parts, nested_subsets, train_test_split_ids, write_split
 from vlpbench.errors import DataError
 
 BOX, ELLIPSE, POLYGON = 0, 1, 2
@@ -51,6 +51,11 @@ MGCA_BUFFER, MGCA_TOLERANCE = 100.0, 10.0
 SEED = 0
 VAL_FRACTION = 0.2  # of train.csv: 6,400 / 1,600 (G2D Table 6; MGCA's code holds out 0.1)
 LABEL_COLUMN = "object"
+# MGCA's split (HKU-MedAI/MGCA @ 680fe4a, mgca/preprocess/object_cxr.py:92-105): train_test_split of the rows of
+# train.csv, test_size=0.1, random_state=0 -> train / val (7,200 / 800); test = dev.csv.
+MGCA_COMMIT = "680fe4a6ee0cc454ab58fd1a8b28fee81c03d742"
+MGCA_VAL_FRACTION = 0.1
+MGCA_RANDOM_STATE = 0
 
 Object = tuple[int, np.ndarray]
 
@@ -471,3 +476,62 @@ def split_v1(source: ObjectCxrSource) -> Split:
     files = [source.label_files["train"], source.label_files["dev"]]
     return derived_split("object_cxr", "v1", sources=files,
                          build=lambda out_dir, version: build_split_v1(source, out_dir, version))
+
+
+def build_split_mgca(source: ObjectCxrSource, out_dir: str | Path, version: str = "mgca") -> dict:
+    """Write Object-CXR split ``mgca`` of ``source`` to ``out_dir`` (see :func:`split_mgca`); return the manifest."""
+    labels = {image_id: source.label(image_id) for image_id in source.image_ids}
+    # The rows of train.csv in file order, as pd.read_csv gives them to train_test_split.
+    pool = [i for i in source.image_ids if source.part(i) == "train"]
+    test = [i for i in source.image_ids if source.part(i) == "dev"]
+    train, val = train_test_split_ids(pool, MGCA_VAL_FRACTION, MGCA_RANDOM_STATE)
+    train_10, train_1 = nested_subsets(train, labels, SEED)
+    files = {name: source.label_files[part] for name, part in (("train.csv", "train"), ("dev.csv", "dev"))}
+    return write_split(
+        out_dir,
+        dataset="object_cxr",
+        version=version,
+        parts={"train": train, "val": val, "test": test, "train_1pct": train_1, "train_10pct": train_10},
+        labels={image_id: {LABEL_COLUMN: y} for image_id, y in labels.items()},
+        columns=[LABEL_COLUMN],
+        generator="vlpbench.data.object_cxr:split_mgca",
+        seed=MGCA_RANDOM_STATE,
+        fractions={"train": 1 - MGCA_VAL_FRACTION, "val": MGCA_VAL_FRACTION, "train_10pct": 0.1, "train_1pct": 0.01},
+        source={
+            "test": "dev.csv",
+            "files": {name: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "n_images": count}
+                      for (name, path), count in zip(files.items(), (len(pool), len(test)))},
+        },
+        reference={
+            "repository": "HKU-MedAI/MGCA",
+            "commit": MGCA_COMMIT,
+            "file": "mgca/preprocess/object_cxr.py",
+            "lines": "92-105",
+            "rule": "train_test_split(rows of train.csv in file order, test_size=0.1, random_state=0) -> train, "
+                    "val; test = dev.csv",
+            "identical": ["train", "val", "test"],
+            "differs": {
+                "train_10pct": "vlpbench nested stratified subset (seed 0) of MGCA's train part; MGCA draws "
+                               "np.random.choice under the global numpy RNG in every run "
+                               "(mgca/datasets/detection_dataset.py:132-135), which is not reproducible",
+                "train_1pct": "drawn from train_10pct, stratified (seed 0); see train_10pct",
+            },
+        },
+    )
+
+
+def split_mgca(source: ObjectCxrSource) -> Split:
+    """Object-CXR split ``mgca``: MGCA's split, derived from the user's ``train.csv`` and ``dev.csv`` (cached
+    by their sha256; Object-CXR's label files do not ship with any package, so none is committed).
+
+    MGCA (``mgca/preprocess/object_cxr.py:92-105`` @ 680fe4a) reads train.csv with pandas and calls
+    ``train_test_split(ori_train_df, test_size=0.1, random_state=0)``: val is the first ``ceil(0.1 n)`` of
+    ``RandomState(0).permutation(n)`` over the rows in file order, train the rest (7,200 / 800 on the
+    real 8,000-row file; :func:`vlpbench.data.splits.shuffle_split`); test is dev.csv (1,000). Unlike v1
+    it is not stratified. ``train_10pct`` (720) and ``train_1pct`` (72) are vlpbench's nested stratified
+    subsets of MGCA's train part (MGCA draws them anew in every run with the global numpy RNG).
+    The split depends on the row order of train.csv, which must be the release's.
+    """
+    files = [source.label_files["train"], source.label_files["dev"]]
+    return derived_split("object_cxr", "mgca", sources=files,
+                         build=lambda out_dir, version: build_split_mgca(source, out_dir, version))

@@ -10,7 +10,9 @@ that torchxrayvision reads. The stage-1 names (``stage_1_*``) are accepted too.
 
 Split v1 (:func:`generate_split_v1`) is by patient, 16,010 / 5,337 / 5,337 as in MGCA's and G2D's
 detection split, and serves every RSNA task (segmentation, detection, classification, zero-shot,
-grounding).
+grounding). Two more committed versions reproduce published reference splits exactly:
+``mgca`` (:func:`generate_split_mgca`, MGCA's detection/segmentation split) and ``medklip``
+(:func:`generate_split_medklip`, MedKLIP's public zero-shot grounding test list).
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from vlpbench.data import is_synthetic
 from vlpbench.data.base import DatasetReader, check_classes
 from vlpbench.data.dicom import read_dicom
 from vlpbench.data.images import read_image
-from vlpbench.data.splits import nested_subsets, stratified_split, write_split
+from vlpbench.data.splits import (holdout_parts, nested_subsets, stratified_split, train_test_split_ids,
+                                  write_split)
 from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.errors import DataError
+from vlpbench.splits import SPLITS_DIR
 
 # Real files shipped in torchxrayvision: the stage-2 label file (zip with one member
 # stage_2_train_labels.csv) and a table of the DICOM headers of every train image.
@@ -53,6 +57,22 @@ IMAGE_SUFFIXES = (".dcm", ".jpg")  # the original DICOM wins over a JPEG convers
 SEED = 0
 SPLIT_SIZES = (16010, 5337, 5337)  # train, val, test: MGCA's prepare_detection_data, G2D Table 6
 SPLIT_LABEL = "pneumonia"
+
+# MGCA's RSNA detection/segmentation split, HKU-MedAI/MGCA @ 680fe4a, mgca/preprocess/rsna.py:110-113:
+# train_test_split(df, test_size=5337 * 2, random_state=0), then the held-out rows split in halves with
+# train_test_split(..., test_size=0.5, random_state=0), whose first (sklearn "train") half is test_df.
+MGCA_COMMIT = "680fe4a6ee0cc454ab58fd1a8b28fee81c03d742"
+MGCA_HOLDOUT = 5337 * 2
+MGCA_RANDOM_STATE = 0
+# MedKLIP's RSNA zero-shot grounding test list, MediaBrain-SJTU/MedKLIP @ 8e60b03,
+# Sample_Zero-Shot_Grounding_RSNA/data_sample/test.csv (5,337 rows, columns ID,img_path,boxes,classes). Its ID
+# column, in the file's row order, is committed as MEDKLIP_TEST_IDS (ids only; the labels come from the
+# stage-2 label file, which agrees with the file's classes column on every row: 1,218 positives).
+MEDKLIP_COMMIT = "8e60b035ddc160f44a389f476b596f1052f02d8f"
+MEDKLIP_TEST_FILE = "Sample_Zero-Shot_Grounding_RSNA/data_sample/test.csv"
+MEDKLIP_TEST_SHA256 = "0867ad34e59824faf961bac958462e445bb8a2c4a6b74dee54403f5ca3f453a0"
+MEDKLIP_TEST_IDS = SPLITS_DIR / "rsna" / "sources" / "medklip_test_ids.csv"
+MEDKLIP_VAL_SIZE = 5337  # val drawn from the other stage-2 patients, as large as v1's and MGCA's val
 
 Box = tuple[float, float, float, float]
 
@@ -378,6 +398,24 @@ class RsnaSource(DatasetReader):
         return [i for i in ids if i not in self._paths or i not in self._labels]
 
 
+def _stage2_labels() -> tuple[Path, dict[str, int], dict]:
+    """The shipped stage-2 label file, ``{patientId: Target}`` in file order, and its manifest ``source``."""
+    source = xrv_data_file(RSNA_LABELS)
+    rows = read_labels(source)
+    label = {patient: int(bool(boxes)) for patient, boxes in rows.items()}
+    if len(label) != sum(SPLIT_SIZES):
+        raise DataError(f"{source}: {len(label)} patients, expected {sum(SPLIT_SIZES)} (the stage-2 train set)")
+    data = _read_bytes(source)
+    info = {
+        "package": "torchxrayvision",
+        "file": source.name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "n_rows": len(data.splitlines()) - 1,
+        "n_images": len(rows),
+    }
+    return source, label, info
+
+
 def generate_split_v1(out_dir: str | Path) -> dict:
     """Write RSNA split v1 from the real stage-2 label file shipped in torchxrayvision.
 
@@ -391,16 +429,11 @@ def generate_split_v1(out_dir: str | Path) -> dict:
     Returns:
         The manifest (also written to ``MANIFEST.json``).
     """
-    source = xrv_data_file(RSNA_LABELS)
-    rows = read_labels(source)
-    label = {patient: int(bool(boxes)) for patient, boxes in rows.items()}
+    _, label, source = _stage2_labels()
     ids = list(label)
-    if len(ids) != sum(SPLIT_SIZES):
-        raise DataError(f"{source}: {len(ids)} patients, expected {sum(SPLIT_SIZES)} (the stage-2 train set)")
     fractions = tuple(size / len(ids) for size in SPLIT_SIZES)
     train, val, test = stratified_split(ids, [label[i] for i in ids], fractions, seed=SEED)
     train_10, train_1 = nested_subsets(train, label, SEED)
-    data = _read_bytes(source)
     return write_split(
         out_dir,
         dataset="rsna",
@@ -412,11 +445,153 @@ def generate_split_v1(out_dir: str | Path) -> dict:
         seed=SEED,
         fractions={"train": fractions[0], "val": fractions[1], "test": fractions[2],
                    "train_10pct": 0.1, "train_1pct": 0.01},
-        source={
-            "package": "torchxrayvision",
-            "file": source.name,
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "n_rows": len(data.splitlines()) - 1,
-            "n_images": len(rows),
+        source=source,
+    )
+
+
+def mgca_parts(label: Mapping[str, int]) -> dict[str, list[str]]:
+    """MGCA's RSNA detection/segmentation split of the stage-2 patients ``label`` (``{patientId: Target}``).
+
+    MGCA (``mgca/preprocess/rsna.py`` @ 680fe4a, ``prepare_detection_data``) reads
+    ``stage_2_train_labels.csv`` and groups it by ``patientId`` (lines 98-104): one row per patient, in
+    pandas' sorted group order, i.e. the patientIds sorted as strings. It then calls
+    ``train_test_split(df, test_size=5337 * 2, random_state=0)`` (110-111) and splits the 10,674 held-out
+    rows, in the order sklearn returned them, with ``train_test_split(test_val_df, test_size=0.5,
+    random_state=0)`` (112-113), naming the two results ``test_df, valid_df``: test is the first
+    (sklearn's "train") half, val the second. Both calls are sklearn's unstratified ``ShuffleSplit``,
+    reimplemented in :func:`vlpbench.data.splits.shuffle_split`. On the stage-2 file: 16,010 / 5,337 /
+    5,337 patients, 3,579 / 1,182 / 1,251 positive.
+
+    ``train_10pct`` and ``train_1pct`` are not MGCA's: MGCA draws a fresh ``np.random.choice(n,
+    int(pct * n))`` of its train part under the global numpy RNG in every run
+    (``mgca/datasets/detection_dataset.py:53-57``, ``segmentation_dataset.py:184-188``), which no file
+    fixes. They are vlpbench's nested stratified subsets (:func:`vlpbench.data.splits.nested_subsets`,
+    seed 0) of MGCA's train part, with MGCA's sizes (1,601 and 160).
+    """
+    ids = sorted(label)
+    train, held_out = train_test_split_ids(ids, MGCA_HOLDOUT, MGCA_RANDOM_STATE)
+    test, val = train_test_split_ids(held_out, 0.5, MGCA_RANDOM_STATE)
+    train_10, train_1 = nested_subsets(train, dict(label), SEED)
+    return {"train": train, "val": val, "test": test, "train_1pct": train_1, "train_10pct": train_10}
+
+
+def generate_split_mgca(out_dir: str | Path) -> dict:
+    """Write RSNA split ``mgca`` (MGCA's detection/segmentation split, :func:`mgca_parts`) from the real
+    stage-2 label file shipped in torchxrayvision; files as :func:`generate_split_v1`, byte-identical on
+    regeneration.
+
+    Returns:
+        The manifest (also written to ``MANIFEST.json``).
+    """
+    _, label, source = _stage2_labels()
+    parts = mgca_parts(label)
+    n = len(label)
+    return write_split(
+        out_dir,
+        dataset="rsna",
+        version="mgca",
+        parts=parts,
+        labels={patient: {SPLIT_LABEL: y} for patient, y in label.items()},
+        columns=[SPLIT_LABEL],
+        generator="vlpbench.data.rsna:generate_split_mgca",
+        seed=MGCA_RANDOM_STATE,
+        fractions={"train": len(parts["train"]) / n, "val": len(parts["val"]) / n, "test": len(parts["test"]) / n,
+                   "train_10pct": 0.1, "train_1pct": 0.01},
+        source=source,
+        reference={
+            "repository": "HKU-MedAI/MGCA",
+            "commit": MGCA_COMMIT,
+            "file": "mgca/preprocess/rsna.py",
+            "lines": "98-113",
+            "rule": ("one row per patientId, sorted (groupby); train_test_split(df, test_size=5337*2, "
+                     "random_state=0); train_test_split(held_out, test_size=0.5, random_state=0) -> test, val"),
+            "identical": ["train", "val", "test"],
+            "differs": {
+                "train_10pct": "vlpbench nested stratified subset (seed 0) of MGCA's train part; MGCA draws "
+                               "np.random.choice under the global numpy RNG in every run "
+                               "(mgca/datasets/detection_dataset.py:53-57, segmentation_dataset.py:184-188), "
+                               "which is not reproducible",
+                "train_1pct": "drawn from train_10pct, stratified (seed 0); see train_10pct",
+            },
+        },
+    )
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """The ids of a committed one-column id list (header ``image_id``, LF), in file order.
+
+    Raises:
+        DataError: the file is missing, has another header, an empty or repeated id.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the id list ({exc})") from exc
+    if not lines or lines[0] != "image_id":
+        raise DataError(f"{path}: expected the header 'image_id'")
+    ids = lines[1:]
+    if not all(ids) or len(set(ids)) != len(ids):
+        raise DataError(f"{path}: empty or repeated ids")
+    return ids
+
+
+def generate_split_medklip(out_dir: str | Path) -> dict:
+    """Write RSNA split ``medklip``: test is MedKLIP's public RSNA zero-shot grounding test list.
+
+    test: the 5,337 patients of MedKLIP's ``Sample_Zero-Shot_Grounding_RSNA/data_sample/test.csv``
+    (MediaBrain-SJTU/MedKLIP @ 8e60b03; its ``ID`` column, committed as ``splits/rsna/sources/
+    medklip_test_ids.csv``), 1,218 positive, labels from the stage-2 label file. MedKLIP releases no val
+    or train list (its grounding test uses a fixed threshold, its zero-shot test tunes the F1 cut on the
+    test set), so val is vlpbench's: 5,337
+    of the other 21,347 stage-2 patients, stratified on Target with seed 0 (the val size of v1 and MGCA),
+    for the validation-tuned thresholds of zero-shot classification and grounding; train is the remaining
+    16,010 with vlpbench's nested stratified 10 % / 1 % subsets, so that every RSNA task can run on it.
+
+    Returns:
+        The manifest (also written to ``MANIFEST.json``).
+
+    Raises:
+        DataError: a listed patient is not in the stage-2 label file.
+    """
+    _, label, source = _stage2_labels()
+    test = read_id_list(MEDKLIP_TEST_IDS)
+    unknown = [i for i in test if i not in label]
+    if unknown:
+        raise DataError(f"{MEDKLIP_TEST_IDS}: {len(unknown)} patients not in the stage-2 label file, e.g. {unknown[0]}")
+    listed = set(test)
+    pool = [i for i in label if i not in listed]
+    parts = holdout_parts(pool, test, label, MEDKLIP_VAL_SIZE, SEED)
+    n = len(label)
+    return write_split(
+        out_dir,
+        dataset="rsna",
+        version="medklip",
+        parts=parts,
+        labels={patient: {SPLIT_LABEL: y} for patient, y in label.items()},
+        columns=[SPLIT_LABEL],
+        generator="vlpbench.data.rsna:generate_split_medklip",
+        seed=SEED,
+        fractions={"train": len(parts["train"]) / n, "val": len(parts["val"]) / n, "test": len(parts["test"]) / n,
+                   "train_10pct": 0.1, "train_1pct": 0.01},
+        source={**source, "test_ids": {
+            "file": f"splits/rsna/sources/{MEDKLIP_TEST_IDS.name}",
+            "sha256": hashlib.sha256(MEDKLIP_TEST_IDS.read_bytes()).hexdigest(),
+            "n_images": len(test)}},
+        reference={
+            "repository": "MediaBrain-SJTU/MedKLIP",
+            "commit": MEDKLIP_COMMIT,
+            "file": MEDKLIP_TEST_FILE,
+            "sha256": MEDKLIP_TEST_SHA256,
+            "rule": "test = the ID column of the file (5,337 rows; its classes column equals stage-2 Target)",
+            "identical": ["test"],
+            "differs": {
+                "val": "not released by MedKLIP (its grounding test.py:40 uses a fixed threshold; its zero-shot "
+                       "test.py:126-138 tunes the F1 cut on the test set); vlpbench draws 5,337 of the other "
+                       "stage-2 patients, stratified, seed 0",
+                "train": "not released; the remaining 16,010 stage-2 patients",
+                "train_10pct": "vlpbench nested stratified subset of train (seed 0)",
+                "train_1pct": "drawn from train_10pct, stratified (seed 0)",
+            },
         },
     )

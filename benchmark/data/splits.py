@@ -6,9 +6,10 @@ A split version lives in ``splits/<dataset>/<version>/``: one CSV per part (``tr
 edited in place: :func:`load_split` refuses a file whose hash does not match its manifest, and a
 change of split makes a new version.
 
-Regenerate SIIM v1 (byte-identical)::
+Regenerate SIIM v1 (byte-identical), or another committed version::
 
     python -m vlpbench.data.splits siim
+    python -m vlpbench.data.splits rsna --version mgca
 """
 
 from __future__ import annotations
@@ -207,6 +208,43 @@ def stratified_split(
     return train, val, test
 
 
+def shuffle_split(n: int, test_size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """The (train, test) positions of scikit-learn's ``train_test_split(..., test_size, random_state=seed)``
+    without ``stratify`` (its ``ShuffleSplit`` rule), reimplemented so that no split depends on sklearn.
+
+    The rule (``sklearn/model_selection/_split.py``, ``_validate_shuffle_split`` and
+    ``ShuffleSplit._iter_indices``, read in scikit-learn 1.9.1): an integer ``test_size`` is the
+    test count, a float one ``ceil(test_size * n)``; train is the other ``n - n_test``. One permutation
+    ``numpy.random.RandomState(seed).permutation(n)`` is drawn; test is its first ``n_test`` positions
+    and train the rest, both in permutation order (the order sklearn returns the rows in).
+
+    Raises:
+        ValueError: ``test_size`` is not a count in 1..n-1 or a fraction in (0, 1), or leaves train empty.
+    """
+    if isinstance(test_size, (bool, np.bool_)) or not isinstance(test_size, (int, float, np.integer, np.floating)):
+        raise ValueError(f"test_size must be an int or a float, got {test_size!r}")
+    if isinstance(test_size, (float, np.floating)):
+        if not 0 < test_size < 1:
+            raise ValueError(f"a float test_size must be in (0, 1), got {test_size}")
+        n_test = math.ceil(test_size * n)
+    else:
+        n_test = int(test_size)
+        if not 0 < n_test < n:
+            raise ValueError(f"an int test_size must be in 1..{n - 1} for {n} samples, got {n_test}")
+    if n - n_test <= 0:
+        raise ValueError(f"test_size {test_size} of {n} samples leaves train empty")
+    permutation = np.random.RandomState(seed).permutation(n)
+    return [int(i) for i in permutation[n_test:]], [int(i) for i in permutation[:n_test]]
+
+
+def train_test_split_ids(ids: Sequence[str], test_size: int | float, seed: int) -> tuple[list[str], list[str]]:
+    """``train_test_split(ids, test_size=test_size, random_state=seed)`` of scikit-learn (no stratify):
+    ``(train, test)`` in sklearn's order; see :func:`shuffle_split`. The result depends on the order of
+    ``ids``, which must be the order of the rows the reference code split."""
+    train, test = shuffle_split(len(ids), test_size, seed)
+    return [ids[i] for i in train], [ids[i] for i in test]
+
+
 def _split_csv(part_ids: Sequence[str], labels: dict[str, dict[str, int]], columns: Sequence[str]) -> bytes:
     rows = "".join(
         ",".join([image_id, *(str(int(labels[image_id][c])) for c in columns)]) + "\n" for image_id in sorted(part_ids)
@@ -226,13 +264,16 @@ def write_split(
     seed: int,
     fractions: dict[str, float],
     source: dict,
+    reference: dict | None = None,
 ) -> dict:
     """Write one CSV per part (``image_id`` + one integer column per label, sorted by id, LF) and
     ``MANIFEST.json``; return the manifest.
 
     ``labels[image_id][column]`` is an integer (0/1 for binary or multi-label tasks, a class index for
     multi-class ones). Nothing written depends on time or installed versions, so the same inputs
-    always give byte-identical files.
+    always give byte-identical files. ``reference`` (a split version that reproduces a published
+    reference split: its repository, commit, file, rule and what differs) is written to the manifest
+    under ``"reference"`` where given.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -263,6 +304,8 @@ def write_split(
         "source": source,
         "files": files,
     }
+    if reference is not None:
+        manifest["reference"] = reference
     (out_dir / MANIFEST).write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", newline="\n")
     return manifest
 
@@ -518,25 +561,34 @@ def test_part_split(dataset: str, source) -> Split | None:
 test_part_split.__test__ = False  # not a pytest test, wherever a test module imports it
 
 
-def generators() -> dict[str, Callable[[Path], dict]]:
-    """``{dataset: regenerate its committed split v1}`` for every registered dataset that commits one."""
+def generators(version: str = "v1") -> dict[str, Callable[[Path], dict]]:
+    """``{dataset: regenerate its committed split version}`` for every registered dataset that commits
+    ``version`` (default v1; e.g. ``mgca`` and ``medklip`` for RSNA)."""
     from vlpbench.registry import DATASETS, load_target
 
-    return {name: load_target(DATASETS.get(name).split_generators["v1"]) for name in DATASETS
-            if "v1" in DATASETS.get(name).split_generators}
+    return {name: load_target(DATASETS.get(name).split_generators[version]) for name in DATASETS
+            if version in DATASETS.get(name).split_generators}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: regenerate a dataset's split files (``python -m vlpbench.data.splits siim``)."""
+    """Command line: regenerate a dataset's split files (``python -m vlpbench.data.splits siim``,
+    ``python -m vlpbench.data.splits rsna --version mgca``)."""
+    from vlpbench.registry import DATASETS
+
     parser = argparse.ArgumentParser(
         prog="python -m vlpbench.data.splits",
         description="Regenerate committed split files from the real label files (byte-identical).",
     )
-    regenerate = generators()
-    parser.add_argument("dataset", choices=sorted(regenerate))
-    parser.add_argument("--out", type=Path, help="output folder (default: splits/<dataset>/v1 in the package)")
+    committed = sorted(name for name in DATASETS if DATASETS.get(name).split_generators)
+    parser.add_argument("dataset", choices=committed)
+    parser.add_argument("--version", default="v1", help="the split version to regenerate (default: v1)")
+    parser.add_argument("--out", type=Path, help="output folder (default: splits/<dataset>/<version> in the package)")
     args = parser.parse_args(argv)
-    out = args.out or SPLITS_DIR / args.dataset / "v1"
+    regenerate = generators(args.version)
+    if args.dataset not in regenerate:
+        known = ", ".join(sorted(DATASETS.get(args.dataset).split_generators))
+        parser.error(f"dataset {args.dataset} commits no split {args.version!r}; it commits: {known}")
+    out = args.out or SPLITS_DIR / args.dataset / args.version
     manifest = regenerate[args.dataset](out)
     for name, info in sorted(manifest["files"].items()):
         print(f"wrote {out / name}: {info['rows']} rows, positives {info['positives']}, sha256 {info['sha256'][:12]}")
