@@ -426,26 +426,25 @@ def decode(raw: torch.Tensor, anchors: torch.Tensor, stride: tuple[float, float]
     return boxes.reshape(batch, -1, 4), torch.sigmoid(pred[..., 4]).reshape(batch, -1)
 
 
-def mgca_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+def mgca_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, limit: int | None = None) -> torch.Tensor:
     """Indices of the boxes (N, 4) xyxy that MGCA's greedy NMS keeps, best first: boxes in descending
     score order, each kept unless a kept box overlaps it by an IoU at or above ``threshold``, the IoU
-    counting every side one pixel longer (``utils/detection_utils.py:15-46,114-128``)."""
-    order = torch.sort(scores, descending=True, stable=True).indices
-    boxes = boxes[order]
-    x1, y1, x2, y2 = boxes.unbind(1)
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    alive = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
+    counting every side one pixel longer (``utils/detection_utils.py:15-46,114-128``). Computed in
+    float32 numpy on the CPU, one step per kept box; stops after ``limit`` kept boxes (the greedy
+    order never revisits them)."""
+    order = np.argsort(-scores.float().cpu().numpy(), kind="stable")
+    rest = boxes.float().cpu().numpy()[order]
+    areas = (rest[:, 2] - rest[:, 0] + 1) * (rest[:, 3] - rest[:, 1] + 1)
     kept = []
-    for i in range(len(boxes)):
-        if not alive[i]:
-            continue
-        kept.append(i)
-        rest = slice(i + 1, None)
-        inter = ((torch.minimum(x2[i], x2[rest]) - torch.maximum(x1[i], x1[rest]) + 1).clamp(min=0)
-                 * (torch.minimum(y2[i], y2[rest]) - torch.maximum(y1[i], y1[rest]) + 1).clamp(min=0))
-        iou = inter / (areas[i] + areas[rest] - inter + 1e-16)
-        alive[rest] &= iou < threshold
-    return order[torch.tensor(kept, dtype=torch.long, device=boxes.device)]
+    while len(rest) and (limit is None or len(kept) < limit):
+        kept.append(order[0])
+        best, best_area = rest[0], areas[0]
+        rest, areas, order = rest[1:], areas[1:], order[1:]
+        inter = (np.maximum(np.minimum(best[2], rest[:, 2]) - np.maximum(best[0], rest[:, 0]) + 1, 0)
+                 * np.maximum(np.minimum(best[3], rest[:, 3]) - np.maximum(best[1], rest[:, 1]) + 1, 0))
+        survive = inter / (best_area + areas - inter + np.float32(1e-16)) < threshold
+        rest, areas, order = rest[survive], areas[survive], order[survive]
+    return torch.as_tensor(np.array(kept, dtype=np.int64), device=boxes.device)
 
 
 def select_detections(boxes: torch.Tensor, scores: torch.Tensor, *, conf_threshold: float, nms_threshold: float,
@@ -455,12 +454,14 @@ def select_detections(boxes: torch.Tensor, scores: torch.Tensor, *, conf_thresho
     (boxes (K, 4), scores (K,)) as float64 numpy, best first."""
     from torchvision.ops import nms as torchvision_nms
 
-    suppress = mgca_nms if nms == "mgca" else torchvision_nms
     selected = []
     for image_boxes, image_scores in zip(boxes, scores):
         keep = image_scores >= conf_threshold
         image_boxes, image_scores = image_boxes[keep], image_scores[keep]
-        order = suppress(image_boxes.float(), image_scores.float(), nms_threshold)[:max_detections]
+        if nms == "mgca":
+            order = mgca_nms(image_boxes, image_scores, nms_threshold, max_detections)
+        else:
+            order = torchvision_nms(image_boxes.float(), image_scores.float(), nms_threshold)[:max_detections]
         selected.append((image_boxes[order].double().cpu().numpy(), image_scores[order].double().cpu().numpy()))
     return selected
 
