@@ -8,11 +8,19 @@ with the best-validation weights. Predictions pass a confidence threshold and NM
 scored in original image pixels by :mod:`vlpbench.metrics.detection`.
 
 Where MGCA's code has a quirk the canonical choice differs and the quirk is an option or a reported
-metric: BatchNorm statistics of the "frozen" encoder drift in MGCA (``freeze_bn``), and its mAP
-skips images without a detection or without a box (reported as ``map_mgca``; ``val_metric``). The
-loss differs from MGCA's in one detail: the cell and anchor that a box is assigned to is left out of
-the no-object term (MGCA pushes it towards 0 there too, unless its anchor shape overlaps the box by
-more than the ignore threshold).
+metric (the ``paper`` profile of the task files sets each to MGCA's): BatchNorm statistics of the
+"frozen" encoder drift in MGCA (``freeze_bn``), and its mAP skips images without a detection or
+without a box (reported as ``map_mgca``; ``val_metric``). The loss differs from MGCA's in two
+details, which together are the whole difference: the anchor-shape IoU that picks a box's anchor and
+the anchors ignored by the no-object term is the plain IoU, where MGCA's ``bbox_iou`` adds 1 to every
+side length, in grid cells (``anchor_iou``; ``utils/yolo_loss.py:7-38,231-241``); and the cell and
+anchor a box is assigned to is left out of the no-object term, where MGCA pushes it towards 0 there
+too unless its anchor shape overlaps the box by more than the ignore threshold (``noobj_assigned``;
+``yolo_loss.py:156-157,239-244``). Detections are suppressed by torchvision's NMS (IoU above the
+threshold), where MGCA suppresses IoU at or above it, with the same "+1" IoU in input pixels
+(``nms``; ``utils/detection_utils.py:15-46,76-135``). Images are resized with Pillow's antialiased
+bilinear filter, where MGCA uses ``cv2.resize`` INTER_LINEAR, which point-samples when shrinking
+(``input_resize``; ``datasets/detection_dataset.py:65-72,153-157``).
 
 Under torchrun (:mod:`vlpbench.distributed`) the run computes what one process computes: every rank
 draws the same permutation of the training images and trains on its contiguous ``batch_size /
@@ -71,6 +79,13 @@ _ATTRIBUTES = 5 + NUM_CLASSES  # x, y, w, h, objectness, class
 # exp() of a raw size above this would overflow float32; no box is 2e4 times its anchor.
 _MAX_LOG_SIZE = 10.0
 ONE_PERCENT = 0.01
+# The choices of the options that select MGCA's rules, canonical first (module docstring).
+CHOICES = {
+    "anchor_iou": ("plain", "mgca"),
+    "noobj_assigned": ("exclude", "mgca"),
+    "nms": ("torchvision", "mgca"),
+    "input_resize": ("antialias", "linear"),
+}
 LR_OPTIONS = ("lr", "lr_1pct")  # what a diverged run is told to lower (lr_1pct on 1 % of the data)
 
 
@@ -99,7 +114,8 @@ class DetectionImages:
         self.ids = list(ids)
         # Readers live in vlpbench.data.<dataset>, so the module's name is the cache's dataset name.
         dataset = type(source).__module__.rpartition(".")[2]
-        self.images = torch.from_numpy(np.array(cached_images(source, dataset, self.ids, size, progress=progress)))
+        self.images = torch.from_numpy(np.array(cached_images(source, dataset, self.ids, size,
+                                                              method=config["input_resize"], progress=progress)))
         self.truths = truth_boxes(source, self.ids, config)
         # Header reads (DICOM, JPEG) wait on the disk, so threads overlap them.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -289,8 +305,15 @@ class ScaleTargets:
     log_sizes: torch.Tensor  # log(box size / anchor size)
 
 
-def _shape_iou(sizes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """IoU (K, A) of box sizes (K, 2) and anchor sizes (A, 2), both centred at the origin."""
+def _shape_iou(sizes: torch.Tensor, anchors: torch.Tensor, rule: str = "plain") -> torch.Tensor:
+    """IoU (K, A) of box sizes (K, 2) and anchor sizes (A, 2), both centred at the origin.
+
+    ``rule`` ``mgca``: MGCA's ``bbox_iou`` of the corner boxes (0, 0, w, h), which counts every side as
+    one longer (its "+1" pixel convention, applied to sizes in grid cells; ``utils/yolo_loss.py:30-36,
+    231-237``), so (min w + 1)(min h + 1) / ((w + 1)(h + 1) + (w' + 1)(h' + 1) - that).
+    """
+    if rule == "mgca":
+        sizes, anchors = sizes + 1.0, anchors + 1.0
     inter = (torch.minimum(sizes[:, None, 0], anchors[None, :, 0])
              * torch.minimum(sizes[:, None, 1], anchors[None, :, 1]))
     union = (sizes[:, 0] * sizes[:, 1])[:, None] + (anchors[:, 0] * anchors[:, 1])[None, :] - inter
@@ -298,7 +321,7 @@ def _shape_iou(sizes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
 
 
 def assign_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int], stride: tuple[float, float],
-                   anchors: torch.Tensor, ignore_threshold: float) -> ScaleTargets:
+                   anchors: torch.Tensor, ignore_threshold: float, *, anchor_iou: str = "plain") -> ScaleTargets:
     """YOLOv3 targets of one scale, as MGCA's ``YOLOLoss.get_target``.
 
     Each box (xyxy, input pixels) goes to the cell holding its centre and to the anchor of this scale
@@ -311,6 +334,7 @@ def assign_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int], stride:
         stride: (y, x) input pixels per cell.
         anchors: (A, 2) anchor sizes (w, h) in input pixels.
         ignore_threshold: shape IoU above which an anchor is ignored.
+        anchor_iou: the shape IoU of both choices, ``plain`` or MGCA's "+1" rule ``mgca`` (:func:`_shape_iou`).
     """
     height, width = grid
     stride_y, stride_x = stride
@@ -330,7 +354,7 @@ def assign_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int], stride:
     # At least one input pixel, so that a degenerate box still has a finite log-size target.
     sizes = (flat[:, 2:] - flat[:, :2]).clamp(min=1.0) / cell
     anchors_grid = anchors.float().cpu() / cell
-    iou = _shape_iou(sizes, anchors_grid)
+    iou = _shape_iou(sizes, anchors_grid, anchor_iou)
     gi = centres[:, 0].floor().long().clamp(0, width - 1)
     gj = centres[:, 1].floor().long().clamp(0, height - 1)
     over = iou > ignore_threshold
@@ -349,18 +373,27 @@ def _split_attributes(raw: torch.Tensor, n_anchors: int) -> torch.Tensor:
     return raw.view(batch, n_anchors, _ATTRIBUTES, height, width).permute(0, 1, 3, 4, 2)
 
 
-def yolo_loss(raw: torch.Tensor, targets: ScaleTargets, *, box_weight: float, noobj_weight: float) -> torch.Tensor:
+def yolo_loss(raw: torch.Tensor, targets: ScaleTargets, *, box_weight: float, noobj_weight: float,
+              noobj_assigned: str = "exclude") -> torch.Tensor:
     """MGCA's YOLO loss of one scale.
 
     ``box_weight`` × (BCE of the x, y offsets + squared error of the log sizes) + BCE of objectness at
     the assigned anchors + ``noobj_weight`` × BCE of objectness towards 0 elsewhere (ignored anchors
     excepted) + class BCE; every term is summed over the anchors concerned and divided by the number of
     anchors of the scale (MGCA's mean over the masked map), so it is comparable across batches.
+
+    ``noobj_assigned``: ``exclude`` leaves the assigned anchors out of the no-object term; ``mgca``
+    leaves out only the ignored anchors, so an assigned anchor that is not ignored (its shape IoU at or
+    below the ignore threshold) is pushed towards 1 and, with ``noobj_weight``, towards 0 (MGCA's
+    ``noobj_mask`` is cleared only by the ignore rule: ``utils/yolo_loss.py:156-157,239-244``).
     """
     pred = _split_attributes(raw, targets.positive.shape[1])
     device = raw.device
     positive = targets.positive.to(device)
-    no_object = ~positive & ~targets.ignore.to(device)
+    if noobj_assigned == "mgca":
+        no_object = ~targets.ignore.to(device)
+    else:
+        no_object = ~positive & ~targets.ignore.to(device)
     cells = positive.numel()
     hit = pred[positive]
     bce = F.binary_cross_entropy_with_logits
@@ -393,17 +426,42 @@ def decode(raw: torch.Tensor, anchors: torch.Tensor, stride: tuple[float, float]
     return boxes.reshape(batch, -1, 4), torch.sigmoid(pred[..., 4]).reshape(batch, -1)
 
 
+def mgca_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, limit: int | None = None) -> torch.Tensor:
+    """Indices of the boxes (N, 4) xyxy that MGCA's greedy NMS keeps, best first: boxes in descending
+    score order, each kept unless a kept box overlaps it by an IoU at or above ``threshold``, the IoU
+    counting every side one pixel longer (``utils/detection_utils.py:15-46,114-128``). Computed in
+    float32 numpy on the CPU, one step per kept box; stops after ``limit`` kept boxes (the greedy
+    order never revisits them)."""
+    order = np.argsort(-scores.float().cpu().numpy(), kind="stable")
+    rest = boxes.float().cpu().numpy()[order]
+    areas = (rest[:, 2] - rest[:, 0] + 1) * (rest[:, 3] - rest[:, 1] + 1)
+    kept = []
+    while len(rest) and (limit is None or len(kept) < limit):
+        kept.append(order[0])
+        best, best_area = rest[0], areas[0]
+        rest, areas, order = rest[1:], areas[1:], order[1:]
+        inter = (np.maximum(np.minimum(best[2], rest[:, 2]) - np.maximum(best[0], rest[:, 0]) + 1, 0)
+                 * np.maximum(np.minimum(best[3], rest[:, 3]) - np.maximum(best[1], rest[:, 1]) + 1, 0))
+        survive = inter / (best_area + areas - inter + np.float32(1e-16)) < threshold
+        rest, areas, order = rest[survive], areas[survive], order[survive]
+    return torch.as_tensor(np.array(kept, dtype=np.int64), device=boxes.device)
+
+
 def select_detections(boxes: torch.Tensor, scores: torch.Tensor, *, conf_threshold: float, nms_threshold: float,
-                      max_detections: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per image: detections scoring at least ``conf_threshold``, greedy NMS at ``nms_threshold``, the
-    best ``max_detections``; (boxes (K, 4), scores (K,)) as float64 numpy, best first."""
-    from torchvision.ops import nms
+                      max_detections: int, nms: str = "torchvision") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image: detections scoring at least ``conf_threshold``, greedy NMS at ``nms_threshold``
+    (torchvision's, or MGCA's with ``nms`` ``mgca``: :func:`mgca_nms`), the best ``max_detections``;
+    (boxes (K, 4), scores (K,)) as float64 numpy, best first."""
+    from torchvision.ops import nms as torchvision_nms
 
     selected = []
     for image_boxes, image_scores in zip(boxes, scores):
         keep = image_scores >= conf_threshold
         image_boxes, image_scores = image_boxes[keep], image_scores[keep]
-        order = nms(image_boxes.float(), image_scores.float(), nms_threshold)[:max_detections]
+        if nms == "mgca":
+            order = mgca_nms(image_boxes, image_scores, nms_threshold, max_detections)
+        else:
+            order = torchvision_nms(image_boxes.float(), image_scores.float(), nms_threshold)[:max_detections]
         selected.append((image_boxes[order].double().cpu().numpy(), image_scores[order].double().cpu().numpy()))
     return selected
 
@@ -417,6 +475,9 @@ def fraction_settings(config: dict[str, Any], fraction: float) -> tuple[float, i
 
 
 def _check_config(config: dict[str, Any]) -> None:
+    for key, choices in CHOICES.items():
+        if config[key] not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {config[key]!r}")
     if config["val_metric"] not in ("map", "map_mgca"):
         raise ConfigError(f"val_metric must be 'map' or 'map_mgca', got {config['val_metric']!r}")
     if config["neck_width"] < 4 or config["neck_width"] % 4:
@@ -591,9 +652,10 @@ def _batch_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], anchor
     for raw, scale_anchors in zip(outputs, anchors):
         grid = tuple(raw.shape[-2:])
         stride = (size / grid[0], size / grid[1])
-        scale_targets = assign_targets(targets, grid, stride, scale_anchors, config["ignore_threshold"])
+        scale_targets = assign_targets(targets, grid, stride, scale_anchors, config["ignore_threshold"],
+                                       anchor_iou=config["anchor_iou"])
         total = total + yolo_loss(raw, scale_targets, box_weight=config["box_weight"],
-                                  noobj_weight=config["noobj_weight"])
+                                  noobj_weight=config["noobj_weight"], noobj_assigned=config["noobj_assigned"])
     return total
 
 
@@ -638,7 +700,8 @@ def _predict(model: Detector, data: DetectionImages, features: PartFeatures, anc
         boxes = torch.cat([b for b, _ in decoded], 1)
         scores = torch.cat([s for _, s in decoded], 1)
         selected = select_detections(boxes, scores, conf_threshold=config["conf_threshold"],
-                                     nms_threshold=config["nms_threshold"], max_detections=config["max_detections"])
+                                     nms_threshold=config["nms_threshold"], max_detections=config["max_detections"],
+                                     nms=config["nms"])
         for i, (image_boxes, image_scores) in zip(index, selected):
             detections.append((image_boxes * np.tile(data.scales[i], 2), image_scores))
     if distributed.is_active():
