@@ -200,7 +200,7 @@ def alone(data, tmp_path_factory):
 
 
 def _record(results, task):
-    records = sorted((results / "runs").rglob(f"{task}.v1/*.json"))
+    records = sorted((results / "runs").rglob(f"{task}.v*/*.json"))  # any task version
     return records, json.loads(records[0].read_text()) if records else None
 
 

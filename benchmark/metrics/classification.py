@@ -8,8 +8,13 @@ Definitions (each equals scikit-learn's on the same input; the tests check it):
 * At a threshold ``t`` an item is predicted positive when ``score >= t`` (``precision_recall_curve``'s
   convention). F1 is ``2 tp / (2 tp + fp + fn)`` and MCC is Matthews' correlation; both are 0 where
   their denominator is 0 (scikit-learn's ``zero_division`` default and ``matthews_corrcoef``).
+  ``acc_rule="gt"`` computes the accuracy alone of ``score > t`` instead, as MedKLIP's zero-shot test does
+  (``accuracy_score(gt, pred > max_f1_thresh)``, MediaBrain-SJTU/MedKLIP
+  Sample_zero-shot_Classification_CXR14/test.py:136-138), while its F1 is that of ``score >= t``.
 * ``best_threshold`` searches every distinct score as a cut and returns the one with the highest F1
-  (or MCC); among equal values, the highest cut. It is meant for validation data: a threshold tuned
+  (or MCC); among equal values, the highest cut (``ties="lowest"``: the lowest, as MedKLIP's
+  ``np.argmax`` over ``precision_recall_curve``'s ascending thresholds picks it, MediaBrain-SJTU/MedKLIP
+  Sample_zero-shot_Classification_CXR14/test.py:131-136). It is meant for validation data: a threshold tuned
   on the test set (MedKLIP's max-F1) is optimistic.
 * Multi-class decisions are the top-scoring class: ``accuracy`` (top-1) and ``argmax_metrics``
   (accuracy, macro F1, multi-class MCC).
@@ -29,6 +34,8 @@ import numpy as np
 from vlpbench.errors import DataError
 
 CRITERIA = ("f1", "mcc")
+ACC_RULES = ("ge", "gt")
+TIE_RULES = ("highest", "lowest")
 
 
 def _scores(scores, n: int | None, name: str, ndim: int = 1) -> np.ndarray:
@@ -171,13 +178,18 @@ def _mcc(tp, fp, fn, tn):
                      where=product > 0)
 
 
-def threshold_metrics_by_weights(y_true, scores, threshold: float) -> Callable[[np.ndarray], dict[str, float]]:
-    """``weights -> threshold_metrics(y_true, scores, threshold, sample_weight=weights)`` with the
-    predictions made once (for bootstrap statistics; see :func:`resample_weights`)."""
+def threshold_metrics_by_weights(y_true, scores, threshold: float,
+                                 acc_rule: str = "ge") -> Callable[[np.ndarray], dict[str, float]]:
+    """``weights -> threshold_metrics(y_true, scores, threshold, sample_weight=weights, acc_rule=acc_rule)``
+    with the predictions made once (for bootstrap statistics; see :func:`resample_weights`)."""
+    if acc_rule not in ACC_RULES:
+        raise DataError(f"threshold_metrics: acc_rule {acc_rule!r}; expected one of {', '.join(ACC_RULES)}")
     labels = _binary_labels(y_true, "threshold_metrics")
     values = _scores(scores, len(labels), "threshold_metrics")
     predicted, positive = values >= threshold, labels == 1
     cells = np.stack([predicted & positive, predicted & ~positive, ~predicted & positive]).astype(np.float64)
+    # Items the accuracy counts as correct: of ``score >= t`` (the cells above), or of ``score > t``.
+    correct = None if acc_rule == "ge" else ((values > threshold) == positive).astype(np.float64)
 
     def metrics(weights: np.ndarray) -> dict[str, float]:
         total = float(weights.sum())
@@ -185,27 +197,29 @@ def threshold_metrics_by_weights(y_true, scores, threshold: float) -> Callable[[
             raise DataError("threshold_metrics: no items to score")
         tp, fp, fn = (float(v) for v in cells @ weights)
         tn = total - tp - fp - fn
-        return {"f1": float(_f1(np.float64(tp), fp, fn)), "acc": (tp + tn) / total,
+        acc = (tp + tn) / total if correct is None else float(correct @ weights) / total
+        return {"f1": float(_f1(np.float64(tp), fp, fn)), "acc": acc,
                 "mcc": float(_mcc(np.float64(tp), fp, fn, tn))}
 
     return metrics
 
 
-def threshold_metrics(y_true, scores, threshold: float, sample_weight=None) -> dict[str, float]:
-    """``{"f1", "acc", "mcc"}`` of the predictions ``scores >= threshold`` (binary).
+def threshold_metrics(y_true, scores, threshold: float, sample_weight=None, acc_rule: str = "ge") -> dict[str, float]:
+    """``{"f1", "acc", "mcc"}`` of the predictions ``scores >= threshold`` (binary); with ``acc_rule="gt"``
+    the accuracy of ``scores > threshold``.
 
     Raises:
-        DataError: bad shapes or labels, or no items.
+        DataError: bad shapes or labels, no items, or an unknown ``acc_rule``.
     """
-    metrics = threshold_metrics_by_weights(y_true, scores, threshold)
+    metrics = threshold_metrics_by_weights(y_true, scores, threshold, acc_rule)
     return metrics(_weights(sample_weight, len(np.asarray(y_true)), "threshold_metrics"))
 
 
-def best_threshold(y_true, scores, criterion: str = "f1") -> float:
+def best_threshold(y_true, scores, criterion: str = "f1", ties: str = "highest") -> float:
     """The cut (one of ``scores``) whose predictions ``scores >= cut`` maximise F1 or MCC.
 
     Use it on validation data and apply the result to test data. Among cuts with the same value of
-    the criterion the highest is returned.
+    the criterion the highest is returned (``ties="lowest"``: the lowest, MedKLIP's choice).
 
     Raises:
         DataError: an unknown criterion, bad input, no positive item (F1 is then 0 at
@@ -217,6 +231,8 @@ def best_threshold(y_true, scores, criterion: str = "f1") -> float:
     """
     if criterion not in CRITERIA:
         raise DataError(f"best_threshold: criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+    if ties not in TIE_RULES:
+        raise DataError(f"best_threshold: ties {ties!r}; expected one of {', '.join(TIE_RULES)}")
     labels = _binary_labels(y_true, "best_threshold")
     values = _scores(scores, len(labels), "best_threshold")
     n_pos = int(labels.sum())
@@ -233,7 +249,8 @@ def best_threshold(y_true, scores, criterion: str = "f1") -> float:
     fn = n_pos - tp
     tn = (len(labels) - n_pos) - fp
     value = _f1(tp, fp, fn) if criterion == "f1" else _mcc(tp, fp, fn, tn)
-    best = np.flatnonzero(value == value.max())[0]  # cuts run from high to low: the first is the highest
+    tied = np.flatnonzero(value == value.max())  # cuts run from high to low: the first is the highest
+    best = tied[0] if ties == "highest" else tied[-1]
     return float(ranked[ends[best]])
 
 

@@ -8,8 +8,9 @@ a predictions CSV (:func:`vlpbench.predictions.read_probabilities`); so both giv
 Metrics (``config["metrics"]``, else the protocol's default), macro over classes and, for several
 classes, per class (``<metric>_<class slug>``):
 
-* binary / multi-label tasks: ``auc`` per class; ``f1``, ``acc`` and ``mcc`` of ``score >= threshold``,
-  one threshold per class chosen by ``best_threshold`` (``threshold_criterion``) on validation images.
+* binary / multi-label tasks: ``auc`` per class; ``f1``, ``acc`` and ``mcc`` of ``score >= threshold``
+  (``acc_rule: gt``: ``acc`` of ``score > threshold``, MedKLIP's rule), one threshold per class chosen by
+  ``best_threshold`` (``threshold_criterion``) on validation images.
 * multi-class tasks: the decision is the highest-scoring class; ``acc`` top-1
   accuracy, ``f1`` the macro F1 and ``mcc`` the multi-class MCC of those decisions, ``auc`` the mean
   one-vs-rest AUC. No threshold is involved.
@@ -28,7 +29,9 @@ import numpy as np
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.classification import (
+    ACC_RULES,
     CRITERIA,
+    TIE_RULES,
     argmax_metrics,
     auc_by_weights,
     best_threshold,
@@ -67,13 +70,20 @@ def threshold_criterion(config: dict[str, Any]) -> str:
 
 
 def class_thresholds(labels: np.ndarray, scores: np.ndarray, classes: list[str],
-                     criterion: str) -> list[float | None]:
-    """Per class the ``best_threshold`` of ``labels`` (N, C) and ``scores`` (N, C); None where the data
-    cannot define one (no positive image), which leaves that class out of F1, accuracy and MCC."""
+                     criterion: str, ties: str = "highest") -> list[float | None]:
+    """Per class the ``best_threshold`` of ``labels`` (N, C) and ``scores`` (N, C) (``ties``: which of
+    equally good cuts); None where the data cannot define one (no positive image), which leaves that class
+    out of F1, accuracy and MCC.
+
+    Raises:
+        ConfigError: an unknown ``ties`` rule.
+    """
+    if ties not in TIE_RULES:
+        raise ConfigError(f"threshold_ties {ties!r}: expected one of {', '.join(TIE_RULES)}")
     chosen = []
     for k, name in enumerate(classes):
         try:
-            chosen.append(best_threshold(labels[:, k], scores[:, k], criterion))
+            chosen.append(best_threshold(labels[:, k], scores[:, k], criterion, ties))
         except DataError as e:
             log.warning("no %s threshold for class %s (%s): it is left out of F1, accuracy and MCC", criterion,
                         name, e)
@@ -93,14 +103,15 @@ def _macro(statistics: list[Statistic]) -> Statistic:
 
 
 def metric_statistics(kind: str, labels: np.ndarray, scores: np.ndarray, classes: list[str], wanted: list[str],
-                      thresholds: list[float | None] | None = None) -> dict[str, Statistic]:
+                      thresholds: list[float | None] | None = None, acc_rule: str = "ge") -> dict[str, Statistic]:
     """Metric name → ``weights -> value`` over the test items, macro and (for several classes) per class
     (``<metric>_<class slug>``).
 
     Multi-class (``labels`` (N,) indices): ``acc`` top-1 accuracy, ``f1`` / ``mcc`` of
     the top-1 decisions, ``auc`` one-vs-rest. Binary / multi-label (``labels`` (N, C) 0/1): ``auc``, and
     ``f1`` / ``acc`` / ``mcc`` of ``score >= threshold`` for the classes whose threshold is not None
-    (none without ``thresholds``). A macro AUC averages the classes defined on the full test set.
+    (none without ``thresholds``; ``acc_rule="gt"``: ``acc`` of ``score > threshold``). A macro AUC averages
+    the classes defined on the full test set.
 
     Raises:
         ConfigError: a metric name the task kind has no definition for.
@@ -113,7 +124,7 @@ def metric_statistics(kind: str, labels: np.ndarray, scores: np.ndarray, classes
             overall[metric] = lambda w, metric=metric: argmax_metrics(labels, scores, w)[metric]
     else:
         per_class = {"auc": {k: _auc_statistic(labels[:, k], scores[:, k]) for k in range(n_classes)}}
-        at_threshold = {k: threshold_metrics_by_weights(labels[:, k], scores[:, k], t)
+        at_threshold = {k: threshold_metrics_by_weights(labels[:, k], scores[:, k], t, acc_rule)
                         for k, t in enumerate(thresholds or ()) if t is not None}
         for metric in THRESHOLD_METRICS:
             per_class[metric] = {k: (lambda w, f=f, metric=metric: f(w)[metric]) for k, f in at_threshold.items()}
@@ -158,14 +169,15 @@ def class_counts(kind: str, labels: np.ndarray, classes: list[str]) -> dict[str,
 def evaluate_classification(kind: str, classes: list[str], ids: Sequence[str], labels: np.ndarray,
                             probabilities: np.ndarray, wanted: list[str], *,
                             thresholds: list[float | None] | None, n_resamples: int,
-                            seed: int) -> dict[str, Any]:
+                            seed: int, acc_rule: str = "ge") -> dict[str, Any]:
     """The metrics, CIs and per-image scores of test ``probabilities`` (N, C) against ``labels``.
 
     Returns ``metrics``, ``ci`` and ``per_image`` (top-1 correctness per image for a multi-class task;
     {} otherwise, since an AUC is not a mean over images). ``thresholds``: one per class (None: the class
-    has none), or None when no metric at a threshold is wanted.
+    has none), or None when no metric at a threshold is wanted. ``acc_rule``: ``ge`` (accuracy of
+    ``score >= threshold``, like F1 and MCC) or ``gt`` (of ``score > threshold``, MedKLIP's zero-shot rule).
     """
-    statistics = metric_statistics(kind, labels, probabilities, classes, wanted, thresholds)
+    statistics = metric_statistics(kind, labels, probabilities, classes, wanted, thresholds, acc_rule)
     metrics, ci = evaluate_statistics(statistics, len(ids), n_resamples=n_resamples, seed=seed)
     per_image: dict[str, float] = {}
     if kind == "multiclass":
@@ -195,6 +207,12 @@ def score_predictions_csv(predictions: Path, source, test_ids: Sequence[str], co
     kind = label_kind(config)
     classes = class_names(config)
     wanted = metric_names(config, default_metrics)
+    acc_rule = config.get("acc_rule", "ge")
+    if acc_rule not in ACC_RULES:
+        raise ConfigError(f"config key acc_rule is {acc_rule!r}; expected one of {', '.join(ACC_RULES)}")
+    ties = config.get("threshold_ties", "highest")
+    if ties not in TIE_RULES:
+        raise ConfigError(f"config key threshold_ties is {ties!r}; expected one of {', '.join(TIE_RULES)}")
     rows = read_probabilities(predictions, classes, single_column=kind == "binary")
     if not test_ids:
         raise DataError(f"{predictions}: the split part holds no images to score")
@@ -216,12 +234,12 @@ def score_predictions_csv(predictions: Path, source, test_ids: Sequence[str], co
         criterion = threshold_criterion(config)
         given = [i for i in val_ids if i in rows]
         if config.get("threshold_source", "val") == "test_oracle":
-            thresholds = class_thresholds(labels, scores, classes, criterion)
+            thresholds = class_thresholds(labels, scores, classes, criterion, ties)
             used = {"threshold_source": "test_oracle", "threshold_images": "the test set itself (optimistic)",
                     "optimistic": True}
         elif val_ids and len(given) == len(val_ids):
             val_labels = task_labels(val_reader, val_ids, config)
-            thresholds = class_thresholds(val_labels, np.stack([rows[i] for i in val_ids]), classes, criterion)
+            thresholds = class_thresholds(val_labels, np.stack([rows[i] for i in val_ids]), classes, criterion, ties)
             used = {"threshold_source": "val", "threshold_images": where, "optimistic": False}
         elif given:
             raise DataError(f"{predictions}: rows for {len(given)} of the {len(val_ids)} threshold images "
@@ -234,8 +252,12 @@ def score_predictions_csv(predictions: Path, source, test_ids: Sequence[str], co
                          "thresholds are never tuned on the images scored")
         if thresholds is not None:
             used.update(thresholds=dict(zip(classes, thresholds)), threshold_criterion=criterion)
+            if acc_rule != "ge":
+                used["acc_rule"] = acc_rule
+            if ties != "highest":
+                used["threshold_ties"] = ties
     result = evaluate_classification(kind, classes, test_ids, labels, scores, wanted, thresholds=thresholds,
-                                     n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+                                     n_resamples=int(config["bootstrap_resamples"]), seed=seed, acc_rule=acc_rule)
     n_val = len(val_ids) if thresholds is not None and not used.get("optimistic") else 0
     return {**result, "n": {"train": 0, "val": n_val, "test": len(test_ids),
                             "test_per_class": class_counts(kind, labels, classes)},

@@ -10,10 +10,16 @@ phrase's category label instead of its text; the record says which (``text_sourc
 Steps, each a task option:
 
 1. ``adapter.grounding_maps(adapter.preprocess(images), texts)``: maps at the model's own resolution, for
-   images from the image cache at the adapter's ``image_size``.
-2. ``upsample`` (``bilinear``, or ``nearest``: MedKLIP's ``repeat(16)``) to the evaluation grid:
-   ``eval_resolution: fixed`` compares at ``eval_size``² with the truth resized NEAREST (MedKLIP: the
-   1024² box mask to 224²); ``native`` compares at the truth's own size (RSNA and SIIM 1024², MS-CXR the
+   images from the image cache at the adapter's ``image_size``. ``image_read: cache`` caches the reader's
+   8-bit image; ``medklip`` histogram-equalises it first, as MedKLIP's RSNA grounding loader does
+   (MediaBrain-SJTU/MedKLIP Sample_Zero-Shot_Grounding_RSNA/dataset/dataset_RSNA.py:63-70: ``pixel_array /
+   255``, ``skimage.exposure.equalize_hist``, ``(255 * img).astype(uint8)``, RGB; then ``Resize([224, 224])``
+   at :31-35, Pillow's bilinear, which is the cache's resize). See :func:`medklip_read`.
+2. ``upsample`` (``bilinear``, or ``nearest``: MedKLIP's ``repeat(16)``, ``test.py:121``; nearest from
+   14² to 224² picks ``i // 16``, the same pixels) to the evaluation grid: ``eval_resolution: fixed``
+   compares at ``eval_size``² with the truth resized as torchvision's ``Resize(NEAREST)`` resizes a tensor
+   (source pixel ``floor(i * in / out)``; MedKLIP: the 1024² box mask to 224², ``dataset_RSNA.py:36-39,55``),
+   see :func:`resize_truth`; ``native`` compares at the truth's own size (RSNA and SIIM 1024², MS-CXR the
    image's size from its label file).
 3. ``normalize: minmax`` rescales each map to [0, 1] (a constant map becomes 0) so that one threshold means
    the same on every image; ``none`` keeps raw values (MedKLIP's attention probabilities).
@@ -45,7 +51,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
 from vlpbench import distributed
@@ -65,6 +70,7 @@ CHOICES = {
     "eval_resolution": ("fixed", "native"),
     "normalize": ("minmax", "none"),
     "threshold_source": ("val", "fixed"),
+    "image_read": ("cache", "medklip"),
 }
 # Values per map that enter the pooled quantiles of the threshold search; larger maps are strided.
 _VALUES_PER_MAP = 4096
@@ -84,10 +90,14 @@ class Query:
     phrase: int | None = None
 
 
+# Options added after version 1 of the task files; a config without them means the old behaviour.
+DEFAULTS = {"image_read": "cache"}
+
+
 def check_config(config: Mapping[str, Any]) -> None:
     """Raise ``ConfigError`` naming the key for an option outside its allowed values."""
     for key, allowed in CHOICES.items():
-        if config.get(key) not in allowed:
+        if config.get(key, DEFAULTS.get(key)) not in allowed:
             raise ConfigError(f"grounding option {key}={config.get(key)!r}: expected one of {', '.join(allowed)}")
     if config["queries"] == "class" and not str(config.get("prompt") or "").strip():
         raise ConfigError("grounding option prompt: queries=class needs the class prompt (e.g. pneumonia)")
@@ -125,14 +135,63 @@ def grounding_queries(source, ids: Iterable[str], config: Mapping[str, Any],
     return queries, negatives
 
 
+def resize_truth(mask: Any, size: int) -> np.ndarray:
+    """A 2-D mask resized to ``size``² by nearest neighbour as torchvision's ``Resize(NEAREST)`` resizes a
+    tensor (``torch.nn.functional.interpolate(mode="nearest")``): output pixel ``i`` takes source pixel
+    ``floor(i * in / out)`` along each axis. MedKLIP resizes its box mask this way (``ToTensor`` then
+    ``Resize([224, 224], NEAREST)``, Sample_Zero-Shot_Grounding_RSNA/dataset/dataset_RSNA.py:36-39).
+    Pillow's NEAREST samples pixel centres instead (``floor((i + 0.5) * in / out)``), which moves box
+    edges by one output pixel. Returns a boolean array."""
+    truth = torch.from_numpy(np.ascontiguousarray(np.asarray(mask) > 0, dtype=np.uint8))
+    if tuple(truth.shape) != (size, size):
+        truth = F.interpolate(truth[None, None], size=(size, size), mode="nearest")[0, 0]
+    return truth.numpy() > 0
+
+
 def truth_mask(source, query: Query, config: Mapping[str, Any]) -> np.ndarray:
     """The query's ground truth as a boolean mask at the evaluation resolution (see module docstring)."""
     mask = source.mask(query.image_id) if query.phrase is None else source.mask(query.image_id, query.phrase)
     if config["eval_resolution"] == "fixed":
-        size = int(config["eval_size"])
-        if mask.shape != (size, size):
-            mask = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8)).resize((size, size), Image.NEAREST))
+        return resize_truth(mask, int(config["eval_size"]))
     return np.asarray(mask) > 0
+
+
+def equalize_hist(image: Any, nbins: int = 256) -> np.ndarray:
+    """Histogram equalisation of a float image, as ``skimage.exposure.equalize_hist`` computes it for
+    float input: ``nbins`` equal bins over ``[min, max]``, the normalised cumulative histogram taken at the
+    bin centres and interpolated linearly at every pixel (clamped outside the first and last centre).
+    Returns float64 values in (0, 1]."""
+    values = np.asarray(image, dtype=np.float64)
+    counts, edges = np.histogram(values, bins=nbins, range=(float(values.min()), float(values.max())))
+    cdf = np.cumsum(counts) / counts.sum()
+    centres = (edges[:-1] + edges[1:]) / 2
+    return np.interp(values.ravel(), centres, cdf).reshape(values.shape)
+
+
+def medklip_read(pixels: np.ndarray) -> np.ndarray:
+    """A uint8 image as MedKLIP's RSNA grounding loader reads it: ``/ 255``, histogram equalisation,
+    ``(255 * x).astype(uint8)`` (truncation) (MedKLIP Sample_Zero-Shot_Grounding_RSNA/dataset/
+    dataset_RSNA.py:63-70). MedKLIP starts from ``pixel_array``; vlpbench readers give the 8-bit image
+    scaled by ``255 / max``, which is the pixel array itself for RSNA's 8-bit files whose maximum is 255,
+    and otherwise a linear stretch that equalisation (bins over the image's own range) nearly undoes."""
+    return (255 * equalize_hist(np.asarray(pixels, dtype=np.float64) / 255.0)).astype(np.uint8)
+
+
+class MedKLIPRead:
+    """A dataset reader whose ``image`` is :func:`medklip_read` of the wrapped reader's; every other
+    attribute is the wrapped reader's. Its class name is part of the image cache's key, so equalised
+    images are cached apart from plain ones."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def image(self, image_id: str) -> np.ndarray:
+        return medklip_read(self.source.image(image_id))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "source":  # not during unpickling, before ``source`` is set
+            raise AttributeError(name)
+        return getattr(self.source, name)
 
 
 def _normalized(heat: torch.Tensor, normalize: str) -> torch.Tensor:
@@ -207,10 +266,11 @@ def summarize(scores: dict[str, np.ndarray], *, n_resamples: int, seed: int) -> 
 
 
 def compute_maps(adapter, source, queries: list[Query], *, batch_size: int, device: torch.device,
-                 progress: bool = True, desc: str = "maps",
-                 precision: str = DEFAULT_PRECISION) -> dict[str, torch.Tensor]:
+                 progress: bool = True, desc: str = "maps", precision: str = DEFAULT_PRECISION,
+                 image_read: str = "cache") -> dict[str, torch.Tensor]:
     """The adapter's raw heat map of every query, ``{key: (h, w) float32 CPU tensor}``, the adapter
-    running in ``precision`` (``vlpbench.protocols.runtime``).
+    running in ``precision`` (``vlpbench.protocols.runtime``), for images read as ``image_read`` says
+    (``cache``, or ``medklip``: :class:`MedKLIPRead`).
 
     Each batch of images is embedded once for all the distinct texts its queries ask for. Under torchrun
     each rank computes its block of batches and every rank returns the maps of all queries.
@@ -224,8 +284,9 @@ def compute_maps(adapter, source, queries: list[Query], *, batch_size: int, devi
         by_image.setdefault(query.image_id, []).append(query)
     # Readers live in vlpbench.data.<dataset>, so the module's name is the cache's dataset name.
     dataset = type(source).__module__.rpartition(".")[2]
+    reader = MedKLIPRead(source) if image_read == "medklip" else source
     with distributed.main_first():  # rank 0 fills the image cache, the others then read it
-        images = cached_images(source, dataset, image_ids, int(adapter.image_size), progress=progress)
+        images = cached_images(reader, dataset, image_ids, int(adapter.image_size), progress=progress)
     maps: dict[str, torch.Tensor] = {}
     first, stop = distributed.batch_block(len(image_ids), batch_size)  # this rank's whole batches
     bar = tqdm(total=stop - first, desc=desc, disable=not progress, leave=False, unit="img")
@@ -293,10 +354,11 @@ def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any],
              len(test), len(val), texts, test_negatives, val_negatives)
 
     precision = precision_of(config)
+    image_read = config.get("image_read", DEFAULTS["image_read"])
     maps = compute_maps(adapter, source, val, batch_size=batch_size, device=device, progress=progress,
-                        desc="val maps", precision=precision) if val else {}
+                        desc="val maps", precision=precision, image_read=image_read) if val else {}
     maps.update(compute_maps(adapter, source, test, batch_size=batch_size, device=device, progress=progress,
-                             desc="test maps", precision=precision))
+                             desc="test maps", precision=precision, image_read=image_read))
     if predictions is not None and distributed.is_main():  # every rank holds all maps: one file, from rank 0
         write_heatmaps(predictions, maps)
     t_maps = time.perf_counter()
@@ -314,7 +376,7 @@ def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any],
               "flat_maps": sum(is_flat(maps[query.key]) for query in test),
               "cnr_undefined": int(np.count_nonzero(~np.isfinite(scores["cnr"])))},
         "training": {**chosen, "threshold_source": config["threshold_source"], "text_source": texts,
-                     "map_size": map_size, "input_size": int(adapter.image_size),
+                     "map_size": map_size, "input_size": int(adapter.image_size), "image_read": image_read,
                      "world_size": distributed.world_size()},
         "timing": {"maps_s": t_maps - t0, "evaluate_s": t_test - t_maps, "total_s": t_test - t0},
     }

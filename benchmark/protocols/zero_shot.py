@@ -4,13 +4,17 @@ The adapter's ``zero_shot_scores`` gives, per image and class, the probability t
 present (by default CheXzero's: the softmax over the cosine similarities of the image embedding with
 the prompts ``templates[0].format(prompt)`` and ``templates[1].format(prompt)``). The task YAML holds
 the data: ``classes`` (the dataset's names), ``prompts`` (class → the text put into the templates)
-and ``templates``.
+and ``templates``. ``class_prompts`` picks the text of each class: ``plain`` (the task's ``prompts``),
+``chexzero`` or ``kad`` (the strings those references' code passes, :data:`PROMPT_SETS`). The text
+encoders of G2D and MGCA (Bio_ClinicalBERT) are cased, so ``Pneumonia`` and ``pneumonia`` differ.
 
 Metrics (``config["metrics"]``, any of ``auc``, ``f1``, ``acc``, ``mcc``), macro over classes and, for
 several classes, per class (``auc_<class slug>`` ...):
 
-* binary / multi-label tasks: AUC of each class; F1, accuracy and MCC of ``score >= threshold``, the
-  threshold of each class chosen by ``best_threshold`` (``threshold_criterion``) on validation images
+* binary / multi-label tasks: AUC of each class; F1, accuracy and MCC of ``score >= threshold``
+  (``acc_rule: gt``: accuracy of ``score > threshold``, as MedKLIP's code computes it), the
+  threshold of each class chosen by ``best_threshold`` (``threshold_criterion``; of equally good cuts
+  the highest, or with ``threshold_ties: lowest`` the lowest, as MedKLIP's code picks) on validation images
   (``threshold_source: val``), never on test. Which images those are is ``threshold_images``:
   ``split_val`` (the split's val part) or ``chexpert_valid`` (the frontal images of CheXpert's
   ``valid.csv``, for the radiologist test set, which has no validation part). ``test_oracle`` tunes
@@ -20,6 +24,11 @@ several classes, per class (``auc_<class slug>`` ...):
   mean one-vs-rest AUC. No threshold is involved.
 
 Every metric gets a percentile bootstrap CI over test images, thresholds held fixed.
+
+Images: the image cache at the adapter's ``image_size``, or with ``center_crop: true`` G2D's stated
+pipeline (G2D §A.4.2): resize to 256², then the central 224² crop. That crop is for adapters whose input
+is 224²; an adapter with another ``image_size`` is refused (G2D itself: its attention pool holds 8×8 + 1
+positions, so it takes 256² only), rather than fed the crop resized, which is neither pipeline.
 
 Under torchrun (:mod:`vlpbench.distributed`) each rank scores its block of whole batches of the test
 and validation images (the batches of a single process) and the probabilities are gathered in image
@@ -41,7 +50,7 @@ from vlpbench import distributed
 from vlpbench.adapters.base import EMBED_IMAGE, EMBED_TEXT, ZERO_SHOT, check_zero_shot_arguments
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
-from vlpbench.metrics.classification import CRITERIA
+from vlpbench.metrics.classification import ACC_RULES, CRITERIA, TIE_RULES
 from vlpbench.predictions import PROBABILITIES_FILE, write_probabilities
 from vlpbench.protocols import SplitIds, base
 from vlpbench.protocols.classification import class_thresholds, evaluate_classification, score_predictions_csv
@@ -55,9 +64,50 @@ THRESHOLD_SOURCES = ("val", "test_oracle")
 # G2D §A.4.2: resize to 256, center-crop 224 (option center_crop).
 CROP_FROM, CROP_TO = 256, 224
 
+# The class texts of the reference code, keyed by vlpbench's class names (option class_prompts).
+PROMPT_SETS: dict[str, dict[str, str]] = {
+    # rajpurkarlab/CheXzero zero_shot.py:520-526 passes its label names as written, capitalised (CheXpert's
+    # 'Atelectasis', 'Pleural Effusion', 'Pneumonia', 'Pneumothorax', ...), into ("{}", "no {}"); its own
+    # CLIP tokenizer lowercases, a cased BERT does not. CheXzero has no ChestX-ray14 code: for the NIH
+    # findings its label list lacks, the NIH label name, '_' written as a space (vlpbench's reading).
+    "chexzero": {
+        "pneumonia": "Pneumonia", "pneumothorax": "Pneumothorax",  # RSNA, SIIM: CheXzero's spelling (:522-523)
+        "Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
+        "Edema": "Edema", "Pleural Effusion": "Pleural Effusion", "Pneumonia": "Pneumonia",
+        "Pneumothorax": "Pneumothorax",
+        "Effusion": "Effusion", "Infiltration": "Infiltration", "Mass": "Mass", "Nodule": "Nodule",
+        "Emphysema": "Emphysema", "Fibrosis": "Fibrosis", "Pleural_Thickening": "Pleural Thickening",
+        "Hernia": "Hernia",
+    },
+    # xiaoman-zhang/KAD A3_CLIP/test_chestxray14.py:105 (ChestX-ray14) and A3_CLIP/test_chexpert.py:104
+    # (CheXpert). KAD tests no RSNA or SIIM classification, so it has no string for their classes.
+    "kad": {
+        "Atelectasis": "atelectasis", "Cardiomegaly": "cardiomegaly", "Effusion": "pleural effusion",
+        "Infiltration": "infiltration", "Mass": "lung mass", "Nodule": "lung nodule", "Pneumonia": "pneumonia",
+        "Pneumothorax": "pneumothorax", "Consolidation": "consolidation", "Edema": "edema",
+        "Emphysema": "emphysema", "Fibrosis": "fibrosis", "Pleural_Thickening": "pleural thicken",
+        "Hernia": "hernia", "Pleural Effusion": "pleural effusion",
+    },
+}
+CLASS_PROMPTS = ("plain", *PROMPT_SETS)
+# Options added after version 1 of the task files; a config without them means the old behaviour.
+DEFAULTS = {"class_prompts": "plain", "acc_rule": "ge", "threshold_ties": "highest"}
+
 
 def class_prompts(config: dict[str, Any], classes: list[str]) -> list[str]:
-    """The prompt text of each class, from ``config["prompts"]`` (class → text); every class needs one."""
+    """The prompt text of each class: from ``config["prompts"]`` (class → text; every class needs one) with
+    ``class_prompts: plain``, else from :data:`PROMPT_SETS`.
+
+    Raises:
+        ConfigError: a class without a text, or an unknown ``class_prompts``.
+    """
+    style = _choice({**DEFAULTS, **config}, "class_prompts", CLASS_PROMPTS)
+    if style != "plain":
+        texts = PROMPT_SETS[style]
+        if missing := [c for c in classes if c not in texts]:
+            raise ConfigError(f"class_prompts={style}: the {style} reference code has no text for class(es) "
+                              f"{', '.join(missing)}; use class_prompts=plain (the task's prompts)")
+        return [texts[c] for c in classes]
     prompts = config.get("prompts")
     if not isinstance(prompts, dict):
         raise ConfigError(f"config key prompts must map each class to its prompt text, got {prompts!r}")
@@ -81,6 +131,19 @@ def prompt_templates(config: dict[str, Any]) -> tuple[str, str]:
     return tuple(templates)
 
 
+def check_center_crop(adapter, config: dict[str, Any]) -> None:
+    """ConfigError when ``center_crop`` is on and the adapter's input is not the 224² crop.
+
+    ``center_crop`` is G2D §A.4.2's "resize 256, centre-crop 224"; the crop suits an adapter that takes
+    224² input. G2D itself takes 256² only (its attention pool's 65 positions = 8×8 + CLS at stride 32):
+    feeding it the crop resized to 256² would be neither the paper's pipeline nor the model's."""
+    if config.get("center_crop") and int(adapter.image_size) != CROP_TO:
+        raise ConfigError(f"center_crop=true resizes to {CROP_FROM}² and crops the central {CROP_TO}² "
+                          f"(G2D §A.4.2), but adapter {adapter.name!r} takes {int(adapter.image_size)}² input"
+                          f"{' (its attention pool holds 8x8 + 1 positions)' if adapter.name == 'g2d' else ''}; "
+                          "use center_crop=false (resize only)")
+
+
 def _choice(config: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
     value = config.get(key)
     if value not in allowed:
@@ -100,15 +163,16 @@ def zero_shot_probabilities(adapter, source, ids: list[str], prompts: list[str],
                             desc: str) -> np.ndarray:
     """``(len(ids), len(prompts))`` probabilities from ``adapter.zero_shot_scores``, float64.
 
-    Images come from the image cache at the adapter's ``image_size`` (with ``center_crop``: at
-    ``image_size * 256 / 224``, then the central ``image_size``² crop) and pass ``adapter.preprocess``.
+    Images come from the image cache at the adapter's ``image_size`` (with ``center_crop``: at 256², then
+    the central 224² crop; see :func:`check_center_crop`) and pass ``adapter.preprocess``.
     Under torchrun each rank scores its block of batches; every rank returns all rows, in ``ids`` order.
 
     Raises:
         VlpbenchError: the adapter returns the wrong shape, or values outside [0, 1] or not finite.
     """
+    check_center_crop(adapter, config)
     size = int(adapter.image_size)
-    cache_size = round(size * CROP_FROM / CROP_TO) if config["center_crop"] else size
+    cache_size = CROP_FROM if config["center_crop"] else size
     dataset = type(source).__module__.rpartition(".")[2]  # readers live in vlpbench.data.<dataset>
     with distributed.main_first():  # rank 0 fills the image cache, the others then read it
         images = cached_images(source, dataset, ids, cache_size, progress=progress)
@@ -189,6 +253,9 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
     prompts = class_prompts(config, classes)
     templates = prompt_templates(config)
     wanted = _metric_names(config)
+    check_center_crop(adapter, config)
+    acc_rule = _choice({**DEFAULTS, **config}, "acc_rule", ACC_RULES)
+    ties = _choice({**DEFAULTS, **config}, "threshold_ties", TIE_RULES)
     if kind != "multiclass":  # top-1 decisions need no threshold
         threshold_source = _choice(config, "threshold_source", THRESHOLD_SOURCES)
         criterion = _choice(config, "threshold_criterion", CRITERIA)
@@ -215,17 +282,18 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
             val_labels = task_labels(reader, ids, config)
             val_scores = zero_shot_probabilities(adapter, reader, ids, prompts, templates, config,
                                                  device=device, progress=progress, desc="val")
-            thresholds = class_thresholds(val_labels, val_scores, classes, criterion)
+            thresholds = class_thresholds(val_labels, val_scores, classes, criterion, ties)
             n_threshold_images = len(ids)
             saved.update(zip(ids, val_scores))
         else:
             log.warning("zero-shot: thresholds tuned on the test set (test_oracle, as MedKLIP's code); "
                         "F1, accuracy and MCC are optimistic")
-            thresholds = class_thresholds(test_labels, test_scores, classes, criterion)
+            thresholds = class_thresholds(test_labels, test_scores, classes, criterion, ties)
             where = "the test set itself (optimistic)"
             n_threshold_images = len(split.test)
         training = {"thresholds": dict(zip(classes, thresholds)), "threshold_source": threshold_source,
-                    "threshold_images": where, "threshold_criterion": criterion,
+                    "threshold_images": where, "threshold_criterion": criterion, "acc_rule": acc_rule,
+                    "threshold_ties": ties,
                     "optimistic": threshold_source == "test_oracle"}
         positives = {c: int(test_labels[:, k].sum()) for k, c in enumerate(classes)}
     if predictions is not None and distributed.is_main():
@@ -234,7 +302,7 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
 
     evaluated = evaluate_classification(kind, classes, split.test, test_labels, test_scores, wanted,
                                         thresholds=thresholds, n_resamples=int(config["bootstrap_resamples"]),
-                                        seed=seed)
+                                        seed=seed, acc_rule=acc_rule)
     metrics = evaluated["metrics"]
     if "auc" in metrics and metrics["auc"] is None:
         raise DataError(f"zero-shot: no class has both positive and negative test images "
@@ -243,7 +311,9 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
     return {
         **evaluated,
         "n": {"train": 0, "val": n_threshold_images, "test": len(split.test), "test_positives": positives},
-        "training": {**training, "world_size": distributed.world_size()},
+        "training": {**training, "prompts": dict(zip(classes, prompts)),
+                     "class_prompts": config.get("class_prompts", DEFAULTS["class_prompts"]),
+                     "world_size": distributed.world_size()},
         "timing": {"test_inference_s": t_test - t0, "threshold_s": t_scored - t_test,
                    "metrics_s": t_end - t_scored, "total_s": t_end - t0},
     }

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from vlpbench import api
 from vlpbench.adapters.base import Adapter, CapabilityError, LoadReport, Weights
@@ -207,7 +206,10 @@ def _upsampled(raw: np.ndarray, size: int) -> np.ndarray:
 
 
 def _truth_224(mask: np.ndarray) -> np.ndarray:
-    return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((224, 224), Image.NEAREST)) > 0
+    # torchvision's Resize(NEAREST) on a tensor, as MedKLIP resizes its mask: source pixel floor(i * in / out).
+    rows = np.arange(224) * mask.shape[0] // 224
+    cols = np.arange(224) * mask.shape[1] // 224
+    return mask[np.ix_(rows, cols)] > 0
 
 
 def test_score_on_a_hand_made_npz_equals_the_direct_computation(roots, tmp_path):
