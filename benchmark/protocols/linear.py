@@ -143,17 +143,20 @@ def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> 
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """A ``(C, H, W)`` image blurred by a Gaussian of standard deviation ``sigma`` pixels (reflect border).
+    """A ``(C, H, W)`` image blurred by a Gaussian of standard deviation ``sigma`` pixels, the pixels
+    beyond the border taking the edge pixel's value.
 
-    MGCA blurs with PIL ``ImageFilter.GaussianBlur(radius=sigma)``, PIL's radius being the standard
-    deviation; here the Gaussian is exact, truncated at 3 sigma.
+    MGCA blurs with PIL ``ImageFilter.GaussianBlur(radius=sigma)`` (HKU-MedAI/MGCA
+    mgca/datasets/transforms.py:88-97), PIL's radius being the standard deviation. Pillow approximates
+    the Gaussian by three box blurs that repeat the edge pixel outside the image (src/libImaging/
+    BoxBlur.c, ``ImagingLineBoxBlur``); here the Gaussian is exact, truncated at 3 sigma, with the same
+    edge rule (within 6 grey levels of Pillow for sigma up to 2, the box approximation's own error).
     """
     radius = max(1, math.ceil(3 * sigma))
-    radius = min(radius, image.shape[-1] - 1, image.shape[-2] - 1)
     offsets = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    x = F.pad(image[:, None], (radius, radius, radius, radius), mode="reflect")
+    x = F.pad(image[:, None], (radius, radius, radius, radius), mode="replicate")
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))
     x = F.conv2d(x, kernel.view(1, 1, -1, 1))
     return x[:, 0]

@@ -202,3 +202,19 @@ def test_mgca_fraction_is_pandas_sample_with_random_state_42():
     assert mgca_fraction(["a", "b", "c"], 1.0) == ["a", "b", "c"]  # MGCA samples only when data_pct != 1
     with pytest.raises(ValueError):
         mgca_fraction_positions(10, 0.0)
+
+
+def test_moco2_blur_is_close_to_pillow_gaussian_blur_as_mgca_applies_it():
+    from PIL import Image, ImageFilter
+
+    from vlpbench.protocols.linear import gaussian_blur
+
+    rng = np.random.default_rng(0)
+    image = np.clip(np.add.outer(np.linspace(0, 200, 64), np.linspace(0, 50, 64)) + rng.integers(0, 40, (64, 64)),
+                    0, 255).astype(np.uint8)
+    image[:, :3] = 255  # a bright edge: the border rule matters
+    for sigma in (0.5, 1.0, 2.0):
+        # MGCA: GaussianBlur(radius=sigma) on the RGB PIL image (HKU-MedAI/MGCA mgca/datasets/transforms.py:94-97).
+        pillow = np.asarray(Image.fromarray(image).convert("RGB").filter(ImageFilter.GaussianBlur(radius=sigma)))
+        ours = gaussian_blur(torch.from_numpy(image / 255.0)[None], sigma)[0].numpy() * 255
+        assert np.abs(ours - pillow[..., 0]).max() <= 6.5
