@@ -218,3 +218,37 @@ def test_moco2_blur_is_close_to_pillow_gaussian_blur_as_mgca_applies_it():
         pillow = np.asarray(Image.fromarray(image).convert("RGB").filter(ImageFilter.GaussianBlur(radius=sigma)))
         ours = gaussian_blur(torch.from_numpy(image / 255.0)[None], sigma)[0].numpy() * 255
         assert np.abs(ours - pillow[..., 0]).max() <= 6.5
+
+
+def test_mgca_fraction_over_mgca_rsna_and_covidx_training_order():
+    """The subset is a fixed function of the label files once the ids are in the row order of MGCA's
+    training CSV; that order is a permutation of sorted patient ids (RSNA) or of the file's rows
+    (COVIDx). Reference: pandas and scikit-learn doing what MGCA's preprocessing and dataset do."""
+    pd = pytest.importorskip("pandas")
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    rng = np.random.default_rng(3)
+    # RSNA: one row per box, patients unsorted and repeated (mgca/preprocess/rsna.py:34-53).
+    patients = [f"{rng.integers(0, 16**8):08x}-{k}" for k in range(1500)]
+    rows = pd.DataFrame({"patientId": patients + list(rng.choice(patients, 300))})
+    grouped = rows.groupby("patientId").size().reset_index()  # groupby sorts by patientId
+    train, _ = model_selection.train_test_split(grouped, test_size=0.15 * 2, random_state=0)
+    # COVIDx: the rows of train_COVIDx9A.txt in file order (mgca/preprocess/covidx.py:21-36).
+    files = pd.DataFrame({"filename": [f"f{k}.png" for k in rng.permutation(2000)]})
+    covidx_train, _ = model_selection.train_test_split(files, train_size=0.8, random_state=0)
+    for frame, column, order in [
+        (train, "patientId", _train_order(sorted(set(patients)), test_fraction=0.3)),
+        (covidx_train, "filename", _train_order(list(files["filename"]), train_fraction=0.8)),
+    ]:
+        frame = frame.reset_index(drop=True)  # MGCA re-reads the CSV it wrote: a fresh RangeIndex
+        assert order == frame[column].tolist()
+        for fraction in (0.01, 0.1):
+            assert mgca_fraction(order, fraction) == frame.sample(frac=fraction, random_state=42)[column].tolist()
+
+
+def _train_order(ids: list[str], test_fraction: float | None = None, train_fraction: float | None = None) -> list[str]:
+    """scikit-learn's train_test_split(random_state=0) train part, in its order, written with numpy."""
+    import math
+
+    n = len(ids)
+    n_test = math.ceil(test_fraction * n) if test_fraction is not None else n - math.floor(train_fraction * n)
+    return [ids[k] for k in np.random.RandomState(0).permutation(n)[n_test:]]
