@@ -4,13 +4,26 @@ A linear probe on a frozen encoder sees each validation and test image through o
 pipeline, so its features can be computed once and reused by every run of a sweep (fractions,
 seeds, learning rates). :func:`cached_features` does that.
 
-Pipeline (:class:`Preprocessing`): the image cache's square resize to ``resize`` pixels (aspect not
-kept), a center crop of ``crop`` pixels, scaling to [0, 1], the task's mean/std on the grey value
-repeated to three channels, optionally MGCA's bilinear upsampling to 299 pixels, the encoder, and a
-global average pool of its deepest feature map. MGCA instead resizes the longer side to 256 and
-zero-pads to a square before the 224 center crop (``resize_img``); on the square-ish chest X-rays of
-these datasets the two differ by the padding band only, and the square resize lets every protocol
-share one image cache.
+Pipeline (:class:`Preprocessing`): the image cache's resize to ``resize`` pixels square, a center
+crop of ``crop`` pixels, scaling to [0, 1], the task's mean/std on the grey value repeated to three
+channels, optionally MGCA's bilinear upsampling to 299 pixels, the encoder, and a global average pool
+of its deepest feature map.
+
+The resize is config ``resize``:
+
+- ``square`` (canonical): every image squashed to ``resize``² with Pillow's antialiased bilinear
+  filter (the image cache's ``antialias`` method); the aspect ratio is not kept.
+- ``pad``: MGCA's ``resize_img`` (HKU-MedAI/MGCA mgca/datasets/utils.py:28-74, called by ``get_imgs``
+  and ``read_from_dicom``, utils.py:8-25,77-85): the longer side to ``resize`` with OpenCV's
+  ``INTER_AREA``, the aspect ratio kept, the shorter side zero-padded to a square (the image cache's
+  ``pad_area`` method).
+
+The two differ by more than a padding band. A non-square image is stretched along its shorter side by
+``square``: a CheXpert frontal film of the small release (about 320 x 390 px) by about 20 %, and
+many COVIDx files likewise. ``pad`` keeps the anatomy's proportions, but then the 224 center crop of a
+256² padded image cuts 16 px off each side of the longer axis and keeps part of the zero band of the
+shorter one. Square chest films (most RSNA DICOMs, 1024²) come out alike under both, up to the
+resampling filter.
 
 Cache layout under ``vlpbench.config.cache_dir() / "features"``::
 
@@ -19,7 +32,9 @@ Cache layout under ``vlpbench.config.cache_dir() / "features"``::
 
 ``key`` is a hash of the adapter (name, checkpoint sha256, options, encoder name), the data (reader,
 :func:`vlpbench.data.cache.source_fingerprint`, the image ids in order and, where the reader gives
-file paths, each file's size and modification time), the pipeline and the resize method. Both files
+file paths, each file's size and modification time), the pipeline and the resize rule the image
+cache applied (``resize_method``: ``pil-bilinear-antialias`` for ``square``, ``mgca-pad-inter-area``
+for ``pad``, the image cache's own names), so features of the two resizes never share an entry. Both files
 appear by an atomic rename; a file that is unreadable, truncated, of the wrong shape or whose
 ``.json`` does not hold the expected key is recomputed, never trusted.
 """
@@ -44,7 +59,7 @@ from tqdm.auto import tqdm
 
 from vlpbench import distributed
 from vlpbench.config import cache_dir
-from vlpbench.data.cache import METHOD, cached_images, source_fingerprint
+from vlpbench.data.cache import _METHOD_TAGS, cached_images, source_fingerprint
 from vlpbench.errors import ConfigError, VlpbenchError
 from vlpbench.files import atomic_path, atomic_write
 from vlpbench.protocols.runtime import DEFAULT_PRECISION, prepare_model, to_device
@@ -53,6 +68,9 @@ log = logging.getLogger("vlpbench")
 
 FORMAT_VERSION = 1
 MGCA_UPSAMPLE = 299  # MGCA ImageEncoder.resnet_forward: bilinear, align_corners=True, before the ResNet
+# Config ``resize`` → the image cache's resize method (vlpbench.data.resize.RESIZE_METHODS).
+RESIZES = {"square": "antialias", "pad": "pad_area"}
+DEFAULT_RESIZE = "square"
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,9 @@ class Preprocessing:
         mean, std: normalisation of the [0, 1] grey value repeated to three channels: one number for
             every channel (MGCA's 0.5) or one per channel (ImageNet's).
         upsample_299: MGCA's bilinear upsampling of the crop to 299 pixels.
+        resize_rule: ``square`` or ``pad`` (module docstring); the feature key records it as the
+            image cache's method name, not under this field's name, so ``square`` keys are those
+            written before the option existed.
     """
 
     resize: int
@@ -72,17 +93,29 @@ class Preprocessing:
     mean: float | tuple[float, float, float]
     std: float | tuple[float, float, float]
     upsample_299: bool = False
+    resize_rule: str = DEFAULT_RESIZE
+
+    def __post_init__(self) -> None:
+        if self.resize_rule not in RESIZES:
+            raise ConfigError(f"resize={self.resize_rule!r}: expected one of {', '.join(RESIZES)}")
+
+    @property
+    def cache_method(self) -> str:
+        """The image cache's resize method for ``resize_rule``."""
+        return RESIZES[self.resize_rule]
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Preprocessing":
-        """From a task config's ``resize_size``, ``image_size``, ``mean``, ``std``, ``upsample_299``.
+        """From a task config's ``resize_size``, ``image_size``, ``mean``, ``std``, ``upsample_299`` and
+        ``resize`` (``square`` where the task has no such option).
 
         Raises:
-            ConfigError: a size below 1, a crop larger than the resize, or ``std`` not positive.
+            ConfigError: a size below 1, a crop larger than the resize, ``std`` not positive, or an
+                unknown ``resize``.
         """
         pre = cls(resize=int(config["resize_size"]), crop=int(config["image_size"]),
                   mean=channel_values(config["mean"], "mean"), std=channel_values(config["std"], "std"),
-                  upsample_299=bool(config["upsample_299"]))
+                  upsample_299=bool(config["upsample_299"]), resize_rule=config.get("resize", DEFAULT_RESIZE))
         if pre.crop < 1 or pre.resize < pre.crop:
             raise ConfigError(f"image_size={pre.crop} must be between 1 and resize_size={pre.resize} "
                               "(the crop is taken from the resized image)")
@@ -117,9 +150,10 @@ def dataset_name(source: Any) -> str:
     return type(source).__module__.rpartition(".")[2]
 
 
-def load_images(source: Any, ids: Sequence[str], size: int, progress: bool) -> np.ndarray:
-    """The images ``ids`` as a read-only uint8 memory-map ``(n, size, size)`` from the image cache."""
-    return cached_images(source, dataset_name(source), list(ids), size, progress=progress)
+def load_images(source: Any, ids: Sequence[str], size: int, progress: bool, method: str = "antialias") -> np.ndarray:
+    """The images ``ids`` as a read-only uint8 memory-map ``(n, size, size)`` from the image cache,
+    resized by the cache's ``method`` (``Preprocessing.cache_method``)."""
+    return cached_images(source, dataset_name(source), list(ids), size, method=method, progress=progress)
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -192,7 +226,8 @@ def feature_key(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessin
                  "reader": f"{type(source).__module__}.{type(source).__qualname__}",
                  "fingerprint": source_fingerprint(source),
                  "n": len(ids), "ids_sha256": _ids_digest(source, ids)},
-        "preprocessing": {**asdict(pre), "resize_method": METHOD, "pillow": PIL.__version__,
+        "preprocessing": {**{k: v for k, v in asdict(pre).items() if k != "resize_rule"},
+                          "resize_method": _METHOD_TAGS[pre.cache_method], "pillow": PIL.__version__,
                           "pool": "global average of the deepest feature map"},
     }
 
@@ -225,7 +260,7 @@ def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preproce
 
     log.info("feature cache: computing %d %s features into %s", len(ids), desc, path)
     with distributed.main_first():  # rank 0 fills the image cache, the others then read it
-        images = load_images(source, ids, pre.resize, progress)
+        images = load_images(source, ids, pre.resize, progress, pre.cache_method)
     # Under torchrun each rank encodes its block of whole batches; the gathered features are in id order.
     start, stop = distributed.batch_block(len(ids), batch_size)
     values = distributed.gather_arrays(extract_features(

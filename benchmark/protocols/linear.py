@@ -18,6 +18,13 @@ Two modes (config ``linear_mode``):
   through the frozen encoder. Validation and test images go through the same deterministic
   pipeline as in ``cached`` mode, so both modes take their features from the cache.
 
+Both modes read the images through the resize of config ``resize`` (:mod:`vlpbench.protocols.features`):
+``square`` (canonical) or ``pad``, MGCA's ``resize_img``.
+
+MGCA draws its 1 % and 10 % training subsets with ``df.sample(frac, random_state=42)`` over its
+training dataframe (HKU-MedAI/MGCA mgca/datasets/classification_dataset.py:52-53, 165-166, 208-209);
+:func:`mgca_fraction` is that draw, for ids given in the dataframe's row order.
+
 Under torchrun (:mod:`vlpbench.distributed`) each rank encodes its block of whole feature batches
 and the features are gathered in id order on every rank (so they are bit for bit those of one
 process); rank 0 writes the feature cache while the others wait. The head is tiny, so every rank
@@ -136,17 +143,20 @@ def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> 
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """A ``(C, H, W)`` image blurred by a Gaussian of standard deviation ``sigma`` pixels (reflect border).
+    """A ``(C, H, W)`` image blurred by a Gaussian of standard deviation ``sigma`` pixels, the pixels
+    beyond the border taking the edge pixel's value.
 
-    MGCA blurs with PIL ``ImageFilter.GaussianBlur(radius=sigma)``, PIL's radius being the standard
-    deviation; here the Gaussian is exact, truncated at 3 sigma.
+    MGCA blurs with PIL ``ImageFilter.GaussianBlur(radius=sigma)`` (HKU-MedAI/MGCA
+    mgca/datasets/transforms.py:88-97), PIL's radius being the standard deviation. Pillow approximates
+    the Gaussian by three box blurs that repeat the edge pixel outside the image (src/libImaging/
+    BoxBlur.c, ``ImagingLineBoxBlur``); here the Gaussian is exact, truncated at 3 sigma, with the same
+    edge rule (within 6 grey levels of Pillow for sigma up to 2, the box approximation's own error).
     """
     radius = max(1, math.ceil(3 * sigma))
-    radius = min(radius, image.shape[-1] - 1, image.shape[-2] - 1)
     offsets = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    x = F.pad(image[:, None], (radius, radius, radius, radius), mode="reflect")
+    x = F.pad(image[:, None], (radius, radius, radius, radius), mode="replicate")
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))
     x = F.conv2d(x, kernel.view(1, 1, -1, 1))
     return x[:, 0]
@@ -178,6 +188,43 @@ def moco2(images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             image = image.flip(-1)
         out.append(image)
     return torch.stack(out)
+
+
+# --- MGCA's fraction draw ---------------------------------------------------------------------------
+
+MGCA_FRACTION_SEED = 42  # HKU-MedAI/MGCA mgca/datasets/classification_dataset.py:53, 166, 209
+
+
+def mgca_fraction_positions(n: int, fraction: float, seed: int = MGCA_FRACTION_SEED) -> np.ndarray:
+    """Row positions that ``df.sample(frac=fraction, random_state=seed)`` takes from ``n`` rows, in
+    the order pandas returns them; all ``n`` rows, in order, for ``fraction`` 1 (MGCA samples only
+    when ``data_pct != 1``).
+
+    pandas' rule, the same in the 1.x releases MGCA ran and in 3.x: ``size = round(frac * n)``
+    (Python's round, half to even; ``NDFrame.sample`` in pandas/core/generic.py), the seed made a
+    ``numpy.random.RandomState`` (pandas/core/common.py ``random_state``), and
+    ``RandomState.choice(n, size, replace=False)`` without weights (pandas/core/sample.py ``sample``),
+    which numpy computes as ``permutation(n)[:size]`` (numpy/random/mtrand.pyx ``choice``). The legacy
+    RandomState stream is frozen across numpy versions, so the draw is a fixed function of ``n``.
+
+    Raises:
+        ValueError: ``fraction`` outside (0, 1].
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return np.arange(n)
+    return np.random.RandomState(seed).permutation(n)[:round(fraction * n)]
+
+
+def mgca_fraction(ids: list[str], fraction: float, seed: int = MGCA_FRACTION_SEED) -> list[str]:
+    """MGCA's training subset of ``ids`` (``df.sample(frac=fraction, random_state=42)``).
+
+    ``ids`` must be in the row order of MGCA's training dataframe: MGCA's preprocessed train CSV as
+    written (CheXpert also keeps only its frontal rows first, classification_dataset.py:48-49); any
+    other order gives another subset of the same size.
+    """
+    return [ids[k] for k in mgca_fraction_positions(len(ids), fraction, seed)]
 
 
 # --- the protocol ------------------------------------------------------------------------------------
@@ -295,7 +342,7 @@ def _augmented_batches(adapter, source, ids: list[str], pre: Preprocessing, tran
                        device: torch.device, progress: bool,
                        precision: str = "fp32") -> Callable[[torch.Tensor], torch.Tensor]:
     """MGCA mode: pooled features of freshly augmented training images, through the frozen encoder."""
-    images = load_images(source, ids, pre.resize, progress)
+    images = load_images(source, ids, pre.resize, progress, pre.cache_method)
     encoder = prepare_model(freeze(adapter.encoder()), device, precision)
     generator = torch.Generator().manual_seed(seed + 1)  # the augmentation's own stream
 
