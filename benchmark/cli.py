@@ -387,9 +387,10 @@ def _run(args: argparse.Namespace) -> int:
     if path is None:  # a torchrun rank other than 0: rank 0 writes and prints the result
         return 0
     metric = record["primary_metric"]
-    ci = record.get("ci", {}).get(metric, {})
-    print(f"{record['task']['name']} {metric} = {record['metrics'][metric]:.4f} "
-          f"(95% CI {ci.get('low', float('nan')):.4f}–{ci.get('high', float('nan')):.4f}, "
+    ci = (record.get("ci") or {}).get(metric) or {}
+    interval = (f"95% CI {ci['low']:.4f}–{ci['high']:.4f}, " if ci.get("low") is not None and ci.get("high") is not None
+                else "")
+    print(f"{record['task']['name']} {metric} = {record['metrics'][metric]:.4f} ({interval}"
           f"n_test={record['n']['test']})\nrecord: {path}")
     return 0
 

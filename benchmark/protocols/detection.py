@@ -591,7 +591,7 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
 
 def evaluate_detection(truths: list[np.ndarray], detections: Sequence[tuple[np.ndarray, np.ndarray]], *,
                        n_resamples: int, seed: int) -> dict[str, Any]:
-    """``metrics`` (:func:`_map_metrics`), ``ci`` of ``map`` (images resampled), ``per_image`` ({}: mAP has no
+    """``metrics`` (:func:`_map_metrics`), ``ci`` of ``map`` and ``map_mgca`` (images resampled), ``per_image`` ({}: mAP has no
     per-image part) and the test counts in ``n`` of every test image's detections against its truth boxes.
 
     Raises:
@@ -602,7 +602,11 @@ def evaluate_detection(truths: list[np.ndarray], detections: Sequence[tuple[np.n
     if metrics["map"] is None:
         raise DataError(f"the {len(truths)} test images hold no ground-truth box, so their mAP is undefined")
     positives = sum(1 for t in truths if len(t))
-    return {"metrics": metrics, "ci": {"map": map_ci(matches, n_resamples=n_resamples, seed=seed)}, "per_image": {},
+    ci = {"map": map_ci(matches, n_resamples=n_resamples, seed=seed)}
+    if metrics["map_mgca"] is not None:
+        # MGCA's mAP is the mAP of the images it keeps, so its CI resamples those images.
+        ci["map_mgca"] = map_ci(matches.subset(mgca_kept(matches)), n_resamples=n_resamples, seed=seed)
+    return {"metrics": metrics, "ci": ci, "per_image": {},
             "n": {"test": len(truths), "test_positive": positives, "test_negative": len(truths) - positives,
                   "test_boxes": int(matches.n_truths.sum()), "test_detections": int(matches.n_detections.sum())}}
 

@@ -271,3 +271,24 @@ def test_a_bad_choice_is_refused_at_the_start_naming_the_option_and_its_choices(
                "nms": "'torchvision', 'mgca'", "input_resize": "'antialias', 'linear'"}[key]
     with pytest.raises(ConfigError, match=f"{key} must be one of {choices}, got 'bogus'"):
         run_detection(None, None, SplitIds([], [], []), config, seed=0, device=torch.device("cpu"))
+
+
+def test_mgca_map_has_a_ci_over_the_images_mgca_keeps():
+    from vlpbench.metrics.detection import DetectionMatches, map_ci
+    from vlpbench.protocols.detection import evaluate_detection
+
+    rng = np.random.default_rng(3)
+    truths, detections = [], []
+    for i in range(30):
+        truths.append(np.array([[10.0, 10.0, 40.0, 40.0]]) if i % 3 else np.zeros((0, 4)))
+        n = int(rng.integers(0, 3))
+        boxes = np.array([[10.0, 10.0, 40.0, 40.0]]) + rng.normal(0, 4, (n, 4))
+        detections.append((boxes, rng.random(n)))
+    evaluated = evaluate_detection(truths, detections, n_resamples=200, seed=0)
+    # the images MGCA keeps: at least one detection and one box, its CI resamples only those
+    kept = [i for i in range(30) if len(truths[i]) and len(detections[i][0])]
+    direct = map_ci(DetectionMatches([truths[i] for i in kept], [detections[i][0] for i in kept],
+                                     [detections[i][1] for i in kept]), n_resamples=200, seed=0)
+    assert evaluated["ci"]["map_mgca"]["low"] == pytest.approx(direct["low"])
+    assert evaluated["ci"]["map_mgca"]["high"] == pytest.approx(direct["high"])
+    assert direct["low"] <= evaluated["metrics"]["map_mgca"] <= direct["high"]
