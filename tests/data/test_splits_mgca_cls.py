@@ -142,7 +142,8 @@ def test_rsna_mgca_cls_registered_and_regenerable_from_the_command_line(tmp_path
     assert DATASETS.get("rsna").split_generators["mgca_cls"] == "vlpbench.data.rsna:generate_split_mgca_cls"
     main(["rsna", "--version", "mgca_cls", "--out", str(tmp_path)])
     assert "train_1pct.csv: 187 rows, positives 36," in capsys.readouterr().out
-    assert (tmp_path / "MANIFEST.json").read_bytes() == (SPLITS_DIR / "rsna" / "mgca_cls" / "MANIFEST.json").read_bytes()
+    committed = SPLITS_DIR / "rsna" / "mgca_cls" / "MANIFEST.json"
+    assert (tmp_path / "MANIFEST.json").read_bytes() == committed.read_bytes()
     assert dataset_split("rsna", None, "mgca_cls").manifest_sha256 == load_split("rsna", "mgca_cls").manifest_sha256
 
 
@@ -253,7 +254,8 @@ def test_chexpert_mgca_sizes_overlap_and_labels():
     v1 = load_split("chexpert", "v1")
     pool = set(v1.ids("train")) | set(v1.ids("val"))  # the frontal images minus the 5x200 set: 190,027
     # The bug's other side: the 4,175 images whose row number (not row) was drawn are in neither part.
-    assert train | val < pool and len(pool - (train | val)) == 4175 == split.manifest["reference"]["overlap"]["in_neither"]
+    overlap = split.manifest["reference"]["overlap"]
+    assert train | val < pool and len(pool - (train | val)) == 4175 == overlap["in_neither"]
     v1_labels = {**v1.labels("train", "Edema"), **v1.labels("val", "Edema")}
     assert all(v1_labels[i] == y for p in split.parts for i, y in split.labels(p, "Edema").items())
     assert "test" not in split.parts and DATASETS.get("chexpert").test_split  # test: the user's valid.csv
