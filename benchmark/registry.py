@@ -129,13 +129,17 @@ DATASETS.register("siim", DatasetSpec(
 DATASETS.register("rsna", DatasetSpec(
     reader="vlpbench.data.rsna:RsnaSource", synthesizer="vlpbench.synthetic.rsna:synth_rsna",
     split_generators={"v1": "vlpbench.data.rsna:generate_split_v1",
-                      # Reference splits for the paper profile: MGCA's detection/segmentation split and
-                      # MedKLIP's public zero-shot grounding test list (docs/datasets.md).
+                      # Reference splits for the paper profile: MGCA's detection/segmentation split, MGCA's
+                      # linear-classification split and MedKLIP's public zero-shot grounding test list
+                      # (docs/datasets.md).
                       "mgca": "vlpbench.data.rsna:generate_split_mgca",
+                      "mgca_cls": "vlpbench.data.rsna:generate_split_mgca_cls",
                       "medklip": "vlpbench.data.rsna:generate_split_medklip"}))
 DATASETS.register("chexpert", DatasetSpec(
     reader="vlpbench.data.chexpert:ChexpertSource", synthesizer="vlpbench.synthetic.chexpert:synth_chexpert",
-    split_generators={"v1": "vlpbench.data.chexpert:generate_split_v1"},
+    split_generators={"v1": "vlpbench.data.chexpert:generate_split_v1",
+                      # MGCA's linear-classification split and subsets, its val/train overlap kept (docs/datasets.md).
+                      "mgca": "vlpbench.data.chexpert:generate_split_mgca"},
     test_split="vlpbench.data.chexpert:test_split"))
 # Two more split sets of the CheXpert folder: the committed 5x200 zero-shot set, and the radiologist-labelled
 # test set (groundtruth.csv and test/ kept in the same folder), so one data folder serves every CheXpert task.
@@ -153,7 +157,8 @@ DATASETS.register("object_cxr", DatasetSpec(
                     "mgca": "vlpbench.data.object_cxr:split_mgca"}))  # MGCA's split (docs/datasets.md)
 DATASETS.register("covidx", DatasetSpec(
     reader="vlpbench.data.covidx:CovidxSource", synthesizer="vlpbench.synthetic.covidx:synth_covidx",
-    derived_splits={"v1": "vlpbench.data.covidx:split_v1"}))
+    derived_splits={"v1": "vlpbench.data.covidx:split_v1",
+                    "mgca": "vlpbench.data.covidx:split_mgca"}))  # MGCA's split and subsets (docs/datasets.md)
 DATASETS.register("mimic_cxr", DatasetSpec(
     reader="vlpbench.data.mimic_cxr:MimicCxrSource", synthesizer="vlpbench.synthetic.mimic_cxr:synth_mimic_cxr",
     derived_splits={"v1": "vlpbench.data.mimic_cxr:split_v1"}))

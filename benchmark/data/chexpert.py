@@ -34,7 +34,8 @@ import numpy as np
 from vlpbench.data import is_synthetic
 from vlpbench.data.base import DatasetReader, check_classes
 from vlpbench.data.images import read_image
-from vlpbench.data.splits import Split, derived_split, multilabel_subset, stratified_sample, write_split
+from vlpbench.data.splits import (Split, derived_split, mgca_fraction_subsets, multilabel_subset, stratified_sample,
+                                  write_split)
 from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.errors import ConfigError, DataError
 
@@ -63,6 +64,13 @@ FIVE_X_200_SEED = 0  # MGCA's df.sample(n=200, random_state=0)
 SEED = 0
 VAL_SIZE = 5000
 SUBSETS = {"train_10pct": 0.1, "train_1pct": 0.01}
+
+# MGCA's split (HKU-MedAI/MGCA @ 680fe4a, mgca/preprocess/chexpert.py:39-61): the rows of train.csv minus the
+# 5x200 set; val = np.random.choice(len, 5000, replace=False) under np.random.seed(0) (line 5), rows taken by
+# position; train = df.drop(those numbers), by index label. See mgca_parts.
+MGCA_COMMIT = "680fe4a6ee0cc454ab58fd1a8b28fee81c03d742"
+MGCA_SEED = 0
+MGCA_VAL_NUM = 5000  # CHEXPERT_VALID_NUM, mgca/constants.py:29
 
 TEST_FILES = ("groundtruth.csv", "test_labels.csv")  # study-level (Study) / image-level (Path)
 TEST_ALIASES = {"Airspace Opacity": "Lung Opacity"}  # CheXlocalize's name
@@ -453,6 +461,94 @@ def generate_split_v1(out_dir: str | Path) -> dict:
         source={**_source_info(table), "policy": "mgca", "val_size": VAL_SIZE,
                 "excluded": f"chexpert5x200/v1 ({len(excluded)} images)",
                 "test": "the frontal images of the user's valid.csv (vlpbench.data.chexpert:test_split)"},
+    )
+
+
+def mgca_parts(table: LabelTable) -> dict[str, list[str]]:
+    """MGCA's CheXpert linear-classification split of a train.csv ``table``, with MGCA's 1 % / 10 % subsets.
+
+    MGCA (``mgca/preprocess/chexpert.py`` @ 680fe4a, ``preprocess_chexpert_data``): the rows of train.csv
+    (all views, line 41) without the 1,000 rows of the 5x200 set (48-49; :func:`build_5x200`, the same
+    draw); the surviving rows keep their original index labels (row numbers of train.csv, with 1,000
+    gaps). ``valid_ids = np.random.choice(len(df), 5000, replace=False)`` (50-51) under the global RNG seeded
+    0 at import (line 5; no other global draw precedes it), which is ``RandomState(0).permutation(len(df))
+    [:5000]``; ``valid_df = df.iloc[valid_ids]`` (52) takes those *positions*; ``train_df =
+    df.drop(valid_ids, errors="ignore")`` (53) drops the rows whose *index label* is one of those numbers.
+    Labels and positions differ after the first 5x200 row (row 94 of the real file), so val and train
+    overlap: the bug. ``CheXpertImageDataset`` (``mgca/datasets/classification_dataset.py:38-53``) reads
+    the written train / valid CSVs, keeps the frontal rows (48-49; every split) and, for train with
+    ``data_pct`` != 1, ``df.sample(frac=data_pct, random_state=42)`` (52-53) over the frontal train rows in
+    file order: ``train_10pct`` and ``train_1pct`` (:func:`vlpbench.data.splits.mgca_fraction_subsets`).
+
+    Returns the frontal images of each part: ``train`` in train.csv order, ``val`` in MGCA's draw order,
+    and the subsets in sample order. On the shipped file: train 185,771, val 4,284 (4,203 of them also in
+    train), train_10pct 18,577, train_1pct 1,858 (1 % ⊂ 10 %); 4,175 frontal images of the pool (those whose
+    row number was drawn, but not their row) are in neither part. The test part (valid.csv, frontal) comes
+    from the user's copy, as for v1 (:func:`test_split`).
+    """
+    excluded = {path for path, _ in _five_by_200(table)}
+    kept = [row for row, path in enumerate(table.paths) if path not in excluded]  # index labels, in order
+    valid_positions = np.random.RandomState(MGCA_SEED).permutation(len(kept))[:MGCA_VAL_NUM]
+    dropped = {int(position) for position in valid_positions}  # df.drop reads the numbers as labels
+    val_rows = [kept[position] for position in valid_positions]
+    train_rows = [row for row in kept if row not in dropped]
+    train = [table.paths[row] for row in train_rows if table.frontal[row]]
+    val = [table.paths[row] for row in val_rows if table.frontal[row]]
+    return {"train": train, "val": val, **mgca_fraction_subsets(train)}
+
+
+def generate_split_mgca(out_dir: str | Path) -> dict:
+    """Write split ``chexpert/mgca`` (MGCA's split and subsets, :func:`mgca_parts`) from the shipped
+    train.csv; return the manifest. Parts and labels as :func:`generate_split_v1` (no ``test`` part: the
+    frontal images of the user's valid.csv, MGCA's test set too, mgca/constants.py:17-19). The val images
+    that are also train images are kept in both parts, as MGCA has them; the manifest counts them."""
+    table = shipped_table()
+    parts = mgca_parts(table)
+    ids = sorted(set(parts["train"]) | set(parts["val"]))
+    at = {path: row for row, path in enumerate(table.paths)}
+    mapped = apply_policy(table.values[[at[i] for i in ids]], COMPETITION_5, "mgca")
+    labels = {image_id: dict(zip(COMPETITION_5, map(int, row))) for image_id, row in zip(ids, mapped.tolist())}
+    leaked = len(set(parts["train"]) & set(parts["val"]))
+    n_excluded = len(_five_by_200(table))  # all frontal
+    lost = int(table.frontal.sum()) - n_excluded - len(ids)
+    return write_split(
+        out_dir,
+        dataset="chexpert",
+        version="mgca",
+        parts={part: parts[part] for part in ("train", "val", "train_1pct", "train_10pct")},
+        labels=labels,
+        columns=list(COMPETITION_5),
+        generator="vlpbench.data.chexpert:generate_split_mgca",
+        seed=MGCA_SEED,
+        fractions=dict(SUBSETS),
+        source={**_source_info(table), "policy": "mgca", "val_size": MGCA_VAL_NUM,
+                "excluded": f"chexpert5x200/v1 ({n_excluded} images)",
+                "test": "the frontal images of the user's valid.csv (vlpbench.data.chexpert:test_split)"},
+        reference={
+            "repository": "HKU-MedAI/MGCA",
+            "commit": MGCA_COMMIT,
+            "file": "mgca/preprocess/chexpert.py",
+            "lines": "39-61",
+            "rule": ("rows of train.csv minus the 5x200 set; valid_ids = np.random.choice(len(df), 5000, "
+                     "replace=False) after np.random.seed(0); val = df.iloc[valid_ids]; train = "
+                     "df.drop(valid_ids, errors='ignore') (index labels); frontal rows only "
+                     "(classification_dataset.py:48-49)"),
+            "subsets": ("mgca/datasets/classification_dataset.py:38-53: df.sample(frac=0.1 / 0.01, random_state=42) "
+                        "over the frontal rows of the train CSV in train.csv order; separate draws of the same "
+                        "RandomState(42).permutation, so 1 % is inside 10 %"),
+            "identical": ["train", "val", "train_10pct", "train_1pct"],
+            "differs": {},
+            "overlap": {
+                "val_in_train": leaked,
+                "in_neither": lost,
+                "why": ("MGCA's bug kept as MGCA has it: val takes rows by position (df.iloc) but train drops "
+                        "rows by index label (df.drop), and the labels skip the 5x200 rows, so most val images "
+                        "stay in train (val serves early stopping and checkpoint selection only), and the rows "
+                        "whose label was drawn instead are in neither part"),
+            },
+            "assumes": ("train.csv of CheXpert-v1.0 (MGCA's, constants.py:11-12) has the rows of the shipped "
+                        "CheXpert-v1.0-small train.csv in the same order (the ids differ in the release folder only)"),
+        },
     )
 
 

@@ -34,7 +34,8 @@ import numpy as np
 from vlpbench.data import is_synthetic
 from vlpbench.data.base import DatasetReader, check_classes
 from vlpbench.data.images import read_image
-from vlpbench.data.splits import Split, derived_split, holdout_parts, write_split
+from vlpbench.data.splits import (Split, derived_split, holdout_parts, mgca_fraction_subsets, train_size_split_ids,
+                                  write_split)
 from vlpbench.errors import DataError
 
 THREE_CLASS, BINARY = "3-class", "binary"
@@ -51,6 +52,12 @@ _KAGGLE_NAME = re.compile(r"(train|val|test)\.txt")
 SEED = 0
 VAL_FRACTION = 0.2  # of the train file (MGCA: train_test_split(train_size=0.8, random_state=0))
 LABEL_COLUMN = "class"
+# MGCA's split (HKU-MedAI/MGCA @ 680fe4a, mgca/preprocess/covidx.py:18-46): train_test_split of the rows of
+# train_COVIDx9A.txt, train_size=0.8, random_state=0 -> train / val; test = test_COVIDx9A.txt.
+MGCA_COMMIT = "680fe4a6ee0cc454ab58fd1a8b28fee81c03d742"
+MGCA_TRAIN_SIZE = 0.8
+MGCA_RANDOM_STATE = 0
+MGCA_FILES = {"train": "train_COVIDx9A.txt", "test": "test_COVIDx9A.txt"}  # mgca/constants.py:228,230
 
 
 def parse_line(line: str, where: str = "") -> tuple[str, str, str, str | None]:
@@ -305,3 +312,71 @@ def split_v1(source: CovidxSource) -> Split:
     files = [source.label_files["train"], source.label_files["test"]]
     return derived_split("covidx", "v1", sources=files,
                          build=lambda out_dir, version: build_split_v1(source, out_dir, version))
+
+
+def build_split_mgca(source: CovidxSource, out_dir: str | Path, version: str = "mgca") -> dict:
+    """Write COVIDx split ``mgca`` of ``source`` to ``out_dir`` (see :func:`split_mgca`); return the manifest."""
+    labels = {image_id: source.label(image_id) for image_id in source.image_ids}
+    # The lines of the train file in file order, as pd.read_csv(sep=" ", header=None) gives them (covidx.py:21).
+    pool = [i for i in source.image_ids if source.part(i) == "train"]
+    test = [i for i in source.image_ids if source.part(i) == "test"]
+    train, val = train_size_split_ids(pool, MGCA_TRAIN_SIZE, MGCA_RANDOM_STATE)
+    files = {part: source.label_files[part] for part in ("train", "test")}
+    names = {part: path.name for part, path in files.items()}
+    return write_split(
+        out_dir,
+        dataset="covidx",
+        version=version,
+        parts={"train": train, "val": val, "test": test, **mgca_fraction_subsets(train)},
+        labels={image_id: {LABEL_COLUMN: y} for image_id, y in labels.items()},
+        columns=[LABEL_COLUMN],
+        generator="vlpbench.data.covidx:split_mgca",
+        seed=MGCA_RANDOM_STATE,
+        fractions={"train": MGCA_TRAIN_SIZE, "val": 1 - MGCA_TRAIN_SIZE, "train_10pct": 0.1, "train_1pct": 0.01},
+        source={
+            "covidx_version": source.version,
+            "scheme": source.scheme,
+            "classes": list(source.classes),
+            "test": files["test"].name,
+            "files": {path.name: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                                  "n_images": len(pool) if part == "train" else len(test)}
+                      for part, path in files.items()},
+        },
+        reference={
+            "repository": "HKU-MedAI/MGCA",
+            "commit": MGCA_COMMIT,
+            "file": "mgca/preprocess/covidx.py",
+            "lines": "18-46",
+            "rule": "train_test_split(rows of train_COVIDx9A.txt in file order, train_size=0.8, random_state=0) "
+                    "-> train, val; test = test_COVIDx9A.txt",
+            "subsets": "mgca/datasets/classification_dataset.py:193-194,208-209: df.sample(frac=0.1 / 0.01, "
+                       "random_state=42) over train.csv, whose rows are MGCA's train part in sklearn's order "
+                       "(covidx.py:37); separate draws of the same RandomState(42).permutation, so 1 % is inside 10 %",
+            "files": MGCA_FILES,
+            "identical": ["train", "val", "test", "train_10pct", "train_1pct"],
+            "differs": ({} if names == MGCA_FILES else
+                        {"source": f"split from {names['train']} / {names['test']}, not MGCA's "
+                                   f"{MGCA_FILES['train']} / {MGCA_FILES['test']}: MGCA's rule, other files"}),
+        },
+    )
+
+
+def split_mgca(source: CovidxSource) -> Split:
+    """COVIDx split ``mgca``: MGCA's split and its 1 % / 10 % subsets, derived from the user's train and test
+    label files (cached by their sha256; COVIDx's label files ship with no package, so none is committed).
+
+    MGCA (``mgca/preprocess/covidx.py:18-46`` @ 680fe4a) reads ``train_COVIDx9A.txt`` with
+    ``pd.read_csv(sep=" ", header=None)`` (21) and calls ``train_test_split(raw_train_df, train_size=0.8,
+    random_state=0)`` (35-36): train is ``floor(0.8 n)`` rows, val the first ``n - floor(0.8 n)`` of
+    ``RandomState(0).permutation(n)`` over the file's lines, train the rest in that order
+    (:func:`vlpbench.data.splits.train_size_split`); not stratified. 24,104 / 6,026 on the 30,130 lines of
+    9A. Test is ``test_COVIDx9A.txt`` (400). ``COVIDXImageDataset`` reads the train CSV MGCA wrote (37) and
+    keeps ``df.sample(frac=data_pct, random_state=42)`` of it (``classification_dataset.py:193-194, 208-209``):
+    ``train_10pct`` and ``train_1pct`` (:func:`vlpbench.data.splits.mgca_fraction_subsets`; 2,410 and 241 on
+    9A, 1 % ⊂ 10 %). Label column ``class`` as in v1 (MGCA's ``set_label``, covidx.py:9-15: normal 0,
+    pneumonia 1, COVID-19 2). The split equals MGCA's only for the 9A files in the release's line order; other
+    versions get MGCA's rule, and the manifest says so. A Kaggle ``val.txt`` is not used.
+    """
+    files = [source.label_files["train"], source.label_files["test"]]
+    return derived_split("covidx", "mgca", sources=files,
+                         build=lambda out_dir, version: build_split_mgca(source, out_dir, version))

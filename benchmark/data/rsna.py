@@ -10,9 +10,10 @@ that torchxrayvision reads. The stage-1 names (``stage_1_*``) are accepted too.
 
 Split v1 (:func:`generate_split_v1`) is by patient, 16,010 / 5,337 / 5,337 as in MGCA's and G2D's
 detection split, and serves every RSNA task (segmentation, detection, classification, zero-shot,
-grounding). Two more committed versions reproduce published reference splits exactly:
-``mgca`` (:func:`generate_split_mgca`, MGCA's detection/segmentation split) and ``medklip``
-(:func:`generate_split_medklip`, MedKLIP's public zero-shot grounding test list).
+grounding). Three more committed versions reproduce published reference splits exactly:
+``mgca`` (:func:`generate_split_mgca`, MGCA's detection/segmentation split), ``mgca_cls``
+(:func:`generate_split_mgca_cls`, MGCA's linear-classification split and its 1 % / 10 % subsets) and
+``medklip`` (:func:`generate_split_medklip`, MedKLIP's public zero-shot grounding test list).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from vlpbench.data import is_synthetic
 from vlpbench.data.base import DatasetReader, check_classes
 from vlpbench.data.dicom import read_dicom
 from vlpbench.data.images import read_image
-from vlpbench.data.splits import (holdout_parts, nested_subsets, stratified_split, train_test_split_ids,
-                                  write_split)
+from vlpbench.data.splits import (holdout_parts, mgca_fraction_subsets, nested_subsets, stratified_split,
+                                  train_test_split_ids, write_split)
 from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.errors import DataError
 from vlpbench.splits import SPLITS_DIR
@@ -64,6 +65,9 @@ SPLIT_LABEL = "pneumonia"
 MGCA_COMMIT = "680fe4a6ee0cc454ab58fd1a8b28fee81c03d742"
 MGCA_HOLDOUT = 5337 * 2
 MGCA_RANDOM_STATE = 0
+# MGCA's RSNA linear-classification split, mgca/preprocess/rsna.py:22-64 (preprocess_rsna_data, test_fac=0.15):
+# train_test_split(df, test_size=0.15 * 2, random_state=0), the held-out rows halved as above.
+MGCA_CLS_TEST_FAC = 0.15
 # MedKLIP's RSNA zero-shot grounding test list, MediaBrain-SJTU/MedKLIP @ 8e60b03,
 # Sample_Zero-Shot_Grounding_RSNA/data_sample/test.csv (5,337 rows, columns ID,img_path,boxes,classes). Its ID
 # column, in the file's row order, is committed as MEDKLIP_TEST_IDS (ids only; the labels come from the
@@ -513,6 +517,71 @@ def generate_split_mgca(out_dir: str | Path) -> dict:
                                "which is not reproducible",
                 "train_1pct": "drawn from train_10pct, stratified (seed 0); see train_10pct",
             },
+        },
+    )
+
+
+def mgca_cls_parts(label: Mapping[str, int]) -> dict[str, list[str]]:
+    """MGCA's RSNA linear-classification split of the stage-2 patients ``label`` (``{patientId: Target}``),
+    with MGCA's own 1 % and 10 % training subsets.
+
+    MGCA (``mgca/preprocess/rsna.py`` @ 680fe4a, ``preprocess_rsna_data(test_fac=0.15)``, lines 22-64) reads
+    ``stage_2_train_labels.csv`` (24), groups it by ``patientId`` (37-40: one row per patient, patientIds
+    sorted as strings), sets Target 1 where the patient has a box (43), calls ``train_test_split(df,
+    test_size=test_fac * 2, random_state=0)`` (50-51: ``ceil(0.3 * 26,684)`` = 8,006 held out) and splits
+    the held-out rows, in sklearn's order, with ``train_test_split(test_val_df, test_size=0.5,
+    random_state=0)`` (52-53), naming the results ``test_df, valid_df``. It writes the three with
+    ``to_csv(index=False)`` (62-64), so MGCA's train.csv lists the train rows in sklearn's order. On the
+    stage-2 file: 18,678 / 4,003 / 4,003 patients.
+
+    ``RSNAImageDataset`` (``mgca/datasets/classification_dataset.py:150-151``, phase ``classification``:
+    no row filter) reads that train.csv and, for ``data_pct`` != 1, keeps ``df.sample(frac=data_pct,
+    random_state=42)`` (165-166); ``train_10pct`` and ``train_1pct`` are those rows
+    (:func:`vlpbench.data.splits.mgca_fraction_subsets`). The two are separate draws, but of the same
+    ``RandomState(42).permutation(18,678)``, so 1 % (187) ⊂ 10 % (1,868).
+    """
+    ids = sorted(label)
+    train, held_out = train_test_split_ids(ids, MGCA_CLS_TEST_FAC * 2, MGCA_RANDOM_STATE)
+    test, val = train_test_split_ids(held_out, 0.5, MGCA_RANDOM_STATE)
+    return {"train": train, "val": val, "test": test, **mgca_fraction_subsets(train)}
+
+
+def generate_split_mgca_cls(out_dir: str | Path) -> dict:
+    """Write RSNA split ``mgca_cls`` (MGCA's linear-classification split and subsets, :func:`mgca_cls_parts`)
+    from the real stage-2 label file shipped in torchxrayvision; files as :func:`generate_split_v1`,
+    byte-identical on regeneration.
+
+    Returns:
+        The manifest (also written to ``MANIFEST.json``).
+    """
+    _, label, source = _stage2_labels()
+    parts = mgca_cls_parts(label)
+    n = len(label)
+    return write_split(
+        out_dir,
+        dataset="rsna",
+        version="mgca_cls",
+        parts=parts,
+        labels={patient: {SPLIT_LABEL: y} for patient, y in label.items()},
+        columns=[SPLIT_LABEL],
+        generator="vlpbench.data.rsna:generate_split_mgca_cls",
+        seed=MGCA_RANDOM_STATE,
+        fractions={"train": len(parts["train"]) / n, "val": len(parts["val"]) / n, "test": len(parts["test"]) / n,
+                   "train_10pct": 0.1, "train_1pct": 0.01},
+        source=source,
+        reference={
+            "repository": "HKU-MedAI/MGCA",
+            "commit": MGCA_COMMIT,
+            "file": "mgca/preprocess/rsna.py",
+            "lines": "22-64",
+            "rule": ("preprocess_rsna_data(test_fac=0.15): one row per patientId, sorted (groupby); "
+                     "train_test_split(df, test_size=0.15*2, random_state=0); train_test_split(held_out, "
+                     "test_size=0.5, random_state=0) -> test, val"),
+            "subsets": ("mgca/datasets/classification_dataset.py:150-151,165-166: df.sample(frac=0.1 / 0.01, "
+                        "random_state=42) over train.csv, whose rows are MGCA's train part in sklearn's order "
+                        "(rsna.py:62); separate draws of the same RandomState(42).permutation, so 1 % is inside 10 %"),
+            "identical": ["train", "val", "test", "train_10pct", "train_1pct"],
+            "differs": {},
         },
     )
 

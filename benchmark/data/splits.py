@@ -245,6 +245,54 @@ def train_test_split_ids(ids: Sequence[str], test_size: int | float, seed: int) 
     return [ids[i] for i in train], [ids[i] for i in test]
 
 
+def train_size_split(n: int, train_size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """The (train, test) positions of scikit-learn's ``train_test_split(..., train_size=train_size,
+    random_state=seed)`` with no ``test_size`` and no ``stratify`` (MGCA's COVIDx call).
+
+    sklearn's rule (``_validate_shuffle_split``, read in scikit-learn 1.9.1; the same since 0.21): a float
+    ``train_size`` gives ``floor(train_size * n)`` train rows, an integer one that count, and test is the
+    other ``n - n_train``; then :func:`shuffle_split` with that integer test count (test = the first
+    ``n_test`` positions of ``RandomState(seed).permutation(n)``, train the rest, in permutation order).
+
+    Raises:
+        ValueError: ``train_size`` is not a count in 1..n-1 or a fraction in (0, 1) leaving both parts non-empty.
+    """
+    if isinstance(train_size, (bool, np.bool_)) or not isinstance(train_size, (int, float, np.integer, np.floating)):
+        raise ValueError(f"train_size must be an int or a float, got {train_size!r}")
+    if isinstance(train_size, (float, np.floating)):
+        if not 0 < train_size < 1:
+            raise ValueError(f"a float train_size must be in (0, 1), got {train_size}")
+        n_train = math.floor(train_size * n)
+    else:
+        n_train = int(train_size)
+    if not 0 < n_train < n:
+        raise ValueError(f"train_size {train_size} of {n} samples gives {n_train} train rows; need 1..{n - 1}")
+    return shuffle_split(n, n - n_train, seed)
+
+
+def train_size_split_ids(ids: Sequence[str], train_size: int | float, seed: int) -> tuple[list[str], list[str]]:
+    """``train_test_split(ids, train_size=train_size, random_state=seed)``: ``(train, test)`` in sklearn's
+    order; see :func:`train_size_split`. The ids must be in the row order the reference code split."""
+    train, test = train_size_split(len(ids), train_size, seed)
+    return [ids[i] for i in train], [ids[i] for i in test]
+
+
+def mgca_fraction_subsets(train: Sequence[str]) -> dict[str, list[str]]:
+    """``{"train_10pct": ..., "train_1pct": ...}``: MGCA's linear-classification training subsets of
+    ``train``, ``df.sample(frac=0.1 / 0.01, random_state=42)`` over the rows of MGCA's training CSV
+    (HKU-MedAI/MGCA mgca/datasets/classification_dataset.py:52-53, 165-166, 208-209), computed by
+    :func:`vlpbench.protocols.linear.mgca_fraction`. ``train`` must be in that CSV's row order.
+
+    The two are separate draws (one per run, ``--data_pct``), but both take the first
+    ``round(frac * n)`` positions of the same ``RandomState(42).permutation(n)``, so 1 % ⊂ 10 % holds.
+    """
+    # Imported here: the protocol module pulls in torch, which the split readers otherwise do without.
+    from vlpbench.protocols.linear import mgca_fraction
+
+    ids = list(train)
+    return {"train_10pct": mgca_fraction(ids, 0.1), "train_1pct": mgca_fraction(ids, 0.01)}
+
+
 def _split_csv(part_ids: Sequence[str], labels: dict[str, dict[str, int]], columns: Sequence[str]) -> bytes:
     rows = "".join(
         ",".join([image_id, *(str(int(labels[image_id][c])) for c in columns)]) + "\n" for image_id in sorted(part_ids)

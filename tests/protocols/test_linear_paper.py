@@ -180,9 +180,11 @@ def test_paper_profile_holds_mgca_settings_with_sources(task):
     assert paper.config == {**canonical.config, "resize": "pad", "upsample_299": True, "linear_mode": "mgca",
                             "batch_size": 8}
     assert paper.config["train_transform"] == ("moco2" if task == "chexpert_cls" else "crop")
-    assert paper.split == canonical.split  # MGCA's splits are another change's
+    # MGCA's own splits with its df.sample 1 %/10 % subsets (tests/data/test_splits_mgca_cls.py).
+    assert canonical.split == "v1" and paper.split == ("mgca_cls" if task == "rsna_cls" else "mgca")
     sources = {s.key: s.source for s in paper.profile_settings()}
-    assert set(sources) == {"resize", "upsample_299", "linear_mode", "batch_size"}
+    assert set(sources) == {"split", "resize", "upsample_299", "linear_mode", "batch_size"}
+    assert "classification_dataset.py" in sources["split"] and "random_state=42" in sources["split"]
     assert "mgca/datasets/utils.py:28-74" in sources["resize"]
     assert "mgca/models/backbones/encoder.py:114-116" in sources["upsample_299"]
     assert sources["batch_size"].startswith("G2D (NeurIPS 2024) Table 6")
