@@ -190,6 +190,9 @@ def run_in_process(
                                ("test", "test", test_split)):
         # A part the split lacks (an evaluation-only set has only test) gives no ids.
         parts[role], absent[role] = split_ids(holder, part, source) if part in holder.parts else ([], 0)
+    # The whole training part too, for protocols that draw the fraction themselves (SplitIds.train_all).
+    parts["train_all"] = parts["train"] if split.part_for_fraction(frac) == "train" else (
+        split_ids(split, "train", source)[0] if "train" in split.parts else [])
     if source.synthetic:
         log.warning("synthetic dataset at %s: using the %d/%d/%d split images it holds",
                     getattr(source, "root", data_root), len(parts["train"]), len(parts["val"]), len(parts["test"]))

@@ -5,7 +5,9 @@
     \\mathrm{Dice}(P, T) = \\frac{2 |P \\cap T|}{|P| + |T|},
     \\qquad \\mathrm{Dice}(\\emptyset, \\emptyset) = 1
 
-``P`` and ``T`` are the pixels above ``threshold`` in one image's prediction and truth. An image whose
+``P`` is the pixels of one image's prediction above ``threshold``, ``T`` those of its truth above
+0.5 (fixed, as MGCA's ``get_dice`` has it: ``truth > 0.5``, HKU-MedAI/MGCA mgca/models/ssl_segmenter.py:107,
+whatever the prediction threshold; a soft resized truth mask is not moved by it). An image whose
 truth is empty scores 1 when the prediction is empty too and 0 when it contains any positive pixel
 (the formula already gives 0 there, since ``|P ∩ T| = 0``). This is MGCA's per-image rule; unlike
 MGCA, the dataset score is the mean over images, not over batch means (see :func:`dice`).
@@ -49,6 +51,9 @@ def _as_images(x: Any, name: str) -> Any:
     return x
 
 
+TRUTH_THRESHOLD = 0.5
+
+
 def dice_per_image(pred: Any, truth: Any, threshold: float = 0.5) -> np.ndarray:
     """Dice score of every image, as a float64 array of length N.
 
@@ -56,8 +61,10 @@ def dice_per_image(pred: Any, truth: Any, threshold: float = 0.5) -> np.ndarray:
         pred: predicted probabilities or 0/1 masks, shape (N, H, W) or (N, 1, H, W); a numpy array,
             a torch tensor (any device) or anything ``np.asarray`` accepts.
         truth: ground-truth masks of the same shape (after dropping a singleton channel axis).
-        threshold: a pixel is positive when its value is strictly greater than this, in both
-            ``pred`` and ``truth`` (so 0/1 and 0/255 masks both work at the default 0.5).
+        threshold: a pixel of ``pred`` is positive when its value is strictly greater than this. A pixel
+            of ``truth`` is positive when it is greater than 0.5 (:data:`TRUTH_THRESHOLD`), whatever
+            ``threshold`` is, so 0/1 and 0/255 truths both work, and a soft (resized) truth keeps its
+            area when the prediction threshold moves. At the default 0.5 the two rules coincide.
 
     Returns:
         ``2|P∩T| / (|P|+|T|)`` per image; 1.0 where both are empty, 0.0 where only the truth is.
@@ -94,7 +101,7 @@ def dice_per_image(pred: Any, truth: Any, threshold: float = 0.5) -> np.ndarray:
         p, t = pred[start:stop], truth[start:stop]
         if device is not None:
             p, t = torch.as_tensor(p, device=device), torch.as_tensor(t, device=device)
-        p, t = p > threshold, t > threshold
+        p, t = p > threshold, t > TRUTH_THRESHOLD
         if device is not None:
             counts[0, start:stop] = (p & t).sum(dim=(1, 2))
             counts[1, start:stop] = p.sum(dim=(1, 2))
@@ -111,6 +118,23 @@ def dice_per_image(pred: Any, truth: Any, threshold: float = 0.5) -> np.ndarray:
     # A zero denominator means both masks are empty: a correct "no finding", scored 1.
     return np.divide(2.0 * intersection, denominator, out=np.ones(n, dtype=np.float64),
                      where=denominator > 0)
+
+
+def batch_means(scores: np.ndarray, batch_size: int) -> np.ndarray:
+    """Means of consecutive blocks of ``batch_size`` per-image scores (the last block may be shorter).
+
+    MGCA's test Dice is the mean of these (``np.array(dice).mean()`` over the per-batch ``get_dice``
+    values, HKU-MedAI/MGCA mgca/models/ssl_segmenter.py:81-88 and 99-121; test loader unshuffled,
+    last batch kept, mgca/datasets/data_module.py:53-67).
+
+    Raises:
+        DataError: ``batch_size`` below 1.
+    """
+    if batch_size < 1:
+        raise DataError(f"dice: batch_size must be at least 1, got {batch_size}")
+    scores = np.asarray(scores, dtype=np.float64)
+    starts = np.arange(0, scores.size, batch_size)
+    return np.add.reduceat(scores, starts) / np.diff(np.append(starts, scores.size)) if scores.size else scores
 
 
 def dice(pred: Any, truth: Any, threshold: float = 0.5) -> float:

@@ -21,6 +21,10 @@ class SplitIds:
     val: list[str]
     test: list[str]
     fraction: float = 1.0
+    # The whole training part the fraction's part was drawn from, for a protocol that draws its own
+    # subset as a reference pipeline does (segmentation's ``train_subset: mgca``); None where the caller
+    # did not give it (then only ``fraction`` 1.0 can use such a rule).
+    train_all: list[str] | None = None
 
     def require_training(self, batch_size: int) -> None:
         """Raise ``DataError`` unless there is at least one full training batch (training drops the last

@@ -6,6 +6,31 @@ the test set scored with the best-validation weights. Where MGCA's code has a qu
 statistics drifting in the "frozen" encoder, Dice averaged over batch means, Dice on resized masks)
 the canonical choice here differs and the quirk is a config option (see the task YAML).
 
+The options that select MGCA's behaviour (the task's ``paper`` profile sets them; canonical first):
+
+``pipeline``      ``cached``: images resized once (Pillow antialiased bilinear) into the image cache at
+                  ``image_size`` and augmented there. ``mgca``: as MGCA's albumentations pipeline
+                  (HKU-MedAI/MGCA mgca/datasets/segmentation_dataset.py:136-159), training images are
+                  augmented at full size (ShiftScaleRotate about albumentations 0.5.2's centre
+                  ``(w/2, h/2)``, bilinear, zero border), rounded to uint8, then resized to ``image_size``
+                  the OpenCV ``INTER_LINEAR`` way (two taps, no antialiasing; in torch, equal to cv2 to one
+                  grey level); validation and test images get that resize alone (cached, ``linear`` method).
+``augment_mask``  the interpolation of the training masks under the augmentation: ``bilinear`` or
+                  ``nearest`` (albumentations' mask rule, cv2 ``INTER_NEAREST``). Masks are in both
+                  pipelines resized first, by area, to ``image_size`` and augmented there, as MGCA does
+                  (``resize_img`` at :83/:226 before ``seg_transform`` at :85/:227; its ``Resize(224)`` then
+                  leaves the 224 mask unchanged).
+``dice_average``  ``image``: the test Dice is the mean over images. ``batch``: the mean of the means of the
+                  test batches of ``batch_size`` in test order (MGCA ssl_segmenter.py:81-88, 99-121),
+                  with its CI from resampling batches.
+``train_subset``  ``split``: the split's committed part for the fraction, then ``balance_negatives``.
+                  ``mgca``: MGCA's rule on the whole training part (segmentation_dataset.py:43-61,
+                  184-188), see :func:`mgca_train_subset`.
+``dice_resolution``  ``native`` (1024² truth) or ``input`` (MGCA: Dice on the resized masks).
+
+The truth is positive above 0.5 whatever ``threshold`` is (MGCA ssl_segmenter.py:107;
+:mod:`vlpbench.metrics.dice`).
+
 Under torchrun (:mod:`vlpbench.distributed`) the run is shared so that it computes what one process
 computes: every rank draws the same permutation and augmentation of each global batch of
 ``batch_size`` images and trains on its contiguous ``batch_size / world_size`` of it (the effective
@@ -49,7 +74,7 @@ from vlpbench.protocols.runtime import (
     to_device,
 )
 from vlpbench.metrics.bootstrap import bootstrap_ci
-from vlpbench.metrics.dice import dice_per_image
+from vlpbench.metrics.dice import batch_means, dice_per_image
 from vlpbench.predictions import find_masks, read_prediction_mask, write_mask
 from vlpbench.protocols import base
 
@@ -68,27 +93,47 @@ class Images:
     """Images and soft masks of one split part at the protocol's input size.
 
     The images come from the image cache (decoded once per dataset, id and size, then memory-mapped);
-    the masks are decoded and resized here.
+    the masks are decoded and resized here. ``method``: the cache's resize rule (``antialias`` is the
+    canonical one, ``linear`` OpenCV's INTER_LINEAR). ``full_size``: keep the images at full size
+    instead (the largest side among the native masks, every image resized square to it by ``method``,
+    an identity for SIIM's and RSNA's 1024² DICOMs), memory-mapped rather than copied, for augmentation
+    before the resize (``pipeline: mgca``); :attr:`full` is that size, or None.
     """
 
-    def __init__(self, source: SegmentationSource, ids: list[str], size: int, desc: str, progress: bool):
+    def __init__(self, source: SegmentationSource, ids: list[str], size: int, desc: str, progress: bool, *,
+                 method: str = "antialias", full_size: bool = False):
         self.ids = list(ids)
-        # Readers live in vlpbench.data.<dataset>, so the module's name is the cache's dataset name.
-        dataset = type(source).__module__.rpartition(".")[2]
-        cached = cached_images(source, dataset, self.ids, size, progress=progress)
-        self.images = torch.from_numpy(np.array(cached))  # a private writable copy in memory
         self.masks = torch.empty((len(ids), size, size), dtype=torch.float32)
+        sides = np.zeros(len(ids), dtype=np.int64)
 
         def load(index: int) -> None:
-            self.masks[index] = torch.from_numpy(resize_mask(source.mask(self.ids[index]), size))
+            mask = source.mask(self.ids[index])
+            sides[index] = max(mask.shape)
+            self.masks[index] = torch.from_numpy(resize_mask(mask, size))
 
+        # Readers live in vlpbench.data.<dataset>, so the module's name is the cache's dataset name.
+        dataset = type(source).__module__.rpartition(".")[2]
+        if not full_size:
+            cached = cached_images(source, dataset, self.ids, size, method=method, progress=progress)
+            self.images = torch.from_numpy(np.array(cached))  # a private writable copy in memory
+            self.full = None
         # Pillow's resize releases the GIL, so threads overlap part of the work.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             list(tqdm(pool.map(load, range(len(ids))), total=len(ids), desc=f"masks {desc}",
                       disable=not progress, leave=False, unit="img"))
+        if full_size:
+            self.full = int(sides.max()) if len(ids) else size
+            # Memory-mapped (SIIM's training set at 1024² is gigabytes); each batch reads its images.
+            self.images = cached_images(source, dataset, self.ids, self.full, method=method, progress=progress)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def pixels(self, index: torch.Tensor) -> torch.Tensor:
+        """uint8 images ``index`` (N, H, W), a copy where the images are memory-mapped."""
+        if isinstance(self.images, torch.Tensor):
+            return self.images[index]
+        return torch.from_numpy(np.ascontiguousarray(self.images[index.numpy()]))
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -127,10 +172,70 @@ def random_affine(batch: int, scale_limit: float, rotate_deg: float, p: float,
     angle = (torch.rand(batch, generator=generator) * 2 - 1) * math.radians(rotate_deg)
     scale = torch.where(apply, scale, torch.ones_like(scale))
     angle = torch.where(apply, angle, torch.zeros_like(angle))
+    return affine_theta(scale, angle)
+
+
+def affine_theta(scale: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """``affine_grid`` matrices (N, 2, 3), output → input about the image centre, of a zoom by ``scale`` and
+    a rotation by ``angle`` radians: the inverse of ``cv2.getRotationMatrix2D(centre, degrees(angle), scale)``
+    (positive angles turn the picture counter-clockwise as displayed)."""
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale  # grid maps output → input
-    theta = torch.zeros(batch, 2, 3)
+    theta = torch.zeros(len(scale), 2, 3)
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
     return theta
+
+
+def about_albumentations_centre(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``theta`` (about the exact centre) moved to turn about albumentations 0.5.2's centre instead:
+    ``(width / 2, height / 2)`` in OpenCV's pixel coordinates (pixel centres at integers), half a pixel
+    right of and below the exact centre of a ``height`` x ``width`` image (MGCA pins albumentations==0.5.2,
+    HKU-MedAI/MGCA requirements.txt:1; its ``shift_scale_rotate`` builds ``cv2.getRotationMatrix2D``
+    about that point, for the image and, at the mask's own size, for the mask)."""
+    # In affine_grid's normalised coordinates (align_corners=False) that point is (1/width, 1/height).
+    centre = torch.tensor([1.0 / width, 1.0 / height], dtype=theta.dtype, device=theta.device)
+    moved = theta.clone()
+    moved[:, :, 2] = theta[:, :, 2] + centre - theta[:, :, :2] @ centre
+    return moved
+
+
+def warp(batch: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
+    """``batch`` (N, C, H, W) resampled through ``theta`` with ``mode`` interpolation and zeros outside
+    (OpenCV's BORDER_CONSTANT with value 0)."""
+    grid = F.affine_grid(theta.to(batch.device, batch.dtype), list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def resize_like_cv2(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8-valued float images (N, C, H, W) → ``size``² as ``cv2.resize(..., INTER_LINEAR)`` on uint8:
+    half-pixel centres, two taps, no antialiasing, borders replicated, rounded to whole grey levels
+    (OpenCV's fixed point agrees to one grey level; tests/protocols/test_segmentation_paper.py)."""
+    resized = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return resized.round_().clamp_(0.0, 255.0)
+
+
+def mgca_images(pixels: torch.Tensor, theta: torch.Tensor | None, size: int) -> torch.Tensor:
+    """MGCA's training images: uint8-valued float images (N, 1, H, W) at full size, turned by ``theta``
+    (about albumentations' centre; None: not augmented) with bilinear interpolation and a zero border and
+    rounded to uint8 as ``cv2.warpAffine`` returns them, then resized to ``size`` by
+    :func:`resize_like_cv2`; scaled to [0, 1] (HKU-MedAI/MGCA mgca/datasets/segmentation_dataset.py:138-155).
+
+    Not bit-identical to OpenCV: ``cv2.warpAffine`` quantises sample positions to 1/32 pixel and its
+    weights to 15 bits, so an edge pixel may differ by a grey level or two; the draws of angle and scale
+    come from torch's generator, not Python's ``random`` as in albumentations (same distribution).
+    """
+    if theta is not None:
+        turned = about_albumentations_centre(theta, pixels.shape[-2], pixels.shape[-1])
+        pixels = warp(pixels, turned, "bilinear").round_().clamp_(0.0, 255.0)
+    return resize_like_cv2(pixels, size).div_(255.0)
+
+
+def augment_masks(masks: torch.Tensor, theta: torch.Tensor, mode: str, albumentations_centre: bool) -> torch.Tensor:
+    """Training masks (N, 1, s, s) turned by ``theta`` with ``mode`` (``bilinear`` or ``nearest``)
+    interpolation, zeros outside; about albumentations' centre at the masks' own size where
+    ``albumentations_centre`` (MGCA augments its 224 mask with the image's angle and scale)."""
+    if albumentations_centre:
+        theta = about_albumentations_centre(theta, masks.shape[-2], masks.shape[-1])
+    return warp(masks, theta, mode)
 
 
 # smp's default U-Net decoder widths, deepest first (MGCA and G2D use the 5-stage default).
@@ -181,16 +286,20 @@ def run_segmentation(
     Returns ``metrics``, ``ci``, ``per_image`` (Dice per test image), ``n``, ``timing`` and
     ``training`` (epochs run, best epoch, loss curves).
     """
-    if config["dice_resolution"] not in ("native", "input"):
-        raise VlpbenchError(f"dice_resolution must be 'native' or 'input', got {config['dice_resolution']!r}")
+    check_options(config)
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     size = int(config["image_size"])
+    mgca_pipeline = option(config, "pipeline") == "mgca"
 
-    train_ids = list(split.train)
-    if config["balance_negatives"]:
-        train_ids = balance_negatives(train_ids, source.label, rng)
+    if option(config, "train_subset") == "mgca":
+        train_ids = mgca_train_subset(_whole_train(split), source.label, split.fraction,
+                                      bool(config["balance_negatives"]), seed)
+    else:
+        train_ids = list(split.train)
+        if config["balance_negatives"]:
+            train_ids = balance_negatives(train_ids, source.label, rng)
     if len(train_ids) < config["batch_size"]:
         raise VlpbenchError(f"only {len(train_ids)} training images for batch size {config['batch_size']} "
                             "(training drops the last incomplete batch, as MGCA does)")
@@ -201,10 +310,12 @@ def run_segmentation(
     log.info("segmentation: %d train (%s), %d val, %d test images at %dpx",
              len(train_ids), "balanced" if config["balance_negatives"] else "all",
              len(split.val), len(split.test), size)
+    method = "linear" if mgca_pipeline else "antialias"
     with distributed.main_first():  # rank 0 fills the image cache, the others then read it
-        train = Images(source, train_ids, size, "train", progress)
-        val = Images(source, split.val, size, "val", progress)
-        test = Images(source, split.test, size, "test", progress)
+        train = Images(source, train_ids, size, "train", progress, method=method,
+                       full_size=mgca_pipeline and bool(config["augment"]))
+        val = Images(source, split.val, size, "val", progress, method=method)
+        test = Images(source, split.test, size, "test", progress, method=method)
     t_data = time.perf_counter()
 
     model = UNet(encoder, encoder_name)
@@ -239,7 +350,8 @@ def run_segmentation(
                                                   predictions))
     t_test = time.perf_counter()
     return {
-        **evaluate_segmentation(source, test.ids, scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed),
+        **evaluate_segmentation(source, test.ids, scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed,
+                                batch_size=_dice_batch(config)),
         "n": {"train": len(train_ids), "val": len(val), "test": len(test)},
         "training": {"epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
                      "best_val_loss": fitted.best_value, "history": fitted.history, "world_size": ranks,
@@ -250,20 +362,30 @@ def run_segmentation(
 
 
 def evaluate_segmentation(source: SegmentationSource, ids: list[str], scores: np.ndarray, *, n_resamples: int,
-                          seed: int) -> dict[str, Any]:
+                          seed: int, batch_size: int | None = None) -> dict[str, Any]:
     """``metrics``, ``ci`` and ``per_image`` of the per-image Dice ``scores`` of test images ``ids``: the mean
     Dice with its bootstrap CI, and its two halves (positive images; negatives left empty) beside what an
     all-empty prediction would score, so that a reader can tell "finds pneumothorax" from "predicts nothing
-    on a mostly negative test set"."""
+    on a mostly negative test set".
+
+    ``batch_size``: ``dice`` is instead MGCA's mean of the means of consecutive batches of that many images
+    in test order (``dice_average: batch``), its CI from resampling those batch means (the mean over images
+    stays derivable from ``per_image``; ``dice_positive`` and ``empty_correct`` stay means over images).
+    """
     positive = np.array([bool(source.label(i)) for i in ids], dtype=bool)
+    metrics = {
+        "dice": float(scores.mean()),
+        "dice_positive": float(scores[positive].mean()) if positive.any() else None,
+        "empty_correct": float(scores[~positive].mean()) if (~positive).any() else None,
+        "all_empty_baseline": float((~positive).mean()),
+    }
+    averaged = scores
+    if batch_size is not None:
+        averaged = batch_means(scores, batch_size)
+        metrics["dice"] = float(averaged.mean())
     return {
-        "metrics": {
-            "dice": float(scores.mean()),
-            "dice_positive": float(scores[positive].mean()) if positive.any() else None,
-            "empty_correct": float(scores[~positive].mean()) if (~positive).any() else None,
-            "all_empty_baseline": float((~positive).mean()),
-        },
-        "ci": {"dice": bootstrap_ci(scores, n_resamples=n_resamples, seed=seed)},
+        "metrics": metrics,
+        "ci": {"dice": bootstrap_ci(averaged, n_resamples=n_resamples, seed=seed)},
         "per_image": {image_id: float(s) for image_id, s in zip(ids, scores)},
     }
 
@@ -292,6 +414,7 @@ class SegmentationProtocol(base.Protocol):
               seed: int = 0) -> dict[str, Any]:
         """Per-image Dice of each saved mask against the full-resolution ground truth of ``split.test``, at
         the task's ``threshold``; evaluated by :func:`evaluate_segmentation` as ``run`` does."""
+        check_options(config)
         threshold = config["threshold"]
         ids = list(split.test)
         found = find_masks(Path(predictions), ids)
@@ -300,7 +423,8 @@ class SegmentationProtocol(base.Protocol):
             truth = source.mask(image_id)
             prediction = read_prediction_mask(found[image_id], truth.shape)
             scores[index] = dice_per_image(prediction[None], torch.from_numpy(truth)[None], threshold)[0]
-        outcome = evaluate_segmentation(source, ids, scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+        outcome = evaluate_segmentation(source, ids, scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed,
+                                        batch_size=_dice_batch(config))
         notes = []
         if config["dice_resolution"] != "native":
             notes.append("Dice at the images' native resolution: the run scored resized masks "
@@ -320,6 +444,80 @@ def balance_negatives(ids: list[str], label: Callable[[str], int], rng: np.rando
     chosen = set(rng.choice(len(negatives), size=keep, replace=False).tolist()) if keep else set()
     kept = set(positives) | {negatives[index] for index in chosen}
     return [i for i in ids if i in kept]
+
+
+def mgca_train_subset(ids: list[str], label: Callable[[str], int], fraction: float, balance: bool,
+                      seed: int) -> list[str]:
+    """MGCA's training set for ``fraction`` of the whole training part ``ids`` (``train_subset: mgca``).
+
+    The rule (HKU-MedAI/MGCA mgca/datasets/segmentation_dataset.py:43-61 for SIIM, :184-188 for RSNA):
+    with ``balance``, keep every positive and draw as many negatives, ``choice(negatives, n_pos,
+    replace=False)``; then, unless ``fraction`` is 1, draw ``int(len(kept) * fraction)`` of the kept ids,
+    ``choice(kept, n, replace=False)``, the kept list holding the positives, then the negatives, each in
+    ``ids`` order (``pd.concat([df_pos, df_neg])``, :53). The draws come from numpy's legacy generator
+    seeded with the run's ``seed``, which is what MGCA's global ``np.random`` is after
+    ``seed_everything(seed)`` (mgca_segmenter.py:46). MGCA builds its training set twice: once to count
+    training steps (mgca_segmenter.py:123 → ssl_segmenter.py:134-136 calls ``train_dataloader()``) and
+    again in ``trainer.fit`` (:125), and it trains on the second; so the rule runs twice here and the
+    second draw is kept (only datasets touch ``np.random`` in MGCA). The result, in ``ids`` order, is
+    MGCA's training set wherever ``ids`` is MGCA's training list in MGCA's order; on vlpbench's own split
+    (SIIM's by image) it is the same rule on other images.
+    """
+    positives = [i for i in ids if label(i)]
+    negatives = [i for i in ids if not label(i)]
+    generator = np.random.RandomState(seed)  # MGCA's np.random (MT19937), seeded as seed_everything does
+    for _ in range(2):  # the step-count construction, then the one trained on
+        kept = list(ids)
+        if balance:
+            n_pos = len(positives)
+            if n_pos > len(negatives):  # MGCA's choice(..., replace=False) would fail here
+                raise VlpbenchError(f"train_subset=mgca: {n_pos} positive training images but only "
+                                    f"{len(negatives)} negatives to balance them with")
+            chosen = generator.choice(len(negatives), size=n_pos, replace=False)
+            picked = set(chosen.tolist())
+            kept = positives + [n for index, n in enumerate(negatives) if index in picked]
+        if fraction != 1:
+            chosen = generator.choice(len(kept), size=int(len(kept) * fraction), replace=False)
+            kept = [kept[index] for index in chosen]
+    keep = set(kept)
+    return [i for i in ids if i in keep]
+
+
+# Choices of each segmentation option, the canonical one (the task files' default) first.
+CHOICES = {
+    "dice_resolution": ("native", "input"),
+    "pipeline": ("cached", "mgca"),
+    "augment_mask": ("bilinear", "nearest"),
+    "dice_average": ("image", "batch"),
+    "train_subset": ("split", "mgca"),
+}
+
+
+def option(config: dict[str, Any], key: str) -> str:
+    """The value of option ``key``; its canonical choice where ``config`` lacks it (a caller's own dict)."""
+    return config.get(key, CHOICES[key][0])
+
+
+def check_options(config: dict[str, Any]) -> None:
+    """Raise ``ConfigError`` naming the option and its choices for a value outside :data:`CHOICES`."""
+    for key, choices in CHOICES.items():
+        value = option(config, key)
+        if value not in choices:
+            raise ConfigError(f"segmentation option {key}={value!r}: expected one of {', '.join(choices)}")
+
+
+def _dice_batch(config: dict[str, Any]) -> int | None:
+    """The batch size the test Dice is averaged over (``dice_average: batch``), or None (over images)."""
+    return int(config["batch_size"]) if option(config, "dice_average") == "batch" else None
+
+
+def _whole_train(split: SplitIds) -> list[str]:
+    if split.train_all is not None:
+        return list(split.train_all)
+    if split.fraction == 1:
+        return list(split.train)
+    raise ConfigError(f"train_subset=mgca draws the {split.fraction:g} fraction from the whole training part, "
+                      "which the caller did not pass (SplitIds.train_all)")
 
 
 def _normalizer(mean: float, std: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -354,12 +552,21 @@ def _train_epoch(model, stepped, data: Images, optimizer, loss_fn, normalize, co
     order = torch.randperm(len(data), generator=generator)
     total, count = 0.0, 0
     for start in range(0, len(data) - batch_size + 1, batch_size):  # drop_last, as MGCA
-        images, masks = _batch(data, distributed.shard(order[start:start + batch_size]), device)
-        if config["augment"]:
+        index = distributed.shard(order[start:start + batch_size])
+        if data.full is not None:  # pipeline: mgca, augmented at full size, then resized
             theta = distributed.shard(random_affine(batch_size, 0.1, 10.0, 0.5, generator)).to(device)
-            grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-            images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            masks = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            pixels = to_device(data.pixels(index).unsqueeze(1), device).float()
+            images = mgca_images(pixels, theta, int(config["image_size"]))
+            masks = augment_masks(to_device(data.masks[index].unsqueeze(1), device), theta,
+                                  option(config, "augment_mask"), albumentations_centre=True)
+        else:
+            images, masks = _batch(data, index, device)
+            if config["augment"]:
+                theta = distributed.shard(random_affine(batch_size, 0.1, 10.0, 0.5, generator)).to(device)
+                grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+                images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+                masks = F.grid_sample(masks, grid, mode=option(config, "augment_mask"), padding_mode="zeros",
+                                      align_corners=False)
         loss = loss_fn(stepped(normalize(images)), masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

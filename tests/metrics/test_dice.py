@@ -69,13 +69,13 @@ def test_empty_cases():
     assert dice_per_image(speck + blob, blob).tolist() == [pytest.approx(2 * 4 / (5 + 4))]
 
 
-def test_threshold_is_strict_and_applies_to_both_inputs():
+def test_threshold_is_strict_and_the_truth_is_always_cut_at_one_half():
     pred = np.array([[[0.5, 0.51, 0.2, 0.8]]])
-    truth = np.array([[[1.0, 1.0, 0.0, 0.5]]])  # the 0.5 truth pixel is negative at threshold 0.5
+    truth = np.array([[[1.0, 1.0, 0.0, 0.5]]])  # the 0.5 truth pixel is negative (truth > 0.5, as MGCA)
     # P = {1, 3}, T = {0, 1}: |P∩T| = 1 → 2/4
     assert dice_per_image(pred, truth).tolist() == [0.5]
-    # At 0.3: P = {0, 1, 3}, T = {0, 1, 3} → 1
-    assert dice_per_image(pred, truth, threshold=0.3).tolist() == [1.0]
+    # At 0.3: P = {0, 1, 3}, T stays {0, 1} → 2·2/5
+    assert dice_per_image(pred, truth, threshold=0.3).tolist() == [pytest.approx(0.8)]
     # At 0.6: P = {3}, T = {0, 1} → 0
     assert dice_per_image(pred, truth, threshold=0.6).tolist() == [0.0]
     # 0/255 PNG-style truths and boolean predictions work at the default threshold.
