@@ -110,3 +110,24 @@ def test_a_paper_run_records_its_profile_and_settings(task_dir, siim_root, g2d_e
     assert paper_path.parent.name == "siim_seg.v1-paper" and canonical_path != paper_path
     # BatchNorm in train mode changes the encoder's features, so the numbers differ
     assert paper["metrics"]["dice"] != canonical["metrics"]["dice"] or paper["per_image"] != canonical["per_image"]
+
+
+def test_the_readme_lists_every_setting_a_paper_profile_changes():
+    from pathlib import Path
+
+    from vlpbench.tasks import task_names
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Reproducing the paper's tables", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and "`" in line]
+    listed = {(task, key.strip("` ")) for tasks_cell, keys, *_ in rows if len(_) == 3
+              for task in tasks_cell.split(", ") for key in keys.split(",")}
+    for name in task_names():
+        task = load_task(name)
+        if "paper" not in task.profiles or task.profiles["paper"].unavailable:
+            continue
+        canonical = {"split": task.split, "primary_metric": task.primary_metric, **task.config}
+        for setting in task.with_profile("paper").profile_settings():
+            if setting.value != canonical[setting.key]:
+                assert (name, setting.key) in listed, f"README: {name} {setting.key} missing from the profile table"

@@ -246,10 +246,11 @@ def test_paper_profile_holds_mgcas_values_with_sources(name):
             config["freeze_bn"], config["dice_resolution"], config["lr"]) == ("mgca", "nearest", "batch", "mgca",
                                                                               False, "input", 2e-4)
     assert config["threshold"] == 0.5 and config["balance_negatives"] is (name == "siim_seg")
-    assert task.split == "v1"  # no split entry: SIIM stays by image, MGCA's RSNA split is its own version
+    # SIIM stays by image in both profiles; RSNA runs on MGCA's own split
+    assert task.split == ("mgca" if name == "rsna_seg" else "v1")
     changed = {key for key in config if config[key] != canonical[key]}
     settings = {s.key: s.source for s in task.profile_settings()}
-    assert changed <= set(settings) and "split" not in settings
+    assert changed <= set(settings) and ("split" in settings) is (name == "rsna_seg")
     for key, source in settings.items():
         assert source.startswith(("HKU-MedAI/MGCA ", "G2D (NeurIPS 2024) Table 6")), key
     assert "5e-4" in settings["lr"] and "run_seg_finetune.sh" in settings["lr"]
