@@ -131,3 +131,17 @@ def test_the_readme_lists_every_setting_a_paper_profile_changes():
         for setting in task.with_profile("paper").profile_settings():
             if setting.value != canonical[setting.key]:
                 assert (name, setting.key) in listed, f"README: {name} {setting.key} missing from the profile table"
+
+
+def test_the_example_paper_sweep_plans_paper_runs_of_table_1():
+    from pathlib import Path
+
+    from vlpbench.sweep import build_spec, load_sweep_file
+    from vlpbench.sweep.plan import expand
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "sweeps" / "g2d-table1-paper.yaml"
+    spec = build_spec(load_sweep_file(path), origin=str(path))
+    runs = expand(spec).runs
+    assert spec.profile == "paper" and len(runs) == 2 * 4 * 3 * 3
+    assert all(run.profile == "paper" and "--profile" in run.arguments(spec.results, "cpu", overwrite=False)
+               for run in runs)
