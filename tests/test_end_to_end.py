@@ -13,9 +13,9 @@ from vlpbench.data.siim import SiimSource
 from vlpbench.data.splits import load_split
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 
-# Small images and a higher learning rate so that a CPU learns the synthetic lesions in ~1 minute;
+# Small images and a higher learning rate so that a CPU learns the synthetic lesions in ~30 s;
 # everything else is the canonical siim_seg protocol.
-FAST = {"image_size": 64, "max_epochs": 25, "patience": 25, "lr": 1e-3, "bootstrap_resamples": 200}
+FAST = {"image_size": 64, "max_epochs": 12, "patience": 12, "lr": 1e-3, "bootstrap_resamples": 200}
 
 
 @pytest.fixture(scope="module")
