@@ -145,3 +145,28 @@ def test_the_example_paper_sweep_plans_paper_runs_of_table_1():
     assert spec.profile == "paper" and len(runs) == 2 * 4 * 3 * 3
     assert all(run.profile == "paper" and "--profile" in run.arguments(spec.results, "cpu", overwrite=False)
                for run in runs)
+
+
+def test_score_takes_the_profile_and_scores_as_that_profile_does(siim_root, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vlpbench import api
+    from vlpbench.data.siim import SiimSource
+    from vlpbench.data.splits import load_split
+
+    source = SiimSource(siim_root)
+    ids, _ = api.split_ids(load_split("siim"), "test", source)
+    (tmp_path / "empty").mkdir()
+    for image_id in ids:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "empty" / f"{image_id}.png")
+    canonical = api.score("siim_seg", tmp_path / "empty", data_root=siim_root)
+    paper = api.score("siim_seg", tmp_path / "empty", data_root=siim_root, profile="paper")
+    # an empty mask scores 1 on a negative image and 0 on a positive one
+    per_image = np.array([0.0 if source.label(i) else 1.0 for i in ids])
+    size = load_task("siim_seg", "paper").config["batch_size"]
+    assert (canonical["profile"], paper["profile"]) == ("canonical", "paper")
+    assert canonical["metrics"]["dice"] == pytest.approx(per_image.mean())
+    # MGCA's Dice: the mean of the test batches' means, in test order
+    batches = [per_image[i:i + size].mean() for i in range(0, len(per_image), size)]
+    assert paper["metrics"]["dice"] == pytest.approx(np.mean(batches))
