@@ -67,8 +67,9 @@ def resize_image(pixels: np.ndarray, size: int) -> np.ndarray:
     return resize_antialias(pixels, size)
 
 
-# What INFO.json calls each resize method; ``antialias`` keeps the name caches were first written under.
-_METHOD_TAGS = {"antialias": METHOD, "linear": "cv2-inter-linear", "pad_area": "mgca-pad-inter-area"}
+# What INFO.json (and the feature cache key) calls each resize method; ``antialias`` keeps the name caches
+# were first written under.
+METHOD_TAGS = {"antialias": METHOD, "linear": "cv2-inter-linear", "pad_area": "mgca-pad-inter-area"}
 
 
 def source_fingerprint(source: Any) -> str:
@@ -210,7 +211,7 @@ def _key_folder(source: Any, dataset: str, size: int, method: str) -> Path:
         "reader": f"{type(source).__module__}.{type(source).__qualname__}",
         "fingerprint": source_fingerprint(source),
         "size": size,
-        "method": _METHOD_TAGS[method],
+        "method": METHOD_TAGS[method],
         "pillow": PIL.__version__,  # a Pillow release may resample differently
     }
     text = json.dumps(info, indent=2, sort_keys=True) + "\n"

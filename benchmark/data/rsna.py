@@ -453,6 +453,28 @@ def generate_split_v1(out_dir: str | Path) -> dict:
     )
 
 
+def _write_reference_split(out_dir: str | Path, version: str, parts_of, generator: str, reference: dict) -> dict:
+    """Write the RSNA split ``version`` whose parts ``parts_of(label)`` gives from the shipped stage-2 label
+    file, with its ``reference`` block (the code it reproduces); files as :func:`generate_split_v1`."""
+    _, label, source = _stage2_labels()
+    parts = parts_of(label)
+    n = len(label)
+    return write_split(
+        out_dir,
+        dataset="rsna",
+        version=version,
+        parts=parts,
+        labels={patient: {SPLIT_LABEL: y} for patient, y in label.items()},
+        columns=[SPLIT_LABEL],
+        generator=f"vlpbench.data.rsna:{generator}",
+        seed=MGCA_RANDOM_STATE,
+        fractions={"train": len(parts["train"]) / n, "val": len(parts["val"]) / n, "test": len(parts["test"]) / n,
+                   "train_10pct": 0.1, "train_1pct": 0.01},
+        source=source,
+        reference=reference,
+    )
+
+
 def mgca_parts(label: Mapping[str, int]) -> dict[str, list[str]]:
     """MGCA's RSNA detection/segmentation split of the stage-2 patients ``label`` (``{patientId: Target}``).
 
@@ -487,38 +509,22 @@ def generate_split_mgca(out_dir: str | Path) -> dict:
     Returns:
         The manifest (also written to ``MANIFEST.json``).
     """
-    _, label, source = _stage2_labels()
-    parts = mgca_parts(label)
-    n = len(label)
-    return write_split(
-        out_dir,
-        dataset="rsna",
-        version="mgca",
-        parts=parts,
-        labels={patient: {SPLIT_LABEL: y} for patient, y in label.items()},
-        columns=[SPLIT_LABEL],
-        generator="vlpbench.data.rsna:generate_split_mgca",
-        seed=MGCA_RANDOM_STATE,
-        fractions={"train": len(parts["train"]) / n, "val": len(parts["val"]) / n, "test": len(parts["test"]) / n,
-                   "train_10pct": 0.1, "train_1pct": 0.01},
-        source=source,
-        reference={
-            "repository": "HKU-MedAI/MGCA",
-            "commit": MGCA_COMMIT,
-            "file": "mgca/preprocess/rsna.py",
-            "lines": "98-113",
-            "rule": ("one row per patientId, sorted (groupby); train_test_split(df, test_size=5337*2, "
-                     "random_state=0); train_test_split(held_out, test_size=0.5, random_state=0) -> test, val"),
-            "identical": ["train", "val", "test"],
-            "differs": {
-                "train_10pct": "vlpbench nested stratified subset (seed 0) of MGCA's train part; MGCA draws "
-                               "np.random.choice under the global numpy RNG in every run "
-                               "(mgca/datasets/detection_dataset.py:53-57, segmentation_dataset.py:184-188), "
-                               "which is not reproducible",
-                "train_1pct": "drawn from train_10pct, stratified (seed 0); see train_10pct",
-            },
+    return _write_reference_split(out_dir, "mgca", mgca_parts, "generate_split_mgca", {
+        "repository": "HKU-MedAI/MGCA",
+        "commit": MGCA_COMMIT,
+        "file": "mgca/preprocess/rsna.py",
+        "lines": "98-113",
+        "rule": ("one row per patientId, sorted (groupby); train_test_split(df, test_size=5337*2, "
+                 "random_state=0); train_test_split(held_out, test_size=0.5, random_state=0) -> test, val"),
+        "identical": ["train", "val", "test"],
+        "differs": {
+            "train_10pct": "vlpbench nested stratified subset (seed 0) of MGCA's train part; MGCA draws "
+                           "np.random.choice under the global numpy RNG in every run "
+                           "(mgca/datasets/detection_dataset.py:53-57, segmentation_dataset.py:184-188), "
+                           "which is not reproducible",
+            "train_1pct": "drawn from train_10pct, stratified (seed 0); see train_10pct",
         },
-    )
+    })
 
 
 def mgca_cls_parts(label: Mapping[str, int]) -> dict[str, list[str]]:
@@ -554,36 +560,20 @@ def generate_split_mgca_cls(out_dir: str | Path) -> dict:
     Returns:
         The manifest (also written to ``MANIFEST.json``).
     """
-    _, label, source = _stage2_labels()
-    parts = mgca_cls_parts(label)
-    n = len(label)
-    return write_split(
-        out_dir,
-        dataset="rsna",
-        version="mgca_cls",
-        parts=parts,
-        labels={patient: {SPLIT_LABEL: y} for patient, y in label.items()},
-        columns=[SPLIT_LABEL],
-        generator="vlpbench.data.rsna:generate_split_mgca_cls",
-        seed=MGCA_RANDOM_STATE,
-        fractions={"train": len(parts["train"]) / n, "val": len(parts["val"]) / n, "test": len(parts["test"]) / n,
-                   "train_10pct": 0.1, "train_1pct": 0.01},
-        source=source,
-        reference={
-            "repository": "HKU-MedAI/MGCA",
-            "commit": MGCA_COMMIT,
-            "file": "mgca/preprocess/rsna.py",
-            "lines": "22-64",
-            "rule": ("preprocess_rsna_data(test_fac=0.15): one row per patientId, sorted (groupby); "
-                     "train_test_split(df, test_size=0.15*2, random_state=0); train_test_split(held_out, "
-                     "test_size=0.5, random_state=0) -> test, val"),
-            "subsets": ("mgca/datasets/classification_dataset.py:150-151,165-166: df.sample(frac=0.1 / 0.01, "
-                        "random_state=42) over train.csv, whose rows are MGCA's train part in sklearn's order "
-                        "(rsna.py:62); separate draws of the same RandomState(42).permutation, so 1 % is inside 10 %"),
-            "identical": ["train", "val", "test", "train_10pct", "train_1pct"],
-            "differs": {},
-        },
-    )
+    return _write_reference_split(out_dir, "mgca_cls", mgca_cls_parts, "generate_split_mgca_cls", {
+        "repository": "HKU-MedAI/MGCA",
+        "commit": MGCA_COMMIT,
+        "file": "mgca/preprocess/rsna.py",
+        "lines": "22-64",
+        "rule": ("preprocess_rsna_data(test_fac=0.15): one row per patientId, sorted (groupby); "
+                 "train_test_split(df, test_size=0.15*2, random_state=0); train_test_split(held_out, "
+                 "test_size=0.5, random_state=0) -> test, val"),
+        "subsets": ("mgca/datasets/classification_dataset.py:150-151,165-166: df.sample(frac=0.1 / 0.01, "
+                    "random_state=42) over train.csv, whose rows are MGCA's train part in sklearn's order "
+                    "(rsna.py:62); separate draws of the same RandomState(42).permutation, so 1 % is inside 10 %"),
+        "identical": ["train", "val", "test", "train_10pct", "train_1pct"],
+        "differs": {},
+    })
 
 
 def read_id_list(path: str | Path) -> list[str]:

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from vlpbench import distributed
 from vlpbench.config import cache_dir
-from vlpbench.data.cache import _METHOD_TAGS, cached_images, source_fingerprint
+from vlpbench.data.cache import METHOD_TAGS, cached_images, source_fingerprint
 from vlpbench.errors import ConfigError, VlpbenchError
 from vlpbench.files import atomic_path, atomic_write
 from vlpbench.protocols.runtime import DEFAULT_PRECISION, prepare_model, to_device
@@ -227,7 +227,7 @@ def feature_key(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessin
                  "fingerprint": source_fingerprint(source),
                  "n": len(ids), "ids_sha256": _ids_digest(source, ids)},
         "preprocessing": {**{k: v for k, v in asdict(pre).items() if k != "resize_rule"},
-                          "resize_method": _METHOD_TAGS[pre.cache_method], "pillow": PIL.__version__,
+                          "resize_method": METHOD_TAGS[pre.cache_method], "pillow": PIL.__version__,
                           "pool": "global average of the deepest feature map"},
     }
 
