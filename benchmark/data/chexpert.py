@@ -443,7 +443,7 @@ def generate_split_v1(out_dir: str | Path) -> dict:
     rows = [i for i in np.flatnonzero(table.frontal) if table.paths[i] not in excluded]
     ids = [table.paths[i] for i in rows]
     mapped = apply_policy(table.values[rows], COMPETITION_5, "mgca")
-    labels = {image_id: dict(zip(COMPETITION_5, map(int, row))) for image_id, row in zip(ids, mapped.tolist())}
+    labels = _competition_labels(ids, mapped)
     val = set(stratified_sample(ids, _combination(mapped), VAL_SIZE, SEED))
     train = [i for i in ids if i not in val]
     train_10 = multilabel_subset(train, labels, COMPETITION_5, round(len(train) * SUBSETS["train_10pct"]), SEED)
@@ -458,10 +458,20 @@ def generate_split_v1(out_dir: str | Path) -> dict:
         generator="vlpbench.data.chexpert:generate_split_v1",
         seed=SEED,
         fractions=dict(SUBSETS),
-        source={**_source_info(table), "policy": "mgca", "val_size": VAL_SIZE,
-                "excluded": f"chexpert5x200/v1 ({len(excluded)} images)",
-                "test": "the frontal images of the user's valid.csv (vlpbench.data.chexpert:test_split)"},
+        source=_split_source(table, VAL_SIZE, len(excluded)),
     )
+
+
+def _competition_labels(ids: list[str], mapped: np.ndarray) -> dict[str, dict[str, int]]:
+    """``{image id: {finding: 0/1}}`` of the five competition findings, from the policy-mapped rows."""
+    return {image_id: dict(zip(COMPETITION_5, map(int, row))) for image_id, row in zip(ids, mapped.tolist())}
+
+
+def _split_source(table: LabelTable, val_size: int, n_excluded: int) -> dict:
+    """The ``source`` block of a committed CheXpert split's manifest."""
+    return {**_source_info(table), "policy": "mgca", "val_size": val_size,
+            "excluded": f"chexpert5x200/v1 ({n_excluded} images)",
+            "test": "the frontal images of the user's valid.csv (vlpbench.data.chexpert:test_split)"}
 
 
 def mgca_parts(table: LabelTable) -> dict[str, list[str]]:
@@ -506,8 +516,7 @@ def generate_split_mgca(out_dir: str | Path) -> dict:
     parts = mgca_parts(table)
     ids = sorted(set(parts["train"]) | set(parts["val"]))
     at = {path: row for row, path in enumerate(table.paths)}
-    mapped = apply_policy(table.values[[at[i] for i in ids]], COMPETITION_5, "mgca")
-    labels = {image_id: dict(zip(COMPETITION_5, map(int, row))) for image_id, row in zip(ids, mapped.tolist())}
+    labels = _competition_labels(ids, apply_policy(table.values[[at[i] for i in ids]], COMPETITION_5, "mgca"))
     leaked = len(set(parts["train"]) & set(parts["val"]))
     n_excluded = len(_five_by_200(table))  # all frontal
     lost = int(table.frontal.sum()) - n_excluded - len(ids)
@@ -521,9 +530,7 @@ def generate_split_mgca(out_dir: str | Path) -> dict:
         generator="vlpbench.data.chexpert:generate_split_mgca",
         seed=MGCA_SEED,
         fractions=dict(SUBSETS),
-        source={**_source_info(table), "policy": "mgca", "val_size": MGCA_VAL_NUM,
-                "excluded": f"chexpert5x200/v1 ({n_excluded} images)",
-                "test": "the frontal images of the user's valid.csv (vlpbench.data.chexpert:test_split)"},
+        source=_split_source(table, MGCA_VAL_NUM, n_excluded),
         reference={
             "repository": "HKU-MedAI/MGCA",
             "commit": MGCA_COMMIT,

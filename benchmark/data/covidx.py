@@ -270,14 +270,26 @@ class CovidxSource(DatasetReader):
         return [i for i in ids if i not in self._rows or i not in self._files[self._rows[i][3]]]
 
 
-def build_split_v1(source: CovidxSource, out_dir: str | Path, version: str = "v1") -> dict:
-    """Write COVIDx split v1 of ``source`` to ``out_dir`` (see :func:`split_v1`); return the manifest."""
+def _split_inputs(source: CovidxSource) -> tuple[dict[str, int], list[str], list[str], dict]:
+    """What every COVIDx split is built from: the labels, the train file's lines (file order, as
+    pd.read_csv(sep=" ", header=None) gives them), the test file's lines and the manifest's ``source`` block."""
     labels = {image_id: source.label(image_id) for image_id in source.image_ids}
     pool = [i for i in source.image_ids if source.part(i) == "train"]
     test = [i for i in source.image_ids if source.part(i) == "test"]
+    files = {part: source.label_files[part] for part in ("train", "test")}
+    info = {"covidx_version": source.version, "scheme": source.scheme, "classes": list(source.classes),
+            "test": files["test"].name,
+            "files": {path.name: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                                  "n_images": len(pool) if part == "train" else len(test)}
+                      for part, path in files.items()}}
+    return labels, pool, test, info
+
+
+def build_split_v1(source: CovidxSource, out_dir: str | Path, version: str = "v1") -> dict:
+    """Write COVIDx split v1 of ``source`` to ``out_dir`` (see :func:`split_v1`); return the manifest."""
+    labels, pool, test, info = _split_inputs(source)
     # MGCA's train_test_split(train_size=0.8) rounds the train part down and gives val the rest.
     n_val = len(pool) - math.floor(len(pool) * (1 - VAL_FRACTION) + 1e-9)
-    files = {part: source.label_files[part] for part in ("train", "test")}
     return write_split(
         out_dir,
         dataset="covidx",
@@ -288,15 +300,7 @@ def build_split_v1(source: CovidxSource, out_dir: str | Path, version: str = "v1
         generator="vlpbench.data.covidx:split_v1",
         seed=SEED,
         fractions={"train": 1 - VAL_FRACTION, "val": VAL_FRACTION, "train_10pct": 0.1, "train_1pct": 0.01},
-        source={
-            "covidx_version": source.version,
-            "scheme": source.scheme,
-            "classes": list(source.classes),
-            "test": files["test"].name,
-            "files": {path.name: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                                  "n_images": len(pool) if part == "train" else len(test)}
-                      for part, path in files.items()},
-        },
+        source=info,
     )
 
 
@@ -316,13 +320,10 @@ def split_v1(source: CovidxSource) -> Split:
 
 def build_split_mgca(source: CovidxSource, out_dir: str | Path, version: str = "mgca") -> dict:
     """Write COVIDx split ``mgca`` of ``source`` to ``out_dir`` (see :func:`split_mgca`); return the manifest."""
-    labels = {image_id: source.label(image_id) for image_id in source.image_ids}
-    # The lines of the train file in file order, as pd.read_csv(sep=" ", header=None) gives them (covidx.py:21).
-    pool = [i for i in source.image_ids if source.part(i) == "train"]
-    test = [i for i in source.image_ids if source.part(i) == "test"]
+    # MGCA reads the train file's lines in file order (mgca/preprocess/covidx.py:21).
+    labels, pool, test, info = _split_inputs(source)
     train, val = train_size_split_ids(pool, MGCA_TRAIN_SIZE, MGCA_RANDOM_STATE)
-    files = {part: source.label_files[part] for part in ("train", "test")}
-    names = {part: path.name for part, path in files.items()}
+    names = {part: source.label_files[part].name for part in ("train", "test")}
     return write_split(
         out_dir,
         dataset="covidx",
@@ -333,15 +334,7 @@ def build_split_mgca(source: CovidxSource, out_dir: str | Path, version: str = "
         generator="vlpbench.data.covidx:split_mgca",
         seed=MGCA_RANDOM_STATE,
         fractions={"train": MGCA_TRAIN_SIZE, "val": 1 - MGCA_TRAIN_SIZE, "train_10pct": 0.1, "train_1pct": 0.01},
-        source={
-            "covidx_version": source.version,
-            "scheme": source.scheme,
-            "classes": list(source.classes),
-            "test": files["test"].name,
-            "files": {path.name: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                                  "n_images": len(pool) if part == "train" else len(test)}
-                      for part, path in files.items()},
-        },
+        source=info,
         reference={
             "repository": "HKU-MedAI/MGCA",
             "commit": MGCA_COMMIT,

@@ -440,14 +440,24 @@ def _open_member(archive: Path, member: str, use):
         raise DataError(f"cannot decode image {archive}:{member}: {exc}") from exc
 
 
-def build_split_v1(source: ObjectCxrSource, out_dir: str | Path, version: str = "v1") -> dict:
-    """Write Object-CXR split v1 of ``source`` to ``out_dir`` (see :func:`split_v1`); return the manifest."""
+def _split_inputs(source: ObjectCxrSource) -> tuple[dict[str, int], list[str], list[str], dict]:
+    """What every Object-CXR split is built from: the labels, the train.csv rows (file order, as
+    pd.read_csv gives them), the dev.csv rows (the test part) and the manifest's ``source`` block."""
     labels = {image_id: source.label(image_id) for image_id in source.image_ids}
     pool = [i for i in source.image_ids if source.part(i) == "train"]
     test = [i for i in source.image_ids if source.part(i) == "dev"]
+    files = {name: source.label_files[part] for name, part in (("train.csv", "train"), ("dev.csv", "dev"))}
+    info = {"test": "dev.csv",
+            "files": {name: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "n_images": count}
+                      for (name, path), count in zip(files.items(), (len(pool), len(test)))}}
+    return labels, pool, test, info
+
+
+def build_split_v1(source: ObjectCxrSource, out_dir: str | Path, version: str = "v1") -> dict:
+    """Write Object-CXR split v1 of ``source`` to ``out_dir`` (see :func:`split_v1`); return the manifest."""
+    labels, pool, test, info = _split_inputs(source)
     # floor, as train_test_split sizes its test part: 8,000 -> 1,600.
     n_val = math.floor(len(pool) * VAL_FRACTION + 1e-9)
-    files = {name: source.label_files[part] for name, part in (("train.csv", "train"), ("dev.csv", "dev"))}
     return write_split(
         out_dir,
         dataset="object_cxr",
@@ -458,11 +468,7 @@ def build_split_v1(source: ObjectCxrSource, out_dir: str | Path, version: str = 
         generator="vlpbench.data.object_cxr:split_v1",
         seed=SEED,
         fractions={"train": 1 - VAL_FRACTION, "val": VAL_FRACTION, "train_10pct": 0.1, "train_1pct": 0.01},
-        source={
-            "test": "dev.csv",
-            "files": {name: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "n_images": count}
-                      for (name, path), count in zip(files.items(), (len(pool), len(test)))},
-        },
+        source=info,
     )
 
 
@@ -480,13 +486,9 @@ def split_v1(source: ObjectCxrSource) -> Split:
 
 def build_split_mgca(source: ObjectCxrSource, out_dir: str | Path, version: str = "mgca") -> dict:
     """Write Object-CXR split ``mgca`` of ``source`` to ``out_dir`` (see :func:`split_mgca`); return the manifest."""
-    labels = {image_id: source.label(image_id) for image_id in source.image_ids}
-    # The rows of train.csv in file order, as pd.read_csv gives them to train_test_split.
-    pool = [i for i in source.image_ids if source.part(i) == "train"]
-    test = [i for i in source.image_ids if source.part(i) == "dev"]
+    labels, pool, test, info = _split_inputs(source)
     train, val = train_test_split_ids(pool, MGCA_VAL_FRACTION, MGCA_RANDOM_STATE)
     train_10, train_1 = nested_subsets(train, labels, SEED)
-    files = {name: source.label_files[part] for name, part in (("train.csv", "train"), ("dev.csv", "dev"))}
     return write_split(
         out_dir,
         dataset="object_cxr",
@@ -497,11 +499,7 @@ def build_split_mgca(source: ObjectCxrSource, out_dir: str | Path, version: str 
         generator="vlpbench.data.object_cxr:split_mgca",
         seed=MGCA_RANDOM_STATE,
         fractions={"train": 1 - MGCA_VAL_FRACTION, "val": MGCA_VAL_FRACTION, "train_10pct": 0.1, "train_1pct": 0.01},
-        source={
-            "test": "dev.csv",
-            "files": {name: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "n_images": count}
-                      for (name, path), count in zip(files.items(), (len(pool), len(test)))},
-        },
+        source=info,
         reference={
             "repository": "HKU-MedAI/MGCA",
             "commit": MGCA_COMMIT,

@@ -221,20 +221,25 @@ def shuffle_split(n: int, test_size: int | float, seed: int) -> tuple[list[int],
     Raises:
         ValueError: ``test_size`` is not a count in 1..n-1 or a fraction in (0, 1), or leaves train empty.
     """
-    if isinstance(test_size, (bool, np.bool_)) or not isinstance(test_size, (int, float, np.integer, np.floating)):
-        raise ValueError(f"test_size must be an int or a float, got {test_size!r}")
-    if isinstance(test_size, (float, np.floating)):
-        if not 0 < test_size < 1:
-            raise ValueError(f"a float test_size must be in (0, 1), got {test_size}")
-        n_test = math.ceil(test_size * n)
-    else:
-        n_test = int(test_size)
-        if not 0 < n_test < n:
-            raise ValueError(f"an int test_size must be in 1..{n - 1} for {n} samples, got {n_test}")
+    n_test = _part_count(test_size, n, "test_size", math.ceil)
+    if isinstance(test_size, (int, np.integer)) and not 0 < n_test < n:
+        raise ValueError(f"an int test_size must be in 1..{n - 1} for {n} samples, got {n_test}")
     if n - n_test <= 0:
         raise ValueError(f"test_size {test_size} of {n} samples leaves train empty")
     permutation = np.random.RandomState(seed).permutation(n)
     return [int(i) for i in permutation[n_test:]], [int(i) for i in permutation[:n_test]]
+
+
+def _part_count(size: int | float, n: int, name: str, rounding) -> int:
+    """How many of ``n`` rows sklearn gives a part sized ``size``: an int is the count, a float in (0, 1)
+    the fraction ``rounding(size * n)`` (``ceil`` for test_size, ``floor`` for train_size)."""
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be an int or a float, got {size!r}")
+    if isinstance(size, (float, np.floating)):
+        if not 0 < size < 1:
+            raise ValueError(f"a float {name} must be in (0, 1), got {size}")
+        return rounding(size * n)
+    return int(size)
 
 
 def train_test_split_ids(ids: Sequence[str], test_size: int | float, seed: int) -> tuple[list[str], list[str]]:
@@ -257,14 +262,7 @@ def train_size_split(n: int, train_size: int | float, seed: int) -> tuple[list[i
     Raises:
         ValueError: ``train_size`` is not a count in 1..n-1 or a fraction in (0, 1) leaving both parts non-empty.
     """
-    if isinstance(train_size, (bool, np.bool_)) or not isinstance(train_size, (int, float, np.integer, np.floating)):
-        raise ValueError(f"train_size must be an int or a float, got {train_size!r}")
-    if isinstance(train_size, (float, np.floating)):
-        if not 0 < train_size < 1:
-            raise ValueError(f"a float train_size must be in (0, 1), got {train_size}")
-        n_train = math.floor(train_size * n)
-    else:
-        n_train = int(train_size)
+    n_train = _part_count(train_size, n, "train_size", math.floor)
     if not 0 < n_train < n:
         raise ValueError(f"train_size {train_size} of {n} samples gives {n_train} train rows; need 1..{n - 1}")
     return shuffle_split(n, n - n_train, seed)
