@@ -1,5 +1,5 @@
-"""Shared fixtures: a synthetic SIIM dataset, a random-init checkpoint in G2D's encoder layout, and a
-lower-is-better metric."""
+"""Shared fixtures: a synthetic SIIM dataset, random-init checkpoints (G2D's encoder layout, a torchvision
+ResNet-18), and a lower-is-better metric."""
 
 import pytest
 
@@ -43,4 +43,17 @@ def g2d_encoder_checkpoint(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("ckpt") / "g2d_encoder.pth"
     write_g2d_checkpoint(path, layout="encoder", seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet18_checkpoint(tmp_path_factory):
+    """A torchvision ResNet-18 state dict, initialised with seed 0 (for the ``generic`` adapter)."""
+    import torch
+    import torchvision
+
+    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.save(torchvision.models.resnet18().state_dict(), path)
     return path

@@ -47,17 +47,6 @@ def siim_small(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def resnet18_checkpoint(tmp_path_factory):
-    import torchvision
-
-    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
-
-
 def _run(root, checkpoint, results_dir, **kwargs):
     options = {"overrides": TINY, **kwargs}
     return api.run("generic", "siim_seg", 1.0, checkpoint=checkpoint, model_options={"arch": "resnet18"},

@@ -266,17 +266,6 @@ def siim_tiny(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def resnet18_checkpoint(tmp_path_factory):
-    import torchvision
-
-    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
-
-
 def test_paper_settings_run_end_to_end_on_synthetic_siim(siim_tiny, resnet18_checkpoint, tmp_path):
     paper = load_task("siim_seg", profile="paper").config
     overrides = {key: paper[key] for key in ("pipeline", "augment_mask", "dice_average", "train_subset",
