@@ -451,6 +451,28 @@ def check_zero_shot_arguments(classes: list[str], templates: tuple[str, str]) ->
         raise ConfigError(f"classes must be a non-empty list of class names, got {classes!r}")
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What a user should know about a model family before scoring it (``vlpbench models --verbose``).
+
+    Attributes:
+        paper: authors, title and venue.
+        repository: where the authors' code is (the module definitions the adapter was read from).
+        checkpoints: each published file, with where to download it.
+        pretraining_data: the datasets the model saw in pre-training, as vlpbench names them where it reads
+            them (``mimic_cxr``, ``chexpert``, ``cxr14`` ...), so a run whose test set comes from one of
+            them is flagged in its record.
+        notes: anything else that decides whether a number is right (a stage never trained, an unusual
+            normalisation, weights re-trained by a third party).
+    """
+
+    paper: str
+    repository: str
+    checkpoints: tuple[str, ...]
+    pretraining_data: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+
 class Adapter(abc.ABC):
     """Base class of model adapters; subclasses implement ``map_weights``.
 
@@ -469,6 +491,8 @@ class Adapter(abc.ABC):
         encoder_name: the smp encoder ``encoder()`` builds (``get_encoder`` name, e.g. ``"resnet50"``,
             ``"tu-efficientnet_b0"``); an instance may set its own from its options.
         checkpoint_forms: the checkpoint forms the adapter accepts, one human-readable line each (listings).
+        in_channels: image channels the encoder takes (3; 1 for models pre-trained on single-channel input).
+        card: the family's ``ModelCard`` (paper, code, files, pre-training data), None for plain backbones.
     """
 
     name: ClassVar[str]
@@ -485,6 +509,8 @@ class Adapter(abc.ABC):
     encoder_depth: ClassVar[int] = 5
     checkpoint_forms: ClassVar[tuple[str, ...]] = ()
     capability_hints: ClassVar[Mapping[str, str]] = {}
+    in_channels: ClassVar[int] = 3
+    card: ClassVar[ModelCard | None] = None
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         """Load ``checkpoint`` strictly.
@@ -575,6 +601,7 @@ class Adapter(abc.ABC):
         return {
             "adapter": self.name,
             "checkpoint": checkpoint,
+            "pretraining_data": list(self.card.pretraining_data) if self.card else None,
             "layout": self.report.layout,
             "options": dict(self.options),
             "load_report": self.report.summary(),

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from vlpbench.adapters.base import (
+    ModelCard,
     Adapter,
     check_zero_shot_arguments,
     LoadReport,
@@ -197,6 +198,15 @@ class ClipAdapter(Adapter):
     """
 
     name = "clip"
+    card = ModelCard(
+        paper="Tiu et al., Expert-level detection of pathologies from unannotated chest X-ray images via "
+              "self-supervised learning (CheXzero), Nature Biomedical Engineering 2022",
+        repository="github.com/rajpurkarlab/CheXzero (model.py, zero_shot.py)",
+        checkpoints=("best_64_5e-05_original_22000_0.864.pt and the other ensemble members — Google Drive "
+                     "link in the repository's README",),
+        pretraining_data=("mimic_cxr",),
+        notes=("any OpenAI-layout, open_clip or Hugging Face CLIPModel ViT loads; the card describes CheXzero",),
+    )
     description = "CLIP ViT fine-tuned on CXR (CheXzero, open_clip): OpenAI-layout weights; embeddings, zero-shot"
     capabilities = frozenset({"embed_image", "embed_text", "dense_embed"})
     mean = OPENAI_MEAN

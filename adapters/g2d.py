@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from vlpbench.adapters.base import (
+    ModelCard,
     DENSE_EMBED,
     EMBED_IMAGE,
     EMBED_TEXT,
@@ -43,10 +44,10 @@ from vlpbench.adapters.base import (
     loaded_eval,
     match_keys,
     match_resnet50_encoder,
-    sha256_tree,
     split_prefix,
     unet_decoder_shapes,
 )
+from vlpbench.adapters.text import bert_config, build_bert, load_tokenizer, match_bert, text_encoder_record
 from vlpbench.errors import CheckpointError, ConfigError
 
 LAYOUTS = ("encoder", "encoder_decoder", "pretrain")
@@ -57,8 +58,6 @@ TEXT_SIDE_REASON = ("text encoder and its projection head: mapped only with opti
                     "(a local Bio_ClinicalBERT directory: config and tokenizer)")
 IMAGE_HEAD_PREFIXES = ("proj_v.", "attnpool.")
 PSEUDO_CONV_REASON = "pseudo_conv: defined by G2D's model but not used in its forward pass"
-POSITION_IDS_REASON = "position_ids buffer (saved by transformers < 4.31): recomputed by BertModel, not a weight"
-_POSITION_IDS = "lm_model.embeddings.position_ids"
 TRAINING_STATE_REASON = "training state (epoch counter, optimizer): resumes pre-training, not used for evaluation"
 _TRAINING_STATE_KEYS = ("epoch", "optimizer_state_dict")
 _UNET_PARTS = ("encoder.", "decoder.", "segmentation_head.")
@@ -66,10 +65,6 @@ _UNET_PARTS = ("encoder.", "decoder.", "segmentation_head.")
 PROJECTION_WIDTH, _POOL_HEADS, _POOL_POSITIONS = 128, 4, (256 // 32) ** 2 + 1
 # Training tokenisation truncates at 256 tokens (PRETRAIN/utils/dataset.py).
 _TEXT_MAX_LENGTH = 256
-# What BertConfig and AutoTokenizer read from a local Hugging Face BERT folder; those present are hashed into
-# result records. The weights are not among them: they come from the checkpoint.
-TEXT_ENCODER_FILES = ("config.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                      "tokenizer.json", "added_tokens.json")
 
 
 class G2DAdapter(Adapter):
@@ -84,6 +79,15 @@ class G2DAdapter(Adapter):
     """
 
     name = "g2d"
+    card = ModelCard(
+        paper="Liu et al., G2D: From Global to Dense Radiography Representation Learning via Vision-Language "
+              "Pre-training, NeurIPS 2024",
+        repository="github.com/cheliu-computation/G2D-NeurIPS24 (PRETRAIN/models/cnn_ae.py, PRETRAIN/utils/trainer.py)",
+        checkpoints=("no weights are linked from the repository; the trainer writes *_encoder.pth, "
+                     "*_encoder_decoder.pth and *_checkpoint.pth",),
+        pretraining_data=("mimic_cxr",),
+        notes=("G2D ships no downstream code: its tables follow MGCA's and MedKLIP's protocols",),
+    )
     description = "G2D (NeurIPS 2024) ResNet-50 U-Net: *_encoder.pth, *_encoder_decoder.pth or full checkpoint"
     capabilities = frozenset({"features", "decoder", EMBED_IMAGE, EMBED_TEXT, DENSE_EMBED})
     image_size = 256
@@ -119,10 +123,8 @@ class G2DAdapter(Adapter):
             else:
                 lacking |= {EMBED_IMAGE, DENSE_EMBED}
             if "lm_model" in extra:
-                from transformers import BertModel
-
                 config = extra["text_config"]
-                self._bert = loaded_eval(BertModel(config, add_pooling_layer=True), extra["lm_model"])
+                self._bert = build_bert(config, extra["lm_model"], pooler=True)
                 self._proj_t = loaded_eval(text_projection(config.hidden_size), extra["proj_t"])
                 self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
             else:
@@ -359,46 +361,21 @@ def _match_part(
 def _map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: LoadReport) -> dict[str, Any]:
     """Account ``lm_model.*`` against a ``BertModel`` (with pooler) built from ``text_encoder``'s config,
     and ``proj_t.*`` against a projection of that model's width; return the tensors and the config."""
-    from transformers import BertConfig, BertModel
-
-    try:
-        config = BertConfig.from_pretrained(text_encoder, local_files_only=True)
-    except OSError as e:
-        raise ConfigError(f"adapter 'g2d': text_encoder={text_encoder!r} is not a local BERT directory "
-                          f"with a config.json: {e}") from e
-    text_side = dict(text_side)
-    if _POSITION_IDS in text_side:
-        report.ignore(POSITION_IDS_REASON, [_POSITION_IDS])
-        del text_side[_POSITION_IDS]
-    with torch.device("meta"):  # shapes only: no init time spent on a 110M-parameter model
-        bert = BertModel(config, add_pooling_layer=True)
+    config = bert_config(text_encoder, "g2d")
+    lm_model, rest = split_prefix(text_side, "lm_model.")
+    with torch.device("meta"):  # shapes only
         proj_t = text_projection(config.hidden_size)
     return {
-        "lm_model": _match_part(text_side, "lm_model.", bert, report),
-        "proj_t": _match_part(text_side, "proj_t.", proj_t, report),
+        "lm_model": match_bert(_strip(lm_model, "lm_model."), report, config, source_prefix="lm_model.",
+                               target_prefix="lm_model."),
+        "proj_t": _match_part(rest, "proj_t.", proj_t, report),
         "text_config": config,
     }
 
 
-def load_tokenizer(text_encoder: str, adapter: str) -> Any:
-    """The tokenizer saved in ``text_encoder`` (local files only); ``adapter`` names the adapter in errors.
-
-    Raises:
-        ConfigError: no tokenizer can be loaded from the folder.
-    """
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(text_encoder, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"adapter {adapter!r}: no tokenizer can be loaded from text_encoder={text_encoder!r}: "
-                          f"{e}") from e
-
-
-def text_encoder_record(folder: str, names: tuple[str, ...] = TEXT_ENCODER_FILES) -> dict[str, Any]:
-    """``{"path", "sha256", "files"}`` of a text-encoder folder: one digest over the files ``names`` found there."""
-    digest, files = sha256_tree(folder, names)
-    return {"path": folder, "sha256": digest, "files": files}
+def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``state``'s keys with ``prefix`` removed (every key starts with it)."""
+    return {k[len(prefix):]: v for k, v in state.items()}
 
 
 def _map_unet(

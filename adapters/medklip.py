@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from vlpbench.adapters.base import (
+    ModelCard,
     GROUNDING,
     ZERO_SHOT,
     Adapter,
@@ -52,7 +53,7 @@ from vlpbench.adapters.base import (
     split_prefix,
     unwrap_state_dict,
 )
-from vlpbench.adapters.g2d import TEXT_ENCODER_FILES, load_tokenizer, text_encoder_record
+from vlpbench.adapters.text import TEXT_ENCODER_FILES, load_tokenizer, text_encoder_record
 from vlpbench.errors import CheckpointError, ConfigError
 from vlpbench.files import atomic_path
 
@@ -187,6 +188,14 @@ class MedKLIPAdapter(Adapter):
     """
 
     name = "medklip"
+    card = ModelCard(
+        paper="Wu et al., MedKLIP: Medical Knowledge Enhanced Language-Image Pre-Training, ICCV 2023",
+        repository="github.com/MediaBrain-SJTU/MedKLIP (PreTrain_MedKLIP/models/model_MedKLIP.py)",
+        checkpoints=("checkpoint_final.pth — Google Drive or Baidu links in checkpoints/README.md",
+                     "observation explanation.json — in the repository",),
+        pretraining_data=("mimic_cxr",),
+        notes=("the image trunk ends at layer3 (ResNet-50 children[:-3]): layer4 is not part of the model",),
+    )
     description = ("MedKLIP (ICCV 2023) checkpoint_final.pth: ResNet-50 to layer3 (no layer4); zero-shot and "
                    "grounding through its 75 entity queries")
     capabilities = frozenset({"features", ZERO_SHOT, GROUNDING})

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from vlpbench.adapters.base import (
+    ModelCard,
     DENSE_EMBED,
     EMBED_IMAGE,
     EMBED_TEXT,
@@ -46,7 +47,7 @@ from vlpbench.adapters.base import (
     split_prefix,
     unwrap_state_dict,
 )
-from vlpbench.adapters.g2d import load_tokenizer, text_encoder_record
+from vlpbench.adapters.text import bert_config, load_tokenizer, text_encoder_record
 from vlpbench.errors import CheckpointError, ConfigError
 
 IMAGE_ENCODER_PREFIX = "img_encoder_q.model."
@@ -112,6 +113,14 @@ class MgcaAdapter(Adapter):
     """
 
     name = "mgca"
+    card = ModelCard(
+        paper="Wang et al., Multi-Granularity Cross-modal Alignment for Generalized Medical Visual "
+              "Representation Learning, NeurIPS 2022",
+        repository="github.com/HKU-MedAI/MGCA (mgca/models/mgca/mgca_module.py, mgca/models/backbones/encoder.py)",
+        checkpoints=("resnet_50.ckpt — Google Drive link in the repository's README",),
+        pretraining_data=("mimic_cxr",),
+        notes=("vit_base.ckpt (the ViT-B/16 variant) is refused by this adapter",),
+    )
     description = ("MGCA (NeurIPS 2022) ResNet-50: the published Lightning resnet_50.ckpt; 128-d global "
                    "embeddings, text side with text_encoder=DIR")
     capabilities = frozenset({"features", EMBED_IMAGE, EMBED_TEXT})
@@ -273,13 +282,9 @@ def _map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: Load
     The layer count is read from the checkpoint (MGCA's bert_config.json sets 6, Bio_ClinicalBERT's config 12);
     every layer present must be complete. Returns the BERT and head tensors and the config.
     """
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    try:
-        config = BertConfig.from_pretrained(text_encoder, local_files_only=True)
-    except OSError as e:
-        raise ConfigError(f"adapter 'mgca': text_encoder={text_encoder!r} is not a local BERT folder with a "
-                          f"config.json: {e}") from e
+    config = bert_config(text_encoder, "mgca")
     model_part, rest = split_prefix(text_side, TEXT_MODEL_PREFIX)
     head_part, rest = split_prefix(rest, TEXT_GLOBAL_PREFIX)
     local_head, rest = split_prefix(rest, "text_encoder_q.local_embed.")

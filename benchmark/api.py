@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,10 @@ def run_in_process(
 
     adapter = build_adapter(model, checkpoint, **(model_options or {}))
     model_info = {"name": model_label(model, checkpoint, name), **adapter.describe()}
+    if (overlap := pretraining_overlap(adapter, spec.dataset)) is not None:
+        model_info["pretraining_overlap"] = overlap
+        log.warning("%s pre-trained on %s, where the test images of %s come from: its number may be "
+                    "optimistic (recorded as model.pretraining_overlap)", model, overlap, spec.name)
     stub = {"model": model_info, "task": {"name": spec.name, "version": spec.version, "profile": spec.profile},
             "frac": frac,
             "seed": seed, "config": {"overrides": dict(overrides or {}), "precision": config["precision"]}}
@@ -434,11 +439,27 @@ def inspect(model: str, checkpoint: str | Path | None, **options: Any):
     return get_adapter(model).inspect(checkpoint, **options)
 
 
+# Datasets whose images are drawn from another dataset that models pre-train on.
+_DRAWN_FROM = {"chexpert5x200": "chexpert", "ms_cxr": "mimic_cxr"}
+
+
+def pretraining_overlap(adapter: Any, dataset: str) -> str | None:
+    """The pre-training dataset of ``adapter`` (its ``card``) that ``dataset``'s images come from, or None."""
+    card = getattr(adapter, "card", None)
+    if card is None:
+        return None
+    for name in (dataset, _DRAWN_FROM.get(dataset)):
+        if name is not None and name in card.pretraining_data:
+            return name
+    return None
+
+
 def model_table() -> list[dict[str, Any]]:
     """Built-in and plug-in adapters, one dict each, sorted by name.
 
     Keys: ``model``, ``description``, ``capabilities`` (sorted list), ``checkpoint_forms`` (the adapter's
-    ``checkpoint_forms``; empty when it declares none), ``package`` (``"<distribution> <version>"`` for a
+    ``checkpoint_forms``; empty when it declares none), ``input`` (image size, channels, mean, std),
+    ``card`` (the adapter's ``ModelCard`` as a dict, or None), ``package`` (``"<distribution> <version>"`` for a
     plug-in, None for a built-in) and ``error`` (None, or why the adapter cannot be imported; the
     description, capabilities and forms are then None, [] and []). Imports every adapter module.
 
@@ -452,14 +473,19 @@ def model_table() -> list[dict[str, Any]]:
     for name in adapter_names():
         plugin = found.get(name)
         row: dict[str, Any] = {"model": name, "description": None, "capabilities": [], "checkpoint_forms": [],
+                               "input": None, "card": None,
                                "package": f"{plugin.package} {plugin.version}" if plugin else None, "error": None}
         try:
             cls = get_adapter(name)
         except Exception as e:  # one adapter that cannot be imported must not hide the others from the list
             row["error"] = f"{type(e).__name__}: {e}"
         else:
+            card = getattr(cls, "card", None)
             row.update(description=cls.description, capabilities=sorted(cls.capabilities),
-                       checkpoint_forms=list(getattr(cls, "checkpoint_forms", ())))
+                       checkpoint_forms=list(getattr(cls, "checkpoint_forms", ())),
+                       input={"image_size": cls.image_size, "channels": getattr(cls, "in_channels", 3),
+                              "mean": list(cls.mean), "std": list(cls.std)},
+                       card=asdict(card) if card is not None else None)
         rows.append(row)
     return rows
 

@@ -344,7 +344,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-step", type=int, metavar="N",
                    help="stop after N steps in all (the schedule still spans every epoch); --resume continues")
 
-    command("models", "List the model adapters.", "vlpbench models", _models)
+    p = command("models", "List the model adapters; --verbose adds each model's card: paper, code, published "
+                "files and where to get them, pre-training data and input contract.",
+                "vlpbench models --verbose", _models)
+    p.add_argument("--verbose", dest="details", action="store_true",
+                   help="add each model's card (paper, repository, checkpoint files, pre-training data, input)")
     p = command("tasks", "List the tasks; --verbose adds each task's classes, prompts and settings.",
                 "vlpbench tasks --verbose", _tasks)
     p.add_argument("--verbose", dest="details", action="store_true",
@@ -626,11 +630,31 @@ def _models(args: argparse.Namespace) -> int:
                      f"{indent}capabilities: {', '.join(row['capabilities']) or '–'}",
                      f"{indent}checkpoints:  {forms[0]}"]
             lines += [f"{indent}              {form}" for form in forms[1:]]
+            if args.details:
+                lines += _card_lines(row, indent)
         if row["package"] is not None:
             lines.append(f"{indent}plug-in from: {row['package']}")
         blocks.append("\n".join(lines))
     print("\n\n".join(blocks))
     return 0
+
+
+def _card_lines(row: dict, indent: str) -> list[str]:
+    """The model card and input contract of one ``api.model_table`` row, as indented lines."""
+    shape = row["input"]
+    mean = ", ".join(f"{v:.4g}" for v in shape["mean"])
+    std = ", ".join(f"{v:.4g}" for v in shape["std"])
+    lines = [f"{indent}input:        {shape['image_size']}² px, {shape['channels']} channel(s), "
+             f"mean ({mean}), std ({std})"]
+    card = row["card"]
+    if card is None:
+        return lines
+    lines += [f"{indent}paper:        {card['paper']}", f"{indent}code:         {card['repository']}"]
+    for label, items in (("files:", card["checkpoints"]), ("pre-trained:", card["pretraining_data"] or ["–"]),
+                         ("notes:", card["notes"])):
+        for i, item in enumerate(items):
+            lines.append(f"{indent}{(label if i == 0 else '').ljust(14)}{item}")
+    return lines
 
 
 def _tasks(args: argparse.Namespace) -> int:

@@ -11,12 +11,12 @@ from transformers import BertConfig, BertModel, BertTokenizer
 
 from vlpbench.adapters.base import IMAGENET_MEAN, IMAGENET_STD, CapabilityError
 from vlpbench.adapters.g2d import (
-    POSITION_IDS_REASON,
     PSEUDO_CONV_REASON,
     TEXT_SIDE_REASON,
     TRAINING_STATE_REASON,
     G2DAdapter,
 )
+from vlpbench.adapters.text import POSITION_IDS_REASON
 from vlpbench.errors import CheckpointError, ConfigError
 from vlpbench.testing import write_g2d_checkpoint
 
