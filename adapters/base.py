@@ -511,6 +511,9 @@ class Adapter(abc.ABC):
     capability_hints: ClassVar[Mapping[str, str]] = {}
     in_channels: ClassVar[int] = 3
     card: ClassVar[ModelCard | None] = None
+    # How this family computes what a protocol asks of it, by capability (``"zero_shot"``, ``"grounding"``,
+    # ``"linear"``), each naming its source line: goes into every record, so a number says how it was made.
+    procedures: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         """Load ``checkpoint`` strictly.
@@ -602,6 +605,7 @@ class Adapter(abc.ABC):
             "adapter": self.name,
             "checkpoint": checkpoint,
             "pretraining_data": list(self.card.pretraining_data) if self.card else None,
+            "procedures": dict(self.procedures),
             "layout": self.report.layout,
             "options": dict(self.options),
             "load_report": self.report.summary(),

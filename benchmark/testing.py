@@ -32,6 +32,33 @@ from vlpbench.adapters.medklip import (
 from vlpbench.adapters.mgca import EMB_DIM, HEAD_HIDDEN, global_embedding
 from vlpbench.errors import ConfigError
 
+# --- text encoders ------------------------------------------------------------------------------------
+
+TINY_BERT_WORDS = ("no", "pleural", "effusion", "pneumothorax", "pneumonia", "cardiomegaly", "edema", "atelectasis",
+                   "consolidation", "opacity", "lung", "left", "right", "small", "large", "normal", "finding")
+
+
+def write_tiny_bert_folder(folder: str | Path, *, hidden: int = 32, layers: int = 2, heads: int = 2,
+                           words: tuple[str, ...] = TINY_BERT_WORDS) -> Path:
+    """A tiny local BERT folder (config.json and a word-piece tokenizer; no weights), as a ``text_encoder``.
+
+    The vocabulary holds BERT's special tokens, ``words``, single letters with their ``##`` continuations and
+    200 filler tokens, so any lower-case English text tokenises. Returns the folder.
+    """
+    from transformers import BertConfig, BertTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(97, 123)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *words, *letters,
+             *(f"##{c}" for c in letters), *(f"tok{i}" for i in range(200))]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+               intermediate_size=4 * hidden, max_position_embeddings=512, type_vocab_size=2).save_pretrained(folder)
+    return folder
+
+
 # --- G2D ----------------------------------------------------------------------------------------------
 
 # Bio_ClinicalBERT (a BERT-base): vocabulary, width, positions, token types, layers; its FFN is 4× the width.
