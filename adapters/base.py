@@ -366,6 +366,8 @@ def match_resnet50_encoder(
 
 WRAPPER_REASON = ("other entries of the checkpoint container (hyper-parameters, epoch and step counters, "
                   "optimizer, scheduler and callback states): training state, not weights")
+SIBLING_WEIGHTS_REASON = ("other model weights stored beside the state dict in the checkpoint container "
+                          "(a module this adapter does not use)")
 # DataParallel/DistributedDataParallel save their module under "module."; torch.compile under "_orig_mod.".
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -376,7 +378,8 @@ def unwrap_state_dict(
     """Find the state dict in ``checkpoint``; return it with wrapper prefixes removed, and the removed prefix.
 
     Containers: while the object has an entry named in ``containers`` (in that order) holding a dict, that
-    entry is taken and the object's other entries are ignored with ``WRAPPER_REASON``; a Lightning ``.ckpt``
+    entry is taken and the object's other entries are ignored with ``WRAPPER_REASON`` (or, for another dict of
+    tensors such as a second model's weights, ``SIBLING_WEIGHTS_REASON``); a Lightning ``.ckpt``
     (``state_dict``, ``hyper_parameters``, ``epoch``, ``global_step``, ``optimizer_states``, ...) unwraps this
     way. Prefixes: while every key starts with one of ``WRAPPER_PREFIXES``, it is removed. Each step is noted
     in ``report.layout``, e.g. ``"mgca-resnet50 (unwrapped 'state_dict', stripped 'module.')"``. Pass the
@@ -392,7 +395,11 @@ def unwrap_state_dict(
         container = next((k for k in containers if isinstance(state.get(k), Mapping)), None)
         if container is None:
             break
-        report.ignore(WRAPPER_REASON, [str(k) for k in state if k != container])
+        others = [k for k in state if k != container]
+        # An optimizer's state_dict is a dict too, but of "state" and "param_groups", never of tensors.
+        siblings = [k for k in others if _holds_weights(state[k])]
+        report.ignore(SIBLING_WEIGHTS_REASON, [str(k) for k in siblings])
+        report.ignore(WRAPPER_REASON, [str(k) for k in others if k not in siblings])
         notes.append(f"unwrapped {container!r}")
         state = state[container]
     if not isinstance(state, Mapping):
@@ -411,6 +418,11 @@ def unwrap_state_dict(
     if notes:
         report.layout += f" ({', '.join(notes)})"
     return state, prefix
+
+
+def _holds_weights(entry: Any) -> bool:
+    """True for a non-empty mapping whose values are all tensors (a module's state dict)."""
+    return isinstance(entry, Mapping) and bool(entry) and all(isinstance(v, torch.Tensor) for v in entry.values())
 
 
 @dataclass

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from vlpbench.adapters import build_adapter, get_adapter
 from vlpbench.adapters.base import (
+    SIBLING_WEIGHTS_REASON,
     WRAPPER_REASON,
     Adapter,
     LoadReport,
@@ -393,3 +394,12 @@ def test_encoder_shapes_per_name_and_checkpoint_forms_everywhere():
     for name in ("g2d", "resnet50", "random", "mgca", "generic"):
         forms = get_adapter(name).checkpoint_forms
         assert forms and all(isinstance(f, str) and f for f in forms), name
+
+
+def test_a_second_weight_dict_in_the_container_is_named_as_weights_not_training_state():
+    report = LoadReport("x")
+    checkpoint = {"model": {"w": torch.zeros(1)}, "image_encoder": {"conv.weight": torch.zeros(2)},
+                  "optimizer": {"state": {}, "param_groups": []}, "epoch": 3}
+    state, _ = unwrap_state_dict(checkpoint, report, containers=("model",))
+    assert list(state) == ["w"]
+    assert report.ignored == {SIBLING_WEIGHTS_REASON: ["image_encoder"], WRAPPER_REASON: ["optimizer", "epoch"]}
