@@ -1,6 +1,6 @@
-"""Hand-set projection heads for zero-shot tests: weights under which a model *must* score above chance.
+"""Hand-set projection heads for zero-shot tests: weights under which a model must score above chance.
 
-A two-layer head ``Linear → [BatchNorm] → ReLU → Linear [→ BatchNorm]`` is set so that it maps a feature ``f`` to
+A two-layer head ``Linear → [BatchNorm] → ReLU → Linear [→ BatchNorm]`` is set to map a feature ``f`` to
 ``(relu(f·w - t) - relu(t - f·w)) · d``: a positive multiple of ``d`` when ``f·w > t``, a negative one when
 ``f·w < t``. On the image side ``w`` reads the pooled feature of a bias-free ResNet, which scales with the
 brightness of its input; on the text side ``w`` separates the features of a positive and a negative prompt. With
