@@ -38,6 +38,9 @@ ADAPTERS.register("mgca", "vlpbench.adapters.mgca:MgcaAdapter")
 ADAPTERS.register("generic", "vlpbench.adapters.generic:GenericAdapter")
 ADAPTERS.register("clip", "vlpbench.adapters.clip:ClipAdapter")
 ADAPTERS.register("medklip", "vlpbench.adapters.medklip:MedKLIPAdapter")
+ADAPTERS.register("convirt", "vlpbench.adapters.convirt:ConVIRTAdapter")
+ADAPTERS.register("mflag", "vlpbench.adapters.mflag:MFlagAdapter")
+ADAPTERS.register("prior", "vlpbench.adapters.prior:PriorAdapter")
 
 
 class PluginError(VlpbenchError):
