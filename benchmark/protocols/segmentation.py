@@ -28,6 +28,10 @@ The options that select MGCA's behaviour (the task's ``paper`` profile sets them
                   184-188), see :func:`mgca_train_subset`.
 ``dice_resolution``  ``native`` (1024² truth) or ``input`` (MGCA: Dice on the resized masks).
 
+The encoder fine-tuning options (``train_encoder``, ``decoder``, ``loss``, ``augmentation``,
+``decay_bias_and_norm``; MedKLIP's original setting, G2D Table 7) are described in
+:mod:`vlpbench.protocols.segmentation_finetune`; off by default, they leave the frozen-encoder protocol as it is.
+
 The truth is positive above 0.5 whatever ``threshold`` is (MGCA ssl_segmenter.py:107;
 :mod:`vlpbench.metrics.dice`).
 
@@ -77,6 +81,15 @@ from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.dice import batch_means, dice_per_image
 from vlpbench.predictions import find_masks, read_prediction_mask, write_mask
 from vlpbench.protocols import base
+from vlpbench.protocols.features import channel_values, normalize as normalize_channels
+from vlpbench.protocols.segmentation_finetune import (
+    MedKLIPResUNet,
+    check_finetune_options,
+    dice_bce_loss,
+    parameter_groups,
+    random_crop_flip,
+    unfreeze_encoder,
+)
 
 log = logging.getLogger("vlpbench")
 
@@ -243,10 +256,15 @@ _DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
 class UNet(torch.nn.Module):
-    """smp U-Net (1 class) around the adapter's encoder; ``encoder_name`` is the adapter's smp encoder name."""
+    """smp U-Net (1 class) around the adapter's encoder; ``encoder_name`` is the adapter's smp encoder name.
+    ``decoder="medklip"``: MedKLIP's network instead (:class:`~vlpbench.protocols.segmentation_finetune.
+    MedKLIPResUNet`); either way the encoder is ``self.unet.encoder``."""
 
-    def __init__(self, encoder: torch.nn.Module, encoder_name: str = "resnet50"):
+    def __init__(self, encoder: torch.nn.Module, encoder_name: str = "resnet50", decoder: str = "smp"):
         super().__init__()
+        if decoder == "medklip":
+            self.unet = MedKLIPResUNet(encoder)
+            return
         import segmentation_models_pytorch as smp
 
         # Build with the same key layout as G2D's published *_encoder_decoder.pth (for "resnet50"), then swap
@@ -318,20 +336,21 @@ def run_segmentation(
         test = Images(source, split.test, size, "test", progress, method=method)
     t_data = time.perf_counter()
 
-    model = UNet(encoder, encoder_name)
+    model = UNet(encoder, encoder_name, option(config, "decoder"))
     if decoder_state is not None:
         model.unet.load_state_dict({**model.unet.encoder.state_dict(prefix="encoder."), **decoder_state})
     for parameter in model.unet.encoder.parameters():
         parameter.requires_grad_(False)
+    unfreeze_encoder(model.unet.encoder, config)
     prepare_model(model, device, precision_of(config))
     stepped = model
     if distributed.is_active():
         distributed.global_batchnorm(model)
         # Buffers need no broadcast: global BatchNorm keeps them equal on every rank.
         stepped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config["lr"], betas=tuple(config["betas"]),
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+            find_unused_parameters=option(config, "decoder") == "medklip")  # stages past stride 16 stay unused
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config["lr"], betas=tuple(config["betas"]),
                                   weight_decay=config["weight_decay"])
     normalize = _normalizer(config["mean"], config["std"])
     loss_fn = _loss(config)
@@ -490,6 +509,9 @@ CHOICES = {
     "augment_mask": ("bilinear", "nearest"),
     "dice_average": ("image", "batch"),
     "train_subset": ("split", "mgca"),
+    "decoder": ("smp", "medklip"),
+    "loss": ("mixed", "dice_bce"),
+    "augmentation": ("shift_scale_rotate", "crop_flip"),
 }
 
 
@@ -499,11 +521,13 @@ def option(config: dict[str, Any], key: str) -> str:
 
 
 def check_options(config: dict[str, Any]) -> None:
-    """Raise ``ConfigError`` naming the option and its choices for a value outside :data:`CHOICES`."""
+    """Raise ``ConfigError`` naming the option and its choices for a value outside :data:`CHOICES`, or for a
+    fine-tuning option the protocol cannot run (:func:`.segmentation_finetune.check_finetune_options`)."""
     for key, choices in CHOICES.items():
         value = option(config, key)
         if value not in choices:
             raise ConfigError(f"segmentation option {key}={value!r}: expected one of {', '.join(choices)}")
+    check_finetune_options(config, option)
 
 
 def _dice_batch(config: dict[str, Any]) -> int | None:
@@ -520,7 +544,11 @@ def _whole_train(split: SplitIds) -> list[str]:
                       "which the caller did not pass (SplitIds.train_all)")
 
 
-def _normalizer(mean: float, std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+def _normalizer(mean: float | list, std: float | list) -> Callable[[torch.Tensor], torch.Tensor]:
+    if isinstance(mean, (list, tuple)) or isinstance(std, (list, tuple)):  # per channel (R, G, B)
+        mean, std = channel_values(mean, "mean"), channel_values(std, "std")
+        return lambda images01: normalize_channels(images01, mean, std)
+
     def normalize(images01: torch.Tensor) -> torch.Tensor:
         # Grey to the 3 channels the encoder expects, then the task's mean/std.
         return ((images01 - mean) / std).expand(-1, 3, -1, -1)
@@ -529,6 +557,9 @@ def _normalizer(mean: float, std: float) -> Callable[[torch.Tensor], torch.Tenso
 
 
 def _loss(config: dict[str, Any], across_ranks: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if option(config, "loss") == "dice_bce":
+        return lambda logits, target: dice_bce_loss(logits, target, across_ranks=across_ranks)
+
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return mixed_loss(logits, target, config["focal_weight"], config["focal_gamma"], across_ranks=across_ranks)
 
@@ -562,7 +593,7 @@ def _train_epoch(model, stepped, data: Images, optimizer, loss_fn, normalize, co
         else:
             images, masks = _batch(data, index, device)
             if config["augment"]:
-                theta = distributed.shard(random_affine(batch_size, 0.1, 10.0, 0.5, generator)).to(device)
+                theta = distributed.shard(_augment_theta(config, batch_size, generator)).to(device)
                 grid = F.affine_grid(theta, list(images.shape), align_corners=False)
                 images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
                 masks = F.grid_sample(masks, grid, mode=option(config, "augment_mask"), padding_mode="zeros",
@@ -574,6 +605,14 @@ def _train_epoch(model, stepped, data: Images, optimizer, loss_fn, normalize, co
         total += check_finite(loss, epoch, start // batch_size + 1) * batch_size
         count += batch_size
     return total / count
+
+
+def _augment_theta(config: dict[str, Any], batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The training augmentation's affine matrices for one global batch: MGCA's ShiftScaleRotate(shift 0,
+    scale 0.1, rotate 10, p 0.5), or MedKLIP's random resized crop and flip (``augmentation: crop_flip``)."""
+    if option(config, "augmentation") == "crop_flip":
+        return random_crop_flip(batch_size, generator)
+    return random_affine(batch_size, 0.1, 10.0, 0.5, generator)
 
 
 def rank_batches(n: int, batch_size: int) -> range:
