@@ -355,14 +355,16 @@ def test_other_classes_in_a_lightning_checkpoint_are_refused_and_not_run(tmp_pat
     marker = tmp_path / "pwned"
     with monkeypatch.context() as patch:
         attribute_dict = _fake_class(patch, LIGHTNING_PATHS[0], "AttributeDict", dict)
-        callback = _fake_class(patch, "pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")
+        # ModelCheckpoint / EarlyStopping keys load as inert markers (test_lightning_containers.py); other classes
+        # stay refused.
+        callback = _fake_class(patch, "pytorch_lightning.callbacks.lr_monitor", "LearningRateMonitor")
         hparams = attribute_dict(img_encoder="resnet_50")
         plain = tmp_path / "callback.ckpt"
         torch.save({"state_dict": {}, "hyper_parameters": hparams, "callbacks": {callback: {"x": 1}}}, plain)
         evil = tmp_path / "evil.ckpt"
         torch.save({"state_dict": {}, "hyper_parameters": hparams, "loops": _RunsShell(str(marker))}, evil)
 
-    with pytest.raises(CheckpointError, match="refused.*pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"):
+    with pytest.raises(CheckpointError, match="refused.*pytorch_lightning.callbacks.lr_monitor.LearningRateMonitor"):
         load_state_dict_file(plain)
     with pytest.raises(CheckpointError, match="refused.*system while unpickling"):
         load_state_dict_file(evil)
