@@ -46,7 +46,6 @@ from vlpbench.adapters.base import (
     ModelCard,
     Weights,
     check_zero_shot_arguments,
-    encoder_shapes,
     loaded_eval,
     match_encoder,
     match_keys,
@@ -76,8 +75,10 @@ _GLORIA_INPUT = 299
 # Attention sharpening (gloria_model.py:117-119 and loss temp1 = 4.0) and the word-score scale of
 # get_local_similarities (gloria_model.py:130).
 _TEMP_ATTENTION, _TEMP_WORDS = 4.0, 5.0
-# The smp encoder names of the torchvision ResNets GLoRIA publishes, told apart by the bottleneck's conv3.
+# The smp encoder names of the torchvision ResNets GLoRIA publishes, told apart by the bottleneck's conv3, with
+# their layer3 and layer4 widths (the local and the global embedder's input).
 _BOTTLENECK_KEY = "layer1.0.conv3.weight"
+_WIDTHS = {"resnet50": (1024, 2048), "resnet18": (256, 512)}
 _SENTENCE_SPLIT = re.compile(r"[0-9]+\.")
 _WORD = re.compile(r"\w+")
 
@@ -209,8 +210,7 @@ class GloriaAdapter(Adapter):
         else:
             report.ignore(TEXT_SIDE_REASON, [prefix + k for k in text_side])
 
-        shapes = encoder_shapes(encoder_name)
-        pooled = shapes["layer4.0.conv1.weight" if encoder_name == "resnet18" else "layer4.0.conv3.weight"][0]
+        pooled = _WIDTHS[encoder_name][1]
         global_part, rest = split_prefix(rest, GLOBAL_EMBEDDER_PREFIX)
         extra["global_embedder"] = match_keys(
             _strip(global_part, GLOBAL_EMBEDDER_PREFIX), {"weight": (embedding_dim, pooled), "bias": (embedding_dim,)},
@@ -415,7 +415,7 @@ def _map_local_embedder(part: Mapping[str, Any], encoder_name: str, embedding_di
                         source_prefix: str) -> dict[str, torch.Tensor] | None:
     """Account the local embedder: mapped when it fits the ResNet's layer3, ignored when it is the 1024-wide one of
     GLoRIA's ResNet-18 code (``LOCAL_EMBEDDER_REASON``); None when it is not mapped."""
-    layer3 = encoder_shapes(encoder_name)["layer4.0.conv1.weight"][1]
+    layer3 = _WIDTHS[encoder_name][0]
     weight = part.get("weight")
     if (encoder_name == "resnet18" and isinstance(weight, torch.Tensor)
             and tuple(weight.shape) == (embedding_dim, 1024, 1, 1) and set(part) == {"weight"}):
