@@ -41,6 +41,7 @@ ADAPTERS.register("medklip", "vlpbench.adapters.medklip:MedKLIPAdapter")
 ADAPTERS.register("convirt", "vlpbench.adapters.convirt:ConVIRTAdapter")
 ADAPTERS.register("mflag", "vlpbench.adapters.mflag:MFlagAdapter")
 ADAPTERS.register("prior", "vlpbench.adapters.prior:PriorAdapter")
+ADAPTERS.register("gloria", "vlpbench.adapters.gloria:GloriaAdapter")
 
 
 class PluginError(VlpbenchError):

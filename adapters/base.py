@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 
+from vlpbench.adapters import containers
 from vlpbench.errors import CheckpointError, ConfigError
 from vlpbench.files import atomic_path
 from vlpbench.options import typed_value
@@ -91,6 +92,10 @@ CHECKPOINT_CONTAINERS: Mapping[str, type] = MappingProxyType({
     "lightning.fabric.utilities.data.AttributeDict": dict,  # the unified ``lightning`` package
     "argparse.Namespace": types.SimpleNamespace,
 })
+# Everything one load allows: the containers above, and the inert stand-ins for what Lightning 1.1 checkpoints
+# name (callback classes as keys of ``callbacks``, an omegaconf DictConfig as ``hyper_parameters``; see
+# ``vlpbench.adapters.containers``).
+_SAFE_GLOBALS = tuple((stand_in, name) for name, stand_in in {**CHECKPOINT_CONTAINERS, **containers.READ_AS}.items())
 
 
 def load_state_dict_file(path: str | Path) -> tuple[Any, str]:
@@ -101,7 +106,11 @@ def load_state_dict_file(path: str | Path) -> tuple[Any, str]:
     hyper-parameter containers of training frameworks (``CHECKPOINT_CONTAINERS``: Lightning's
     ``AttributeDict`` under its three module paths, ``argparse.Namespace``) are allowed for this call only
     and rebuilt as ``dict`` / ``types.SimpleNamespace``, so Lightning ``.ckpt`` files load without
-    Lightning installed. Nothing else is allowed, and there is no fallback to full unpickling.
+    Lightning installed. So do Lightning 1.1 files (``callbacks`` keyed by callback classes, an omegaconf
+    ``DictConfig`` as ``hyper_parameters``): those objects come back as the inert stand-ins of
+    ``vlpbench.adapters.containers.READ_AS`` (a ``DictConfig`` as a plain dict of its values, named classes as
+    ``GlobalName`` markers), and neither Lightning nor omegaconf is imported. Nothing else is allowed, and there is
+    no fallback to full unpickling.
 
     Raises:
         CheckpointError: the file is missing or unreadable, truncated or corrupt, or it needs arbitrary
@@ -126,7 +135,7 @@ def load_state_dict_file(path: str | Path) -> tuple[Any, str]:
 
     try:
         # Scoped allow-list: torch removes these entries again on exit, so nothing leaks into later loads.
-        with torch.serialization.safe_globals([(stand_in, name) for name, stand_in in CHECKPOINT_CONTAINERS.items()]):
+        with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True), sha256
     except pickle.UnpicklingError as e:
         if str(e).startswith("Weights only load failed"):
@@ -167,10 +176,11 @@ class _StandInPickler(pickle._Pickler):
     """Pickler that records the stand-in classes under the class paths of the real ones.
 
     The pure-Python pickler is used because its ``save_global`` can be overridden; it only pickles the
-    container structure, since torch stores tensor data outside the pickle.
+    container structure, since torch stores tensor data outside the pickle. Besides ``LightningAttributeDict``
+    it writes the Lightning 1.1 / omegaconf 2.0.5 look-alikes of ``vlpbench.adapters.containers.WRITTEN_AS``.
     """
 
-    _paths: ClassVar[Mapping[type, str]] = {LightningAttributeDict: LIGHTNING_ATTRIBUTE_DICT}
+    _paths: ClassVar[Mapping[type, str]] = {LightningAttributeDict: LIGHTNING_ATTRIBUTE_DICT, **containers.WRITTEN_AS}
 
     def save_global(self, obj: Any, name: str | None = None) -> None:
         path = self._paths.get(obj) if isinstance(obj, type) else None
@@ -184,7 +194,8 @@ class _StandInPickler(pickle._Pickler):
 
 
 def save_checkpoint(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` ``obj`` to ``path`` atomically, writing ``LightningAttributeDict`` as Lightning's class.
+    """``torch.save`` ``obj`` to ``path`` atomically, writing ``LightningAttributeDict`` and the look-alikes of
+    ``vlpbench.adapters.containers.WRITTEN_AS`` as the classes they stand for.
 
     The file is written beside the target and renamed (``vlpbench.files.atomic_path``), so an interrupted
     write never leaves a truncated checkpoint. Returns the path.

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vlpbench.adapters.base import LightningAttributeDict, save_checkpoint
+from vlpbench.adapters.containers import DictConfigLike, EarlyStoppingClass, ModelCheckpointClass, dict_config
 from vlpbench.adapters.clip import HEAD_WIDTH, ClipConfig
 from vlpbench.adapters.g2d import LAYOUTS as G2D_LAYOUTS
 from vlpbench.adapters.g2d import PROJECTION_WIDTH, AttentionPool2d, image_projection, text_projection
@@ -57,6 +58,42 @@ def write_tiny_bert_folder(folder: str | Path, *, hidden: int = 32, layers: int 
     BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                intermediate_size=4 * hidden, max_position_embeddings=512, type_vocab_size=2).save_pretrained(folder)
     return folder
+
+
+# --- Lightning 1.1 containers -------------------------------------------------------------------------
+
+
+def lightning_1_1_checkpoint(state_dict: dict[str, torch.Tensor], hyper_parameters: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` in the container PyTorch Lightning 1.1.4 writes for a module that saved an omegaconf config.
+
+    As ``checkpoint_connector.py: dump_checkpoint`` (Lightning 1.1.4): epoch and step counters, ``callbacks`` keyed
+    by the ModelCheckpoint and EarlyStopping classes (with tensor scores), Adam and ReduceLROnPlateau states,
+    native AMP scaler state, ``hparams_name``, ``hyper_parameters`` as an omegaconf 2.0.5 ``DictConfig`` of
+    ``hyper_parameters`` and ``hparams_type`` its class. ``save_checkpoint`` writes it with the real class paths.
+    """
+    score = torch.tensor(1.25)
+    return {
+        "epoch": 12,
+        "global_step": 4800,
+        "pytorch-lightning_version": "1.1.4",
+        "callbacks": {
+            ModelCheckpointClass: {"monitor": "val_loss", "best_model_score": score, "best_model_path": "epoch=11.ckpt",
+                                   "current_score": score + 0.1, "dirpath": "./data/ckpt"},
+            EarlyStoppingClass: {"wait_count": 0, "stopped_epoch": 0, "best_score": score, "patience": 10},
+        },
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 5e-05, "betas": (0.5, 0.999), "eps": 1e-08,
+                                                             "weight_decay": 1e-06, "amsgrad": False, "params": []}]}],
+        "lr_schedulers": [{"factor": 0.5, "min_lrs": [0], "patience": 5, "verbose": False, "cooldown": 0,
+                           "cooldown_counter": 0, "mode": "min", "threshold": 0.0001, "threshold_mode": "rel",
+                           "best": 1.25, "num_bad_epochs": 0, "mode_worse": float("inf"), "eps": 1e-08,
+                           "last_epoch": 12, "_last_lr": [5e-05]}],
+        "native_amp_scaling_state": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                     "growth_interval": 2000, "_growth_tracker": 0},
+        "state_dict": state_dict,
+        "hparams_name": "cfg",
+        "hyper_parameters": dict_config(hyper_parameters),
+        "hparams_type": DictConfigLike,
+    }
 
 
 # --- G2D ----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -304,7 +305,10 @@ def test_registry_helpers():
 def test_listing_adapters_imports_no_torch():
     code = "import sys, vlpbench.adapters as a; print(sorted(a.ADAPTERS.names()), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['clip', 'convirt', 'g2d', 'generic', 'medklip', 'mflag', 'mgca', 'prior', 'random', 'resnet50'] False"
+    names, imported = out.rsplit(" ", 1)
+    # Every built-in registration line names its module by string: listing them imports none of them.
+    assert imported.strip() == "False"
+    assert {"clip", "g2d", "medklip", "mgca", "random", "resnet50"} <= set(ast.literal_eval(names))
 
 
 # --- Lightning checkpoints and unwrapping -------------------------------------------------------------
@@ -356,14 +360,16 @@ def test_other_classes_in_a_lightning_checkpoint_are_refused_and_not_run(tmp_pat
     marker = tmp_path / "pwned"
     with monkeypatch.context() as patch:
         attribute_dict = _fake_class(patch, LIGHTNING_PATHS[0], "AttributeDict", dict)
-        callback = _fake_class(patch, "pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")
+        # ModelCheckpoint / EarlyStopping keys load as inert markers (test_lightning_containers.py); other classes
+        # stay refused.
+        callback = _fake_class(patch, "pytorch_lightning.callbacks.lr_monitor", "LearningRateMonitor")
         hparams = attribute_dict(img_encoder="resnet_50")
         plain = tmp_path / "callback.ckpt"
         torch.save({"state_dict": {}, "hyper_parameters": hparams, "callbacks": {callback: {"x": 1}}}, plain)
         evil = tmp_path / "evil.ckpt"
         torch.save({"state_dict": {}, "hyper_parameters": hparams, "loops": _RunsShell(str(marker))}, evil)
 
-    with pytest.raises(CheckpointError, match="refused.*pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"):
+    with pytest.raises(CheckpointError, match="refused.*pytorch_lightning.callbacks.lr_monitor.LearningRateMonitor"):
         load_state_dict_file(plain)
     with pytest.raises(CheckpointError, match="refused.*system while unpickling"):
         load_state_dict_file(evil)
