@@ -490,7 +490,8 @@ def _map_text_side(folder: Path, report: LoadReport) -> dict[str, Any]:
         "text_model": match_bert(_strip(bert, "bert."), report, config, source_prefix=source + "bert.",
                                  target_prefix="text.bert.", pooler=False),
         "text_head": match_keys(_strip(head, "cls_projection_head."), head_shapes, report,
-                                source_prefix=source + "cls_projection_head.", target_prefix="text.cls_projection_head."),
+                                source_prefix=source + "cls_projection_head.",
+                                target_prefix="text.cls_projection_head."),
         "text_config": config,
         "text_weights": weights.name,
     }

@@ -34,6 +34,7 @@ from vlpbench.adapters.biovil import (
     BioVilAdapter,
     gaussian_smooth,
 )
+from vlpbench.adapters.text import POSITION_IDS_REASON
 from vlpbench.cli import main
 from vlpbench.errors import CheckpointError, ConfigError
 from vlpbench.testing import write_tiny_bert_folder
@@ -229,6 +230,8 @@ def write_cxr_bert_folder(folder: Path, seed: int = 0) -> Path:
     head.dense_to_output.weight.copy_(target.T @ torch.linalg.pinv(hidden.T))
     head.dense_to_output.bias.zero_()
     state = {**mlm.state_dict(), **{f"cls_projection_head.{k}": v for k, v in head.state_dict().items()}}
+    # transformers < 4.31, which saved the published file, wrote this buffer too.
+    state["bert.embeddings.position_ids"] = torch.arange(config.max_position_embeddings)[None]
     torch.save(state, folder / "pytorch_model.bin")
     return folder
 
@@ -301,7 +304,8 @@ def test_hi_ml_structure_gives_the_published_keys(variant):
         assert tuple(state["encoder.vit_pooler.type_embed"].shape) == (2, 1, TEMPORAL)
 
 
-@pytest.mark.parametrize("variant, size, mapped, pooler", [("biovil", 480, 318 + 8, 0), ("biovil_t", 448, 318 + 10, 42)])
+@pytest.mark.parametrize("variant, size, mapped, pooler",
+                         [("biovil", 480, 318 + 8, 0), ("biovil_t", 448, 318 + 10, 42)])
 def test_both_variants_load_with_everything_accounted(adapters, checkpoints, variant, size, mapped, pooler):
     adapter = adapters[variant]
     report = adapter.report
@@ -386,8 +390,9 @@ def test_text_side_is_accounted_and_hashed(checkpoints, text_dir):
     saved = torch.load(text_dir / "pytorch_model.bin", weights_only=True)
     mlm = [source + k for k in saved if k.startswith("cls.predictions.")]
     assert mlm and report.ignored[MLM_REASON] == mlm
+    assert report.ignored[POSITION_IDS_REASON] == [source + "bert.embeddings.position_ids"]
     text_mapped = [k for k, _ in report.mapped if k.startswith(source)]
-    assert len(text_mapped) == len(saved) - len(mlm)
+    assert len(text_mapped) == len(saved) - len(mlm) - 1
     assert (source + "cls_projection_head.dense_to_output.weight",
             "text.cls_projection_head.dense_to_output.weight") in report.mapped
     assert adapter.capabilities >= {"embed_text", "zero_shot", "grounding"}
@@ -460,9 +465,11 @@ def test_grounding_map_peaks_at_the_planted_region(aligned, text_dir, variant):
 
 
 @pytest.fixture(scope="module")
-def rsna_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "rsna"
-    api.synth("rsna", root, n=40, size=E2E_SIZE, progress=False)
+def data(tmp_path_factory):
+    """Synthetic RSNA and MS-CXR folders of 40 images at 64 pixels (the aligned models run at 64² here)."""
+    root = tmp_path_factory.mktemp("data")
+    for dataset in ("rsna", "ms_cxr"):
+        api.synth(dataset, root / dataset, n=40, size=E2E_SIZE, progress=False)
     return root
 
 
@@ -474,20 +481,30 @@ def _run(task: str, checkpoint: Path, root: Path, results: Path, *extra: str) ->
     return json.loads(path.read_text())
 
 
-def test_cli_zero_shot_and_grounding_on_synthetic_rsna(aligned, text_dir, rsna_root, tmp_path):
-    options = ["--model-option", f"text_encoder={text_dir}", "--model-option", f"image_size={E2E_SIZE}"]
-    zs = _run("rsna_zs", aligned["biovil"], rsna_root, tmp_path / "zs", *options, "--set", "bootstrap_resamples=50")
-    assert zs["metrics"]["auc"] > 0.7  # chance is 0.5; the synthetic opacities are bright
-    model = zs["config"]["model"] if "model" in zs["config"] else zs
-    assert "biovil" in json.dumps(model)
-    ground = _run("rsna_ground", aligned["biovil"], rsna_root, tmp_path / "ground", *options,
+def test_cli_zero_shot_on_synthetic_rsna(aligned, text_dir, data, tmp_path):
+    record = _run("rsna_zs", aligned["biovil"], data / "rsna", tmp_path, "--model-option", f"text_encoder={text_dir}",
+                  "--model-option", f"image_size={E2E_SIZE}", "--set", "bootstrap_resamples=50")
+    assert record["metrics"]["auc"] > 0.8  # chance is 0.5; the synthetic opacities are bright
+    model = record["model"]
+    assert model["variant"] == "biovil" and model["image_size"] == E2E_SIZE and model["options"]["prompts"] == "task"
+    assert "test_zero_shot_classification.py" in model["procedures"]["zero_shot"]
+    assert "pytorch_model.bin" in model["text_encoder"]["files"] and "pretraining_overlap" not in model
+
+
+def test_cli_grounding_on_synthetic_ms_cxr_is_flagged_as_pretraining_data(aligned, text_dir, data, tmp_path):
+    record = _run("ms_cxr_ground", aligned["biovil_t"], data / "ms_cxr", tmp_path,
+                  "--model-option", f"text_encoder={text_dir}", "--model-option", f"image_size={E2E_SIZE}",
                   "--set", "eval_size=64", "--set", "bootstrap_resamples=50", "--set", "threshold_grid=100")
-    assert ground["config"]["training"]["map_size"] == [E2E_SIZE // 32] * 2
-    assert ground["n"]["test"] > 0 and ground["metrics"]["pointing_game"] > 0.3
+    model, training = record["model"], record["config"]["training"]
+    assert model["variant"] == "biovil_t" and model["pretraining_overlap"] == "mimic_cxr"
+    assert training["map_size"] == [E2E_SIZE // 32] * 2 and training["input_size"] == E2E_SIZE
+    assert training["text_source"] == "phrase" and record["n"]["test"] > 0 and record["n"]["flat_maps"] == 0
+    assert 0.0 <= record["metrics"]["dice"] <= 1.0
 
 
-def test_cli_linear_probe_on_synthetic_rsna(checkpoints, rsna_root, tmp_path):
-    record = _run("rsna_cls", checkpoints["biovil_t"], rsna_root, tmp_path, "--set", "resize_size=64",
+def test_cli_linear_probe_on_synthetic_rsna(checkpoints, data, tmp_path):
+    record = _run("rsna_cls", checkpoints["biovil_t"], data / "rsna", tmp_path, "--set", "resize_size=64",
                   "--set", "image_size=64", "--set", "mean=0", "--set", "std=1", "--set", "max_epochs=2",
                   "--set", "bootstrap_resamples=20")
-    assert record["n"]["train"] > 0 and 0.0 <= record["metrics"]["auc"] <= 1.0
+    assert record["model"]["load_report"]["ok"] and record["n"]["train"] > 0
+    assert 0.0 <= record["metrics"]["auc"] <= 1.0
