@@ -240,14 +240,19 @@ def write_cxr_bert_folder(folder: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """Random-init files of both variants, as hi-ml saves them (``ImageModel.state_dict()``)."""
+def models():
+    """Random-init hi-ml ImageModels of both variants."""
+    return {variant: himl_model(variant, seed) for seed, variant in enumerate(["biovil", "biovil_t"])}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, models):
+    """The random-init models' files, as hi-ml saves them (``ImageModel.state_dict()``)."""
     folder = tmp_path_factory.mktemp("biovil")
-    files = {}
-    for seed, (variant, name) in enumerate([("biovil", "biovil_image_resnet50_proj_size_128.pt"),
-                                            ("biovil_t", "biovil_t_image_model_proj_size_128.pt")]):
-        files[variant] = folder / name
-        torch.save(himl_model(variant, seed).state_dict(), files[variant])
+    files = {"biovil": folder / "biovil_image_resnet50_proj_size_128.pt",
+             "biovil_t": folder / "biovil_t_image_model_proj_size_128.pt"}
+    for variant, path in files.items():
+        torch.save(models[variant].state_dict(), path)
     return files
 
 
@@ -272,6 +277,13 @@ def adapters(checkpoints):
     return {variant: build_adapter("biovil", path) for variant, path in checkpoints.items()}
 
 
+@pytest.fixture(scope="module")
+def aligned_adapters(aligned, text_dir):
+    """The aligned models with the text side; ``himl`` uses hi-ml's prompt sets."""
+    built = {variant: BioVilAdapter(path, text_encoder=str(text_dir)) for variant, path in aligned.items()}
+    return built | {"himl": BioVilAdapter(aligned["biovil"], text_encoder=str(text_dir), prompts="himl")}
+
+
 def _bright_images(n: int, size: int = 64) -> tuple[torch.Tensor, np.ndarray]:
     """``n`` grey images at 0.3, every second one with a bright (1.0) square somewhere; labels."""
     generator = torch.Generator().manual_seed(1)
@@ -287,8 +299,8 @@ def _bright_images(n: int, size: int = 64) -> tuple[torch.Tensor, np.ndarray]:
 
 
 @pytest.mark.parametrize("variant", ["biovil", "biovil_t"])
-def test_hi_ml_structure_gives_the_published_keys(variant):
-    state = himl_model(variant, 0).state_dict()
+def test_hi_ml_structure_gives_the_published_keys(models, variant):
+    state = models[variant].state_dict()
     assert len(state) == PUBLISHED_KEYS[variant]
     resnet = [k for k in state if k.startswith("encoder.encoder.")]
     assert len(resnet) == 320 and {"encoder.encoder.fc.weight", "encoder.encoder.fc.bias"} <= set(resnet)
@@ -371,9 +383,10 @@ def test_options_are_checked(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["biovil", "biovil_t"])
-def test_embeddings_equal_hi_ml_forward(adapters, variant):
+def test_embeddings_equal_hi_ml_forward(models, adapters, variant):
     images = torch.rand(2, 3, 64, 32, generator=torch.Generator().manual_seed(0))
-    patches, pooled = himl_model(variant, ["biovil", "biovil_t"].index(variant))(images)
+    with torch.no_grad():
+        patches, pooled = models[variant](images)
     adapter = adapters[variant]
     dense, image = adapter.dense_embed(images), adapter.embed_image(images)
     assert dense.shape == (2, JOINT, 2, 1) and image.shape == (2, JOINT)
@@ -383,8 +396,8 @@ def test_embeddings_equal_hi_ml_forward(adapters, variant):
         adapter.embed_text(["pneumonia"])
 
 
-def test_text_side_is_accounted_and_hashed(checkpoints, text_dir):
-    adapter = BioVilAdapter(checkpoints["biovil"], text_encoder=str(text_dir))
+def test_text_side_is_accounted_and_hashed(aligned_adapters, text_dir):
+    adapter = aligned_adapters["biovil"]
     report = adapter.report
     source = "text_encoder/pytorch_model.bin:"
     saved = torch.load(text_dir / "pytorch_model.bin", weights_only=True)
@@ -413,17 +426,17 @@ def test_text_weights_renamed_key_is_named(checkpoints, text_dir, tmp_path):
     assert report.unexpected == ["text_encoder/pytorch_model.bin:cls_projection_head.dense_to_out.weight"]
 
 
-def test_embed_text_is_the_projected_cls(checkpoints, text_dir):
-    adapter = BioVilAdapter(checkpoints["biovil"], text_encoder=str(text_dir))
+def test_embed_text_is_the_projected_cls(aligned_adapters):
+    adapter = aligned_adapters["biovil"]
     embedded = adapter.embed_text(["No pneumonia.", "pneumonia"])
     assert embedded.shape == (2, JOINT)
     # The head was solved to put these prompts on e1 and e0 ("." is stripped as hi-ml's TextInput does).
     torch.testing.assert_close(embedded, torch.eye(JOINT)[[1, 0]], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("variant, prompts", [("biovil", "task"), ("biovil_t", "task"), ("biovil", "himl")])
-def test_zero_shot_on_an_aligned_model_beats_chance(aligned, text_dir, variant, prompts):
-    adapter = BioVilAdapter(aligned[variant], text_encoder=str(text_dir), prompts=prompts)
+@pytest.mark.parametrize("variant", ["biovil", "biovil_t", "himl"])
+def test_zero_shot_on_an_aligned_model_beats_chance(aligned_adapters, variant):
+    adapter = aligned_adapters[variant]
     images, labels = _bright_images(6)
     scores = adapter.zero_shot_scores(images, ["pneumonia"], ("{}", "no {}"))[:, 0]
     assert roc_auc_score(labels, scores.numpy()) == 1.0  # chance is 0.5
@@ -432,8 +445,9 @@ def test_zero_shot_on_an_aligned_model_beats_chance(aligned, text_dir, variant, 
     torch.testing.assert_close(scores, torch.sigmoid(image[:, 0] - image[:, 1]), atol=1e-5, rtol=0)
 
 
-def test_himl_prompts_refuse_classes_without_a_set(aligned, text_dir):
-    adapter = BioVilAdapter(aligned["biovil"], text_encoder=str(text_dir), prompts="himl")
+def test_himl_prompts_refuse_classes_without_a_set(aligned_adapters):
+    adapter = aligned_adapters["himl"]
+    assert adapter.options["prompts"] == "himl"
     with pytest.raises(ConfigError, match="not 'pneumothorax'"):
         adapter.zero_shot_scores(torch.zeros(1, 3, 64, 64), ["pneumothorax"])
 
@@ -448,8 +462,8 @@ def test_gaussian_smoothing_equals_scipy(size):
 
 
 @pytest.mark.parametrize("variant", ["biovil", "biovil_t"])
-def test_grounding_map_peaks_at_the_planted_region(aligned, text_dir, variant):
-    adapter = BioVilAdapter(aligned[variant], text_encoder=str(text_dir))
+def test_grounding_map_peaks_at_the_planted_region(aligned_adapters, variant):
+    adapter = aligned_adapters[variant]
     image = torch.full((1, 3, 256, 256), 0.3)
     # ResNet's layer4 cell (i, j) is centred on pixel (32i, 32j): this square covers cell (4, 3) and no other centre.
     image[..., 112:144, 80:112] = 1.0
