@@ -42,6 +42,7 @@ ADAPTERS.register("convirt", "vlpbench.adapters.convirt:ConVIRTAdapter")
 ADAPTERS.register("mflag", "vlpbench.adapters.mflag:MFlagAdapter")
 ADAPTERS.register("prior", "vlpbench.adapters.prior:PriorAdapter")
 ADAPTERS.register("gloria", "vlpbench.adapters.gloria:GloriaAdapter")
+ADAPTERS.register("biovil", "vlpbench.adapters.biovil:BioVilAdapter")
 
 
 class PluginError(VlpbenchError):
