@@ -85,8 +85,9 @@ _LAYOUT = "clip-openai"
 _RESNET_KEYS = ("visual.layer1.", "visual.attnpool.")
 # OpenAI visual key part -> timm VisionTransformer key part (timm vision_transformer.py _convert_openai_clip).
 _TIMM_RENAMES = (("conv1.", "patch_embed.proj."), ("transformer.resblocks.", "blocks."), ("ln_pre.", "norm_pre."),
-                 ("ln_post.", "norm."), ("ln_1.", "norm1."), ("ln_2.", "norm2."), ("attn.in_proj_weight", "attn.qkv.weight"),
-                 ("attn.in_proj_bias", "attn.qkv.bias"), ("attn.out_proj.", "attn.proj."), ("mlp.c_fc.", "mlp.fc1."),
+                 ("ln_post.", "norm."), ("ln_1.", "norm1."), ("ln_2.", "norm2."),
+                 ("attn.in_proj_weight", "attn.qkv.weight"), ("attn.in_proj_bias", "attn.qkv.bias"),
+                 ("attn.out_proj.", "attn.proj."), ("mlp.c_fc.", "mlp.fc1."),
                  ("mlp.c_proj.", "mlp.fc2."))
 
 
@@ -179,12 +180,6 @@ def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
     return _tokenizer()(list(texts), context_length=context_length)
 
 
-_RESNET_KEYS = ("visual.layer1.", "visual.attnpool.")
-# OpenAI visual key part -> timm VisionTransformer key part (timm vision_transformer.py _convert_openai_clip).
-_TIMM_RENAMES = (("conv1.", "patch_embed.proj."), ("transformer.resblocks.", "blocks."), ("ln_pre.", "norm_pre."),
-                 ("ln_post.", "norm."), ("ln_1.", "norm1."), ("ln_2.", "norm2."), ("attn.in_proj_weight", "attn.qkv.weight"),
-                 ("attn.in_proj_bias", "attn.qkv.bias"), ("attn.out_proj.", "attn.proj."), ("mlp.c_fc.", "mlp.fc1."),
-                 ("mlp.c_proj.", "mlp.fc2."))
 class ClipAdapter(Adapter):
     """A ViT CLIP in OpenAI's layout (CheXzero, open_clip fine-tunes): embeddings and zero-shot scores.
 

@@ -106,7 +106,8 @@ class ViTConfig:
     act: str = "gelu"
 
     # The timm keys the shape is read from (:meth:`from_timm_state`).
-    SHAPE_KEYS: ClassVar[tuple[str, ...]] = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+    SHAPE_KEYS: ClassVar[tuple[str, ...]] = ("cls_token", "pos_embed", "patch_embed.proj.weight",
+                                             "blocks.0.mlp.fc1.weight")
 
     @classmethod
     def from_timm_state(cls, state: Mapping[str, Any], **fixed: Any) -> "ViTConfig":

@@ -102,7 +102,8 @@ def _reference_cls(state: dict, images: torch.Tensor, heads: int) -> torch.Tenso
     for n in range(TINY["depth"]):
         block = f"transformer.encoder.layer.{n}."
         x = x + _attention(state, n, norm(x, f"{block}attention_norm"), heads)
-        h = F.gelu(F.linear(norm(x, f"{block}ffn_norm"), state[f"{block}ffn.fc1.weight"], state[f"{block}ffn.fc1.bias"]))
+        h = F.linear(norm(x, f"{block}ffn_norm"), state[f"{block}ffn.fc1.weight"], state[f"{block}ffn.fc1.bias"])
+        h = F.gelu(h)  # exact GELU, modeling.py:49,105
         x = x + F.linear(h, state[f"{block}ffn.fc2.weight"], state[f"{block}ffn.fc2.bias"])
     return norm(x, "transformer.encoder.encoder_norm")[:, 0]
 
