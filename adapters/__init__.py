@@ -43,6 +43,8 @@ ADAPTERS.register("mflag", "vlpbench.adapters.mflag:MFlagAdapter")
 ADAPTERS.register("prior", "vlpbench.adapters.prior:PriorAdapter")
 ADAPTERS.register("gloria", "vlpbench.adapters.gloria:GloriaAdapter")
 ADAPTERS.register("biovil", "vlpbench.adapters.biovil:BioVilAdapter")
+ADAPTERS.register("mrm", "vlpbench.adapters.mrm:MrmAdapter")
+ADAPTERS.register("refers", "vlpbench.adapters.refers:RefersAdapter")
 
 
 class PluginError(VlpbenchError):
