@@ -317,8 +317,24 @@ def build_tables(records: list[dict], *, models: Sequence[str] | None = None,
         grid = build_grid(table_rows(mine, metrics), references=[r for r in references if r.profile == name],
                           model_order=models, task_order=tasks, metric_order=metrics, percent=percent,
                           decimals=decimals)
-        tables.append((name, replace(grid, provenance=grid.provenance + tuple(_profile_notes(name, references)))))
+        notes = (*_profile_notes(name, references), *_head_notes(mine))
+        tables.append((name, replace(grid, provenance=grid.provenance + notes)))
     return tables
+
+
+def _head_notes(records: list[dict]) -> list[str]:
+    """Which records trained their head over a neck (a ViT's feature pyramid), by model and head.
+
+    A ResNet's head reads the encoder's own stages; a transformer's reads a trained neck over its tokens, so
+    such a cell differs from a ResNet cell by more than the encoder, and the table says so.
+    """
+    heads: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        head = ((record.get("config") or {}).get("training") or {}).get("head")
+        if isinstance(head, str) and " over " in head:
+            heads[record["model"]["name"]].add(head)
+    return [f"{model}: {', '.join(sorted(names))} (the neck trains with the head; the transformer stays frozen)"
+            for model, names in sorted(heads.items())]
 
 
 def _profile_notes(profile: str, references: Sequence[ReferenceRow]) -> list[str]:

@@ -8,7 +8,7 @@ import io
 import pytest
 
 from vlpbench.errors import ConfigError, DataError
-from vlpbench.report.table import markdown_table, parse_fraction, select_records, table_rows
+from vlpbench.report.table import build_tables, markdown_table, parse_fraction, select_records, table_rows
 
 SPLIT_A = "a" * 8 + "1" * 56
 SPLIT_B = "b" * 8 + "2" * 56
@@ -230,3 +230,15 @@ def test_a_missing_cell_says_where_the_models_record_is(make):
 def test_markdown_keeps_hostile_names_literal(make):
     text = markdown_table([make("<script>|*x*`", 0.6), make("ok", 0.5)])
     assert "| \\<script\\>\\|\\*x\\*\\` " in text
+
+
+def test_a_head_trained_over_a_neck_is_named_under_the_table(make):
+    vit = make("mrm", 0.6)
+    vit["config"]["training"] = {"head": "unet over feature2pyramid(3,5,7,11)"}
+    resnet = make("g2d", 0.7)
+    resnet["config"]["training"] = {"head": "unet"}
+    [(_, grid)] = build_tables([vit, resnet])
+    notes = [n for n in grid.provenance if "feature2pyramid" in n]
+    assert notes == ["mrm: unet over feature2pyramid(3,5,7,11) (the neck trains with the head; the transformer "
+                     "stays frozen)"]
+    assert "g2d:" not in " ".join(grid.provenance)
