@@ -38,6 +38,8 @@ ADAPTERS.register("mgca", "vlpbench.adapters.mgca:MgcaAdapter")
 ADAPTERS.register("generic", "vlpbench.adapters.generic:GenericAdapter")
 ADAPTERS.register("clip", "vlpbench.adapters.clip:ClipAdapter")
 ADAPTERS.register("medklip", "vlpbench.adapters.medklip:MedKLIPAdapter")
+ADAPTERS.register("mgca_vit", "vlpbench.adapters.mgca_vit:MgcaVitAdapter")
+ADAPTERS.register("biomedclip", "vlpbench.adapters.biomedclip:BiomedClipAdapter")
 
 
 class PluginError(VlpbenchError):
