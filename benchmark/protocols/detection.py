@@ -59,7 +59,11 @@ from vlpbench.protocols import SplitIds, base
 from vlpbench.protocols.runtime import (
     Selection,
     check_finite,
+    eval_backbone,
     fit,
+    freeze_backbone,
+    head_name,
+    neck_of,
     precision_of,
     prepare_model,
     require_finite,
@@ -224,20 +228,43 @@ def deepest_stages(encoder: nn.Module, size: int) -> list[Stage]:
             for index in range(len(probe) - 3, len(probe))]
 
 
+class NeckHead(nn.Module):
+    """The trained part over an encoder with a neck: the neck's levels the head reads (shared with the
+    encoder's neck), then the YOLOv3 head. Its input is the frozen backbone's taps of those levels."""
+
+    def __init__(self, levels: Sequence[nn.Module], yolo: YoloHead):
+        super().__init__()
+        self.levels = nn.ModuleList(levels)
+        self.yolo = yolo
+
+    def forward(self, taps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.yolo([level(tap) for level, tap in zip(self.levels, taps)])
+
+
 class Detector(nn.Module):
-    """Frozen encoder + YOLOv3 head; ``forward`` returns the head's raw predictions, coarsest first."""
+    """Frozen encoder + YOLOv3 head; ``forward`` returns the head's raw predictions, coarsest first.
+
+    ``features`` is the frozen part, computed without a graph (and cached by :class:`PartFeatures`): the
+    three maps the head reads, or for an encoder with a neck (a ViT) the backbone's taps of those levels;
+    ``head`` is the trained part: the YOLOv3 head, or a :class:`NeckHead` that runs the neck's levels first.
+    """
 
     def __init__(self, encoder: nn.Module, stages: Sequence[Stage], width: int):
         super().__init__()
         self.encoder = encoder
         self.stage_indices = [stage.index for stage in stages]
-        self.head = YoloHead([stage.channels for stage in stages], width)
-        for parameter in self.encoder.parameters():
-            parameter.requires_grad_(False)
+        yolo = YoloHead([stage.channels for stage in stages], width)
+        neck = neck_of(encoder)
+        self.tap_indices = None if neck is None else [index - encoder.first_level for index in self.stage_indices]
+        self.head = yolo if neck is None else NeckHead([neck.levels[i] for i in self.tap_indices], yolo)
+        freeze_backbone(self.encoder)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The three feature maps the head reads, without a graph (BatchNorm still updates in train mode)."""
+        """The frozen input of ``head``, without a graph (BatchNorm still updates in train mode)."""
         with torch.no_grad():
+            if self.tap_indices is not None:
+                taps = self.encoder(x, output="taps")
+                return [taps[index] for index in self.tap_indices]
             features = self.encoder(x)
         return [features[index] for index in self.stage_indices]
 
@@ -255,7 +282,7 @@ class PartFeatures:
         self.model, self.data, self.config, self.device = model, data, config, device
         self.kept: list[torch.Tensor] | None = None
         if keep:
-            model.encoder.eval()
+            eval_backbone(model.encoder)
             first, stop = distributed.batch_block(len(data), batch_size)  # this rank's whole batches
             chunks = [model.features(self._images(list(range(start, min(start + batch_size, stop)))))
                       for start in tqdm(range(first, stop, batch_size), desc=f"features {desc}",
@@ -284,9 +311,10 @@ def _gathered_maps(local: list[torch.Tensor], device: torch.device) -> list[torc
     return [torch.from_numpy(distributed.gather_arrays(array)).to(device) for array in arrays]
 
 
-def kept_parts(stages: Sequence[Stage], sizes: dict[str, int], budget_gb: float) -> dict[str, bool]:
-    """Which parts' features (float32) to keep, in the order given, while their total stays within ``budget_gb``."""
-    per_image = 4 * sum(int(np.prod(stage.shape)) for stage in stages)
+def kept_parts(shapes: Sequence[Sequence[int]], sizes: dict[str, int], budget_gb: float) -> dict[str, bool]:
+    """Which parts' features (float32, ``shapes`` per image) to keep, in the order given, while their total
+    stays within ``budget_gb``."""
+    per_image = 4 * sum(int(np.prod(shape)) for shape in shapes)
     kept, used = {}, 0
     for name, count in sizes.items():
         kept[name] = used + count * per_image <= budget_gb * 2**30
@@ -546,7 +574,7 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
                                   weight_decay=config["weight_decay"])
     # A frozen encoder in eval mode on unaugmented images gives the same features every epoch.
     budget = float(config["feature_cache_gb"]) if config["freeze_bn"] else 0.0
-    kept = kept_parts(stages, {"train": len(train), "val": len(val)}, budget)
+    kept = kept_parts(_feature_shapes(model, size, device), {"train": len(train), "val": len(val)}, budget)
     train_features = PartFeatures(model, train, config, device, keep=kept["train"], batch_size=batch_size,
                                   progress=progress, desc="train")
     val_features = PartFeatures(model, val, config, device, keep=kept["val"], batch_size=batch_size,
@@ -579,7 +607,8 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     return {
         **evaluated,
         "n": {"train": len(train), "val": len(val), **evaluated["n"]},
-        "training": {"epochs": fitted.epochs, "best_epoch": fitted.best_epoch, "best_val": fitted.best_value,
+        "training": {"head": head_name(encoder, "yolov3"), "epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
+                     "best_val": fitted.best_value,
                      "val_metric": config["val_metric"], "lr": lr, "batch_size": batch_size,
                      "stages_used": [{"index": s.index, "stride": s.stride, "channels": s.channels} for s in stages],
                      "features_kept": kept, "history": fitted.history, "world_size": ranks,
@@ -645,6 +674,15 @@ def _snapshot(model: Detector, freeze_bn: bool) -> dict[str, torch.Tensor]:
     return state_copy({k: v for k, v in model.state_dict().items() if k.startswith("head.") or not freeze_bn})
 
 
+def _feature_shapes(model: Detector, size: int, device: torch.device) -> list[tuple[int, ...]]:
+    """The per-image shapes of ``model.features`` at ``size`` (what a kept part holds per image)."""
+    was_training = model.encoder.training
+    eval_backbone(model.encoder)
+    shapes = [tuple(f.shape[1:]) for f in model.features(torch.zeros(1, 3, size, size, device=device))]
+    model.encoder.train(was_training)
+    return shapes
+
+
 def _normalize(images: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
     # uint8 grey → [0, 1] → the task's mean/std, on the 3 channels the encoder expects.
     return ((images.float().div_(255.0) - config["mean"]) / config["std"]).unsqueeze(1).expand(-1, 3, -1, -1)
@@ -669,7 +707,7 @@ def _train_epoch(model: Detector, head: nn.Module, data: DetectionImages, featur
     which trains on this rank's share of each global batch."""
     model.train()
     if config["freeze_bn"]:
-        model.encoder.eval()  # frozen means frozen: BatchNorm statistics do not drift
+        eval_backbone(model.encoder)  # frozen means frozen: BatchNorm statistics do not drift
     size = data.images.shape[-1]
     order = torch.randperm(len(data), generator=generator)
     total, count = 0.0, 0

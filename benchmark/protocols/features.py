@@ -7,7 +7,7 @@ seeds, learning rates). :func:`cached_features` does that.
 Pipeline (:class:`Preprocessing`): the image cache's resize to ``resize`` pixels square, a center
 crop of ``crop`` pixels, scaling to [0, 1], the task's mean/std on the grey value repeated to three
 channels, optionally MGCA's bilinear upsampling to 299 pixels, the encoder, and a global average pool
-of its deepest feature map.
+of its deepest feature map (a ViT pools itself: class token or mean token, :func:`pooled`).
 
 The resize is config ``resize``:
 
@@ -30,7 +30,7 @@ Cache layout under ``vlpbench.config.cache_dir() / "features"``::
     <dataset>/<key>.npy     float32 (n images, channels), numpy format (never a pickle)
     <dataset>/<key>.json    the key's content: what produced the features
 
-``key`` is a hash of the adapter (name, checkpoint sha256, options, encoder name), the data (reader,
+``key`` is a hash of the adapter (name, checkpoint sha256, options, encoder name), the pooling, the data (reader,
 :func:`vlpbench.data.cache.source_fingerprint`, the image ids in order and, where the reader gives
 file paths, each file's size and modification time), the pipeline and the resize rule the image
 cache applied (``resize_method``: ``pil-bilinear-antialias`` for ``square``, ``mgca-pad-inter-area``
@@ -171,9 +171,27 @@ def encoder_input(images01: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     return x
 
 
+GLOBAL_AVERAGE = "global average of the deepest feature map"
+
+
 def pooled(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Global average pool of the encoder's deepest feature map: ``(B, out_channels[-1])``."""
+    """The encoder's pooled feature ``(B, pooled_channels(encoder))``: the global average pool of its deepest
+    feature map, or, for an encoder that pools itself (a ViT: class token or mean token, declared by a
+    ``pooled_channels`` attribute), ``encoder(x, output="pooled")``."""
+    if hasattr(encoder, "pooled_channels"):
+        return encoder(x, output="pooled")
     return encoder(x)[-1].mean(dim=(2, 3))
+
+
+def pooled_channels(encoder: torch.nn.Module) -> int:
+    """The width of :func:`pooled`'s feature."""
+    return int(getattr(encoder, "pooled_channels", encoder.out_channels[-1]))
+
+
+def pool_description(adapter: Any) -> str:
+    """What :func:`pooled` computes for ``adapter``'s encoder: the adapter's ``pool_description`` (ViT
+    adapters: ``cls`` or ``mean``) or the global average pool; in the feature-cache key and the record."""
+    return getattr(adapter, "pool_description", GLOBAL_AVERAGE)
 
 
 def freeze(encoder: torch.nn.Module) -> torch.nn.Module:
@@ -193,7 +211,7 @@ def extract_features(encoder: torch.nn.Module, images: np.ndarray, pre: Preproce
                      device: torch.device, progress: bool = False, desc: str = "features") -> np.ndarray:
     """Pooled features ``(n, channels)`` float32 of uint8 images ``(n, resize, resize)`` through ``pre``."""
     freeze(encoder).to(device)
-    channels = int(encoder.out_channels[-1])
+    channels = pooled_channels(encoder)
     features = np.empty((len(images), channels), dtype=np.float32)
     bar = tqdm(total=len(images), desc=desc, disable=not progress, leave=False, unit="img")
     for start in range(0, len(images), batch_size):
@@ -228,7 +246,7 @@ def feature_key(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessin
                  "n": len(ids), "ids_sha256": _ids_digest(source, ids)},
         "preprocessing": {**{k: v for k, v in asdict(pre).items() if k != "resize_rule"},
                           "resize_method": METHOD_TAGS[pre.cache_method], "pillow": PIL.__version__,
-                          "pool": "global average of the deepest feature map"},
+                          "pool": pool_description(adapter)},
     }
 
 

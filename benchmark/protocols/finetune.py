@@ -35,7 +35,15 @@ from vlpbench import distributed
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.classification import macro_auc
 from vlpbench.protocols import SplitIds
-from vlpbench.protocols.features import channel_values, load_images, normalize, pooled, uint8_batch
+from vlpbench.protocols.features import (
+    channel_values,
+    load_images,
+    normalize,
+    pool_description,
+    pooled,
+    pooled_channels,
+    uint8_batch,
+)
 from vlpbench.predictions import write_probabilities
 from vlpbench.protocols.classification import class_counts, evaluate_classification, metric_names
 from vlpbench.protocols.labels import class_names, label_kind, task_labels
@@ -55,6 +63,7 @@ from vlpbench.protocols.runtime import (
     Selection,
     check_finite,
     fit,
+    neck_of,
     precision_of,
     prepare_model,
     state_copy,
@@ -69,7 +78,7 @@ AFFINE_P, SCALE_LIMIT, ROTATE_DEG = 0.5, 0.1, 10.0
 
 
 class Classifier(torch.nn.Module):
-    """Encoder → global average pool of its deepest map → linear layer."""
+    """Encoder → its pooled feature (global average of the deepest map; a ViT's class or mean token) → linear."""
 
     def __init__(self, encoder: torch.nn.Module, head: torch.nn.Linear):
         super().__init__()
@@ -126,7 +135,9 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
     t_data = time.perf_counter()
 
     encoder = adapter.encoder()
-    model = prepare_model(Classifier(encoder, seeded_head(int(encoder.out_channels[-1]),
+    if (neck := neck_of(encoder)) is not None:
+        neck.requires_grad_(False)  # a ViT's dense-task neck: the pooled classifier never runs it
+    model = prepare_model(Classifier(encoder, seeded_head(pooled_channels(encoder),
                                                           output_size(kind, labels["train"], classes), seed)),
                           device, precision_of(config))
     stepped = model
@@ -183,7 +194,8 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
         **evaluated,
         "n": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
               "test_per_class": class_counts(kind, labels["test"], classes)},
-        "training": {"epochs": fitted.epochs, "best_epoch": fitted.best_epoch, "select_on": config["select_on"],
+        "training": {"pool": pool_description(adapter), "epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
+                     "select_on": config["select_on"],
                      "best_val": fitted.best_value, "history": fitted.history, "world_size": ranks,
                      "batch_per_process": batch_size // ranks, "effective_batch": batch_size},
         "timing": {"data_s": t_data - started, "train_s": t_train - t_data, "test_s": t_test - t_train,

@@ -11,6 +11,8 @@
   float32. On CUDA this is the fast path (no gradient scaler is needed for bfloat16). On a CPU,
   bf16 is accepted but runs under CPU autocast, which is slower than fp32 on most CPUs: it is there
   to check a bf16 configuration without a GPU, not to save time.
+- Encoders with a neck (:func:`freeze_backbone`, :func:`eval_backbone`, :func:`head_name`): the one
+  convention by which the frozen-encoder protocols treat a ViT (``vlpbench.adapters.transformer``).
 - :func:`prepare_model` also puts a model in channels-last memory format on CUDA (faster
   convolutions on tensor cores), and :func:`to_device` copies host batches through pinned memory on
   CUDA so that the copy can overlap with compute.
@@ -168,6 +170,41 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+# --- frozen encoders, with or without a neck -----------------------------------------------------------
+#
+# The convention: an encoder whose feature maps come from a frozen backbone through a new, trained module
+# exposes that module as ``encoder.neck`` (a ViT's Feature2Pyramid; smp encoders have none). The neck
+# trains with the protocol's head, everything else of the encoder stays frozen; its ``pyramid`` attribute
+# names it in records. Such an encoder also exposes ``taps(x)`` (the backbone's outputs, one per neck level)
+# and ``neck.level(i, tap)``, so detection can cache the frozen part and run the neck in the trained one.
+
+def neck_of(encoder: torch.nn.Module) -> torch.nn.Module | None:
+    """The encoder's trained neck, or None (smp encoders)."""
+    return getattr(encoder, "neck", None)
+
+
+def freeze_backbone(encoder: torch.nn.Module) -> None:
+    """No gradients for the encoder's parameters, except its neck's (which train with the head)."""
+    neck = neck_of(encoder)
+    trained = {id(p) for p in neck.parameters()} if neck is not None else set()
+    for parameter in encoder.parameters():
+        if id(parameter) not in trained:
+            parameter.requires_grad_(False)
+
+
+def eval_backbone(encoder: torch.nn.Module) -> None:
+    """The frozen part in eval mode (BatchNorm statistics do not drift); the neck stays in training mode."""
+    encoder.eval()
+    if (neck := neck_of(encoder)) is not None:
+        neck.train()
+
+
+def head_name(encoder: torch.nn.Module, head: str) -> str:
+    """What a record calls the trained head: ``head`` (e.g. ``"unet"``), over the encoder's neck if it has one
+    (``"unet over feature2pyramid(3,5,7,11)"``)."""
+    return head if neck_of(encoder) is None else f"{head} over {encoder.pyramid}"
 
 
 # --- the epoch loop shared by the training protocols ------------------------------------------------------

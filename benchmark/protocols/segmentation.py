@@ -67,7 +67,11 @@ from vlpbench.protocols import SplitIds
 from vlpbench.protocols.runtime import (
     LOWEST_VAL_LOSS,
     check_finite,
+    eval_backbone,
     fit,
+    freeze_backbone,
+    head_name,
+    neck_of,
     precision_of,
     prepare_model,
     state_copy,
@@ -253,6 +257,9 @@ class UNet(torch.nn.Module):
         # in the adapter's encoder (weights already loaded strictly by the adapter). An encoder that declares
         # fewer stages (MedKLIP ends at layer3, stride 16) gets a decoder with one up-block per stage it has.
         depth = len(encoder.out_channels) - 1
+        if neck_of(encoder) is not None:  # not an smp encoder: the same decoder, built for its out_channels
+            self.unet = _unet_for(encoder, _DECODER_CHANNELS[:depth])
+            return
         unet = smp.Unet(encoder_name, encoder_weights=None, in_channels=3, classes=1, activation=None,
                         encoder_depth=depth, decoder_channels=_DECODER_CHANNELS[:depth])
         if tuple(encoder.out_channels) != tuple(unet.encoder.out_channels):
@@ -263,6 +270,33 @@ class UNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.unet(x)
+
+
+class _PyramidUnet(torch.nn.Module):
+    """smp's U-Net (decoder and head as ``smp.Unet`` builds and initialises them) around an encoder smp cannot
+    build by name (a ViT with a neck); state-dict keys as ``smp.Unet``'s (``encoder.``, ``decoder.``,
+    ``segmentation_head.``)."""
+
+    def __init__(self, encoder: torch.nn.Module, decoder: torch.nn.Module, head: torch.nn.Module):
+        super().__init__()
+        self.encoder, self.decoder, self.segmentation_head = encoder, decoder, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.segmentation_head(self.decoder(self.encoder(x)))
+
+
+def _unet_for(encoder: torch.nn.Module, decoder_channels: tuple[int, ...]) -> _PyramidUnet:
+    """``smp.Unet``'s default decoder (batch norm, nearest upsampling, no attention) and 3x3 head for
+    ``encoder.out_channels``."""
+    from segmentation_models_pytorch.base import SegmentationHead, initialization
+    from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
+
+    decoder = UnetDecoder(encoder_channels=encoder.out_channels, decoder_channels=decoder_channels,
+                          n_blocks=len(decoder_channels))
+    head = SegmentationHead(in_channels=decoder_channels[-1], out_channels=1, activation=None, kernel_size=3)
+    initialization.initialize_decoder(decoder)
+    initialization.initialize_head(head)
+    return _PyramidUnet(encoder, decoder, head)
 
 
 def run_segmentation(
@@ -321,8 +355,7 @@ def run_segmentation(
     model = UNet(encoder, encoder_name)
     if decoder_state is not None:
         model.unet.load_state_dict({**model.unet.encoder.state_dict(prefix="encoder."), **decoder_state})
-    for parameter in model.unet.encoder.parameters():
-        parameter.requires_grad_(False)
+    freeze_backbone(model.unet.encoder)  # a ViT's neck trains with the decoder
     prepare_model(model, device, precision_of(config))
     stepped = model
     if distributed.is_active():
@@ -353,7 +386,7 @@ def run_segmentation(
         **evaluate_segmentation(source, test.ids, scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed,
                                 batch_size=_dice_batch(config)),
         "n": {"train": len(train_ids), "val": len(val), "test": len(test)},
-        "training": {"epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
+        "training": {"head": head_name(model.unet.encoder, "unet"), "epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
                      "best_val_loss": fitted.best_value, "history": fitted.history, "world_size": ranks,
                      "batch_per_process": config["batch_size"] // ranks, "effective_batch": config["batch_size"]},
         "timing": {"data_s": t_data - t0, "train_s": t_train - t_data, "test_s": t_test - t_train,
@@ -547,7 +580,7 @@ def _train_epoch(model, stepped, data: Images, optimizer, loss_fn, normalize, co
     whole global batch's order and augmentation (so the generators stay in step) and keeps its block."""
     model.train()
     if config["freeze_bn"]:
-        model.unet.encoder.eval()  # frozen means frozen: BatchNorm statistics do not drift
+        eval_backbone(model.unet.encoder)  # frozen means frozen: BatchNorm statistics do not drift
     batch_size = config["batch_size"]
     order = torch.randperm(len(data), generator=generator)
     total, count = 0.0, 0
