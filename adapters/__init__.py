@@ -40,6 +40,8 @@ ADAPTERS.register("clip", "vlpbench.adapters.clip:ClipAdapter")
 ADAPTERS.register("medklip", "vlpbench.adapters.medklip:MedKLIPAdapter")
 ADAPTERS.register("mgca_vit", "vlpbench.adapters.mgca_vit:MgcaVitAdapter")
 ADAPTERS.register("biomedclip", "vlpbench.adapters.biomedclip:BiomedClipAdapter")
+ADAPTERS.register("mrm", "vlpbench.adapters.mrm:MrmAdapter")
+ADAPTERS.register("refers", "vlpbench.adapters.refers:RefersAdapter")
 
 
 class PluginError(VlpbenchError):

@@ -27,8 +27,13 @@ heads; QuickGELU, which OpenAI's models were trained with), and an open_clip ``C
 with no pretrained weights and loaded strictly. The text side uses open_clip's ``SimpleTokenizer`` (OpenAI's
 BPE; its vocabulary ships inside the package, so nothing is downloaded).
 
-A ViT has no multi-scale feature maps, so this adapter has no "features" capability: ``encoder()`` refuses,
-and segmentation and detection protocols need a CNN-encoder adapter.
+Dense and classification protocols: ``encoder()`` is the visual tower as a
+:class:`~vlpbench.adapters.transformer.ViTEncoder` (timm names, as timm's own ``_convert_openai_clip``
+renames them: conv1 → patch_embed.proj, ln_pre → norm_pre, resblocks → blocks, in_proj → qkv, out_proj →
+proj, c_fc/c_proj → mlp.fc1/fc2, ln_post → norm; pre-norm, LayerNorm eps 1e-5, QuickGELU). Its patches are
+32 pixels (ViT-B/32), so the pyramid taps blocks 3, 5, 7, 11 at stride 32 and rescales them by 8, 4, 2, 1:
+strides 4, 8, 16, 32 as for 16-pixel patches (the 8x level is one more deconvolution-BN-GELU stage than the
+4x one). ``visual.proj`` is not used there; the pooled feature is the class token after ``ln_post``.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from vlpbench.adapters.base import (
     split_prefix,
     unwrap_state_dict,
 )
+from vlpbench.adapters.transformer import POOLS, default_out_indices, ViTConfig, ViTEncoder
 from vlpbench.errors import CheckpointError, ConfigError
 
 # OpenAI CLIP's normalisation (open_clip.constants.OPENAI_DATASET_MEAN/STD), on images scaled to [0, 1].
@@ -77,11 +83,11 @@ _SHAPE_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.pro
                "positional_embedding", "token_embedding.weight", "ln_final.weight")
 _LAYOUT = "clip-openai"
 _RESNET_KEYS = ("visual.layer1.", "visual.attnpool.")
-_ENCODER_MESSAGE = (
-    "adapter 'clip' is a ViT with no multi-scale feature maps, so it has no smp encoder: segmentation and "
-    "detection protocols need a CNN encoder (e.g. adapters 'mgca', 'resnet50'). Use its capabilities "
-    "embed_image, embed_text, dense_embed (zero-shot and linear-probe protocols) instead"
-)
+# OpenAI visual key part -> timm VisionTransformer key part (timm vision_transformer.py _convert_openai_clip).
+_TIMM_RENAMES = (("conv1.", "patch_embed.proj."), ("transformer.resblocks.", "blocks."), ("ln_pre.", "norm_pre."),
+                 ("ln_post.", "norm."), ("ln_1.", "norm1."), ("ln_2.", "norm2."), ("attn.in_proj_weight", "attn.qkv.weight"),
+                 ("attn.in_proj_bias", "attn.qkv.bias"), ("attn.out_proj.", "attn.proj."), ("mlp.c_fc.", "mlp.fc1."),
+                 ("mlp.c_proj.", "mlp.fc2."))
 
 
 @dataclass(frozen=True)
@@ -173,17 +179,12 @@ def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
     return _tokenizer()(list(texts), context_length=context_length)
 
 
-def _capability_error(message: str) -> Exception:
-    """``CapabilityError`` when ``vlpbench.adapters.base`` defines it, else ``ConfigError``.
-
-    Looked up at call time because base.py's embedding API landed alongside this adapter; ``CapabilityError``
-    subclasses ``ConfigError``, so callers catching either are served.
-    """
-    from vlpbench.adapters import base
-
-    return getattr(base, "CapabilityError", ConfigError)(message)
-
-
+_RESNET_KEYS = ("visual.layer1.", "visual.attnpool.")
+# OpenAI visual key part -> timm VisionTransformer key part (timm vision_transformer.py _convert_openai_clip).
+_TIMM_RENAMES = (("conv1.", "patch_embed.proj."), ("transformer.resblocks.", "blocks."), ("ln_pre.", "norm_pre."),
+                 ("ln_post.", "norm."), ("ln_1.", "norm1."), ("ln_2.", "norm2."), ("attn.in_proj_weight", "attn.qkv.weight"),
+                 ("attn.in_proj_bias", "attn.qkv.bias"), ("attn.out_proj.", "attn.proj."), ("mlp.c_fc.", "mlp.fc1."),
+                 ("mlp.c_proj.", "mlp.fc2."))
 class ClipAdapter(Adapter):
     """A ViT CLIP in OpenAI's layout (CheXzero, open_clip fine-tunes): embeddings and zero-shot scores.
 
@@ -207,13 +208,14 @@ class ClipAdapter(Adapter):
         pretraining_data=("mimic_cxr",),
         notes=("any OpenAI-layout, open_clip or Hugging Face CLIPModel ViT loads; the card describes CheXzero",),
     )
-    description = "CLIP ViT fine-tuned on CXR (CheXzero, open_clip): OpenAI-layout weights; embeddings, zero-shot"
-    capabilities = frozenset({"embed_image", "embed_text", "dense_embed"})
+    description = ("CLIP ViT fine-tuned on CXR (CheXzero, open_clip): OpenAI-layout weights; embeddings, zero-shot; "
+                   "frozen ViT + Feature2Pyramid for dense tasks")
+    capabilities = frozenset({"features", "embed_image", "embed_text", "dense_embed"})
     mean = OPENAI_MEAN
     std = OPENAI_STD
     default_options = {"normalization": "openai"}
-    capability_hints = {"features": "a ViT CLIP has no multi-scale feature maps; segmentation and detection need "
-                                    "a CNN-encoder adapter such as 'mgca' or 'resnet50'"}
+    encoder_name = "vit+feature2pyramid"
+    pool_description = f"cls: {POOLS['cls']}"
     checkpoint_forms = (
         "OpenAI-layout ViT CLIP state dict .pt (CheXzero's released checkpoints; visual.*, transformer.*, "
         "token_embedding, positional_embedding, ln_final, text_projection, logit_scale)",
@@ -275,13 +277,16 @@ class ClipAdapter(Adapter):
         report.layout = f"{_LAYOUT}-{_arch_name(config)}{report.layout[len(_LAYOUT):]}"
         return Weights(report, match_keys(state, _expected_shapes(config), report, source_prefix=prefix))
 
-    def encoder(self) -> torch.nn.Module:
-        """Refused: a ViT CLIP has no multi-scale encoder (module docstring).
+    def encoder(self) -> ViTEncoder:
+        """The visual tower as a new :class:`ViTEncoder` (timm names, Feature2Pyramid neck; module docstring)."""
+        return ViTEncoder(self.vit_config(), timm_visual_state(self._encoder_state), pool="cls")
 
-        Raises:
-            CapabilityError (``ConfigError`` where base.py has none): always.
-        """
-        raise _capability_error(_ENCODER_MESSAGE)
+    def vit_config(self) -> ViTConfig:
+        """The visual tower's shape as a timm ViT (pre-norm, LayerNorm eps 1e-5, QuickGELU, 64-wide heads)."""
+        c = self.config
+        return ViTConfig(patch_size=c.patch_size, embed_dim=c.vision_width, depth=c.vision_layers,
+                         num_heads=c.vision_width // HEAD_WIDTH, image_size=c.image_size, norm_eps=1e-5,
+                         pre_norm=True, act="quick_gelu")
 
     @torch.no_grad()
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -337,8 +342,10 @@ class ClipAdapter(Adapter):
         return logits.softmax(dim=-1)[..., 0]
 
     def describe(self) -> dict[str, Any]:
-        """``Adapter.describe`` plus the architecture read from the weights."""
-        return {**super().describe(), "architecture": asdict(self.config)}
+        """``Adapter.describe`` plus the architecture read from the weights and the dense-task pyramid."""
+        return {**super().describe(), "architecture": asdict(self.config),
+                "pyramid": f"feature2pyramid({','.join(map(str, default_out_indices(self.config.vision_layers)))})",
+                "pool": self.pool_description}
 
     def _visual(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the visual tower: (projected class token ``[B, D]``, patch tokens after ln_post ``[B, N, width]``).
@@ -377,6 +384,24 @@ class ClipAdapter(Adapter):
         if checkpoint is not None and Path(checkpoint).is_dir():
             return _read_hf_directory(Path(checkpoint))
         return super()._read(checkpoint)
+
+
+def timm_visual_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``visual.*`` weights of an OpenAI-layout CLIP (``visual.proj`` left out) under timm ViT names."""
+    out = {}
+    for key, value in state.items():
+        if not key.startswith("visual.") or key == "visual.proj":
+            continue
+        key = key.removeprefix("visual.")
+        if key == "class_embedding":
+            out["cls_token"] = value.reshape(1, 1, -1)
+        elif key == "positional_embedding":
+            out["pos_embed"] = value.unsqueeze(0)
+        else:
+            for old, new in _TIMM_RENAMES:
+                key = key.replace(old, new)
+            out[key] = value
+    return out
 
 
 def _arch_name(config: ClipConfig) -> str:

@@ -39,13 +39,15 @@ forward (timm ``dynamic_img_size``: ``resample_abs_pos_embed``, bicubic), so the
 embedding is what trains under fine-tuning.
 
 :class:`ViTAdapter` is the base of the ViT adapters (``mrm``, ``refers``; ``clip`` builds a
-:class:`ViTEncoder` from its visual tower): it declares ``vit_config`` and maps its checkpoint onto the
-timm key names of :meth:`ViTConfig.shapes`; ``encoder()`` returns a new :class:`ViTEncoder` holding them.
+:class:`ViTEncoder` from its visual tower): its ``map_weights`` puts the checkpoint's ViT under timm key
+names (:func:`match_vit` accounts them against :meth:`ViTConfig.shapes` of the shape the weights show);
+``encoder()`` returns a new :class:`ViTEncoder` holding them.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -60,8 +62,25 @@ POOLS = {
     "mean": "mean of the last block's patch tokens, then a new LayerNorm (timm global_pool='avg' fc_norm)",
 }
 DEFAULT_OUT_INDICES = (3, 5, 7, 11)
-# Feature2Pyramid's rescales by patch size: levels at strides 4, 8, 16, 32 either way.
-RESCALES = {16: (4, 2, 1, 0.5), 32: (8, 4, 2, 1)}
+LEVEL_STRIDES = (4, 8, 16, 32)
+
+
+def default_out_indices(depth: int) -> tuple[int, ...]:
+    """BenchX's taps (3, 5, 7, 11) of a 12-block ViT, at the same relative depths of a ``depth``-block one
+    (repeated where it has fewer than four blocks)."""
+    return tuple(max(0, round((i + 1) * depth / 12) - 1) for i in DEFAULT_OUT_INDICES)
+
+
+def default_rescales(patch_size: int) -> tuple[float, ...]:
+    """The factors that bring ``patch_size``-strided taps to strides 4, 8, 16, 32: (4, 2, 1, 0.5) for 16-pixel
+    patches (BenchX), (8, 4, 2, 1) for 32.
+
+    Raises:
+        ConfigError: a patch size that is not a power of two.
+    """
+    if patch_size < 1 or patch_size & (patch_size - 1):
+        raise ConfigError(f"no pyramid for {patch_size}-pixel patches: the rescales need a power of two")
+    return tuple(patch_size / stride for stride in LEVEL_STRIDES)
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,28 @@ class ViTConfig:
     norm_eps: float = 1e-6
     pre_norm: bool = False
     act: str = "gelu"
+
+    # The timm keys the shape is read from (:meth:`from_timm_state`).
+    SHAPE_KEYS: ClassVar[tuple[str, ...]] = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+
+    @classmethod
+    def from_timm_state(cls, state: Mapping[str, Any], **fixed: Any) -> "ViTConfig":
+        """The shape of the timm-named ViT weights ``state`` (which must hold :attr:`SHAPE_KEYS` as tensors):
+        width, depth (blocks counted), patch, image side (from the position embedding's rows) and MLP ratio;
+        heads are 64 wide, as in every ViT size (Ti/S/B/L: 3/6/12/16). ``fixed``: the fields weights do not
+        show (``norm_eps``, ``pre_norm``, ``act``)."""
+        width = state["cls_token"].shape[-1]
+        patch = state["patch_embed.proj.weight"].shape[-1]
+        grid = round((state["pos_embed"].shape[-2] - 1) ** 0.5)
+        depth = len({k.split(".")[1] for k in state if isinstance(k, str) and k.startswith("blocks.")})
+        return cls(patch_size=patch, embed_dim=width, depth=depth, num_heads=max(1, width // 64),
+                   mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / width, image_size=grid * patch, **fixed)
+
+    def name(self) -> str:
+        """``"vit-b16"`` for ViT-B/16 at 224, else a shape summary such as ``"vit-w64-d12-p16-64"``."""
+        if (self.embed_dim, self.depth, self.patch_size, self.image_size) == (768, 12, 16, 224):
+            return "vit-b16"
+        return f"vit-w{self.embed_dim}-d{self.depth}-p{self.patch_size}-{self.image_size}"
 
     @property
     def grid(self) -> int:
@@ -117,7 +158,7 @@ def _shapes(config: ViTConfig) -> Mapping[str, tuple[int, ...]]:
 class Feature2Pyramid(nn.Module):
     """mmseg's Feature2Pyramid neck (``mmseg/models/necks/featurepyramid.py:30-46``): one tap per level,
     each rescaled by transposed convolutions (x2 each; BatchNorm and GELU between two of them), kept,
-    or max-pooled. ``rescales`` may start with 8 (for 32-pixel patches): three x2 deconvolutions."""
+    or max-pooled. Factors beyond mmseg's 4 (8, for 32-pixel patches) chain one more deconv-BN-GELU stage."""
 
     def __init__(self, embed_dim: int, rescales: Sequence[float]):
         super().__init__()
@@ -133,13 +174,13 @@ class Feature2Pyramid(nn.Module):
 
 
 def _rescale(embed_dim: int, factor: float) -> nn.Module:
-    """The module that rescales a tap by ``factor`` (8, 4, 2, 1 or 0.5)."""
-    if factor == 0.5:
-        return nn.MaxPool2d(kernel_size=2, stride=2)
+    """The module that rescales a tap by ``factor``, a power of two (up: deconvolutions; down: max-pooling)."""
+    if factor <= 0 or math.log2(factor) != round(math.log2(factor)):
+        raise ConfigError(f"Feature2Pyramid rescale {factor}: expected a power of two")
+    if factor < 1:
+        return nn.MaxPool2d(kernel_size=round(1 / factor), stride=round(1 / factor))
     if factor == 1:
         return nn.Identity()
-    if factor not in (2, 4, 8):
-        raise ConfigError(f"Feature2Pyramid rescale {factor}: expected 8, 4, 2, 1 or 0.5")
     layers: list[nn.Module] = []
     for _ in range(int(factor).bit_length() - 2):  # every x2 stage but the last is followed by BN and GELU
         layers += [nn.ConvTranspose2d(embed_dim, embed_dim, kernel_size=2, stride=2), nn.BatchNorm2d(embed_dim),
@@ -165,24 +206,24 @@ class ViTEncoder(nn.Module):
         state: the backbone's weights under timm key names (loaded strictly; the backbone is then built
             without random init); None for a randomly initialised backbone.
         pool: see :data:`POOLS`.
-        out_indices: the blocks tapped for the pyramid, shallow to deep; the last gets the final norm.
-        rescales: the neck's factors, one per tap (default :data:`RESCALES` by patch size).
+        out_indices: the blocks tapped, shallow to deep (default: :func:`default_out_indices`); the last block
+            gets the final norm.
+        rescales: the neck's factors, one per tap (default: :func:`default_rescales`).
     """
 
     output_stride = 32
     first_level = 2
 
     def __init__(self, config: ViTConfig, state: Mapping[str, torch.Tensor] | None = None, *, pool: str = "cls",
-                 out_indices: Sequence[int] = DEFAULT_OUT_INDICES, rescales: Sequence[float] | None = None):
+                 out_indices: Sequence[int] | None = None, rescales: Sequence[float] | None = None):
         super().__init__()
         if pool not in POOLS:
             raise ConfigError(f"pool={pool!r}: expected one of {', '.join(POOLS)}")
-        rescales = RESCALES.get(config.patch_size) if rescales is None else tuple(rescales)
-        if rescales is None:
-            raise ConfigError(f"no default pyramid for {config.patch_size}-pixel patches; pass rescales")
-        if len(rescales) != len(out_indices) or list(out_indices) != sorted(set(out_indices)) \
+        out_indices = default_out_indices(config.depth) if out_indices is None else tuple(out_indices)
+        rescales = default_rescales(config.patch_size) if rescales is None else tuple(rescales)
+        if len(rescales) != len(out_indices) or list(out_indices) != sorted(out_indices) \
                 or not 0 <= out_indices[0] <= out_indices[-1] < config.depth:
-            raise ConfigError(f"out_indices {tuple(out_indices)} must be increasing blocks of the {config.depth} "
+            raise ConfigError(f"out_indices {tuple(out_indices)} must be non-decreasing blocks of the {config.depth} "
                               f"and one per rescale {tuple(rescales)}")
         self.config = config
         self.pool = pool
@@ -216,14 +257,14 @@ class ViTEncoder(nn.Module):
         """The backbone's token maps ``(B, C, h, w)`` after blocks ``out_indices``, the last after the final norm."""
         tokens, (h, w) = self._embed(x)
         prefix = self.backbone.num_prefix_tokens
-        out = []
+        kept = {}
         for i, block in enumerate(self.backbone.blocks[:self.out_indices[-1] + 1]):
             tokens = block(tokens)
             if i == len(self.backbone.blocks) - 1:
                 tokens = self.backbone.norm(tokens)
             if i in self.out_indices:
-                out.append(tokens[:, prefix:].transpose(1, 2).reshape(len(tokens), -1, h, w))
-        return out
+                kept[i] = tokens[:, prefix:].transpose(1, 2).reshape(len(tokens), -1, h, w)
+        return [kept[i] for i in self.out_indices]
 
     def forward(self, x: torch.Tensor, output: str = "maps") -> list[torch.Tensor] | torch.Tensor:
         """``output="maps"``: ``[x, empty stride-2 map, *neck(taps(x))]`` (``out_channels``); ``"taps"``:
@@ -250,11 +291,12 @@ class ViTEncoder(nn.Module):
 class ViTAdapter(Adapter):
     """Base class of adapters whose checkpoint is a plain ViT (module docstring).
 
-    Subclasses set ``vit_config`` and ``default_options = {"pool": <the paper's pooling>}`` and map their
-    checkpoint's keys onto ``vit_config.shapes()`` names (:func:`match_vit`) in ``map_weights``.
+    Subclasses set ``default_options = {"pool": <the paper's pooling>}`` and, in ``map_weights``, return the
+    backbone's weights under timm names (``Weights.encoder``; :func:`match_vit`). The architecture is read
+    from those weights (:meth:`ViTConfig.from_timm_state`, ``vit_fixed`` for what weights do not show).
     """
 
-    vit_config: ClassVar[ViTConfig] = ViTConfig()
+    vit_fixed: ClassVar[Mapping[str, Any]] = {}
     encoder_name = "vit+feature2pyramid"
     default_options: ClassVar[Mapping[str, Any]] = {"pool": "cls"}
 
@@ -266,6 +308,11 @@ class ViTAdapter(Adapter):
             raise ConfigError(f"adapter {cls.name!r}: option pool={resolved['pool']!r} is not one of "
                               f"{', '.join(POOLS)}")
         return resolved
+
+    def __init__(self, checkpoint=None, **options: Any) -> None:
+        """``Adapter.__init__``, then the ViT's shape from the loaded weights (``vit_config``)."""
+        super().__init__(checkpoint, **options)
+        self.vit_config = ViTConfig.from_timm_state(self._encoder_state, **self.vit_fixed)
 
     @property
     def pool_description(self) -> str:
@@ -279,13 +326,23 @@ class ViTAdapter(Adapter):
     def describe(self) -> dict[str, Any]:
         """``Adapter.describe`` plus the ViT's shape, the pyramid and the pooling."""
         return {**super().describe(), "vit": asdict(self.vit_config),
-                "pyramid": f"feature2pyramid({','.join(map(str, DEFAULT_OUT_INDICES))})",
+                "pyramid": f"feature2pyramid({','.join(map(str, default_out_indices(self.vit_config.depth)))})",
                 "pool": self.pool_description}
 
 
-def match_vit(found: Mapping[str, Any], report: LoadReport, config: ViTConfig, *,
-              source_prefix: str = "") -> dict[str, torch.Tensor]:
-    """Account ``found`` (keys already under timm names) against ``config.shapes()``; module keys are recorded
-    as ``encoder.backbone.<key>``. Returns the backbone state dict."""
+def match_vit(found: Mapping[str, Any], report: LoadReport, *, source_prefix: str = "",
+              **fixed: Any) -> dict[str, torch.Tensor]:
+    """Account ``found`` (keys already under timm names) against the ViT its weights describe
+    (:meth:`ViTConfig.from_timm_state`, ``fixed`` fields as given); module keys are recorded as
+    ``encoder.backbone.<key>``. Returns the backbone state dict ({} when a key the shape is read from is
+    absent: those are then missing and every other key unexpected). Appends the shape name to the layout."""
+    absent = [k for k in ViTConfig.SHAPE_KEYS if not isinstance(found.get(k), torch.Tensor)]
+    if absent:
+        report.missing += [source_prefix + k for k in absent]
+        report.unexpected += [f"{source_prefix}{k}" for k in found if k not in ViTConfig.SHAPE_KEYS]
+        return {}
+    config = ViTConfig.from_timm_state(found, **fixed)
+    head, _, notes = report.layout.partition(" ")
+    report.layout = f"{head}-{config.name()}" + (f" {notes}" if notes else "")
     return match_keys(found, config.shapes(), report, source_prefix=source_prefix, target_prefix="encoder.backbone.")
 

@@ -32,7 +32,7 @@ def test_models_and_tasks_list_the_registered_entries(capsys):
     for model in ("g2d", "random", "resnet50", "mgca", "generic", "clip"):
         assert model in blocks
     assert "capabilities: decoder, dense_embed, embed_image, embed_text, features, grounding, zero_shot" in blocks["g2d"]
-    assert "capabilities: dense_embed, embed_image, embed_text, grounding, zero_shot" in blocks["clip"]
+    assert "capabilities: dense_embed, embed_image, embed_text, features, grounding, zero_shot" in blocks["clip"]
     assert "capabilities: features" in blocks["random"] and "checkpoints:" in blocks["random"]
     assert "plug-in from" not in blocks["g2d"]
     assert main(["tasks"]) == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlpbench.adapters import base, build_adapter
+from vlpbench.adapters import build_adapter
 from vlpbench.adapters.base import WRAPPER_REASON, load_state_dict_file, sha256_file
 from vlpbench.adapters.clip import (
     CHEXZERO_MEAN,
@@ -58,7 +58,7 @@ def test_openai_layout_loads_with_every_key_mapped(adapter, state):
     assert adapter.config == ClipConfig(embed_dim=DIM, image_size=SIZE, patch_size=8, vision_width=64,
                                         vision_layers=2, context_length=77, vocab_size=49408, text_width=64,
                                         text_layers=2)
-    assert adapter.capabilities == {"embed_image", "embed_text", "dense_embed", "zero_shot", "grounding"}
+    assert adapter.capabilities == {"features", "embed_image", "embed_text", "dense_embed", "zero_shot", "grounding"}
     assert adapter.image_size == SIZE and adapter.mean == OPENAI_MEAN and adapter.decoder_state_dict() is None
     assert adapter.describe()["architecture"]["vision_layers"] == 2
 
@@ -149,11 +149,17 @@ def test_half_precision_checkpoint_loads(state, adapter, images, tmp_path):
     torch.testing.assert_close(half.embed_image(images), adapter.embed_image(images), atol=2e-3, rtol=0)
 
 
-def test_encoder_is_refused_clearly(adapter):
-    error = getattr(base, "CapabilityError", ConfigError)
-    with pytest.raises(error, match="segmentation and detection protocols need a CNN encoder"):
-        adapter.encoder()
-    assert "features" not in adapter.capabilities
+def test_encoder_is_the_visual_tower_behind_a_pyramid(adapter, images):
+    """encoder(): the visual ViT under timm names (+ Feature2Pyramid); its class token, projected, is embed_image."""
+    assert "features" in adapter.capabilities
+    encoder = adapter.encoder().eval()
+    with torch.no_grad():
+        maps = encoder(images)
+        projected = torch.nn.functional.normalize(encoder(images, output="pooled") @ adapter.model.visual.proj, dim=-1)
+    assert encoder.out_channels == (3, 0, 64, 64, 64, 64)
+    # 8-px patches (a 4x4 grid) rescaled by 2, 1, 1/2, 1/4: strides 4, 8, 16, 32.
+    assert [tuple(m.shape[-2:]) for m in maps] == [(SIZE, SIZE), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    torch.testing.assert_close(projected, adapter.embed_image(images), rtol=0, atol=1e-5)
 
 
 def test_tokenizer_works_offline(adapter, monkeypatch):
