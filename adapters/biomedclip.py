@@ -23,13 +23,15 @@ The folder carries neither the BERT's config nor its tokenizer (open_clip's ``ge
 ``text_encoder`` (a local BiomedBERT folder); without it the text side is not loaded. The tokenizer is
 open_clip's own ``HFTokenizer`` (``tokenizer.py``:405-499: whitespace cleaning, padding to the context length).
 
-``encoder()`` is refused until the ViT feature pyramid for dense tasks exists.
+Dense and linear protocols: ``encoder()`` is the trunk behind a Feature2Pyramid neck (``transformer.ViTEncoder``,
+from ``ViTAdapter``); option ``pool`` picks the linear probe's feature, by default the class token after the
+final norm, which open_clip projects into the embedding space.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -40,8 +42,6 @@ from vlpbench.adapters.base import (
     DENSE_EMBED,
     EMBED_IMAGE,
     EMBED_TEXT,
-    Adapter,
-    CapabilityError,
     LoadReport,
     ModelCard,
     Weights,
@@ -54,7 +54,8 @@ from vlpbench.adapters.base import (
 )
 from vlpbench.adapters.clip import OPENAI_MEAN, OPENAI_STD
 from vlpbench.adapters.text import TEXT_ENCODER_HINT, bert_config, build_bert, match_bert, text_encoder_record
-from vlpbench.adapters.timm_vit import VitShape, build_vit, match_vit, patch_grid, vit_tokens
+from vlpbench.adapters.timm_vit import frozen_backbone, patch_grid, vit_tokens
+from vlpbench.adapters.transformer import ViTAdapter, match_vit
 from vlpbench.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "open_clip_config.json"
@@ -70,11 +71,6 @@ TRUNK, VISUAL_PROJ = "visual.trunk.", "visual.head.proj.weight"
 TEXT_MODEL, TEXT_PROJ = "text.transformer.", "text.proj."
 TEXT_SIDE_REASON = ("BiomedCLIP's text tower (PubMedBERT, its MLP projection) and logit_scale: mapped only with "
                     "option text_encoder=DIR (a local BiomedBERT folder: config and tokenizer)")
-_ENCODER_MESSAGE = (
-    "adapter 'biomedclip' has no multi-scale encoder yet: its ViT-B/16 needs the ViT feature pyramid "
-    "(vlpbench.adapters.transformer), which is not part of this version; use the zero-shot and grounding "
-    "tasks (embed_image, embed_text, dense_embed) instead"
-)
 
 
 @dataclass
@@ -95,7 +91,7 @@ class BiomedClipFolder:
     std: tuple[float, ...] = OPENAI_STD
 
 
-class BiomedClipAdapter(Adapter):
+class BiomedClipAdapter(ViTAdapter):
     """BiomedCLIP's image and text towers: embeddings, patch embeddings, zero-shot scores with its logit scale."""
 
     name = "biomedclip"
@@ -113,10 +109,10 @@ class BiomedClipAdapter(Adapter):
     )
     description = ("BiomedCLIP (PMC-15M) ViT-B/16 + PubMedBERT from its Hugging Face open_clip folder; 512-d "
                    "embeddings, zero-shot and grounding with text_encoder=DIR")
-    capabilities = frozenset({EMBED_IMAGE, EMBED_TEXT, DENSE_EMBED})
+    capabilities = frozenset({"features", EMBED_IMAGE, EMBED_TEXT, DENSE_EMBED})
     mean = OPENAI_MEAN
     std = OPENAI_STD
-    default_options = {"text_encoder": ""}
+    default_options = {"text_encoder": "", "pool": "cls"}
     checkpoint_forms = (
         "Hugging Face folder with open_clip_config.json and open_clip_pytorch_model.bin (or "
         "open_clip_model.safetensors): visual.trunk.* (timm ViT-B/16, 150 keys), visual.head.proj, and with "
@@ -126,8 +122,6 @@ class BiomedClipAdapter(Adapter):
     capability_hints = {
         EMBED_TEXT: "pass --model-option text_encoder=DIR (a local microsoft/BiomedNLP-BiomedBERT-base-uncased-"
                     f"abstract folder: {TEXT_ENCODER_HINT})",
-        "features": "the ViT feature pyramid for segmentation, detection and linear probing is not part of "
-                    "this version",
     }
     procedures = {
         "zero_shot": "per class, the softmax over the (positive, negative) prompt pair of logit_scale.exp() times "
@@ -149,13 +143,12 @@ class BiomedClipAdapter(Adapter):
         """
         super().__init__(checkpoint, **options)
         extra = self._extra_state
-        self.vit_shape: VitShape = extra["vit_shape"]
-        self.image_size = self.vit_shape.image_size
+        self.image_size = self.vit_config.image_size
         self.mean, self.std = extra["mean"], extra["std"]
         self.context_length = extra["context_length"]
         self._bert = self._text_proj = self._tokenizer = self._text_encoder_record = None
+        self._vit = frozen_backbone(self.vit_config, self._encoder_state)
         with torch.random.fork_rng(devices=[]):  # every random init below is overwritten at once
-            self._vit = build_vit(self.vit_shape, self._encoder_state)
             self._visual_proj = loaded_eval(_linear(extra["visual_proj"]), {"weight": extra["visual_proj"]})
             if "text_model" in extra:
                 self._bert = build_bert(extra["text_config"], extra["text_model"], pooler=False)
@@ -180,14 +173,13 @@ class BiomedClipAdapter(Adapter):
         report = LoadReport("biomedclip" + (f" ({folder.weights_file})" if folder.weights_file else ""))
         state, prefix = unwrap_state_dict(folder.state, report, what="a BiomedCLIP checkpoint")
         trunk, rest = split_prefix(state, TRUNK)
-        encoder, shape = match_vit({k[len(TRUNK):]: v for k, v in trunk.items()}, report,
-                                   source_prefix=prefix + TRUNK, target_prefix=TRUNK)
-        extra: dict[str, Any] = {"vit_shape": shape, "context_length": folder.context_length,
+        encoder = match_vit({k[len(TRUNK):]: v for k, v in trunk.items()}, report, source_prefix=prefix + TRUNK)
+        extra: dict[str, Any] = {"context_length": folder.context_length,
                                  "mean": folder.mean, "std": folder.std}
         proj, rest = split_prefix(rest, VISUAL_PROJ)
         value = proj.get(VISUAL_PROJ)
         embed_dim = value.shape[0] if isinstance(value, torch.Tensor) and value.ndim == 2 else 0
-        width = shape.width if shape else 0
+        width = encoder["cls_token"].shape[-1] if "cls_token" in encoder else 0
         extra["visual_proj"] = match_keys(proj, {VISUAL_PROJ: (embed_dim, width)}, report,
                                           source_prefix=prefix).get(VISUAL_PROJ)
         text_side, rest = split_prefix(rest, "text.", "logit_scale")
@@ -198,17 +190,10 @@ class BiomedClipAdapter(Adapter):
         report.unexpected += [f"{prefix}{k}" for k in rest]
         return Weights(report, encoder, extra=extra)
 
-    def encoder(self) -> torch.nn.Module:
-        """Refused until the ViT feature pyramid exists (``_ENCODER_MESSAGE``).
-
-        Raises:
-            CapabilityError: always.
-        """
-        raise CapabilityError(_ENCODER_MESSAGE)
-
     def describe(self) -> dict[str, Any]:
-        """``Adapter.describe`` plus the ViT's shape and, with ``text_encoder``, the folder's files and sha256."""
-        record = {**super().describe(), "architecture": asdict(self.vit_shape), "context_length": self.context_length}
+        """``ViTAdapter.describe`` plus the context length and, with ``text_encoder``, the folder's files and
+        sha256."""
+        record = {**super().describe(), "context_length": self.context_length}
         if self._text_encoder_record is not None:
             record["text_encoder"] = self._text_encoder_record
         return record
@@ -222,16 +207,16 @@ class BiomedClipAdapter(Adapter):
         Raises:
             ConfigError: the images are not ``(B, 3, image_size, image_size)``.
         """
-        cls_token = vit_tokens(self._vit, self.vit_shape, images)[:, 0]
+        cls_token = vit_tokens(self._vit, self.vit_config, images)[:, 0]
         return nn.functional.normalize(self._visual_proj.to(cls_token.device)(cls_token), dim=-1)
 
     @torch.no_grad()
     def dense_embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embeddings ``(B, 512, grid, grid)``: the patch tokens after the final norm through
         ``visual.head.proj`` (the class token's projection), L2-normalised over the embedding."""
-        tokens = vit_tokens(self._vit, self.vit_shape, images)[:, 1:]
+        tokens = vit_tokens(self._vit, self.vit_config, images)[:, 1:]
         projected = self._visual_proj.to(tokens.device)(tokens)
-        return nn.functional.normalize(patch_grid(projected, self.vit_shape), dim=1)
+        return nn.functional.normalize(patch_grid(projected, self.vit_config), dim=1)
 
     @torch.no_grad()
     def embed_text(self, texts: list[str]) -> torch.Tensor:

@@ -16,14 +16,17 @@ encoder (``mgca/models/backbones/encoder.py`` ``ImageEncoder`` :71-94):
 - the text side, token-level attention and prototypes exactly as in ``resnet_50.ckpt``; the text side is
   mapped with option ``text_encoder`` by the functions of ``mgca.py``.
 
-Input contract: 224² (the positional embedding fixes it; the ViT forward, encoder.py:135-136, does not
-resize, unlike the ResNet's 299² upsampling), mean = std = 0.5 (``mgca/datasets/transforms.py``:8-21).
-The shape is read from the weights, so a smaller ViT in the same names also loads (tests use one).
+Input contract: 224² (the ViT forward, encoder.py:135-136, does not resize, unlike the ResNet's 299²
+upsampling), mean = std = 0.5 (``mgca/datasets/transforms.py``:8-21). The shape is read from the weights, so
+a smaller ViT in the same names also loads (tests use one).
+
+Dense and linear protocols: ``encoder()`` is the ViT behind a Feature2Pyramid neck (``transformer.ViTEncoder``,
+from ``ViTAdapter``); option ``pool`` picks the linear probe's feature, by default the class token after the
+final norm, the feature MGCA's own image embedding starts from.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,7 +36,6 @@ from torch import nn
 from vlpbench.adapters.base import (
     EMBED_IMAGE,
     EMBED_TEXT,
-    CapabilityError,
     LoadReport,
     ModelCard,
     Weights,
@@ -46,7 +48,8 @@ from vlpbench.adapters.mgca import (
     image_encoder_hparam,
     map_heads_and_text,
 )
-from vlpbench.adapters.timm_vit import VitShape, build_vit, match_vit, vit_tokens
+from vlpbench.adapters.timm_vit import frozen_backbone, vit_tokens
+from vlpbench.adapters.transformer import ViTAdapter, match_vit
 from vlpbench.errors import CheckpointError
 
 VIT_WIDTH = 768
@@ -59,18 +62,13 @@ _RESNET_MESSAGE = (
     "variant (vit_base.ckpt): load this file with --model mgca"
 )
 _RESNET_KEYS = tuple(IMAGE_ENCODER_PREFIX + k for k in ("conv1.", "layer1."))
-_ENCODER_MESSAGE = (
-    "adapter {name!r} has no multi-scale encoder yet: its ViT-B/16 needs the ViT feature pyramid "
-    "(vlpbench.adapters.transformer), which is not part of this version; use the zero-shot tasks "
-    "(embed_image, embed_text) instead"
-)
 
-
-class MgcaVitAdapter(MgcaAdapter):
+class MgcaVitAdapter(MgcaAdapter, ViTAdapter):
     """MGCA's ViT-B/16 image encoder and global embeddings from the published Lightning ``vit_base.ckpt``.
 
     Everything but the image encoder is MGCA's ResNet adapter's: the text side with ``text_encoder=DIR``, its
-    ``embed_text`` and the CheXzero-style ``zero_shot_scores`` over the 128-d report space.
+    ``embed_text`` and the CheXzero-style ``zero_shot_scores`` over the 128-d report space. ``encoder()``,
+    option ``pool`` and the record's ``vit``, ``pyramid`` and ``pool`` entries are ``ViTAdapter``'s.
     """
 
     name = "mgca_vit"
@@ -86,7 +84,8 @@ class MgcaVitAdapter(MgcaAdapter):
     )
     description = ("MGCA (NeurIPS 2022) ViT-B/16: the published Lightning vit_base.ckpt; 128-d global embeddings "
                    "of the class token, text side with text_encoder=DIR")
-    capabilities = frozenset({EMBED_IMAGE, EMBED_TEXT})
+    capabilities = frozenset({"features", EMBED_IMAGE, EMBED_TEXT})
+    default_options = {"text_encoder": "", "pool": "cls"}
     checkpoint_forms = (
         "MGCA vit_base.ckpt (Lightning checkpoint: state_dict with img_encoder_q.model.*, the DeiT/BLIP ViT-B/16, "
         "150 keys; img_encoder_q.global_embed for embed_image; text_encoder_q.model.* and text_encoder_q."
@@ -96,8 +95,6 @@ class MgcaVitAdapter(MgcaAdapter):
     capability_hints = {
         **MgcaAdapter.capability_hints,
         EMBED_IMAGE: "needs MGCA's full vit_base.ckpt, whose img_encoder_q.global_embed holds the image head",
-        "features": "the ViT feature pyramid for segmentation, detection and linear probing is not part of "
-                    "this version",
     }
     procedures = {
         "zero_shot": "CheXzero's softmax over the (positive, negative) prompt pair of bare cosine similarities "
@@ -109,10 +106,8 @@ class MgcaVitAdapter(MgcaAdapter):
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         """Load ``checkpoint`` strictly (see ``Adapter``), build the heads (``MgcaAdapter``) and the ViT."""
         super().__init__(checkpoint, **options)
-        self.vit_shape: VitShape = self._extra_state["vit_shape"]
-        self.image_size = self.vit_shape.image_size
-        with torch.random.fork_rng(devices=[]):  # the random init is overwritten at once
-            self._vit = build_vit(self.vit_shape, self._encoder_state)
+        self.image_size = self.vit_config.image_size
+        self._vit = frozen_backbone(self.vit_config, self._encoder_state)
 
     @classmethod
     def map_weights(cls, checkpoint: Any, options: Mapping[str, Any]) -> Weights:
@@ -125,35 +120,19 @@ class MgcaVitAdapter(MgcaAdapter):
         hparam = image_encoder_hparam(checkpoint)
         if isinstance(hparam, str) and hparam.startswith("resnet"):
             raise CheckpointError(_RESNET_MESSAGE.format(found=f"hyper_parameters.img_encoder == {hparam!r}"))
-        report = LoadReport("mgca-vit")
+        report = LoadReport("mgca")
         state, prefix = unwrap_state_dict(checkpoint, report, what="an MGCA checkpoint")
         if any(isinstance(k, str) and k.startswith(_RESNET_KEYS) for k in state):
             raise CheckpointError(_RESNET_MESSAGE.format(found=f"keys {IMAGE_ENCODER_PREFIX}conv1.* / layer1.*"))
 
         image, rest = split_prefix(state, IMAGE_ENCODER_PREFIX)
         image = {k[len(IMAGE_ENCODER_PREFIX):]: v for k, v in image.items()}
-        encoder, shape = match_vit(image, report, source_prefix=prefix + IMAGE_ENCODER_PREFIX)
-        rest, extra = map_heads_and_text(rest, options, report, prefix,
-                                         image_width=shape.width if shape else VIT_WIDTH,
+        encoder = match_vit(image, report, source_prefix=prefix + IMAGE_ENCODER_PREFIX)  # layout: mgca-vit-b16
+        width = encoder["cls_token"].shape[-1] if "cls_token" in encoder else VIT_WIDTH
+        rest, extra = map_heads_and_text(rest, options, report, prefix, image_width=width,
                                          local_head_reason=IMAGE_LOCAL_HEAD_REASON)
         report.unexpected += [f"{prefix}{k}" for k in rest]
-        if shape is not None:
-            report.layout = f"mgca-vit-w{shape.width}-d{shape.depth}-p{shape.patch_size}-{shape.image_size}" + \
-                report.layout[len("mgca-vit"):]
-        extra["vit_shape"] = shape
         return Weights(report, encoder, extra=extra)
-
-    def encoder(self) -> torch.nn.Module:
-        """Refused until the ViT feature pyramid exists (``_ENCODER_MESSAGE``).
-
-        Raises:
-            CapabilityError: always.
-        """
-        raise CapabilityError(_ENCODER_MESSAGE.format(name=self.name))
-
-    def describe(self) -> dict[str, Any]:
-        """``MgcaAdapter.describe`` plus the ViT's shape as read from the weights."""
-        return {**super().describe(), "architecture": asdict(self.vit_shape)}
 
     @torch.no_grad()
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -164,9 +143,9 @@ class MgcaVitAdapter(MgcaAdapter):
 
         Raises:
             CapabilityError: the checkpoint carries no ``img_encoder_q.global_embed``.
-            ConfigError: the images are not ``image_size``² (the positional embedding fixes the size).
+            ConfigError: the images are not ``image_size``².
         """
         self.require(EMBED_IMAGE)
-        cls_token = vit_tokens(self._vit, self.vit_shape, images)[:, 0]
+        cls_token = vit_tokens(self._vit, self.vit_config, images)[:, 0]
         return nn.functional.normalize(self._image_head.to(cls_token.device)(cls_token), dim=-1)
 

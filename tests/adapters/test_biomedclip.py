@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from vlpbench.adapters.base import CapabilityError, load_state_dict_file
 from vlpbench.adapters.biomedclip import TEXT_SIDE_REASON, BiomedClipAdapter, BiomedClipFolder
 from vlpbench.adapters.clip import OPENAI_MEAN, OPENAI_STD
 from vlpbench.adapters.text import POSITION_IDS_REASON
+from vlpbench.adapters.transformer import ViTEncoder
 from vlpbench.cli import main
 from vlpbench.errors import CheckpointError, ConfigError
 from vlpbench.testing import write_tiny_bert_folder
@@ -96,10 +99,10 @@ def test_published_layout_is_open_clips_custom_text_clip_key_by_key(tmp_path):
     weights = BiomedClipAdapter.map_weights(BiomedClipFolder(state, "open_clip_pytorch_model.bin"),
                                             {"text_encoder": str(tmp_path)})
     report = weights.report
-    assert report.ok and report.layout == "biomedclip (open_clip_pytorch_model.bin)"
+    assert report.ok and report.layout == "biomedclip-vit-b16 (open_clip_pytorch_model.bin)"
     assert len(report.mapped) == N_PUBLISHED == len(state) - 1
     assert report.ignored == {POSITION_IDS_REASON: ["text.transformer.embeddings.position_ids"]}
-    assert Counter(".".join(target.split(".")[:2]) for _, target in report.mapped) == {
+    assert Counter(".".join(source.split(".")[:2]) for source, _ in report.mapped) == {
         "visual.trunk": 150, "visual.head": 1, "text.transformer": 5 + 16 * 12, "text.proj": 2, "logit_scale": 1}
 
 
@@ -107,12 +110,12 @@ def test_folder_loads_with_everything_accounted(adapter, folder):
     raw = load_state_dict_file(folder / "open_clip_pytorch_model.bin")[0]
     assert type(raw).__name__ == "OrderedDict" and raw["text.transformer.embeddings.position_ids"].dtype == torch.int64
     report = adapter.report
-    assert report.ok and report.layout == "biomedclip (open_clip_pytorch_model.bin)"
+    assert report.ok and report.layout == "biomedclip-vit-w192-d12-p16-224 (open_clip_pytorch_model.bin)"
     assert len(report.mapped) == len(raw) - 1 and not report.unexpected and not report.missing
-    assert adapter.capabilities == {"embed_image", "embed_text", "dense_embed", "zero_shot", "grounding"}
+    assert adapter.capabilities == {"features", "embed_image", "embed_text", "dense_embed", "zero_shot", "grounding"}
     assert (adapter.image_size, adapter.context_length, adapter.mean, adapter.std) == (224, 256, OPENAI_MEAN,
                                                                                        OPENAI_STD)
-    assert adapter.describe()["architecture"]["width"] == TINY_WIDTH
+    assert adapter.describe()["vit"]["embed_dim"] == TINY_WIDTH and adapter.describe()["vit"]["num_heads"] == 3
     assert adapter.describe()["text_encoder"]["path"] == adapter.options["text_encoder"]
 
 
@@ -157,14 +160,26 @@ def test_grounding_maps_are_high_where_the_image_is_bright(aligned_adapter):
 
 def test_without_text_encoder_the_image_side_loads_alone(folder):
     image_only = build_adapter("biomedclip", folder)
-    assert image_only.report.ok and image_only.capabilities == {"embed_image", "dense_embed"}
+    assert image_only.report.ok and image_only.capabilities == {"features", "embed_image", "dense_embed"}
     assert all(k.startswith(("text.", "logit_scale")) for k in image_only.report.ignored[TEXT_SIDE_REASON])
     with pytest.raises(CapabilityError, match="text_encoder=DIR.*BiomedBERT"):
         image_only.embed_text(["no effusion"])
-    with pytest.raises(CapabilityError, match="'biomedclip' has no multi-scale encoder yet"):
-        image_only.encoder()
     bare = BiomedClipAdapter(folder / "open_clip_pytorch_model.bin")
-    assert bare.report.ok and bare.report.layout == "biomedclip"
+    assert bare.report.ok and bare.report.layout == "biomedclip-vit-w192-d12-p16-224"
+
+
+def test_encoder_is_the_trunk_behind_a_feature_pyramid(adapter, folder):
+    raw = load_state_dict_file(folder / "open_clip_pytorch_model.bin")[0]
+    encoder = adapter.encoder()
+    assert isinstance(encoder, ViTEncoder) and encoder.out_channels == (3, 0) + (TINY_WIDTH,) * 4
+    for key, value in encoder.backbone.state_dict().items():
+        assert torch.equal(value, raw[f"visual.trunk.{key}"]), key
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        pooled = encoder.eval().pooled(images)
+    # The linear probe's feature is the class token that BiomedCLIP projects into its embedding space.
+    torch.testing.assert_close(torch.nn.functional.normalize(adapter._visual_proj(pooled), dim=-1),
+                               adapter.embed_image(images))
 
 
 def test_renamed_key_fails_naming_it(tmp_path, folder, text_dir):
@@ -191,15 +206,26 @@ def test_a_config_other_than_biomedclips_is_refused_naming_the_field(tmp_path, f
         BiomedClipAdapter(folder, text_encoder=str(tmp_path / "absent"))
 
 
-def test_rsna_zero_shot_runs_from_the_cli(tmp_path_factory, aligned, text_dir):
+@pytest.fixture(scope="module")
+def rsna_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "rsna"
     api.synth("rsna", root, n=30, size=64, progress=False)
-    results = tmp_path_factory.mktemp("results")
-    code = main(["-q", "run", "--model", "biomedclip", "--checkpoint", str(aligned), "--model-option",
-                 f"text_encoder={text_dir}", "--task", "rsna_zs", "--frac", "1.0", "--data-root", str(root),
-                 "--results", str(results), "--device", "cpu", "--set", "bootstrap_resamples=20"])
-    assert code == 0
-    (path,) = results.rglob("rsna_zs.v*/*.json")
-    record = json.loads(path.read_text())
+    return root
+
+
+def _run(*args: str) -> dict:
+    """``vlpbench run --model biomedclip`` on the CPU with ``args``; the record it wrote."""
+    results = Path(tempfile.mkdtemp(prefix="biomedclip_run"))
+    assert main(["-q", "run", "--model", "biomedclip", "--frac", "1.0", "--results", str(results), "--device", "cpu",
+                 "--set", "bootstrap_resamples=20", *args]) == 0
+    (path,) = results.rglob("*.json")
+    return json.loads(path.read_text())
+
+
+def test_rsna_zero_shot_runs_from_the_cli(rsna_root, aligned, text_dir):
+    record = _run("--checkpoint", str(aligned), "--model-option", f"text_encoder={text_dir}", "--task", "rsna_zs",
+                  "--data-root", str(rsna_root))
     assert 0.0 <= record["metrics"]["auc"] <= 1.0 and record["n"]["test"] > 0
-    assert "logit_scale.exp()" in json.dumps(record)
+    assert record["model"]["procedures"] == BiomedClipAdapter.procedures
+    assert record["model"]["pretraining_data"] == [] and record["model"]["text_encoder"]["path"] == str(text_dir)
+

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from vlpbench.adapters.mgca import (
     MgcaAdapter,
 )
 from vlpbench.adapters.mgca_vit import IMAGE_LOCAL_HEAD_REASON, MgcaVitAdapter
+from vlpbench.adapters.transformer import ViTEncoder, default_out_indices
 from vlpbench.cli import main
 from vlpbench.errors import CheckpointError, ConfigError
 from vlpbench.testing import write_mgca_checkpoint, write_tiny_bert_folder
@@ -113,9 +116,9 @@ def test_published_vit_base_layout_is_accounted_key_by_key(text_dir):
     BertConfig(vocab_size=28996, hidden_size=768, num_hidden_layers=12).save_pretrained(folder)
     checkpoint = {"state_dict": state, "hyper_parameters": {"img_encoder": "vit_base"}, "epoch": 49}
     report = MgcaVitAdapter.map_weights(checkpoint, {"text_encoder": str(folder)})
-    assert report.report.ok and report.report.layout == "mgca-vit-w768-d12-p16-224 (unwrapped 'state_dict')"
+    assert report.report.ok and report.report.layout == "mgca-vit-b16 (unwrapped 'state_dict')"
     mapped = Counter(target.split(".", 1)[0] for _, target in report.report.mapped)
-    assert mapped == {"vit": VIT_B_KEYS, "image_global_embed": N_GLOBAL_HEAD, "text_model": 4 + 16 * 6,
+    assert mapped == {"encoder": VIT_B_KEYS, "image_global_embed": N_GLOBAL_HEAD, "text_model": 4 + 16 * 6,
                       "text_global_embed": N_GLOBAL_HEAD}
 
 
@@ -123,8 +126,8 @@ def test_tiny_checkpoint_loads_with_everything_accounted(adapter, raw):
     report = adapter.report
     assert report.ok and report.layout == f"mgca-vit-w{WIDTH}-d{DEPTH}-p16-{SIZE} (unwrapped 'state_dict')"
     assert len(report.mapped) == N_VIT + N_GLOBAL_HEAD
-    assert report.mapped[0] == ("img_encoder_q.model.cls_token", "vit.cls_token")
-    assert ("img_encoder_q.model.blocks.1.attn.qkv.bias", "vit.blocks.1.attn.qkv.bias") in report.mapped
+    assert report.mapped[0] == ("img_encoder_q.model.cls_token", "encoder.backbone.cls_token")
+    assert ("img_encoder_q.model.blocks.1.attn.qkv.bias", "encoder.backbone.blocks.1.attn.qkv.bias") in report.mapped
     assert report.ignored[WRAPPER_REASON] == LIGHTNING_ENTRIES
     assert len(report.ignored[IMAGE_LOCAL_HEAD_REASON]) == 12
     assert report.ignored[PROTOTYPE_REASON] == ["prototype_layer.weight"]
@@ -132,10 +135,12 @@ def test_tiny_checkpoint_loads_with_everything_accounted(adapter, raw):
     assert all(k.startswith("text_encoder_q.") for k in report.ignored[TEXT_SIDE_REASON])
     accounted = sum(map(len, report.ignored.values())) - len(LIGHTNING_ENTRIES) + len(report.mapped)
     assert accounted == len(raw["state_dict"])
-    assert adapter.capabilities == {"embed_image"} and adapter.image_size == SIZE
+    assert adapter.capabilities == {"features", "embed_image"} and adapter.image_size == SIZE
     assert adapter.mean == adapter.std == (0.5, 0.5, 0.5)
-    assert adapter.describe()["architecture"] == {"width": WIDTH, "depth": DEPTH, "patch_size": 16, "grid": GRID,
-                                                  "mlp_width": 4 * WIDTH}
+    described = adapter.describe()
+    assert described["vit"] == {"patch_size": 16, "embed_dim": WIDTH, "depth": DEPTH, "num_heads": 1, "mlp_ratio": 4.0,
+                                "image_size": SIZE, "norm_eps": 1e-6, "pre_norm": False, "act": "gelu"}
+    assert described["pool"] == "cls: class token after the final LayerNorm"
 
 
 def _mgca_vit_forward(state: dict, images: torch.Tensor) -> torch.Tensor:
@@ -178,10 +183,10 @@ def test_text_side_maps_with_a_text_encoder_folder(text_adapter, raw):
     report = text_adapter.report
     assert report.ok
     assert Counter(target.split(".", 1)[0] for _, target in report.mapped) == {
-        "vit": N_VIT, "image_global_embed": N_GLOBAL_HEAD, "text_model": N_BERT, "text_global_embed": N_GLOBAL_HEAD}
+        "encoder": N_VIT, "image_global_embed": N_GLOBAL_HEAD, "text_model": N_BERT, "text_global_embed": N_GLOBAL_HEAD}
     assert len(report.ignored[CROSS_ATTENTION_REASON]) == 10 * TEXT_LAYERS
     assert report.ignored[POSITION_IDS_REASON] == ["text_encoder_q.model.embeddings.position_ids"]
-    assert text_adapter.capabilities == {"embed_image", "embed_text", "zero_shot"}
+    assert text_adapter.capabilities == {"features", "embed_image", "embed_text", "zero_shot"}
     assert text_adapter.embed_text(["no pleural effusion", "small pneumothorax"]).shape == (2, 128)
 
 
@@ -219,28 +224,63 @@ def test_each_variant_points_to_the_other_adapter(tmp_path, ckpt):
         MgcaAdapter(ckpt)
 
 
-def test_encoder_is_refused_naming_what_is_missing(adapter):
-    assert "features" not in adapter.capabilities
-    with pytest.raises(CapabilityError, match="'mgca_vit' has no multi-scale encoder yet.*feature pyramid"):
-        adapter.encoder()
+def test_encoder_is_the_checkpoint_vit_behind_a_feature_pyramid(adapter, raw):
+    encoder = adapter.encoder()
+    assert isinstance(encoder, ViTEncoder) and encoder.out_channels == (3, 0, WIDTH, WIDTH, WIDTH, WIDTH)
+    for key, value in encoder.backbone.state_dict().items():
+        assert torch.equal(value, raw["state_dict"][f"img_encoder_q.model.{key}"]), key
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        maps = encoder.eval()(images)
+        pooled = encoder.pooled(images)
+        head = adapter._image_head
+        # The linear probe's feature is what MGCA's global head reads: the class token after the final norm.
+        torch.testing.assert_close(nn.functional.normalize(head(pooled), dim=-1), adapter.embed_image(images))
+    assert [tuple(m.shape[1:]) for m in maps] == [(3, 64, 64), (0, 32, 32), (WIDTH, 16, 16), (WIDTH, 8, 8),
+                                                  (WIDTH, 4, 4), (WIDTH, 2, 2)]
+
+
+def test_what_is_not_offered_says_why(adapter):
     with pytest.raises(CapabilityError, match="word embeddings"):
         adapter.dense_embed(_images([0.5]))
-    with pytest.raises(ConfigError, match=r"\(B, 3, 64, 64\)"):
+    with pytest.raises(ConfigError, match=r"\(B, 3, 64, 64\), its pre-training size"):
         adapter.embed_image(torch.zeros(1, 3, 32, 32))
 
 
-def test_rsna_zero_shot_runs_from_the_cli(tmp_path_factory, aligned, text_dir):
+@pytest.fixture(scope="module")
+def rsna_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "rsna"
     api.synth("rsna", root, n=30, size=SIZE, progress=False)
-    results = tmp_path_factory.mktemp("results")
-    code = main(["-q", "run", "--model", "mgca_vit", "--checkpoint", str(aligned), "--model-option",
-                 f"text_encoder={text_dir}", "--task", "rsna_zs", "--frac", "1.0", "--data-root", str(root),
-                 "--results", str(results), "--device", "cpu", "--set", "bootstrap_resamples=20"])
-    assert code == 0
-    (path,) = results.rglob("rsna_zs.v*/*.json")
-    record = json.loads(path.read_text())
+    return root
+
+
+def _run(*args: str) -> dict:
+    """``vlpbench run`` on the CPU with ``args``; the record it wrote."""
+    results = Path(tempfile.mkdtemp(prefix="mgca_vit_run"))
+    assert main(["-q", "run", "--model", "mgca_vit", "--frac", "1.0", "--results", str(results), "--device", "cpu",
+                 "--set", "bootstrap_resamples=20", *args]) == 0
+    (path,) = results.rglob("*.json")
+    return json.loads(path.read_text())
+
+
+def test_rsna_zero_shot_runs_from_the_cli(rsna_root, aligned, text_dir):
+    record = _run("--checkpoint", str(aligned), "--model-option", f"text_encoder={text_dir}", "--task", "rsna_zs",
+                  "--data-root", str(rsna_root))
     model = record["model"]
     assert model["adapter"] == "mgca_vit"
     assert model["layout"] == f"mgca-vit-w{WIDTH}-d{DEPTH}-p16-{SIZE} (unwrapped 'state_dict')"
     assert model["procedures"] == MgcaVitAdapter.procedures and model["text_encoder"]["path"] == str(text_dir)
     assert 0.0 <= record["metrics"]["auc"] <= 1.0 and record["n"]["test"] > 0
+
+
+@pytest.mark.parametrize("task, settings", [
+    ("rsna_cls", ["image_size=64", "resize_size=64", "max_epochs=2", "batch_size=8"]),
+    ("rsna_det", ["image_size=64", "max_epochs=1", "batch_size=8", "neck_width=32", "feature_cache_gb=0"]),
+    ("rsna_seg", ["image_size=64", "max_epochs=1", "batch_size=8", "augment=false", "dice_resolution=input"]),
+])
+def test_dense_and_linear_tasks_run_on_the_vit_encoder(rsna_root, ckpt, task, settings):
+    record = _run("--checkpoint", str(ckpt), "--task", task, "--data-root", str(rsna_root),
+                  *[arg for setting in settings for arg in ("--set", setting)])
+    assert record["task"]["name"] == task and record["n"]["test"] > 0
+    assert record["metrics"][record["primary_metric"]] is not None
+    assert record["model"]["pyramid"] == "feature2pyramid({})".format(",".join(map(str, default_out_indices(DEPTH))))
