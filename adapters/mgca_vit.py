@@ -63,6 +63,7 @@ _RESNET_MESSAGE = (
 )
 _RESNET_KEYS = tuple(IMAGE_ENCODER_PREFIX + k for k in ("conv1.", "layer1."))
 
+
 class MgcaVitAdapter(MgcaAdapter, ViTAdapter):
     """MGCA's ViT-B/16 image encoder and global embeddings from the published Lightning ``vit_base.ckpt``.
 

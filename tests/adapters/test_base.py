@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -303,7 +304,10 @@ def test_registry_helpers():
 def test_listing_adapters_imports_no_torch():
     code = "import sys, vlpbench.adapters as a; print(sorted(a.ADAPTERS.names()), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['clip', 'g2d', 'generic', 'medklip', 'mgca', 'random', 'resnet50'] False"
+    names, torch_imported = out.strip().rsplit(" ", 1)
+    # A subset: every helper branch registers its own adapters in the same module.
+    assert {"clip", "g2d", "generic", "medklip", "mgca", "mgca_vit", "biomedclip", "random", "resnet50"} <= set(
+        ast.literal_eval(names)) and torch_imported == "False"
 
 
 # --- Lightning checkpoints and unwrapping -------------------------------------------------------------
