@@ -43,6 +43,8 @@ ADAPTERS.register("mflag", "vlpbench.adapters.mflag:MFlagAdapter")
 ADAPTERS.register("prior", "vlpbench.adapters.prior:PriorAdapter")
 ADAPTERS.register("gloria", "vlpbench.adapters.gloria:GloriaAdapter")
 ADAPTERS.register("biovil", "vlpbench.adapters.biovil:BioVilAdapter")
+ADAPTERS.register("mgca_vit", "vlpbench.adapters.mgca_vit:MgcaVitAdapter")
+ADAPTERS.register("biomedclip", "vlpbench.adapters.biomedclip:BiomedClipAdapter")
 ADAPTERS.register("mrm", "vlpbench.adapters.mrm:MrmAdapter")
 ADAPTERS.register("refers", "vlpbench.adapters.refers:RefersAdapter")
 

@@ -20,8 +20,9 @@ Inside ``state_dict`` (``mgca/models/mgca/mgca_module.py``, ``mgca/models/backbo
 - ``patch_local_atten_layer.*``, ``word_local_atten_layer.*``: token-level cross-attention.
 - ``prototype_layer.*``: the disease prototypes.
 
-The ViT-B/16 variant is refused. :func:`vlpbench.testing.write_mgca_checkpoint` writes random-init files in
-this exact layout.
+The ViT-B/16 variant (``vit_base.ckpt``) loads with adapter ``mgca_vit`` (``mgca_vit.py``), which shares this
+module's heads and text side. :func:`vlpbench.testing.write_mgca_checkpoint` writes random-init files in this
+exact layout.
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ PROTOTYPE_REASON = (
     "in pre-training; image-only protocols do not use them"
 )
 _IGNORED_PARTS = (
-    (("img_encoder_q.local_embed.",), IMAGE_LOCAL_HEAD_REASON),
     (("patch_local_atten_layer.", "word_local_atten_layer."), TOKEN_ATTENTION_REASON),
     (("prototype_layer.",), PROTOTYPE_REASON),
 )
@@ -89,8 +89,8 @@ _IGNORED_PARTS = (
 _VIT_PARTS = ("patch_embed.", "blocks.", "cls_token", "pos_embed")
 
 _VIT_MESSAGE = (
-    "this is MGCA's ViT-B/16 variant (vit_base.ckpt; {found}); only the ResNet-50 variant (resnet_50.ckpt, "
-    "hyper_parameters.img_encoder == 'resnet_50') is supported yet"
+    "this is MGCA's ViT-B/16 variant (vit_base.ckpt; {found}); adapter 'mgca' loads the ResNet-50 variant "
+    "(resnet_50.ckpt): load this file with --model mgca_vit"
 )
 # med.BertEmbeddings has no token-type embeddings; BertModel's are set to zero so they add nothing.
 _TOKEN_TYPES = "embeddings.token_type_embeddings.weight"
@@ -119,7 +119,7 @@ class MgcaAdapter(Adapter):
         repository="github.com/HKU-MedAI/MGCA (mgca/models/mgca/mgca_module.py, mgca/models/backbones/encoder.py)",
         checkpoints=("resnet_50.ckpt — Google Drive link in the repository's README",),
         pretraining_data=("mimic_cxr",),
-        notes=("vit_base.ckpt (the ViT-B/16 variant) is refused by this adapter",),
+        notes=("vit_base.ckpt (the ViT-B/16 variant) loads with adapter mgca_vit",),
     )
     description = ("MGCA (NeurIPS 2022) ResNet-50: the published Lightning resnet_50.ckpt; 128-d global "
                    "embeddings, text side with text_encoder=DIR")
@@ -154,7 +154,8 @@ class MgcaAdapter(Adapter):
         # The random init of the modules below is overwritten at once; keep it off the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
             if "image_head" in extra:
-                self._image_head = loaded_eval(global_embedding(2048), extra["image_head"])
+                width = extra["image_head"]["0.weight"].shape[1]  # 2048 (ResNet-50), 768 (ViT-B/16)
+                self._image_head = loaded_eval(global_embedding(width), extra["image_head"])
             else:
                 lacking.add(EMBED_IMAGE)
             if "text_model" in extra:
@@ -190,22 +191,8 @@ class MgcaAdapter(Adapter):
                for k in state):
             raise CheckpointError(_VIT_MESSAGE.format(found=f"keys {IMAGE_ENCODER_PREFIX}patch_embed.* / blocks.*"))
 
-        for prefixes, reason in _IGNORED_PARTS:
-            part, state = split_prefix(state, *prefixes)
-            report.ignore(reason, [prefix + k for k in part])
-        extra: dict[str, Any] = {}
-        text_side, state = split_prefix(state, TEXT_PREFIX)
-        if options["text_encoder"]:
-            extra.update(_map_text_side(text_side, options["text_encoder"], report, prefix))
-        else:
-            report.ignore(TEXT_SIDE_REASON, [prefix + k for k in text_side])
-        image_head, state = split_prefix(state, IMAGE_GLOBAL_PREFIX)
-        if image_head:
-            with torch.device("meta"):  # shapes only: no init, no draw from the global RNG
-                expected = _shapes(global_embedding(2048))
-            extra["image_head"] = match_keys(_strip(image_head, IMAGE_GLOBAL_PREFIX), expected, report,
-                                             source_prefix=prefix + IMAGE_GLOBAL_PREFIX,
-                                             target_prefix="image_global_embed.")
+        state, extra = map_heads_and_text(state, options, report, prefix, image_width=2048,
+                                          local_head_reason=IMAGE_LOCAL_HEAD_REASON)
         image, rest = split_prefix(state, IMAGE_ENCODER_PREFIX)
         report.unexpected += [f"{prefix}{k}" for k in rest]
         encoder = match_resnet50_encoder(_strip(image, IMAGE_ENCODER_PREFIX), report,
@@ -265,18 +252,53 @@ class MgcaAdapter(Adapter):
         return nn.functional.normalize(self._text_head(hidden[:, 0]), dim=-1)
 
 
-def _refuse_vit(checkpoint: Any) -> None:
-    """Raise ``CheckpointError`` when the checkpoint's hyper-parameters name the ViT image encoder."""
+def image_encoder_hparam(checkpoint: Any) -> Any:
+    """The ``img_encoder`` hyper-parameter of a Lightning checkpoint (``"resnet_50"``, ``"vit_base"``), or None."""
     if not isinstance(checkpoint, Mapping):
-        return
+        return None
     hparams = checkpoint.get("hyper_parameters")
     # Lightning's AttributeDict loads as a dict, an argparse.Namespace as a SimpleNamespace.
-    encoder = hparams.get("img_encoder") if isinstance(hparams, Mapping) else getattr(hparams, "img_encoder", None)
-    if encoder == "vit_base":
+    return hparams.get("img_encoder") if isinstance(hparams, Mapping) else getattr(hparams, "img_encoder", None)
+
+
+def _refuse_vit(checkpoint: Any) -> None:
+    """Raise ``CheckpointError`` when the checkpoint's hyper-parameters name the ViT image encoder."""
+    if image_encoder_hparam(checkpoint) == "vit_base":
         raise CheckpointError(_VIT_MESSAGE.format(found="hyper_parameters.img_encoder == 'vit_base'"))
 
 
-def _map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: LoadReport, prefix: str) -> dict[str, Any]:
+def map_heads_and_text(state: Mapping[str, Any], options: Mapping[str, Any], report: LoadReport, prefix: str, *,
+                       image_width: int, local_head_reason: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Account every part of an MGCA state dict except the image encoder; shared by both image encoders.
+
+    Ignored, with their reasons: the local image head (``local_head_reason``), the token-level attention and
+    the prototypes. The text side is mapped with option ``text_encoder`` (:func:`map_text_side`), else ignored.
+    The global image head (``GlobalEmbedding`` over ``image_width`` features, encoder.py:17-33) is optional:
+    once one of its keys is present, all are required. Returns the rest of ``state`` (the image encoder's
+    keys, and anything unexpected) and the mapped tensors by part (``image_head``, ``text_model`` ...).
+    """
+    local_head, state = split_prefix(state, "img_encoder_q.local_embed.")
+    report.ignore(local_head_reason, [prefix + k for k in local_head])
+    for prefixes, reason in _IGNORED_PARTS:
+        part, state = split_prefix(state, *prefixes)
+        report.ignore(reason, [prefix + k for k in part])
+    extra: dict[str, Any] = {}
+    text_side, state = split_prefix(state, TEXT_PREFIX)
+    if options["text_encoder"]:
+        extra.update(map_text_side(text_side, options["text_encoder"], report, prefix))
+    else:
+        report.ignore(TEXT_SIDE_REASON, [prefix + k for k in text_side])
+    image_head, state = split_prefix(state, IMAGE_GLOBAL_PREFIX)
+    if image_head:
+        with torch.device("meta"):  # shapes only: no init, no draw from the global RNG
+            expected = _shapes(global_embedding(image_width))
+        extra["image_head"] = match_keys(_strip(image_head, IMAGE_GLOBAL_PREFIX), expected, report,
+                                         source_prefix=prefix + IMAGE_GLOBAL_PREFIX,
+                                         target_prefix="image_global_embed.")
+    return state, extra
+
+
+def map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: LoadReport, prefix: str) -> dict[str, Any]:
     """Account ``text_encoder_q.*`` against a ``BertModel`` (config from ``text_encoder``) and the report head.
 
     The layer count is read from the checkpoint (MGCA's bert_config.json sets 6, Bio_ClinicalBERT's config 12);

@@ -19,7 +19,9 @@ def test_every_pretrained_family_has_a_card_naming_known_datasets(name):
     card = get_adapter(name).card
     assert isinstance(card, ModelCard)
     assert card.paper and card.repository and card.checkpoints
-    assert card.pretraining_data and set(card.pretraining_data) <= set(DATASETS.names())
+    assert set(card.pretraining_data) <= set(DATASETS.names())
+    # A family pre-trained on no vlpbench dataset (BiomedCLIP: PMC-15M) names its data in the notes instead.
+    assert card.pretraining_data or card.notes
 
 
 def test_models_verbose_prints_the_card_and_the_input_contract(capsys):

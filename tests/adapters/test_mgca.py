@@ -273,5 +273,5 @@ def test_vit_variant_is_refused(tmp_path, marked_by):
     hparams = {"img_encoder": "vit_base" if marked_by == "hyper_parameters" else "unknown"}
     path = _save({"state_dict": state, "hyper_parameters": hparams, "epoch": 49}, tmp_path / "vit_base.ckpt")
     for call in (lambda: MgcaAdapter(path), lambda: MgcaAdapter.inspect(path)):
-        with pytest.raises(CheckpointError, match="ViT-B/16 variant.*only the ResNet-50 variant"):
+        with pytest.raises(CheckpointError, match="ViT-B/16 variant.*--model mgca_vit"):
             call()
