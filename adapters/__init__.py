@@ -38,6 +38,7 @@ ADAPTERS.register("mgca", "vlpbench.adapters.mgca:MgcaAdapter")
 ADAPTERS.register("generic", "vlpbench.adapters.generic:GenericAdapter")
 ADAPTERS.register("clip", "vlpbench.adapters.clip:ClipAdapter")
 ADAPTERS.register("medklip", "vlpbench.adapters.medklip:MedKLIPAdapter")
+ADAPTERS.register("kad", "vlpbench.adapters.kad:KADAdapter")
 
 
 class PluginError(VlpbenchError):
