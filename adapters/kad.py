@@ -24,8 +24,7 @@ and ``epoch``. The modules (``A3_CLIP/models/clip_tqn.py``) and their keys:
   It is mapped when option ``text_encoder`` names a local BERT folder (config and tokenizer), which enables
   ``zero_shot_scores`` and ``grounding_maps``; otherwise it is ignored.
 
-:func:`vlpbench.adapters.kad.query_network_shapes` etc. give the expected key lists; tests build checkpoints
-from KAD's module structure with torchvision and torch modules.
+``image_encoder_shapes`` and ``query_network_shapes`` give the expected keys and shapes of the first two.
 """
 
 from __future__ import annotations
@@ -43,11 +42,13 @@ from vlpbench.adapters.base import (
     LoadReport,
     ModelCard,
     Weights,
+    check_zero_shot_arguments,
     encoder_shapes,
     loaded_eval,
     match_keys,
-    check_zero_shot_arguments,
 )
+# MedKLIP's decoder layer is KAD's too (both from DETR's pre-norm TransformerDecoderLayer, same key names):
+# KAD's forward_pre, transformer_decoder.py:101-124, is MedKLIP's with another width.
 from vlpbench.adapters.medklip import QueryDecoderLayer
 from vlpbench.adapters.text import bert_config, build_bert, match_bert, text_encoder_record
 from vlpbench.errors import CheckpointError, ConfigError
@@ -211,7 +212,8 @@ class KADAdapter(Adapter):
                 self._bert = build_bert(extra["text_config"], extra["bert"], pooler=True)
                 self._mlp_embed = loaded_eval(text_projection(), extra["mlp_embed"])
                 self._tokenizer = _lower_case_tokenizer(self.options["text_encoder"])
-        self._text_encoder_record = text_encoder_record(self.options["text_encoder"]) if self._bert else None
+        self._text_encoder_record = (text_encoder_record(self.options["text_encoder"])
+                                     if self._bert is not None else None)
         if self._bert is None:
             self.capabilities = self.capabilities - self.native_capabilities
         self._image_encoder: nn.Module | None = None

@@ -7,6 +7,7 @@ from the adapter's own modules, and saved as A3_CLIP/main.py:206-216 saves them.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -385,9 +386,9 @@ def _align(image_encoder, model, text_encoder):
 
 
 @pytest.fixture(scope="module")
-def aligned(bert_dir, tmp_path_factory):
+def aligned(models, tmp_path_factory):
     """A KAD-512-structured checkpoint whose zero-shot score rises with image brightness (config img_res 64)."""
-    parts = _align(*_kad("ModelRes512", bert_dir, seed=5))
+    parts = _align(*copy.deepcopy(models["ModelRes512"]))
     return _save(tmp_path_factory.mktemp("aligned") / "best_valid.pt", *parts, img_res=64)
 
 
