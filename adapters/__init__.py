@@ -47,6 +47,7 @@ ADAPTERS.register("mgca_vit", "vlpbench.adapters.mgca_vit:MgcaVitAdapter")
 ADAPTERS.register("biomedclip", "vlpbench.adapters.biomedclip:BiomedClipAdapter")
 ADAPTERS.register("mrm", "vlpbench.adapters.mrm:MrmAdapter")
 ADAPTERS.register("refers", "vlpbench.adapters.refers:RefersAdapter")
+ADAPTERS.register("kad", "vlpbench.adapters.kad:KADAdapter")
 
 
 class PluginError(VlpbenchError):
