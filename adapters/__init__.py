@@ -38,6 +38,8 @@ ADAPTERS.register("mgca", "vlpbench.adapters.mgca:MgcaAdapter")
 ADAPTERS.register("generic", "vlpbench.adapters.generic:GenericAdapter")
 ADAPTERS.register("clip", "vlpbench.adapters.clip:ClipAdapter")
 ADAPTERS.register("medklip", "vlpbench.adapters.medklip:MedKLIPAdapter")
+ADAPTERS.register("medclip", "vlpbench.adapters.medclip:MedCLIPAdapter")
+ADAPTERS.register("cxrclip", "vlpbench.adapters.cxrclip:CXRClipAdapter")
 
 
 class PluginError(VlpbenchError):
