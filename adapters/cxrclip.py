@@ -92,6 +92,7 @@ class CXRClipAdapter(Adapter):
         pretraining_data=("mimic_cxr", "chexpert", "cxr14"),
         notes=("the union over variants: m = MIMIC-CXR; mc = + CheXpert; mcc = + CheXpert + ChestX-ray14. A file "
                "whose config names its training datasets narrows the loaded instance's card to them",
+               "input: ImageNet mean/std for the ResNet-50, 0.5/0.5 for the Swin-T (set per loaded file)",
                "Swin-T: HF SwinModel run through timm's Swin in vlpbench; identical outputs at 224 px"),
     )
     description = ("CXR-CLIP (MICCAI 2023) ResNet-50 or Swin-T: the published r50_*/swint_*.tar; 512-d "

@@ -303,7 +303,7 @@ def test_registry_helpers():
 def test_listing_adapters_imports_no_torch():
     code = "import sys, vlpbench.adapters as a; print(sorted(a.ADAPTERS.names()), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['clip', 'g2d', 'generic', 'medklip', 'mgca', 'random', 'resnet50'] False"
+    assert out.strip() == "['clip', 'cxrclip', 'g2d', 'generic', 'medclip', 'medklip', 'mgca', 'random', 'resnet50'] False"
 
 
 # --- Lightning checkpoints and unwrapping -------------------------------------------------------------
