@@ -48,6 +48,8 @@ ADAPTERS.register("biomedclip", "vlpbench.adapters.biomedclip:BiomedClipAdapter"
 ADAPTERS.register("mrm", "vlpbench.adapters.mrm:MrmAdapter")
 ADAPTERS.register("refers", "vlpbench.adapters.refers:RefersAdapter")
 ADAPTERS.register("kad", "vlpbench.adapters.kad:KADAdapter")
+ADAPTERS.register("medclip", "vlpbench.adapters.medclip:MedCLIPAdapter")
+ADAPTERS.register("cxrclip", "vlpbench.adapters.cxrclip:CXRClipAdapter")
 
 
 class PluginError(VlpbenchError):
