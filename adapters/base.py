@@ -537,6 +537,9 @@ class Adapter(abc.ABC):
     # How this family computes what a protocol asks of it, by capability (``"zero_shot"``, ``"grounding"``,
     # ``"linear"``), each naming its source line: goes into every record, so a number says how it was made.
     procedures: ClassVar[Mapping[str, str]] = {}
+    # ``vlpbench.adapters.text.text_encoder_record`` of the text-encoder folder an instance read, if any: it
+    # goes into ``describe()`` so a record names the files (and their sha256) its text side came from.
+    _text_encoder_record: dict[str, Any] | None = None
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         """Load ``checkpoint`` strictly.
@@ -632,6 +635,7 @@ class Adapter(abc.ABC):
             "layout": self.report.layout,
             "options": dict(self.options),
             "load_report": self.report.summary(),
+            **({"text_encoder": self._text_encoder_record} if self._text_encoder_record is not None else {}),
         }
 
     # --- embedding capabilities ------------------------------------------------------------------------

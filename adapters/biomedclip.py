@@ -191,12 +191,8 @@ class BiomedClipAdapter(ViTAdapter):
         return Weights(report, encoder, extra=extra)
 
     def describe(self) -> dict[str, Any]:
-        """``ViTAdapter.describe`` plus the context length and, with ``text_encoder``, the folder's files and
-        sha256."""
-        record = {**super().describe(), "context_length": self.context_length}
-        if self._text_encoder_record is not None:
-            record["text_encoder"] = self._text_encoder_record
-        return record
+        """``ViTAdapter.describe`` plus the context length."""
+        return {**super().describe(), "context_length": self.context_length}
 
     # --- embeddings (open_clip model.py CustomTextCLIP.encode_image / encode_text, normalize=True) ----------
 

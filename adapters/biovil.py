@@ -339,13 +339,10 @@ class BioVilAdapter(Adapter):
         return Weights(report, encoder, extra=extra)
 
     def describe(self) -> dict[str, Any]:
-        """``Adapter.describe`` plus the variant, input size and, with ``text_encoder``, the folder's files and
-        their sha256 (config, tokenizer and the weights file read)."""
+        """``Adapter.describe`` plus the variant and input size."""
         record = super().describe()
         record["variant"] = self.variant
         record["image_size"] = self.image_size
-        if self._text_encoder_record is not None:
-            record["text_encoder"] = self._text_encoder_record
         return record
 
     # --- embeddings (hi-ml image/model/model.py:77-115, text/model/modelling_cxrbert.py:122-146) -----------

@@ -164,13 +164,6 @@ class ConVIRTAdapter(Adapter):
         encoder = _match_image_encoder(strip(image, IMAGE_PREFIX), report, prefix + IMAGE_PREFIX)
         return Weights(report, encoder, extra=extra)
 
-    def describe(self) -> dict[str, Any]:
-        """``Adapter.describe`` plus, with ``text_encoder``, the folder and the sha256 of the files read from it."""
-        record = super().describe()
-        if self._text_encoder_record is not None:
-            record["text_encoder"] = self._text_encoder_record
-        return record
-
     @torch.no_grad()
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         """768-d image embeddings: ``vis_proj`` over the average-pooled layer4 feature, L2-normalised."""

@@ -192,12 +192,10 @@ class CXRClipAdapter(Adapter):
         return build_swin_encoder(self.encoder_name, self._encoder_state, self.arch.timm_kwargs())
 
     def describe(self) -> dict[str, Any]:
-        """``Adapter.describe`` plus the variant (from keys and config), the Swin shape and the text folder."""
+        """``Adapter.describe`` plus the variant (from keys and config), and the Swin shape."""
         record = {**super().describe(), "variant": dict(self.variant)}
         if self.arch is not None:
             record["swin"] = self.arch.describe()
-        if self._text_encoder_record is not None:
-            record["text_encoder"] = self._text_encoder_record
         return record
 
     @torch.no_grad()

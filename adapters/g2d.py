@@ -178,13 +178,6 @@ class G2DAdapter(Adapter):
         encoder, decoder = _map_unet(image_side, report, prefix="img_model.")
         return Weights(report, encoder, decoder, extra)
 
-    def describe(self) -> dict[str, Any]:
-        """``Adapter.describe`` plus, with ``text_encoder``, the folder and the sha256 of the files read from it."""
-        record = super().describe()
-        if self._text_encoder_record is not None:
-            record["text_encoder"] = self._text_encoder_record
-        return record
-
     # --- embeddings (G2D PRETRAIN/models/cnn_ae.py: get_img_emb, get_text_emb) ------------------------
 
     @torch.no_grad()

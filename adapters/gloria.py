@@ -223,13 +223,6 @@ class GloriaAdapter(Adapter):
         report.unexpected += [f"{prefix}{k}" for k in rest]
         return Weights(report, encoder, extra=extra)
 
-    def describe(self) -> dict[str, Any]:
-        """``Adapter.describe`` plus, with ``text_encoder``, the folder and the sha256 of the files read from it."""
-        record = super().describe()
-        if self._text_encoder_record is not None:
-            record["text_encoder"] = self._text_encoder_record
-        return record
-
     # --- image side (models/vision_model.py: resnet_forward, generate_embeddings) -------------------------
 
     @torch.no_grad()

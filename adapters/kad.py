@@ -262,13 +262,10 @@ class KADAdapter(Adapter):
         return module
 
     def describe(self) -> dict[str, Any]:
-        """``Adapter.describe`` plus the image encoder variant, depth, stage note, input size and text folder."""
-        record = {**super().describe(), "variant": self.variant, "encoder_depth": self.encoder_depth,
-                  "stage_note": self.stage_note, "image_size": self.image_size,
-                  "image_size_source": self.image_size_source}
-        if self._text_encoder_record is not None:
-            record["text_encoder"] = self._text_encoder_record
-        return record
+        """``Adapter.describe`` plus the image encoder variant, depth, stage note and input size."""
+        return {**super().describe(), "variant": self.variant, "encoder_depth": self.encoder_depth,
+                "stage_note": self.stage_note, "image_size": self.image_size,
+                "image_size_source": self.image_size_source}
 
     @classmethod
     def _resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -187,12 +187,10 @@ class MedCLIPAdapter(Adapter):
         return build_swin_encoder(self.encoder_name, self._encoder_state, self.arch.timm_kwargs())
 
     def describe(self) -> dict[str, Any]:
-        """``Adapter.describe`` plus the variant, the Swin shape and, with ``text_encoder``, the folder's record."""
+        """``Adapter.describe`` plus the variant and the Swin shape."""
         record = {**super().describe(), "variant": "resnet50" if self.arch is None else "swin"}
         if self.arch is not None:
             record["swin"] = self.arch.describe()
-        if self._text_encoder_record is not None:
-            record["text_encoder"] = self._text_encoder_record
         return record
 
     @torch.no_grad()

@@ -166,13 +166,6 @@ class MFlagAdapter(Adapter):
         encoder = match_resnet50_encoder(strip(image, ENCODER_PREFIX), report, source_prefix=ENCODER_PREFIX)
         return Weights(report, encoder, extra=extra)
 
-    def describe(self) -> dict[str, Any]:
-        """``Adapter.describe`` plus, with ``text_encoder``, the folder and the sha256 of the files read from it."""
-        record = super().describe()
-        if self._text_encoder_record is not None:
-            record["text_encoder"] = self._text_encoder_record
-        return record
-
     @torch.no_grad()
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         """1024-d image embeddings: ``proj_v`` over the average-pooled layer4 feature, L2-normalised.

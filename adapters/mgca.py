@@ -199,13 +199,6 @@ class MgcaAdapter(Adapter):
                                          source_prefix=prefix + IMAGE_ENCODER_PREFIX)
         return Weights(report, encoder, extra=extra)
 
-    def describe(self) -> dict[str, Any]:
-        """``Adapter.describe`` plus, with ``text_encoder``, the folder and the sha256 of the files read from it."""
-        record = super().describe()
-        if self._text_encoder_record is not None:
-            record["text_encoder"] = self._text_encoder_record
-        return record
-
     # --- embeddings (mgca/models/mgca/mgca_module.py: forward; backbones/encoder.py) ---------------------
 
     @torch.no_grad()

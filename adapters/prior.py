@@ -272,11 +272,9 @@ class PriorAdapter(Adapter):
         return GreyInputEncoder(module)
 
     def describe(self) -> dict[str, Any]:
-        """``Adapter.describe`` plus what the network receives and, with ``text_encoder``, the folder's record."""
+        """``Adapter.describe`` plus what the network receives."""
         record = super().describe()
         record["input_conversion"] = CONVERSION
-        if self._text_encoder_record is not None:
-            record["text_encoder"] = self._text_encoder_record
         return record
 
     @torch.no_grad()
