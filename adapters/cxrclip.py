@@ -35,8 +35,6 @@ from torch import nn
 from vlpbench.adapters.base import (
     EMBED_IMAGE,
     EMBED_TEXT,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Adapter,
     LoadReport,
     ModelCard,
