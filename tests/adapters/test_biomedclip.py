@@ -23,7 +23,7 @@ from vlpbench.adapters.transformer import ViTEncoder
 from vlpbench.cli import main
 from vlpbench.errors import CheckpointError, ConfigError
 from vlpbench.testing import write_tiny_bert_folder
-from vlpbench.testing_vit import biomedclip_model, write_biomedclip_folder
+from vlpbench.testing.vit import biomedclip_model, write_biomedclip_folder
 
 # timm's smallest ViT with 64-wide heads (192 wide, 3 heads, 12 blocks, 16-pixel patches, 224²) stands in for
 # vit_base_patch16_224; a 2-layer, 32-wide BERT for PubMedBERT.

@@ -22,7 +22,7 @@ from vlpbench.adapters.base import WRAPPER_REASON
 from vlpbench.adapters.convirt import TEXT_SIDE_REASON
 from vlpbench.errors import CheckpointError
 from vlpbench.testing import write_tiny_bert_folder
-from vlpbench.testing_aligned import separating, set_sign_head
+from vlpbench.testing.aligned import separating, set_sign_head
 
 # ConVIRT.py:62-71 with convirt.yml:16-21: 2048 → 768 → 768.
 PROJECTION = 768

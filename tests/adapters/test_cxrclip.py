@@ -18,7 +18,7 @@ from vlpbench.adapters.cxrclip import (
 )
 from vlpbench.errors import CheckpointError
 from vlpbench.testing import write_tiny_bert_folder
-from vlpbench.testing_hf import cxrclip_checkpoint, cxrclip_resnet, hf_swin_model, renamed, tiny_bert, \
+from vlpbench.testing.hf import cxrclip_checkpoint, cxrclip_resnet, hf_swin_model, renamed, tiny_bert, \
     tiny_swin_config
 
 # kakaobrain/cxr-clip cxrclip/model/modules/image_encoder.py:52-58: torchvision ResNet-50 without fc (318 keys).

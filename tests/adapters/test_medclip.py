@@ -12,7 +12,7 @@ from vlpbench.adapters.medclip import TEXT_SIDE_REASON, MedCLIPAdapter
 from vlpbench.adapters.swin import POSITION_INDEX_REASON
 from vlpbench.errors import CheckpointError
 from vlpbench.testing import write_tiny_bert_folder
-from vlpbench.testing_hf import hf_swin_model, medclip_resnet, medclip_state, renamed, tiny_bert, \
+from vlpbench.testing.hf import hf_swin_model, medclip_resnet, medclip_state, renamed, tiny_bert, \
     tiny_swin_config
 
 # RyanWangZf/MedCLIP medclip/modeling_medclip.py:51-53: torchvision ResNet-50 (318 keys without fc) + fc.weight.

@@ -18,7 +18,7 @@ from vlpbench.adapters import build_adapter
 from vlpbench.adapters.mflag import TEXT_SIDE_REASON
 from vlpbench.errors import CheckpointError, ConfigError
 from vlpbench.testing import write_tiny_bert_folder
-from vlpbench.testing_aligned import separating, set_sign_head
+from vlpbench.testing.aligned import separating, set_sign_head
 
 N_ENCODER = 318  # torchvision ResNet-50 state dict (320) without fc.weight / fc.bias
 # Linear (2) + BatchNorm (5) + Linear (2) + BatchNorm without affine (3), utils_builder.py:24-36.

@@ -29,7 +29,7 @@ from vlpbench.adapters.transformer import ViTEncoder, default_out_indices
 from vlpbench.cli import main
 from vlpbench.errors import CheckpointError, ConfigError
 from vlpbench.testing import write_mgca_checkpoint, write_tiny_bert_folder
-from vlpbench.testing_vit import mgca_vit_state, write_mgca_vit_checkpoint
+from vlpbench.testing.vit import mgca_vit_state, write_mgca_vit_checkpoint
 
 # A ViT of MGCA's structure shrunk to one 64-wide head, 2 blocks, a 4×4 grid of 16-pixel patches (64² input).
 WIDTH, DEPTH, GRID, SIZE = 64, 2, 4, 64

@@ -29,7 +29,7 @@ from vlpbench.adapters.single_channel import GreyInputEncoder
 from vlpbench.cli import main
 from vlpbench.errors import CheckpointError
 from vlpbench.testing import write_tiny_bert_folder
-from vlpbench.testing_aligned import separating
+from vlpbench.testing.aligned import separating
 
 EMBED = 768  # configs/pretrain_model/prior.yaml: embed_dim
 N_ENCODER = 318

@@ -16,7 +16,7 @@ from vlpbench.adapters.base import LoadReport
 from vlpbench.adapters.generic import GenericAdapter
 from vlpbench.cli import main
 from vlpbench.testing import write_tiny_bert_folder
-from vlpbench.testing_hf import cxrclip_checkpoint, hf_swin_model, swin_v4_state, tiny_bert, tiny_swin_config
+from vlpbench.testing.hf import cxrclip_checkpoint, hf_swin_model, swin_v4_state, tiny_bert, tiny_swin_config
 
 # transformers 4.x SwinModel of microsoft/swin-tiny-patch4-window7-224 (SwinConfig() defaults): 4 embedding
 # keys, 17 weights in each of 12 blocks, 3 per patch merging (3 of them), the final layernorm: 219 weights,

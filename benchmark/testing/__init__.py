@@ -3,7 +3,9 @@
 Each writer draws random weights under a seed in a forked RNG (the caller's RNG is untouched, and one seed
 always gives the same file) and saves them in the exact container, key names and shapes that the model's
 authors publish, so an adapter loads them as it loads the real file. Text encoders can be shrunk to keep
-test files small.
+test files small. This module holds the CNN families; ``vlpbench.testing.vit`` the ViT families (MGCA-ViT,
+BiomedCLIP), ``vlpbench.testing.hf`` MedCLIP and CXR-CLIP (built from torchvision and transformers modules),
+and ``vlpbench.testing.aligned`` hand-set heads under which a zero-shot score must beat chance.
 """
 
 from __future__ import annotations
