@@ -58,6 +58,7 @@ from vlpbench.adapters.base import (
     split_prefix,
     unwrap_state_dict,
 )
+from vlpbench.adapters.parts import strip
 from vlpbench.adapters.text import TEXT_ENCODER_FILES, bert_config, build_bert, match_bert, text_encoder_record
 from vlpbench.errors import CheckpointError, ConfigError
 
@@ -311,9 +312,9 @@ class BioVilAdapter(Adapter):
 
         resnet, rest = split_prefix(state, ENCODER_PREFIX)
         fc, resnet = split_prefix(resnet, ENCODER_PREFIX + "fc.")
-        _account_unused(_strip(fc, ENCODER_PREFIX), {"fc.weight": (1000, RESNET_WIDTH), "fc.bias": (1000,)},
+        _account_unused(strip(fc, ENCODER_PREFIX), {"fc.weight": (1000, RESNET_WIDTH), "fc.bias": (1000,)},
                         report, FC_REASON, prefix + ENCODER_PREFIX)
-        encoder = match_resnet50_encoder(_strip(resnet, ENCODER_PREFIX), report, source_prefix=prefix + ENCODER_PREFIX)
+        encoder = match_resnet50_encoder(strip(resnet, ENCODER_PREFIX), report, source_prefix=prefix + ENCODER_PREFIX)
 
         temporal = variant == BIOVIL_T
         with torch.device("meta"):  # shapes only: no init, no draw from the global RNG
@@ -322,14 +323,14 @@ class BioVilAdapter(Adapter):
         head, rest = split_prefix(rest, PROJECTOR_PREFIX)
         # ProjectedPatches names the checkpoint's projector.model.<i> projector.<i> and encoder.<part> <part>.
         patches = {f"projector.{k}": v for k, v in match_keys(
-            _strip(head, PROJECTOR_PREFIX), _strip(projector_shapes, "projector."), report,
+            strip(head, PROJECTOR_PREFIX), strip(projector_shapes, "projector."), report,
             source_prefix=prefix + PROJECTOR_PREFIX, target_prefix="projector.").items()}
         if temporal:
             parts, rest = split_prefix(rest, *TEMPORAL_KEYS)
-            patches |= match_keys(_strip(parts, "encoder."), temporal_shapes, report,
+            patches |= match_keys(strip(parts, "encoder."), temporal_shapes, report,
                                   source_prefix=prefix + "encoder.")
             pooler, rest = split_prefix(rest, POOLER_PREFIX)
-            _account_unused(_strip(pooler, POOLER_PREFIX), pooler_shapes(), report, POOLER_REASON,
+            _account_unused(strip(pooler, POOLER_PREFIX), pooler_shapes(), report, POOLER_REASON,
                             prefix + POOLER_PREFIX)
         report.unexpected += [f"{prefix}{k}" for k in rest]
 
@@ -437,11 +438,6 @@ def _account_unused(part: Mapping[str, Any], expected: Mapping[str, tuple[int, .
     report.ignore(reason, [key for key, _ in scratch.mapped])
 
 
-def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """``state``'s keys with ``prefix`` removed (every key starts with it)."""
-    return {k[len(prefix):]: v for k, v in state.items()}
-
-
 def _text_weights_file(folder: Path) -> Path:
     """The CXR-BERT weights file in ``folder``: ``model.safetensors`` or ``pytorch_model.bin``.
 
@@ -484,9 +480,9 @@ def _map_text_side(folder: Path, report: LoadReport) -> dict[str, Any]:
     with torch.device("meta"):
         head_shapes = {k: tuple(v.shape) for k, v in CxrBertProjection(config.hidden_size, JOINT).state_dict().items()}
     return {
-        "text_model": match_bert(_strip(bert, "bert."), report, config, source_prefix=source + "bert.",
+        "text_model": match_bert(strip(bert, "bert."), report, config, source_prefix=source + "bert.",
                                  target_prefix="text.bert.", pooler=False),
-        "text_head": match_keys(_strip(head, "cls_projection_head."), head_shapes, report,
+        "text_head": match_keys(strip(head, "cls_projection_head."), head_shapes, report,
                                 source_prefix=source + "cls_projection_head.",
                                 target_prefix="text.cls_projection_head."),
         "text_config": config,

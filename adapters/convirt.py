@@ -45,14 +45,7 @@ from vlpbench.adapters.base import (
     unwrap_state_dict,
 )
 from vlpbench.adapters.parts import match_head, strip
-from vlpbench.adapters.text import (
-    TEXT_ENCODER_HINT,
-    bert_config,
-    build_bert,
-    load_tokenizer,
-    match_bert,
-    text_encoder_record,
-)
+from vlpbench.adapters.text import TEXT_ENCODER_HINT, bert_config, build_bert, match_bert, open_text_folder
 
 IMAGE_PREFIX = "visual.model."
 VIS_PROJ, LIN_PROJ = "vis_proj.", "lin_proj."
@@ -129,8 +122,7 @@ class ConVIRTAdapter(Adapter):
                 config = extra["text_config"]
                 self._bert = build_bert(config, extra["text_model"], pooler=True)
                 self._lin_proj = loaded_eval(projection(config.hidden_size), extra["lin_proj"])
-                self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
-                self._text_encoder_record = text_encoder_record(self.options["text_encoder"])
+                self._tokenizer, self._text_encoder_record = open_text_folder(self.options["text_encoder"], self.name)
             else:
                 self.capabilities = self.capabilities - {EMBED_TEXT}
         self._image_encoder: nn.Module | None = None

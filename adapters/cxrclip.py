@@ -44,15 +44,9 @@ from vlpbench.adapters.base import (
     split_prefix,
     unwrap_state_dict,
 )
+from vlpbench.adapters.parts import linear, strip
 from vlpbench.adapters.swin import SWIN_ENCODER_NAME, build_swin_encoder, final_norm, match_hf_swin, swin_tokens
-from vlpbench.adapters.text import (
-    TEXT_ENCODER_HINT,
-    bert_config,
-    build_bert,
-    load_tokenizer,
-    match_bert,
-    text_encoder_record,
-)
+from vlpbench.adapters.text import TEXT_ENCODER_HINT, bert_config, build_bert, match_bert, open_text_folder
 from vlpbench.errors import ConfigError
 
 EMBED_DIM = 512  # projection_head.proj_dim in configs/model/clip_{resnet,swin}_clinical.yaml
@@ -133,13 +127,12 @@ class CXRClipAdapter(Adapter):
             self.card = dataclasses.replace(self.card, pretraining_data=tuple(self.variant["pretraining_data"]))
         self._bert = self._tokenizer = self._text_encoder_record = None
         with torch.random.fork_rng(devices=[]):  # init drawn here is overwritten at once
-            self._image_head = _linear(extra["image_head"])
+            self._image_head = linear(extra["image_head"])
             self._final_norm = final_norm(self.arch, extra["final_norm"]) if self.arch is not None else None
             if "text_model" in extra:
                 self._bert = build_bert(extra["text_config"], extra["text_model"], pooler=True)
-                self._text_head = _linear(extra["text_head"])
-                self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
-                self._text_encoder_record = text_encoder_record(self.options["text_encoder"])
+                self._text_head = linear(extra["text_head"])
+                self._tokenizer, self._text_encoder_record = open_text_folder(self.options["text_encoder"], self.name)
         if self._bert is None:
             self.capabilities = self.capabilities - {EMBED_TEXT}
         self._image_encoder: nn.Module | None = None
@@ -163,16 +156,16 @@ class CXRClipAdapter(Adapter):
         extra: dict[str, Any] = dict(match_keys(scale, {LOGIT_SCALE: ()}, report, source_prefix=prefix))
 
         if swin and not resnet:
-            arch, encoder, norm = match_hf_swin(_strip(swin, SWIN), report, source_prefix=prefix + SWIN)
+            arch, encoder, norm = match_hf_swin(strip(swin, SWIN), report, source_prefix=prefix + SWIN)
             width = arch.num_features if arch is not None else 768
             extra.update(arch=arch, final_norm=norm)
             report.layout = report.layout.replace("cxrclip", "cxrclip-swin", 1)
         else:
             report.unexpected += [f"{prefix}{k}" for k in swin]
-            encoder = match_resnet50_encoder(_strip(resnet, RESNET), report, source_prefix=prefix + RESNET)
+            encoder = match_resnet50_encoder(strip(resnet, RESNET), report, source_prefix=prefix + RESNET)
             width = RESNET_FEATURES
             report.layout = report.layout.replace("cxrclip", "cxrclip-resnet50", 1)
-        extra["image_head"] = match_keys(_strip(image_head, IMAGE_HEAD), {"weight": (EMBED_DIM, width),
+        extra["image_head"] = match_keys(strip(image_head, IMAGE_HEAD), {"weight": (EMBED_DIM, width),
                                                                           "bias": (EMBED_DIM,)},
                                          report, source_prefix=prefix + IMAGE_HEAD, target_prefix="image_head.")
         extra["variant"] = _variant(config, "swin" if "arch" in extra else "resnet50")
@@ -290,23 +283,12 @@ def _map_text_side(text: Mapping[str, Any], text_encoder: str, report: LoadRepor
     config = bert_config(text_encoder, "cxrclip")
     model, head = split_prefix(text, TEXT_MODEL)
     return {
-        "text_model": match_bert(_strip(model, TEXT_MODEL), report, config, source_prefix=prefix + TEXT_MODEL,
+        "text_model": match_bert(strip(model, TEXT_MODEL), report, config, source_prefix=prefix + TEXT_MODEL,
                                  target_prefix="text_model."),
-        "text_head": match_keys(_strip(head, TEXT_HEAD), {"weight": (EMBED_DIM, config.hidden_size),
+        "text_head": match_keys(strip(head, TEXT_HEAD), {"weight": (EMBED_DIM, config.hidden_size),
                                                           "bias": (EMBED_DIM,)},
                                 report, source_prefix=prefix + TEXT_HEAD, target_prefix="text_head."),
         "text_config": config,
     }
 
 
-def _linear(state: Mapping[str, torch.Tensor]) -> nn.Linear:
-    """A ``Linear`` holding ``state`` (``weight`` (out, in), optional ``bias``), in eval mode."""
-    out_features, in_features = state["weight"].shape
-    layer = nn.Linear(in_features, out_features, bias="bias" in state)
-    layer.load_state_dict(dict(state))
-    return layer.eval()
-
-
-def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """``state``'s keys with ``prefix`` removed (every key starts with it)."""
-    return {k[len(prefix):]: v for k, v in state.items()}

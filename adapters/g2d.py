@@ -47,7 +47,8 @@ from vlpbench.adapters.base import (
     split_prefix,
     unet_decoder_shapes,
 )
-from vlpbench.adapters.text import bert_config, build_bert, load_tokenizer, match_bert, text_encoder_record
+from vlpbench.adapters.parts import strip
+from vlpbench.adapters.text import bert_config, build_bert, match_bert, open_text_folder
 from vlpbench.errors import CheckpointError, ConfigError
 
 LAYOUTS = ("encoder", "encoder_decoder", "pretrain")
@@ -126,7 +127,7 @@ class G2DAdapter(Adapter):
                 config = extra["text_config"]
                 self._bert = build_bert(config, extra["lm_model"], pooler=True)
                 self._proj_t = loaded_eval(text_projection(config.hidden_size), extra["proj_t"])
-                self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
+                self._tokenizer, self._text_encoder_record = open_text_folder(self.options["text_encoder"], self.name)
             else:
                 lacking.add(EMBED_TEXT)
         if self.options["heatmap_source"] == "attention_pool":
@@ -134,8 +135,6 @@ class G2DAdapter(Adapter):
             self.native_capabilities = frozenset({GROUNDING})
         self.capabilities = self.capabilities - lacking
         self._image_encoder: nn.Module | None = None
-        self._text_encoder_record = (text_encoder_record(self.options["text_encoder"])
-                                     if self._bert is not None else None)
 
     @classmethod
     def map_weights(cls, checkpoint: Any, options: Mapping[str, Any]) -> Weights:
@@ -350,7 +349,6 @@ def _match_part(
     return match_keys(part, _shapes(module), report, source_prefix=prefix, target_prefix=prefix)
 
 
-
 def _map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: LoadReport) -> dict[str, Any]:
     """Account ``lm_model.*`` against a ``BertModel`` (with pooler) built from ``text_encoder``'s config,
     and ``proj_t.*`` against a projection of that model's width; return the tensors and the config."""
@@ -359,16 +357,11 @@ def _map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: Load
     with torch.device("meta"):  # shapes only
         proj_t = text_projection(config.hidden_size)
     return {
-        "lm_model": match_bert(_strip(lm_model, "lm_model."), report, config, source_prefix="lm_model.",
+        "lm_model": match_bert(strip(lm_model, "lm_model."), report, config, source_prefix="lm_model.",
                                target_prefix="lm_model."),
         "proj_t": _match_part(rest, "proj_t.", proj_t, report),
         "text_config": config,
     }
-
-
-def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """``state``'s keys with ``prefix`` removed (every key starts with it)."""
-    return {k[len(prefix):]: v for k, v in state.items()}
 
 
 def _map_unet(

@@ -52,7 +52,8 @@ from vlpbench.adapters.base import (
     split_prefix,
     unwrap_state_dict,
 )
-from vlpbench.adapters.text import bert_config, build_bert, load_tokenizer, match_bert, text_encoder_record
+from vlpbench.adapters.parts import strip
+from vlpbench.adapters.text import bert_config, build_bert, match_bert, open_text_folder
 from vlpbench.errors import ConfigError
 
 IMAGE_MODEL_PREFIX = "gloria.img_encoder.model."
@@ -169,8 +170,7 @@ class GloriaAdapter(Adapter):
                 lacking.add(DENSE_EMBED)
             if "text_model" in extra:
                 self._bert = build_bert(extra["text_config"], extra["text_model"], pooler=True)
-                self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
-                self._text_encoder_record = text_encoder_record(self.options["text_encoder"])
+                self._tokenizer, self._text_encoder_record = open_text_folder(self.options["text_encoder"], self.name)
             else:
                 lacking.add(EMBED_TEXT)
         self.capabilities = self.capabilities - lacking
@@ -190,7 +190,7 @@ class GloriaAdapter(Adapter):
         report = LoadReport("gloria")
         state, prefix = unwrap_state_dict(checkpoint, report, what="a GLoRIA checkpoint")
         image, rest = split_prefix(state, IMAGE_MODEL_PREFIX)
-        image = _strip(image, IMAGE_MODEL_PREFIX)
+        image = strip(image, IMAGE_MODEL_PREFIX)
         encoder_name = "resnet50" if _BOTTLENECK_KEY in image or not image else "resnet18"
         report.layout = f"gloria-{encoder_name}{report.layout[len('gloria'):]}"  # after unwrapping's notes
         encoder = match_encoder(image, report, encoder_name, source_prefix=prefix + IMAGE_MODEL_PREFIX)
@@ -202,7 +202,7 @@ class GloriaAdapter(Adapter):
             config = bert_config(options["text_encoder"], cls.name)
             model_part, other = split_prefix(text_side, TEXT_MODEL_PREFIX)
             report.unexpected += [f"{prefix}{k}" for k in other]
-            extra["text_model"] = match_bert(_strip(model_part, TEXT_MODEL_PREFIX), report, config,
+            extra["text_model"] = match_bert(strip(model_part, TEXT_MODEL_PREFIX), report, config,
                                              source_prefix=prefix + TEXT_MODEL_PREFIX, target_prefix="text_model.")
             extra["text_config"] = config
             # GLoRIA has no text projection: the image embedders must emit the BERT's width.
@@ -213,10 +213,10 @@ class GloriaAdapter(Adapter):
         pooled = _WIDTHS[encoder_name][1]
         global_part, rest = split_prefix(rest, GLOBAL_EMBEDDER_PREFIX)
         extra["global_embedder"] = match_keys(
-            _strip(global_part, GLOBAL_EMBEDDER_PREFIX), {"weight": (embedding_dim, pooled), "bias": (embedding_dim,)},
+            strip(global_part, GLOBAL_EMBEDDER_PREFIX), {"weight": (embedding_dim, pooled), "bias": (embedding_dim,)},
             report, source_prefix=prefix + GLOBAL_EMBEDDER_PREFIX, target_prefix="global_embedder.")
         local_part, rest = split_prefix(rest, LOCAL_EMBEDDER_PREFIX)
-        local = _map_local_embedder(_strip(local_part, LOCAL_EMBEDDER_PREFIX), encoder_name, embedding_dim, report,
+        local = _map_local_embedder(strip(local_part, LOCAL_EMBEDDER_PREFIX), encoder_name, embedding_dim, report,
                                     prefix + LOCAL_EMBEDDER_PREFIX)
         if local is not None:
             extra["local_embedder"] = local
@@ -418,7 +418,3 @@ def _map_local_embedder(part: Mapping[str, Any], encoder_name: str, embedding_di
                        target_prefix="local_embedder.")
     return local if "weight" in local else None
 
-
-def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """``state``'s keys with ``prefix`` removed (every key starts with it)."""
-    return {k[len(prefix):]: v for k, v in state.items()}

@@ -42,15 +42,9 @@ from vlpbench.adapters.base import (
     split_prefix,
     unwrap_state_dict,
 )
+from vlpbench.adapters.parts import linear, strip
 from vlpbench.adapters.swin import SWIN_ENCODER_NAME, build_swin_encoder, final_norm, match_hf_swin, swin_tokens
-from vlpbench.adapters.text import (
-    TEXT_ENCODER_HINT,
-    bert_config,
-    build_bert,
-    load_tokenizer,
-    match_bert,
-    text_encoder_record,
-)
+from vlpbench.adapters.text import TEXT_ENCODER_HINT, bert_config, build_bert, match_bert, open_text_folder
 from vlpbench.errors import ConfigError
 
 MEDCLIP_MEAN, MEDCLIP_STD = 0.5862785803043838, 0.27950088968644304
@@ -127,13 +121,12 @@ class MedCLIPAdapter(Adapter):
         self._logit_scale = extra[LOGIT_SCALE].clamp(0, LOGIT_SCALE_MAX).exp()
         # The random init of the modules below is overwritten at once; keep it off the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
-            self._image_head = _linear(extra["image_head"])
+            self._image_head = linear(extra["image_head"])
             self._final_norm = final_norm(self.arch, extra["final_norm"]) if self.arch is not None else None
             if "text_model" in extra:
                 self._bert = build_bert(extra["text_config"], extra["text_model"], pooler=True)
-                self._text_head = _linear(extra["text_head"])
-                self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
-                self._text_encoder_record = text_encoder_record(self.options["text_encoder"])
+                self._text_head = linear(extra["text_head"])
+                self._tokenizer, self._text_encoder_record = open_text_folder(self.options["text_encoder"], self.name)
         if self._bert is None:
             self.capabilities = self.capabilities - {EMBED_TEXT}
         self._image_encoder: nn.Module | None = None
@@ -157,20 +150,20 @@ class MedCLIPAdapter(Adapter):
         model, rest = split_prefix(vision, VISION_MODEL)
         head, rest = split_prefix(rest, VISION_HEAD)
         report.unexpected += [f"{prefix}{k}" for k in rest]
-        model = _strip(model, VISION_MODEL)
+        model = strip(model, VISION_MODEL)
         if any(k.startswith(("embeddings.", "encoder.")) for k in model):  # SwinModel (MedCLIPVisionModelViT)
             arch, encoder, norm = match_hf_swin(model, report, source_prefix=prefix + VISION_MODEL)
             width = arch.num_features if arch is not None else 768
             extra.update(arch=arch, final_norm=norm)
             report.layout = report.layout.replace("medclip", "medclip-swin", 1)
-            image_head = match_keys(_strip(head, VISION_HEAD), {"weight": (EMBED_DIM, width)}, report,
+            image_head = match_keys(strip(head, VISION_HEAD), {"weight": (EMBED_DIM, width)}, report,
                                     source_prefix=prefix + VISION_HEAD, target_prefix="image_head.")
         else:  # torchvision ResNet-50 whose fc is the projection (MedCLIPVisionModel)
             report.layout = report.layout.replace("medclip", "medclip-resnet50", 1)
             report.unexpected += [f"{prefix}{k}" for k in head]
             fc, body = split_prefix(model, "fc.")
             encoder = match_resnet50_encoder(body, report, source_prefix=prefix + VISION_MODEL)
-            image_head = match_keys(_strip(fc, "fc."), {"weight": (EMBED_DIM, RESNET_FEATURES)}, report,
+            image_head = match_keys(strip(fc, "fc."), {"weight": (EMBED_DIM, RESNET_FEATURES)}, report,
                                     source_prefix=prefix + VISION_MODEL + "fc.", target_prefix="image_head.")
         extra["image_head"] = image_head
 
@@ -257,22 +250,11 @@ def _map_text_side(text: Mapping[str, Any], text_encoder: str, report: LoadRepor
     head, rest = split_prefix(rest, TEXT_HEAD)
     report.unexpected += [f"{prefix}{k}" for k in rest]
     return {
-        "text_model": match_bert(_strip(model, TEXT_MODEL), report, config, source_prefix=prefix + TEXT_MODEL,
+        "text_model": match_bert(strip(model, TEXT_MODEL), report, config, source_prefix=prefix + TEXT_MODEL,
                                  target_prefix="text_model."),
-        "text_head": match_keys(_strip(head, TEXT_HEAD), {"weight": (EMBED_DIM, config.hidden_size)}, report,
+        "text_head": match_keys(strip(head, TEXT_HEAD), {"weight": (EMBED_DIM, config.hidden_size)}, report,
                                 source_prefix=prefix + TEXT_HEAD, target_prefix="text_head."),
         "text_config": config,
     }
 
 
-def _linear(state: Mapping[str, torch.Tensor]) -> nn.Linear:
-    """A bias-free ``Linear`` holding ``state["weight"]`` (out, in), in eval mode."""
-    out_features, in_features = state["weight"].shape
-    layer = nn.Linear(in_features, out_features, bias=False)
-    layer.load_state_dict(dict(state))
-    return layer.eval()
-
-
-def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """``state``'s keys with ``prefix`` removed (every key starts with it)."""
-    return {k[len(prefix):]: v for k, v in state.items()}

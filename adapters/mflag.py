@@ -7,8 +7,9 @@ loaded here and told apart by their keys:
   ``fc = nn.Identity()`` (utils/utils_builder.py:19-22): 318 keys, no ``fc``.
 - ``{name}_total.pth``, layout ``"total"``: ``model.state_dict()`` of ``ResNet_CXRBert`` (utils_builder.py:16-42):
   ``encoder.*`` (the same 318 keys); ``proj_v.{0,1,3,4}``: Linear 2048→2048, BatchNorm, ReLU, Linear 2048→1024,
-  BatchNorm without affine (:24-29); ``proj_t.{0,1,3,4}``: the same from 768 (:31-36); ``lm_model.*``:
-  ``AutoModel.from_pretrained('microsoft/BiomedVLP-CXR-BERT-general')``, a ``BertModel`` with pooler (:38-40).
+  BatchNorm without affine (:24-29); ``proj_t.{0,1,3,4}``: the same from 768 (:31-36); ``lm_model.*``: the
+  authors' ``AutoModel`` of CXR-BERT-general, a ``BertModel`` with pooler (:38-40; here its config and tokenizer
+  come from the local ``text_encoder`` folder).
   BenchX publishes its M-FLAG in this layout (HF ``youngzhou12/M-FLAG``; BenchX loads it strictly into the same
   class, unifier/models/vlm_src/MFLAG/builder.py:5-10).
 
@@ -39,14 +40,7 @@ from vlpbench.adapters.base import (
     split_prefix,
 )
 from vlpbench.adapters.parts import match_head, strip
-from vlpbench.adapters.text import (
-    TEXT_ENCODER_HINT,
-    bert_config,
-    build_bert,
-    load_tokenizer,
-    match_bert,
-    text_encoder_record,
-)
+from vlpbench.adapters.text import TEXT_ENCODER_HINT, bert_config, build_bert, match_bert, open_text_folder
 from vlpbench.errors import CheckpointError, ConfigError
 
 LAYOUTS = ("encoder", "total")
@@ -126,8 +120,7 @@ class MFlagAdapter(Adapter):
                 config = extra["text_config"]
                 self._bert = build_bert(config, extra["text_model"], pooler=True)
                 self._proj_t = loaded_eval(projection(config.hidden_size), extra["proj_t"])
-                self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
-                self._text_encoder_record = text_encoder_record(self.options["text_encoder"])
+                self._tokenizer, self._text_encoder_record = open_text_folder(self.options["text_encoder"], self.name)
             else:
                 lacking.add(EMBED_TEXT)
         self.capabilities = self.capabilities - lacking

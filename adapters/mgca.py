@@ -48,7 +48,8 @@ from vlpbench.adapters.base import (
     split_prefix,
     unwrap_state_dict,
 )
-from vlpbench.adapters.text import bert_config, load_tokenizer, text_encoder_record
+from vlpbench.adapters.parts import strip
+from vlpbench.adapters.text import bert_config, open_text_folder
 from vlpbench.errors import CheckpointError, ConfigError
 
 IMAGE_ENCODER_PREFIX = "img_encoder_q.model."
@@ -166,8 +167,7 @@ class MgcaAdapter(Adapter):
                 state[_TOKEN_TYPES] = torch.zeros(config.type_vocab_size, config.hidden_size)
                 self._bert = loaded_eval(BertModel(config, add_pooling_layer=False), state)
                 self._text_head = loaded_eval(global_embedding(config.hidden_size), extra["text_head"])
-                self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
-                self._text_encoder_record = text_encoder_record(self.options["text_encoder"])
+                self._tokenizer, self._text_encoder_record = open_text_folder(self.options["text_encoder"], self.name)
             else:
                 lacking.add(EMBED_TEXT)
         self.capabilities = self.capabilities - lacking
@@ -195,7 +195,7 @@ class MgcaAdapter(Adapter):
                                           local_head_reason=IMAGE_LOCAL_HEAD_REASON)
         image, rest = split_prefix(state, IMAGE_ENCODER_PREFIX)
         report.unexpected += [f"{prefix}{k}" for k in rest]
-        encoder = match_resnet50_encoder(_strip(image, IMAGE_ENCODER_PREFIX), report,
+        encoder = match_resnet50_encoder(strip(image, IMAGE_ENCODER_PREFIX), report,
                                          source_prefix=prefix + IMAGE_ENCODER_PREFIX)
         return Weights(report, encoder, extra=extra)
 
@@ -285,7 +285,7 @@ def map_heads_and_text(state: Mapping[str, Any], options: Mapping[str, Any], rep
     if image_head:
         with torch.device("meta"):  # shapes only: no init, no draw from the global RNG
             expected = _shapes(global_embedding(image_width))
-        extra["image_head"] = match_keys(_strip(image_head, IMAGE_GLOBAL_PREFIX), expected, report,
+        extra["image_head"] = match_keys(strip(image_head, IMAGE_GLOBAL_PREFIX), expected, report,
                                          source_prefix=prefix + IMAGE_GLOBAL_PREFIX,
                                          target_prefix="image_global_embed.")
     return state, extra
@@ -306,7 +306,7 @@ def map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: LoadR
     report.ignore(TEXT_LOCAL_HEAD_REASON, [prefix + k for k in local_head])
     report.unexpected += [f"{prefix}{k}" for k in rest]
 
-    model_part = _strip(model_part, TEXT_MODEL_PREFIX)
+    model_part = strip(model_part, TEXT_MODEL_PREFIX)
     cross = [k for k in model_part if ".crossattention." in k]
     report.ignore(CROSS_ATTENTION_REASON, [prefix + TEXT_MODEL_PREFIX + k for k in cross])
     position_ids = [k for k in model_part if k == "embeddings.position_ids"]
@@ -323,15 +323,10 @@ def map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: LoadR
     return {
         "text_model": match_keys(model_part, expected, report, source_prefix=prefix + TEXT_MODEL_PREFIX,
                                  target_prefix="text_model."),
-        "text_head": match_keys(_strip(head_part, TEXT_GLOBAL_PREFIX), head, report,
+        "text_head": match_keys(strip(head_part, TEXT_GLOBAL_PREFIX), head, report,
                                 source_prefix=prefix + TEXT_GLOBAL_PREFIX, target_prefix="text_global_embed."),
         "text_config": config,
     }
-
-
-def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """``state``'s keys with ``prefix`` removed (every key starts with it)."""
-    return {k[len(prefix):]: v for k, v in state.items()}
 
 
 def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:

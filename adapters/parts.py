@@ -1,6 +1,6 @@
-"""Key accounting for the small heads of a checkpoint (projections, pools), shared by the ConVIRT, M-FLAG and
-PRIOR adapters: a head is accounted against the state dict of the module its authors define, built on the
-meta device so that no init time or global RNG draw is spent."""
+"""Key accounting for the small heads of a checkpoint (projections, pools), shared by the adapters: a head is
+accounted against the state dict of the module its authors define, built on the meta device so that no init time
+or global RNG draw is spent; ``strip`` and ``linear`` are the small helpers every mapping uses."""
 
 from __future__ import annotations
 
@@ -33,3 +33,11 @@ def match_head(state: Mapping[str, Any], prefix: str, build: Callable[[], nn.Mod
     """
     return match_keys(strip(state, prefix), meta_shapes(build), report, source_prefix=source_prefix + prefix,
                       target_prefix=prefix)
+
+
+def linear(state: Mapping[str, torch.Tensor]) -> nn.Linear:
+    """A ``Linear`` holding ``state`` (``weight`` (out, in), optional ``bias``), in eval mode."""
+    out_features, in_features = state["weight"].shape
+    layer = nn.Linear(in_features, out_features, bias="bias" in state)
+    layer.load_state_dict(dict(state))
+    return layer.eval()

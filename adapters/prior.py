@@ -57,14 +57,7 @@ from vlpbench.adapters.base import (
 )
 from vlpbench.adapters.parts import match_head, strip
 from vlpbench.adapters.single_channel import CONVERSION, GreyInputEncoder
-from vlpbench.adapters.text import (
-    TEXT_ENCODER_HINT,
-    bert_config,
-    build_bert,
-    load_tokenizer,
-    match_bert,
-    text_encoder_record,
-)
+from vlpbench.adapters.text import TEXT_ENCODER_HINT, bert_config, build_bert, match_bert, open_text_folder
 from vlpbench.errors import CheckpointError, ConfigError
 
 LAYOUTS = ("image_encoder", "full")
@@ -213,8 +206,7 @@ class PriorAdapter(Adapter):
                                                     extra["text_projection"])
                 self._bank = extra["bank"]["weight"]
                 self._sentence_pool = loaded_eval(sentence_pool(), extra["sentence_pool"])
-                self._tokenizer = load_tokenizer(self.options["text_encoder"], self.name)
-                self._text_encoder_record = text_encoder_record(self.options["text_encoder"])
+                self._tokenizer, self._text_encoder_record = open_text_folder(self.options["text_encoder"], self.name)
             else:
                 lacking.add(EMBED_TEXT)
         self.capabilities = self.capabilities - lacking

@@ -8,7 +8,7 @@ and the tokenizer files of Bio_ClinicalBERT, CXR-BERT, PubMedBERT ...). Nothing 
 The pieces: ``bert_config`` reads the folder's config; ``match_bert`` accounts a checkpoint's BERT keys against
 a ``BertModel`` of that config, strictly; ``build_bert`` materialises the model with those weights;
 ``load_tokenizer`` and ``text_encoder_record`` give the tokenizer and the sha256 of the files read, which
-goes into result records.
+goes into result records; ``open_text_folder`` gives both.
 """
 
 from __future__ import annotations
@@ -97,3 +97,8 @@ def text_encoder_record(folder: str | Path, names: tuple[str, ...] = TEXT_ENCODE
     """``{"path", "sha256", "files"}`` of a text-encoder folder: one digest over the files ``names`` found there."""
     digest, files = sha256_tree(folder, names)
     return {"path": str(folder), "sha256": digest, "files": files}
+
+
+def open_text_folder(folder: str | Path, adapter: str) -> tuple[Any, dict[str, Any]]:
+    """``(tokenizer, text_encoder_record)`` of the text-encoder folder an adapter's text side reads."""
+    return load_tokenizer(folder, adapter), text_encoder_record(folder)

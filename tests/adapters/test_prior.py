@@ -167,7 +167,7 @@ def test_published_files_have_the_pinned_keys(full_state, files):
     assert tuple(full_state["global_image_projection.weight"].shape) == (EMBED, 2048)
     assert tuple(full_state["sentence_bank.embed.weight"].shape) == (512, EMBED)
     assert "global_text_attention.positional_embedding" not in full_state  # pos_embed=False, prior.py:30
-    encoder = torch.load(files[0])
+    encoder = torch.load(files[0], weights_only=True)
     assert len(encoder) == N_ENCODER and not any(k.startswith("fc.") for k in encoder)
 
 
