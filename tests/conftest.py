@@ -1,7 +1,15 @@
 """Shared fixtures: a synthetic SIIM dataset, random-init checkpoints (G2D's encoder layout, a torchvision
 ResNet-18), and a lower-is-better metric."""
 
+import os
+
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One pytest worker per core: a second intra-op thread per worker only oversubscribes the cores, and
+    # subprocesses the tests start (CLI runs, torchrun) inherit the limit.
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
