@@ -52,3 +52,17 @@ def test_primary_metric_must_be_a_current_metric_name(tmp_path, monkeypatch, met
     monkeypatch.setattr(tasks, "TASKS_DIR", tmp_path)
     with pytest.raises(ConfigError, match=f"covidx_cls.yaml: {message}"):
         load_task("covidx_cls")
+
+
+def test_a_task_name_never_reaches_a_file_outside_the_task_folder(tmp_path, monkeypatch):
+    import vlpbench.tasks as tasks
+
+    shipped = tmp_path / "tasks"
+    shipped.mkdir()
+    (shipped / "siim_seg.yaml").write_text((tasks.TASKS_DIR / "siim_seg.yaml").read_text())
+    outside = tmp_path / "evil_task.yaml"
+    outside.write_text((tasks.TASKS_DIR / "siim_seg.yaml").read_text().replace("name: siim_seg", "name: ../evil_task"))
+    monkeypatch.setattr(tasks, "TASKS_DIR", shipped)
+    with pytest.raises(ConfigError, match=r"unknown task '\.\./evil_task'\. .*Known: siim_seg"):
+        tasks.load_task("../evil_task")
+    assert tasks.load_task("siim_seg").name == "siim_seg"

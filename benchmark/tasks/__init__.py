@@ -214,9 +214,10 @@ def _profiles(path: Path, spec: dict) -> dict[str, Profile]:
 
 def load_task(name: str, profile: str = DEFAULT_PROFILE) -> Task:
     """Load and validate the task YAML called ``name``, resolved for ``profile`` (see :meth:`Task.with_profile`)."""
+    # Only a shipped task's own file: a name is never joined onto the folder as a path ("../x" stays outside).
     path = TASKS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        close = difflib.get_close_matches(name, task_names(), n=3)
+    if not isinstance(name, str) or name not in task_names():
+        close = difflib.get_close_matches(str(name), task_names(), n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ConfigError(f"unknown task {name!r}.{hint} Known: {', '.join(task_names())}")
     try:
