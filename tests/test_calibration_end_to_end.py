@@ -17,7 +17,8 @@ from vlpbench.cli import main
 from vlpbench.data.rsna import RsnaSource
 from vlpbench.data.splits import load_split
 from vlpbench.registry import ADAPTERS
-from vlpbench.results import load_records
+from vlpbench.errors import DataError
+from vlpbench.results import load_record, load_records
 
 FAST = {"image_size": 32, "resize_size": 36, "max_epochs": 2, "patience": 2, "batch_size": 8,
         "bootstrap_resamples": 40}
@@ -120,10 +121,16 @@ def test_linear_probe_records_calibration_and_plot_draws_the_reliability_diagram
 
 def test_zero_shot_calibration_only_for_declared_probabilities(rsna_root, tmp_path, capsys):
     results = tmp_path / "results"
-    ranked, _ = api.run(PromptPair.name, "rsna_zs", 1.0, data_root=rsna_root, results=results,
-                        overrides={"bootstrap_resamples": 40}, device="cpu", progress=False)
+    ranked, path = api.run(PromptPair.name, "rsna_zs", 1.0, data_root=rsna_root, results=results,
+                           overrides={"bootstrap_resamples": 40}, device="cpu", progress=False)
     assert not {"ece", "adaptive_ece", "brier"} & set(ranked["metrics"])
     assert "softmax over the similarities of a positive and a negative prompt" in ranked["calibration"]["left_out"]
+    written = json.loads(path.read_text())
+    assert written["calibration"] == ranked["calibration"]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({**written, "calibration": {"left_out": 3}}))
+    with pytest.raises(DataError, match="invalid key 'calibration'"):
+        load_record(broken)
 
     trained, _ = api.run(TrainedHead.name, "rsna_zs", 1.0, data_root=rsna_root, results=results,
                          overrides={"bootstrap_resamples": 40}, device="cpu", progress=False,
