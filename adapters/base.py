@@ -537,6 +537,10 @@ class Adapter(abc.ABC):
     # How this family computes what a protocol asks of it, by capability (``"zero_shot"``, ``"grounding"``,
     # ``"linear"``), each naming its source line: goes into every record, so a number says how it was made.
     procedures: ClassVar[Mapping[str, str]] = {}
+    # Whether ``zero_shot_scores`` are probabilities the model was trained to output (a present/absent head fitted
+    # with cross-entropy), not a softmax over prompt similarities that ranks images: only then does the zero-shot
+    # protocol report their calibration (ECE, Brier).
+    zero_shot_probabilities: ClassVar[bool] = False
     # ``vlpbench.adapters.text.text_encoder_record`` of the text-encoder folder an instance read, if any: it
     # goes into ``describe()`` so a record names the files (and their sha256) its text side came from.
     _text_encoder_record: dict[str, Any] | None = None

@@ -179,6 +179,9 @@ class KADAdapter(Adapter):
         "text side: --model-option text_encoder=DIR (local Med-KEBERT folder: config.json and tokenizer)",
     )
     capability_hints = {ZERO_SHOT: QUERY_HINT, GROUNDING: QUERY_HINT}
+    # TQN_Model's 2 logits per class are trained with cross-entropy against presence labels
+    # (xiaoman-zhang/KAD A3_CLIP/engine/train_fg.py:52, 106): their softmax is meant as a probability.
+    zero_shot_probabilities = True
     procedures = {
         ZERO_SHOT: "KAD's zero-shot test: each class text as is (no template; lower-cased by the tokenizer, padded "
                    "to 256 tokens) through CLP_clinical.encode_text, mlp_embed over Med-KEBERT's pooler output "

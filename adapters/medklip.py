@@ -212,6 +212,9 @@ class MedKLIPAdapter(Adapter):
         "entities=FILE (MedKLIP's observation explanation.json), or entity_embeddings=FILE ((75, 768) tensor)",
     )
     capability_hints = {ZERO_SHOT: ENTITY_QUERY_HINT, GROUNDING: ENTITY_QUERY_HINT}
+    # The classifier's 2 logits per entity are trained with cross-entropy against presence labels
+    # (MediaBrain-SJTU/MedKLIP PreTrain_MedKLIP/models/model_MedKLIP.py:196): their softmax is meant as a probability.
+    zero_shot_probabilities = True
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         """Load ``checkpoint`` strictly (see ``Adapter``), then the entity queries the options name.

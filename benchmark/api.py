@@ -235,6 +235,7 @@ def run_in_process(
         timing=outcome["timing"],
         ci=outcome["ci"],
         per_image=outcome["per_image"],
+        calibration=outcome.get("calibration"),
         data={"root": str(getattr(source, "root", data_root)), "synthetic": bool(source.synthetic),
               "absent_from_split": absent, "skipped_corrupt": skipped,
               **({"predictions": str(hooks["predictions"])} if hooks else {})},
@@ -351,11 +352,15 @@ def _records(results: str | Path) -> list[dict]:
 
 def plot(results: str | Path = DEFAULT_RESULTS, out: str | Path = "plots", *, tasks: list[str] | None = None,
          formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
-    """Write a metric-versus-fraction plot per task (log x, one line per model, CI band) into ``out``;
-    the files written. See :mod:`vlpbench.report.plots`."""
+    """Write a metric-versus-fraction plot per task (log x, one line per model, CI band) into ``out``, and a
+    reliability diagram per task and fraction whose records hold calibration bins; the files written. See
+    :mod:`vlpbench.report.plots` and :mod:`vlpbench.report.reliability`."""
     from vlpbench.report.plots import plot_fraction_curves
+    from vlpbench.report.reliability import plot_reliability
 
-    return plot_fraction_curves(_records(results), out, tasks=tasks, formats=formats)
+    records = _records(results)
+    return (plot_fraction_curves(records, out, tasks=tasks, formats=formats)
+            + plot_reliability(records, out, tasks=tasks, formats=formats))
 
 
 def plot_panels(task: str, predictions: str | Path, out: str | Path = "plots", *, data_root: str | Path | None = None,
@@ -411,7 +416,8 @@ def score(task: str, predictions: str | Path, *, data_root: str | Path | None = 
     ``profile``: the protocol profile whose settings (split, metric, options) score the predictions.
 
     Returns ``task``, ``version``, ``profile``, ``split``, ``split_sha256``, ``config`` (the overrides and seed used) and
-    the protocol's outcome: ``metrics``, ``ci``, ``per_image``, ``n`` and ``scoring`` (thresholds, notes).
+    the protocol's outcome: ``metrics``, ``ci``, ``per_image``, ``n``, ``scoring`` (thresholds, notes) and, for
+    classification, ``calibration`` (reliability bins, or why they are left out).
     """
     spec = load_task(task, profile)
     protocol = protocol_named(spec.protocol)

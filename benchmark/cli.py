@@ -154,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: RESULTS/reference, else the checkout's results/reference); a published "
                         "column shows only beside records of the profile and metric it was computed with")
 
-    p = command("plot", "Plot metric versus training fraction per task (log x, one line per model, CI band), "
+    p = command("plot", "Plot metric versus training fraction per task (log x, one line per model, CI band) and, "
+                "for classification records with calibration bins, a reliability diagram per task and fraction; "
                 "or with --panels image / ground truth / prediction panels of a few test images.",
                 "vlpbench plot --results results --out plots --format png,svg\n  "
                 "vlpbench plot --panels --task siim_seg --predictions preds/ --data-root ~/data/siim --out plots",
@@ -443,6 +444,8 @@ def _score(args: argparse.Namespace) -> int:
         print(f"{result['task']} ({result['split']}{profile}, n={result['n']['test']}): " + "\n  ".join(lines))
         for note in result["scoring"].get("notes", []):
             print(f"note: {note}")
+        if left_out := (result.get("calibration") or {}).get("left_out"):
+            print(f"note: calibration (ECE, Brier) left out: {left_out}")
     return 0
 
 

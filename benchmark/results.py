@@ -21,6 +21,10 @@ A record is the only thing tables, plots and comparisons read. Its fields (schem
     env             {vlpbench, git, python, torch, cuda, device}
     data            {synthetic, ...} | null, facts about the data the run saw
     per_image       per-image scores | null, so CIs and new aggregates need no re-run
+    calibration?    classification only: {n_bins, binning, confidence, curves: {class | top_label: {lower,
+                    upper, confidence, frequency, count}}}, the equal-width reliability bins of the test
+                    probabilities (vlpbench.protocols.calibration), or {left_out: why} where the scores are
+                    no probabilities; absent in older records and for other protocols
     created         UTC ISO-8601 time of make_record
 
 Files live at ``<results>/runs/<model>/<sha256[:8] | nockpt>/<task>.v<version>[-<profile>]/frac<f>-seed<s>.json``
@@ -48,6 +52,7 @@ import numpy as np
 import vlpbench
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.files import atomic_write, backup_path
+from vlpbench.metrics.calibration import check_calibration_entry
 from vlpbench.metrics.specs import metric_spec
 from vlpbench.tasks import DEFAULT_PROFILE, PROFILES
 
@@ -60,10 +65,11 @@ _UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 def make_record(*, model: dict, task: dict, frac: float, seed: int, split: dict, metrics: dict,
                 primary_metric: str, n: dict, config: dict, timing: dict, ci: dict | None = None,
-                per_image: dict | None = None, data: dict | None = None) -> dict:
+                per_image: dict | None = None, data: dict | None = None, calibration: dict | None = None) -> dict:
     """Assemble a result record, adding ``schema``, ``env`` and ``created``.
 
-    The arguments are stored as given (see the module docstring for their shapes); rounding to 6
+    The arguments are stored as given (see the module docstring for their shapes; ``calibration`` only when
+    not None); rounding to 6
     decimals and conversion of numpy values happen when the record is written.
 
     Raises:
@@ -88,6 +94,8 @@ def make_record(*, model: dict, task: dict, frac: float, seed: int, split: dict,
         "per_image": per_image,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if calibration is not None:
+        record["calibration"] = calibration
     problem = _problem(record) or _metric_name_problem(record)
     if problem:
         raise ConfigError(f"result record: {problem}")
@@ -361,10 +369,15 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("timing", lambda v: isinstance(v, dict), "an object"),
     ("env", lambda v: isinstance(v, dict), "an object"),
     ("created", lambda v: isinstance(v, str), "a string"),
+    ("calibration", check_calibration_entry,
+     "{left_out: reason} or {n_bins, binning, confidence, curves: {name: {lower, upper, confidence, frequency, "
+     "count} of n_bins entries each}}"),
 ]
 
 
-_OPTIONAL = {"task.profile"}  # absent in records written before profiles existed: canonical
+# task.profile: absent in records written before profiles existed (canonical); calibration: before calibration
+# metrics existed, and in records of protocols other than classification.
+_OPTIONAL = {"task.profile", "calibration"}
 
 
 def _problem(record: Any) -> str | None:

@@ -24,7 +24,8 @@ def private_cache(tmp_path_factory):
 
 @pytest.fixture
 def error_metric():
-    """The name of a lower-is-better metric, ``error``, registered for one test (no shipped metric is one)."""
+    """The name of a lower-is-better metric, ``error``, registered for one test (a per-image mean, unlike the
+    shipped lower-is-better calibration metrics)."""
     from vlpbench.metrics import MetricSpec, register_metric
     from vlpbench.metrics.specs import PER_IMAGE_MEAN
     from vlpbench.registry import METRICS

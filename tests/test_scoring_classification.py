@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
+from sklearn.metrics import accuracy_score, brier_score_loss, f1_score, matthews_corrcoef, roc_auc_score
 
 from vlpbench import api
 from vlpbench.cli import main
@@ -92,7 +92,11 @@ def test_linear_tasks_score_auc_or_top1_accuracy(rsna, roots, tmp_path):
     config = {"classes": ["pneumonia"], "label_kind": "binary", "bootstrap_resamples": 50}
     result = LINEAR.score(csv_path, source, SplitIds([], [], ids["test"]), config)
     y_test = [source.label(i) for i in ids["test"]]
-    assert result["metrics"] == {"auc": pytest.approx(roc_auc_score(y_test, [probs[i] for i in ids["test"]]))}
+    s_test = [probs[i] for i in ids["test"]]
+    # Calibration is added to every classification evaluation (tests/metrics/test_calibration.py).
+    assert set(result["metrics"]) == {"auc", "ece", "adaptive_ece", "brier"}
+    assert result["metrics"]["auc"] == pytest.approx(roc_auc_score(y_test, s_test))
+    assert result["metrics"]["brier"] == pytest.approx(brier_score_loss(y_test, s_test))
 
     covidx = CovidxSource(roots["covidx"])
     test_ids = dataset_split("covidx", covidx).ids("test")

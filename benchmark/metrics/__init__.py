@@ -5,6 +5,8 @@
   every test image counted, and MGCA's image skipping as an option.
 * :mod:`~vlpbench.metrics.classification`: AUC (scikit-learn's tie handling), top-1 accuracy, and
   F1 / accuracy / MCC at a threshold chosen on validation data.
+* :mod:`~vlpbench.metrics.calibration`: expected calibration error (equal-width and equal-mass bins) and
+  Brier score of predicted probabilities, and reliability bins.
 * :mod:`~vlpbench.metrics.grounding`: pointing game, pixel recall, IoU, Dice and BioViL's CNR of
   heat maps against ground-truth regions.
 * :mod:`~vlpbench.metrics.bootstrap`: percentile bootstrap CIs over images, for per-image scores or
@@ -18,7 +20,7 @@ Every metric a protocol reports is registered below, once, in :data:`vlpbench.re
 
 from __future__ import annotations
 
-from vlpbench.metrics import classification, grounding
+from vlpbench.metrics import calibration, classification, grounding
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.detection import detection_map
 from vlpbench.metrics.dice import dice, dice_per_image
@@ -53,6 +55,18 @@ for _spec in (
     MetricSpec("mcc", "MCC", True, RECOMPUTED,
                "Matthews correlation of score >= the validation threshold, macro over classes (multi-class MCC of "
                "the top-1 class for a multi-class task)", classification.threshold_metrics, per_class=True),
+    # Calibration of classification probabilities (vlpbench.protocols.calibration says where they are left out).
+    MetricSpec("ece", "ECE", False, RECOMPUTED,
+               "expected calibration error, 15 equal-width bins (Guo et al. 2017): of each class's probability "
+               "of presence, macro over classes; of the top-label confidence for a multi-class task",
+               calibration.expected_calibration_error, per_class=True),
+    MetricSpec("adaptive_ece", "ECE (equal mass)", False, RECOMPUTED,
+               "expected calibration error with 15 equal-mass bins (Nixon et al. 2019's adaptive bins), per "
+               "class and macro, or of the top-label confidence for a multi-class task",
+               calibration.expected_calibration_error, per_class=True),
+    MetricSpec("brier", "Brier", False, RECOMPUTED,
+               "Brier score: mean squared error of each class's probability of presence, macro over classes; "
+               "for a multi-class task summed over classes (range 0-2)", calibration.brier_score, per_class=True),
     # Grounding, per query; Dice is the segmentation one above.
     MetricSpec("pointing_game", "Pointing game", True, PER_IMAGE_MEAN,
                "share of queries whose heat-map maximum lies in the ground-truth region", grounding.pointing_game),

@@ -2,7 +2,8 @@
 
 A protocol is registered in ``vlpbench.registry.PROTOCOLS`` as a callable
 ``(adapter, source, SplitIds, config, *, seed, device, progress) -> outcome`` where ``outcome`` holds
-``metrics``, ``ci``, ``per_image``, ``n``, ``training`` and ``timing``.
+``metrics``, ``ci``, ``per_image``, ``n``, ``training`` and ``timing`` (and, for classification, ``calibration``:
+see :mod:`vlpbench.protocols.calibration`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ classes, per class (``<metric>_<class slug>``):
   one-vs-rest AUC. No threshold is involved.
 
 Every metric gets a percentile bootstrap CI over test images (thresholds held fixed).
+
+Calibration (``ece``, ``adaptive_ece``, ``brier`` and the reliability bins, :mod:`vlpbench.protocols.calibration`)
+is added to every evaluation, whatever ``metrics`` lists, unless the caller says why its scores are no
+probabilities (``calibration_left_out``); the record's ``calibration`` entry then holds that reason.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from vlpbench.metrics.classification import (
     resample_weights,
     threshold_metrics_by_weights,
 )
+from vlpbench.protocols.calibration import calibration_parts
 from vlpbench.protocols.labels import class_names, class_slug, label_kind, task_labels
 
 log = logging.getLogger("vlpbench")
@@ -169,33 +174,39 @@ def class_counts(kind: str, labels: np.ndarray, classes: list[str]) -> dict[str,
 def evaluate_classification(kind: str, classes: list[str], ids: Sequence[str], labels: np.ndarray,
                             probabilities: np.ndarray, wanted: list[str], *,
                             thresholds: list[float | None] | None, n_resamples: int,
-                            seed: int, acc_rule: str = "ge") -> dict[str, Any]:
+                            seed: int, acc_rule: str = "ge", calibration_left_out: str | None = None) -> dict[str, Any]:
     """The metrics, CIs and per-image scores of test ``probabilities`` (N, C) against ``labels``.
 
-    Returns ``metrics``, ``ci`` and ``per_image`` (top-1 correctness per image for a multi-class task;
-    {} otherwise, since an AUC is not a mean over images). ``thresholds``: one per class (None: the class
-    has none), or None when no metric at a threshold is wanted. ``acc_rule``: ``ge`` (accuracy of
-    ``score >= threshold``, like F1 and MCC) or ``gt`` (of ``score > threshold``, MedKLIP's zero-shot rule).
+    Returns ``metrics``, ``ci``, ``per_image`` (top-1 correctness per image for a multi-class task;
+    {} otherwise, since an AUC is not a mean over images) and ``calibration`` (the reliability bins, or
+    why calibration is left out: ``calibration_left_out``, or scores that are no probabilities).
+    ``thresholds``: one per class (None: the class has none), or None when no metric at a threshold is wanted.
+    ``acc_rule``: ``ge`` (accuracy of ``score >= threshold``, like F1 and MCC) or ``gt`` (of ``score > threshold``,
+    MedKLIP's zero-shot rule).
     """
     statistics = metric_statistics(kind, labels, probabilities, classes, wanted, thresholds, acc_rule)
+    calibration, reliability = calibration_parts(kind, classes, labels, probabilities, left_out=calibration_left_out)
+    statistics.update(calibration)
     metrics, ci = evaluate_statistics(statistics, len(ids), n_resamples=n_resamples, seed=seed)
     per_image: dict[str, float] = {}
     if kind == "multiclass":
         correct = probabilities.argmax(axis=1) == labels
         per_image = {image_id: float(c) for image_id, c in zip(ids, correct)}
-    return {"metrics": metrics, "ci": ci, "per_image": per_image}
+    return {"metrics": metrics, "ci": ci, "per_image": per_image, "calibration": reliability}
 
 
 def score_predictions_csv(predictions: Path, source, test_ids: Sequence[str], config: dict[str, Any], *,
                           default_metrics: Sequence[str], seed: int,
-                          threshold_images: tuple[Any, list[str], str] | None) -> dict[str, Any]:
+                          threshold_images: tuple[Any, list[str], str] | None,
+                          calibration_left_out: str | None = None) -> dict[str, Any]:
     """The ``score`` side of every classification protocol: read the CSV, choose thresholds on its
     validation rows as ``run`` does, and evaluate the test rows with :func:`evaluate_classification`.
 
     ``threshold_images``: ``(reader, ids, description)`` of the images thresholds come from (the split's
     val part, or CheXpert's valid.csv), or None where the task takes none. A CSV without validation rows
     leaves the metrics at a threshold out, with a note; thresholds are never tuned on the rows scored,
-    unless the task says so (``threshold_source: test_oracle``, flagged optimistic).
+    unless the task says so (``threshold_source: test_oracle``, flagged optimistic). ``calibration_left_out``:
+    as for :func:`evaluate_classification`.
 
     Raises:
         DataError: a malformed CSV, a test image without a row, a row for an image that is neither a test
@@ -257,7 +268,8 @@ def score_predictions_csv(predictions: Path, source, test_ids: Sequence[str], co
             if ties != "highest":
                 used["threshold_ties"] = ties
     result = evaluate_classification(kind, classes, test_ids, labels, scores, wanted, thresholds=thresholds,
-                                     n_resamples=int(config["bootstrap_resamples"]), seed=seed, acc_rule=acc_rule)
+                                     n_resamples=int(config["bootstrap_resamples"]), seed=seed, acc_rule=acc_rule,
+                                     calibration_left_out=calibration_left_out)
     n_val = len(val_ids) if thresholds is not None and not used.get("optimistic") else 0
     return {**result, "n": {"train": 0, "val": n_val, "test": len(test_ids),
                             "test_per_class": class_counts(kind, labels, classes)},

@@ -25,6 +25,14 @@ several classes, per class (``auc_<class slug>`` ...):
 
 Every metric gets a percentile bootstrap CI over test images, thresholds held fixed.
 
+Calibration (``ece``, ``adaptive_ece``, ``brier``; :mod:`vlpbench.protocols.calibration`) is reported only
+where the adapter declares its scores probabilities the model was trained to output
+(``Adapter.zero_shot_probabilities``: a present/absent classifier head trained with cross-entropy, KAD and
+MedKLIP). A softmax over the similarities of a positive and a negative prompt (CheXzero's procedure and
+its variants) ranks images but was never fitted to presence frequencies; its calibration would measure the
+prompt pair and the temperature, not the model, so the record says why it is left out instead. ``score``
+reads a CSV that does not say which procedure made it, and leaves calibration out for the same reason.
+
 Images: the image cache at the adapter's ``image_size``, or with ``center_crop: true`` G2D's stated
 pipeline (G2D §A.4.2): resize to 256², then the central 224² crop. That crop is for adapters whose input
 is 224²; an adapter with another ``image_size`` is refused (G2D itself: its attention pool holds 8×8 + 1
@@ -61,6 +69,9 @@ log = logging.getLogger("vlpbench")
 
 METRICS = ("auc", "f1", "acc", "mcc")
 THRESHOLD_SOURCES = ("val", "test_oracle")
+CSV_CALIBRATION = ("a zero-shot predictions CSV does not say whether its scores are probabilities the model was "
+                   "trained to output or a softmax over prompt similarities; `run` reports calibration where the "
+                   "adapter declares the former")
 # G2D §A.4.2: resize to 256, center-crop 224 (option center_crop).
 CROP_FROM, CROP_TO = 256, 224
 
@@ -229,6 +240,16 @@ THRESHOLD_IMAGES: dict[str, Callable[[Any, SplitIds], tuple[Any, list[str], str]
 }
 
 
+def calibration_left_out(adapter) -> str | None:
+    """Why ``adapter``'s zero-shot scores get no calibration metrics, or None where they are probabilities
+    the model was trained to output (``zero_shot_probabilities``)."""
+    if adapter.zero_shot_probabilities:
+        return None
+    return (f"adapter {adapter.name!r}: its zero-shot scores are a softmax over the similarities of a positive "
+            "and a negative prompt, a ranking score the model was not trained to calibrate "
+            "(procedures.zero_shot in the record's model entry says how they are made)")
+
+
 def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,
                        device: torch.device, progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
     """Score ``split.test`` zero-shot; thresholds (binary / multi-label tasks) from validation images.
@@ -302,7 +323,8 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
 
     evaluated = evaluate_classification(kind, classes, split.test, test_labels, test_scores, wanted,
                                         thresholds=thresholds, n_resamples=int(config["bootstrap_resamples"]),
-                                        seed=seed, acc_rule=acc_rule)
+                                        seed=seed, acc_rule=acc_rule,
+                                        calibration_left_out=calibration_left_out(adapter))
     metrics = evaluated["metrics"]
     if "auc" in metrics and metrics["auc"] is None:
         raise DataError(f"zero-shot: no class has both positive and negative test images "
@@ -344,7 +366,8 @@ class ZeroShotProtocol(base.Protocol):
         if kind != "multiclass" and _choice(config, "threshold_source", THRESHOLD_SOURCES) == "val":
             images = THRESHOLD_IMAGES[_choice(config, "threshold_images", tuple(THRESHOLD_IMAGES))](source, split)
         return score_predictions_csv(self.prediction_path(Path(predictions)), source, split.test, config,
-                                     default_metrics=METRICS, seed=seed, threshold_images=images)
+                                     default_metrics=METRICS, seed=seed, threshold_images=images,
+                                     calibration_left_out=CSV_CALIBRATION)
 
 
 PROTOCOL = ZeroShotProtocol()

@@ -2,7 +2,8 @@
 
 Per paper task group (seg, det, cls, zs, ground, then any other tasks) the page holds a sortable table
 (the paper layout of :func:`vlpbench.report.table.build_tables`, one table per protocol profile; click a column header to sort, best
-first, click again to reverse), the metric-versus-fraction plots of the group's tasks (inline base64
+first, click again to reverse), a calibration table (ECE, Brier) where classification records hold them,
+the metric-versus-fraction plots of the group's tasks (inline base64
 PNG), and the provenance of every cell: a tooltip and a list of the runs behind it (checkpoint sha256,
 seed, date, vlpbench version and commit). Styles and the sorting script are inline, so the page needs
 no network when viewed. Every string taken from a record is HTML-escaped.
@@ -22,6 +23,7 @@ from vlpbench.errors import DataError
 from vlpbench.report.html_table import cell_markup
 from vlpbench.report.layout import Cell, Column, Grid, Row, metric_name, percent_label
 from vlpbench.report.reference import ReferenceRow
+from vlpbench.report.reliability import calibration_tables
 from vlpbench.protocols.base import TABLE_GROUPS
 from vlpbench.report.table import build_tables, split_identity, table_rows, task_group
 from vlpbench.tasks import DEFAULT_PROFILE
@@ -272,6 +274,11 @@ def leaderboard_html(records: list[dict], *, references: Sequence[ReferenceRow] 
                 body.append(f"<h3>Profile: {_text(profile)}</h3>")
             suffix = "" if profile == DEFAULT_PROFILE else f"-{profile}"
             body.append(sortable_table(grid, provenance, f"table-{group}{suffix}"))
+        for profile, grid in calibration_tables(chosen):
+            suffix = "" if profile == DEFAULT_PROFILE else f"-{profile}"
+            shown = "" if profile == DEFAULT_PROFILE else f", {_text(profile)} profile"
+            body += [f"<h3>Calibration: ECE and Brier score (×100, lower is better{shown})</h3>",
+                     sortable_table(grid, provenance, f"table-{group}-calibration{suffix}")]
         if plots:
             body += _inline_plots(chosen)
         body += [runs_table(chosen), "</section>"]

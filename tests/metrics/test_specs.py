@@ -16,7 +16,8 @@ from vlpbench.tasks import load_task, task_names
 
 def test_each_registered_spec_is_complete_and_registered_under_its_name():
     assert set(METRICS.names()) == {"dice", "dice_positive", "empty_correct", "all_empty_baseline", "map", "map_mgca",
-                                    "auc", "acc", "f1", "mcc", "pointing_game", "recall", "iou", "cnr"}
+                                    "auc", "acc", "f1", "mcc", "pointing_game", "recall", "iou", "cnr",
+                                    "ece", "adaptive_ece", "brier"}
     for name in METRICS:
         spec = METRICS.get(name)
         assert spec.name == name and spec.display and spec.ci in CI_METHODS
@@ -27,8 +28,10 @@ def test_display_names_directions_and_ci_methods():
     shown = {name: metric_spec(name).display for name in ("dice", "map", "auc", "acc", "f1", "mcc", "iou", "cnr")}
     assert shown == {"dice": "Dice", "map": "mAP", "auc": "AUC", "acc": "ACC", "f1": "F1", "mcc": "MCC",
                      "iou": "IoU", "cnr": "CNR"}
-    assert all(METRICS.get(name).higher_is_better for name in METRICS)
-    assert {name for name in METRICS if METRICS.get(name).ci == RECOMPUTED} == {"map", "map_mgca", "auc", "f1", "mcc"}
+    # Calibration errors are the only shipped metrics where lower is better.
+    assert {name for name in METRICS if not METRICS.get(name).higher_is_better} == {"ece", "adaptive_ece", "brier"}
+    assert {name for name in METRICS if METRICS.get(name).ci == RECOMPUTED} == {"map", "map_mgca", "auc", "f1", "mcc",
+                                                                               "ece", "adaptive_ece", "brier"}
     assert metric_spec("dice").ci == metric_spec("acc").ci == PER_IMAGE_MEAN
 
 
@@ -52,8 +55,9 @@ def test_the_former_name_of_accuracy_resolves_to_acc():
 
 @pytest.mark.parametrize("name", ["acuracy", "map_foo", "dice_positives", "auc_", "auc_Pleural", "ap5", "", None])
 def test_unknown_names_are_refused_with_the_known_ones(name):
-    with pytest.raises(ConfigError, match=r"unknown metric .*Known: acc, all_empty_baseline, auc.*per class: "
-                                          r"<metric>_<class slug> of acc, auc, f1, mcc"):
+    with pytest.raises(ConfigError, match=r"unknown metric .*Known: acc, adaptive_ece, all_empty_baseline, auc.*"
+                                          r"per class: <metric>_<class slug> of acc, adaptive_ece, auc, brier, ece, "
+                                          r"f1, mcc"):
         metric_spec(name)
 
 

@@ -111,7 +111,8 @@ def test_finetuning_learns_covidx_and_select_on_loss_keeps_the_lowest_validation
                                 progress=False)
     # One-vs-rest macro AUC of the three classes; chance is 0.5.
     assert outcome["metrics"]["auc"] > 0.65
-    assert set(outcome["metrics"]) == {"acc", "auc", "auc_normal", "auc_pneumonia", "auc_covid_19"}
+    assert set(outcome["metrics"]) == {"acc", "auc", "auc_normal", "auc_pneumonia", "auc_covid_19",
+                                       "ece", "adaptive_ece", "brier"}  # calibration of the top label
     assert all(metric_spec(name).name == name for name in (*outcome["metrics"], *outcome["ci"]))
     history = outcome["training"]["history"]
     assert outcome["training"]["best_epoch"] == min(history, key=lambda h: h["val_loss"])["epoch"]

@@ -96,7 +96,8 @@ def test_covidx_accuracy_from_the_cli(resnet18, data, tmp_path):
     assert record["n"]["test_per_class"] == {"normal": 6, "pneumonia": 6, "COVID-19": 12}
     assert metrics["acc"] > 0.65 and record["primary_metric"] == "acc"
     assert record["per_image"] and np.isclose(np.mean(list(record["per_image"].values())), metrics["acc"])
-    assert set(metrics) == {"acc", "auc", "auc_normal", "auc_pneumonia", "auc_covid_19"}
+    assert set(metrics) == {"acc", "auc", "auc_normal", "auc_pneumonia", "auc_covid_19",
+                            "ece", "adaptive_ece", "brier"}  # calibration of the top label
     ci = record["ci"]["acc"]
     assert ci["low"] <= metrics["acc"] <= ci["high"]
 
