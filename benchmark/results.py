@@ -21,6 +21,12 @@ A record is the only thing tables, plots and comparisons read. Its fields (schem
     env             {vlpbench, git, python, torch, cuda, device}
     data            {synthetic, ...} | null, facts about the data the run saw
     per_image       per-image scores | null, so CIs and new aggregates need no re-run
+    subgroups       optional: {attribute (sex|age|view|site): {metric, groups: [{group, n, positives?,
+                    value, ci {low, high, skipped} | null} or {group, n, positives?, value: null, reason}],
+                    gap: {high, low, value, ci} | null, gap_reason?, n_resamples, level, seed, min_items,
+                    min_positives, age_bins? (age), note?} or {metric, reason}}: the primary metric per
+                    subgroup of the test images (vlpbench.metrics.subgroups); absent where the dataset's
+                    files carry no attribute, and in records written before subgroups existed
     created         UTC ISO-8601 time of make_record
 
 Files live at ``<results>/runs/<model>/<sha256[:8] | nockpt>/<task>.v<version>[-<profile>]/frac<f>-seed<s>.json``
@@ -49,6 +55,7 @@ import vlpbench
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.files import atomic_write, backup_path
 from vlpbench.metrics.specs import metric_spec
+from vlpbench.metrics.subgroups import record_problem as subgroups_problem
 from vlpbench.tasks import DEFAULT_PROFILE, PROFILES
 
 SCHEMA_VERSION = 1
@@ -60,7 +67,7 @@ _UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 def make_record(*, model: dict, task: dict, frac: float, seed: int, split: dict, metrics: dict,
                 primary_metric: str, n: dict, config: dict, timing: dict, ci: dict | None = None,
-                per_image: dict | None = None, data: dict | None = None) -> dict:
+                per_image: dict | None = None, data: dict | None = None, subgroups: dict | None = None) -> dict:
     """Assemble a result record, adding ``schema``, ``env`` and ``created``.
 
     The arguments are stored as given (see the module docstring for their shapes); rounding to 6
@@ -88,6 +95,8 @@ def make_record(*, model: dict, task: dict, frac: float, seed: int, split: dict,
         "per_image": per_image,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if subgroups is not None:
+        record["subgroups"] = subgroups
     problem = _problem(record) or _metric_name_problem(record)
     if problem:
         raise ConfigError(f"result record: {problem}")
@@ -361,10 +370,13 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("timing", lambda v: isinstance(v, dict), "an object"),
     ("env", lambda v: isinstance(v, dict), "an object"),
     ("created", lambda v: isinstance(v, str), "a string"),
+    ("subgroups", lambda v: subgroups_problem(v) is None, "subgroup results (see vlpbench.metrics.subgroups)"),
 ]
 
 
-_OPTIONAL = {"task.profile"}  # absent in records written before profiles existed: canonical
+# task.profile: absent in records written before profiles existed (canonical); subgroups: absent where the
+# dataset carries no attribute and in records written before subgroups existed.
+_OPTIONAL = {"task.profile", "subgroups"}
 
 
 def _problem(record: Any) -> str | None:
