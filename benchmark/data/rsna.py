@@ -400,7 +400,8 @@ class RsnaSource(DatasetReader):
 
     def attributes(self, image_id: str) -> dict[str, Any]:
         """The patient's ``sex``, ``age`` and ``view`` from its DICOM header
-        (:func:`~vlpbench.data.dicom.read_dicom_attributes`); {} without a DICOM (a JPEG of the JPEG release has no header)."""
+        (:func:`~vlpbench.data.dicom.read_dicom_attributes`); {} without a DICOM (a JPEG of the JPEG release
+        has no header)."""
         path = self._paths.get(image_id)
         if path is None or path.suffix.lower() != ".dcm":
             return {}

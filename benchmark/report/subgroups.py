@@ -41,7 +41,7 @@ def subgroup_lines(subgroups: dict[str, Any], names: Sequence[str]) -> str:
         if "groups" not in result:
             blocks.append(f"{result['metric']} by {name}: {result['reason']}")
             continue
-        bins = f", age bins {result['age_bins']}" if "age_bins" in result else ""
+        bins = (f", age bins {','.join(f'{e:g}' for e in result['age_bins'])}" if "age_bins" in result else "")
         lines = [f"{result['metric']} by {name} ({result['level']:.0%} CI, {result['n_resamples']} resamples within "
                  f"each subgroup; at least {result['min_items']} test items and, where the metric needs them, "
                  f"{result['min_positives']} positives and negatives per class{bins})"]
