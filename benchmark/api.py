@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from vlpbench.config import resolve_data_root
+from vlpbench.data.attributes import read_attributes
 from vlpbench.errors import ConfigError, DataError
+from vlpbench.metrics.subgroups import check_attributes, resolve_age_bins
 from vlpbench.protocols import SplitIds
 from vlpbench.protocols.base import Protocol, protocol_named
 from vlpbench.registry import DATASETS, PROTOCOLS
@@ -146,6 +148,8 @@ def run_in_process(
     skip_corrupt: bool = False,
     save_predictions: str | Path | None = None,
     profile: str = "canonical",
+    by: list[str] | None = None,
+    age_bins: list[float] | None = None,
 ) -> tuple[dict[str, Any], Path | None]:
     """Run one (model, task, fraction, seed) in this process (and its process group, if one is
     initialised: then only rank 0 writes the record, and the others return ``(record, None)``).
@@ -159,6 +163,9 @@ def run_in_process(
     (every protocol; see :mod:`vlpbench.predictions`), recorded as ``data.predictions``.
     ``profile``: ``canonical`` (vlpbench's defaults) or ``paper`` (the reference code's settings, each with
     its source in the task file; see :meth:`vlpbench.tasks.Task.with_profile`), recorded as ``task.profile``.
+    The record's ``subgroups`` hold the primary metric per subgroup of every attribute the dataset carries
+    (:func:`subgroups_of`), with ``age_bins`` (else the task's, else the default); ``by``: attributes the
+    caller will show, checked against the dataset's before anything runs.
     """
     from vlpbench import distributed
     from vlpbench.adapters import build_adapter
@@ -188,6 +195,8 @@ def run_in_process(
     check_writable(results)
 
     source = open_dataset(spec, data_root)
+    check_attributes(by, source.attribute_names, spec.dataset)
+    edges = resolve_age_bins(age_bins, config)
     split, test_split = task_splits(spec, source)
     parts = {}
     absent = {}
@@ -198,6 +207,8 @@ def run_in_process(
     # The whole training part too, for protocols that draw the fraction themselves (SplitIds.train_all).
     parts["train_all"] = parts["train"] if split.part_for_fraction(frac) == "train" else (
         split_ids(split, "train", source)[0] if "train" in split.parts else [])
+    # Read before training, so that a header in no accepted form stops the run before it costs anything.
+    attributes = read_attributes(source, parts["test"])
     if source.synthetic:
         log.warning("synthetic dataset at %s: using the %d/%d/%d split images it holds",
                     getattr(source, "root", data_root), len(parts["train"]), len(parts["val"]), len(parts["test"]))
@@ -217,6 +228,8 @@ def run_in_process(
     outcome, skipped = _run_protocol(protocol, adapter, source, parts, frac, config, seed=seed, device=torch_device,
                                      progress=progress, skip_corrupt=skip_corrupt, hooks=hooks)
     outcome["timing"]["wall_s"] = time.perf_counter() - started
+    subgroups = subgroups_of(outcome.pop("items", None), attributes, source.attribute_names, spec.primary_metric,
+                             edges=edges, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
 
     record = make_record(
         model=model_info,
@@ -239,12 +252,28 @@ def run_in_process(
         data={"root": str(getattr(source, "root", data_root)), "synthetic": bool(source.synthetic),
               "absent_from_split": absent, "skipped_corrupt": skipped,
               **({"predictions": str(hooks["predictions"])} if hooks else {})},
+        subgroups=subgroups,
     )
     if not distributed.is_main():
         return record, None
     path = write_record(record, results, overwrite=overwrite)
     log.info("%s = %.4f → %s", spec.primary_metric, outcome["metrics"][spec.primary_metric], path)
     return record, path
+
+
+def subgroups_of(items, attributes: dict[str, dict], names, metric: str, *, edges, n_resamples: int,
+                 seed: int) -> dict[str, Any] | None:
+    """``metric`` per subgroup of each attribute of ``names`` (:func:`vlpbench.metrics.subgroups.subgroup_report`)
+    from a protocol's ``items``; None where the dataset carries no attribute, the protocol gives no items, or
+    it cannot recompute ``metric`` on a subset (MGCA's mAP, which drops images by their detections)."""
+    from vlpbench.metrics.subgroups import subgroup_report
+
+    if items is None or not names:
+        return None
+    if metric not in items.statistics:
+        log.warning("no subgroup metrics: %s cannot be recomputed on a subset of the test images", metric)
+        return None
+    return subgroup_report(items, attributes, names, metric, edges=edges, n_resamples=n_resamples, seed=seed)
 
 
 def _run_protocol(protocol: Protocol, adapter, source, parts: dict[str, list[str]], frac: float,
@@ -298,8 +327,13 @@ def sweep(config: str | Path | None = None, *, force: bool = False, dry_run: boo
 
 def table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: list[str] | None = None,
           tasks: list[str] | None = None, fracs: list[float] | None = None, group: str | None = None,
-          metrics: list[str] | None = None, reference: bool | str | Path = False, profile: str | None = None) -> str:
+          metrics: list[str] | None = None, reference: bool | str | Path = False, profile: str | None = None,
+          by: str | None = None) -> str:
     """The leaderboard of the records under ``results`` in ``fmt`` (md, latex, csv or html).
+
+    ``by`` (``sex``, ``age``, ``view``, ``site``): instead, the Markdown table of the primary metric per subgroup
+    (:func:`vlpbench.report.subgroups.subgroup_table`), filtered by ``models``, ``tasks``, ``fracs``, ``group``,
+    ``profile``.
 
     ``models`` / ``tasks`` / ``fracs`` / ``group`` / ``profile`` filter the records (records of two
     protocol profiles give one table each), ``metrics`` picks the metrics
@@ -314,6 +348,13 @@ def table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: lis
     records = load_records(results)
     if not records:
         raise DataError(f"no result records under {Path(results) / 'runs'} (run `vlpbench run` first)")
+    if by is not None:
+        from vlpbench.report.subgroups import subgroup_table
+
+        if fmt != "md" or metrics or reference:
+            raise ConfigError("table --by prints a Markdown table of the primary metric: it takes no --format other "
+                              "than md, no --metrics and no --reference")
+        return subgroup_table(records, by, models=models, tasks=tasks, fracs=fracs, group=group, profile=profile)
     references = []
     if reference:
         references = load_references(default_reference_dir(results) if reference is True else reference)
@@ -363,6 +404,15 @@ def plot(results: str | Path = DEFAULT_RESULTS, out: str | Path = "plots", *, ta
             + plot_reliability(records, out, tasks=tasks, formats=formats))
 
 
+def plot_subgroups(results: str | Path, out: str | Path, by: str, *, tasks: list[str] | None = None,
+                   formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Write one figure per model × task × fraction: the primary metric per ``by`` subgroup with CI bars
+    (``<task>.<model>.frac<f>.by_<by>.<format>``); the files written. See :mod:`vlpbench.report.subgroups`."""
+    from vlpbench.report.subgroups import plot_subgroups as plot
+
+    return plot(_records(results), out, by, tasks=tasks, formats=formats)
+
+
 def plot_panels(task: str, predictions: str | Path, out: str | Path = "plots", *, data_root: str | Path | None = None,
                 n: int = 4, formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
     """Write ``<out>/<task>_panels.<format>``: image, ground truth and prediction (segmentation masks) or
@@ -406,7 +456,8 @@ def baseline_update(results: str | Path = DEFAULT_RESULTS, baseline_dir: str | P
 
 
 def score(task: str, predictions: str | Path, *, data_root: str | Path | None = None, split: str = "test",
-          seed: int = 0, overrides: dict[str, Any] | None = None, profile: str = "canonical") -> dict[str, Any]:
+          seed: int = 0, overrides: dict[str, Any] | None = None, profile: str = "canonical",
+          by: list[str] | None = None, age_bins: list[float] | None = None) -> dict[str, Any]:
     """Score predictions made by any framework (or saved by ``run --save-predictions``) on a task.
 
     ``predictions``: the folder ``run --save-predictions`` wrote, or the protocol's file (see
@@ -416,8 +467,10 @@ def score(task: str, predictions: str | Path, *, data_root: str | Path | None = 
     ``profile``: the protocol profile whose settings (split, metric, options) score the predictions.
 
     Returns ``task``, ``version``, ``profile``, ``split``, ``split_sha256``, ``config`` (the overrides and seed used) and
-    the protocol's outcome: ``metrics``, ``ci``, ``per_image``, ``n``, ``scoring`` (thresholds, notes) and, for
-    classification, ``calibration`` (reliability bins, or why they are left out).
+    the protocol's outcome: ``metrics``, ``ci``, ``per_image``, ``n``, ``scoring`` (thresholds, notes), for
+    classification ``calibration`` (reliability bins, or why they are left out), and ``subgroups`` as ``run``
+    records them where the data folder's files carry attributes (a DICOM dataset's live in the image headers).
+    ``by`` and ``age_bins`` as for :func:`run_in_process`.
     """
     spec = load_task(task, profile)
     protocol = protocol_named(spec.protocol)
@@ -432,7 +485,14 @@ def score(task: str, predictions: str | Path, *, data_root: str | Path | None = 
     val_ids: list[str] = []
     if protocol.uses_val and split != "val" and "val" in task_split.parts:
         val_ids, _ = labelled_ids(task_split, "val", source)
+    check_attributes(by, source.attribute_names, spec.dataset)
+    edges = resolve_age_bins(age_bins, config)
+    attributes = read_attributes(source, ids)
     outcome = protocol.score(Path(predictions), source, SplitIds([], val_ids, ids), config, seed=seed)
+    subgroups = subgroups_of(outcome.pop("items", None), attributes, source.attribute_names, spec.primary_metric,
+                             edges=edges, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+    if subgroups is not None:
+        outcome["subgroups"] = subgroups
     return {"task": spec.name, "version": spec.version, "profile": spec.profile, "split": split,
             "split_sha256": holder.manifest_sha256,
             "config": {"overrides": dict(overrides or {}), "seed": seed}, **outcome}

@@ -11,6 +11,7 @@ import time
 from typing import Callable
 
 from vlpbench import __version__
+from vlpbench.data.attributes import ATTRIBUTES
 from vlpbench.errors import ConfigError, VlpbenchError
 
 log = logging.getLogger("vlpbench")
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="new or empty folder for the test predictions, in the format `vlpbench score` reads "
                         "(segmentation: <image_id>.png masks; detection: detections.json; classification: "
                         "predictions.csv; grounding: heatmaps.npz)")
+    _subgroup_options(p)
 
     p = command("sweep", "Run models × tasks × fractions × seeds, each run in its own process with its own log; "
                 "runs whose records exist are skipped, so a killed sweep resumes where it stopped.",
@@ -133,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="override a task option as `run --set` does, e.g. --set threshold=0.4 (repeatable)")
     _profile(p, "the protocol profile whose split, metric and settings score the predictions (default canonical)")
+    _subgroup_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a sentence")
 
     p = command("table", "Print the leaderboard of the result records as a paper table (Markdown, LaTeX, CSV, HTML).",
@@ -149,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=_names,
                    help="metrics per task as sub-columns, e.g. auc,f1,acc (default: the primary metric)")
     _profile(p, "only the records of this protocol profile (default: all, one table per profile)", default=None)
+    p.add_argument("--by", choices=ATTRIBUTES,
+                   help="instead, the primary metric per subgroup of sex, age, view or site: value [95%% CI] and n per "
+                        "subgroup, and the gap between the best and the worst with its CI (Markdown)")
     p.add_argument("--reference", nargs="?", const=True, default=False, metavar="DIR",
                    help="add published rows (marked as reported, never bold) from DIR "
                         "(default: RESULTS/reference, else the checkout's results/reference); a published "
@@ -166,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", dest="formats", type=_names, default=["png", "svg"],
                    help="comma-separated: png, svg (default png,svg)")
     p.add_argument("--panels", action="store_true", help="draw qualitative panels from saved predictions instead")
+    p.add_argument("--by", choices=ATTRIBUTES,
+                   help="instead, the primary metric per subgroup of sex, age, view or site with 95%% CI bars, one "
+                        "figure per model × task × fraction")
     p.add_argument("--task", help="with --panels: a segmentation or grounding task")
     p.add_argument("--predictions", help="with --panels: the folder `run --save-predictions` wrote, a folder of "
                    "<image_id>.png masks, or a grounding .npz")
@@ -362,6 +371,28 @@ DATA_ROOT_HELP = ("dataset folder as its download unpacks "
                   "(default: $VLPBENCH_<DATASET>_ROOT, $VLPBENCH_DATA/<dataset>, or vlpbench.yaml)")
 
 
+def _subgroup_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--by", action="append", type=_names, metavar="ATTRIBUTE[,ATTRIBUTE]",
+                   help="print the primary metric per subgroup of sex, age, view or site (repeatable or "
+                        "comma-separated): value, 95%% bootstrap CI within the subgroup, n, and the largest gap "
+                        "between subgroups with its CI. Every attribute the dataset carries is computed and kept "
+                        "in the record's `subgroups` either way")
+    p.add_argument("--age-bins", type=_numbers, metavar="EDGES",
+                   help="age bin edges in years, e.g. 18,40,60,80 (bins <18, [18,40), ..., >=80; default: the "
+                        "task's subgroups.age_bins, else 40,60,80)")
+
+
+def _by(args: argparse.Namespace) -> list[str]:
+    return [name for names in args.by or () for name in names]
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(part) for part in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _data_root(p: argparse.ArgumentParser, help: str = DATA_ROOT_HELP) -> None:
     p.add_argument("--data-root", help=help)
     # `data check` and `splits verify` took --root before; every command accepts it, unlisted.
@@ -388,7 +419,8 @@ def _run(args: argparse.Namespace) -> int:
                            overrides=parse_options(args.overrides, "--set"), device=args.device,
                            overwrite=args.overwrite, progress=not (args.quiet or args.no_progress),
                            save_predictions=args.save_predictions, precision=args.precision,
-                           skip_corrupt=args.skip_corrupt, profile=args.profile)
+                           skip_corrupt=args.skip_corrupt, profile=args.profile, by=_by(args),
+                           age_bins=args.age_bins)
     if path is None:  # a torchrun rank other than 0: rank 0 writes and prints the result
         return 0
     metric = record["primary_metric"]
@@ -397,6 +429,10 @@ def _run(args: argparse.Namespace) -> int:
                 else "")
     print(f"{record['task']['name']} {metric} = {record['metrics'][metric]:.4f} ({interval}"
           f"n_test={record['n']['test']})\nrecord: {path}")
+    if _by(args):
+        from vlpbench.report.subgroups import subgroup_lines
+
+        print(subgroup_lines(record.get("subgroups") or {}, _by(args)))
     return 0
 
 
@@ -432,7 +468,8 @@ def _score(args: argparse.Namespace) -> int:
     from vlpbench.options import parse_options
 
     result = api.score(args.task, args.predictions, data_root=args.data_root, split=args.split, seed=args.seed,
-                       overrides=parse_options(args.overrides, "--set"), profile=args.profile)
+                       overrides=parse_options(args.overrides, "--set"), profile=args.profile, by=_by(args),
+                       age_bins=args.age_bins)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -446,6 +483,10 @@ def _score(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         if left_out := (result.get("calibration") or {}).get("left_out"):
             print(f"note: calibration (ECE, Brier) left out: {left_out}")
+        if _by(args):
+            from vlpbench.report.subgroups import subgroup_lines
+
+            print(subgroup_lines(result.get("subgroups") or {}, _by(args)))
     return 0
 
 
@@ -469,7 +510,8 @@ def _table(args: argparse.Namespace) -> int:
     from vlpbench import api
 
     print(api.table(args.results, fmt=args.fmt, models=args.models, tasks=args.tasks, fracs=args.fracs,
-                    group=args.group, metrics=args.metrics, reference=args.reference, profile=args.profile), end="")
+                    group=args.group, metrics=args.metrics, reference=args.reference, profile=args.profile,
+                    by=args.by), end="")
     return 0
 
 
@@ -482,6 +524,8 @@ def _plot(args: argparse.Namespace) -> int:
             raise ConfigError("plot --panels needs --task and --predictions")
         paths = api.plot_panels(args.task, args.predictions, args.out, data_root=args.data_root, n=args.n,
                                 formats=formats)
+    elif args.by:
+        paths = api.plot_subgroups(args.results, args.out, args.by, tasks=args.tasks, formats=formats)
     else:
         paths = api.plot(args.results, args.out, tasks=args.tasks, formats=formats)
     print("\n".join(map(str, paths)))

@@ -25,6 +25,12 @@ A record is the only thing tables, plots and comparisons read. Its fields (schem
                     upper, confidence, frequency, count}}}, the equal-width reliability bins of the test
                     probabilities (vlpbench.protocols.calibration), or {left_out: why} where the scores are
                     no probabilities; absent in older records and for other protocols
+    subgroups?      {attribute (sex|age|view|site): {metric, groups: [{group, n, positives?,
+                    value, ci {low, high, skipped} | null} or {group, n, positives?, value: null, reason}],
+                    gap: {high, low, value, ci} | null, gap_reason?, n_resamples, level, seed, min_items,
+                    min_positives, age_bins? (age), note?} or {metric, reason}}: the primary metric per
+                    subgroup of the test images (vlpbench.metrics.subgroups); absent where the dataset's
+                    files carry no attribute, and in records written before subgroups existed
     created         UTC ISO-8601 time of make_record
 
 Files live at ``<results>/runs/<model>/<sha256[:8] | nockpt>/<task>.v<version>[-<profile>]/frac<f>-seed<s>.json``
@@ -54,6 +60,7 @@ from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.files import atomic_write, backup_path
 from vlpbench.metrics.calibration import check_calibration_entry
 from vlpbench.metrics.specs import metric_spec
+from vlpbench.metrics.subgroups import record_problem as subgroups_problem
 from vlpbench.tasks import DEFAULT_PROFILE, PROFILES
 
 SCHEMA_VERSION = 1
@@ -65,11 +72,12 @@ _UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 def make_record(*, model: dict, task: dict, frac: float, seed: int, split: dict, metrics: dict,
                 primary_metric: str, n: dict, config: dict, timing: dict, ci: dict | None = None,
-                per_image: dict | None = None, data: dict | None = None, calibration: dict | None = None) -> dict:
+                per_image: dict | None = None, data: dict | None = None, calibration: dict | None = None,
+                subgroups: dict | None = None) -> dict:
     """Assemble a result record, adding ``schema``, ``env`` and ``created``.
 
-    The arguments are stored as given (see the module docstring for their shapes; ``calibration`` only when
-    not None); rounding to 6
+    The arguments are stored as given (see the module docstring for their shapes; ``calibration`` and
+    ``subgroups`` only when not None); rounding to 6
     decimals and conversion of numpy values happen when the record is written.
 
     Raises:
@@ -96,6 +104,10 @@ def make_record(*, model: dict, task: dict, frac: float, seed: int, split: dict,
     }
     if calibration is not None:
         record["calibration"] = calibration
+    if subgroups is not None:
+        record["subgroups"] = subgroups
+    if subgroups is not None:
+        record["subgroups"] = subgroups
     problem = _problem(record) or _metric_name_problem(record)
     if problem:
         raise ConfigError(f"result record: {problem}")
@@ -372,12 +384,14 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("calibration", check_calibration_entry,
      "{left_out: reason} or {n_bins, binning, confidence, curves: {name: {lower, upper, confidence, frequency, "
      "count} of n_bins entries each}}"),
+    ("subgroups", lambda v: subgroups_problem(v) is None, "subgroup results (see vlpbench.metrics.subgroups)"),
 ]
 
 
 # task.profile: absent in records written before profiles existed (canonical); calibration: before calibration
-# metrics existed, and in records of protocols other than classification.
-_OPTIONAL = {"task.profile", "calibration"}
+# metrics existed, and in records of protocols other than classification; subgroups: where the dataset carries
+# no attribute, and in records written before subgroups existed.
+_OPTIONAL = {"task.profile", "calibration", "subgroups"}
 
 
 def _problem(record: Any) -> str | None:

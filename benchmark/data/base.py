@@ -66,6 +66,22 @@ class DatasetReader(ABC):
         """
         raise ConfigError(f"no classification labels for dataset reader {type(self).__name__}")
 
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        """The per-image attributes the dataset's files can carry, of ``sex``, ``age``, ``view``, ``site``
+        (:mod:`vlpbench.data.attributes`); none by default."""
+        return ()
+
+    def attributes(self, image_id: str) -> dict[str, Any]:
+        """The image's attributes among :attr:`attribute_names`, normalised by :mod:`vlpbench.data.attributes`
+        (``unknown`` where the file leaves one empty); an attribute the image's files cannot carry (an RSNA
+        JPEG has no header) is absent. Read from label files and image headers, never from pixels.
+
+        Raises:
+            DataError: a value in no accepted form, naming the file (and line).
+        """
+        return {}
+
 
 def check_classes(reader: DatasetReader, classes: Sequence[str]) -> None:
     """ConfigError naming the classes of ``classes`` that ``reader``'s dataset does not have, and its classes."""

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from vlpbench.data import is_synthetic
+from vlpbench.data import attributes, is_synthetic
 from vlpbench.data.base import DatasetReader, check_classes
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import (Split, derived_split, mgca_fraction_subsets, multilabel_subset, stratified_sample,
@@ -76,6 +76,8 @@ TEST_FILES = ("groundtruth.csv", "test_labels.csv")  # study-level (Study) / ima
 TEST_ALIASES = {"Airspace Opacity": "Lung Opacity"}  # CheXlocalize's name
 
 _VALUES = {"1.0": 1.0, "0.0": 0.0, "-1.0": -1.0, "": math.nan}
+SEX_SPELLINGS = {"Female": "F", "Male": "M", "Unknown": attributes.UNKNOWN}
+AP_PA = ("AP", "PA", "LL", "RL", "")
 _VIEW = re.compile(r"view([0-9]+)_frontal\.jpg")
 
 
@@ -115,12 +117,16 @@ def _label(text: str, where: str, column: str) -> float:
 @dataclass(frozen=True)
 class LabelTable:
     """One parsed train.csv / valid.csv: ``paths`` in file order, ``frontal`` flags, and the 14
-    observations as float32 (``values[i, j]`` for OBSERVATIONS[j]; NaN = empty)."""
+    observations as float32 (``values[i, j]`` for OBSERVATIONS[j]; NaN = empty). ``demographics`` holds
+    each row's ``Sex``, ``Age`` and ``AP/PA`` as written and ``lines`` its line number, so that
+    :meth:`ChexpertSource.attributes` can name the line of a value it cannot read."""
 
     file: Path
     paths: tuple[str, ...]
     frontal: np.ndarray
     values: np.ndarray
+    demographics: tuple[tuple[str, str, str], ...] = ()
+    lines: tuple[int, ...] = ()
 
 
 def read_label_table(path: str | Path) -> LabelTable:
@@ -145,6 +151,8 @@ def read_label_table(path: str | Path) -> LabelTable:
     paths: list[str] = []
     frontal: list[bool] = []
     values: list[list[float]] = []
+    demographics: list[tuple[str, str, str]] = []
+    lines: list[int] = []
     first_line: dict[str, int] = {}
     for fields in reader:
         where = f"{path} line {reader.line_num}"
@@ -161,12 +169,34 @@ def read_label_table(path: str | Path) -> LabelTable:
             raise DataError(f"{where}: column 'Frontal/Lateral' is {view!r}; expected Frontal or Lateral")
         paths.append(image_id)
         frontal.append(view == "Frontal")
+        demographics.append((fields[at["Sex"]], fields[at["Age"]], fields[at["AP/PA"]]))
+        lines.append(reader.line_num)
         row = [_VALUES.get(fields[j]) for j in observation_at]
         if None in row:  # a spelling other than the real file's: check and convert each value
             row = [_label(fields[j], where, header[j]) for j in observation_at]
         values.append(row)
     return LabelTable(path, tuple(paths), np.array(frontal, dtype=bool),
-                      np.array(values, dtype=np.float32).reshape(len(paths), len(OBSERVATIONS)))
+                      np.array(values, dtype=np.float32).reshape(len(paths), len(OBSERVATIONS)),
+                      tuple(demographics), tuple(lines))
+
+
+def row_attributes(table: LabelTable, row: int) -> dict[str, Any]:
+    """``sex``, ``age`` and ``view`` of one row (:mod:`vlpbench.data.attributes`): ``Sex`` Male / Female /
+    Unknown; ``Age`` in years, ``0`` being unknown (the real train.csv's three rows without an age); ``view``
+    the ``AP/PA`` value (AP, PA, LL, RL) of a frontal row, ``FRONTAL`` where it is empty, ``LATERAL`` for a
+    lateral row with an empty AP/PA (else its LL / RL).
+
+    Raises:
+        DataError: naming the file and line for a value in none of these forms.
+    """
+    sex, age, position = table.demographics[row]
+    where = f"{table.file} line {table.lines[row]}"
+    if position not in AP_PA:
+        raise DataError(f"{where}: column 'AP/PA' is {position!r}; expected {', '.join(AP_PA[:-1])} or empty")
+    view = position or ("FRONTAL" if table.frontal[row] else "LATERAL")
+    return {"sex": attributes.sex(sex, where, SEX_SPELLINGS),
+            "age": attributes.age_years(age, where, zero_is_unknown=True),
+            "view": view}
 
 
 def _check_classes(classes: Sequence[str], policy: str) -> list[int]:
@@ -344,6 +374,15 @@ class ChexpertSource(DatasetReader):
         except ValueError as e:  # 'mgca' with a class it has no mapping for
             raise ConfigError(f"label_policy={policy!r}: {e}") from e
         return [labels[c] for c in classes]
+
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        """``sex``, ``age`` and ``view``, from the CSV columns Sex, Age, Frontal/Lateral and AP/PA."""
+        return ("sex", "age", "view")
+
+    def attributes(self, image_id: str) -> dict[str, Any]:
+        """The row's ``sex``, ``age`` and ``view`` (:func:`row_attributes`)."""
+        return row_attributes(*self._row(image_id))
 
     def unlabelled(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` without a label row, in order (images are not looked at)."""

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from vlpbench.data import is_synthetic
+from vlpbench.data import attributes, is_synthetic
 from vlpbench.data.base import DatasetReader, check_classes
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import (Split, derived_split, holdout_parts, mgca_fraction_subsets, train_size_split_ids,
@@ -260,6 +260,16 @@ class CovidxSource(DatasetReader):
         check_classes(self, classes)
         name = self.class_name(image_id)
         return [int(name == c) for c in classes]
+
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        """``site``: the label line's data source."""
+        return ("site",)
+
+    def attributes(self, image_id: str) -> dict[str, Any]:
+        """The image's ``site``: its data source as written (``rsna``, ``rnsa``, ``sirm``, ...), ``unknown`` on a
+        line without one."""
+        return {"site": attributes.site(self.source_name(image_id))}
 
     def unlabelled(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` without a label row, in order (images are not looked at)."""

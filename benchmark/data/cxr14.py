@@ -418,6 +418,17 @@ class Cxr14Source(DatasetReader):
         labels = self.labels(image_id)
         return [labels[c] for c in classes]
 
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        """``sex``, ``age`` and ``view``, from Data_Entry's Patient Gender, Patient Age and View Position."""
+        return ("sex", "age", "view")
+
+    def attributes(self, image_id: str) -> dict[str, Any]:
+        """The Data_Entry row's ``sex`` (M / F), ``age`` in years and ``view`` (PA / AP); :func:`read_data_entry`
+        has checked every value when the reader opened."""
+        entry = self.entry(image_id)
+        return {"sex": entry.sex, "age": entry.age_years, "view": entry.view_position}
+
     def unlabelled(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` without a label row, in order (images are not looked at)."""
         return [i for i in ids if i not in self._entries]

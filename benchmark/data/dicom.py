@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -21,6 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
+from vlpbench.data import attributes
 from vlpbench.errors import DataError
 
 # What DCMTK 3.6.0 wrote into every SIIM and RSNA file.
@@ -75,6 +77,33 @@ def read_dicom(path: str | Path) -> np.ndarray:
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         image = 255 - image
     return image
+
+
+# DICOM PatientSex (0010,0040): M, F, O (other) or empty.
+DICOM_SEXES = {"M": "M", "F": "F", "O": "O", "": attributes.UNKNOWN}
+ATTRIBUTE_TAGS = ("PatientSex", "PatientAge", "ViewPosition")
+
+
+def read_dicom_attributes(path: str | Path) -> dict[str, Any]:
+    """``sex``, ``age`` and ``view`` of a DICOM from ``PatientSex``, ``PatientAge`` and ``ViewPosition``
+    (:mod:`vlpbench.data.attributes`), reading the header only (stops before the pixel data). An absent or
+    empty element is ``unknown``; ``PatientAge`` may be a bare number (``62``, as SIIM and RSNA write it)
+    or the standard ``062Y`` / ``006M`` form.
+
+    Raises:
+        DataError: the file is missing or unreadable, or a value is in no accepted form; names the file.
+    """
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(ATTRIBUTE_TAGS))
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: DICOM file not found") from exc
+    except Exception as exc:  # pydicom reports damaged headers with many exception types
+        raise DataError(f"{path}: unreadable DICOM header ({type(exc).__name__}: {exc})") from exc
+    text = {tag: str(ds.get(tag, "") or "") for tag in ATTRIBUTE_TAGS}
+    return {"sex": attributes.sex(text["PatientSex"], f"{path}: PatientSex", DICOM_SEXES),
+            "age": attributes.age_years(text["PatientAge"], f"{path}: PatientAge"),
+            "view": attributes.view(text["ViewPosition"], f"{path}: ViewPosition")}
 
 
 def _jpeg_baseline(pixels: np.ndarray, quality: int) -> bytes:

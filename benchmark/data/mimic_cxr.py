@@ -38,10 +38,11 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from vlpbench.data import is_synthetic
+from vlpbench.data import attributes, is_synthetic
 from vlpbench.data.base import DatasetReader
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, multilabel_subset, write_split
@@ -410,6 +411,16 @@ class MimicCxrSource(DatasetReader):
         if image_id not in self._jpgs:
             raise DataError(f"no JPEG for image {image_id}: expected {self.path(image_id)}")
         return read_image(self.path(image_id))
+
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        """``view`` only: the metadata file has ViewPosition; sex and age are in MIMIC-IV, not here."""
+        return ("view",)
+
+    def attributes(self, image_id: str) -> dict[str, Any]:
+        """The image's ``view``: the metadata ViewPosition (PA, AP, LATERAL, LL, ...; empty is ``unknown``)."""
+        return {"view": attributes.view(self.view_position(image_id),
+                                        f"{self.metadata_file} dicom_id {image_id}: ViewPosition")}
 
     def unlabelled(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` without a label row, in order (images are not looked at)."""

@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vlpbench.data import is_synthetic
 from vlpbench.data.base import DatasetReader, check_classes
-from vlpbench.data.dicom import read_dicom
+from vlpbench.data.dicom import read_dicom, read_dicom_attributes
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import (holdout_parts, mgca_fraction_subsets, nested_subsets, stratified_split,
                                   train_test_split_ids, write_split)
@@ -392,6 +392,20 @@ class RsnaSource(DatasetReader):
         """:meth:`label` for the one class."""
         check_classes(self, classes)
         return [self.label(image_id)]
+
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        """``sex``, ``age`` and ``view``, from the DICOM header (PatientSex, PatientAge, ViewPosition)."""
+        return ("sex", "age", "view")
+
+    def attributes(self, image_id: str) -> dict[str, Any]:
+        """The patient's ``sex``, ``age`` and ``view`` from its DICOM header
+        (:func:`~vlpbench.data.dicom.read_dicom_attributes`); {} without a DICOM (a JPEG of the JPEG release
+        has no header)."""
+        path = self._paths.get(image_id)
+        if path is None or path.suffix.lower() != ".dcm":
+            return {}
+        return read_dicom_attributes(path)
 
     def unlabelled(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` without a label row, in order (images are not looked at)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vlpbench.data.dicom import read_dicom
+from vlpbench.data.dicom import read_dicom, read_dicom_attributes
 from vlpbench.data import is_synthetic
 from vlpbench.data.base import DatasetReader, check_classes
 from vlpbench.errors import DataError
@@ -241,6 +241,19 @@ class SiimSource(DatasetReader):
         """:meth:`label` for the one class."""
         check_classes(self, classes)
         return [self.label(image_id)]
+
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        """``sex``, ``age`` and ``view``, from the DICOM header (PatientSex, PatientAge, ViewPosition)."""
+        return ("sex", "age", "view")
+
+    def attributes(self, image_id: str) -> dict[str, Any]:
+        """The image's ``sex``, ``age`` and ``view`` from its DICOM header
+        (:func:`~vlpbench.data.dicom.read_dicom_attributes`); {} without a DICOM."""
+        path = self._paths.get(image_id)
+        if path is None:
+            return {}
+        return read_dicom_attributes(path)
 
     def unlabelled(self, ids: Sequence[str]) -> list[str]:
         """The ids among ``ids`` without a label row, in order (images are not looked at)."""

@@ -32,6 +32,7 @@ import numpy as np
 
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.bootstrap import bootstrap_ci
+from vlpbench.metrics.subgroups import BOTH, POSITIVES, ItemStatistics
 from vlpbench.metrics.classification import (
     ACC_RULES,
     CRITERIA,
@@ -178,8 +179,10 @@ def evaluate_classification(kind: str, classes: list[str], ids: Sequence[str], l
     """The metrics, CIs and per-image scores of test ``probabilities`` (N, C) against ``labels``.
 
     Returns ``metrics``, ``ci``, ``per_image`` (top-1 correctness per image for a multi-class task;
-    {} otherwise, since an AUC is not a mean over images) and ``calibration`` (the reliability bins, or
-    why calibration is left out: ``calibration_left_out``, or scores that are no probabilities).
+    {} otherwise, since an AUC is not a mean over images), ``calibration`` (the reliability bins, or
+    why calibration is left out: ``calibration_left_out``, or scores that are no probabilities) and ``items``,
+    the statistics subgroup metrics recompute on subsets (:class:`~vlpbench.metrics.subgroups.ItemStatistics`;
+    not written to records).
     ``thresholds``: one per class (None: the class has none), or None when no metric at a threshold is wanted.
     ``acc_rule``: ``ge`` (accuracy of ``score >= threshold``, like F1 and MCC) or ``gt`` (of ``score > threshold``,
     MedKLIP's zero-shot rule).
@@ -192,7 +195,22 @@ def evaluate_classification(kind: str, classes: list[str], ids: Sequence[str], l
     if kind == "multiclass":
         correct = probabilities.argmax(axis=1) == labels
         per_image = {image_id: float(c) for image_id, c in zip(ids, correct)}
-    return {"metrics": metrics, "ci": ci, "per_image": per_image, "calibration": reliability}
+    return {"metrics": metrics, "ci": ci, "per_image": per_image, "calibration": reliability,
+            "items": _item_statistics(kind, classes, ids, labels, statistics)}
+
+
+def _item_statistics(kind: str, classes: list[str], ids: Sequence[str], labels: np.ndarray,
+                     statistics: dict[str, Statistic]) -> ItemStatistics:
+    """The metric statistics with each test image's positives, for subgroup metrics: AUC and MCC need
+    positives and negatives of every class in a subgroup, F1 positives (the top-1 metrics of a multi-class
+    task need neither)."""
+    if kind == "multiclass":
+        positives = (labels[:, None] == np.arange(len(classes))[None, :]).astype(int)
+        requires = {"auc": BOTH}
+    else:
+        positives = (labels == 1).astype(int)
+        requires = {"auc": BOTH, "mcc": BOTH, "f1": POSITIVES}
+    return ItemStatistics(tuple(ids), statistics, positives, tuple(classes[:positives.shape[1]]), requires)
 
 
 def score_predictions_csv(predictions: Path, source, test_ids: Sequence[str], config: dict[str, Any], *,

@@ -57,6 +57,7 @@ from vlpbench import distributed
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.metrics.bootstrap import bootstrap_ci
+from vlpbench.metrics.subgroups import ItemStatistics, weighted_mean
 from vlpbench.metrics.grounding import METRIC_NAMES, candidate_thresholds, choose_threshold, grounding_scores
 from vlpbench.predictions import HEATMAPS_FILE, write_heatmaps
 from vlpbench.protocols import SplitIds, base
@@ -388,7 +389,8 @@ def evaluate_grounding(maps: Mapping[str, Any], test: list[Query], val: list[Que
     the task's fixed ``threshold`` when ``val`` is empty), then every test query scored.
 
     Returns ``metrics`` (means over test queries), ``ci``, ``per_image`` (Dice per query key), ``threshold``
-    (``threshold``, ``val_dice``, ``candidates``) and ``scores`` (each metric per test query).
+    (``threshold``, ``val_dice``, ``candidates``), ``scores`` (each metric per test query) and ``items`` (the
+    per-query means that subgroup metrics recompute on subsets, each query under its image).
     """
     if val:
         chosen = select_threshold(maps, val, source, config, progress=progress)
@@ -398,7 +400,9 @@ def evaluate_grounding(maps: Mapping[str, Any], test: list[Query], val: list[Que
     metrics, ci = summarize(scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
     return {"metrics": metrics, "ci": ci,
             "per_image": {query.key: float(value) for query, value in zip(test, scores["dice"])},
-            "threshold": chosen, "scores": scores}
+            "threshold": chosen, "scores": scores,
+            "items": ItemStatistics(tuple(query.image_id for query in test),
+                                    {name: weighted_mean(values) for name, values in scores.items()}, unit="query")}
 
 
 def read_heatmaps(path: Path) -> Mapping[str, np.ndarray]:

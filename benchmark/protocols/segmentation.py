@@ -83,6 +83,7 @@ from vlpbench.protocols.runtime import (
 )
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.dice import batch_means, dice_per_image
+from vlpbench.metrics.subgroups import POSITIVES, ItemStatistics, weighted_mean
 from vlpbench.predictions import find_masks, read_prediction_mask, write_mask
 from vlpbench.protocols import base
 from vlpbench.protocols.features import channel_values, normalize as normalize_channels
@@ -436,10 +437,19 @@ def evaluate_segmentation(source: SegmentationSource, ids: list[str], scores: np
     if batch_size is not None:
         averaged = batch_means(scores, batch_size)
         metrics["dice"] = float(averaged.mean())
+    # Subgroup metrics recompute each metric on a subset: Dice as a mean over the subset's images.
+    notes = {"dice": "mean over images: batch means (dice_average: batch) have no meaning within a subgroup"
+             } if batch_size is not None else {}
+    items = ItemStatistics(tuple(ids), {"dice": weighted_mean(scores),
+                                        "dice_positive": weighted_mean(np.where(positive, scores, np.nan)),
+                                        "empty_correct": weighted_mean(np.where(positive, np.nan, scores))},
+                           positive[:, None].astype(int), tuple(getattr(source, "classes", ())[:1]) or ("positive",),
+                           {"dice_positive": POSITIVES}, notes=notes)
     return {
         "metrics": metrics,
         "ci": {"dice": bootstrap_ci(averaged, n_resamples=n_resamples, seed=seed)},
         "per_image": {image_id: float(s) for image_id, s in zip(ids, scores)},
+        "items": items,
     }
 
 

@@ -282,6 +282,9 @@ def leaderboard_html(records: list[dict], *, references: Sequence[ReferenceRow] 
         if plots:
             body += _inline_plots(chosen)
         body += [runs_table(chosen), "</section>"]
+    from vlpbench.report.subgroups import leaderboard_section
+
+    body.append(leaderboard_section(records))
     return "\n".join(["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
                       '<meta name="viewport" content="width=device-width, initial-scale=1">',
                       f"<title>{_text(title)}</title>", f"<style>{_STYLE}</style>", "</head>", "<body>",
