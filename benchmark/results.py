@@ -21,6 +21,9 @@ A record is the only thing tables, plots and comparisons read. Its fields (schem
     env             {vlpbench, git, python, torch, cuda, device}
     data            {synthetic, ...} | null, facts about the data the run saw
     per_image       per-image scores | null, so CIs and new aggregates need no re-run
+    evidence?       {file, sha256}: the sidecar ``<record stem>.evidence.npz`` beside the record, from which
+                    every metric is recomputed on any weighting of the test items (paired tests between
+                    models; vlpbench.evidence); absent in records written before it existed
     created         UTC ISO-8601 time of make_record
 
 Files live at ``<results>/runs/<model>/<sha256[:8] | nockpt>/<task>.v<version>[-<profile>]/frac<f>-seed<s>.json``
@@ -361,10 +364,14 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("timing", lambda v: isinstance(v, dict), "an object"),
     ("env", lambda v: isinstance(v, dict), "an object"),
     ("created", lambda v: isinstance(v, str), "a string"),
+    ("evidence", lambda v: (isinstance(v, dict) and isinstance(v.get("file"), str) and bool(v["file"])
+                            and "/" not in v["file"] and isinstance(v.get("sha256"), str) and len(v["sha256"]) == 64),
+     "an object {file: a file name beside the record, sha256: 64 hex digits}"),
 ]
 
 
-_OPTIONAL = {"task.profile"}  # absent in records written before profiles existed: canonical
+# Absent in records written before they existed: task.profile (then canonical), evidence (then none).
+_OPTIONAL = {"task.profile", "evidence"}
 
 
 def _problem(record: Any) -> str | None:

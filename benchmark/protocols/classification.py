@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from vlpbench.errors import ConfigError, DataError
+from vlpbench.evidence import classification_evidence
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.classification import (
     ACC_RULES,
@@ -172,8 +173,8 @@ def evaluate_classification(kind: str, classes: list[str], ids: Sequence[str], l
                             seed: int, acc_rule: str = "ge") -> dict[str, Any]:
     """The metrics, CIs and per-image scores of test ``probabilities`` (N, C) against ``labels``.
 
-    Returns ``metrics``, ``ci`` and ``per_image`` (top-1 correctness per image for a multi-class task;
-    {} otherwise, since an AUC is not a mean over images). ``thresholds``: one per class (None: the class
+    Returns ``metrics``, ``ci``, ``per_image`` (top-1 correctness per image for a multi-class task;
+    {} otherwise, since an AUC is not a mean over images) and ``evidence`` (:mod:`vlpbench.evidence`). ``thresholds``: one per class (None: the class
     has none), or None when no metric at a threshold is wanted. ``acc_rule``: ``ge`` (accuracy of
     ``score >= threshold``, like F1 and MCC) or ``gt`` (of ``score > threshold``, MedKLIP's zero-shot rule).
     """
@@ -183,7 +184,8 @@ def evaluate_classification(kind: str, classes: list[str], ids: Sequence[str], l
     if kind == "multiclass":
         correct = probabilities.argmax(axis=1) == labels
         per_image = {image_id: float(c) for image_id, c in zip(ids, correct)}
-    return {"metrics": metrics, "ci": ci, "per_image": per_image}
+    evidence = classification_evidence(kind, classes, ids, labels, probabilities, wanted, thresholds, acc_rule)
+    return {"metrics": metrics, "ci": ci, "per_image": per_image, "evidence": evidence}
 
 
 def score_predictions_csv(predictions: Path, source, test_ids: Sequence[str], config: dict[str, Any], *,

@@ -53,7 +53,8 @@ from tqdm.auto import tqdm
 from vlpbench import distributed
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
-from vlpbench.metrics.detection import DetectionMatches, map_ci, mgca_kept, summarize
+from vlpbench.evidence import detection_evidence
+from vlpbench.metrics.detection import MAX_DETECTIONS, DetectionMatches, map_ci, mgca_kept, summarize
 from vlpbench.predictions import DETECTIONS_FILE, read_coco_results, write_detections
 from vlpbench.protocols import SplitIds, base
 from vlpbench.protocols.runtime import (
@@ -602,7 +603,8 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     _, detections = _predict(model, test, test_features, anchors, config, batch_size)
     if predictions is not None and distributed.is_main():  # every rank holds all detections: one file
         write_detections(predictions, test.ids, detections)
-    evaluated = evaluate_detection(test.truths, detections, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+    evaluated = evaluate_detection(test.truths, detections, n_resamples=int(config["bootstrap_resamples"]), seed=seed,
+                                   ids=test.ids)
     t_test = time.perf_counter()
     return {
         **evaluated,
@@ -619,9 +621,10 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
 
 
 def evaluate_detection(truths: list[np.ndarray], detections: Sequence[tuple[np.ndarray, np.ndarray]], *,
-                       n_resamples: int, seed: int) -> dict[str, Any]:
+                       n_resamples: int, seed: int, ids: Sequence[str] | None = None) -> dict[str, Any]:
     """``metrics`` (:func:`_map_metrics`), ``ci`` of ``map`` and ``map_mgca`` (images resampled), ``per_image`` ({}: mAP has no
-    per-image part) and the test counts in ``n`` of every test image's detections against its truth boxes.
+    per-image part) and the test counts in ``n`` of every test image's detections against its truth boxes;
+    with the test image ``ids``, also ``evidence`` (:mod:`vlpbench.evidence`).
 
     Raises:
         DataError: no test image holds a box, so mAP is undefined.
@@ -635,7 +638,9 @@ def evaluate_detection(truths: list[np.ndarray], detections: Sequence[tuple[np.n
     if metrics["map_mgca"] is not None:
         # MGCA's mAP is the mAP of the images it keeps, so its CI resamples those images.
         ci["map_mgca"] = map_ci(matches.subset(mgca_kept(matches)), n_resamples=n_resamples, seed=seed)
-    return {"metrics": metrics, "ci": ci, "per_image": {},
+    evidence = {} if ids is None else {"evidence": detection_evidence(
+        ids, truths, detections, iou_thresholds=matches.iou_thresholds, max_detections=MAX_DETECTIONS)}
+    return {"metrics": metrics, "ci": ci, "per_image": {}, **evidence,
             "n": {"test": len(truths), "test_positive": positives, "test_negative": len(truths) - positives,
                   "test_boxes": int(matches.n_truths.sum()), "test_detections": int(matches.n_detections.sum())}}
 
@@ -662,7 +667,7 @@ class DetectionProtocol(base.Protocol):
         path = self.prediction_path(Path(predictions))
         detections = read_coco_results(path, ids)
         evaluated = evaluate_detection(truth_boxes(source, ids, config), [detections[i] for i in ids],
-                                       n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+                                       n_resamples=int(config["bootstrap_resamples"]), seed=seed, ids=ids)
         return {**evaluated, "n": {"train": 0, "val": 0, **evaluated["n"]}, "scoring": {"notes": []}}
 
 

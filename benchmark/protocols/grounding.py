@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from vlpbench import distributed
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
+from vlpbench.evidence import per_item_evidence
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.grounding import METRIC_NAMES, candidate_thresholds, choose_threshold, grounding_scores
 from vlpbench.predictions import HEATMAPS_FILE, write_heatmaps
@@ -387,8 +388,9 @@ def evaluate_grounding(maps: Mapping[str, Any], test: list[Query], val: list[Que
     """Steps 4 and 5 for ``run`` and ``score`` alike: the threshold (chosen on the ``val`` queries' maps, or
     the task's fixed ``threshold`` when ``val`` is empty), then every test query scored.
 
-    Returns ``metrics`` (means over test queries), ``ci``, ``per_image`` (Dice per query key), ``threshold``
-    (``threshold``, ``val_dice``, ``candidates``) and ``scores`` (each metric per test query).
+    Returns ``metrics`` (means over test queries), ``ci``, ``per_image`` (Dice per query key), ``evidence``
+    (every metric per query, :mod:`vlpbench.evidence`), ``threshold`` (``threshold``, ``val_dice``,
+    ``candidates``) and ``scores`` (each metric per test query).
     """
     if val:
         chosen = select_threshold(maps, val, source, config, progress=progress)
@@ -398,6 +400,7 @@ def evaluate_grounding(maps: Mapping[str, Any], test: list[Query], val: list[Que
     metrics, ci = summarize(scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
     return {"metrics": metrics, "ci": ci,
             "per_image": {query.key: float(value) for query, value in zip(test, scores["dice"])},
+            "evidence": per_item_evidence([query.key for query in test], {name: scores[name] for name in METRIC_NAMES}),
             "threshold": chosen, "scores": scores}
 
 

@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 from vlpbench import distributed
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, VlpbenchError
+from vlpbench.evidence import per_item_evidence
 from vlpbench.protocols import SplitIds
 from vlpbench.protocols.runtime import (
     LOWEST_VAL_LOSS,
@@ -433,13 +434,21 @@ def evaluate_segmentation(source: SegmentationSource, ids: list[str], scores: np
         "all_empty_baseline": float((~positive).mean()),
     }
     averaged = scores
+    # Each metric as a mean over the images it counts (NaN: not counted), for paired tests (vlpbench.evidence).
+    columns = {"dice": scores, "dice_positive": np.where(positive, scores, np.nan),
+               "empty_correct": np.where(positive, np.nan, scores), "all_empty_baseline": (~positive).astype(float)}
+    untestable = []
     if batch_size is not None:
         averaged = batch_means(scores, batch_size)
         metrics["dice"] = float(averaged.mean())
+        del columns["dice"]
+        untestable.append("dice: MGCA's mean of the means of consecutive test batches (dice_average: batch) "
+                          "depends on the test order, so no weighting of the images reproduces it")
     return {
         "metrics": metrics,
         "ci": {"dice": bootstrap_ci(averaged, n_resamples=n_resamples, seed=seed)},
         "per_image": {image_id: float(s) for image_id, s in zip(ids, scores)},
+        "evidence": per_item_evidence(ids, columns, labels=positive.astype(np.int8), untestable=untestable),
     }
 
 
