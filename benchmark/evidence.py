@@ -61,6 +61,7 @@ class Evidence:
     arrays: dict[str, np.ndarray]
     untestable: list[str] = field(default_factory=list)
     source: str = "memory"
+    _statistics: dict[str, Statistic] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -78,14 +79,18 @@ class Evidence:
         return [a["labels"]] if "labels" in a else []
 
     def statistics(self) -> dict[str, Statistic]:
-        """Metric name → ``statistic(weights)`` over the :attr:`ids` (NaN where undefined)."""
-        if self.kind == "classification":
-            return self._classification()
-        if self.kind == "detection":
-            return self._detection()
-        values = self.arrays["values"]
-        return {str(name): (lambda w, column=values[:, j]: _weighted_mean(w, column))
-                for j, name in enumerate(self.arrays["metrics"])}
+        """Metric name → ``statistic(weights)`` over the :attr:`ids` (NaN where undefined); built once (detection
+        matches every box on the first call)."""
+        if self._statistics is None:
+            if self.kind == "classification":
+                self._statistics = self._classification()
+            elif self.kind == "detection":
+                self._statistics = self._detection()
+            else:
+                values = self.arrays["values"]
+                self._statistics = {str(name): (lambda w, column=values[:, j]: _weighted_mean(w, column))
+                                    for j, name in enumerate(self.arrays["metrics"])}
+        return self._statistics
 
     def item_values(self, metric: str) -> np.ndarray | None:
         """Per-item values whose (NaN-skipping) mean is ``metric``, for a vectorised paired bootstrap; None

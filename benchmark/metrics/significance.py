@@ -8,12 +8,15 @@ Three tools, each a function of plain arrays or of metric statistics:
   models' metric on it, so the item-to-item variation common to both cancels. The CI of ``δ`` is the
   percentile interval of the resampled differences ``δ*``. The two-sided p-value reads the bootstrap
   distribution centred on the null: ``p = (1 + #{|δ* − δ̂| ≥ |δ̂|}) / (B + 1)`` over the
-  ``B`` resamples where both metrics are defined. Centring ``δ*`` at ``δ̂`` turns it into the
+  ``B`` resamples where both metrics are defined (a difference within 1e-10 of the bound counts, so
+  float rounding cannot split exact ties). Centring ``δ*`` at ``δ̂`` turns it into the
   distribution of ``δ`` under H0 (no difference) — the "translated" bootstrap test of Efron & Tibshirani,
   *An Introduction to the Bootstrap* (1993), ch. 16 — and the ``+1`` in numerator and denominator is the
   Monte-Carlo p-value of Davison & Hinkley, *Bootstrap Methods and their Application* (1997), §4.2, which
   never reports 0. Identical predictions give ``δ* = 0`` on every resample, so ``p = 1`` and the CI is
-  [0, 0]; the smallest p-value is ``1 / (B + 1)``.
+  [0, 0]; the smallest p-value is ``1 / (B + 1)``. The CI and the p-value are two readings of the same
+  resamples (the percentile interval is not the inversion of the centred test): near the boundary a CI
+  can just exclude 0 while p is just above α. Decisions (``*`` marks) follow the p-value.
 * :func:`delong`: DeLong, DeLong & Clarke-Pearson (1988), "Comparing the areas under two or more
   correlated receiver operating characteristic curves: a nonparametric approach", Biometrics 44:837-845,
   for two AUCs of one set of labels, computed by the O(n log n) midrank algorithm of Sun & Xu (2014),
@@ -42,6 +45,7 @@ from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.bootstrap import _index_chunks
 
 PAIRED_BOOTSTRAP = "paired bootstrap"
+_TIE = 1e-10
 DELONG = "DeLong"
 
 Statistic = Callable[[np.ndarray], float]  # weights (resample counts) of the test items -> metric (NaN: undefined)
@@ -72,7 +76,9 @@ def _summary(observed: float, differences: np.ndarray, n_resamples: int, level: 
         raise DataError(f"paired bootstrap: the difference was undefined on all {n_resamples} resamples")
     tail = (1.0 - level) / 2.0
     low, high = np.percentile(differences, [100.0 * tail, 100.0 * (1.0 - tail)])
-    extreme = int(np.count_nonzero(np.abs(differences - observed) >= abs(observed)))
+    # A resample exactly as far out counts as extreme; _TIE absorbs the rounding of differences that are
+    # equal in exact arithmetic (AUCs and accuracies are ratios of small integers, so such ties are common).
+    extreme = int(np.count_nonzero(np.abs(differences - observed) >= abs(observed) - _TIE * max(1.0, abs(observed))))
     return {"method": PAIRED_BOOTSTRAP, "diff": float(observed), "low": float(low), "high": float(high),
             "p_value": (1 + extreme) / (differences.size + 1), "level": float(level), "n": int(n),
             "n_resamples": int(n_resamples), "skipped": int(n_resamples - differences.size), "seed": int(seed)}

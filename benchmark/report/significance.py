@@ -40,7 +40,8 @@ import numpy as np
 
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.evidence import REPRODUCE_TOL, Evidence, per_image_evidence, read_evidence
-from vlpbench.metrics.significance import DELONG, PAIRED_BOOTSTRAP, delong, holm, paired_bootstrap, paired_bootstrap_means
+from vlpbench.metrics.significance import DELONG, PAIRED_BOOTSTRAP, delong, holm, paired_bootstrap, \
+    paired_bootstrap_means
 from vlpbench.metrics.specs import metric_spec
 from vlpbench.report.layout import percent_label, version_label
 from vlpbench.results import record_path, record_profile
@@ -111,6 +112,15 @@ def _alignment(a: Evidence, b: Evidence) -> tuple[np.ndarray | None, str | None]
     return np.array([position[item] for item in b.ids], dtype=np.int64), None
 
 
+def evidence_alignment(a: Evidence, b: Evidence) -> tuple[np.ndarray | None, str | None]:
+    """``perm`` with ``b.ids[k] == a.ids[perm[k]]`` where both evidences hold the same test items with the
+    same labels; else why they cannot be paired."""
+    perm, problem = _alignment(a, b)
+    if problem is None and _truth_differs(a, b, perm):
+        return None, "the labels of the test items differ"
+    return perm, problem
+
+
 def _truth_differs(a: Evidence, b: Evidence, perm: np.ndarray) -> bool:
     """Whether the labels (detection: ground-truth boxes) of the aligned items differ."""
     if a.kind != b.kind or not a.truth() or not b.truth():
@@ -171,9 +181,7 @@ def test_pair(a: Entrant, b: Entrant, metric: str, *, level: float = 1 - DEFAULT
         if why:
             pair.reason = f"{side.label}: {why[0]}"
             return pair
-    perm, problem = _alignment(a.evidence, b.evidence)
-    if problem is None and _truth_differs(a.evidence, b.evidence, perm):
-        problem = "the labels of the test items differ"
+    perm, problem = evidence_alignment(a.evidence, b.evidence)
     if problem is not None:
         pair.reason = "not pairable: " + problem
         return pair
@@ -307,18 +315,19 @@ def _choose(records: list[dict], models: Sequence[str], seed: int | None) -> dic
     for model in models:
         mine = [r for r in records if r["model"]["name"] == model]
         if seed is not None:
-            seeds = sorted({r["seed"] for r in mine})
+            held = sorted({r["seed"] for r in mine})
             mine = [r for r in mine if r["seed"] == seed]
             if not mine:
                 raise DataError(f"--seed {seed}: model {model} has no record of that seed here (seeds: "
-                                f"{', '.join(map(str, seeds))})")
-        if len({r["seed"] for r in mine}) > 1:
-            raise ConfigError(f"model {model} has records of seeds {', '.join(str(s) for s in sorted({r['seed'] for r in mine}))}"
-                              "; a paired test compares one run per model (test-set variation only, seeds are not "
-                              "pooled): pass --seed S to pair the records of one seed")
+                                f"{', '.join(map(str, held))})")
+        if len(seeds := sorted({r["seed"] for r in mine})) > 1:
+            raise ConfigError(f"model {model} has records of seeds {', '.join(map(str, seeds))}; a paired test "
+                              "compares one run per model (test-set variation only, seeds are not pooled): pass "
+                              "--seed S to pair the records of one seed")
         if len(mine) > 1:
             raise DataError(f"model {model} has {len(mine)} records of seed {mine[0]['seed']} here (different "
-                            "checkpoints, overrides or precision); give them distinct names (run --name) to compare them")
+                            "checkpoints, overrides or precision); give them distinct names (run --name) to compare "
+                            "them")
         chosen[model] = mine[0]
     return chosen
 
@@ -362,6 +371,10 @@ def significance_report(records: list[dict], *, task: str, frac: float, models: 
             raise DataError(f"{models[0]} and {model} cannot be paired: " + "; ".join(problems))
     wanted = [metric_spec(m).name for m in (metrics or [first["primary_metric"]])]
     entrants = {model: entrant(record, results_dir) for model, record in chosen.items()}
+    for model in models[1:]:
+        if entrants[models[0]].evidence is not None and entrants[model].evidence is not None:
+            if (problem := evidence_alignment(entrants[models[0]].evidence, entrants[model].evidence)[1]) is not None:
+                raise DataError(f"{models[0]} and {model} cannot be paired: {problem}")
     level = 1.0 - alpha
     report = SignificanceReport(task, first["task"]["version"], profiles[0], float(first["frac"]), models,
                                 {m: r["seed"] for m, r in chosen.items()},
@@ -421,10 +434,11 @@ def mark_significant_leads(grid, records: list[dict], *, evidence_root: str | Pa
                    if all(t.p_holm <= alpha and _leads(t, column.higher_is_better) for t in pair)}
     rows = tuple(Row(r.label, {key: (replace(cell, significant=True) if (key, r.label) in significant else cell)
                                for key, cell in r.cells.items()}, r.citation) for r in grid.rows)
-    used = sorted({t.test for t in tests})
-    note = (f"*: the best cell's lead over the second best is significant ({' / '.join(used)} on the records of "
-            f"the lowest seed both hold, paired over the same test images; α = {alpha:g}, Holm-corrected over the "
-            f"{len(candidates)} column(s) tested; other columns lack evidence, a clear best or a second).")
+    how = (f"{' / '.join(sorted({t.test for t in tests}))} on the records of the lowest seed both hold, paired "
+           f"over the same test images; α = {alpha:g}, Holm-corrected over the {len(candidates)} column(s) tested; "
+           "other columns lack evidence, a clear best or a second")
+    note = (f"*: the best cell's lead over the second best is significant ({how})." if significant else
+            f"No best cell's lead over the second best is significant ({how}).")
     return replace(grid, rows=rows, legend=(*grid.legend, note, *problems))
 
 
