@@ -22,7 +22,8 @@ Three tools, each a function of plain arrays or of metric statistics:
   for two AUCs of one set of labels, computed by the O(n log n) midrank algorithm of Sun & Xu (2014),
   "Fast implementation of DeLong's algorithm for comparing the areas under correlated receiver
   operating characteristic curves", IEEE Signal Processing Letters 21(11):1389-1393. Its z-statistic is
-  referred to the standard normal; the CI is ``δ ± z_{1−α/2} · se``. Ties count ½, as scikit-learn's AUC.
+  referred to the standard normal; the CI is ``δ ± z_{1−α/2} · se`` (a normal approximation: with few
+  test items near AUC 0 or 1 it can reach past ±1). Ties count ½, as scikit-learn's AUC.
 * :func:`holm`: Holm's (1979) step-down adjustment of a family of p-values ("A simple sequentially
   rejective multiple test procedure", Scand. J. Statist. 6:65-70), which controls the family-wise error
   rate without assuming independence.
