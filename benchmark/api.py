@@ -1,4 +1,4 @@
-"""The Python API behind the ``vlpbench`` command: run, score, table, inspect, synth, demo.
+"""The Python API behind the ``vlpbench`` command: run, score, table, significance, inspect, synth, demo.
 
 >>> from vlpbench import api
 >>> api.task_table()[0]["task"]
@@ -256,6 +256,12 @@ def run_in_process(
     )
     if not distributed.is_main():
         return record, None
+    if (evidence := outcome.get("evidence")) is not None:
+        from vlpbench.evidence import write_evidence
+        from vlpbench.results import record_path
+
+        # The sidecar first, so the record can name its sha256 (vlpbench.evidence).
+        record["evidence"] = write_evidence(evidence, record, record_path(results, record))
     path = write_record(record, results, overwrite=overwrite)
     log.info("%s = %.4f → %s", spec.primary_metric, outcome["metrics"][spec.primary_metric], path)
     return record, path
@@ -359,7 +365,7 @@ def table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: lis
     if reference:
         references = load_references(default_reference_dir(results) if reference is True else reference)
     return render_table(records, fmt, models=models, tasks=tasks, fracs=fracs, group=group, metrics=metrics,
-                        references=references, profile=profile)
+                        references=references, profile=profile, evidence_root=results)
 
 
 def compare(baseline: str | Path, candidate: str | Path, *, tasks: list[str] | None = None,
@@ -380,6 +386,18 @@ def compare(baseline: str | Path, candidate: str | Path, *, tasks: list[str] | N
         Path(junit).parent.mkdir(parents=True, exist_ok=True)
         Path(junit).write_text(junit_xml(comparisons), encoding="utf-8")
     return markdown_summary(comparisons, baseline=str(baseline), candidate=str(candidate)), exit_code(comparisons)
+
+
+def significance(task: str, frac: float, models: list[str], *, results: str | Path = DEFAULT_RESULTS,
+                 metrics: list[str] | None = None, seed: int | None = None, profile: str | None = None,
+                 alpha: float = 0.05, n_resamples: int = 2000):
+    """Paired tests between ``models`` on ``task`` at ``frac`` from the records (and their evidence sidecars)
+    under ``results``: a :class:`vlpbench.report.significance.SignificanceReport` (``.text()``, ``.as_dict()``).
+    See :mod:`vlpbench.report.significance` for the tests, the seed rule and the correction."""
+    from vlpbench.report.significance import significance_report
+
+    return significance_report(_records(results), task=task, frac=frac, models=models, results_dir=results,
+                               metrics=metrics, seed=seed, profile=profile, alpha=alpha, n_resamples=n_resamples)
 
 
 def _records(results: str | Path) -> list[dict]:
@@ -442,7 +460,7 @@ def leaderboard(results: str | Path = DEFAULT_RESULTS, out: str | Path = "site",
     references = []
     if reference:
         references = load_references(default_reference_dir(results) if reference is True else reference)
-    return write_leaderboard(_records(results), out, references=references)
+    return write_leaderboard(_records(results), out, references=references, evidence_root=results)
 
 
 def baseline_update(results: str | Path = DEFAULT_RESULTS, baseline_dir: str | Path = DEFAULT_RESULTS / "baselines",
@@ -493,6 +511,7 @@ def score(task: str, predictions: str | Path, *, data_root: str | Path | None = 
                              edges=edges, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
     if subgroups is not None:
         outcome["subgroups"] = subgroups
+    outcome.pop("evidence", None)  # arrays for a record's sidecar; `score` writes no record
     return {"task": spec.name, "version": spec.version, "profile": spec.profile, "split": split,
             "split_sha256": holder.manifest_sha256,
             "config": {"overrides": dict(overrides or {}), "seed": seed}, **outcome}

@@ -204,6 +204,26 @@ def _parser() -> argparse.ArgumentParser:
                    "compare.k, else 2)")
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML: one testcase per (task, fraction)")
 
+    p = command("significance", "Paired tests between models on one task and fraction: the difference of each "
+                "metric over the same test images (paired bootstrap; DeLong for a single ROC curve's AUC), its CI "
+                "and Holm-corrected p-values, as a matrix (row − column).",
+                "vlpbench significance --task rsna_cls --frac 0.01 --models g2d,mgca,random --results results",
+                _significance)
+    p.add_argument("--task", required=True, help="task name")
+    p.add_argument("--frac", required=True, type=float, help="training fraction of the records (0.01, 0.1 or 1)")
+    p.add_argument("--models", required=True, type=_names, help="comma-separated model names (record model.name), "
+                   "at least two")
+    _results(p)
+    p.add_argument("--metric", dest="metrics", type=_names,
+                   help="comma-separated metrics to test (default: the task's primary metric)")
+    p.add_argument("--seed", type=int, help="run seed whose records are paired (needed where a model has records "
+                   "of several seeds: seeds are never pooled)")
+    _profile(p, "the protocol profile of the records (needed where they span several)", default=None)
+    p.add_argument("--alpha", type=float, default=0.05, help="family-wise error rate of the Holm correction, and "
+                   "1 − the CI level (default 0.05)")
+    p.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples (default 2000; seed 0)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the matrices")
+
     p = command("baseline", "Baseline tools: `baseline update` copies result records into the CI baseline folder.",
                 "vlpbench baseline update --results results --baseline-dir results/baselines", None)
     baseline_sub = p.add_subparsers(dest="baseline_command", required=True, metavar="ACTION")
@@ -546,6 +566,15 @@ def _compare(args: argparse.Namespace) -> int:
                                 abs_tol=args.abs_tol, k=args.k, junit=args.junit, profile=args.profile)
     print(summary, end="")
     return code
+
+
+def _significance(args: argparse.Namespace) -> int:
+    from vlpbench import api
+
+    report = api.significance(args.task, args.frac, args.models, results=args.results, metrics=args.metrics,
+                              seed=args.seed, profile=args.profile, alpha=args.alpha, n_resamples=args.resamples)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text(), end="\n" if args.json else "")
+    return 0
 
 
 def _baseline_update(args: argparse.Namespace) -> int:

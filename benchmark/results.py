@@ -31,6 +31,9 @@ A record is the only thing tables, plots and comparisons read. Its fields (schem
                     min_positives, age_bins? (age), note?} or {metric, reason}}: the primary metric per
                     subgroup of the test images (vlpbench.metrics.subgroups); absent where the dataset's
                     files carry no attribute, and in records written before subgroups existed
+    evidence?       {file, sha256}: the sidecar ``<record stem>.evidence.npz`` beside the record, from which
+                    every metric is recomputed on any weighting of the test items (paired tests between
+                    models; vlpbench.evidence); absent in records written before it existed
     created         UTC ISO-8601 time of make_record
 
 Files live at ``<results>/runs/<model>/<sha256[:8] | nockpt>/<task>.v<version>[-<profile>]/frac<f>-seed<s>.json``
@@ -385,13 +388,16 @@ _CHECKS: list[tuple[str, Any, str]] = [
      "{left_out: reason} or {n_bins, binning, confidence, curves: {name: {lower, upper, confidence, frequency, "
      "count} of n_bins entries each}}"),
     ("subgroups", lambda v: subgroups_problem(v) is None, "subgroup results (see vlpbench.metrics.subgroups)"),
+    ("evidence", lambda v: (isinstance(v, dict) and isinstance(v.get("file"), str) and bool(v["file"])
+                            and "/" not in v["file"] and isinstance(v.get("sha256"), str) and len(v["sha256"]) == 64),
+     "an object {file: a file name beside the record, sha256: 64 hex digits}"),
 ]
 
 
 # task.profile: absent in records written before profiles existed (canonical); calibration: before calibration
 # metrics existed, and in records of protocols other than classification; subgroups: where the dataset carries
-# no attribute, and in records written before subgroups existed.
-_OPTIONAL = {"task.profile", "calibration", "subgroups"}
+# no attribute, and in records written before subgroups existed; evidence: before evidence files existed.
+_OPTIONAL = {"task.profile", "calibration", "subgroups", "evidence"}
 
 
 def _problem(record: Any) -> str | None:

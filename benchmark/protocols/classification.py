@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from vlpbench.errors import ConfigError, DataError
+from vlpbench.evidence import classification_evidence
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.subgroups import BOTH, POSITIVES, ItemStatistics
 from vlpbench.metrics.classification import (
@@ -182,7 +183,7 @@ def evaluate_classification(kind: str, classes: list[str], ids: Sequence[str], l
     {} otherwise, since an AUC is not a mean over images), ``calibration`` (the reliability bins, or
     why calibration is left out: ``calibration_left_out``, or scores that are no probabilities) and ``items``,
     the statistics subgroup metrics recompute on subsets (:class:`~vlpbench.metrics.subgroups.ItemStatistics`;
-    not written to records).
+    not written to records) and ``evidence`` (:mod:`vlpbench.evidence`).
     ``thresholds``: one per class (None: the class has none), or None when no metric at a threshold is wanted.
     ``acc_rule``: ``ge`` (accuracy of ``score >= threshold``, like F1 and MCC) or ``gt`` (of ``score > threshold``,
     MedKLIP's zero-shot rule).
@@ -195,8 +196,9 @@ def evaluate_classification(kind: str, classes: list[str], ids: Sequence[str], l
     if kind == "multiclass":
         correct = probabilities.argmax(axis=1) == labels
         per_image = {image_id: float(c) for image_id, c in zip(ids, correct)}
+    evidence = classification_evidence(kind, classes, ids, labels, probabilities, wanted, thresholds, acc_rule)
     return {"metrics": metrics, "ci": ci, "per_image": per_image, "calibration": reliability,
-            "items": _item_statistics(kind, classes, ids, labels, statistics)}
+            "items": _item_statistics(kind, classes, ids, labels, statistics), "evidence": evidence}
 
 
 def _item_statistics(kind: str, classes: list[str], ids: Sequence[str], labels: np.ndarray,

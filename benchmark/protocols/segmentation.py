@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 from vlpbench import distributed
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, VlpbenchError
+from vlpbench.evidence import per_item_evidence
 from vlpbench.protocols import SplitIds
 from vlpbench.protocols.runtime import (
     LOWEST_VAL_LOSS,
@@ -434,22 +435,29 @@ def evaluate_segmentation(source: SegmentationSource, ids: list[str], scores: np
         "all_empty_baseline": float((~positive).mean()),
     }
     averaged = scores
+    # Each metric as a mean over the images it counts (NaN: not counted), for paired tests (vlpbench.evidence)
+    # and subgroup metrics.
+    columns = {"dice": scores, "dice_positive": np.where(positive, scores, np.nan),
+               "empty_correct": np.where(positive, np.nan, scores), "all_empty_baseline": (~positive).astype(float)}
+    items = ItemStatistics(tuple(ids), {name: weighted_mean(columns[name])
+                                        for name in ("dice", "dice_positive", "empty_correct")},
+                           positive[:, None].astype(int), tuple(getattr(source, "classes", ())[:1]) or ("positive",),
+                           {"dice_positive": POSITIVES},
+                           notes={"dice": "mean over images: batch means (dice_average: batch) have no meaning "
+                                          "within a subgroup"} if batch_size is not None else {})
+    untestable = []
     if batch_size is not None:
         averaged = batch_means(scores, batch_size)
         metrics["dice"] = float(averaged.mean())
-    # Subgroup metrics recompute each metric on a subset: Dice as a mean over the subset's images.
-    notes = {"dice": "mean over images: batch means (dice_average: batch) have no meaning within a subgroup"
-             } if batch_size is not None else {}
-    items = ItemStatistics(tuple(ids), {"dice": weighted_mean(scores),
-                                        "dice_positive": weighted_mean(np.where(positive, scores, np.nan)),
-                                        "empty_correct": weighted_mean(np.where(positive, np.nan, scores))},
-                           positive[:, None].astype(int), tuple(getattr(source, "classes", ())[:1]) or ("positive",),
-                           {"dice_positive": POSITIVES}, notes=notes)
+        del columns["dice"]
+        untestable.append("dice: MGCA's mean of the means of consecutive test batches (dice_average: batch) "
+                          "depends on the test order, so no weighting of the images reproduces it")
     return {
         "metrics": metrics,
         "ci": {"dice": bootstrap_ci(averaged, n_resamples=n_resamples, seed=seed)},
         "per_image": {image_id: float(s) for image_id, s in zip(ids, scores)},
         "items": items,
+        "evidence": per_item_evidence(ids, columns, labels=positive.astype(np.int8), untestable=untestable),
     }
 
 

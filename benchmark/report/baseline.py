@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlpbench.errors import ConfigError, DataError
-from vlpbench.files import backup_path
+from vlpbench.files import atomic_write, backup_path
 from vlpbench.results import load_record, record_path, write_record
 
 
@@ -78,23 +78,27 @@ def update_baseline(results: str | os.PathLike, baseline_dir: str | os.PathLike,
     for path, record in _records(baseline_dir):
         existing.setdefault(_slot(record), []).append((path, record))
     update = BaselineUpdate()
-    plan: list[tuple[dict, list[Path]]] = []
-    for _, record in incoming:
+    plan: list[tuple[Path, dict, list[Path]]] = []
+    for source, record in incoming:
         target = record_path(baseline_dir, record)
         occupants = existing.get(_slot(record), [])
         if any(path == target and old == record for path, old in occupants):
             update.unchanged.append(target)
             continue
-        plan.append((record, [path for path, _ in occupants]))
-    conflicts = [path for _, olds in plan for path in olds]
+        plan.append((source, record, [path for path, _ in occupants]))
+    conflicts = [path for _, _, olds in plan for path in olds]
     if conflicts and not force:
         raise ConfigError(f"{len(conflicts)} baseline record(s) would be replaced; nothing was written. Pass "
                           f"--force to replace them (each old record is kept as a .bak file): "
                           + ", ".join(map(str, conflicts)))
-    for record, olds in plan:
+    for source, record, olds in plan:
         for old in olds:
             backup = backup_path(old)
             old.rename(backup)
             update.replaced.append((old, backup))
-        update.written.append(write_record(record, baseline_dir))
+        written = write_record(record, baseline_dir)
+        if record.get("evidence"):  # the sidecar travels with its record (vlpbench.evidence)
+            atomic_write(written.with_name(record["evidence"]["file"]),
+                         source.with_name(record["evidence"]["file"]).read_bytes(), backup=backup_path)
+        update.written.append(written)
     return update

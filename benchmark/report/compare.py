@@ -11,7 +11,8 @@ better, so a positive gain is always better. The allowed change is
   ``sqrt(((n_b - 1) s_b² + (n_c - 1) s_c²) / (n_b + n_c - 2))`` (a single-seed side contributes no
   degrees of freedom). Regression: ``gain < -allowed``; improvement: ``gain > allowed``.
 * **Paired bootstrap** (one seed on each side, both records holding ``per_image`` scores of the same
-  test images): ``d_i`` = per-image gain, resampled over images (:func:`bootstrap_ci`, 2,000
+  test images): ``d_i`` = per-image gain, resampled over images by the paired bootstrap of
+  ``vlpbench significance`` (:func:`vlpbench.metrics.significance.paired_bootstrap_means`, 2,000
   resamples, seed 0) for the one-sided 95 % bounds of its mean (the 5th and 95th percentiles).
   Regression: ``mean(d) < -abs_tol`` **and** upper bound ``< 0``: the drop is larger than the
   tolerance and not explained by which images happen to be in the test set. Improvement mirrors
@@ -232,8 +233,9 @@ def _incomparable(b: Side, c: Side) -> list[str]:
     return reasons
 
 
-def _paired_gains(b: Side, c: Side) -> tuple[np.ndarray | None, str | None]:
-    """Per-image gains when both single-seed records hold scores of the same images, else a reason."""
+def _paired_scores(b: Side, c: Side) -> tuple[tuple[np.ndarray, np.ndarray] | None, str | None]:
+    """Per-image (candidate, baseline) scores, sign-flipped where lower is better, when both single-seed
+    records hold scores of the same images; else a reason."""
     if metric_spec(b.metric).ci != PER_IMAGE_MEAN:
         return None, f"{b.metric} is not a mean of per-image scores: abs_tol rule"
     if not b.per_image or not c.per_image:
@@ -248,11 +250,12 @@ def _paired_gains(b: Side, c: Side) -> tuple[np.ndarray | None, str | None]:
         return None, "per-image scores are not numbers: abs_tol rule"
     if not (np.isfinite(base).all() and np.isfinite(cand).all()):
         return None, "per-image scores are not all finite: abs_tol rule"
-    return (cand - base) * (1.0 if b.higher_is_better else -1.0), None
+    sign = 1.0 if b.higher_is_better else -1.0
+    return (sign * cand, sign * base), None
 
 
 def _judge(task: str, frac: float, b: Side, c: Side, tolerance: Tolerance, n_resamples: int) -> Comparison:
-    from vlpbench.metrics.bootstrap import bootstrap_ci
+    from vlpbench.metrics.significance import paired_bootstrap_means
 
     result = Comparison(task, frac, WITHIN, b, c, delta=c.mean - b.mean)
     if tolerance.source != "default":
@@ -267,15 +270,17 @@ def _judge(task: str, frac: float, b: Side, c: Side, tolerance: Tolerance, n_res
         worse, better = gain < -result.allowed, gain > result.allowed
     else:
         result.allowed = tolerance.abs_tol
-        gains, fallback = _paired_gains(b, c)
-        if gains is None:
+        paired, fallback = _paired_scores(b, c)
+        if paired is None:
             result.rule = f"abs_tol {tolerance.abs_tol:g}"
             result.notes.append(fallback)
             worse, better = gain < -result.allowed, gain > result.allowed
         else:
-            ci = bootstrap_ci(gains, n_resamples=n_resamples, level=0.90, seed=PAIRED_SEED)
-            mean_gain = float(gains.mean())
-            result.rule = (f"paired bootstrap over {gains.size} images: mean gain {mean_gain:+.4f}, one-sided "
+            # The paired bootstrap of `vlpbench significance`: a 90% two-sided interval of the gain is the
+            # pair of one-sided 95% bounds.
+            ci = paired_bootstrap_means(*paired, n_resamples=n_resamples, level=0.90, seed=PAIRED_SEED)
+            mean_gain = ci["diff"]
+            result.rule = (f"paired bootstrap over {ci['n']} images: mean gain {mean_gain:+.4f}, one-sided "
                            f"95% bounds [{ci['low']:+.4f}, {ci['high']:+.4f}], abs_tol {tolerance.abs_tol:g}")
             worse = mean_gain < -tolerance.abs_tol and ci["high"] < 0
             better = mean_gain > tolerance.abs_tol and ci["low"] > 0

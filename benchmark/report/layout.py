@@ -78,6 +78,7 @@ class Cell:
     n_seeds: int | None = None
     mark: str | None = None
     source: dict | None = None  # the table_rows entry of a measured cell
+    significant: bool = False  # a best cell whose lead is significant (vlpbench.report.significance)
 
 
 @dataclass(frozen=True)
@@ -154,15 +155,18 @@ def cell_texts(cell: Cell, grid: Grid) -> tuple[str, str | None, str | None]:
     return mean, std, n
 
 
-def format_cell(cell: Cell, grid: Grid, *, pm: str, best: str, second: str) -> str:
-    """``mean <pm> std`` of ``cell``, wrapped in ``best`` / ``second`` (``"{}"`` templates) by its mark, then
-    ``(n=K)`` where the grid shows seed counts; each writer passes its own markup."""
+def format_cell(cell: Cell, grid: Grid, *, pm: str, best: str, second: str, significant: str = "*") -> str:
+    """``mean <pm> std`` of ``cell``, wrapped in ``best`` / ``second`` (``"{}"`` templates) by its mark,
+    ``significant`` after a best cell whose lead is significant, then ``(n=K)`` where the grid shows seed
+    counts; each writer passes its own markup."""
     mean, std, n = cell_texts(cell, grid)
     text = mean if std is None else f"{mean} {pm} {std}"
     if cell.mark == "best":
         text = best.format(text)
     elif cell.mark == "second":
         text = second.format(text)
+    if cell.significant:
+        text += significant
     return f"{text} ({n})" if n else text
 
 

@@ -244,12 +244,13 @@ def _groups(records: list[dict]) -> list[tuple[str, list[dict]]]:
 
 
 def leaderboard_html(records: list[dict], *, references: Sequence[ReferenceRow] = (), plots: bool = True,
-                     title: str = "vlpbench leaderboard") -> str:
+                     title: str = "vlpbench leaderboard", evidence_root: str | Path | None = None) -> str:
     """The self-contained page (see the module docstring) for ``records``.
 
     ``references`` add reported rows to the tables where they fill a column; ``plots`` adds the
     metric-versus-fraction figures. The page depends only on its inputs and the vlpbench version (no
-    build time in it), so the same records give the same file.
+    build time in it), so the same records give the same file. ``evidence_root``: the results folder,
+    where the records' evidence sidecars are found for the significance marks of the tables.
 
     Raises:
         DataError: there are no records, or the table rejects them.
@@ -267,7 +268,8 @@ def leaderboard_html(records: list[dict], *, references: Sequence[ReferenceRow] 
             f"<nav>{nav}</nav>"]
     for group, chosen in groups:
         body += [f'<section id="group-{group}">', f"<h2>{_text(GROUP_TITLES[group])}</h2>"]
-        tables = build_tables(chosen, group=None if group == "other" else group, references=references)
+        tables = build_tables(chosen, group=None if group == "other" else group, references=references,
+                              evidence_root=evidence_root)
         for profile, grid in tables:
             # Records of two profiles never share a table (see vlpbench.report.table.build_tables).
             if len(tables) > 1:

@@ -15,6 +15,7 @@ import math
 from collections import defaultdict
 from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -298,14 +299,18 @@ def build_tables(records: list[dict], *, models: Sequence[str] | None = None,
                  tasks: Sequence[str] | None = None, fracs: Sequence[float] | None = None,
                  group: str | None = None, metrics: Sequence[str] | None = None, profile: str | None = None,
                  references: Sequence[ReferenceRow] = (), percent: bool = True,
-                 decimals: int = 1) -> list[tuple[str, Grid]]:
+                 decimals: int = 1, evidence_root: str | Path | None = None) -> list[tuple[str, Grid]]:
     """One ``(profile, grid)`` per protocol profile among the chosen records, in :data:`PROFILES` order.
 
     Records of two profiles never share a table: their numbers were computed by different rules, so
     neither a cell nor a best mark may set them side by side. Published rows (``references``) go only
     into the table of the profile they were computed with, and only into columns of their metric; a
-    note under each table says which published rows were left out and why.
+    note under each table says which published rows were left out and why. A best cell whose lead over
+    the second is significant is marked ``*`` (:func:`vlpbench.report.significance.mark_significant_leads`;
+    ``evidence_root``: the results folder of the records, where their evidence sidecars are found).
     """
+    from vlpbench.report.significance import mark_significant_leads
+
     if not records:
         raise DataError("no result records to tabulate")
     metrics = _current_metric_names(metrics)
@@ -317,6 +322,7 @@ def build_tables(records: list[dict], *, models: Sequence[str] | None = None,
         grid = build_grid(table_rows(mine, metrics), references=[r for r in references if r.profile == name],
                           model_order=models, task_order=tasks, metric_order=metrics, percent=percent,
                           decimals=decimals)
+        grid = mark_significant_leads(grid, mine, evidence_root=evidence_root)
         notes = (*_profile_notes(name, references), *_head_notes(mine))
         tables.append((name, replace(grid, provenance=grid.provenance + notes)))
     return tables
@@ -387,7 +393,7 @@ def markdown_grid(grid: Grid) -> str:
         cell = row.cells.get(column.key)
         if cell is None:
             return "–"
-        return format_cell(cell, grid, pm="±", best="**{}**", second="<u>{}</u>")
+        return format_cell(cell, grid, pm="±", best="**{}**", second="<u>{}</u>", significant="\\*")
 
     def row_label(row) -> str:
         if row.citation is None:
