@@ -12,6 +12,7 @@ from typing import Callable
 
 from vlpbench import __version__
 from vlpbench.errors import ConfigError, VlpbenchError
+from vlpbench.protocols.base import TABLE_GROUPS
 
 log = logging.getLogger("vlpbench")
 
@@ -143,9 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=_names, help="comma-separated model names (row order follows it)")
     p.add_argument("--tasks", type=_names, help="comma-separated task names (column order follows it)")
     p.add_argument("--fracs", type=_fractions, help="comma-separated fractions: 0.01,0.1 or 1%%,10%%")
-    p.add_argument("--group", choices=("seg", "det", "cls", "zs", "ground"),
+    p.add_argument("--group", choices=TABLE_GROUPS,
                    help="the paper's task groups, by protocol: segmentation, detection, linear/fine-tuned "
-                        "classification, zero-shot classification, grounding")
+                        "classification, zero-shot classification, grounding, image-text retrieval")
     p.add_argument("--metrics", type=_names,
                    help="metrics per task as sub-columns, e.g. auc,f1,acc (default: the primary metric)")
     _profile(p, "only the records of this protocol profile (default: all, one table per profile)", default=None)
