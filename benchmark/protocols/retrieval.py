@@ -21,6 +21,7 @@ images and texts (in any order), and gives the run's metrics and CIs.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ from vlpbench.metrics.specs import RECOMPUTED, metric_spec
 from vlpbench.protocols import SplitIds, base
 from vlpbench.protocols.retrieval_sets import RetrievalSet, retrieval_set
 from vlpbench.protocols.runtime import autocast, precision_of
+
+log = logging.getLogger("vlpbench")
 
 SIMILARITY_FILE = "similarity.npz"
 QUERY_UNITS = {"i2t": "image", "t2i": "text"}
@@ -84,34 +87,45 @@ def evaluate_retrieval(similarity: np.ndarray, rset: RetrievalSet, config: dict[
                        seed: int) -> dict[str, Any]:
     """Metrics, CIs and per-image values of ``similarity`` (images × texts of ``rset``).
 
-    Returns ``metrics``, ``ci`` (each with ``unit`` ``image`` or ``text``: what was resampled) and
-    ``per_image`` (``config["per_image_metric"]`` per query image).
+    Returns ``metrics`` (a precision cut-off above the number of candidates is None: undefined), ``ci`` (each
+    with ``unit`` ``image`` or ``text``: what was resampled) and ``per_image`` (``config["per_image_metric"]``
+    per query image).
 
     Raises:
-        ConfigError: a bad option, or a precision cut-off above the number of candidates of a direction.
-        DataError: a malformed matrix.
+        ConfigError: a bad option.
+        DataError: a malformed matrix, or the per-image metric undefined.
     """
     directions, recall_at, precision_at, per_image_metric = retrieval_options(config)
     n_resamples = int(config["bootstrap_resamples"])
     sides = {"i2t": (similarity, rset.image_keys, rset.text_keys),
              "t2i": (similarity.T, rset.text_keys, rset.image_keys)}
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | None] = {}
     ci: dict[str, dict] = {}
     per_query: dict[str, np.ndarray] = {}
     for direction in directions:
-        scores = rm.query_scores(*sides[direction], precision_at)
+        similarities, query_keys, candidate_keys = sides[direction]
+        # Precision@K over fewer than K candidates is undefined (null), as on a small synthetic set.
+        defined = [k for k in precision_at if k <= similarities.shape[1]]
+        scores = rm.query_scores(similarities, query_keys, candidate_keys, defined)
         values = {**{rm.metric_name(direction, "r", k): scores.hits(k) for k in recall_at},
-                  **{rm.metric_name(direction, "p", k): scores.precision[k] for k in precision_at},
+                  **{rm.metric_name(direction, "p", k): scores.precision[k] for k in defined},
                   rm.metric_name(direction, "meanr"): scores.rank.astype(np.float64)}
         per_query.update(values)
         statistics = {name: (lambda w, v=v: rm.weighted_mean(v, w)) for name, v in values.items()}
         statistics[rm.metric_name(direction, "medr")] = lambda w, r=scores.rank: rm.weighted_median(r, w)
         n = len(scores.rank)
         for name in metric_names([direction], recall_at, precision_at):
+            if name not in statistics:
+                log.warning("%s: %d candidates, fewer than its K; the metric is left undefined (null)", name,
+                            similarities.shape[1])
+                metrics[name] = None
+                continue
             statistic = statistics[name]
             metrics[name] = statistic(np.ones(n))
             ci[name] = {**bootstrap_ci(lambda idx, f=statistic: f(resample_weights(idx, n)), n,
                                        n_resamples=n_resamples, seed=seed), "unit": QUERY_UNITS[direction]}
+    if per_image_metric not in per_query:
+        raise DataError(f"per_image_metric {per_image_metric} is undefined: {len(rset.texts)} candidate texts")
     per_image = dict(zip(rset.image_ids, per_query[per_image_metric].tolist()))
     return {"metrics": metrics, "ci": ci, "per_image": per_image}
 
