@@ -83,9 +83,9 @@ for _direction, _words in retrieval.DIRECTION_WORDS.items():
             "(ties pessimistic)"))
     register_metric(MetricSpec(
         retrieval.metric_name(_direction, "medr"), f"{_short} MedR", False, RECOMPUTED,
-        f"{_words} median rank of the first relevant candidate (ties pessimistic)"))
+        f"{_words} median rank of the first relevant candidate (ties pessimistic)", percent=False))
     register_metric(MetricSpec(
         retrieval.metric_name(_direction, "meanr"), f"{_short} MeanR", False, PER_IMAGE_MEAN,
-        f"{_words} mean rank of the first relevant candidate (ties pessimistic)"))
+        f"{_words} mean rank of the first relevant candidate (ties pessimistic)", percent=False))
 
 __all__ = ["MetricSpec", "bootstrap_ci", "dice", "dice_per_image", "metric_spec", "register_metric"]

@@ -3,8 +3,10 @@ in a table: an aligned one (every image's embedding is its relevant texts' embed
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -20,6 +22,7 @@ from vlpbench.protocols import SplitIds
 from vlpbench.protocols.retrieval import SIMILARITY_FILE, run_retrieval_task
 from vlpbench.protocols.retrieval_sets import report_text, retrieval_set
 from vlpbench.registry import ADAPTERS
+from vlpbench.results import write_record
 from vlpbench.tasks import load_task
 
 TASKS = {"chexpert5x200_ret": "chexpert", "mimic_cxr_ret": "mimic_cxr"}
@@ -178,6 +181,15 @@ def test_run_and_score_agree_exactly_and_equal_a_brute_force_ranking(roots, tmp_
         ci = record["ci"][f"{direction}_meanr"]
         assert ci["low"] <= ranks.mean() <= ci["high"] and ci["n_resamples"] == 50
     assert record["per_image"] == {i: float(r <= 10) for i, r in zip(rset.image_ids, i2t)}
+
+    # Tables print ranks as they are (not ×100), and the lower median rank is the best.
+    other = copy.deepcopy(record)
+    other["model"]["name"], other["metrics"]["i2t_medr"] = "other", record["metrics"]["i2t_medr"] + 2
+    write_record(other, tmp_path / "results")
+    table = api.table(tmp_path / "results", metrics=["i2t_r10", "i2t_medr"])
+    assert f"**{record['metrics']['i2t_medr']:.1f}**" in table
+    assert re.search(rf"\|\s+{other['metrics']['i2t_medr']:.1f} \|", table)
+    assert f"{100 * record['metrics']['i2t_r10']:.1f}" in table and "(×100; ranks as they are)" in table
 
 
 def test_a_random_model_scores_about_chance_on_the_class_prompts(roots):
