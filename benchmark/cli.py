@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-predictions", metavar="DIR",
                    help="new or empty folder for the test predictions, in the format `vlpbench score` reads "
                         "(segmentation: <image_id>.png masks; detection: detections.json; classification: "
-                        "predictions.csv; grounding: heatmaps.npz)")
+                        "predictions.csv; grounding: heatmaps.npz; retrieval: similarity.npz)")
 
     p = command("sweep", "Run models × tasks × fractions × seeds, each run in its own process with its own log; "
                 "runs whose records exist are skipped, so a killed sweep resumes where it stopped.",
@@ -119,14 +119,16 @@ def _parser() -> argparse.ArgumentParser:
                         "finetune, zero_shot and grounding support it, others refuse N > 1")
 
     p = command("score", "Score predictions from any framework (or saved by `run --save-predictions`) with the "
-                "task's evaluation: the same metrics, CIs and thresholds as `run`. Needs the label files only.",
+                "task's evaluation: the same metrics, CIs and thresholds as `run`. Needs the label files (and, for "
+                "report retrieval, the reports) only.",
                 "vlpbench score --task siim_seg --predictions preds/ --data-root ~/data/siim --json", _score)
     p.add_argument("--task", required=True)
     p.add_argument("--predictions", required=True,
                    help="the folder `run --save-predictions` wrote, or the protocol's file: segmentation: a folder "
                         "of <image_id>.png masks (non-zero = positive) or .npy probabilities; detection: COCO "
                         "results JSON; classification: CSV with image_id and one probability column per class "
-                        "(plus the validation rows thresholds come from); grounding: .npz of heat maps")
+                        "(plus the validation rows thresholds come from); grounding: .npz of heat maps; retrieval: "
+                        ".npz of similarity (images x texts), image_ids and texts")
     _data_root(p)
     p.add_argument("--split", default="test", help="split part to score against (default test)")
     p.add_argument("--seed", type=int, default=0,

@@ -34,9 +34,9 @@ def test_ranks_and_precision_equal_a_brute_force_loop(levels):
         assert first_relevant_rank(scores, image_class, text_class).tolist() == ranks.tolist()
         np.testing.assert_allclose(precision_at_k(scores, image_class, text_class, k), precision)
         assert query_scores(scores, image_class, text_class).hits(k).tolist() == (ranks <= k).tolist()
-    # One relevant text per image (the paired one): the rank is 1 + the texts scoring at least as high.
+    # One relevant text per image (the paired one): the rank is 1 + the other texts scoring at least as high.
     paired = rng.normal(size=(25, 25))
-    expected = [1 + int((paired[i] >= paired[i, i]).sum()) - 1 for i in range(25)]
+    expected = [int((paired[i] >= paired[i, i]).sum()) for i in range(25)]  # itself included
     assert first_relevant_rank(paired, np.arange(25), np.arange(25)).tolist() == expected
 
 

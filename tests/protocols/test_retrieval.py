@@ -190,6 +190,8 @@ def test_run_and_score_agree_exactly_and_equal_a_brute_force_ranking(roots, tmp_
     assert f"**{record['metrics']['i2t_medr']:.1f}**" in table
     assert re.search(rf"\|\s+{other['metrics']['i2t_medr']:.1f} \|", table)
     assert f"{100 * record['metrics']['i2t_r10']:.1f}" in table and "(×100; ranks as they are)" in table
+    page = api.leaderboard(tmp_path / "results", tmp_path / "site").read_text(encoding="utf-8")
+    assert '<section id="group-ret">' in page and "Image-text retrieval" in page
 
 
 def test_a_random_model_scores_about_chance_on_the_class_prompts(roots):
