@@ -13,6 +13,7 @@ from typing import Callable
 from vlpbench import __version__
 from vlpbench.data.attributes import ATTRIBUTES
 from vlpbench.errors import ConfigError, VlpbenchError
+from vlpbench.protocols.base import TABLE_GROUPS
 
 log = logging.getLogger("vlpbench")
 
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-predictions", metavar="DIR",
                    help="new or empty folder for the test predictions, in the format `vlpbench score` reads "
                         "(segmentation: <image_id>.png masks; detection: detections.json; classification: "
-                        "predictions.csv; grounding: heatmaps.npz)")
+                        "predictions.csv; grounding: heatmaps.npz; retrieval: similarity.npz)")
     _subgroup_options(p)
 
     p = command("sweep", "Run models × tasks × fractions × seeds, each run in its own process with its own log; "
@@ -120,14 +121,16 @@ def _parser() -> argparse.ArgumentParser:
                         "finetune, zero_shot and grounding support it, others refuse N > 1")
 
     p = command("score", "Score predictions from any framework (or saved by `run --save-predictions`) with the "
-                "task's evaluation: the same metrics, CIs and thresholds as `run`. Needs the label files only.",
+                "task's evaluation: the same metrics, CIs and thresholds as `run`. Needs the label files (and, for "
+                "report retrieval, the reports) only.",
                 "vlpbench score --task siim_seg --predictions preds/ --data-root ~/data/siim --json", _score)
     p.add_argument("--task", required=True)
     p.add_argument("--predictions", required=True,
                    help="the folder `run --save-predictions` wrote, or the protocol's file: segmentation: a folder "
                         "of <image_id>.png masks (non-zero = positive) or .npy probabilities; detection: COCO "
                         "results JSON; classification: CSV with image_id and one probability column per class "
-                        "(plus the validation rows thresholds come from); grounding: .npz of heat maps")
+                        "(plus the validation rows thresholds come from); grounding: .npz of heat maps; retrieval: "
+                        ".npz of similarity (images x texts), image_ids and texts")
     _data_root(p)
     p.add_argument("--split", default="test", help="split part to score against (default test)")
     p.add_argument("--seed", type=int, default=0,
@@ -146,9 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=_names, help="comma-separated model names (row order follows it)")
     p.add_argument("--tasks", type=_names, help="comma-separated task names (column order follows it)")
     p.add_argument("--fracs", type=_fractions, help="comma-separated fractions: 0.01,0.1 or 1%%,10%%")
-    p.add_argument("--group", choices=("seg", "det", "cls", "zs", "ground"),
+    p.add_argument("--group", choices=TABLE_GROUPS,
                    help="the paper's task groups, by protocol: segmentation, detection, linear/fine-tuned "
-                        "classification, zero-shot classification, grounding")
+                        "classification, zero-shot classification, grounding, image-text retrieval")
     p.add_argument("--metrics", type=_names,
                    help="metrics per task as sub-columns, e.g. auc,f1,acc (default: the primary metric)")
     _profile(p, "only the records of this protocol profile (default: all, one table per profile)", default=None)

@@ -15,6 +15,9 @@ format its ``score`` reads, so ``score`` on the folder gives the run's metrics, 
 - Classification (linear probe, fine-tuning, zero-shot): ``predictions.csv``, a header ``image_id`` and
   one probability column per class (named as the task names its classes), one row per test image and per
   image the thresholds come from (validation images; CheXpert's valid.csv for the radiologist test set).
+- Retrieval: ``similarity.npz``, the cosine similarity of every test image with every candidate text
+  (``similarity``, float32, images × texts) with ``image_ids`` and ``texts`` naming its rows and columns
+  (:mod:`vlpbench.protocols.retrieval`).
 - Detection: ``detections.json``, COCO results ``[{"image_id", "bbox": [x, y, w, h], "score"}]`` in
   original image pixels, every detection the protocol kept for every test image.
 """

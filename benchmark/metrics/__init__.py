@@ -9,6 +9,8 @@
   Brier score of predicted probabilities, and reliability bins.
 * :mod:`~vlpbench.metrics.grounding`: pointing game, pixel recall, IoU, Dice and BioViL's CNR of
   heat maps against ground-truth regions.
+* :mod:`~vlpbench.metrics.retrieval`: image→text and text→image Recall@K, Precision@K, median and mean rank
+  from a similarity matrix and relevance keys, ties pessimistic.
 * :mod:`~vlpbench.metrics.bootstrap`: percentile bootstrap CIs over images, for per-image scores or
   for a statistic recomputed on each resample.
 * :mod:`~vlpbench.metrics.specs`: :class:`MetricSpec`, what each metric is called, printed as, which
@@ -20,7 +22,7 @@ Every metric a protocol reports is registered below, once, in :data:`vlpbench.re
 
 from __future__ import annotations
 
-from vlpbench.metrics import calibration, classification, grounding
+from vlpbench.metrics import calibration, classification, grounding, retrieval
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.detection import detection_map
 from vlpbench.metrics.dice import dice, dice_per_image
@@ -80,5 +82,24 @@ for _spec in (
                "queries where it is defined", grounding.cnr),
 ):
     register_metric(_spec)
+
+# Retrieval, per direction (vlpbench.metrics.retrieval): the query images (i2t) or texts (t2i) are the sample.
+for _direction, _words in retrieval.DIRECTION_WORDS.items():
+    _short = _direction.upper()
+    for _k in retrieval.RECALL_AT:
+        register_metric(MetricSpec(
+            retrieval.metric_name(_direction, "r", _k), f"{_short} R@{_k}", True, PER_IMAGE_MEAN,
+            f"{_words} Recall@{_k}: share of queries with a relevant candidate in the top {_k} (ties pessimistic)"))
+    for _k in retrieval.PRECISION_AT:
+        register_metric(MetricSpec(
+            retrieval.metric_name(_direction, "p", _k), f"{_short} P@{_k}", True, PER_IMAGE_MEAN,
+            f"{_words} Precision@{_k}: share of relevant candidates in the top {_k}, mean over queries "
+            "(ties pessimistic)"))
+    register_metric(MetricSpec(
+        retrieval.metric_name(_direction, "medr"), f"{_short} MedR", False, RECOMPUTED,
+        f"{_words} median rank of the first relevant candidate (ties pessimistic)", percent=False))
+    register_metric(MetricSpec(
+        retrieval.metric_name(_direction, "meanr"), f"{_short} MeanR", False, PER_IMAGE_MEAN,
+        f"{_words} mean rank of the first relevant candidate (ties pessimistic)", percent=False))
 
 __all__ = ["MetricSpec", "bootstrap_ci", "dice", "dice_per_image", "metric_spec", "register_metric"]

@@ -46,6 +46,8 @@ class MetricSpec:
             None where a protocol computes it inline.
         per_class: the metric is also reported per class as ``<name>_<class slug>``.
         aliases: names that earlier versions wrote in records for this metric.
+        percent: the metric is a share in [0, 1] that tables print ×100; False for one printed in its own
+            units (a rank).
     """
 
     name: str
@@ -56,6 +58,7 @@ class MetricSpec:
     function: Callable | None = None
     per_class: bool = False
     aliases: tuple[str, ...] = ()
+    percent: bool = True
 
     def __post_init__(self) -> None:
         if self.ci not in CI_METHODS:

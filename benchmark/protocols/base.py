@@ -26,8 +26,8 @@ from vlpbench.protocols import SplitIds
 if TYPE_CHECKING:
     import torch
 
-# Paper table groups (G2D Tables 1-4), in the order tables print them.
-TABLE_GROUPS = ("seg", "det", "cls", "zs", "ground")
+# Paper table groups (G2D Tables 1-4, then image-text retrieval), in the order tables print them.
+TABLE_GROUPS = ("seg", "det", "cls", "zs", "ground", "ret")
 
 
 class Protocol(ABC):

@@ -80,6 +80,12 @@ class Cell:
     source: dict | None = None  # the table_rows entry of a measured cell
     significant: bool = False  # a best cell whose lead is significant (vlpbench.report.significance)
 
+    def scale(self, scale: float) -> float:
+        """The factor this cell is printed at: the grid's ``scale``, or 1 for a measured metric printed in its
+        own units (a rank; ``MetricSpec.percent`` False)."""
+        metric = (self.source or {}).get("metric")
+        return scale if metric is None or metric_spec(metric).percent else 1.0
+
 
 @dataclass(frozen=True)
 class Citation:
@@ -149,8 +155,9 @@ class Grid:
 
 def cell_texts(cell: Cell, grid: Grid) -> tuple[str, str | None, str | None]:
     """(mean, std or None, ``n=K`` or None) of ``cell`` at the grid's scale and precision."""
-    mean = f"{cell.mean * grid.scale:.{grid.decimals}f}"
-    std = None if cell.std is None else f"{cell.std * grid.scale:.{grid.decimals}f}"
+    scale = cell.scale(grid.scale)
+    mean = f"{cell.mean * scale:.{grid.decimals}f}"
+    std = None if cell.std is None else f"{cell.std * scale:.{grid.decimals}f}"
     n = f"n={cell.n_seeds}" if grid.show_n and cell.n_seeds is not None else None
     return mean, std, n
 
@@ -211,7 +218,7 @@ def _marks(columns: list[Column], rows: list[Row], scale: float, decimals: int) 
     """
     marks: dict[tuple, dict[float, str]] = {}
     for c in columns:
-        shown = [round(r.cells[c.key].mean * scale, decimals) for r in rows
+        shown = [round(r.cells[c.key].mean * r.cells[c.key].scale(scale), decimals) for r in rows
                  if c.key in r.cells and math.isfinite(r.cells[c.key].mean)]
         if len(shown) < 2:
             continue
@@ -223,7 +230,8 @@ def _marks(columns: list[Column], rows: list[Row], scale: float, decimals: int) 
     for r in rows:
         cells = {}
         for key, cell in r.cells.items():
-            mark = marks.get(key, {}).get(round(cell.mean * scale, decimals)) if math.isfinite(cell.mean) else None
+            shown = round(cell.mean * cell.scale(scale), decimals)
+            mark = marks.get(key, {}).get(shown) if math.isfinite(cell.mean) else None
             cells[key] = Cell(cell.mean, cell.std, cell.n_seeds, mark, cell.source)
         marked.append(Row(r.label, cells))
     return marked
@@ -254,6 +262,8 @@ def _legend(rows: list[Row], measured: list[Row], columns: list[Column], scale: 
             metric_order: Sequence[str] | None) -> list[str]:
     seed_counts = sorted({cell.n_seeds for r in measured for cell in r.cells.values()})
     unit = " (×100)" if scale == 100.0 else ""
+    if unit and not all(metric_spec(c.metric).percent for c in columns):
+        unit = " (×100; ranks as they are)"
     what = "the primary metric" if not metric_order else "each metric"
     if seed_counts == [1]:
         lines = [f"Cells: {what}{unit} of a single seed."]

@@ -1,6 +1,6 @@
 """The leaderboard page: one self-contained ``index.html`` built from result records only.
 
-Per paper task group (seg, det, cls, zs, ground, then any other tasks) the page holds a sortable table
+Per paper task group (seg, det, cls, zs, ground, ret, then any other tasks) the page holds a sortable table
 (the paper layout of :func:`vlpbench.report.table.build_tables`, one table per protocol profile; click a column header to sort, best
 first, click again to reverse), a calibration table (ECE, Brier) where classification records hold them,
 the metric-versus-fraction plots of the group's tasks (inline base64
@@ -29,7 +29,8 @@ from vlpbench.report.table import build_tables, split_identity, table_rows, task
 from vlpbench.tasks import DEFAULT_PROFILE
 
 GROUP_TITLES = {"seg": "Segmentation", "det": "Detection", "cls": "Classification (linear probe, fine-tuning)",
-                "zs": "Zero-shot classification", "ground": "Zero-shot grounding", "other": "Other tasks"}
+                "zs": "Zero-shot classification", "ground": "Zero-shot grounding",
+                "ret": "Image-text retrieval", "other": "Other tasks"}
 _PAGE_DPI = 150  # inline plots: sharp on screen, a fraction of the 300-dpi files' size
 
 _STYLE = """

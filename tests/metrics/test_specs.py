@@ -15,9 +15,11 @@ from vlpbench.tasks import load_task, task_names
 
 
 def test_each_registered_spec_is_complete_and_registered_under_its_name():
+    retrieval = {f"{d}_{m}" for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "p5", "p10", "p50", "p100", "medr",
+                                                              "meanr")}
     assert set(METRICS.names()) == {"dice", "dice_positive", "empty_correct", "all_empty_baseline", "map", "map_mgca",
                                     "auc", "acc", "f1", "mcc", "pointing_game", "recall", "iou", "cnr",
-                                    "ece", "adaptive_ece", "brier"}
+                                    "ece", "adaptive_ece", "brier", *retrieval}
     for name in METRICS:
         spec = METRICS.get(name)
         assert spec.name == name and spec.display and spec.ci in CI_METHODS
@@ -28,10 +30,12 @@ def test_display_names_directions_and_ci_methods():
     shown = {name: metric_spec(name).display for name in ("dice", "map", "auc", "acc", "f1", "mcc", "iou", "cnr")}
     assert shown == {"dice": "Dice", "map": "mAP", "auc": "AUC", "acc": "ACC", "f1": "F1", "mcc": "MCC",
                      "iou": "IoU", "cnr": "CNR"}
-    # Calibration errors are the only shipped metrics where lower is better.
-    assert {name for name in METRICS if not METRICS.get(name).higher_is_better} == {"ece", "adaptive_ece", "brier"}
+    ranks = {f"{d}_{m}" for d in ("i2t", "t2i") for m in ("medr", "meanr")}  # retrieval ranks: lower is better
+    calibration = {"ece", "adaptive_ece", "brier"}
+    assert {name for name in METRICS if not METRICS.get(name).higher_is_better} == ranks | calibration
+    assert {name for name in METRICS if not METRICS.get(name).percent} == ranks
     assert {name for name in METRICS if METRICS.get(name).ci == RECOMPUTED} == {"map", "map_mgca", "auc", "f1", "mcc",
-                                                                               "ece", "adaptive_ece", "brier"}
+                                                                                "i2t_medr", "t2i_medr", *calibration}
     assert metric_spec("dice").ci == metric_spec("acc").ci == PER_IMAGE_MEAN
 
 
