@@ -207,6 +207,8 @@ def subgroup_figure(row: dict[str, Any], name: str):
                 axes.plot([x], [value], "o", color="C0")
         axes.set_xticks(range(len(labels)), [f"{label}\nn={row['groups'][label]['n']}" for label in labels])
         axes.set_xlim(-0.5, len(labels) - 0.5)
+        if all("reason" in row["groups"][label] for label in labels):
+            axes.set_ylim(0, 100)  # nothing drawn: keep the axis in the units its label names
         axes.set_ylabel(f"{metric_name(row['metric'])} (×100)")
         axes.set_xlabel(name)
         axes.set_title(f"{row['model']} · {row['task']} {percent_label(row['frac'])}")
