@@ -11,8 +11,10 @@ from sklearn.metrics import roc_auc_score
 
 from vlpbench.errors import ConfigError
 from vlpbench.metrics.detection import detection_map
-from vlpbench.metrics.subgroups import (ItemStatistics, age_bins, age_labels, attribute_groups, group_of,
-                                        record_problem, subgroup_metrics, subgroup_report, weighted_mean)
+from vlpbench.evidence import per_item_evidence
+from vlpbench.metrics.bootstrap import weighted_mean
+from vlpbench.metrics.subgroups import (age_bins, age_labels, attribute_groups, group_of, record_problem,
+                                        subgroup_metrics, subgroup_report)
 from vlpbench.protocols.classification import evaluate_classification
 from vlpbench.protocols.detection import evaluate_detection
 from vlpbench.protocols.segmentation import evaluate_segmentation
@@ -26,7 +28,7 @@ def _classification(rng, n=120, classes=("a", "b")):
     ids = [f"i{k}" for k in range(n)]
     evaluated = evaluate_classification("multilabel", list(classes), ids, labels, scores, ["auc"], thresholds=None,
                                         n_resamples=10, seed=0)
-    return evaluated["items"], labels, scores
+    return evaluated["evidence"], labels, scores
 
 
 def test_auc_per_subgroup_is_sklearn_macro_auc_on_the_subset():
@@ -56,7 +58,7 @@ def test_dice_per_subgroup_is_the_subset_mean_and_its_cis_follow_the_documented_
     rng = np.random.default_rng(2)
     n = 90
     dice, positive = rng.random(n), rng.random(n) < 0.5
-    items = evaluate_segmentation(_Masks(positive), [str(k) for k in range(n)], dice, n_resamples=10, seed=0)["items"]
+    items = evaluate_segmentation(_Masks(positive), [str(k) for k in range(n)], dice, n_resamples=10, seed=0)["evidence"]
     groups = np.where(np.arange(n) % 3 == 0, "AP", "PA")
     seed = 7
     result = subgroup_metrics(items, list(groups), "dice", n_resamples=R, seed=seed, order=["AP", "PA"])
@@ -99,7 +101,7 @@ def test_map_per_subgroup_is_detection_map_on_the_subsets_images():
         boxes = np.concatenate([jitter, _boxes(rng, int(rng.integers(0, 3)))])
         detections.append((boxes, rng.random(len(boxes))))
     ids = [f"p{k}" for k in range(n)]
-    items = evaluate_detection(truths, detections, n_resamples=5, seed=0, ids=ids)["items"]
+    items = evaluate_detection(truths, detections, n_resamples=5, seed=0, ids=ids)["evidence"]
     groups = rng.choice(["F", "M"], size=n)
     result = subgroup_metrics(items, list(groups), "map", n_resamples=20, seed=0, min_positives=3,
                               order=["F", "M"])
@@ -119,13 +121,13 @@ def test_a_planted_gap_is_found_and_no_gap_gives_a_ci_holding_zero():
     # Women: the score separates the classes; men: noise.
     scores = np.where(groups[:, None] == "F", labels * 0.8 + rng.random((n, 1)) * 0.5, rng.random((n, 1)))
     items = evaluate_classification("binary", ["y"], [str(k) for k in range(n)], labels, scores, ["auc"],
-                                    thresholds=None, n_resamples=5, seed=0)["items"]
+                                    thresholds=None, n_resamples=5, seed=0)["evidence"]
     planted = subgroup_metrics(items, list(groups), "auc", n_resamples=R, seed=0)["gap"]
     assert (planted["high"], planted["low"]) == ("F", "M") and planted["ci"]["low"] > 0.2
 
     same = np.clip(labels * 0.3 + rng.random((n, 1)), 0, 1)  # one model for everyone
     items = evaluate_classification("binary", ["y"], [str(k) for k in range(n)], labels, same, ["auc"],
-                                    thresholds=None, n_resamples=5, seed=0)["items"]
+                                    thresholds=None, n_resamples=5, seed=0)["evidence"]
     null = subgroup_metrics(items, list(groups), "auc", n_resamples=R, seed=0)["gap"]
     assert null["ci"]["low"] < 0 < null["ci"]["high"]
 
@@ -135,7 +137,7 @@ def test_a_subgroup_with_too_few_positives_or_items_says_so_instead_of_a_number(
     labels[:20] = 0  # group F (items 0..19): no positive
     scores = np.linspace(0, 1, 40)[:, None]
     items = evaluate_classification("binary", ["y"], [str(k) for k in range(40)], labels, scores, ["auc"],
-                                    thresholds=None, n_resamples=5, seed=0)["items"]
+                                    thresholds=None, n_resamples=5, seed=0)["evidence"]
     groups = ["F"] * 20 + ["M"] * 17 + ["O"] * 3
     result = subgroup_metrics(items, groups, "auc", n_resamples=20, seed=0, order=["F", "M", "O"])
     by = {row["group"]: row for row in result["groups"]}
@@ -162,7 +164,7 @@ def test_grounding_means_skip_undefined_queries_and_reports_name_absent_attribut
     statistic = weighted_mean(values)
     assert statistic(np.array([1.0, 1.0, 1.0, 0.0])) == pytest.approx(0.4)
     assert np.isnan(statistic(np.array([0.0, 1.0, 0.0, 0.0])))
-    items = ItemStatistics(("a", "a", "b", "c"), {"cnr": statistic}, unit="query")
+    items = per_item_evidence(["a#0", "a#1", "b#0", "c#0"], {"cnr": values}, images=["a", "a", "b", "c"])
     report = subgroup_report(items, {"a": {"sex": "F"}, "b": {"sex": "M"}}, ["sex", "view"], "cnr",
                              n_resamples=10, min_items=1)
     assert [(row["group"], row["n"]) for row in report["sex"]["groups"]] == [("F", 2), ("M", 1), ("unknown", 1)]
