@@ -228,7 +228,7 @@ def run_in_process(
     outcome, skipped = _run_protocol(protocol, adapter, source, parts, frac, config, seed=seed, device=torch_device,
                                      progress=progress, skip_corrupt=skip_corrupt, hooks=hooks)
     outcome["timing"]["wall_s"] = time.perf_counter() - started
-    subgroups = subgroups_of(outcome.pop("items", None), attributes, source.attribute_names, spec.primary_metric,
+    subgroups = subgroups_of(outcome.get("evidence"), attributes, source.attribute_names, spec.primary_metric,
                              edges=edges, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
 
     record = make_record(
@@ -267,19 +267,19 @@ def run_in_process(
     return record, path
 
 
-def subgroups_of(items, attributes: dict[str, dict], names, metric: str, *, edges, n_resamples: int,
+def subgroups_of(evidence, attributes: dict[str, dict], names, metric: str, *, edges, n_resamples: int,
                  seed: int) -> dict[str, Any] | None:
     """``metric`` per subgroup of each attribute of ``names`` (:func:`vlpbench.metrics.subgroups.subgroup_report`)
-    from a protocol's ``items``; None where the dataset carries no attribute, the protocol gives no items, or
-    it cannot recompute ``metric`` on a subset (MGCA's mAP, which drops images by their detections)."""
+    from a protocol's ``evidence``; None where the dataset carries no attribute, the protocol gives no evidence,
+    or its evidence holds no statistic of ``metric`` (a retrieval metric whose queries are texts)."""
     from vlpbench.metrics.subgroups import subgroup_report
 
-    if items is None or not names:
+    if evidence is None or not names:
         return None
-    if metric not in items.statistics:
+    if metric not in evidence.statistics():
         log.warning("no subgroup metrics: %s cannot be recomputed on a subset of the test images", metric)
         return None
-    return subgroup_report(items, attributes, names, metric, edges=edges, n_resamples=n_resamples, seed=seed)
+    return subgroup_report(evidence, attributes, names, metric, edges=edges, n_resamples=n_resamples, seed=seed)
 
 
 def _run_protocol(protocol: Protocol, adapter, source, parts: dict[str, list[str]], frac: float,
@@ -507,11 +507,11 @@ def score(task: str, predictions: str | Path, *, data_root: str | Path | None = 
     edges = resolve_age_bins(age_bins, config)
     attributes = read_attributes(source, ids)
     outcome = protocol.score(Path(predictions), source, SplitIds([], val_ids, ids), config, seed=seed)
-    subgroups = subgroups_of(outcome.pop("items", None), attributes, source.attribute_names, spec.primary_metric,
+    # The evidence: arrays for a record's sidecar (`score` writes no record), and what subgroups come from.
+    subgroups = subgroups_of(outcome.pop("evidence", None), attributes, source.attribute_names, spec.primary_metric,
                              edges=edges, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
     if subgroups is not None:
         outcome["subgroups"] = subgroups
-    outcome.pop("evidence", None)  # arrays for a record's sidecar; `score` writes no record
     return {"task": spec.name, "version": spec.version, "profile": spec.profile, "split": split,
             "split_sha256": holder.manifest_sha256,
             "config": {"overrides": dict(overrides or {}), "seed": seed}, **outcome}

@@ -12,19 +12,29 @@ Three kinds, each rebuilding its statistics with the metric code of its protocol
 * ``classification`` (linear, fine-tuned, zero-shot): test ``ids``, ``labels`` ((N,) class indices for a
   multi-class task, else (N, C) 0/1), ``probabilities`` (N, C), ``classes``, ``label_kind``, the ``metrics``
   evaluated, the ``thresholds`` used (one per class, NaN for a class without one; absent when none was
-  used) and ``acc_rule``; statistics from :func:`vlpbench.protocols.classification.metric_statistics`.
-* ``per_item`` (segmentation, grounding): ``values`` (N, M), one column per metric in ``metrics``, NaN
-  where an item does not count for that metric (``dice_positive`` of a negative image, an undefined
-  CNR), so each metric is the weighted mean of its column over the counted items; optional ``labels``
-  (segmentation: the image is positive).
+  used) and ``acc_rule``; statistics from :func:`vlpbench.protocols.classification.metric_statistics`,
+  and, where ``calibration`` is true (the evaluation computed them; absent in sidecars written before),
+  ``ece``, ``adaptive_ece`` and ``brier`` from :func:`vlpbench.protocols.calibration.calibration_parts`.
+* ``per_item`` (segmentation, grounding, retrieval): ``values`` (N, M), one column per metric in ``metrics``,
+  NaN where an item does not count for that metric (``dice_positive`` of a negative image, an undefined
+  CNR), so each metric is the weighted mean of its column over the counted items, or, where the optional
+  ``aggregates`` (one per metric, ``mean`` or ``median``) says ``median``, its weighted median (retrieval's
+  median rank); optional ``labels`` (segmentation: the image is positive) with their class name in
+  ``classes``, and ``images`` (grounding: the image of each query, whose attributes place it in a subgroup).
 * ``detection``: per image the ground-truth boxes and the detections (flattened, with the image index of
   each box: ``truth_boxes``/``truth_image``, ``det_boxes``/``det_scores``/``det_image``), the IoU
   thresholds and ``max_detections``; statistics from :class:`vlpbench.metrics.detection.DetectionMatches`
   (``map``, ``ap<IoU>``, ``map_mgca``).
 
 ``untestable`` (optional) lists ``"<metric>: why"`` for metrics of the record that no weighting of the items
-reproduces (MGCA's batch-averaged Dice). A record without a sidecar still yields per-item evidence for its
-primary metric from ``per_image`` when that metric is a per-image mean (:func:`per_image_evidence`).
+reproduces (MGCA's batch-averaged Dice; retrieval's text→image metrics, whose queries are not the items); a
+column may still hold such a metric's per-item part (the per-image Dice), which subgroup metrics use with
+that reason as a note. A record without a sidecar still yields per-item evidence for its primary metric
+from ``per_image`` when that metric is a per-image mean (:func:`per_image_evidence`).
+
+:meth:`Evidence.subset` keeps some of the items, so that a subgroup's statistics run over its own items only
+(:mod:`vlpbench.metrics.subgroups`); on any weighting of the kept items they equal the full evidence's on the
+same weights with 0 elsewhere.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import numpy as np
 
 from vlpbench.errors import DataError
 from vlpbench.files import atomic_write, backup_path
+from vlpbench.metrics.bootstrap import weighted_mean
 
 FORMAT = "vlpbench-evidence/1"
 SUFFIX = ".evidence.npz"
@@ -71,6 +82,63 @@ class Evidence:
     def n(self) -> int:
         return len(self.ids)
 
+    @property
+    def images(self) -> list[str]:
+        """Per item the image it belongs to (a grounding query's image; else the item itself)."""
+        return [str(i) for i in self.arrays["images"]] if "images" in self.arrays else self.ids
+
+    @property
+    def unit(self) -> str:
+        """What an item is, for messages: ``query`` where items are queries of images, else ``image``."""
+        return "query" if "images" in self.arrays else "image"
+
+    def positives(self) -> tuple[np.ndarray, tuple[str, ...]] | None:
+        """(N, C) 0/1 per item and class, with the C class names, from the labels (detection: whether the
+        image holds a ground-truth box); None where the items have no labels (grounding, retrieval)."""
+        a = self.arrays
+        if self.kind == "detection":
+            holds = np.bincount(a["truth_image"], minlength=self.n)[:self.n] > 0
+            return holds[:, None].astype(int), ("positive",)
+        if "labels" not in a:
+            return None
+        classes = tuple(str(c) for c in a["classes"]) if "classes" in a else ("positive",)
+        if self.kind == "classification" and str(a["label_kind"]) == "multiclass":
+            return (a["labels"][:, None] == np.arange(len(classes))[None, :]).astype(int), classes
+        labels = (np.asarray(a["labels"]).reshape(self.n, -1) == 1).astype(int)
+        return labels, classes[:labels.shape[1]]
+
+    def subset(self, keep: np.ndarray) -> Evidence:
+        """The evidence of the items ``keep`` (indices, in order) only: on any weighting of them its statistics
+        equal this evidence's on the same weights with 0 on every other item (module docstring). A macro AUC
+        keeps averaging the classes defined on this evidence's items, as it does here."""
+        keep = np.asarray(keep, dtype=np.int64)
+        a = dict(self.arrays)
+        if self.kind == "detection":
+            position = np.full(self.n, -1, dtype=np.int64)
+            position[keep] = np.arange(len(keep))
+            for prefix in ("truth", "det"):
+                kept = position[a[f"{prefix}_image"]] >= 0
+                for key in [k for k in a if k.startswith(f"{prefix}_")]:
+                    a[key] = a[key][kept]
+                a[f"{prefix}_image"] = position[a[f"{prefix}_image"]]
+        else:
+            for key in ("labels", "probabilities", "values", "images"):
+                if key in a:
+                    a[key] = a[key][keep]
+            if self.kind == "classification":
+                a["auc_classes"] = self._auc_classes()
+        return Evidence(self.kind, [self.ids[k] for k in keep], a, list(self.untestable),
+                        source=f"{self.source} ({len(keep)} of {self.n} items)")
+
+    def _auc_classes(self) -> np.ndarray:
+        """Per class whether its AUC is defined on these items (both labels present): the classes a macro
+        AUC averages."""
+        if "auc_classes" in self.arrays:
+            return self.arrays["auc_classes"]
+        positives, _ = self.positives()
+        counts = positives.sum(axis=0)
+        return (counts > 0) & (counts < self.n)
+
     def truth(self) -> list[np.ndarray]:
         """What two models' evidence must share to be paired: labels (or ground-truth boxes)."""
         a = self.arrays
@@ -88,16 +156,28 @@ class Evidence:
                 self._statistics = self._detection()
             else:
                 values = self.arrays["values"]
-                self._statistics = {str(name): (lambda w, column=values[:, j]: _weighted_mean(w, column))
-                                    for j, name in enumerate(self.arrays["metrics"])}
+                self._statistics = {name: (_weighted_median(values[:, j]) if aggregate == "median"
+                                           else weighted_mean(values[:, j]))
+                                    for j, (name, aggregate) in enumerate(zip(self._columns(), self._aggregates()))}
         return self._statistics
+
+    def _columns(self) -> list[str]:
+        return [str(m) for m in self.arrays["metrics"]]
+
+    def _aggregates(self) -> list[str]:
+        """Per column of a per-item evidence how its metric aggregates the items: ``mean`` or ``median``."""
+        if "aggregates" in self.arrays:
+            return [str(g) for g in self.arrays["aggregates"]]
+        return ["mean"] * len(self.arrays["metrics"])
 
     def item_values(self, metric: str) -> np.ndarray | None:
         """Per-item values whose (NaN-skipping) mean is ``metric``, for a vectorised paired bootstrap; None
         where the metric is not such a mean in this evidence."""
         if self.kind == "per_item":
-            names = [str(m) for m in self.arrays["metrics"]]
-            return self.arrays["values"][:, names.index(metric)] if metric in names else None
+            names = self._columns()
+            if metric not in names or self._aggregates()[names.index(metric)] != "mean":
+                return None
+            return self.arrays["values"][:, names.index(metric)]
         if self.kind == "classification" and str(self.arrays["label_kind"]) == "multiclass" and metric == "acc":
             a = self.arrays
             return (a["probabilities"].argmax(axis=1) == a["labels"]).astype(np.float64)
@@ -123,12 +203,19 @@ class Evidence:
     def _classification(self) -> dict[str, Statistic]:
         from vlpbench.protocols.classification import metric_statistics
 
+        from vlpbench.protocols.calibration import calibration_parts
+
         a = self.arrays
+        kind, classes = str(a["label_kind"]), [str(c) for c in a["classes"]]
         thresholds = None
         if "thresholds" in a:
             thresholds = [None if math.isnan(t) else float(t) for t in a["thresholds"]]
-        return metric_statistics(str(a["label_kind"]), a["labels"], a["probabilities"], [str(c) for c in a["classes"]],
-                                 [str(m) for m in a["metrics"]], thresholds, str(a["acc_rule"]))
+        statistics = metric_statistics(kind, a["labels"], a["probabilities"], classes, [str(m) for m in a["metrics"]],
+                                       thresholds, str(a["acc_rule"]), auc_classes=a.get("auc_classes"))
+        if "calibration" in a and bool(a["calibration"]):
+            # The evaluation found probabilities: they are the evidence's, so no check can leave them out here.
+            statistics.update(calibration_parts(kind, classes, a["labels"], a["probabilities"])[0])
+        return statistics
 
     def _detection(self) -> dict[str, Statistic]:
         from vlpbench.metrics.detection import DetectionMatches, mgca_kept, summarize
@@ -150,10 +237,10 @@ class Evidence:
         return statistics
 
 
-def _weighted_mean(weights: np.ndarray, values: np.ndarray) -> float:
-    counted = np.isfinite(values)
-    total = float(np.asarray(weights)[counted].sum())
-    return float(np.asarray(weights)[counted] @ values[counted]) / total if total > 0 else math.nan
+def _weighted_median(values: np.ndarray) -> Statistic:
+    from vlpbench.metrics.retrieval import weighted_median
+
+    return lambda w: weighted_median(values, w)
 
 
 # --- building, in the protocols' evaluations ---------------------------------------------------------------
@@ -161,24 +248,37 @@ def _weighted_mean(weights: np.ndarray, values: np.ndarray) -> float:
 
 def classification_evidence(kind: str, classes: Sequence[str], ids: Sequence[str], labels: np.ndarray,
                             probabilities: np.ndarray, metrics: Sequence[str],
-                            thresholds: Sequence[float | None] | None, acc_rule: str) -> Evidence:
-    """The evidence of :func:`vlpbench.protocols.classification.evaluate_classification`'s arguments."""
+                            thresholds: Sequence[float | None] | None, acc_rule: str, *,
+                            calibration: bool = False) -> Evidence:
+    """The evidence of :func:`vlpbench.protocols.classification.evaluate_classification`'s arguments;
+    ``calibration``: the evaluation computed the calibration metrics."""
     arrays = {"label_kind": np.array(kind), "classes": np.array(list(classes), dtype=str),
               "labels": np.asarray(labels), "probabilities": np.asarray(probabilities, dtype=np.float64),
-              "metrics": np.array(list(metrics), dtype=str), "acc_rule": np.array(acc_rule)}
+              "metrics": np.array(list(metrics), dtype=str), "acc_rule": np.array(acc_rule),
+              "calibration": np.array(bool(calibration))}
     if thresholds is not None:
         arrays["thresholds"] = np.array([math.nan if t is None else float(t) for t in thresholds], dtype=np.float64)
     return Evidence("classification", list(ids), arrays)
 
 
 def per_item_evidence(ids: Sequence[str], values: Mapping[str, np.ndarray], *, labels: np.ndarray | None = None,
-                      untestable: Sequence[str] = ()) -> Evidence:
-    """Per-item evidence: ``values`` maps each metric to one value per item (NaN: the item does not count)."""
+                      label_name: str | None = None, images: Sequence[str] | None = None,
+                      medians: Sequence[str] = (), untestable: Sequence[str] = ()) -> Evidence:
+    """Per-item evidence: ``values`` maps each metric to one value per item (NaN: the item does not count);
+    ``labels``: per item 0/1 (the item is positive), ``label_name`` naming that class; ``images``: per item
+    its image, where items are queries of images; ``medians``: the metrics that are the median of their
+    values rather than the mean."""
     arrays = {"metrics": np.array(list(values), dtype=str),
               "values": np.column_stack([np.asarray(v, dtype=np.float64) for v in values.values()])
               if values else np.zeros((len(ids), 0))}
+    if medians:
+        arrays["aggregates"] = np.array(["median" if name in medians else "mean" for name in values], dtype=str)
     if labels is not None:
         arrays["labels"] = np.asarray(labels)
+        if label_name is not None:
+            arrays["classes"] = np.array([label_name], dtype=str)
+    if images is not None:
+        arrays["images"] = np.array(list(images), dtype=str)
     return Evidence("per_item", list(ids), arrays, list(untestable))
 
 

@@ -32,8 +32,9 @@ A record is the only thing tables, plots and comparisons read. Its fields (schem
                     subgroup of the test images (vlpbench.metrics.subgroups); absent where the dataset's
                     files carry no attribute, and in records written before subgroups existed
     evidence?       {file, sha256}: the sidecar ``<record stem>.evidence.npz`` beside the record, from which
-                    every metric is recomputed on any weighting of the test items (paired tests between
-                    models; vlpbench.evidence); absent in records written before it existed
+                    every metric it does not list as untestable is recomputed on any weighting of the test
+                    items (paired tests between models, subgroups; vlpbench.evidence); absent in records
+                    written before it existed
     created         UTC ISO-8601 time of make_record
 
 Files live at ``<results>/runs/<model>/<sha256[:8] | nockpt>/<task>.v<version>[-<profile>]/frac<f>-seed<s>.json``

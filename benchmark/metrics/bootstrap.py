@@ -129,3 +129,19 @@ def _resample_statistic(statistic: Callable[[np.ndarray], float], n: int, n_resa
         reason = f"; last error: {last_error}" if last_error is not None else ""
         raise DataError(f"bootstrap: the statistic was undefined on all {n_resamples} resamples{reason}")
     return np.asarray(statistics), n_resamples - len(statistics)
+
+
+def weighted_mean(values: np.ndarray) -> Callable[[np.ndarray], float]:
+    """``weights -> `` the weighted mean of ``values`` over the items where it is finite (NaN where their
+    weights sum to 0): a per-item mean metric on any weighting of the items (a resample's counts, an
+    indicator of a subset). NaN marks an item the metric does not count (a CNR that is undefined)."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    clean = np.where(finite, values, 0.0)
+
+    def statistic(weights: np.ndarray) -> float:
+        weights = np.asarray(weights, dtype=np.float64)
+        total = float(weights @ finite)
+        return float(weights @ clean) / total if total > 0 else math.nan
+
+    return statistic

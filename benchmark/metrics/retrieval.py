@@ -113,11 +113,6 @@ def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(np.median(np.repeat(values, counts))) if counts.sum() else float("nan")
 
 
-def weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
-    """The mean of ``values`` with ``weights``; NaN when all weights are 0."""
-    total = float(np.sum(weights))
-    return float(np.dot(values, weights) / total) if total else float("nan")
-
 
 def metric_name(direction: str, measure: str, k: int | None = None) -> str:
     """The registered name of a retrieval metric: ``i2t_r5``, ``t2i_p10``, ``i2t_medr``, ``t2i_meanr``."""

@@ -1,12 +1,11 @@
 """Subgroup performance: a metric per subgroup of the test items (sex, age bin, view, site), its bootstrap CI,
 and the largest gap between subgroups with the CI of that difference.
 
-A protocol describes its test evaluation as :class:`ItemStatistics`: per test item the image it belongs to,
-and per metric a ``statistic(weights)`` over the items, where ``weights`` counts how often each item is taken
-(an indicator vector is a subset; a bootstrap resample's ``bincount`` a resample). Classification passes
-:func:`vlpbench.protocols.classification.metric_statistics`; segmentation and grounding a weighted mean of
-their per-item scores; detection :meth:`DetectionMatches.mean_average_precision`. So a subgroup's metric is
-exactly the protocol's metric computed on that subgroup's items.
+A subgroup's metric is computed from the evaluation's :class:`~vlpbench.evidence.Evidence` (the same arrays
+paired tests use): the evidence of the subgroup's items only (:meth:`Evidence.subset`) rebuilds every metric
+with its protocol's code, so a subgroup's metric is exactly the protocol's metric computed on that subgroup's
+items, and each resample costs the subgroup's size, not the test set's. Each item belongs to an image
+(:attr:`Evidence.images`: a grounding query's image), whose attributes place it in a subgroup.
 
 Resampling (:func:`subgroup_metrics`): within each subgroup, as a stratified bootstrap. Subgroups are
 resampled in the order they are reported, all from one ``numpy.random.default_rng(seed)``: resample ``b``
@@ -16,8 +15,10 @@ where the metric is undefined skipped and counted); the gap between the best and
 their point values, ``unknown`` left out) is resampled as the difference of their metrics on the same
 resample indices ``b``, resamples where either is undefined skipped.
 
-A subgroup with fewer than ``min_items`` items, or (for a metric that needs them) fewer than ``min_positives``
-positives or negatives of a class, reports why instead of a number: its CI would be meaningless.
+A subgroup with fewer than ``min_items`` items, or (for a metric that needs them, :func:`requirement`) fewer
+than ``min_positives`` positives or negatives of a class, reports why instead of a number: its CI would be
+meaningless. A metric the evidence lists as untestable (its record value is no weighting of the items, as
+MGCA's batch-averaged Dice) but still holds per item is reported per subgroup with that reason as a note.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from vlpbench.data.attributes import ATTRIBUTES, UNKNOWN
 from vlpbench.errors import ConfigError
+from vlpbench.evidence import Evidence
 
 Statistic = Callable[[np.ndarray], float]  # item weights -> metric value (NaN: undefined)
 
@@ -44,41 +45,27 @@ MIN_POSITIVES = 5
 IMAGES, POSITIVES, BOTH = "images", "positives", "positives and negatives"
 
 
-@dataclass(frozen=True)
-class ItemStatistics:
-    """A protocol's test evaluation in the form subgroup metrics need.
-
-    Attributes:
-        image_ids: per test item, the image it belongs to (a grounding query's image), whose attributes
-            place the item in a subgroup.
-        statistics: metric name -> ``statistic(weights)`` over the items (NaN where undefined).
-        positives: (N, C) 0/1 per item and class, or None where the metric has no positives.
-        classes: the C class names of ``positives``.
-        requires: metric name -> :data:`IMAGES`, :data:`POSITIVES` or :data:`BOTH` (default IMAGES).
-        unit: what an item is, for messages (``image``, ``query``).
-        notes: metric name -> how its subgroup value differs from the record's value, where it does.
-    """
-
-    image_ids: tuple[str, ...]
-    statistics: Mapping[str, Statistic]
-    positives: np.ndarray | None = None
-    classes: tuple[str, ...] = ()
-    requires: Mapping[str, str] = field(default_factory=dict)
-    unit: str = "image"
-    notes: Mapping[str, str] = field(default_factory=dict)
+def requirement(evidence: Evidence, metric: str) -> str:
+    """What ``metric`` of ``evidence`` needs in a subgroup beyond :data:`MIN_ITEMS` items: AUC and (of
+    per-class decisions) MCC positives and negatives of every class, F1 and every detection AP positives, a
+    segmentation's ``dice_positive`` positive images; top-1 metrics of a multi-class task and means over all
+    images nothing (:data:`IMAGES`)."""
+    if evidence.kind == "detection":
+        return POSITIVES
+    if evidence.kind == "per_item":
+        return POSITIVES if metric == "dice_positive" else IMAGES
+    if str(evidence.arrays["label_kind"]) == "multiclass":
+        return {"auc": BOTH}.get(metric, IMAGES)
+    return {"auc": BOTH, "mcc": BOTH, "f1": POSITIVES}.get(metric, IMAGES)
 
 
-def weighted_mean(values: np.ndarray) -> Statistic:
-    """``weights -> `` the weighted mean of ``values`` over the items where it is finite (NaN if none)."""
-    values = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(values)
-    clean = np.where(finite, values, 0.0)
-
-    def statistic(weights: np.ndarray) -> float:
-        total = float(weights @ finite)
-        return float(weights @ clean) / total if total > 0 else math.nan
-
-    return statistic
+def _note(evidence: Evidence, metric: str) -> str | None:
+    """How a subgroup's value of ``metric`` differs from the record's, where the evidence says it does."""
+    for entry in evidence.untestable:
+        name, _, why = entry.partition(":")
+        if name == metric:
+            return f"mean over {evidence.unit}s within each subgroup; the record's {metric} is not ({why.strip()})"
+    return None
 
 
 def age_bins(edges: Sequence[float] | None) -> tuple[float, ...]:
@@ -124,34 +111,35 @@ def _ordered(attribute: str, labels: set[str], edges: Sequence[float]) -> list[s
     return order + ([UNKNOWN] if UNKNOWN in labels else [])
 
 
-def _too_few(items: ItemStatistics, metric: str, members: np.ndarray, counted: np.ndarray, *, min_items: int,
+def _too_few(evidence: Evidence, metric: str, members: np.ndarray, counted: np.ndarray, *, min_items: int,
              min_positives: int) -> str | None:
     """Why the subgroup ``members`` (item indices) gets no number, or None."""
+    unit = evidence.unit
     if len(members) < min_items:
-        return f"{len(members)} {items.unit}{'' if len(members) == 1 else 's'}, fewer than the {min_items} needed"
-    need = items.requires.get(metric, IMAGES)
-    if need == IMAGES or items.positives is None:
+        return f"{len(members)} {unit}{'' if len(members) == 1 else 's'}, fewer than the {min_items} needed"
+    need = requirement(evidence, metric)
+    if need == IMAGES or (positives := evidence.positives()) is None:
         return None
-    rows = items.positives[members]
+    rows, classes = positives[0][members], positives[1]
     for k in np.flatnonzero(counted):
-        positives = int(rows[:, k].sum())
-        negatives = len(members) - positives
-        name = items.classes[k] if len(items.classes) > 1 else "the class"
-        if positives < min_positives:
-            return f"{positives} positives of {name}, fewer than the {min_positives} needed"
+        found = int(rows[:, k].sum())
+        negatives = len(members) - found
+        name = classes[k] if len(classes) > 1 else "the class"
+        if found < min_positives:
+            return f"{found} positives of {name}, fewer than the {min_positives} needed"
         if need == BOTH and negatives < min_positives:
             return f"{negatives} negatives of {name}, fewer than the {min_positives} needed"
     return None
 
 
-def _resampled(statistic: Statistic, members: np.ndarray, n: int, n_resamples: int,
-               rng: np.random.Generator) -> np.ndarray:
-    """The statistic on ``n_resamples`` resamples of ``members`` (NaN where undefined or a ValueError)."""
+def _resampled(statistic: Statistic, n: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """The statistic of a subgroup's ``n`` items on ``n_resamples`` resamples of them (NaN where undefined or
+    a ValueError)."""
     values = np.full(n_resamples, np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a degenerate resample would warn on every draw
         for b in range(n_resamples):
-            weights = np.bincount(members[rng.integers(0, len(members), len(members))], minlength=n)
+            weights = np.bincount(rng.integers(0, n, n), minlength=n)
             try:
                 values[b] = float(statistic(weights.astype(np.float64)))
             except ValueError:
@@ -168,19 +156,17 @@ def _interval(values: np.ndarray, level: float) -> dict[str, Any] | None:
     return {"low": float(low), "high": float(high), "skipped": int(values.size - finite.size)}
 
 
-def _counts(items: ItemStatistics, members: np.ndarray) -> dict[str, int] | None:
-    if items.positives is None:
+def _counts(evidence: Evidence, members: np.ndarray) -> dict[str, int] | None:
+    if (positives := evidence.positives()) is None:
         return None
-    sums = items.positives[members].sum(axis=0)
-    names = items.classes or tuple(str(k) for k in range(len(sums)))
-    return {name: int(s) for name, s in zip(names, sums)}
+    return {name: int(total) for name, total in zip(positives[1], positives[0][members].sum(axis=0))}
 
 
-def subgroup_metrics(items: ItemStatistics, groups: Sequence[str], metric: str, *, n_resamples: int = 1000,
+def subgroup_metrics(evidence: Evidence, groups: Sequence[str], metric: str, *, n_resamples: int = 1000,
                      level: float = 0.95, seed: int = 0, min_items: int = MIN_ITEMS,
                      min_positives: int = MIN_POSITIVES, order: Sequence[str] | None = None) -> dict[str, Any]:
-    """``metric`` per subgroup of the items (``groups[i]`` is item i's subgroup label), with bootstrap CIs,
-    and the largest gap between subgroups with its CI (module docstring).
+    """``metric`` per subgroup of the evidence's items (``groups[i]`` is item i's subgroup label), with
+    bootstrap CIs, and the largest gap between subgroups with its CI (module docstring).
 
     Returns:
         ``{"metric", "groups": [{"group", "n", "positives"?, "value", "ci"} or {"group", "n", "positives"?,
@@ -189,50 +175,48 @@ def subgroup_metrics(items: ItemStatistics, groups: Sequence[str], metric: str, 
         items; ``gap.value`` is the best subgroup's value minus the worst's (>= 0), ``unknown`` left out.
 
     Raises:
-        ConfigError: ``metric`` is not among the statistics, or ``groups`` has the wrong length.
+        ConfigError: the evidence has no statistic of ``metric``, or ``groups`` has the wrong length.
     """
-    if metric not in items.statistics:
+    if metric not in evidence.statistics():
         raise ConfigError(f"subgroups: no statistic for metric {metric!r}; the evaluation has "
-                          f"{', '.join(items.statistics)}")
-    n = len(items.image_ids)
+                          f"{', '.join(evidence.statistics())}")
+    n = evidence.n
     if len(groups) != n:
-        raise ConfigError(f"subgroups: {len(groups)} subgroup labels for {n} test {items.unit}s")
-    statistic = items.statistics[metric]
+        raise ConfigError(f"subgroups: {len(groups)} subgroup labels for {n} test {evidence.unit}s")
     labels = np.asarray(groups, dtype=object)
     order = list(order) if order is not None else sorted(set(groups))
     counted = np.zeros(0, dtype=bool)
-    if items.positives is not None:
+    if (positives := evidence.positives()) is not None:
         # The classes the metric counts on the whole test set (a macro AUC leaves out a class without positives).
-        totals = items.positives.sum(axis=0)
-        need = items.requires.get(metric, IMAGES)
-        counted = (totals > 0) & ((totals < n) if need == BOTH else True)
+        totals = positives[0].sum(axis=0)
+        counted = (totals > 0) & ((totals < n) if requirement(evidence, metric) == BOTH else True)
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
     resamples: dict[str, np.ndarray] = {}
     for group in order:
         members = np.flatnonzero(labels == group)
         row: dict[str, Any] = {"group": group, "n": int(len(members))}
-        if (positives := _counts(items, members)) is not None:
-            row["positives"] = positives
-        reason = _too_few(items, metric, members, counted, min_items=min_items, min_positives=min_positives)
+        if (found := _counts(evidence, members)) is not None:
+            row["positives"] = found
+        reason = _too_few(evidence, metric, members, counted, min_items=min_items, min_positives=min_positives)
         value = math.nan
         if reason is None:
-            indicator = np.zeros(n)
-            indicator[members] = 1.0
-            value = float(statistic(indicator))
+            # The subgroup's own evidence: each resample costs its size, not the test set's (module docstring).
+            statistic = evidence.subset(members).statistics()[metric]
+            value = float(statistic(np.ones(len(members))))
             if not math.isfinite(value):
                 reason = f"{metric} is undefined on this subgroup"
         if reason is not None:
             rows.append({**row, "value": None, "reason": reason})
             continue
-        resamples[group] = _resampled(statistic, members, n, n_resamples, rng)
+        resamples[group] = _resampled(statistic, len(members), n_resamples, rng)
         rows.append({**row, "value": value, "ci": _interval(resamples[group], level)})
 
     result: dict[str, Any] = {"metric": metric, "groups": rows, "gap": None, "n_resamples": int(n_resamples),
                               "level": float(level), "seed": int(seed), "min_items": int(min_items),
                               "min_positives": int(min_positives)}
-    if metric in items.notes:
-        result["note"] = items.notes[metric]
+    if (note := _note(evidence, metric)) is not None:
+        result["note"] = note
     scored = [r for r in rows if r["value"] is not None and r["group"] != UNKNOWN]
     if len(scored) < 2:
         result["gap_reason"] = (f"{len(scored)} subgroup(s) other than {UNKNOWN} have a value; a gap needs two")
@@ -252,7 +236,7 @@ def attribute_groups(attribute: str, values: Sequence[Any], edges: Sequence[floa
     return labels, _ordered(attribute, set(labels), edges)
 
 
-def subgroup_report(items: ItemStatistics, attributes: Mapping[str, Mapping[str, Any]], names: Sequence[str],
+def subgroup_report(evidence: Evidence, attributes: Mapping[str, Mapping[str, Any]], names: Sequence[str],
                     metric: str, *, edges: Sequence[float] = DEFAULT_AGE_BINS, n_resamples: int = 1000,
                     seed: int = 0, min_items: int = MIN_ITEMS, min_positives: int = MIN_POSITIVES) -> dict[str, Any]:
     """:func:`subgroup_metrics` of ``metric`` for every attribute of ``names``.
@@ -264,15 +248,16 @@ def subgroup_report(items: ItemStatistics, attributes: Mapping[str, Mapping[str,
         ``{attribute: result}``; age results also hold ``age_bins`` (the edges).
     """
     report: dict[str, Any] = {}
+    images = evidence.images
     for name in names:
         if name not in ATTRIBUTES:
             raise ConfigError(f"subgroups: unknown attribute {name!r}; expected one of {', '.join(ATTRIBUTES)}")
-        values = [attributes.get(image_id, {}).get(name, UNKNOWN) for image_id in items.image_ids]
+        values = [attributes.get(image_id, {}).get(name, UNKNOWN) for image_id in images]
         if all(v == UNKNOWN for v in values):
-            report[name] = {"metric": metric, "reason": f"no test {items.unit}'s files give its {name}"}
+            report[name] = {"metric": metric, "reason": f"no test {evidence.unit}'s files give its {name}"}
             continue
         labels, order = attribute_groups(name, values, edges)
-        report[name] = subgroup_metrics(items, labels, metric, n_resamples=n_resamples, seed=seed,
+        report[name] = subgroup_metrics(evidence, labels, metric, n_resamples=n_resamples, seed=seed,
                                         min_items=min_items, min_positives=min_positives, order=order)
         if name == "age":
             report[name]["age_bins"] = list(edges)

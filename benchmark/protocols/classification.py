@@ -33,7 +33,6 @@ import numpy as np
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.evidence import classification_evidence
 from vlpbench.metrics.bootstrap import bootstrap_ci
-from vlpbench.metrics.subgroups import BOTH, POSITIVES, ItemStatistics
 from vlpbench.metrics.classification import (
     ACC_RULES,
     CRITERIA,
@@ -110,7 +109,8 @@ def _macro(statistics: list[Statistic]) -> Statistic:
 
 
 def metric_statistics(kind: str, labels: np.ndarray, scores: np.ndarray, classes: list[str], wanted: list[str],
-                      thresholds: list[float | None] | None = None, acc_rule: str = "ge") -> dict[str, Statistic]:
+                      thresholds: list[float | None] | None = None, acc_rule: str = "ge", *,
+                      auc_classes: np.ndarray | None = None) -> dict[str, Statistic]:
     """Metric name → ``weights -> value`` over the test items, macro and (for several classes) per class
     (``<metric>_<class slug>``).
 
@@ -118,7 +118,8 @@ def metric_statistics(kind: str, labels: np.ndarray, scores: np.ndarray, classes
     the top-1 decisions, ``auc`` one-vs-rest. Binary / multi-label (``labels`` (N, C) 0/1): ``auc``, and
     ``f1`` / ``acc`` / ``mcc`` of ``score >= threshold`` for the classes whose threshold is not None
     (none without ``thresholds``; ``acc_rule="gt"``: ``acc`` of ``score > threshold``). A macro AUC averages
-    the classes defined on the full test set.
+    the classes defined on the full test set (``auc_classes``: per class whether it is, where these items are
+    a subset of that test set).
 
     Raises:
         ConfigError: a metric name the task kind has no definition for.
@@ -136,8 +137,10 @@ def metric_statistics(kind: str, labels: np.ndarray, scores: np.ndarray, classes
         for metric in THRESHOLD_METRICS:
             per_class[metric] = {k: (lambda w, f=f, metric=metric: f(w)[metric]) for k, f in at_threshold.items()}
             overall[metric] = _macro(list(per_class[metric].values()))
-    full = np.ones(len(labels))
-    overall["auc"] = _macro([f for f in per_class["auc"].values() if np.isfinite(f(full))])
+    if auc_classes is None:
+        full = np.ones(len(labels))
+        auc_classes = [bool(np.isfinite(f(full))) for f in per_class["auc"].values()]
+    overall["auc"] = _macro([f for f, counted in zip(per_class["auc"].values(), auc_classes) if counted])
 
     statistics: dict[str, Statistic] = {}
     for metric in wanted:
@@ -181,9 +184,8 @@ def evaluate_classification(kind: str, classes: list[str], ids: Sequence[str], l
 
     Returns ``metrics``, ``ci``, ``per_image`` (top-1 correctness per image for a multi-class task;
     {} otherwise, since an AUC is not a mean over images), ``calibration`` (the reliability bins, or
-    why calibration is left out: ``calibration_left_out``, or scores that are no probabilities) and ``items``,
-    the statistics subgroup metrics recompute on subsets (:class:`~vlpbench.metrics.subgroups.ItemStatistics`;
-    not written to records) and ``evidence`` (:mod:`vlpbench.evidence`).
+    why calibration is left out: ``calibration_left_out``, or scores that are no probabilities) and ``evidence``
+    (:mod:`vlpbench.evidence`: paired tests and subgroup metrics recompute every metric from it).
     ``thresholds``: one per class (None: the class has none), or None when no metric at a threshold is wanted.
     ``acc_rule``: ``ge`` (accuracy of ``score >= threshold``, like F1 and MCC) or ``gt`` (of ``score > threshold``,
     MedKLIP's zero-shot rule).
@@ -196,23 +198,9 @@ def evaluate_classification(kind: str, classes: list[str], ids: Sequence[str], l
     if kind == "multiclass":
         correct = probabilities.argmax(axis=1) == labels
         per_image = {image_id: float(c) for image_id, c in zip(ids, correct)}
-    evidence = classification_evidence(kind, classes, ids, labels, probabilities, wanted, thresholds, acc_rule)
-    return {"metrics": metrics, "ci": ci, "per_image": per_image, "calibration": reliability,
-            "items": _item_statistics(kind, classes, ids, labels, statistics), "evidence": evidence}
-
-
-def _item_statistics(kind: str, classes: list[str], ids: Sequence[str], labels: np.ndarray,
-                     statistics: dict[str, Statistic]) -> ItemStatistics:
-    """The metric statistics with each test image's positives, for subgroup metrics: AUC and MCC need
-    positives and negatives of every class in a subgroup, F1 positives (the top-1 metrics of a multi-class
-    task need neither)."""
-    if kind == "multiclass":
-        positives = (labels[:, None] == np.arange(len(classes))[None, :]).astype(int)
-        requires = {"auc": BOTH}
-    else:
-        positives = (labels == 1).astype(int)
-        requires = {"auc": BOTH, "mcc": BOTH, "f1": POSITIVES}
-    return ItemStatistics(tuple(ids), statistics, positives, tuple(classes[:positives.shape[1]]), requires)
+    evidence = classification_evidence(kind, classes, ids, labels, probabilities, wanted, thresholds, acc_rule,
+                                       calibration=bool(calibration))
+    return {"metrics": metrics, "ci": ci, "per_image": per_image, "calibration": reliability, "evidence": evidence}
 
 
 def score_predictions_csv(predictions: Path, source, test_ids: Sequence[str], config: dict[str, Any], *,

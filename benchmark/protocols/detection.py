@@ -55,7 +55,6 @@ from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.evidence import detection_evidence
 from vlpbench.metrics.detection import MAX_DETECTIONS, DetectionMatches, map_ci, mgca_kept, summarize
-from vlpbench.metrics.subgroups import POSITIVES, ItemStatistics
 from vlpbench.predictions import DETECTIONS_FILE, read_coco_results, write_detections
 from vlpbench.protocols import SplitIds, base
 from vlpbench.protocols.runtime import (
@@ -625,8 +624,8 @@ def evaluate_detection(truths: list[np.ndarray], detections: Sequence[tuple[np.n
                        n_resamples: int, seed: int, ids: Sequence[str] | None = None) -> dict[str, Any]:
     """``metrics`` (:func:`_map_metrics`), ``ci`` of ``map`` and ``map_mgca`` (images resampled), ``per_image`` ({}: mAP has no
     per-image part) and the test counts in ``n`` of every test image's detections against its truth boxes;
-    given the test ``ids``, also ``items`` (``map`` recomputable on any subset of them, for subgroup metrics) and
-    ``evidence`` (:mod:`vlpbench.evidence`).
+    given the test ``ids``, also ``evidence`` (:mod:`vlpbench.evidence`: paired tests and subgroup metrics
+    recompute the mAPs from it).
 
     Raises:
         DataError: no test image holds a box, so mAP is undefined.
@@ -647,9 +646,6 @@ def evaluate_detection(truths: list[np.ndarray], detections: Sequence[tuple[np.n
     if ids is not None:
         evaluated["evidence"] = detection_evidence(ids, truths, detections, iou_thresholds=matches.iou_thresholds,
                                                    max_detections=MAX_DETECTIONS)
-        evaluated["items"] = ItemStatistics(tuple(ids), {"map": matches.mean_average_precision},
-                                            (matches.n_truths > 0)[:, None].astype(int), ("positive",),
-                                            {"map": POSITIVES})
     return evaluated
 
 

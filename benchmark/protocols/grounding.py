@@ -58,7 +58,6 @@ from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.evidence import per_item_evidence
 from vlpbench.metrics.bootstrap import bootstrap_ci
-from vlpbench.metrics.subgroups import ItemStatistics, weighted_mean
 from vlpbench.metrics.grounding import METRIC_NAMES, candidate_thresholds, choose_threshold, grounding_scores
 from vlpbench.predictions import HEATMAPS_FILE, write_heatmaps
 from vlpbench.protocols import SplitIds, base
@@ -390,9 +389,8 @@ def evaluate_grounding(maps: Mapping[str, Any], test: list[Query], val: list[Que
     the task's fixed ``threshold`` when ``val`` is empty), then every test query scored.
 
     Returns ``metrics`` (means over test queries), ``ci``, ``per_image`` (Dice per query key), ``threshold``
-    (``threshold``, ``val_dice``, ``candidates``), ``scores`` (each metric per test query), ``items`` (the
-    per-query means that subgroup metrics recompute on subsets, each query under its image) and ``evidence``
-    (every metric per query, :mod:`vlpbench.evidence`).
+    (``threshold``, ``val_dice``, ``candidates``), ``scores`` (each metric per test query) and ``evidence``
+    (every metric per query, each query under its image, :mod:`vlpbench.evidence`).
     """
     if val:
         chosen = select_threshold(maps, val, source, config, progress=progress)
@@ -402,10 +400,9 @@ def evaluate_grounding(maps: Mapping[str, Any], test: list[Query], val: list[Que
     metrics, ci = summarize(scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
     return {"metrics": metrics, "ci": ci,
             "per_image": {query.key: float(value) for query, value in zip(test, scores["dice"])},
-            "evidence": per_item_evidence([query.key for query in test], {name: scores[name] for name in METRIC_NAMES}),
-            "threshold": chosen, "scores": scores,
-            "items": ItemStatistics(tuple(query.image_id for query in test),
-                                    {name: weighted_mean(values) for name, values in scores.items()}, unit="query")}
+            "evidence": per_item_evidence([query.key for query in test], {name: scores[name] for name in METRIC_NAMES},
+                                          images=[query.image_id for query in test]),
+            "threshold": chosen, "scores": scores}
 
 
 def read_heatmaps(path: Path) -> Mapping[str, np.ndarray]:

@@ -12,7 +12,9 @@ Metrics, per direction in ``config["directions"]`` (``i2t``, ``t2i``): ``<dir>_r
 Each gets a percentile bootstrap CI that resamples the queries of its direction with the candidates held
 fixed: the test images for i2t, the candidate texts for t2i (the CI's ``unit`` says which). The record's
 ``per_image`` holds, per query image, the value of ``config["per_image_metric"]`` (an i2t metric: the task's
-primary metric), for ``compare``'s paired test.
+primary metric), for ``compare``'s paired test. The evidence (:func:`retrieval_evidence`) holds every
+image→text metric per query image, for ``vlpbench significance`` and subgroup metrics (the query images'
+attributes); text→image metrics are listed there as untestable.
 
 ``run --save-predictions`` writes ``similarity.npz`` (:data:`SIMILARITY_FILE`): ``similarity`` (float32,
 images × texts), ``image_ids`` and ``texts``; ``score`` reads it, checks that it holds exactly the task's
@@ -34,7 +36,7 @@ from vlpbench.adapters.base import EMBED_IMAGE, EMBED_TEXT
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.metrics import retrieval as rm
-from vlpbench.metrics.bootstrap import bootstrap_ci
+from vlpbench.metrics.bootstrap import bootstrap_ci, weighted_mean
 from vlpbench.metrics.classification import resample_weights
 from vlpbench.metrics.specs import RECOMPUTED, metric_spec
 from vlpbench.protocols import SplitIds, base
@@ -88,8 +90,8 @@ def evaluate_retrieval(similarity: np.ndarray, rset: RetrievalSet, config: dict[
     """Metrics, CIs and per-image values of ``similarity`` (images × texts of ``rset``).
 
     Returns ``metrics`` (a precision cut-off above the number of candidates is None: undefined), ``ci`` (each
-    with ``unit`` ``image`` or ``text``: what was resampled) and ``per_image`` (``config["per_image_metric"]``
-    per query image).
+    with ``unit`` ``image`` or ``text``: what was resampled), ``per_image`` (``config["per_image_metric"]``
+    per query image) and ``evidence`` (:func:`retrieval_evidence`).
 
     Raises:
         ConfigError: a bad option.
@@ -101,7 +103,7 @@ def evaluate_retrieval(similarity: np.ndarray, rset: RetrievalSet, config: dict[
              "t2i": (similarity.T, rset.text_keys, rset.image_keys)}
     metrics: dict[str, float | None] = {}
     ci: dict[str, dict] = {}
-    per_query: dict[str, np.ndarray] = {}
+    per_query: dict[str, dict[str, np.ndarray]] = {}  # direction -> metric -> value per query
     for direction in directions:
         similarities, query_keys, candidate_keys = sides[direction]
         # Precision@K over fewer than K candidates is undefined (null), as on a small synthetic set.
@@ -110,9 +112,9 @@ def evaluate_retrieval(similarity: np.ndarray, rset: RetrievalSet, config: dict[
         values = {**{rm.metric_name(direction, "r", k): scores.hits(k) for k in recall_at},
                   **{rm.metric_name(direction, "p", k): scores.precision[k] for k in defined},
                   rm.metric_name(direction, "meanr"): scores.rank.astype(np.float64)}
-        per_query.update(values)
-        statistics = {name: (lambda w, v=v: rm.weighted_mean(v, w)) for name, v in values.items()}
+        statistics = {name: weighted_mean(v) for name, v in values.items()}
         statistics[rm.metric_name(direction, "medr")] = lambda w, r=scores.rank: rm.weighted_median(r, w)
+        per_query[direction] = {**values, rm.metric_name(direction, "medr"): scores.rank.astype(np.float64)}
         n = len(scores.rank)
         for name in metric_names([direction], recall_at, precision_at):
             if name not in statistics:
@@ -124,10 +126,22 @@ def evaluate_retrieval(similarity: np.ndarray, rset: RetrievalSet, config: dict[
             metrics[name] = statistic(np.ones(n))
             ci[name] = {**bootstrap_ci(lambda idx, f=statistic: f(resample_weights(idx, n)), n,
                                        n_resamples=n_resamples, seed=seed), "unit": QUERY_UNITS[direction]}
-    if per_image_metric not in per_query:
+    if per_image_metric not in per_query.get("i2t", {}):
         raise DataError(f"per_image_metric {per_image_metric} is undefined: {len(rset.texts)} candidate texts")
-    per_image = dict(zip(rset.image_ids, per_query[per_image_metric].tolist()))
-    return {"metrics": metrics, "ci": ci, "per_image": per_image}
+    per_image = dict(zip(rset.image_ids, per_query["i2t"][per_image_metric].tolist()))
+    return {"metrics": metrics, "ci": ci, "per_image": per_image, "evidence": retrieval_evidence(rset, per_query)}
+
+
+def retrieval_evidence(rset: RetrievalSet, per_query: dict[str, dict[str, np.ndarray]]):
+    """Per-item evidence over the query images (:mod:`vlpbench.evidence`): each image→text metric per image,
+    the median rank as the median of its column; text→image metrics are untestable, their queries being
+    the candidate texts."""
+    from vlpbench.evidence import per_item_evidence
+
+    untestable = [f"{name}: its queries are the candidate texts, while the evidence's items are the test images"
+                  for name in per_query.get("t2i", {})]
+    return per_item_evidence(rset.image_ids, per_query.get("i2t", {}), medians=[rm.metric_name("i2t", "medr")],
+                             untestable=untestable)
 
 
 def _embedded(values: torch.Tensor, adapter, what: str, count: int) -> np.ndarray:

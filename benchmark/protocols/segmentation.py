@@ -84,7 +84,6 @@ from vlpbench.protocols.runtime import (
 )
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.dice import batch_means, dice_per_image
-from vlpbench.metrics.subgroups import POSITIVES, ItemStatistics, weighted_mean
 from vlpbench.predictions import find_masks, read_prediction_mask, write_mask
 from vlpbench.protocols import base
 from vlpbench.protocols.features import channel_values, normalize as normalize_channels
@@ -439,25 +438,20 @@ def evaluate_segmentation(source: SegmentationSource, ids: list[str], scores: np
     # and subgroup metrics.
     columns = {"dice": scores, "dice_positive": np.where(positive, scores, np.nan),
                "empty_correct": np.where(positive, np.nan, scores), "all_empty_baseline": (~positive).astype(float)}
-    items = ItemStatistics(tuple(ids), {name: weighted_mean(columns[name])
-                                        for name in ("dice", "dice_positive", "empty_correct")},
-                           positive[:, None].astype(int), tuple(getattr(source, "classes", ())[:1]) or ("positive",),
-                           {"dice_positive": POSITIVES},
-                           notes={"dice": "mean over images: batch means (dice_average: batch) have no meaning "
-                                          "within a subgroup"} if batch_size is not None else {})
     untestable = []
     if batch_size is not None:
         averaged = batch_means(scores, batch_size)
         metrics["dice"] = float(averaged.mean())
-        del columns["dice"]
+        # The dice column stays the per-image Dice: subgroup metrics use it, with this reason as their note.
         untestable.append("dice: MGCA's mean of the means of consecutive test batches (dice_average: batch) "
                           "depends on the test order, so no weighting of the images reproduces it")
     return {
         "metrics": metrics,
         "ci": {"dice": bootstrap_ci(averaged, n_resamples=n_resamples, seed=seed)},
         "per_image": {image_id: float(s) for image_id, s in zip(ids, scores)},
-        "items": items,
-        "evidence": per_item_evidence(ids, columns, labels=positive.astype(np.int8), untestable=untestable),
+        "evidence": per_item_evidence(ids, columns, labels=positive.astype(np.int8),
+                                      label_name=(tuple(getattr(source, "classes", ())) or ("positive",))[0],
+                                      untestable=untestable),
     }
 
 

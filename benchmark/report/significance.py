@@ -9,7 +9,8 @@ anything else is refused with what differs. Each metric is then tested on the it
 * a single-curve AUC (a one-class task's ``auc``, and every per-class ``auc_<class>``): DeLong's test;
   the paired bootstrap is computed too (JSON ``bootstrap``);
 * every other metric: the paired bootstrap of the difference (per-item means vectorised; AUC macro
-  over classes, F1, MCC, mAP recomputed on every resample), 2,000 resamples, seed 0.
+  over classes, F1, MCC, ECE, Brier, mAP and retrieval's median rank recomputed on every resample), 2,000
+  resamples, seed 0. Retrieval pairs the query images: its text→image metrics are untested.
 
 What each metric is recomputed from is the record's evidence sidecar (:mod:`vlpbench.evidence`); a
 record without one (written before sidecars existed) offers only its primary metric, from its

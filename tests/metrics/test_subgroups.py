@@ -11,8 +11,10 @@ from sklearn.metrics import roc_auc_score
 
 from vlpbench.errors import ConfigError
 from vlpbench.metrics.detection import detection_map
-from vlpbench.metrics.subgroups import (ItemStatistics, age_bins, age_labels, attribute_groups, group_of,
-                                        record_problem, subgroup_metrics, subgroup_report, weighted_mean)
+from vlpbench.evidence import per_item_evidence
+from vlpbench.metrics.bootstrap import weighted_mean
+from vlpbench.metrics.subgroups import (age_bins, age_labels, attribute_groups, group_of, record_problem,
+                                        subgroup_metrics, subgroup_report)
 from vlpbench.protocols.classification import evaluate_classification
 from vlpbench.protocols.detection import evaluate_detection
 from vlpbench.protocols.segmentation import evaluate_segmentation
@@ -26,14 +28,14 @@ def _classification(rng, n=120, classes=("a", "b")):
     ids = [f"i{k}" for k in range(n)]
     evaluated = evaluate_classification("multilabel", list(classes), ids, labels, scores, ["auc"], thresholds=None,
                                         n_resamples=10, seed=0)
-    return evaluated["items"], labels, scores
+    return evaluated["evidence"], labels, scores
 
 
 def test_auc_per_subgroup_is_sklearn_macro_auc_on_the_subset():
     rng = np.random.default_rng(1)
-    items, labels, scores = _classification(rng)
+    evidence, labels, scores = _classification(rng)
     groups = rng.choice(["F", "M", "unknown"], size=len(labels), p=[0.45, 0.45, 0.1])
-    result = subgroup_metrics(items, list(groups), "auc", n_resamples=R, seed=3, min_items=5, min_positives=2,
+    result = subgroup_metrics(evidence, list(groups), "auc", n_resamples=R, seed=3, min_items=5, min_positives=2,
                               order=["F", "M", "unknown"])
     for row in result["groups"]:
         subset = groups == row["group"]
@@ -56,10 +58,11 @@ def test_dice_per_subgroup_is_the_subset_mean_and_its_cis_follow_the_documented_
     rng = np.random.default_rng(2)
     n = 90
     dice, positive = rng.random(n), rng.random(n) < 0.5
-    items = evaluate_segmentation(_Masks(positive), [str(k) for k in range(n)], dice, n_resamples=10, seed=0)["items"]
+    evaluated = evaluate_segmentation(_Masks(positive), [str(k) for k in range(n)], dice, n_resamples=10, seed=0)
+    evidence = evaluated["evidence"]
     groups = np.where(np.arange(n) % 3 == 0, "AP", "PA")
     seed = 7
-    result = subgroup_metrics(items, list(groups), "dice", n_resamples=R, seed=seed, order=["AP", "PA"])
+    result = subgroup_metrics(evidence, list(groups), "dice", n_resamples=R, seed=seed, order=["AP", "PA"])
 
     # The documented procedure: one default_rng(seed); per subgroup in order, R draws of n_g positions.
     draw = np.random.default_rng(seed)
@@ -79,9 +82,19 @@ def test_dice_per_subgroup_is_the_subset_mean_and_its_cis_follow_the_documented_
     assert (gap["ci"]["low"], gap["ci"]["high"]) == pytest.approx(
         tuple(np.percentile(resampled[high] - resampled[low], [2.5, 97.5])), abs=1e-12)
 
-    positives = subgroup_metrics(items, list(groups), "dice_positive", n_resamples=20, seed=0, order=["AP", "PA"])
+    positives = subgroup_metrics(evidence, list(groups), "dice_positive", n_resamples=20, seed=0, order=["AP", "PA"])
     for row in positives["groups"]:
         assert row["value"] == pytest.approx(dice[(groups == row["group"]) & positive].mean(), abs=1e-12)
+        assert row["positives"] == {"positive": int(positive[groups == row["group"]].sum())}
+    assert "note" not in result
+
+    # MGCA's batch-averaged Dice: untestable in paired tests; per subgroup the mean over images, with a note.
+    batched = evaluate_segmentation(_Masks(positive), [str(k) for k in range(n)], dice, n_resamples=10, seed=0,
+                                    batch_size=16)["evidence"]
+    result = subgroup_metrics(batched, list(groups), "dice", n_resamples=20, seed=0, order=["AP", "PA"])
+    assert result["note"].startswith("mean over images within each subgroup; the record's dice is not (MGCA's")
+    for row in result["groups"]:
+        assert row["value"] == pytest.approx(dice[groups == row["group"]].mean(), abs=1e-12)
 
 
 def _boxes(rng, count):
@@ -99,9 +112,9 @@ def test_map_per_subgroup_is_detection_map_on_the_subsets_images():
         boxes = np.concatenate([jitter, _boxes(rng, int(rng.integers(0, 3)))])
         detections.append((boxes, rng.random(len(boxes))))
     ids = [f"p{k}" for k in range(n)]
-    items = evaluate_detection(truths, detections, n_resamples=5, seed=0, ids=ids)["items"]
+    evidence = evaluate_detection(truths, detections, n_resamples=5, seed=0, ids=ids)["evidence"]
     groups = rng.choice(["F", "M"], size=n)
-    result = subgroup_metrics(items, list(groups), "map", n_resamples=20, seed=0, min_positives=3,
+    result = subgroup_metrics(evidence, list(groups), "map", n_resamples=20, seed=0, min_positives=3,
                               order=["F", "M"])
     for row in result["groups"]:
         keep = np.flatnonzero(groups == row["group"])
@@ -118,15 +131,15 @@ def test_a_planted_gap_is_found_and_no_gap_gives_a_ci_holding_zero():
     groups = np.where(np.arange(n) < n // 2, "F", "M")
     # Women: the score separates the classes; men: noise.
     scores = np.where(groups[:, None] == "F", labels * 0.8 + rng.random((n, 1)) * 0.5, rng.random((n, 1)))
-    items = evaluate_classification("binary", ["y"], [str(k) for k in range(n)], labels, scores, ["auc"],
-                                    thresholds=None, n_resamples=5, seed=0)["items"]
-    planted = subgroup_metrics(items, list(groups), "auc", n_resamples=R, seed=0)["gap"]
+    evidence = evaluate_classification("binary", ["y"], [str(k) for k in range(n)], labels, scores, ["auc"],
+                                    thresholds=None, n_resamples=5, seed=0)["evidence"]
+    planted = subgroup_metrics(evidence, list(groups), "auc", n_resamples=R, seed=0)["gap"]
     assert (planted["high"], planted["low"]) == ("F", "M") and planted["ci"]["low"] > 0.2
 
     same = np.clip(labels * 0.3 + rng.random((n, 1)), 0, 1)  # one model for everyone
-    items = evaluate_classification("binary", ["y"], [str(k) for k in range(n)], labels, same, ["auc"],
-                                    thresholds=None, n_resamples=5, seed=0)["items"]
-    null = subgroup_metrics(items, list(groups), "auc", n_resamples=R, seed=0)["gap"]
+    evidence = evaluate_classification("binary", ["y"], [str(k) for k in range(n)], labels, same, ["auc"],
+                                    thresholds=None, n_resamples=5, seed=0)["evidence"]
+    null = subgroup_metrics(evidence, list(groups), "auc", n_resamples=R, seed=0)["gap"]
     assert null["ci"]["low"] < 0 < null["ci"]["high"]
 
 
@@ -134,10 +147,10 @@ def test_a_subgroup_with_too_few_positives_or_items_says_so_instead_of_a_number(
     labels = np.array([[1], [0]] * 20)
     labels[:20] = 0  # group F (items 0..19): no positive
     scores = np.linspace(0, 1, 40)[:, None]
-    items = evaluate_classification("binary", ["y"], [str(k) for k in range(40)], labels, scores, ["auc"],
-                                    thresholds=None, n_resamples=5, seed=0)["items"]
+    evidence = evaluate_classification("binary", ["y"], [str(k) for k in range(40)], labels, scores, ["auc"],
+                                    thresholds=None, n_resamples=5, seed=0)["evidence"]
     groups = ["F"] * 20 + ["M"] * 17 + ["O"] * 3
-    result = subgroup_metrics(items, groups, "auc", n_resamples=20, seed=0, order=["F", "M", "O"])
+    result = subgroup_metrics(evidence, groups, "auc", n_resamples=20, seed=0, order=["F", "M", "O"])
     by = {row["group"]: row for row in result["groups"]}
     assert by["F"]["value"] is None and by["F"]["reason"] == "0 positives of the class, fewer than the 5 needed"
     assert by["O"]["value"] is None and by["O"]["reason"] == "3 images, fewer than the 10 needed"
@@ -162,8 +175,8 @@ def test_grounding_means_skip_undefined_queries_and_reports_name_absent_attribut
     statistic = weighted_mean(values)
     assert statistic(np.array([1.0, 1.0, 1.0, 0.0])) == pytest.approx(0.4)
     assert np.isnan(statistic(np.array([0.0, 1.0, 0.0, 0.0])))
-    items = ItemStatistics(("a", "a", "b", "c"), {"cnr": statistic}, unit="query")
-    report = subgroup_report(items, {"a": {"sex": "F"}, "b": {"sex": "M"}}, ["sex", "view"], "cnr",
+    evidence = per_item_evidence(["a#0", "a#1", "b#0", "c#0"], {"cnr": values}, images=["a", "a", "b", "c"])
+    report = subgroup_report(evidence, {"a": {"sex": "F"}, "b": {"sex": "M"}}, ["sex", "view"], "cnr",
                              n_resamples=10, min_items=1)
     assert [(row["group"], row["n"]) for row in report["sex"]["groups"]] == [("F", 2), ("M", 1), ("unknown", 1)]
     assert report["view"] == {"metric": "cnr", "reason": "no test query's files give its view"}

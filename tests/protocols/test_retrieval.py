@@ -16,6 +16,7 @@ import torch
 from vlpbench import api
 from vlpbench.adapters.base import Adapter, CapabilityError, LoadReport, Weights
 from vlpbench.cli import main
+from vlpbench.data.attributes import read_attributes
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.protocols import SplitIds
@@ -181,6 +182,18 @@ def test_run_and_score_agree_exactly_and_equal_a_brute_force_ranking(roots, tmp_
         ci = record["ci"][f"{direction}_meanr"]
         assert ci["low"] <= ranks.mean() <= ci["high"] and ci["n_resamples"] == 50
     assert record["per_image"] == {i: float(r <= 10) for i, r in zip(rset.image_ids, i2t)}
+
+    # Subgroups of the query images by view (from the evidence): the brute-force Recall@10 of each view's images.
+    source, _, ids = task_set(task, root)
+    views = np.array([read_attributes(source, ids).get(i, {}).get("view", "unknown") for i in rset.image_ids])
+    assert scored["subgroups"] == record["subgroups"] and set(record["subgroups"]) == set(source.attribute_names)
+    rows = record["subgroups"]["view"]["groups"]
+    assert {row["group"] for row in rows} == set(views) and sum(row["n"] for row in rows) == len(views)
+    for row in rows:  # the synthetic test set is small: a view of fewer than 10 images gets a reason, no number
+        if row["n"] < 10:
+            assert row["value"] is None and "fewer than the 10 needed" in row["reason"]
+        else:
+            assert row["value"] == pytest.approx(np.mean(i2t[views == row["group"]] <= 10), abs=1e-12)
 
     # Tables print ranks as they are (not ×100), and the lower median rank is the best.
     other = copy.deepcopy(record)
