@@ -12,33 +12,28 @@ import torch
 from sklearn.metrics import brier_score_loss
 
 from vlpbench import api
-from vlpbench.adapters.base import Adapter, LoadReport, Weights
+from vlpbench.adapters.base import Adapter
 from vlpbench.cli import main
 from vlpbench.data.rsna import RsnaSource
 from vlpbench.data.splits import load_split
 from vlpbench.registry import ADAPTERS
 from vlpbench.errors import DataError
 from vlpbench.results import load_record, load_records
+from vlpbench.testing.weightless import WeightlessAdapter
 
 FAST = {"image_size": 32, "resize_size": 36, "max_epochs": 2, "patience": 2, "batch_size": 8,
         "bootstrap_resamples": 40}
 
 
-class PromptPair(Adapter):
+class PromptPair(WeightlessAdapter):
     """Brightness against a "<finding>" and a "no <finding>" text direction: the default zero-shot score, a
     softmax over two prompt similarities."""
 
     name = "calibration-test-prompt-pair"
     description = "test model: brightness embeddings"
     capabilities = frozenset({"embed_image", "embed_text"})
-    takes_checkpoint = False
-    image_size = 32
     mean = (0.5, 0.5, 0.5)
     std = (0.25, 0.25, 0.25)
-
-    @classmethod
-    def map_weights(cls, checkpoint, options):
-        return Weights(LoadReport("none"), {})
 
     def embed_image(self, images):
         angle = math.pi / 2 * torch.sigmoid(4 * images.mean(dim=(1, 2, 3)))

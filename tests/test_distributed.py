@@ -40,12 +40,12 @@ import pytest
 import torch
 
 from vlpbench import api, distributed
-from vlpbench.adapters.base import Adapter, LoadReport, Weights
 from vlpbench.cli import main
 from vlpbench.errors import ConfigError
 from vlpbench.protocols.detection import _gathered_detections
 from vlpbench.protocols.segmentation import mixed_loss
 from vlpbench.registry import ADAPTERS, PROTOCOLS
+from vlpbench.testing.weightless import WeightlessAdapter
 
 SEG = {"image_size": 32, "batch_size": 4, "max_epochs": 2, "patience": 2, "balance_negatives": False,
        "dice_resolution": "input", "bootstrap_resamples": 20, "lr": 0.0}
@@ -59,21 +59,15 @@ FT = {"image_size": 32, "batch_size": 4, "max_epochs": 2, "patience": 2, "lr": 0
       "bootstrap_resamples": 20}
 
 
-class AlignedModel(Adapter):
+class AlignedModel(WeightlessAdapter):
     """A weightless aligned image-text model: brightness (where the synthetic lesions are) points
     towards "<finding>", darkness towards "no <finding>", for the whole image and per location."""
 
     name = "distributed-test-aligned"
     description = "test model: image brightness as the finding's evidence"
-    takes_checkpoint = False
     capabilities = frozenset({"embed_image", "embed_text", "dense_embed"})
-    image_size = 32
     mean = (0.5, 0.5, 0.5)
     std = (0.25, 0.25, 0.25)
-
-    @classmethod
-    def map_weights(cls, checkpoint, options):
-        return Weights(LoadReport("none"), {})
 
     @staticmethod
     def _direction(level: torch.Tensor) -> torch.Tensor:

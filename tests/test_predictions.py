@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlpbench import api
-from vlpbench.adapters.base import Adapter, LoadReport, Weights
 from vlpbench.cli import main
 from vlpbench.data.siim import SiimSource
 from vlpbench.errors import ConfigError
@@ -34,25 +33,19 @@ from vlpbench.predictions import (
     write_probabilities,
 )
 from vlpbench.registry import ADAPTERS
+from vlpbench.testing.weightless import WeightlessAdapter
 
 SEG_FAST = ["--set", "image_size=32", "--set", "max_epochs=1", "--set", "patience=1", "--set", "lr=1e-3",
             "--set", "batch_size=4", "--set", "bootstrap_resamples=100"]
 
 
-class DarkSpotModel(Adapter):
+class DarkSpotModel(WeightlessAdapter):
     """Heat maps from local darkness (pneumothorax is drawn dark in the synthetic SIIM); no weights."""
 
     name = "predictions-test-dark-spot"
     description = "test model: heat maps from local darkness"
     capabilities = frozenset({"dense_embed", "embed_text"})
-    takes_checkpoint = False
     image_size = 64
-    mean = (0.0, 0.0, 0.0)
-    std = (1.0, 1.0, 1.0)
-
-    @classmethod
-    def map_weights(cls, checkpoint, options):
-        return Weights(LoadReport("none"), {})
 
     def dense_embed(self, images: torch.Tensor) -> torch.Tensor:
         level = F.avg_pool2d(images.mean(1, keepdim=True), 4)
@@ -171,21 +164,13 @@ def test_classification_and_detection_writers_round_trip_exactly(tmp_path):
 # --- run, then score the saved predictions over a data folder holding label files only -------------------
 
 
-class BrightnessClip(Adapter):
+class BrightnessClip(WeightlessAdapter):
     """Image and text embeddings without weights: an image's mean brightness against two fixed text
     directions, so that zero-shot scores vary from image to image."""
 
     name = "predictions-test-brightness-clip"
     description = "test model: brightness embeddings"
     capabilities = frozenset({"embed_image", "embed_text"})
-    takes_checkpoint = False
-    image_size = 32
-    mean = (0.0, 0.0, 0.0)
-    std = (1.0, 1.0, 1.0)
-
-    @classmethod
-    def map_weights(cls, checkpoint, options):
-        return Weights(LoadReport("none"), {})
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         level = images.mean(dim=(1, 2, 3))

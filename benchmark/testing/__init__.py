@@ -5,7 +5,8 @@ always gives the same file) and saves them in the exact container, key names and
 authors publish, so an adapter loads them as it loads the real file. Text encoders can be shrunk to keep
 test files small. This module holds the CNN families; ``vlpbench.testing.vit`` the ViT families (MGCA-ViT,
 BiomedCLIP), ``vlpbench.testing.hf`` MedCLIP and CXR-CLIP (built from torchvision and transformers modules),
-and ``vlpbench.testing.aligned`` hand-set heads under which a zero-shot score must beat chance.
+``vlpbench.testing.aligned`` hand-set heads under which a zero-shot score must beat chance, and
+``vlpbench.testing.weightless`` a base for test models that compute their embeddings from the inputs.
 """
 
 from __future__ import annotations

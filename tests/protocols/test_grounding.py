@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vlpbench import api
-from vlpbench.adapters.base import Adapter, CapabilityError, LoadReport, Weights
+from vlpbench.adapters.base import Adapter, CapabilityError
 from vlpbench.cli import main
 from vlpbench.data.cache import resize_image
 from vlpbench.data.splits import dataset_split
@@ -34,26 +34,20 @@ from vlpbench.protocols.grounding import (
 )
 from vlpbench.registry import ADAPTERS
 from vlpbench.tasks import load_task
+from vlpbench.testing.weightless import WeightlessAdapter
 
 SIZE = 64
 DATASET = {"rsna_ground": "rsna", "siim_ground": "siim", "ms_cxr_ground": "ms_cxr"}
 FAST = ["--set", "eval_size=64", "--set", "bootstrap_resamples=200", "--set", "threshold_grid=200"]
 
 
-class BrightnessModel(Adapter):
+class BrightnessModel(WeightlessAdapter):
     """Grounding by brightness (or darkness, for pneumothorax) inside a fixed lung band; no weights."""
 
     name = "grounding-test-brightness"
     description = "test model: heat maps from local brightness inside the lung band"
     capabilities = frozenset({"dense_embed", "embed_text"})
-    takes_checkpoint = False
     image_size = SIZE
-    mean = (0.0, 0.0, 0.0)
-    std = (1.0, 1.0, 1.0)
-
-    @classmethod
-    def map_weights(cls, checkpoint, options):
-        return Weights(LoadReport("none"), {})
 
     def dense_embed(self, images: torch.Tensor) -> torch.Tensor:
         level = F.avg_pool2d(images.mean(1, keepdim=True), 4)

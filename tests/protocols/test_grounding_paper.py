@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlpbench import api
-from vlpbench.adapters.base import Adapter, LoadReport, Weights
+from vlpbench.adapters.base import Adapter
 from vlpbench.data.cache import cached_images, resize_image
 from vlpbench.data.splits import dataset_split
 from vlpbench.errors import ConfigError
@@ -29,6 +29,7 @@ from vlpbench.protocols.grounding import (
     run_grounding_task,
 )
 from vlpbench.tasks import load_task
+from vlpbench.testing.weightless import WeightlessAdapter
 
 GROUNDING_TASKS = ("rsna_ground", "siim_ground", "ms_cxr_ground")
 
@@ -141,7 +142,7 @@ def test_profiles_of_the_grounding_tasks():
         load_task("ms_cxr_ground", profile="paper")
 
 
-class AttentionModel(Adapter):
+class AttentionModel(WeightlessAdapter):
     """MedKLIP-shaped maps: a softmax over 14×14 patches of local brightness (sums to 1, uniform = 1/196),
     at 224² input. It records the uint8 images the protocol gives it."""
 
@@ -149,16 +150,9 @@ class AttentionModel(Adapter):
     description = "test model: softmax attention over 14x14 patches of brightness"
     capabilities = frozenset({"grounding"})
     native_capabilities = frozenset({"grounding"})
-    takes_checkpoint = False
     free_text = False
     image_size = 224
-    mean = (0.0, 0.0, 0.0)
-    std = (1.0, 1.0, 1.0)
     seen: list[np.ndarray] = []
-
-    @classmethod
-    def map_weights(cls, checkpoint, options):
-        return Weights(LoadReport("none"), {})
 
     def preprocess(self, images):
         type(self).seen.extend(images[:, 0].cpu().numpy())

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vlpbench import api
-from vlpbench.adapters.base import Adapter, CapabilityError, LoadReport, Weights
+from vlpbench.adapters.base import CapabilityError
 from vlpbench.cli import main
 from vlpbench.data.attributes import read_attributes
 from vlpbench.data.cache import cached_images
@@ -25,6 +25,7 @@ from vlpbench.protocols.retrieval_sets import report_text, retrieval_set
 from vlpbench.registry import ADAPTERS
 from vlpbench.results import write_record
 from vlpbench.tasks import load_task
+from vlpbench.testing.weightless import WeightlessAdapter
 
 TASKS = {"chexpert5x200_ret": "chexpert", "mimic_cxr_ret": "mimic_cxr"}
 FAST = {"bootstrap_resamples": 50}
@@ -35,22 +36,16 @@ def pixel_key(pixels: torch.Tensor) -> str:
     return hashlib.sha1(pixels.contiguous().numpy().tobytes()).hexdigest()
 
 
-class TableModel(Adapter):
+class TableModel(WeightlessAdapter):
     """Embeddings looked up in class-level tables: images by their preprocessed pixels, texts by their text."""
 
     name = "retrieval-test-table"
     description = "test model: embeddings from a table"
     capabilities = frozenset({"embed_image", "embed_text"})
-    takes_checkpoint = False
-    image_size = 32
     mean = (0.5, 0.5, 0.5)
     std = (0.25, 0.25, 0.25)
     images: dict[str, torch.Tensor] = {}
     texts: dict[str, torch.Tensor] = {}
-
-    @classmethod
-    def map_weights(cls, checkpoint, options):
-        return Weights(LoadReport("none"), {})
 
     def embed_image(self, images):
         return torch.stack([self.images[pixel_key(x)] for x in images])

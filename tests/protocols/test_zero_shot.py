@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
 
 from vlpbench import api
-from vlpbench.adapters.base import Adapter, CapabilityError, LoadReport, Weights
+from vlpbench.adapters.base import CapabilityError
 from vlpbench.cli import main
 from vlpbench.data.cache import resize_image
 from vlpbench.data.rsna import RsnaSource
@@ -20,25 +20,20 @@ from vlpbench.protocols import SplitIds
 from vlpbench.protocols.zero_shot import run_zero_shot_task
 from vlpbench.registry import ADAPTERS
 from vlpbench.tasks import load_task
+from vlpbench.testing.weightless import WeightlessAdapter
 
 ADAPTER_NAME = "zero-shot-test-brightness"
 
 
-class BrightnessModel(Adapter):
+class BrightnessModel(WeightlessAdapter):
     """An aligned image-text model in two dimensions: a bright image (lung opacity, effusion ...)
     points towards "<finding>", a dark one towards "no <finding>"."""
 
     name = ADAPTER_NAME
     description = "test model: image brightness as the finding's evidence"
-    takes_checkpoint = False
     capabilities = frozenset({"embed_image", "embed_text"})
-    image_size = 32
     mean = (0.5, 0.5, 0.5)
     std = (0.25, 0.25, 0.25)
-
-    @classmethod
-    def map_weights(cls, checkpoint, options):
-        return Weights(LoadReport("none"), {})
 
     def embed_image(self, images):
         angle = math.pi / 2 * torch.sigmoid(4 * images.mean(dim=(1, 2, 3)))

@@ -12,7 +12,6 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from vlpbench import api
-from vlpbench.adapters.base import Adapter, LoadReport, Weights
 from vlpbench.data.cache import resize_image
 from vlpbench.data.rsna import RsnaSource
 from vlpbench.data.splits import load_split
@@ -22,6 +21,7 @@ from vlpbench.protocols import SplitIds
 from vlpbench.protocols.classification import class_thresholds, evaluate_classification
 from vlpbench.protocols.zero_shot import PROTOCOL, class_prompts, run_zero_shot_task, zero_shot_probabilities
 from vlpbench.tasks import load_task
+from vlpbench.testing.weightless import WeightlessAdapter
 
 ZS_TASKS = ("rsna_zs", "siim_zs", "cxr14_zs", "chexpert_zs")
 
@@ -110,21 +110,15 @@ def test_prompts_of_the_reference_code():
         class_prompts({**plain, "class_prompts": "gloria"}, ["pneumonia"])
 
 
-class BrightnessModel(Adapter):
+class BrightnessModel(WeightlessAdapter):
     """Bright images point towards "<finding>", dark ones towards "no <finding>"; it records its texts."""
 
     name = "zero-shot-paper-test"
     description = "test model: image brightness as the finding's evidence"
-    takes_checkpoint = False
     capabilities = frozenset({"embed_image", "embed_text"})
-    image_size = 32
     mean = (0.5, 0.5, 0.5)
     std = (0.25, 0.25, 0.25)
     texts: list[str] = []
-
-    @classmethod
-    def map_weights(cls, checkpoint, options):
-        return Weights(LoadReport("none"), {})
 
     def embed_image(self, images):
         angle = math.pi / 2 * torch.sigmoid(4 * images.mean(dim=(1, 2, 3)))

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from vlpbench import api
-from vlpbench.adapters.base import Adapter, LoadReport, Weights
 from vlpbench.cli import main
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.evidence import read_evidence, write_evidence
@@ -25,23 +24,16 @@ from vlpbench.registry import ADAPTERS
 from vlpbench.report.significance import significance_report
 from vlpbench.report.table import render_table
 from vlpbench.results import load_records, record_path, write_record
+from vlpbench.testing.weightless import WeightlessAdapter
 
 
-class Brightness(Adapter):
+class Brightness(WeightlessAdapter):
     """Image embeddings from mean brightness against two fixed text directions (no weights)."""
 
     name = "significance-test-bright"
     description = "test model: brightness embeddings"
     capabilities = frozenset({"embed_image", "embed_text"})
-    takes_checkpoint = False
-    image_size = 32
-    mean = (0.0, 0.0, 0.0)
-    std = (1.0, 1.0, 1.0)
     flip = False
-
-    @classmethod
-    def map_weights(cls, checkpoint, options):
-        return Weights(LoadReport("none"), {})
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         level = images.mean(dim=(1, 2, 3))

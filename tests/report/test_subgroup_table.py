@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from vlpbench import api
-from vlpbench.adapters.base import Adapter, LoadReport, Weights
 from vlpbench.cli import main
 from vlpbench.data.rsna import RsnaSource
 from vlpbench.errors import ConfigError, DataError
@@ -22,22 +21,15 @@ from vlpbench.registry import ADAPTERS
 from vlpbench.report.subgroups import leaderboard_section, subgroup_table
 from vlpbench.report.table import render_table
 from vlpbench.results import load_records
+from vlpbench.testing.weightless import WeightlessAdapter
 
 
-class BrightClip(Adapter):
+class BrightClip(WeightlessAdapter):
     """Image embeddings from mean brightness against two fixed text directions: scores vary per image."""
 
     name = "subgroups-test-bright-clip"
     description = "test model: brightness embeddings"
     capabilities = frozenset({"embed_image", "embed_text"})
-    takes_checkpoint = False
-    image_size = 32
-    mean = (0.0, 0.0, 0.0)
-    std = (1.0, 1.0, 1.0)
-
-    @classmethod
-    def map_weights(cls, checkpoint, options):
-        return Weights(LoadReport("none"), {})
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         level = images.mean(dim=(1, 2, 3))
