@@ -127,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--predictions", required=True,
                    help="the folder `run --save-predictions` wrote, or the protocol's file: segmentation: a folder "
-                        "of <image_id>.png masks (non-zero = positive) or .npy probabilities; detection: COCO "
+                        "of <image_id>.png masks (non-zero = positive) or .npy probabilities in [0, 1], each at its "
+                        "image's size or aspect ratio, and no other file; detection: COCO "
                         "results JSON; classification: CSV with image_id and one probability column per class "
                         "(plus the validation rows thresholds come from); grounding: .npz of heat maps; retrieval: "
                         ".npz of similarity (images x texts), image_ids and texts")

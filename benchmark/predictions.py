@@ -20,6 +20,22 @@ format its ``score`` reads, so ``score`` on the folder gives the run's metrics, 
   (:mod:`vlpbench.protocols.retrieval`).
 - Detection: ``detections.json``, COCO results ``[{"image_id", "bbox": [x, y, w, h], "score"}]`` in
   original image pixels, every detection the protocol kept for every test image.
+
+``score`` checks every prediction where it enters, with the functions below (the ``run --save-predictions``
+read-back is ``score`` on the folder, so it goes through the same checks), and refuses with a DataError naming
+the file (and line, key or entry) and what was expected; no value is coerced or silently dropped:
+
+- Segmentation (:func:`find_masks`, :func:`read_mask_values`, :func:`fit_mask`): exactly one ``.png`` or
+  ``.npy`` per scored image and no other file (hidden files aside); ``.npy`` values finite and in [0, 1];
+  the image's size, or its aspect ratio (then resized, with a scoring note), never stretched.
+- Grounding (:func:`check_heatmap`): finite real values, any range and resolution (each map is min-max
+  scaled and resized to the image); keys name test or validation images.
+- Classification (:func:`read_probabilities`): every probability a number in [0, 1]; rows of images other
+  than the test and threshold images are errors.
+- Retrieval (:func:`vlpbench.protocols.retrieval.read_similarity`): finite floats, any range (only the
+  ranking counts); exactly the task's test images and candidate texts.
+- Detection (:func:`read_coco_results`): finite boxes with ``w, h >= 0`` and finite scores (any range, only
+  their order counts); entries of images outside the split are errors.
 """
 
 from __future__ import annotations
@@ -226,44 +242,131 @@ def read_coco_results(path: Path, split_ids: Sequence[str]) -> dict[str, tuple[n
                        np.array(scores[image_id], dtype=np.float64)) for image_id in split_ids}
 
 
-def read_prediction_mask(path: Path, shape: tuple[int, int]) -> torch.Tensor:
-    """A segmentation prediction as probabilities at ``shape``.
+def is_real(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` holds real numbers (bool, int or float): not complex, text or objects."""
+    return dtype == np.bool_ or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
 
-    PNG: non-zero is positive, resized with nearest neighbour. NPY: 2-D probabilities in [0, 1],
-    resized bilinearly.
+
+def check_heatmap(path: Path, key: str, heat: np.ndarray) -> np.ndarray:
+    """``heat``, the grounding heat map under ``key`` of ``path``, checked at the door: a non-empty 2-D array of
+    finite real numbers. Any range and any resolution: the protocol min-max scales each map and resizes it
+    to the image, so only the order of its values within the map counts.
+
+    Raises:
+        DataError: naming the file, the key and what was found.
+    """
+    if heat.ndim != 2 or 0 in heat.shape or heat.dtype == np.bool_ or not is_real(heat.dtype):  # bool: no order
+        raise DataError(f"{path} key {key!r}: expected a 2-D numeric heat map (H, W), got "
+                        f"shape {heat.shape} of {heat.dtype}")
+    if not np.isfinite(heat).all():
+        raise DataError(f"{path} key {key!r}: the heat map holds NaN or infinite values")
+    return heat
+
+
+def read_mask_values(path: Path) -> np.ndarray:
+    """A segmentation prediction file checked at the door, as a float32 array at its own size.
+
+    PNG: any image; non-zero is positive (1.0), zero negative. NPY: a 2-D array of real numbers (bool, int
+    or float; no pickles), every value finite and in [0, 1] (probabilities, thresholded as the task
+    thresholds). A NaN, an infinity or a value outside [0, 1] is refused rather than thresholded into an
+    empty or a full mask.
+
+    Raises:
+        DataError: naming the file: unreadable, not a non-empty 2-D array, not real numbers, or values
+            that are not finite probabilities (with how many and the range found).
     """
     try:
         if path.suffix == ".png":
-            mask = torch.from_numpy((np.asarray(Image.open(path).convert("L")) > 0).astype(np.float32))
-            mode = "nearest"
-        else:
-            mask = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
-            mode = "bilinear"
-    except (OSError, ValueError) as exc:
+            with Image.open(path) as image:
+                return (np.asarray(image.convert("L")) > 0).astype(np.float32)
+        values = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"{path}: cannot read the prediction: {exc}") from exc
-    if mask.ndim != 2:
-        raise DataError(f"{path}: expected a 2-D mask, got shape {tuple(mask.shape)}")
-    if tuple(mask.shape) != tuple(shape):
-        kwargs = {"align_corners": False} if mode == "bilinear" else {}
-        mask = F.interpolate(mask[None, None], size=shape, mode=mode, **kwargs)[0, 0]
-    return mask
+    if not isinstance(values, np.ndarray):  # an .npz archive under a .npy name
+        values.close()
+        raise DataError(f"{path}: expected one 2-D array (.npy), found an .npz archive")
+    if values.ndim != 2 or 0 in values.shape:
+        raise DataError(f"{path}: expected a 2-D mask (H, W) of probabilities, got shape {values.shape}")
+    if not is_real(values.dtype):
+        raise DataError(f"{path}: expected probabilities (bool, int or float), found dtype {values.dtype}")
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise DataError(f"{path}: {values.size - int(finite.sum())} of {values.size} values are NaN or infinite; "
+                        "expected probabilities in [0, 1]")
+    low, high = values.min(), values.max()
+    if low < 0 or high > 1:
+        hint = " (a 0/255 mask belongs in a .png)" if high > 1 else ""
+        raise DataError(f"{path}: values range from {low:g} to {high:g}; expected probabilities in [0, 1]{hint}")
+    return values.astype(np.float32)
 
 
-def find_masks(folder: Path, ids: Sequence[str]) -> dict[str, Path]:
-    """``<image_id>.png`` (or ``.npy``) for every id; an error lists how many are missing."""
+def fit_mask(path: Path, mask: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    """``mask`` (from :func:`read_mask_values`) at the image's ``shape``.
+
+    The resize rule: a mask at another size is resized to ``shape`` (PNG masks with nearest neighbour, .npy
+    probabilities bilinearly) only when it has the image's aspect ratio, up to the rounding of one side to
+    whole pixels (``|w*H - h*W| < max(H, W)``); a mask of another aspect ratio would be stretched, so it is
+    refused.
+
+    Raises:
+        DataError: naming the file, the mask's size and the image's.
+    """
+    (h, w), (height, width) = mask.shape, tuple(shape)
+    tensor = torch.from_numpy(mask)
+    if (h, w) == (height, width):
+        return tensor
+    if abs(w * height - h * width) >= max(height, width):
+        raise DataError(f"{path}: a {h}x{w} (HxW) mask for a {height}x{width} image; expected the image's size "
+                        "or its aspect ratio (a mask is resized, never stretched)")
+    mode, kwargs = ("nearest", {}) if path.suffix == ".png" else ("bilinear", {"align_corners": False})
+    return F.interpolate(tensor[None, None], size=(height, width), mode=mode, **kwargs)[0, 0]
+
+
+def read_prediction_mask(path: Path, shape: tuple[int, int]) -> torch.Tensor:
+    """A segmentation prediction as probabilities at ``shape``: :func:`read_mask_values` then
+    :func:`fit_mask` (the checks and the resize rule are theirs)."""
+    return fit_mask(path, read_mask_values(path), shape)
+
+
+MASK_SUFFIXES = (".png", ".npy")
+
+
+def find_masks(folder: Path, ids: Sequence[str], *, complete: bool = True) -> dict[str, Path]:
+    """``<image_id>.png`` (or ``.npy``) for every id.
+
+    ``complete``: the folder holds the predictions of exactly ``ids`` (as ``score`` requires), so any other
+    file is an error; hidden files (a name starting with ".") are skipped. False looks up ``ids`` only.
+
+    Raises:
+        DataError: naming the folder: it does not exist, ids without a prediction (how many, a few of them),
+            an id with both a .png and a .npy, or (``complete``) files that are no id's prediction.
+    """
     if not folder.is_dir():
         raise DataError(f"predictions folder {folder} does not exist")
     found: dict[str, Path] = {}
-    missing = []
+    missing, both = [], []
     for image_id in ids:
-        for suffix in (".png", ".npy"):
-            candidate = folder / f"{image_id}{suffix}"
-            if candidate.is_file():
-                found[image_id] = candidate
-                break
-        else:
+        candidates = [folder / f"{image_id}{suffix}" for suffix in MASK_SUFFIXES]
+        present = [candidate for candidate in candidates if candidate.is_file()]
+        if not present:
             missing.append(image_id)
+        elif len(present) > 1:
+            both.append(image_id)
+        else:
+            found[image_id] = present[0]
     if missing:
         raise DataError(f"{folder}: {len(missing)} of {len(ids)} test images have no prediction "
                         f"(<image_id>.png or .npy), e.g. {', '.join(missing[:3])}")
+    if both:
+        raise DataError(f"{folder}: {len(both)} images have both a .png and a .npy prediction, e.g. "
+                        f"{both[0]}; keep one")
+    if complete:
+        known = set(found.values())
+        unknown = sorted(str(path.relative_to(folder)) for path in folder.rglob("*")
+                         if path.is_file() and path not in known
+                         and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+        if unknown:
+            raise DataError(f"{folder}: {len(unknown)} file(s) are not the prediction of a test image "
+                            f"(<image_id>.png or .npy for the {len(ids)} images scored), e.g. "
+                            f"{', '.join(unknown[:3])}")
     return found

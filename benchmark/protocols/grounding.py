@@ -59,7 +59,7 @@ from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.evidence import per_item_evidence
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.grounding import METRIC_NAMES, candidate_thresholds, choose_threshold, grounding_scores
-from vlpbench.predictions import HEATMAPS_FILE, write_heatmaps
+from vlpbench.predictions import HEATMAPS_FILE, check_heatmap, write_heatmaps
 from vlpbench.protocols import SplitIds, base
 from vlpbench.protocols.runtime import DEFAULT_PRECISION, autocast, precision_of
 
@@ -424,7 +424,7 @@ def read_heatmaps(path: Path) -> Mapping[str, np.ndarray]:
 
 
 class _CheckedMaps(Mapping[str, np.ndarray]):
-    """The maps of an ``.npz``, each checked on access to be a finite, non-empty 2-D numeric array."""
+    """The maps of an ``.npz``, each checked on access by :func:`~vlpbench.predictions.check_heatmap`."""
 
     def __init__(self, archive: Mapping[str, np.ndarray], path: Path):
         self._archive, self._path = archive, path
@@ -434,12 +434,7 @@ class _CheckedMaps(Mapping[str, np.ndarray]):
             heat = self._archive[key]
         except ValueError as exc:  # an object array, which needs pickle
             raise DataError(f"{self._path} key {key!r}: not a numeric array ({exc})") from exc
-        if heat.ndim != 2 or 0 in heat.shape or not np.issubdtype(heat.dtype, np.number):
-            raise DataError(f"{self._path} key {key!r}: expected a 2-D numeric heat map (H, W), got "
-                            f"shape {heat.shape} of {heat.dtype}")
-        if not np.isfinite(heat).all():
-            raise DataError(f"{self._path} key {key!r}: the heat map holds NaN or infinite values")
-        return heat
+        return check_heatmap(self._path, key, heat)
 
     def __contains__(self, key: object) -> bool:
         return key in self._archive
@@ -471,12 +466,14 @@ class GroundingProtocol(base.Protocol):
               seed: int = 0) -> dict[str, Any]:
         """Steps 2 to 5 on an ``.npz`` of heat maps (any resolution) of the positive images of ``split.test``.
 
-        Keys are image ids, or ``<image_id>#<phrase index>`` for MS-CXR; keys of other images are ignored. The
+        Keys are image ids, or ``<image_id>#<phrase index>`` for MS-CXR, of test or validation images (maps of
+        negative images are allowed, not scored); a key naming another image is an error. The
         threshold is chosen as ``run`` chooses it when the file also holds the maps of the validation positives
         (``split.val``); otherwise the task's ``threshold`` is used and a note says so. Reads the label files only.
 
         Raises:
-            DataError: the file is unreadable, a test positive has no map, or a map is not a finite 2-D array.
+            DataError: the file is unreadable, a test positive has no map, a key names no test or validation
+                image, or a map is not a finite 2-D array of real numbers.
         """
         check_config(config)
         path = self.prediction_path(Path(predictions))
@@ -488,6 +485,11 @@ class GroundingProtocol(base.Protocol):
         if missing:
             raise DataError(f"{path}: {len(missing)} of {len(test)} positive test maps are missing, "
                             f"e.g. keys {', '.join(map(repr, missing[:3]))}")
+        images = set(split.test) | set(split.val)
+        if unknown := [key for key in maps if key not in images and key.rpartition("#")[0] not in images]:
+            raise DataError(f"{path}: {len(unknown)} key(s) name no image of the split's test or validation part "
+                            f"({len(images)} images), e.g. {', '.join(map(repr, unknown[:3]))}; expected "
+                            "'<image_id>' or '<image_id>#<phrase index>'")
         notes = []
         val: list[Query] = []
         if config["threshold_source"] == "val":

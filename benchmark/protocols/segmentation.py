@@ -84,7 +84,7 @@ from vlpbench.protocols.runtime import (
 )
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.dice import batch_means, dice_per_image
-from vlpbench.predictions import find_masks, read_prediction_mask, write_mask
+from vlpbench.predictions import find_masks, fit_mask, read_mask_values, write_mask
 from vlpbench.protocols import base
 from vlpbench.protocols.features import channel_values, normalize as normalize_channels
 from vlpbench.protocols.segmentation_finetune import (
@@ -460,7 +460,8 @@ class SegmentationProtocol(base.Protocol):
 
     name = "segmentation"
     table_group = "seg"
-    prediction_files = "one <image_id>.png per test image (0/255 at the image's resolution) or .npy probabilities"
+    prediction_files = ("one <image_id>.png per test image (0/255 at the image's resolution or aspect ratio) or .npy "
+                        "probabilities in [0, 1], and no other file")
 
     def run(self, adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int, device: torch.device,
             progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
@@ -478,19 +479,33 @@ class SegmentationProtocol(base.Protocol):
     def score(self, predictions: Path, source, split: SplitIds, config: dict[str, Any], *,
               seed: int = 0) -> dict[str, Any]:
         """Per-image Dice of each saved mask against the full-resolution ground truth of ``split.test``, at
-        the task's ``threshold``; evaluated by :func:`evaluate_segmentation` as ``run`` does."""
+        the task's ``threshold``; evaluated by :func:`evaluate_segmentation` as ``run`` does.
+
+        Each file is checked at the door (:func:`~vlpbench.predictions.find_masks`,
+        :func:`~vlpbench.predictions.read_mask_values`, :func:`~vlpbench.predictions.fit_mask`): exactly one
+        mask per test image and no other file, finite probabilities in [0, 1], the image's size or aspect ratio.
+
+        Raises:
+            DataError: naming the file and what was expected.
+        """
         check_options(config)
         threshold = config["threshold"]
         ids = list(split.test)
         found = find_masks(Path(predictions), ids)
         scores = np.empty(len(ids))
+        resized = 0
         for index, image_id in enumerate(ids):
             truth = source.mask(image_id)
-            prediction = read_prediction_mask(found[image_id], truth.shape)
+            values = read_mask_values(found[image_id])
+            resized += values.shape != truth.shape
+            prediction = fit_mask(found[image_id], values, truth.shape)
             scores[index] = dice_per_image(prediction[None], torch.from_numpy(truth)[None], threshold)[0]
         outcome = evaluate_segmentation(source, ids, scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed,
                                         batch_size=_dice_batch(config))
         notes = []
+        if resized:
+            notes.append(f"{resized} of {len(ids)} masks were not at their image's size: each was resized to it "
+                         "(the same aspect ratio; .png nearest neighbour, .npy bilinear)")
         if config["dice_resolution"] != "native":
             notes.append("Dice at the images' native resolution: the run scored resized masks "
                          f"(dice_resolution={config['dice_resolution']}), so its Dice differs")

@@ -324,7 +324,7 @@ def segmentation_panels(source, ids: Sequence[str], folder: Path, config: Mappin
     from vlpbench.predictions import find_masks, read_prediction_mask
 
     chosen = choose_ids(ids, {i: bool(source.label(i)) for i in ids}, n)
-    found = find_masks(Path(folder), chosen)
+    found = find_masks(Path(folder), chosen, complete=False)
     threshold = config["threshold"]
     panels = []
     for image_id in chosen:
