@@ -17,15 +17,17 @@ per requested id list. Layout under ``cache_dir()/images``::
 
 Every file appears by the rename of a complete temp file from ``tmp/`` (``vlpbench.files.atomic_path``,
 without fsync, for speed), so a crash (kill -9 included) leaves either no file or a complete one, and
-two runs filling at once write the same bytes under the same name. Temp files orphaned by a crash are removed by a later fill once they are an hour old.
+two runs filling at once write the same bytes under the same name. Temp files orphaned by a crash are
+removed by a later fill once they are an hour old.
 
 Every entry and run file is verified against its checksum when read (``vlpbench.checksum``): one whose
 bytes changed while its size stayed the same (zeroed pixels, a flipped byte) is rebuilt with a warning
 naming it, as a truncated one is. Entries and run files written before checksums existed (an entry of
 exactly size*size bytes, a run file without its ``.sum``) cannot be verified and are rebuilt the same
 way, so an old cache is decoded once more rather than trusted. A run file's ``.sum`` is written before
-the run file itself appears, so a run file never lacks a checksum it should have. Verifying costs a read
-of the file at about 1.2 GB/s on one core, about 1 % of decoding the images (perf/cache_checksum.py).
+the run file itself appears, so a run file never lacks a checksum it should have. Verifying a run file
+reads it once at about 1 GB/s on one core: 47 ms per 1000 images at 224², 0.1 % of decoding them from
+1024² DICOMs (perf/cache_checksum.py).
 """
 
 from __future__ import annotations
