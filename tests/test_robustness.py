@@ -100,7 +100,7 @@ def test_cache_workers_report_every_corrupt_file_and_store_nothing_for_them(corr
     entries = list((folder / cache.ENTRIES).rglob("*.u8"))
     # Every decodable image is stored, complete; nothing for the corrupt ones; no temp file left behind.
     assert len(entries) == len(ids) - len(victims)
-    assert all(entry.stat().st_size == 24 * 24 for entry in entries)
+    assert all(entry.stat().st_size == 24 * 24 + cache.CRC_BYTES for entry in entries)  # pixels, CRC-32
     assert list((folder / cache.TMP).iterdir()) == []
     assert list((folder / cache.RUNS).iterdir()) == []
 

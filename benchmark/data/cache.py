@@ -8,15 +8,26 @@ per requested id list. Layout under ``cache_dir()/images``::
     <dataset>/<size>px-<key>/          key: sha256 of INFO.json's content
         INFO.json                      format version, method, Pillow version, reader class,
                                        data fingerprint, size
-        entries/<2 hex>/<32 hex>.u8    one image, size*size bytes row-major; the name hashes the
-                                       image id (and its file's size and mtime, see
-                                       source_fingerprint)
+        entries/<2 hex>/<32 hex>.u8    one image, size*size bytes row-major, then the CRC-32 of those
+                                       bytes (4 bytes, little-endian); the name hashes the image id (and
+                                       its file's size and mtime, see source_fingerprint)
         runs/<32 hex>.npy              the images of one id list, in order (.npy, memory-mapped)
+        runs/<32 hex>.sum              the CRC-32 of that .npy file's pixels (``crc32:<8 hex>``)
         tmp/                           files being written
 
 Every file appears by the rename of a complete temp file from ``tmp/`` (``vlpbench.files.atomic_path``,
 without fsync, for speed), so a crash (kill -9 included) leaves either no file or a complete one, and
-two runs filling at once write the same bytes under the same name. Temp files orphaned by a crash are removed by a later fill once they are an hour old.
+two runs filling at once write the same bytes under the same name. Temp files orphaned by a crash are
+removed by a later fill once they are an hour old.
+
+Every entry and run file is verified against its checksum when read (``vlpbench.checksum``): one whose
+bytes changed while its size stayed the same (zeroed pixels, a flipped byte) is rebuilt with a warning
+naming it, as a truncated one is. Entries and run files written before checksums existed (an entry of
+exactly size*size bytes, a run file without its ``.sum``) cannot be verified and are rebuilt the same
+way, so an old cache is decoded once more rather than trusted. A run file's ``.sum`` is written before
+the run file itself appears, so a run file never lacks a checksum it should have. Verifying a run file
+reads it once at about 1 GB/s on one core: 47 ms per 1000 images at 224², 0.1 % of decoding them from
+1024² DICOMs (perf/cache_checksum.py).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import numpy as np
 import PIL
 from tqdm.auto import tqdm
 
+from vlpbench.checksum import checksum_text, content_checksum, crc32
 from vlpbench.config import cache_dir
 from vlpbench.data.resize import RESIZE_METHODS, resize_antialias, resize_method
 from vlpbench.errors import DataError, VlpbenchError
@@ -54,6 +66,7 @@ MIN_IMAGES_PER_WORKER = 4  # fewer images do not pay for starting a worker proce
 STALE_TEMP_S = 3600.0
 
 INFO = "INFO.json"
+CRC_BYTES = 4  # the CRC-32 after each entry's pixels
 ENTRIES, RUNS, TMP = "entries", "runs", "tmp"
 _DATASET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -167,7 +180,9 @@ def cached_images(source: Any, dataset: str, ids: Sequence[str], size: int, *, m
     if todo:
         _fill(source, dataset, folder, todo, size, method, workers, progress)
     with atomic_path(run, fsync=False, tmp_dir=folder / TMP) as tmp:
-        _assemble(tmp, folder, ids, names, size, dataset, progress)
+        checksum = _assemble(tmp, folder, ids, names, size, dataset, progress)
+        # Before the run file appears: a run file without its .sum is then one of an older vlpbench.
+        atomic_write(_sum_path(run), checksum + "\n", fsync=False, tmp_dir=folder / TMP)
     images = _open_run(run, len(ids), size)
     if images is None:
         raise VlpbenchError(f"image cache file {run} was removed or damaged while it was being opened")
@@ -245,7 +260,13 @@ def _entry_path(folder: Path, name: str) -> Path:
     return folder / ENTRIES / name[:2] / f"{name}.u8"
 
 
+def _sum_path(run: Path) -> Path:
+    return run.with_suffix(".sum")
+
+
 def _open_run(path: Path, n: int, size: int) -> np.ndarray | None:
+    """The run file memory-mapped, or None when absent or not trustworthy (logged): unreadable, of the
+    wrong shape, without its checksum file, or not matching it."""
     try:
         images = np.load(path, mmap_mode="r")
     except FileNotFoundError:
@@ -256,6 +277,20 @@ def _open_run(path: Path, n: int, size: int) -> np.ndarray | None:
     if images.shape != (n, size, size) or images.dtype != np.uint8:
         log.warning("image cache: %s holds %s %s, expected uint8 %s; rebuilding it",
                     path, images.dtype, images.shape, (n, size, size))
+        return None
+    try:
+        stored = _sum_path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        log.warning("image cache: %s has no checksum file %s (written before vlpbench checked cache "
+                    "content); rebuilding it", path, _sum_path(path).name)
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("image cache: checksum file %s is unreadable (%s); rebuilding %s", _sum_path(path), exc, path)
+        return None
+    found = content_checksum(images)
+    if found != stored:
+        log.warning("image cache: %s does not match its checksum (stored %s, found %s): its pixels changed "
+                    "after it was written; rebuilding it", path, stored, found)
         return None
     return images
 
@@ -269,19 +304,40 @@ def _sweep_temp(tmp_dir: Path) -> None:
 
 
 def _missing(folder: Path, ids: list[str], names: list[str], size: int) -> list[tuple[str, str]]:
-    """(id, entry name) of each distinct entry that is absent or not exactly ``size``² bytes."""
-    todo, seen = [], set()
+    """(id, entry name) of each distinct entry that is absent or fails :func:`_entry_pixels` (logged:
+    each damaged entry by name, entries of the format before checksums once in all)."""
+    todo, seen, unverifiable = [], set(), 0
     for image_id, name in zip(ids, names):
         if name in seen:
             continue
         seen.add(name)
+        path = _entry_path(folder, name)
         try:
-            complete = _entry_path(folder, name).stat().st_size == size * size
+            data = path.read_bytes()
         except FileNotFoundError:
-            complete = False
-        if not complete:
             todo.append((image_id, name))
+            continue
+        except OSError as exc:
+            raise VlpbenchError(f"image cache entry {path} (image {image_id}) is unreadable ({exc})") from exc
+        if len(data) == size * size:
+            unverifiable += 1
+            todo.append((image_id, name))
+        elif _entry_pixels(data, size) is None:
+            log.warning("image cache: entry %s (image %s) is truncated or does not match its checksum; "
+                        "decoding it again", path, image_id)
+            todo.append((image_id, name))
+    if unverifiable:
+        log.warning("image cache: %d entries in %s have no checksum (written before vlpbench checked cache "
+                    "content); decoding them again", unverifiable, folder)
     return todo
+
+
+def _entry_pixels(data: bytes, size: int) -> np.ndarray | None:
+    """The ``size``² pixels of an entry file's bytes, or None when its length or checksum is wrong."""
+    if len(data) != size * size + CRC_BYTES:
+        return None
+    pixels = np.frombuffer(data, dtype=np.uint8, count=size * size)
+    return pixels if crc32(pixels).to_bytes(CRC_BYTES, "little") == data[size * size:] else None
 
 
 class CorruptImagesError(DataError):
@@ -317,7 +373,8 @@ class _Filler:
             described = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
             raise DataError(f"{type(self.source).__name__}.image({image_id!r}) returned {described}; "
                             "expected a uint8 (H, W) array")
-        data = RESIZE_METHODS[self.method](pixels, self.size).tobytes()
+        resized = RESIZE_METHODS[self.method](pixels, self.size).tobytes()
+        data = resized + crc32(resized).to_bytes(CRC_BYTES, "little")
         path = _entry_path(self.folder, name)
         try:
             path.parent.mkdir(exist_ok=True)
@@ -398,21 +455,26 @@ def _fill_in_pool(filler: _Filler, todo: list[tuple[str, str]], count: int, data
 
 
 def _assemble(out: Path, folder: Path, ids: list[str], names: list[str], size: int, dataset: str,
-              progress: bool) -> None:
+              progress: bool) -> str:
+    """Write the entries of ``ids`` in order to the .npy file ``out``; return the checksum of its pixels."""
     images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(ids), size, size))
+    running = 0
     pairs = tqdm(zip(ids, names), total=len(ids), desc=f"assemble {dataset} {size}px", unit="img",
                  disable=not progress, leave=False)
     for index, (image_id, name) in enumerate(pairs):
         path = _entry_path(folder, name)
         try:
-            pixels = np.fromfile(path, dtype=np.uint8)
+            data = path.read_bytes()
         except OSError as exc:
             raise VlpbenchError(f"image cache entry {path} (image {image_id}) vanished or is unreadable "
                                 f"({exc}); was the cache cleared during the run?") from exc
-        if pixels.size != size * size:
-            raise VlpbenchError(f"image cache entry {path} (image {image_id}) holds {pixels.size} bytes, "
-                                f"expected {size * size}; it was changed outside vlpbench: "
-                                f"run clear_cache({dataset!r})")
+        pixels = _entry_pixels(data, size)
+        if pixels is None:  # verified a moment ago by _missing: something else is writing the cache
+            raise VlpbenchError(f"image cache entry {path} (image {image_id}) holds {len(data)} bytes that are "
+                                f"not {size * size} pixels and their checksum; it was changed outside vlpbench "
+                                f"during this run: run clear_cache({dataset!r})")
         images[index] = pixels.reshape(size, size)
+        running = crc32(pixels, running)
     images.flush()
     del images  # unmap before the rename
+    return checksum_text(running)

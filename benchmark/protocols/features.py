@@ -28,15 +28,18 @@ resampling filter.
 Cache layout under ``vlpbench.config.cache_dir() / "features"``::
 
     <dataset>/<key>.npy     float32 (n images, channels), numpy format (never a pickle)
-    <dataset>/<key>.json    the key's content: what produced the features
+    <dataset>/<key>.json    the key's content: what produced the features, and under ``checksum`` the
+                            CRC-32 of the features' bytes (``crc32:<8 hex>``, ``vlpbench.checksum``)
 
 ``key`` is a hash of the adapter (name, checkpoint sha256, options, encoder name), the pooling, the data (reader,
 :func:`vlpbench.data.cache.source_fingerprint`, the image ids in order and, where the reader gives
 file paths, each file's size and modification time), the pipeline and the resize rule the image
 cache applied (``resize_method``: ``pil-bilinear-antialias`` for ``square``, ``mgca-pad-inter-area``
 for ``pad``, the image cache's own names), so features of the two resizes never share an entry. Both files
-appear by an atomic rename; a file that is unreadable, truncated, of the wrong shape or whose
-``.json`` does not hold the expected key is recomputed, never trusted.
+appear by an atomic rename, the ``.json`` last; a file that is unreadable, truncated, of the wrong shape,
+whose ``.json`` does not hold the expected key, or whose features do not match the checksum there is
+recomputed with a warning naming it, never trusted. So is an entry written before checksums existed (a
+``.json`` without ``checksum``): it cannot be verified.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vlpbench import distributed
+from vlpbench.checksum import content_checksum
 from vlpbench.config import cache_dir
 from vlpbench.data.cache import METHOD_TAGS, cached_images, source_fingerprint
 from vlpbench.errors import ConfigError, VlpbenchError
@@ -271,7 +275,7 @@ def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preproce
     folder = cache_root() / dataset_name(source)
     stem = hashlib.sha256(text.encode()).hexdigest()[:32]
     path = folder / f"{stem}.npy"
-    values = _load(path, folder / f"{stem}.json", text, len(ids))
+    values = _load(path, folder / f"{stem}.json", key, len(ids))
     if distributed.all_true(values is not None):
         log.info("feature cache: hit %s (%d images)", path, len(ids))
         return Features(values, True, path, time.perf_counter() - started)
@@ -290,7 +294,9 @@ def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preproce
             # A cache, rebuilt when damaged: no fsync.
             with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as handle:
                 np.save(handle, values, allow_pickle=False)
-            atomic_write(folder / f"{stem}.json", text, fsync=False)
+            # Written after the features: a .json names features that are complete.
+            stored = {**key, "checksum": content_checksum(values)}
+            atomic_write(folder / f"{stem}.json", json.dumps(stored, indent=2, sort_keys=True) + "\n", fsync=False)
     except OSError as exc:
         raise VlpbenchError(f"cannot write the feature cache {path}: {exc}; "
                             "free disk space or set VLPBENCH_CACHE to another folder") from exc
@@ -319,14 +325,23 @@ def _ids_digest(source: Any, ids: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def _load(path: Path, key_path: Path, key_text: str, n: int) -> np.ndarray | None:
+def _load(path: Path, key_path: Path, key: dict[str, Any], n: int) -> np.ndarray | None:
     """The cached features, or None when absent or not trustworthy (logged)."""
     try:
-        stored_key = key_path.read_text()
-    except (FileNotFoundError, UnicodeDecodeError, OSError):
+        stored = json.loads(key_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
-    if stored_key != key_text:
+    except (UnicodeDecodeError, ValueError, OSError) as exc:
+        log.warning("feature cache: %s is unreadable (%s); recomputing", key_path, exc)
+        return None
+    checksum = stored.pop("checksum", None) if isinstance(stored, dict) else None
+    # The key as JSON gives it back (tuples as lists), to compare like with like.
+    if stored != json.loads(json.dumps(key)):
         log.warning("feature cache: %s does not hold the expected key; recomputing", key_path)
+        return None
+    if checksum is None:
+        log.warning("feature cache: %s has no checksum (written before vlpbench checked cache content); "
+                    "recomputing %s", key_path, path.name)
         return None
     try:
         values = np.load(path, allow_pickle=False)
@@ -338,5 +353,10 @@ def _load(path: Path, key_path: Path, key_text: str, n: int) -> np.ndarray | Non
     if values.dtype != np.float32 or values.ndim != 2 or len(values) != n or not np.isfinite(values).all():
         log.warning("feature cache: %s holds %s %s, expected finite float32 (%d, channels); recomputing",
                     path, values.dtype, values.shape, n)
+        return None
+    found = content_checksum(values)
+    if found != checksum:
+        log.warning("feature cache: %s does not match the checksum in %s (stored %s, found %s): its values "
+                    "changed after they were written; recomputing", path, key_path.name, checksum, found)
         return None
     return values

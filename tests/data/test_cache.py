@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from vlpbench.data.cache import STALE_TEMP_S, cache_root, cached_images, clear_cache, resize_image
+from vlpbench.data.cache import CRC_BYTES, STALE_TEMP_S, cache_root, cached_images, clear_cache, resize_image
 from vlpbench.data.dicom import read_dicom
 from vlpbench.data.siim import SiimSource
 from vlpbench.errors import DataError, VlpbenchError
 
 SIZE = 64
 N = 12
+ENTRY = SIZE * SIZE + CRC_BYTES  # pixels, then their CRC-32
 
 
 class CountingSiim(SiimSource):
@@ -85,7 +86,7 @@ def entry_sizes(folder: Path) -> list[int]:
 
 
 def listing(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir())
+    return sorted(p.name for p in path.iterdir() if p.suffix != ".sum")  # a run file's checksum goes with it
 
 
 def test_processes_fill_bit_identical_read_only_memmap(siim12, expected, caplog):
@@ -102,7 +103,7 @@ def test_processes_fill_bit_identical_read_only_memmap(siim12, expected, caplog)
 
     folder = only_folder()
     assert folder.name.startswith(f"{SIZE}px-")
-    assert entry_sizes(folder) == [SIZE * SIZE] * N
+    assert entry_sizes(folder) == [ENTRY] * N
     assert len(listing(folder / "runs")) == 1 and listing(folder / "tmp") == []
     assert '"size": 64' in (folder / "INFO.json").read_text()
 
@@ -290,7 +291,7 @@ def test_corrupt_dicom_in_a_worker_names_the_file(copy):
     with pytest.raises(DataError, match=str(broken)):
         cached_images(source, "siim", source.image_ids, SIZE, workers=2, progress=False)
     folder = only_folder()
-    assert SIZE * SIZE * (N - 1) >= sum(entry_sizes(folder)) and set(entry_sizes(folder)) <= {SIZE * SIZE}
+    assert ENTRY * (N - 1) >= sum(entry_sizes(folder)) and set(entry_sizes(folder)) <= {ENTRY}
     assert listing(folder / "runs") == [] and listing(folder / "tmp") == []
 
 
@@ -322,7 +323,7 @@ def test_error_mid_write_leaves_no_partial_entry(siim12, expected, monkeypatch):
         with pytest.raises(VlpbenchError, match="cannot write image cache entry .* No space left on device"):
             cached_images(source, "siim", ids, SIZE, workers=1, progress=False)
     folder = only_folder()
-    assert entry_sizes(folder) == [SIZE * SIZE] * 2
+    assert entry_sizes(folder) == [ENTRY] * 2
     assert listing(folder / "tmp") == [] and listing(folder / "runs") == []
 
     source.decoded.clear()
@@ -377,9 +378,9 @@ def test_kill_9_mid_write_leaves_no_partial_entry(siim12, expected, tmp_path):
         process.communicate()
     folder = only_folder()
     finished = {p: p.stat().st_mtime_ns for p in (folder / "entries").rglob("*.u8")}
-    assert [p.stat().st_size for p in finished] == [SIZE * SIZE] * 2  # nothing of the third image
+    assert [p.stat().st_size for p in finished] == [ENTRY] * 2  # nothing of the third image
     (torn,) = (folder / "tmp").iterdir()
-    assert torn.stat().st_size == SIZE * SIZE // 2
+    assert torn.stat().st_size == ENTRY // 2
     assert listing(folder / "runs") == []
 
     # The next run keeps the finished entries, adds the rest and sweeps the orphan once it is stale.
@@ -388,7 +389,7 @@ def test_kill_9_mid_write_leaves_no_partial_entry(siim12, expected, tmp_path):
     source = SiimSource(siim12)
     images = cached_images(source, "siim", source.image_ids, SIZE, workers=1, progress=False)
     assert np.array_equal(images, stack(expected, source.image_ids))
-    assert only_folder() == folder and entry_sizes(folder) == [SIZE * SIZE] * N
+    assert only_folder() == folder and entry_sizes(folder) == [ENTRY] * N
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
     assert listing(folder / "tmp") == []
 
@@ -432,7 +433,7 @@ def test_two_processes_filling_at_once_agree(siim12, expected, tmp_path):
     truth = hashlib.sha256(stack(expected, SiimSource(siim12).image_ids).tobytes()).hexdigest()
     assert [out.strip() for out, _ in outputs] == [truth, truth]
     folder = only_folder()
-    assert entry_sizes(folder) == [SIZE * SIZE] * N
+    assert entry_sizes(folder) == [ENTRY] * N
     assert len(listing(folder / "runs")) == 1 and listing(folder / "tmp") == []
 
 
