@@ -206,7 +206,8 @@ DOMAINS: dict[str, Any] = {
     "threshold_grid": COUNT, "max_detections": COUNT,
     "neck_width": Int(4, multiple=4),  # the YOLO neck splits its width in quarters
     # optimisation
-    "lr": POSITIVE, "lr_1pct": POSITIVE, "weight_decay": NON_NEGATIVE,
+    "lr": NON_NEGATIVE, "lr_1pct": NON_NEGATIVE,  # 0: the head stays as initialised
+    "weight_decay": NON_NEGATIVE,
     "betas": ListOf(Real(0.0, 1.0, high_open=True), length=2),  # AdamW's (beta1, beta2), each in [0, 1)
     "focal_weight": NON_NEGATIVE, "focal_gamma": NON_NEGATIVE, "box_weight": NON_NEGATIVE,
     "noobj_weight": NON_NEGATIVE, "feature_cache_gb": NON_NEGATIVE,  # 0 turns the feature cache off
