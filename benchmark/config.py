@@ -7,6 +7,7 @@ the ``data:`` mapping of ``./vlpbench.yaml`` or ``~/.config/vlpbench/config.yaml
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -17,18 +18,84 @@ from vlpbench.errors import ConfigError
 CONFIG_FILES = (Path("vlpbench.yaml"), Path("~/.config/vlpbench/config.yaml"))
 
 
+KNOWN_KEYS = ("data",)
+
+
+def read_config_file(path: Path) -> dict[str, str]:
+    """The ``data:`` mapping (dataset name → folder) of the config file at ``path``, the whole file checked.
+
+    Raises:
+        ConfigError: naming the file (and the key and line): not UTF-8, not YAML, not a mapping, an
+            unknown top-level key, ``data`` not a mapping, or a folder that is not a path as text.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        spec = loader.construct_document(root) if root is not None else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a mapping such as 'data: {{siim: /data/siim}}', "
+                          f"got {type(spec).__name__} {_short(spec)}")
+    for key in spec:
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(str(key), KNOWN_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}, line {_line(root, key)}: unknown key {key!r}{hint}; "
+                              f"known: {', '.join(KNOWN_KEYS)}")
+    data = spec.get("data")
+    if data is None:
+        return {}
+    data_node = _value_node(root, "data")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}, line {_line(root, 'data')}: key 'data' must map dataset names to folders, "
+                          f"got {type(data).__name__} {_short(data)}")
+    for name, folder in data.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{path}, line {_line(data_node, name)}: key 'data.{name}': expected a dataset "
+                              "name (text)")
+        if not isinstance(folder, str) or not folder.strip():
+            raise ConfigError(f"{path}, line {_line(data_node, name)}: key 'data.{name}': expected a folder "
+                              f"path (text), got {_short(folder)}")
+    return dict(data)
+
+
+def _value_node(mapping: yaml.Node | None, key: object) -> yaml.Node | None:
+    """The value node of ``key`` in a YAML mapping node (keys compared as their text), or None."""
+    return next((value for name, value in getattr(mapping, "value", ()) if _is_key(name, key)), None)
+
+
+def _line(mapping: yaml.Node | None, key: object) -> int | str:
+    """The 1-based line of ``key`` in a YAML mapping node, or ``?`` where it cannot be told."""
+    return next((name.start_mark.line + 1 for name, _ in getattr(mapping, "value", ()) if _is_key(name, key)), "?")
+
+
+def _is_key(node: yaml.Node, key: object) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.value == str(key)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _config_file_roots() -> tuple[dict[str, str], Path | None]:
     for candidate in CONFIG_FILES:
         path = candidate.expanduser()
         if path.is_file():
-            try:
-                spec = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-            data = spec.get("data", {})
-            if not isinstance(data, dict):
-                raise ConfigError(f"{path}: key 'data' must map dataset names to folders")
-            return {str(k): str(v) for k, v in data.items()}, path
+            return read_config_file(path), path
     return {}, None
 
 

@@ -27,6 +27,7 @@ import yaml
 
 from vlpbench.errors import ConfigError
 from vlpbench.metrics.specs import metric_spec
+from vlpbench.tasks.domains import OutOfDomain, check_option
 
 TASKS_DIR = Path(__file__).resolve().parent
 _REQUIRED = ("name", "version", "description", "dataset", "split", "protocol", "primary_metric",
@@ -114,7 +115,8 @@ class Task:
         return spec.settings if spec is not None else ()
 
     def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The task config with ``overrides`` applied; unknown keys and type changes are errors."""
+        """The task config with ``overrides`` applied; unknown keys, type changes and values outside the
+        option's domain (:mod:`vlpbench.tasks.domains`) are errors."""
         resolved = copy.deepcopy(self.config)
         for key, value in (overrides or {}).items():
             if key not in resolved:
@@ -126,7 +128,11 @@ class Task:
             if default is not None and not _compatible(default, value):
                 raise ConfigError(f"--set {key}={value!r}: expected {type(default).__name__} "
                                   f"like the default {default!r}")
-            resolved[key] = float(value) if isinstance(default, float) else value
+            try:
+                resolved[key] = check_option(self.protocol, key, value)
+            except OutOfDomain as error:
+                raise ConfigError(f"--set {key}={value!r}: expected {error} (task {self.name}, default "
+                                  f"{default!r})") from None
         return resolved
 
 
@@ -147,6 +153,17 @@ def _check_primary_metric(path: Path, name: Any) -> None:
         raise ConfigError(f"{path}: primary_metric: {error}") from None
     if current != name:
         raise ConfigError(f"{path}: primary_metric {name!r} is the former name of {current!r}; write {current!r}")
+
+
+def _in_domain(path: Path, protocol: str, key: str, value: Any, at: str) -> Any:
+    """``value`` of option ``key`` as its domain takes it; ConfigError naming the file and ``at`` otherwise."""
+    try:
+        return check_option(protocol, key, value)
+    except KeyError:
+        raise ConfigError(f"{path}: key {at!r}: option {key!r} of protocol {protocol} declares no type and "
+                          "domain (add it to vlpbench/tasks/domains.py)") from None
+    except OutOfDomain as error:
+        raise ConfigError(f"{path}: key {at!r}: expected {error}, got {value!r}") from None
 
 
 def task_names() -> list[str]:
@@ -206,7 +223,7 @@ def _profiles(path: Path, spec: dict) -> dict[str, Profile]:
                 if default is not None and not _compatible(default, value):
                     raise ConfigError(f"{path}: key '{at}.value': expected {type(default).__name__} like the "
                                       f"canonical {default!r}, got {value!r}")
-                value = float(value) if isinstance(default, float) else value
+                value = _in_domain(path, spec["protocol"], key, value, f"{at}.value")
             settings.append(Setting(key, value, entry["source"].strip()))
         profiles[name] = Profile(name, body.get("description", ""), tuple(settings))
     return profiles
@@ -230,6 +247,10 @@ def load_task(name: str, profile: str = DEFAULT_PROFILE) -> Task:
     if spec["name"] != name:
         raise ConfigError(f"{path}: name {spec['name']!r} does not match the file name {name!r}")
     _check_primary_metric(path, spec["primary_metric"])
+    if not isinstance(spec["config"], dict):
+        raise ConfigError(f"{path}: key 'config' must map option names to values")
+    spec["config"] = {key: _in_domain(path, spec["protocol"], key, value, f"config.{key}")
+                      for key, value in spec["config"].items()}
     spec["fractions"] = tuple(float(f) for f in spec["fractions"])
     task = Task(path=path, compare=spec.get("compare"), profiles=_profiles(path, spec),
                 **{key: spec[key] for key in _REQUIRED})
