@@ -56,6 +56,44 @@ _SUMMARY_KEYS = 5
 Shape = tuple[int, ...]
 
 
+class TensorSpec(tuple):
+    """The shape of a module tensor (a tuple, equal to ``tuple(t.shape)``) that also carries the module's dtype.
+
+    ``match_keys`` checks a checkpoint tensor's dtype against it: a float tensor stored as an integer (or an
+    integer buffer stored as a float) would be cast silently by ``load_state_dict``, loading garbage.
+    """
+
+    dtype: torch.dtype
+
+    def __new__(cls, shape: Iterable[int], dtype: torch.dtype) -> TensorSpec:
+        spec = super().__new__(cls, shape)
+        spec.dtype = dtype
+        return spec
+
+
+def tensor_spec(tensor: torch.Tensor) -> TensorSpec:
+    """The ``TensorSpec`` (shape and dtype) of ``tensor``; meta tensors work."""
+    return TensorSpec(tensor.shape, tensor.dtype)
+
+
+def state_specs(module: torch.nn.Module) -> dict[str, TensorSpec]:
+    """Key → ``TensorSpec`` of every entry of ``module.state_dict()``: what ``match_keys`` expects."""
+    return {k: tensor_spec(v) for k, v in module.state_dict().items()}
+
+
+def dtype_kind(dtype: torch.dtype) -> str:
+    """``"floating point"``, ``"bool"`` or ``"integer"``: the dtypes ``load_state_dict`` may convert between
+    (float16 into a float32 parameter, int32 into an int64 counter) share a kind; across kinds it corrupts."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return "floating point"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def _expected_kind(spec: Shape) -> str:
+    """The dtype kind ``spec`` asks for; a bare shape is a parameter written out by hand: floating point."""
+    return dtype_kind(spec.dtype) if isinstance(spec, TensorSpec) else "floating point"
+
+
 def sha256_file(path: str | Path) -> str:
     """Return the hex sha256 of a file, read in 1 MiB chunks so large checkpoints stay out of memory."""
     digest = hashlib.sha256()
@@ -219,6 +257,8 @@ class LoadReport:
         missing: checkpoint keys the layout needs but the file lacks.
         unexpected: checkpoint keys that are neither mapped nor ignored.
         mismatched: ``(checkpoint key, expected shape, found shape)``.
+        wrong_dtype: ``(checkpoint key, expected dtype kind, found dtype)``, e.g.
+            ``("conv1.weight", "floating point", "int32")`` (see ``dtype_kind``).
     """
 
     layout: str
@@ -227,11 +267,12 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, Shape, Shape]] = field(default_factory=list)
+    wrong_dtype: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when nothing is missing, unexpected or mismatched."""
-        return not (self.missing or self.unexpected or self.mismatched)
+        """True when nothing is missing, unexpected, mismatched or of the wrong dtype."""
+        return not (self.missing or self.unexpected or self.mismatched or self.wrong_dtype)
 
     def ignore(self, reason: str, keys: list[str]) -> None:
         """Record ``keys`` as deliberately unused for ``reason`` (no-op for an empty list)."""
@@ -251,10 +292,14 @@ class LoadReport:
                 "count": len(self.mismatched),
                 "first": [[k, list(exp), list(got)] for k, exp, got in self.mismatched[:_SUMMARY_KEYS]],
             },
+            "wrong_dtype": {
+                "count": len(self.wrong_dtype),
+                "first": [list(entry) for entry in self.wrong_dtype[:_SUMMARY_KEYS]],
+            },
         }
 
     def format(self) -> str:
-        """Human-readable accounting; lists every missing, unexpected and mismatched key."""
+        """Human-readable accounting; lists every missing, unexpected, mismatched and wrong-dtype key."""
         lines = [f"layout: {self.layout}", f"mapped: {len(self.mapped)} keys"]
         n_ignored = sum(len(keys) for keys in self.ignored.values())
         lines.append(f"ignored: {n_ignored} keys")
@@ -267,6 +312,8 @@ class LoadReport:
         lines += [f"  - {k}" for k in self.unexpected]
         lines.append(f"mismatched: {len(self.mismatched)} keys")
         lines += [f"  - {k}: expected shape {exp}, found {got}" for k, exp, got in self.mismatched]
+        lines.append(f"wrong dtype: {len(self.wrong_dtype)} keys")
+        lines += [f"  - {k}: expected {exp} dtype, found {got}" for k, exp, got in self.wrong_dtype]
         return "\n".join(lines)
 
 
@@ -296,7 +343,7 @@ def encoder_shapes(encoder_name: str = "resnet50") -> Mapping[str, Shape]:
     feature extractor under ``model.``.
     """
     # Read-only: the cached mapping is shared by every caller.
-    return MappingProxyType({k: tuple(v.shape) for k, v in build_meta_encoder(encoder_name).state_dict().items()})
+    return MappingProxyType(state_specs(build_meta_encoder(encoder_name)))
 
 
 def resnet50_encoder_shapes() -> Mapping[str, Shape]:
@@ -311,7 +358,7 @@ def unet_decoder_shapes() -> Mapping[str, Shape]:
 
     with torch.device("meta"):
         unet = smp.Unet("resnet50", encoder_weights=None, in_channels=3, classes=1)
-    return MappingProxyType({k: tuple(v.shape) for k, v in unet.state_dict().items() if not k.startswith("encoder.")})
+    return MappingProxyType({k: v for k, v in state_specs(unet).items() if not k.startswith("encoder.")})
 
 
 def split_prefix(state: Mapping[str, Any], *prefixes: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -329,11 +376,13 @@ def match_keys(
     source_prefix: str = "",
     target_prefix: str = "",
 ) -> dict[str, torch.Tensor]:
-    """Compare ``found`` (keys already stripped of ``source_prefix``) with ``expected`` names and shapes.
+    """Compare ``found`` (keys already stripped of ``source_prefix``) with ``expected`` names, shapes and dtypes.
 
     Fills ``report``: mapped pairs ``(source_prefix + key, target_prefix + key)``, missing and unexpected
-    keys, and shape mismatches, all named as in the checkpoint (with ``source_prefix``). A value that is
-    not a tensor counts as unexpected. Returns the matching tensors under their expected (unprefixed) names.
+    keys, shape mismatches and dtype-kind mismatches, all named as in the checkpoint (with ``source_prefix``).
+    A ``TensorSpec`` in ``expected`` (``state_specs`` of a meta module) names the dtype the module holds; a bare
+    shape asks for a floating point tensor. A value that is not a tensor counts as unexpected. Returns the
+    matching tensors under their expected (unprefixed) names.
     """
     matched: dict[str, torch.Tensor] = {}
     for key, value in found.items():
@@ -341,6 +390,8 @@ def match_keys(
             report.unexpected.append(f"{source_prefix}{key}")  # f-string: keys of a foreign object may not be str
         elif tuple(value.shape) != expected[key]:
             report.mismatched.append((source_prefix + key, expected[key], tuple(value.shape)))
+        elif dtype_kind(value.dtype) != (kind := _expected_kind(expected[key])):
+            report.wrong_dtype.append((source_prefix + key, kind, str(value.dtype).removeprefix("torch.")))
         else:
             matched[key] = value
             report.mapped.append((source_prefix + key, target_prefix + key))

@@ -50,6 +50,7 @@ from vlpbench.adapters.base import (
     loaded_eval,
     match_keys,
     split_prefix,
+    tensor_spec,
     unwrap_state_dict,
 )
 from vlpbench.adapters.clip import OPENAI_MEAN, OPENAI_STD
@@ -280,7 +281,7 @@ def _map_text_side(text_side: Mapping[str, Any], text_encoder: str, embed_dim: i
     proj_part, rest = split_prefix(rest, TEXT_PROJ)
     hidden = (config.hidden_size + embed_dim) // 2  # hf_model.py:147
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in text_projection(config.hidden_size, hidden, embed_dim)
+        expected = {k: tensor_spec(v) for k, v in text_projection(config.hidden_size, hidden, embed_dim)
                     .state_dict().items()}
     text_proj = match_keys({k[len(TEXT_PROJ):]: v for k, v in proj_part.items()}, expected, report,
                            source_prefix=prefix + TEXT_PROJ, target_prefix=TEXT_PROJ)

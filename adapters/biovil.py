@@ -56,6 +56,7 @@ from vlpbench.adapters.base import (
     match_keys,
     match_resnet50_encoder,
     split_prefix,
+    tensor_spec,
     unwrap_state_dict,
 )
 from vlpbench.adapters.parts import strip
@@ -318,7 +319,7 @@ class BioVilAdapter(Adapter):
 
         temporal = variant == BIOVIL_T
         with torch.device("meta"):  # shapes only: no init, no draw from the global RNG
-            expected = {k: tuple(v.shape) for k, v in ProjectedPatches(temporal).state_dict().items()}
+            expected = {k: tensor_spec(v) for k, v in ProjectedPatches(temporal).state_dict().items()}
         projector_shapes, temporal_shapes = split_prefix(expected, "projector.")
         head, rest = split_prefix(rest, PROJECTOR_PREFIX)
         # ProjectedPatches names the checkpoint's projector.model.<i> projector.<i> and encoder.<part> <part>.
@@ -478,7 +479,7 @@ def _map_text_side(folder: Path, report: LoadReport) -> dict[str, Any]:
     head, rest = split_prefix(rest, "cls_projection_head.")
     report.unexpected += [f"{source}{k}" for k in rest]
     with torch.device("meta"):
-        head_shapes = {k: tuple(v.shape) for k, v in CxrBertProjection(config.hidden_size, JOINT).state_dict().items()}
+        head_shapes = {k: tensor_spec(v) for k, v in CxrBertProjection(config.hidden_size, JOINT).state_dict().items()}
     return {
         "text_model": match_bert(strip(bert, "bert."), report, config, source_prefix=source + "bert.",
                                  target_prefix="text.bert.", pooler=False),

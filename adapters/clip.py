@@ -56,6 +56,7 @@ from vlpbench.adapters.base import (
     load_state_dict_file,
     match_keys,
     split_prefix,
+    tensor_spec,
     unwrap_state_dict,
 )
 from vlpbench.adapters.transformer import POOLS, default_out_indices, ViTConfig, ViTEncoder
@@ -163,7 +164,7 @@ def _expected_shapes(config: ClipConfig) -> Mapping[str, tuple[int, ...]]:
     """State-dict keys and shapes of the open_clip ``CLIP`` for ``config``, built on the meta device (no init)."""
     with torch.device("meta"):
         model = config.build()
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: tensor_spec(v) for k, v in model.state_dict().items()}
 
 
 @functools.lru_cache(maxsize=1)

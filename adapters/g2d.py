@@ -45,6 +45,7 @@ from vlpbench.adapters.base import (
     match_keys,
     match_resnet50_encoder,
     split_prefix,
+    tensor_spec,
     unet_decoder_shapes,
 )
 from vlpbench.adapters.parts import strip
@@ -338,7 +339,7 @@ def text_projection(hidden: int) -> nn.Sequential:
 
 def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     """Key → shape of ``module``'s state dict."""
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return {k: tensor_spec(v) for k, v in module.state_dict().items()}
 
 
 def _match_part(

@@ -46,6 +46,7 @@ from vlpbench.adapters.base import (
     encoder_shapes,
     loaded_eval,
     match_keys,
+    tensor_spec,
 )
 # MedKLIP's decoder layer is KAD's too (both from DETR's pre-norm TransformerDecoderLayer, same key names):
 # KAD's forward_pre, transformer_decoder.py:101-124, is MedKLIP's with another width.
@@ -384,7 +385,7 @@ def image_encoder_shapes(variant: str) -> dict[str, tuple[int, ...]]:
     ``res_features.*`` and ``res_l1``/``res_l2``."""
     resnet = {f"resnet.{k}": v for k, v in {**encoder_shapes("resnet50"), **_TORCHVISION_FC}.items()}
     with torch.device("meta"):
-        head = {k: tuple(v.shape) for k, v in ImageHead(VARIANTS[variant]["features"]).state_dict().items()}
+        head = {k: tensor_spec(v) for k, v in ImageHead(VARIANTS[variant]["features"]).state_dict().items()}
     return {**resnet, **trunk_shapes(variant), **head}
 
 
@@ -392,7 +393,7 @@ def query_network_shapes() -> dict[str, tuple[int, ...]]:
     """Every key and shape of ``TQN_Model``'s state dict: ``QueryNetwork``'s plus ``decoder.norm`` and
     ``logit_scale``."""
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in QueryNetwork().state_dict().items()}
+        shapes = {k: tensor_spec(v) for k, v in QueryNetwork().state_dict().items()}
     return {**shapes, "decoder.norm.weight": (WIDTH,), "decoder.norm.bias": (WIDTH,), "logit_scale": ()}
 
 
@@ -467,7 +468,7 @@ def _map_text_encoder(state: Mapping[str, Any], text_encoder: str, report: LoadR
     bert = {k[len("bert_model."):]: v for k, v in state.items() if k.startswith("bert_model.")}
     rest = {k: v for k, v in state.items() if not k.startswith("bert_model.")}
     with torch.device("meta"):
-        shapes = {f"mlp_embed.{k}": tuple(v.shape) for k, v in text_projection().state_dict().items()}
+        shapes = {f"mlp_embed.{k}": tensor_spec(v) for k, v in text_projection().state_dict().items()}
     mlp = match_keys(rest, {**shapes, "logit_scale": ()}, report, source_prefix="text_encoder.",
                      target_prefix="text_encoder.")
     if mlp.pop("logit_scale", None) is not None:

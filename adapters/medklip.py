@@ -51,6 +51,7 @@ from vlpbench.adapters.base import (
     match_keys,
     sha256_file,
     split_prefix,
+    tensor_spec,
     unwrap_state_dict,
 )
 from vlpbench.adapters.text import TEXT_ENCODER_FILES, load_tokenizer, text_encoder_record
@@ -428,7 +429,7 @@ def _backbone_shapes() -> dict[str, tuple[int, ...]]:
 def _head_shapes() -> dict[str, tuple[int, ...]]:
     """Names and shapes of ``MedKLIPHead`` (82 keys), built on the meta device."""
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in MedKLIPHead().state_dict().items()}
+        return {k: tensor_spec(v) for k, v in MedKLIPHead().state_dict().items()}
 
 
 # --- entity queries ----------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from vlpbench.adapters.base import (
     match_keys,
     match_resnet50_encoder,
     split_prefix,
+    tensor_spec,
     unwrap_state_dict,
 )
 from vlpbench.adapters.parts import strip
@@ -331,7 +332,7 @@ def map_text_side(text_side: Mapping[str, Any], text_encoder: str, report: LoadR
 
 def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     """Key → shape of ``module``'s state dict."""
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return {k: tensor_spec(v) for k, v in module.state_dict().items()}
 
 
 def global_embedding(in_dim: int) -> nn.Sequential:

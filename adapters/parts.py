@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from vlpbench.adapters.base import LoadReport, match_keys
+from vlpbench.adapters.base import LoadReport, match_keys, tensor_spec
 
 
 def strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -21,7 +21,7 @@ def meta_shapes(build: Callable[[], nn.Module]) -> dict[str, tuple[int, ...]]:
     """Key → shape of the state dict of the module ``build()`` returns, built on the meta device."""
     with torch.device("meta"):
         module = build()
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return {k: tensor_spec(v) for k, v in module.state_dict().items()}
 
 
 def match_head(state: Mapping[str, Any], prefix: str, build: Callable[[], nn.Module], report: LoadReport,

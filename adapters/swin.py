@@ -40,7 +40,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from vlpbench.adapters.base import LoadReport, match_keys
+from vlpbench.adapters.base import LoadReport, match_keys, tensor_spec
 
 SWIN_ENCODER_NAME = "tu-swin_tiny_patch4_window7_224"
 # The first key of the file's final LayerNorm and of its patch embedding, without the SwinModel prefix.
@@ -230,7 +230,7 @@ def swin_encoder_shapes(arch: SwinArch) -> Mapping[str, tuple[int, ...]]:
     """Key → shape of the smp Swin encoder of ``arch`` (built on the meta device, no init spent)."""
     with torch.device("meta"):
         module = _smp_swin(SWIN_ENCODER_NAME, arch.timm_kwargs())
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return {k: tensor_spec(v) for k, v in module.state_dict().items()}
 
 
 def build_swin_encoder(encoder_name: str, state: Mapping[str, torch.Tensor],

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from vlpbench.adapters.base import LoadReport, loaded_eval, match_keys, sha256_tree
+from vlpbench.adapters.base import LoadReport, loaded_eval, match_keys, sha256_tree, tensor_spec
 from vlpbench.errors import ConfigError
 
 # What BertConfig and AutoTokenizer read from a local Hugging Face BERT folder; those present are hashed into
@@ -52,7 +52,7 @@ def bert_shapes(config: Any, *, pooler: bool) -> dict[str, tuple[int, ...]]:
 
     with torch.device("meta"):
         model = BertModel(config, add_pooling_layer=pooler)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: tensor_spec(v) for k, v in model.state_dict().items()}
 
 
 def match_bert(part: Mapping[str, Any], report: LoadReport, config: Any, *, source_prefix: str,

@@ -54,7 +54,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from vlpbench.adapters.base import Adapter, LoadReport, match_keys
+from vlpbench.adapters.base import Adapter, LoadReport, match_keys, tensor_spec
 from vlpbench.errors import ConfigError
 
 POOLS = {
@@ -153,7 +153,7 @@ class ViTConfig:
 def _shapes(config: ViTConfig) -> Mapping[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = config.build()
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: tensor_spec(v) for k, v in model.state_dict().items()}
 
 
 class Feature2Pyramid(nn.Module):

@@ -82,6 +82,23 @@ class DatasetReader(ABC):
         """
         return {}
 
+    def geometry_problems(self, image_id: str, height: int, width: int) -> list[str]:
+        """What is wrong with the image's label geometry (boxes, outlines) on its decoded ``height`` x ``width``
+        pixels, one line per label row naming its file and line (``box_problem``); none for readers without
+        geometry. ``vlpbench data check`` asks this of every image it decodes."""
+        return []
+
+
+def box_problem(x1: float, y1: float, x2: float, y2: float, height: int, width: int) -> str | None:
+    """Why the pixel box ``[x1, x2] x [y1, y2]`` is not a box on a ``width`` x ``height`` image (no area, or a part
+    outside it), or None. A run clips such a box silently, so data check names it."""
+    box = f"box x {x1:g}..{x2:g}, y {y1:g}..{y2:g}"
+    if x2 <= x1 or y2 <= y1:
+        return f"{box} has no area; expected a positive width and height"
+    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+        return f"{box} reaches outside the {width}x{height} image"
+    return None
+
 
 def check_classes(reader: DatasetReader, classes: Sequence[str]) -> None:
     """ConfigError naming the classes of ``classes`` that ``reader``'s dataset does not have, and its classes."""

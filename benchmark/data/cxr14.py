@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from vlpbench.data import is_synthetic
-from vlpbench.data.base import DatasetReader, check_classes
+from vlpbench.data.base import DatasetReader, box_problem, check_classes
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, multilabel_subset, write_split
 from vlpbench.errors import DataError
@@ -211,9 +211,10 @@ def read_data_entry(path: str | Path) -> dict[str, Cxr14Entry]:
     return entries
 
 
-def read_bboxes(path: str | Path) -> dict[str, list[tuple[str, list[float]]]]:
+def read_bboxes(path: str | Path,
+                lines_out: dict[str, list[int]] | None = None) -> dict[str, list[tuple[str, list[float]]]]:
     """Read ``BBox_List_2017.csv`` (or a ``.gz`` copy) into ``{Image Index: [(finding, [x, y, w, h]), ...]}``
-    in file order.
+    in file order. ``lines_out``, when given, receives each box's line number, per image, in the same order.
 
     The header is ``Image Index,Finding Label,Bbox [x,y,w,h],,,`` (9 fields); rows have 6 fields
     (empty fields after them are ignored). ``Infiltrate`` is returned as ``Infiltration``.
@@ -247,6 +248,8 @@ def read_bboxes(path: str | Path) -> dict[str, list[tuple[str, list[float]]]]:
         if box[2] <= 0 or box[3] <= 0:
             raise DataError(f"{where}: box width and height must be positive, found w={fields[4]}, h={fields[5]}")
         boxes.setdefault(image_id, []).append((label, box))
+        if lines_out is not None:
+            lines_out.setdefault(image_id, []).append(number)
     return boxes
 
 
@@ -312,7 +315,8 @@ class Cxr14Source(DatasetReader):
         self._entries = read_data_entry(self.label_file)
 
         self.bbox_file: Path | None = self.root / BBOX_FILE if (self.root / BBOX_FILE).is_file() else None
-        self._boxes = read_bboxes(self.bbox_file) if self.bbox_file else {}
+        self._box_lines: dict[str, list[int]] = {}
+        self._boxes = read_bboxes(self.bbox_file, self._box_lines) if self.bbox_file else {}
         for image_id in self._boxes:
             if image_id not in self._entries:
                 raise DataError(f"{self.bbox_file}: image {image_id} has boxes but no row in {self.label_file}")
@@ -372,6 +376,14 @@ class Cxr14Source(DatasetReader):
         if self.bbox_file is None:
             raise DataError(f"{self.root}: no {BBOX_FILE}; boxes need it")
         return [(label, list(box)) for label, box in self._boxes.get(image_id, [])]
+
+    def geometry_problems(self, image_id: str, height: int, width: int) -> list[str]:
+        """Each of the image's boxes that has no area or reaches outside the PNG, naming the box file's line."""
+        problems = []
+        for (label, (x, y, w, h)), line in zip(self._boxes.get(image_id, []), self._box_lines.get(image_id, [])):
+            if problem := box_problem(x, y, x + w, y + h, height, width):
+                problems.append(f"{self.bbox_file} line {line}: {image_id} {label}: {problem}")
+        return problems
 
     def patient_id(self, image_id: str) -> int:
         """The image's Patient ID."""

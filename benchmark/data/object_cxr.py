@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from vlpbench.data import is_synthetic
-from vlpbench.data.base import DatasetReader
+from vlpbench.data.base import DatasetReader, box_problem
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import Split, derived_split, holdout_parts, nested_subsets, train_test_split_ids, write_split
 from vlpbench.errors import DataError
@@ -106,8 +106,9 @@ def format_annotation(objects: list[Object]) -> str:
     return ";".join(" ".join(map(str, [kind, *np.asarray(points).ravel().tolist()])) for kind, points in objects)
 
 
-def read_annotations(path: str | Path) -> dict[str, list[Object]]:
+def read_annotations(path: str | Path, lines_out: dict[str, int] | None = None) -> dict[str, list[Object]]:
     """Read ``train.csv`` / ``dev.csv`` (or the Kaggle ``test.csv``) into ``{image_name: objects}`` in file order.
+    ``lines_out``, when given, receives each image's line number.
 
     ``test.csv`` names images by ``image_path`` (``test/09001.jpg``); its ids are the file names.
 
@@ -127,7 +128,7 @@ def read_annotations(path: str | Path) -> dict[str, list[Object]]:
         found = repr(lines[0][:60]) if lines else "an empty file"
         raise DataError(f"{path} line 1: expected the header {header!r}, found {found}")
     annotations: dict[str, list[Object]] = {}
-    first_line: dict[str, int] = {}
+    first_line: dict[str, int] = {} if lines_out is None else lines_out
     for number, row in enumerate(csv.reader(lines[1:]), start=2):
         where = f"{path} line {number}"
         if len(row) != 2:
@@ -310,12 +311,13 @@ class ObjectCxrSource(DatasetReader):
         self.label_files: dict[str, Path] = {}
         self._objects: dict[str, list[Object]] = {}
         self._parts: dict[str, str] = {}
+        self._lines: dict[str, int] = {}
         for name, (part, _) in LABEL_FILES.items():
             path = self.folder / name
             if not path.is_file():
                 continue
             self.label_files[part] = path
-            for image_id, objects in read_annotations(path).items():
+            for image_id, objects in read_annotations(path, self._lines).items():
                 if image_id in self._parts:
                     raise DataError(f"{path}: image {image_id} is also in {self.label_files[self._parts[image_id]]}")
                 self._objects[image_id] = objects
@@ -363,6 +365,16 @@ class ObjectCxrSource(DatasetReader):
         for ``polygon_rule`` (``"bounds"`` canonical, ``"mgca"`` MGCA's polylabel box for polygons)."""
         boxes = [object_box(kind, points, polygon_rule) for kind, points in self._lookup(image_id)]
         return np.array(boxes, dtype=np.float64).reshape(-1, 4)
+
+    def geometry_problems(self, image_id: str, height: int, width: int) -> list[str]:
+        """Each of the image's objects whose bounds have no area or reach outside the image, naming the label
+        file's line (a run clips them)."""
+        where = f"{self.label_files[self.part(image_id)]} line {self._lines[image_id]}: {image_id}"
+        problems = []
+        for number, (kind, points) in enumerate(self._lookup(image_id), start=1):
+            if problem := box_problem(*object_box(kind, points).tolist(), height, width):
+                problems.append(f"{where} object {number} ({TYPE_NAMES[kind]}): {problem}")
+        return problems
 
     def label(self, image_id: str) -> int:
         """1 if the image has a foreign object, else 0."""

@@ -33,7 +33,7 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 
 from vlpbench.data import is_synthetic
-from vlpbench.data.base import DatasetReader, check_classes
+from vlpbench.data.base import DatasetReader, box_problem, check_classes
 from vlpbench.data.dicom import read_dicom, read_dicom_attributes
 from vlpbench.data.images import read_image
 from vlpbench.data.splits import (holdout_parts, mgca_fraction_subsets, nested_subsets, stratified_split,
@@ -138,8 +138,11 @@ def _parse_box(fields: list[str], where: str) -> Box:
     return values[0], values[1], values[2], values[3]
 
 
-def read_labels(path: str | Path) -> dict[str, list[Box]]:
+def read_labels(path: str | Path, lines_out: dict[str, list[int]] | None = None) -> dict[str, list[Box]]:
     """Read an RSNA label file into ``{patientId: [(x, y, width, height), ...]}`` in file order.
+
+    ``lines_out``, when given, receives the line number of each box, per patient, in the same order (for
+    messages that name a box's row).
 
     Accepts ``stage_2_train_labels.csv`` / ``stage_1_train_labels.csv``, a ``.gz`` copy, and a
     ``.zip`` holding one such CSV (torchxrayvision's ``kaggle_stage_2_train_labels.csv.zip``). A
@@ -181,6 +184,8 @@ def read_labels(path: str | Path) -> dict[str, list[Box]]:
         boxes = labels.setdefault(patient, [])
         if target == "1":
             boxes.append(_parse_box(box_fields, where))
+            if lines_out is not None:
+                lines_out.setdefault(patient, []).append(number)
         else:
             negative.add(patient)
     return labels
@@ -260,7 +265,8 @@ class RsnaSource(DatasetReader):
         if not self.root.is_dir():
             raise DataError(f"{self.root}: RSNA dataset folder not found")
         self.label_file, stage = _find_label_file(self.root)
-        self._labels = read_labels(self.label_file)
+        self._box_lines: dict[str, list[int]] = {}
+        self._labels = read_labels(self.label_file, self._box_lines)
         folder = self.label_file.parent
         stages = (stage, *(s for s in STAGES if s != stage))
 
@@ -317,6 +323,14 @@ class RsnaSource(DatasetReader):
         boxes = np.array(rows, dtype=np.float64).reshape(len(rows), 4)
         boxes[:, 2:] += boxes[:, :2]
         return boxes
+
+    def geometry_problems(self, image_id: str, height: int, width: int) -> list[str]:
+        """Each of the patient's boxes that has no area or reaches outside its image, naming the label file's line."""
+        problems = []
+        for (x1, y1, x2, y2), line in zip(self.boxes(image_id).tolist(), self._box_lines.get(image_id, [])):
+            if problem := box_problem(x1, y1, x2, y2, height, width):
+                problems.append(f"{self.label_file} line {line}: patient {image_id}: {problem}")
+        return problems
 
     def class_name(self, image_id: str) -> str:
         """The detailed class: ``Lung Opacity``, ``No Lung Opacity / Not Normal`` or ``Normal``.

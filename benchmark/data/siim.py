@@ -51,6 +51,11 @@ def _check_syntax(text: str, where: str) -> None:
     raise _fail(where, f"RLE has an odd number of values ({len(tokens)}); expected offset/length pairs")
 
 
+def _check_within(end: int, height: int, width: int, where: str) -> None:
+    if end > height * width:
+        raise _fail(where, f"RLE run ends at pixel {end}, past the end of a {height}x{width} image")
+
+
 def decode_rle(rle: str, height: int = HEIGHT, width: int = WIDTH, *, where: str = "") -> np.ndarray:
     """Decode one relative column-major RLE string into a uint8 0/1 mask of shape (height, width).
 
@@ -76,8 +81,7 @@ def decode_rle(rle: str, height: int = HEIGHT, width: int = WIDTH, *, where: str
         # Offsets count from the end of the previous run, so run i ends at the sum of all
         # offsets and lengths up to and including its own.
         ends = np.cumsum(values[0::2] + lengths)
-        if ends[-1] > flat.size:
-            raise _fail(where, f"RLE run ends at pixel {ends[-1]}, past the end of a {height}x{width} image")
+        _check_within(int(ends[-1]), height, width, where)
         for start, end in zip((ends - lengths).tolist(), ends.tolist()):
             flat[start:end] = 1
     # Column-major: consecutive pixels run down a column.
@@ -123,7 +127,8 @@ def read_labels(path: str | Path) -> dict[str, list[str]]:
     Raises:
         DataError: naming the file (and line) for a wrong header, a row without exactly two
             fields or with an empty ImageId, an RLE string that is not ``-1`` or non-negative
-            integer pairs, or an image that mixes ``-1`` with masks.
+            integer pairs or that runs past the end of the 1024 x 1024 image, or an image that
+            mixes ``-1`` with masks.
     """
     path = Path(path)
     lines = _read_text(path).splitlines()
@@ -147,6 +152,9 @@ def read_labels(path: str | Path) -> dict[str, list[str]]:
             raise DataError(f"{where}: empty ImageId")
         if rle != EMPTY:
             _check_syntax(rle, where)
+            # The geometry too, as decode_rle checks it, so a run past the image fails here and not mid-run: the
+            # last run ends at the sum of every offset and length (Python ints: no overflow on absurd values).
+            _check_within(sum(int(value) for value in rle.split()), HEIGHT, WIDTH, where)
         previous = labels.setdefault(image_id, [])
         if previous and (EMPTY in previous) != (rle == EMPTY):
             raise DataError(f"{where}: image {image_id} mixes -1 (no pneumothorax) with mask rows")

@@ -1,6 +1,7 @@
 """Resumable sweeps: many ``vlpbench run``\\ s (models × tasks × fractions × seeds), each in its own process.
 
-A run whose record already exists is skipped, so a sweep that was killed resumes where it stopped;
+A run whose record already exists is skipped, so a sweep that was killed resumes where it stopped; so is a
+run that another live process holds (a lock per run), so two sweeps never train the same run at once;
 records are written atomically, so a killed run leaves none behind. Each run appends its output to
 ``<results>/sweep_logs/<model>/<task>/frac<f>-seed<s>.log``. Launchers: ``local`` (this machine,
 :mod:`vlpbench.sweep.local`), ``slurm`` (a job array through submitit, :mod:`vlpbench.sweep.slurm`) and
@@ -21,6 +22,7 @@ import time
 
 from vlpbench.sweep.plan import Plan, Run, expand, pending
 from vlpbench.sweep.report import LiveSummary, RunOutcome, SweepReport
+from vlpbench.sweep.runlock import held_message, holder
 from vlpbench.sweep.spec import ModelSpec, SweepSpec, build_spec, cli_values, load_sweep_file
 
 __all__ = ["ModelSpec", "Plan", "Run", "RunOutcome", "SweepReport", "SweepSpec", "build_spec", "cli_values",
@@ -29,7 +31,8 @@ __all__ = ["ModelSpec", "Plan", "Run", "RunOutcome", "SweepReport", "SweepSpec",
 
 def run_sweep(spec: SweepSpec, *, force: bool = False, dry_run: bool = False, progress: bool = True) -> SweepReport:
     """Expand ``spec``, skip the runs whose records exist (all run with ``force``, replacing records and
-    keeping the old ones as .bak), and launch the others with ``spec.launcher``.
+    keeping the old ones as .bak) and those another live process is running (their lock is held,
+    ``vlpbench.sweep.runlock``), and launch the others with ``spec.launcher``.
 
     ``dry_run`` launches nothing: the report lists the command of each run that would be launched.
     Runs that fail do not stop the others; the report's ``exit_code`` is 1 when any failed.
@@ -43,6 +46,9 @@ def run_sweep(spec: SweepSpec, *, force: bool = False, dry_run: bool = False, pr
     to_run, skipped = pending(plan.runs, force=force)
     outcomes = {id(run): RunOutcome(run=run, status="skipped", reason=f"record exists: {run.record}")
                 for run in skipped}
+    for run, who in held_runs(to_run):
+        to_run.remove(run)
+        outcomes[id(run)] = RunOutcome(run=run, status="skipped", reason=held_message(run.record, who))
 
     def arguments(run: Run) -> list[str]:
         return run.arguments(spec.results, spec.device, overwrite=force)
@@ -59,6 +65,12 @@ def run_sweep(spec: SweepSpec, *, force: bool = False, dry_run: bool = False, pr
             summary.close()
     ordered = [outcomes[id(run)] for run in plan.runs if id(run) in outcomes]
     return SweepReport(outcomes=ordered, notes=plan.notes, seconds=time.monotonic() - started)
+
+
+def held_runs(runs: list[Run]) -> list[tuple[Run, str]]:
+    """``(run, its holder)`` for each of ``runs`` whose lock another live process holds now."""
+    held = [(run, holder(run.record)) for run in runs if run.record is not None]
+    return [(run, who) for run, who in held if who is not None]
 
 
 def _launch(spec: SweepSpec, runs: list[Run], arguments, summary: LiveSummary) -> list[RunOutcome]:

@@ -2,9 +2,10 @@
 
 Run processes are forked from a multiprocessing *forkserver* that has imported torch and vlpbench once,
 so a run starts in milliseconds instead of the seconds a fresh interpreter needs, and shares nothing
-with the sweep process: a run that crashes, or is killed, ends only itself. With GPUs, each worker slot
-owns one visible GPU (``CUDA_VISIBLE_DEVICES`` is set in its processes); on CPU the cores are divided
-between the slots.
+with the sweep process: a run that crashes, or is killed, ends only itself. The other way round, the
+forkserver and the runs die with the sweep, even on a ``kill -9`` of it alone (``vlpbench.sweep.lifeline``).
+With GPUs, each worker slot owns one visible GPU (``CUDA_VISIBLE_DEVICES`` is set in its processes); on CPU
+the cores are divided between the slots.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from multiprocessing.connection import wait
 from typing import Callable
 
 from vlpbench.sweep.plan import Run
-from vlpbench.sweep.report import RunOutcome, failure_reason
+from vlpbench.sweep.report import RunOutcome, exit_outcome
 
 # How long to wait for a terminated run process before killing it.
 _TERMINATE_GRACE_S = 10.0
@@ -70,7 +71,8 @@ def launch_local(runs: list[Run], arguments: Callable[[Run], list[str]], *, work
                 env, threads = slots[slot]
                 process = context.Process(
                     target=_child, name=f"vlpbench run {run.describe()}",
-                    args=(arguments(run), str(run.log), str(run.record) if run.record else None, env, threads))
+                    args=(arguments(run), str(run.log), str(run.record) if run.record else None, env, threads,
+                          os.getpid()))
                 process.start()
                 running[process.sentinel] = (process, run, slot, time.monotonic())
                 started(run)
@@ -78,10 +80,7 @@ def launch_local(runs: list[Run], arguments: Callable[[Run], list[str]], *, work
                 process, run, slot, since = running.pop(sentinel)
                 process.join()
                 free.append(slot)
-                outcome = RunOutcome(run=run, status="done" if process.exitcode == 0 else "failed",
-                                     seconds=time.monotonic() - since, exit_code=process.exitcode)
-                if outcome.status == "failed":
-                    outcome.reason = failure_reason(process.exitcode, run.log)
+                outcome = exit_outcome(run, process.exitcode, time.monotonic() - since)
                 outcomes.append(outcome)
                 finished(outcome)
     finally:
@@ -89,11 +88,12 @@ def launch_local(runs: list[Run], arguments: Callable[[Run], list[str]], *, work
     return outcomes
 
 
-def _child(argv: list[str], log: str, record: str | None, env: dict[str, str], threads: int | None) -> None:
+def _child(argv: list[str], log: str, record: str | None, env: dict[str, str], threads: int | None,
+           sweep_pid: int) -> None:
     # Imported in the child: the forkserver preloads this module, so the import costs nothing there.
     from vlpbench.sweep.worker import child_main
 
-    child_main(argv, log, record, env, threads)
+    child_main(argv, log, record, env, threads, sweep_pid)
 
 
 def start_server() -> None:
@@ -106,11 +106,14 @@ def start_server() -> None:
 
 
 def _context() -> multiprocessing.context.BaseContext:
-    """A forkserver that has imported the worker module, where the platform has one; else spawn."""
+    """A forkserver that has imported the worker module, where the platform has one; else spawn.
+
+    ``forkserver_init`` comes first so the server is tied to this process before seconds of imports.
+    """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["vlpbench.sweep.worker"])
+    context.set_forkserver_preload(["vlpbench.sweep.forkserver_init", "vlpbench.sweep.worker"])
     return context
 
 

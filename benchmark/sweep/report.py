@@ -8,15 +8,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlpbench.sweep.plan import Run
+from vlpbench.sweep.runlock import HELD, HELD_EXIT
 
 STATUSES = ("done", "failed", "skipped", "planned")
+# How a run process that did not start because its run is held says so in its log.
+SKIPPED_PREFIX = "skipped: "
 # How much of a log's last line a failure table shows.
 _REASON_CHARS = 100
 
 
 @dataclass
 class RunOutcome:
-    """The end of one run: ``done``, ``failed``, ``skipped`` (its record exists) or ``planned`` (dry run)."""
+    """The end of one run: ``done``, ``failed``, ``skipped`` (its record exists, or another live process holds
+    the run) or ``planned`` (dry run)."""
 
     run: Run
     status: str
@@ -24,6 +28,20 @@ class RunOutcome:
     exit_code: int | None = None
     reason: str = ""
     command: list[str] = field(default_factory=list)
+
+
+def exit_outcome(run: Run, exit_code: int | None, seconds: float) -> RunOutcome:
+    """The outcome of a run process that exited with ``exit_code``: done (0), skipped (another live process
+    holds the run: ``vlpbench.sweep.runlock.HELD_EXIT``, the reason is the log's last line, which names it)
+    or failed (``failure_reason``)."""
+    if exit_code == 0:
+        return RunOutcome(run=run, status="done", seconds=seconds, exit_code=0)
+    if exit_code == HELD_EXIT:
+        last = (_log_lines(run.log) or [f"{HELD} another process"])[-1]
+        return RunOutcome(run=run, status="skipped", seconds=seconds, exit_code=exit_code,
+                          reason=last.removeprefix(SKIPPED_PREFIX))
+    return RunOutcome(run=run, status="failed", seconds=seconds, exit_code=exit_code,
+                      reason=failure_reason(exit_code, run.log))
 
 
 def failure_reason(exit_code: int | None, log: Path) -> str:
@@ -65,7 +83,8 @@ class SweepReport:
         return 1 if self.runs("failed") else 0
 
     def format(self) -> str:
-        """The plan's notes, planned commands (dry run), a count line and a table of failures with logs."""
+        """The plan's notes, planned commands (dry run), a count line, the runs held by another process and
+        a table of failures with logs."""
         lines = [f"note: {note}" for note in self.notes]
         planned = self.runs("planned")
         if planned:
@@ -73,14 +92,15 @@ class SweepReport:
             lines += [f"  {_shell(o.command)}" for o in planned]
         counts = ", ".join(f"{len(self.runs(s))} {s}" for s in STATUSES if self.runs(s) or s != "planned")
         lines.append(f"sweep: {len(self.outcomes)} run(s): {counts} ({self.seconds:.0f} s)")
+        held = [o for o in self.runs("skipped") if o.reason.startswith(HELD)]
+        if held:
+            lines.append("runs another live process holds (not started):")
+            lines += _table([("model", "task", "frac", "seed", "reason")] + [_row(o) for o in held])
         failed = self.runs("failed")
         if failed:
             lines.append("failed runs:")
-            rows = [("model", "task", "frac", "seed", "reason", "log")] + [
-                (o.run.model.label, o.run.task, f"{o.run.frac:g}", str(o.run.seed), o.reason, str(o.run.log))
-                for o in failed]
-            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-            lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+            lines += _table([("model", "task", "frac", "seed", "reason", "log")] +
+                            [(*_row(o), str(o.run.log)) for o in failed])
         return "\n".join(lines)
 
 
@@ -104,12 +124,12 @@ class LiveSummary:
         self._show()
 
     def finished(self, outcome: RunOutcome) -> None:
-        """A run has ended; its line names the log when it failed."""
+        """A run has ended; its line names the log when it failed, the holder when another process holds it."""
         self.counts["running"] -= 1
         self.counts[outcome.status] += 1
         if self.progress:
-            detail = f"{outcome.reason} (log: {outcome.run.log})" if outcome.status == "failed" else \
-                f"{outcome.seconds:.1f} s"
+            detail = {"failed": f"{outcome.reason} (log: {outcome.run.log})",
+                      "skipped": outcome.reason}.get(outcome.status, f"{outcome.seconds:.1f} s")
             self.bar.write(f"{outcome.status:6s} {outcome.run.describe()}: {detail}", file=sys.stderr)
         self.bar.update(1)
         self._show()
@@ -120,6 +140,17 @@ class LiveSummary:
 
     def _show(self) -> None:
         self.bar.set_postfix_str(", ".join(f"{k} {v}" for k, v in self.counts.items()), refresh=True)
+
+
+def _row(outcome: RunOutcome) -> tuple[str, ...]:
+    run = outcome.run
+    return run.model.label, run.task, f"{run.frac:g}", str(run.seed), outcome.reason
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """``rows`` (the first a header) as lines of left-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
 def _shell(argv: list[str]) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from vlpbench.errors import ConfigError
 from vlpbench.sweep.plan import LOG_FOLDER, Run
-from vlpbench.sweep.report import RunOutcome, failure_reason
+from vlpbench.sweep.report import RunOutcome, exit_outcome
 
 # A run gets this many minutes unless the sweep sets slurm.timeout_min.
 DEFAULT_TIMEOUT_MIN = 24 * 60
@@ -94,7 +94,4 @@ def _outcome(job, run: Run, seconds: float) -> RunOutcome:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return RunOutcome(run=run, status="failed", seconds=seconds,
                           reason=f"job {job.job_id}: {first} (submitit log: {job.paths.stderr})")
-    if code == 0:
-        return RunOutcome(run=run, status="done", seconds=seconds, exit_code=0)
-    return RunOutcome(run=run, status="failed", seconds=seconds, exit_code=code,
-                      reason=failure_reason(code, run.log))
+    return exit_outcome(run, code, seconds)

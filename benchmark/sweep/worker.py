@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 import warnings
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,6 +20,9 @@ import torch
 
 from vlpbench.cli import main as cli_main
 from vlpbench.files import leftover_temporaries
+from vlpbench.sweep.lifeline import tie_to_sweep
+from vlpbench.sweep.report import SKIPPED_PREFIX
+from vlpbench.sweep.runlock import HELD_EXIT, RunHeld, run_lock
 
 
 def _preload() -> None:
@@ -44,15 +48,22 @@ _preload()
 def execute(argv: list[str], log: str | os.PathLike, record: str | os.PathLike | None = None) -> int:
     """Run ``vlpbench <argv>`` in this process, appending its stdout and stderr to ``log``; the exit code.
 
-    Before the run, temporary files that a killed earlier attempt left next to ``record`` are removed
-    (``write_record`` renames its temporary file into place, so such a file is never a record).
+    The run's lock (``vlpbench.sweep.runlock``, beside ``record``) is held while it runs; when another live
+    process holds it, nothing runs, the log says who holds it, and the code is ``HELD_EXIT``. Before the
+    run, temporary files that a killed earlier attempt left next to ``record`` are removed (``write_record``
+    renames its temporary file into place, so such a file is never a record).
     """
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
-    if record is not None:
-        remove_stale_temporaries(Path(record))
-    started = time.monotonic()
-    with open(log, "a", encoding="utf-8") as out:
+    with open(log, "a", encoding="utf-8") as out, ExitStack() as held:
+        if record is not None:
+            try:
+                held.enter_context(run_lock(record))
+            except RunHeld as error:
+                out.write(f"=== {_now()} pid {os.getpid()}: not started\n{SKIPPED_PREFIX}{error}\n")
+                return HELD_EXIT
+            remove_stale_temporaries(Path(record))  # under the lock: no live run's temporary file is touched
+        started = time.monotonic()
         out.write(f"=== {_now()} pid {os.getpid()}: vlpbench {shlex.join(argv)}\n")
         out.flush()
         code = _with_output_to(out.fileno(), argv)
@@ -69,8 +80,11 @@ def remove_stale_temporaries(record: Path) -> list[Path]:
     return stale
 
 
-def child_main(argv: list[str], log: str, record: str | None, env: dict[str, str], threads: int | None) -> None:
-    """Entry point of a local run process: set the slot's environment, run, exit with the run's code."""
+def child_main(argv: list[str], log: str, record: str | None, env: dict[str, str], threads: int | None,
+               sweep_pid: int) -> None:
+    """Entry point of a local run process: die with the sweep ``sweep_pid``, set the slot's environment, run,
+    exit with the run's code."""
+    tie_to_sweep(sweep_pid)
     os.environ.update(env)
     if threads:
         torch.set_num_threads(threads)

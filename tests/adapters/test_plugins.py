@@ -78,7 +78,7 @@ def test_the_readme_plugin_is_discovered_lazily_listed_and_loads_a_checkpoint(si
     assert "g2d" in out  # built-ins are listed next to it
 
     shapes = resnet50_encoder_shapes()
-    state = {f"image_encoder.{k}": torch.zeros(shape) for k, shape in shapes.items()}
+    state = {f"image_encoder.{k}": torch.zeros(shape, dtype=shape.dtype) for k, shape in shapes.items()}
     state |= {"image_encoder.fc.weight": torch.zeros(1000, 2048), "image_encoder.fc.bias": torch.zeros(1000),
               "text_encoder.embeddings.weight": torch.zeros(8, 4)}
     checkpoint = tmp_path / "mymodel.pth"
