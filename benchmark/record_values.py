@@ -128,6 +128,9 @@ def _consistency_problem(record: dict) -> str | None:
         return f"invalid key 'config.per_image_metric': expected a metric name, got {chosen!r}"
     mean = math.fsum(scores) / len(scores)
     name = summarised_metric(record)
+    if name is not None and name in metrics and metrics[name] is None:
+        return (f"invalid key 'metrics.{name}': null, but the record's {len(scores)} per_image scores average "
+                f"{mean:.6f}; the record contradicts itself")
     if name is not None and metrics.get(name) is not None and abs(metrics[name] - mean) > CONSISTENCY_TOL:
         return (f"invalid key 'metrics.{name}': {metrics[name]!r} is not the mean of the record's {len(scores)} "
                 f"per_image scores ({mean:.6f}); the record contradicts itself")
