@@ -399,8 +399,8 @@ def markdown_summary(comparisons: Sequence[Comparison], *, baseline: str = "base
                      f"{c.baseline.text() if c.baseline else '–'} | {c.candidate.text() if c.candidate else '–'} | "
                      f"{_signed(c.delta) or '–'} | {'' if c.allowed is None else f'{c.allowed:.4f}'} | {verdict} |")
     counts = {v: sum(c.verdict == v for c in comparisons) for v in (REGRESSION, NOT_COMPARABLE, IMPROVEMENT, WITHIN, NEW)}
-    counted = ", ".join(f"{n} {v}" for v, n in counts.items()) + (f", {len(invalid)} invalid record(s)" if invalid else "")
-    lines += ["", f"{counted} → exit {exit_code(comparisons, invalid, strict=strict)}"]
+    counted = [f"{n} {v}" for v, n in counts.items()] + ([f"{len(invalid)} invalid record(s)"] if invalid else [])
+    lines += ["", f"{', '.join(counted)} → exit {exit_code(comparisons, invalid, strict=strict)}"]
     details = [f"- {escape(c.name)}: {escape(text)}" for c in comparisons for text in ([c.rule] if c.rule else []) + c.notes]
     details += [f"- **invalid record** ({'fails --strict' if strict else 'skipped'}) {escape(str(bad))}"
                 for bad in invalid]

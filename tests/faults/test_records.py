@@ -237,7 +237,7 @@ def test_compare_skips_an_invalid_record_and_strict_fails_on_it(ci, flag, code, 
     assert f"skipping invalid result record {broken}: {problem}" in caplog.text
     assert "| siim_seg | 1% | Dice ↑ |" in out and "| within tolerance |" in out
     assert f"**invalid record** ({'fails --strict' if code else 'skipped'}) {broken}: {problem}" in out
-    case = ElementTree.parse(junit).find(f".//testcase[@classname='vlpbench.compare.invalid_record']")
+    case = ElementTree.parse(junit).find(".//testcase[@classname='vlpbench.compare.invalid_record']")
     assert case.get("name") == str(broken)
     outcome = case.find("error" if code else "skipped")
     assert outcome is not None and problem in outcome.get("message")
