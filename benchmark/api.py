@@ -349,11 +349,8 @@ def table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: lis
     """
     from vlpbench.report.reference import default_reference_dir, load_references
     from vlpbench.report.table import render_table
-    from vlpbench.results import load_records
 
-    records = load_records(results)
-    if not records:
-        raise DataError(f"no result records under {Path(results) / 'runs'} (run `vlpbench run` first)")
+    records = _records(results)
     if by is not None:
         from vlpbench.report.subgroups import subgroup_table
 
@@ -370,22 +367,28 @@ def table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: lis
 
 def compare(baseline: str | Path, candidate: str | Path, *, tasks: list[str] | None = None,
             fracs: list[float] | None = None, abs_tol: float | None = None, k: float | None = None,
-            junit: str | Path | None = None, profile: str | None = None) -> tuple[str, int]:
+            junit: str | Path | None = None, profile: str | None = None, strict: bool = False) -> tuple[str, int]:
     """Compare the candidate's records with the baseline's (each a results folder or one record);
     ``profile`` keeps only the records of that protocol profile on both sides.
 
+    An invalid record (:func:`vlpbench.results.read_record`) is skipped with a warning naming it, and listed in
+    the summary and the JUnit XML; with ``strict`` it fails the comparison (exit 2 unless a cell regressed).
+
     Returns the Markdown summary and the exit code (0 no regression, 1 regression, 2 not
-    comparable); writes JUnit XML to ``junit`` when given. The rules are in
+    comparable or, ``strict``, an invalid record); writes JUnit XML to ``junit`` when given. The rules are in
     :mod:`vlpbench.report.compare`.
     """
-    from vlpbench.report.compare import compare_records, exit_code, junit_xml, load_side, markdown_summary
+    from vlpbench.report.compare import compare_records, exit_code, junit_xml, markdown_summary, read_side
 
-    comparisons = compare_records(load_side(baseline), load_side(candidate), tasks=tasks, fracs=fracs,
-                                  abs_tol=abs_tol, k=k, profile=profile)
+    (base, base_invalid), (cand, cand_invalid) = read_side(baseline), read_side(candidate)
+    invalid = base_invalid + cand_invalid
+    _warn_invalid(invalid)
+    comparisons = compare_records(base, cand, tasks=tasks, fracs=fracs, abs_tol=abs_tol, k=k, profile=profile)
     if junit is not None:
         Path(junit).parent.mkdir(parents=True, exist_ok=True)
-        Path(junit).write_text(junit_xml(comparisons), encoding="utf-8")
-    return markdown_summary(comparisons, baseline=str(baseline), candidate=str(candidate)), exit_code(comparisons)
+        Path(junit).write_text(junit_xml(comparisons, invalid, strict=strict), encoding="utf-8")
+    return (markdown_summary(comparisons, baseline=str(baseline), candidate=str(candidate), invalid=invalid,
+                             strict=strict), exit_code(comparisons, invalid, strict=strict))
 
 
 def significance(task: str, frac: float, models: list[str], *, results: str | Path = DEFAULT_RESULTS,
@@ -401,12 +404,25 @@ def significance(task: str, frac: float, models: list[str], *, results: str | Pa
 
 
 def _records(results: str | Path) -> list[dict]:
-    from vlpbench.results import load_records
+    """The valid records under ``results``; each invalid one is skipped with a warning naming the file and
+    what is wrong, so one bad file hides no other (:func:`vlpbench.results.scan_records`).
 
-    records = load_records(results)
+    Raises:
+        DataError: ``results`` does not exist or holds no valid record.
+    """
+    from vlpbench.results import scan_records
+
+    records, invalid = scan_records(results)
+    _warn_invalid(invalid)
     if not records:
-        raise DataError(f"no result records under {Path(results) / 'runs'} (run `vlpbench run` first)")
+        skipped = f" ({len(invalid)} invalid record(s) skipped, named above)" if invalid else ""
+        raise DataError(f"no result records under {Path(results) / 'runs'}{skipped} (run `vlpbench run` first)")
     return records
+
+
+def _warn_invalid(invalid) -> None:
+    for bad in invalid:
+        log.warning("skipping invalid result record %s", bad)
 
 
 def plot(results: str | Path = DEFAULT_RESULTS, out: str | Path = "plots", *, tasks: list[str] | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import textwrap
 import time
@@ -207,6 +208,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=float, help="multiple of the pooled seed std allowed (default: the task's "
                    "compare.k, else 2)")
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML: one testcase per (task, fraction)")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
+                   help="fail (exit 2) on any invalid record instead of skipping it with a warning (default: on "
+                        "where the environment variable CI is 'true')")
 
     p = command("significance", "Paired tests between models on one task and fraction: the difference of each "
                 "metric over the same test images (paired bootstrap; DeLong for a single ROC curve's AUC), its CI "
@@ -566,8 +570,10 @@ def _leaderboard(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from vlpbench import api
 
+    # CI systems (GitHub Actions, GitLab, ...) set CI=true: there a broken record must fail the check.
+    strict = args.strict if args.strict is not None else os.environ.get("CI", "").lower() == "true"
     summary, code = api.compare(args.baseline, args.candidate, tasks=args.tasks, fracs=args.fracs,
-                                abs_tol=args.abs_tol, k=args.k, junit=args.junit, profile=args.profile)
+                                abs_tol=args.abs_tol, k=args.k, junit=args.junit, profile=args.profile, strict=strict)
     print(summary, end="")
     return code
 

@@ -40,6 +40,12 @@ A record is the only thing tables, plots and comparisons read. Its fields (schem
 Files live at ``<results>/runs/<model>/<sha256[:8] | nockpt>/<task>.v<version>[-<profile>]/frac<f>-seed<s>.json``
 (the profile only where it is not ``canonical``),
 are written atomically and are never overwritten silently.
+
+Reading validates a record against this schema (its ``schema`` version first: a newer one is refused with a
+message saying so) and then every number in it (:mod:`vlpbench.record_values`: finite, in the metric's range,
+CI bounds ordered, aggregates equal to the mean of the per-image scores they summarise). :func:`load_record`
+and :func:`load_records` raise on an invalid record; :func:`scan_records` returns the valid records and the
+invalid ones (:class:`InvalidRecord`), so readers can skip a bad file with a warning and show the rest.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ import subprocess
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -65,6 +71,7 @@ from vlpbench.files import atomic_write, backup_path
 from vlpbench.metrics.calibration import check_calibration_entry
 from vlpbench.metrics.specs import metric_spec
 from vlpbench.metrics.subgroups import record_problem as subgroups_problem
+from vlpbench.record_values import values_problem
 from vlpbench.tasks import DEFAULT_PROFILE, PROFILES
 
 SCHEMA_VERSION = 1
@@ -312,41 +319,73 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def load_record(path: str | os.PathLike) -> dict:
-    """Read and validate one record.
+class InvalidRecord(NamedTuple):
+    """A record file that cannot be read as a record: its path and what is wrong, naming the key."""
 
-    Raises:
-        DataError: the file is unreadable, not JSON, or lacks / has an invalid required key (the
-            message names the file and the key).
-    """
-    path = Path(path)
+    path: Path
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+def read_record(path: Path) -> dict | InvalidRecord:
+    """The record in ``path`` if it is valid (structure, :func:`_problem`, and numbers,
+    :func:`vlpbench.record_values.values_problem`), else what is wrong with it."""
     try:
+        # Python's reader takes NaN and Infinity as numbers; values_problem names the key holding one.
         record = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise DataError(f"{path}: cannot read result record ({error.strerror})") from error
+        return InvalidRecord(path, f"cannot read result record ({error.strerror})")
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not a JSON result record ({error})") from error
-    problem = _problem(record)
-    if problem:
-        raise DataError(f"{path}: {problem}")
+        return InvalidRecord(path, f"not a JSON result record ({error})")
+    problem = _problem(record) or values_problem(record)
+    return InvalidRecord(path, problem) if problem else record
+
+
+def load_record(path: str | os.PathLike) -> dict:
+    """Read and validate one record (structure, provenance, and every number: :mod:`vlpbench.record_values`).
+
+    Raises:
+        DataError: the file is unreadable, not JSON, lacks / has an invalid required key, holds a number out
+            of place (a string, NaN, a value outside the metric's range) or contradicts itself (an aggregate
+            that is not the mean of its per-image scores); the message names the file and the key.
+    """
+    record = read_record(Path(path))
+    if isinstance(record, InvalidRecord):
+        raise DataError(str(record))
     return record
 
 
-def load_records(results_dir: str | os.PathLike) -> list[dict]:
-    """Every record under ``<results_dir>/runs`` (``.json`` files; backups and temp files are not).
+def scan_records(results_dir: str | os.PathLike) -> tuple[list[dict], list[InvalidRecord]]:
+    """The valid records under ``<results_dir>/runs`` and the invalid ones, each in path order
+    (``.json`` files; backups and temp files are not records). A folder without ``runs/`` holds none.
 
-    Records are returned in path order. A results folder without ``runs/`` holds no records.
+    Readers that tabulate (table, plot, leaderboard, significance, compare) use the valid ones and warn of
+    each invalid one, so that one bad file hides nothing else.
 
     Raises:
-        DataError: ``results_dir`` does not exist, or a record is malformed (see :func:`load_record`).
+        DataError: ``results_dir`` does not exist.
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise DataError(f"results folder {results_dir} does not exist")
     runs = results_dir / "runs"
-    if not runs.is_dir():
-        return []
-    return [load_record(path) for path in sorted(runs.rglob("*.json")) if path.is_file()]
+    read = [read_record(path) for path in sorted(runs.rglob("*.json")) if path.is_file()] if runs.is_dir() else []
+    return ([r for r in read if not isinstance(r, InvalidRecord)],
+            [r for r in read if isinstance(r, InvalidRecord)])
+
+
+def load_records(results_dir: str | os.PathLike) -> list[dict]:
+    """Every record under ``<results_dir>/runs``, all of them valid (:func:`scan_records`).
+
+    Raises:
+        DataError: ``results_dir`` does not exist, or a record is invalid (see :func:`load_record`).
+    """
+    records, invalid = scan_records(results_dir)
+    if invalid:
+        raise DataError(str(invalid[0]))
+    return records
 
 
 def _is_number(value: Any) -> bool:
@@ -407,10 +446,13 @@ def _problem(record: Any) -> str | None:
         return f"expected a JSON object, got {type(record).__name__}"
     if "schema" not in record:
         return "missing key 'schema'"
-    if record["schema"] != SCHEMA_VERSION:
+    if not _is_int(record["schema"]) or record["schema"] != SCHEMA_VERSION:
         # Older versions get an upgrade step here when the schema changes; newer ones need newer code.
+        # The type first: true == 1 and 1.0 == 1 in Python, but neither is a schema version.
+        newer = " (written by a newer vlpbench: upgrade to read it)" if (
+            _is_int(record["schema"]) and record["schema"] > SCHEMA_VERSION) else ""
         return (f"invalid key 'schema': version {record['schema']!r} is not known to vlpbench "
-                f"{vlpbench.__version__} (knows {SCHEMA_VERSION})")
+                f"{vlpbench.__version__} (knows {SCHEMA_VERSION}){newer}")
     for dotted, test, expected in _CHECKS:
         parent, _, key = dotted.rpartition(".")
         holder = record[parent] if parent else record

@@ -22,6 +22,8 @@ Every metric a protocol reports is registered below, once, in :data:`vlpbench.re
 
 from __future__ import annotations
 
+import math
+
 from vlpbench.metrics import calibration, classification, grounding, retrieval
 from vlpbench.metrics.bootstrap import bootstrap_ci
 from vlpbench.metrics.detection import detection_map
@@ -56,7 +58,8 @@ for _spec in (
                "classes", classification.threshold_metrics, per_class=True),
     MetricSpec("mcc", "MCC", True, RECOMPUTED,
                "Matthews correlation of score >= the validation threshold, macro over classes (multi-class MCC of "
-               "the top-1 class for a multi-class task)", classification.threshold_metrics, per_class=True),
+               "the top-1 class for a multi-class task)", classification.threshold_metrics, per_class=True,
+               value_range=(-1.0, 1.0)),
     # Calibration of classification probabilities (vlpbench.protocols.calibration says where they are left out).
     MetricSpec("ece", "ECE", False, RECOMPUTED,
                "expected calibration error, 15 equal-width bins (Guo et al. 2017): of each class's probability "
@@ -68,7 +71,8 @@ for _spec in (
                calibration.expected_calibration_error, per_class=True),
     MetricSpec("brier", "Brier", False, RECOMPUTED,
                "Brier score: mean squared error of each class's probability of presence, macro over classes; "
-               "for a multi-class task summed over classes (range 0-2)", calibration.brier_score, per_class=True),
+               "for a multi-class task summed over classes (range 0-2)", calibration.brier_score, per_class=True,
+               value_range=(0.0, 2.0)),
     # Grounding, per query; Dice is the segmentation one above.
     MetricSpec("pointing_game", "Pointing game", True, PER_IMAGE_MEAN,
                "share of queries whose heat-map maximum lies in the ground-truth region", grounding.pointing_game),
@@ -79,7 +83,7 @@ for _spec in (
                "IoU of the thresholded heat map and the ground truth, mean over queries", grounding.iou),
     MetricSpec("cnr", "CNR", True, PER_IMAGE_MEAN,
                "BioViL's contrast-to-noise ratio of the heat map inside vs outside the ground truth, mean over "
-               "queries where it is defined", grounding.cnr),
+               "queries where it is defined", grounding.cnr, value_range=(0.0, math.inf)),
 ):
     register_metric(_spec)
 
@@ -97,9 +101,11 @@ for _direction, _words in retrieval.DIRECTION_WORDS.items():
             "(ties pessimistic)"))
     register_metric(MetricSpec(
         retrieval.metric_name(_direction, "medr"), f"{_short} MedR", False, RECOMPUTED,
-        f"{_words} median rank of the first relevant candidate (ties pessimistic)", percent=False))
+        f"{_words} median rank of the first relevant candidate (ties pessimistic)", percent=False,
+        value_range=(1.0, math.inf)))
     register_metric(MetricSpec(
         retrieval.metric_name(_direction, "meanr"), f"{_short} MeanR", False, PER_IMAGE_MEAN,
-        f"{_words} mean rank of the first relevant candidate (ties pessimistic)", percent=False))
+        f"{_words} mean rank of the first relevant candidate (ties pessimistic)", percent=False,
+        value_range=(1.0, math.inf)))
 
 __all__ = ["MetricSpec", "bootstrap_ci", "dice", "dice_per_image", "metric_spec", "register_metric"]

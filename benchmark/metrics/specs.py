@@ -15,6 +15,7 @@ directions from them; :func:`metric_spec` resolves any name a record can hold:
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -48,6 +49,8 @@ class MetricSpec:
         aliases: names that earlier versions wrote in records for this metric.
         percent: the metric is a share in [0, 1] that tables print ×100; False for one printed in its own
             units (a rank).
+        value_range: the closed interval ``(low, high)`` every value of the metric lies in (``math.inf`` for no
+            bound); a record holding a value outside it is refused when read (vlpbench.results).
     """
 
     name: str
@@ -59,10 +62,20 @@ class MetricSpec:
     per_class: bool = False
     aliases: tuple[str, ...] = ()
     percent: bool = True
+    value_range: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         if self.ci not in CI_METHODS:
             raise ConfigError(f"metric {self.name!r}: ci {self.ci!r}; expected one of {', '.join(CI_METHODS)}")
+        low, high = self.value_range
+        if math.isnan(low) or math.isnan(high) or low > high:
+            raise ConfigError(f"metric {self.name!r}: value_range {self.value_range!r}; expected (low, high) "
+                              "with low <= high")
+
+    def range_text(self) -> str:
+        """The value range as a message names it: ``[0, 1]``, ``[1, inf)``."""
+        low, high = self.value_range
+        return f"{'(' if low == -math.inf else '['}{low:g}, {high:g}{')' if high == math.inf else ']'}"
 
 
 def register_metric(spec: MetricSpec) -> None:

@@ -37,6 +37,11 @@ the task overrides or the synthetic flag differ between the sides, when a side h
 several models (or checkpoints, versions, ...) for it, when its metric is null, or when the baseline
 has it and the candidate does not. A candidate cell without a baseline is **new** (not a failure).
 Exit code: 1 if any cell regressed, else 2 if any is not comparable, else 0.
+
+A record that fails validation on read (:func:`vlpbench.results.read_record`: a string or NaN metric, a value
+outside its range, an aggregate that is not the mean of its per-image scores, a truncated or future-schema
+file) is skipped with a warning and listed in the summary and the JUnit XML; under ``--strict`` (the default
+where the environment variable ``CI`` is ``true``) it fails the comparison: exit 2 unless a cell regressed.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.specs import PER_IMAGE_MEAN, metric_spec
 from vlpbench.report.layout import metric_name, percent_label, version_label
 from vlpbench.report.table import table_rows
-from vlpbench.results import record_profile
+from vlpbench.results import InvalidRecord, read_record, record_profile, scan_records
 from vlpbench.tasks import DEFAULT_PROFILE, PROFILES
 
 DEFAULT_ABS_TOL = 0.01
@@ -174,18 +179,34 @@ class Comparison:
         return f"{self.task} {percent_label(self.frac)}{metric}"
 
 
-def load_side(path: str | os.PathLike) -> list[dict]:
-    """The records of a results folder (``runs/`` below it) or of one record file.
+def read_side(path: str | os.PathLike) -> tuple[list[dict], list[InvalidRecord]]:
+    """The valid records of a results folder (``runs/`` below it) or of one record file, and the invalid ones
+    (:func:`vlpbench.results.scan_records`).
 
     Raises:
-        DataError: the path does not exist, a record is malformed, or there are no records.
+        DataError: the path does not exist, or it holds no record at all (a side whose records are all invalid
+            has no cells: the other side's cells are then not comparable, or new).
     """
-    from vlpbench.results import load_record, load_records
-
     path = Path(path)
-    records = [load_record(path)] if path.is_file() else load_records(path)
-    if not records:
+    if path.is_file():
+        read = read_record(path)
+        records, invalid = ([], [read]) if isinstance(read, InvalidRecord) else ([read], [])
+    else:
+        records, invalid = scan_records(path)
+    if not records and not invalid:
         raise DataError(f"no result records under {path / 'runs'}")
+    return records, invalid
+
+
+def load_side(path: str | os.PathLike) -> list[dict]:
+    """The records of a results folder (``runs/`` below it) or of one record file, all of them valid.
+
+    Raises:
+        DataError: the path does not exist, a record is invalid (naming it), or there are no records.
+    """
+    records, invalid = read_side(path)
+    if invalid:
+        raise DataError(str(invalid[0]))
     return records
 
 
@@ -344,10 +365,11 @@ def compare_records(baseline: list[dict], candidate: list[dict], *, tasks: Seque
     return results
 
 
-def exit_code(comparisons: Sequence[Comparison]) -> int:
-    """1 if any cell regressed, else 2 if any is not comparable, else 0."""
+def exit_code(comparisons: Sequence[Comparison], invalid: Sequence[InvalidRecord] = (), *,
+              strict: bool = False) -> int:
+    """1 if any cell regressed, else 2 if any is not comparable or (``strict``) any record was invalid, else 0."""
     verdicts = {c.verdict for c in comparisons}
-    return 1 if REGRESSION in verdicts else 2 if NOT_COMPARABLE in verdicts else 0
+    return 1 if REGRESSION in verdicts else 2 if NOT_COMPARABLE in verdicts or (strict and invalid) else 0
 
 
 def _signed(value: float | None) -> str:
@@ -355,8 +377,9 @@ def _signed(value: float | None) -> str:
 
 
 def markdown_summary(comparisons: Sequence[Comparison], *, baseline: str = "baseline",
-                     candidate: str = "candidate") -> str:
-    """A Markdown report: one table line per (task, fraction), the verdict counts and the notes."""
+                     candidate: str = "candidate", invalid: Sequence[InvalidRecord] = (), strict: bool = False) -> str:
+    """A Markdown report: one table line per (task, fraction), the verdict counts, the notes and the
+    ``invalid`` records (skipped; under ``strict`` they fail the comparison)."""
     def escape(text: str) -> str:
         return text.replace("|", "\\|")
 
@@ -376,20 +399,26 @@ def markdown_summary(comparisons: Sequence[Comparison], *, baseline: str = "base
                      f"{c.baseline.text() if c.baseline else '–'} | {c.candidate.text() if c.candidate else '–'} | "
                      f"{_signed(c.delta) or '–'} | {'' if c.allowed is None else f'{c.allowed:.4f}'} | {verdict} |")
     counts = {v: sum(c.verdict == v for c in comparisons) for v in (REGRESSION, NOT_COMPARABLE, IMPROVEMENT, WITHIN, NEW)}
-    lines += ["", ", ".join(f"{n} {v}" for v, n in counts.items()) + f" → exit {exit_code(comparisons)}"]
+    counted = [f"{n} {v}" for v, n in counts.items()] + ([f"{len(invalid)} invalid record(s)"] if invalid else [])
+    lines += ["", f"{', '.join(counted)} → exit {exit_code(comparisons, invalid, strict=strict)}"]
     details = [f"- {escape(c.name)}: {escape(text)}" for c in comparisons for text in ([c.rule] if c.rule else []) + c.notes]
+    details += [f"- **invalid record** ({'fails --strict' if strict else 'skipped'}) {escape(str(bad))}"
+                for bad in invalid]
     if details:
         lines += ["", *details]
     return "\n".join(lines) + "\n"
 
 
-def junit_xml(comparisons: Sequence[Comparison]) -> str:
+def junit_xml(comparisons: Sequence[Comparison], invalid: Sequence[InvalidRecord] = (), *,
+              strict: bool = False) -> str:
     """JUnit XML for CI systems: one testcase per (task, fraction); a regression is a ``failure``,
-    a cell that is not comparable an ``error``, a cell without baseline ``skipped``."""
+    a cell that is not comparable an ``error``, a cell without baseline ``skipped``; and one testcase per
+    ``invalid`` record (class ``vlpbench.compare.invalid_record``, named by its path): an ``error`` under
+    ``strict``, else ``skipped``."""
     failures = sum(c.verdict == REGRESSION for c in comparisons)
-    errors = sum(c.verdict == NOT_COMPARABLE for c in comparisons)
-    skipped = sum(c.verdict == NEW for c in comparisons)
-    counts = {"tests": str(len(comparisons)), "failures": str(failures), "errors": str(errors)}
+    errors = sum(c.verdict == NOT_COMPARABLE for c in comparisons) + (len(invalid) if strict else 0)
+    skipped = sum(c.verdict == NEW for c in comparisons) + (0 if strict else len(invalid))
+    counts = {"tests": str(len(comparisons) + len(invalid)), "failures": str(failures), "errors": str(errors)}
     root = ElementTree.Element("testsuites", name="vlpbench compare", **counts)
     suite = ElementTree.SubElement(root, "testsuite", name="vlpbench compare", skipped=str(skipped), time="0", **counts)
     for c in comparisons:
@@ -406,5 +435,13 @@ def junit_xml(comparisons: Sequence[Comparison]) -> str:
             ElementTree.SubElement(case, "skipped", message="no baseline for this cell")
         else:
             ElementTree.SubElement(case, "system-out").text = f"{c.verdict}: {detail}"
+    for bad in invalid:
+        case = ElementTree.SubElement(suite, "testcase", classname="vlpbench.compare.invalid_record",
+                                      name=str(bad.path), time="0")
+        if strict:
+            ElementTree.SubElement(case, "error", message=f"invalid record: {bad.problem}",
+                                   type="invalid record").text = str(bad)
+        else:
+            ElementTree.SubElement(case, "skipped", message=f"invalid record skipped: {bad.problem}")
     ElementTree.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ElementTree.tostring(root, encoding="unicode") + "\n"
