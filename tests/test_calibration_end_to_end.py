@@ -4,11 +4,9 @@ are left out with the reason, and `plot` and `leaderboard` show them."""
 
 import csv
 import json
-import math
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import brier_score_loss
 
 from vlpbench import api
@@ -19,28 +17,18 @@ from vlpbench.data.splits import load_split
 from vlpbench.registry import ADAPTERS
 from vlpbench.errors import DataError
 from vlpbench.results import load_record, load_records
-from vlpbench.testing.weightless import WeightlessAdapter
+from vlpbench.testing.weightless import BrightnessPair
 
 FAST = {"image_size": 32, "resize_size": 36, "max_epochs": 2, "patience": 2, "batch_size": 8,
         "bootstrap_resamples": 40}
 
 
-class PromptPair(WeightlessAdapter):
+class PromptPair(BrightnessPair):
     """Brightness against a "<finding>" and a "no <finding>" text direction: the default zero-shot score, a
     softmax over two prompt similarities."""
 
     name = "calibration-test-prompt-pair"
     description = "test model: brightness embeddings"
-    capabilities = frozenset({"embed_image", "embed_text"})
-    mean = (0.5, 0.5, 0.5)
-    std = (0.25, 0.25, 0.25)
-
-    def embed_image(self, images):
-        angle = math.pi / 2 * torch.sigmoid(4 * images.mean(dim=(1, 2, 3)))
-        return torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
-
-    def embed_text(self, texts):
-        return torch.tensor([[1.0, 0.0] if t.startswith("no ") else [0.0, 1.0] for t in texts])
 
 
 class TrainedHead(PromptPair):

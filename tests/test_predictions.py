@@ -33,7 +33,7 @@ from vlpbench.predictions import (
     write_probabilities,
 )
 from vlpbench.registry import ADAPTERS
-from vlpbench.testing.weightless import WeightlessAdapter
+from vlpbench.testing.weightless import BrightnessClip, WeightlessAdapter
 
 SEG_FAST = ["--set", "image_size=32", "--set", "max_epochs=1", "--set", "patience=1", "--set", "lr=1e-3",
             "--set", "batch_size=4", "--set", "bootstrap_resamples=100"]
@@ -164,24 +164,15 @@ def test_classification_and_detection_writers_round_trip_exactly(tmp_path):
 # --- run, then score the saved predictions over a data folder holding label files only -------------------
 
 
-class BrightnessClip(WeightlessAdapter):
+class SavedBrightnessClip(BrightnessClip):
     """Image and text embeddings without weights: an image's mean brightness against two fixed text
     directions, so that zero-shot scores vary from image to image."""
 
     name = "predictions-test-brightness-clip"
     description = "test model: brightness embeddings"
-    capabilities = frozenset({"embed_image", "embed_text"})
-
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        level = images.mean(dim=(1, 2, 3))
-        return F.normalize(torch.stack([1 - level, level, 0.1 * images.std(dim=(1, 2, 3))], dim=1), dim=1)
-
-    def embed_text(self, texts: list[str]) -> torch.Tensor:
-        return F.normalize(torch.tensor([[1.0, 0.2, 0.0] if t.startswith("no ") else [0.2, 1.0, 0.5]
-                                         for t in texts]), dim=1)
 
 
-ADAPTERS.register(BrightnessClip.name, BrightnessClip)
+ADAPTERS.register(SavedBrightnessClip.name, SavedBrightnessClip)
 
 
 def labels_only(root, dest):
@@ -245,7 +236,7 @@ def test_detection_run_and_score_agree_exactly(rsna_root, r18_checkpoint, tmp_pa
 
 
 def test_zero_shot_run_and_score_agree_exactly_with_thresholds_from_validation(siim_root, tmp_path):
-    record, scored = _run_then_score("siim_zs", BrightnessClip.name, siim_root, tmp_path,
+    record, scored = _run_then_score("siim_zs", SavedBrightnessClip.name, siim_root, tmp_path,
                                      overrides={"bootstrap_resamples": 100})
     _assert_same_evaluation(record, scored)
     assert {"auc", "f1", "acc", "mcc"} <= set(scored["metrics"])

@@ -220,7 +220,7 @@ def _bert_state(layers: int, hidden: int, vocab: int) -> dict[str, torch.Tensor]
 
 # mgca/configs/bert_config.json: Bio_ClinicalBERT's vocabulary, width and positions, 6 layers with
 # cross-attention; MGCA learns 500 prototypes.
-_MGCA_TEXT_LAYERS, _MGCA_PROTOTYPES = 6, 500
+_MGCA_TEXT_LAYERS, MGCA_PROTOTYPES = 6, 500
 
 
 def write_mgca_checkpoint(
@@ -256,21 +256,10 @@ def write_mgca_checkpoint(
         torch.manual_seed(seed)
         resnet = torchvision.models.resnet50(weights=None)
         resnet.fc = nn.Identity()
-        parts: list[tuple[str, nn.Module]] = [
-            ("img_encoder_q.model.", resnet),
-            ("img_encoder_q.global_embed.head.", global_embedding(2048)),
-            ("img_encoder_q.local_embed.head.", _local_embedding(1024)),
-            ("text_encoder_q.model.", _MedBert(text_layers, text_hidden)),
-            ("text_encoder_q.global_embed.head.", global_embedding(text_hidden)),
-            ("text_encoder_q.local_embed.head.", _local_embedding(text_hidden)),
-            ("patch_local_atten_layer.", nn.MultiheadAttention(EMB_DIM, 1)),
-            ("word_local_atten_layer.", nn.MultiheadAttention(EMB_DIM, 1)),
-            ("prototype_layer.", nn.Linear(EMB_DIM, _MGCA_PROTOTYPES, bias=False)),
-        ]
-        state = {prefix + k: v for prefix, module in parts for k, v in module.state_dict().items()}
+        state = mgca_state(resnet, 2048, 1024, text_layers, text_hidden)
 
     hyper_parameters = LightningAttributeDict(img_encoder="resnet_50", emb_dim=EMB_DIM,
-                                              num_prototypes=_MGCA_PROTOTYPES)
+                                              num_prototypes=MGCA_PROTOTYPES)
     checkpoint = {
         "epoch": 0,
         "global_step": 0,
@@ -283,6 +272,25 @@ def write_mgca_checkpoint(
         "hyper_parameters": hyper_parameters,
     }
     return save_checkpoint(checkpoint, path)
+
+
+def mgca_state(image_model: nn.Module, global_width: int, local_width: int, text_layers: int,
+               text_hidden: int) -> dict[str, torch.Tensor]:
+    """MGCA's ``state_dict`` around ``image_model`` (mgca_module.py:64-76): the image encoder with its global
+    and local heads over ``global_width`` / ``local_width`` features, the text encoder and its heads, the
+    token-level attention layers and the prototypes, freshly initialised from the caller's RNG."""
+    parts: list[tuple[str, nn.Module]] = [
+        ("img_encoder_q.model.", image_model),
+        ("img_encoder_q.global_embed.head.", global_embedding(global_width)),
+        ("img_encoder_q.local_embed.head.", _local_embedding(local_width)),
+        ("text_encoder_q.model.", _MedBert(text_layers, text_hidden)),
+        ("text_encoder_q.global_embed.head.", global_embedding(text_hidden)),
+        ("text_encoder_q.local_embed.head.", _local_embedding(text_hidden)),
+        ("patch_local_atten_layer.", nn.MultiheadAttention(EMB_DIM, 1)),
+        ("word_local_atten_layer.", nn.MultiheadAttention(EMB_DIM, 1)),
+        ("prototype_layer.", nn.Linear(EMB_DIM, MGCA_PROTOTYPES, bias=False)),
+    ]
+    return {prefix + k: v for prefix, module in parts for k, v in module.state_dict().items()}
 
 
 def _local_embedding(in_dim: int) -> nn.Sequential:

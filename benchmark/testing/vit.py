@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from vlpbench.adapters.base import LightningAttributeDict, save_checkpoint
-from vlpbench.adapters.mgca import EMB_DIM, global_embedding
+from vlpbench.adapters.mgca import EMB_DIM
 from vlpbench.errors import ConfigError
-from vlpbench.testing import _MGCA_PROTOTYPES, _MedBert, _local_embedding
+from vlpbench.testing import MGCA_PROTOTYPES, mgca_state
 
 # How much the text head weighs the "no" direction against the [CLS] direction (module docstring).
 _NEGATION_GAIN = 50.0
@@ -79,18 +79,7 @@ def mgca_vit_state(seed: int = 0, *, width: int = 768, depth: int = 12, grid: in
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        parts: list[tuple[str, nn.Module]] = [
-            ("img_encoder_q.model.", MgcaVit(width, depth, 16, grid)),
-            ("img_encoder_q.global_embed.head.", global_embedding(width)),
-            ("img_encoder_q.local_embed.head.", _local_embedding(width)),
-            ("text_encoder_q.model.", _MedBert(text_layers, text_hidden)),
-            ("text_encoder_q.global_embed.head.", global_embedding(text_hidden)),
-            ("text_encoder_q.local_embed.head.", _local_embedding(text_hidden)),
-            ("patch_local_atten_layer.", nn.MultiheadAttention(EMB_DIM, 1)),
-            ("word_local_atten_layer.", nn.MultiheadAttention(EMB_DIM, 1)),
-            ("prototype_layer.", nn.Linear(EMB_DIM, _MGCA_PROTOTYPES, bias=False)),
-        ]
-        return {prefix + k: v for prefix, module in parts for k, v in module.state_dict().items()}
+        return mgca_state(MgcaVit(width, depth, 16, grid), width, width, text_layers, text_hidden)
 
 
 def write_mgca_vit_checkpoint(path: str | Path, seed: int = 0, *, width: int = 768, depth: int = 12, grid: int = 14,
@@ -118,7 +107,7 @@ def write_mgca_vit_checkpoint(path: str | Path, seed: int = 0, *, width: int = 7
         "epoch": 0, "global_step": 0, "pytorch-lightning_version": "1.5.10", "state_dict": state, "callbacks": {},
         "optimizer_states": [], "lr_schedulers": [], "hparams_name": "kwargs",
         "hyper_parameters": LightningAttributeDict(img_encoder="vit_base", emb_dim=EMB_DIM,
-                                                   num_prototypes=_MGCA_PROTOTYPES),
+                                                   num_prototypes=MGCA_PROTOTYPES),
     }
     return save_checkpoint(checkpoint, path)
 

@@ -7,6 +7,11 @@ must come out as, without training or weights.
 
 from __future__ import annotations
 
+import math
+
+import torch
+import torch.nn.functional as F
+
 from vlpbench.adapters.base import Adapter, LoadReport, Weights
 
 
@@ -22,3 +27,34 @@ class WeightlessAdapter(Adapter):
     def map_weights(cls, checkpoint, options) -> Weights:
         """Nothing to map: an empty accounting."""
         return Weights(LoadReport("none"), {})
+
+
+class BrightnessPair(WeightlessAdapter):
+    """A two-dimensional aligned image-text model: a bright image (opacity, effusion) points towards "<finding>",
+    a dark one towards "no <finding>", so a finding's zero-shot score rises with brightness."""
+
+    capabilities = frozenset({"embed_image", "embed_text"})
+    mean = (0.5, 0.5, 0.5)
+    std = (0.25, 0.25, 0.25)
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        angle = math.pi / 2 * torch.sigmoid(4 * images.mean(dim=(1, 2, 3)))
+        return torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor([[1.0, 0.0] if t.startswith("no ") else [0.0, 1.0] for t in texts])
+
+
+class BrightnessClip(WeightlessAdapter):
+    """Image embeddings from mean brightness (and contrast) against two fixed text directions, so that
+    zero-shot scores vary from image to image."""
+
+    capabilities = frozenset({"embed_image", "embed_text"})
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        level = images.mean(dim=(1, 2, 3))
+        return F.normalize(torch.stack([1 - level, level, 0.1 * images.std(dim=(1, 2, 3))], dim=1), dim=1)
+
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        return F.normalize(torch.tensor([[1.0, 0.2, 0.0] if t.startswith("no ") else [0.2, 1.0, 0.5]
+                                         for t in texts]), dim=1)

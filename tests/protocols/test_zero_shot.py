@@ -1,7 +1,6 @@
 """Zero-shot classification with a tiny aligned model whose image embedding reads the synthetic lesions."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -20,27 +19,17 @@ from vlpbench.protocols import SplitIds
 from vlpbench.protocols.zero_shot import run_zero_shot_task
 from vlpbench.registry import ADAPTERS
 from vlpbench.tasks import load_task
-from vlpbench.testing.weightless import WeightlessAdapter
+from vlpbench.testing.weightless import BrightnessPair
 
 ADAPTER_NAME = "zero-shot-test-brightness"
 
 
-class BrightnessModel(WeightlessAdapter):
+class BrightnessModel(BrightnessPair):
     """An aligned image-text model in two dimensions: a bright image (lung opacity, effusion ...)
     points towards "<finding>", a dark one towards "no <finding>"."""
 
     name = ADAPTER_NAME
     description = "test model: image brightness as the finding's evidence"
-    capabilities = frozenset({"embed_image", "embed_text"})
-    mean = (0.5, 0.5, 0.5)
-    std = (0.25, 0.25, 0.25)
-
-    def embed_image(self, images):
-        angle = math.pi / 2 * torch.sigmoid(4 * images.mean(dim=(1, 2, 3)))
-        return torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
-
-    def embed_text(self, texts):
-        return torch.tensor([[1.0, 0.0] if t.startswith("no ") else [0.0, 1.0] for t in texts])
 
 
 class ImageOnlyModel(BrightnessModel):

@@ -9,8 +9,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from vlpbench import api
@@ -21,23 +19,14 @@ from vlpbench.registry import ADAPTERS
 from vlpbench.report.subgroups import leaderboard_section, subgroup_table
 from vlpbench.report.table import render_table
 from vlpbench.results import load_records
-from vlpbench.testing.weightless import WeightlessAdapter
+from vlpbench.testing.weightless import BrightnessClip
 
 
-class BrightClip(WeightlessAdapter):
+class BrightClip(BrightnessClip):
     """Image embeddings from mean brightness against two fixed text directions: scores vary per image."""
 
     name = "subgroups-test-bright-clip"
     description = "test model: brightness embeddings"
-    capabilities = frozenset({"embed_image", "embed_text"})
-
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        level = images.mean(dim=(1, 2, 3))
-        return F.normalize(torch.stack([1 - level, level, 0.1 * images.std(dim=(1, 2, 3))], dim=1), dim=1)
-
-    def embed_text(self, texts: list[str]) -> torch.Tensor:
-        return F.normalize(torch.tensor([[1.0, 0.2, 0.0] if t.startswith("no ") else [0.2, 1.0, 0.5]
-                                         for t in texts]), dim=1)
 
 
 ADAPTERS.register(BrightClip.name, BrightClip)
