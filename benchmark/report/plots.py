@@ -105,7 +105,7 @@ def fraction_curves(records: list[dict], tasks: Sequence[str] | None = None) -> 
     return curves
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -114,7 +114,7 @@ def _figure(width: float, height: float):
     return figure
 
 
-def _style():
+def plot_style():
     import matplotlib
 
     return matplotlib.rc_context(_STYLE)
@@ -130,8 +130,8 @@ def fraction_figure(curves: Sequence[Curve]):
     if not curves or len({c.column for c in curves}) != 1:
         raise ConfigError("fraction_figure: expected the curves of exactly one task column")
     first = curves[0]
-    with _style():
-        figure = _figure(COLUMN_WIDTH_IN, CURVE_HEIGHT_IN)
+    with plot_style():
+        figure = new_figure(COLUMN_WIDTH_IN, CURVE_HEIGHT_IN)
         axes = figure.add_subplot()
         for index, curve in enumerate(curves):
             color = f"C{index % 10}"
@@ -167,7 +167,7 @@ def save_figure(figure, stem: Path, formats: Sequence[str] = FORMATS, *, dpi: in
         raise ConfigError(f"--format {','.join(unknown)}: expected png and/or svg")
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
-    with _style():
+    with plot_style():
         # SVG first: constrained layout is re-run on every save and shifts by sub-pixels after a raster
         # save, so drawing SVG first keeps it identical whether or not a PNG is also written.
         for fmt in sorted(dict.fromkeys(formats), key=lambda f: f != "svg"):
@@ -184,6 +184,11 @@ def figure_stem(curve: Curve, variants: int = 1) -> str:
     name = curve.task if variants == 1 else f"{curve.task}.{version_label(curve.version)}-{curve.split_sha256[:8]}"
     if curve.profile != "canonical":
         name += f".{curve.profile}"
+    return file_stem(name)
+
+
+def file_stem(name: str) -> str:
+    """``name`` with every run of characters other than letters, digits, ``.``, ``_`` and ``-`` made one ``_``."""
     return _UNSAFE.sub("_", name)
 
 
@@ -267,8 +272,8 @@ def panel_figure(panels: Sequence[Panel]):
     if not panels:
         raise ConfigError("panel_figure: no panel to draw")
     red, cyan = np.array([0.9, 0.1, 0.1]), np.array([0.0, 0.85, 0.9])
-    with _style():
-        figure = _figure(COLUMN_WIDTH_IN, PANEL_HEADER_IN + PANEL_ROW_HEIGHT_IN * len(panels))
+    with plot_style():
+        figure = new_figure(COLUMN_WIDTH_IN, PANEL_HEADER_IN + PANEL_ROW_HEIGHT_IN * len(panels))
         grid = figure.subplots(len(panels), 3, squeeze=False)
         titles = ("image", "ground truth", "heat map" if panels[0].heatmap else "prediction")
         for row, panel in enumerate(panels):

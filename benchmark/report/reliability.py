@@ -13,7 +13,6 @@ calibration, and each model's ECE (mean over seeds) in the legend.
 from __future__ import annotations
 
 import math
-import re
 import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,13 +24,12 @@ import numpy as np
 from vlpbench.protocols.calibration import CALIBRATION_METRICS, TOP_LABEL
 from vlpbench.protocols.labels import class_slug
 from vlpbench.report.layout import percent_label, version_label
-from vlpbench.report.plots import COLUMN_WIDTH_IN, FORMATS, _figure, _style, save_figure
+from vlpbench.report.plots import COLUMN_WIDTH_IN, FORMATS, file_stem, new_figure, plot_style, save_figure
 from vlpbench.report.table import build_tables, select_records, split_identity, table_rows
 from vlpbench.results import record_profile
 
 PANEL_IN = 1.65  # side of one square panel
 PANELS_PER_ROW = 2
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
@@ -127,8 +125,8 @@ def reliability_figure(curves: Sequence[ReliabilityCurve]):
     columns = min(PANELS_PER_ROW, len(names))
     rows = math.ceil(len(names) / columns)
     first = curves[0]
-    with _style():
-        figure = _figure(COLUMN_WIDTH_IN, PANEL_IN * rows + 0.45 + 0.16 * len(models))
+    with plot_style():
+        figure = new_figure(COLUMN_WIDTH_IN, PANEL_IN * rows + 0.45 + 0.16 * len(models))
         grid = figure.subplots(rows, columns, squeeze=False)
         for index, name in enumerate(names):
             axes = grid[index // columns][index % columns]
@@ -166,7 +164,7 @@ def plot_reliability(records: list[dict], out: str | Path, *, tasks: Sequence[st
     paths = []
     for (task, version, sha, profile, frac), curves in by_figure.items():
         stem = f"{task}.{version_label(version)}-{sha[:8]}" + ("" if profile == "canonical" else f".{profile}")
-        stem = _UNSAFE.sub("_", f"{stem}.frac{frac:g}.reliability")
+        stem = file_stem(f"{stem}.frac{frac:g}.reliability")
         paths += save_figure(reliability_figure(curves), Path(out) / stem, formats)
     return paths
 

@@ -188,11 +188,11 @@ def subgroup_table(records: list[dict], name: str, *, percent: bool = True, deci
 def subgroup_figure(row: dict[str, Any], name: str):
     """The metric (×100) per subgroup of one table row as points with CI bars; subgroups without a value are
     named on the axis with "n/a". A matplotlib Figure."""
-    from vlpbench.report.plots import COLUMN_WIDTH_IN, CURVE_HEIGHT_IN, _figure, _style
+    from vlpbench.report.plots import COLUMN_WIDTH_IN, CURVE_HEIGHT_IN, new_figure, plot_style
 
     labels = list(row["groups"])
-    with _style():
-        figure = _figure(COLUMN_WIDTH_IN, CURVE_HEIGHT_IN)
+    with plot_style():
+        figure = new_figure(COLUMN_WIDTH_IN, CURVE_HEIGHT_IN)
         axes = figure.add_subplot()
         for x, label in enumerate(labels):
             cell = row["groups"][label]
@@ -220,12 +220,12 @@ def plot_subgroups(records: list[dict], out: str | Path, name: str, *, tasks: Se
                    formats: Sequence[str] = ("png", "svg")) -> list[Path]:
     """Write ``<out>/<task>.<model>.<frac>.by_<name>.<format>``: one subgroup figure per table row
     (:func:`subgroup_rows`); the files written."""
-    from vlpbench.report.plots import _UNSAFE, save_figure
+    from vlpbench.report.plots import file_stem, save_figure
 
     chosen = select_records(records, tasks=tasks) if tasks else records
     paths = []
     for row in subgroup_rows(chosen, name):
-        stem = _UNSAFE.sub("_", f"{row['task']}.{row['model']}.frac{row['frac']:g}.by_{name}")
+        stem = file_stem(f"{row['task']}.{row['model']}.frac{row['frac']:g}.by_{name}")
         paths += save_figure(subgroup_figure(row, name), Path(out) / stem, formats)
     return paths
 
