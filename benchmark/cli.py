@@ -162,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
                         "subgroup, and the gap between the best and the worst with its CI (Markdown)")
     p.add_argument("--reference", nargs="?", const=True, default=False, metavar="DIR",
                    help="add published rows (marked as reported, never bold) from DIR "
-                        "(default: RESULTS/reference, else the checkout's results/reference); a published "
+                        "(default: RESULTS/reference, else the reference files shipped with vlpbench); a published "
                         "column shows only beside records of the profile and metric it was computed with")
 
     p = command("plot", "Plot metric versus training fraction per task (log x, one line per model, CI band) and, "
@@ -191,8 +191,8 @@ def _parser() -> argparse.ArgumentParser:
     _results(p)
     p.add_argument("--out", required=True, help="folder for index.html")
     p.add_argument("--reference", nargs="?", const=True, default=False, metavar="DIR",
-                   help="add published rows from DIR (default: RESULTS/reference, else the checkout's "
-                        "results/reference)")
+                   help="add published rows from DIR (default: RESULTS/reference, else the reference files "
+                        "shipped with vlpbench)")
 
     p = command("compare", "Compare a candidate's results with a baseline's: exit 0 no regression, 1 regression, "
                 "2 not comparable.",

@@ -85,7 +85,7 @@ def _record_name(record: dict) -> str:
             f"{version_label(record['task']['version'])}, frac {record['frac']}, seed {record['seed']}")
 
 
-def _current_names(record: dict) -> dict:
+def current_names(record: dict) -> dict:
     """``record`` with former metric names (``accuracy``) replaced by the current ones (``acc``) in
     ``metrics``, ``ci`` and ``primary_metric``: a record written before a rename fills the same cells
     and compares with new records. A shallow copy; the record file is never rewritten.
@@ -136,7 +136,8 @@ def _shown_metrics(record: dict, metrics: Sequence[str] | None) -> list[str]:
     return present or [record["primary_metric"]]
 
 
-def _ci_bounds(record: dict, metric: str) -> tuple[float, float] | None:
+def ci_bounds(record: dict, metric: str) -> tuple[float, float] | None:
+    """The (low, high) bootstrap interval of ``metric`` in ``record``, or None where it has none."""
     ci = (record.get("ci") or {}).get(metric)
     if not isinstance(ci, dict) or ci.get("low") is None or ci.get("high") is None:
         return None
@@ -181,7 +182,7 @@ def table_rows(records: list[dict], metrics: Sequence[str] | None = None) -> lis
         ConfigError: ``metrics`` names something that is no metric.
     """
     metrics = _current_metric_names(metrics)
-    records = [_current_names(r) for r in records]
+    records = [current_names(r) for r in records]
     base = [_base_label(r) for r in records]
     checkpoints: dict[str, set[str]] = defaultdict(set)
     for label, record in zip(base, records):
@@ -212,7 +213,7 @@ def table_rows(records: list[dict], metrics: Sequence[str] | None = None) -> lis
                                 f"frac {record['frac']}, seed {record['seed']}; remove one")
             value = record["metrics"][metric]
             cell["values"][record["seed"]] = math.nan if value is None else float(value)
-            cell["cis"][record["seed"]] = _ci_bounds(record, metric)
+            cell["cis"][record["seed"]] = ci_bounds(record, metric)
 
     rows = []
     for cell in cells.values():
