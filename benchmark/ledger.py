@@ -318,8 +318,9 @@ def verdict(cell: LedgerCell, measured: Measured | None) -> Verdict:
 
     ``reproduced`` when the published value, widened by its rounding (± ``half_ulp``), overlaps the measured CI;
     ``below`` / ``above`` when the CI lies entirely under / over it (the measurement is below / above the
-    paper); ``not comparable`` when the cell has a ``not_comparable`` reason (with the difference when measured;
-    no widths: the distance judges nothing); ``not run`` when nothing measured it.
+    paper; ``widths`` is infinite for a zero-width CI); ``not comparable`` when the cell has a ``not_comparable``
+    reason (with the difference when measured; no widths: the distance judges nothing); ``not run`` when nothing
+    measured it.
     """
     if cell.not_comparable is not None:
         difference = None if measured is None else measured.mean - cell.value

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -291,3 +292,13 @@ def test_a_built_wheel_ships_every_reference_file(tmp_path):
                if name.startswith("vlpbench/reference_data/")}
     assert shipped == {path.name for path in (REPO / "results" / "reference").glob("*.json")}
     assert "checkpoints.json" in shipped
+    # Imported from the unpacked wheel, vlpbench finds its reference files there, not in this checkout.
+    zipfile.ZipFile(wheel).extractall(tmp_path / "installed")
+    probe = ("from vlpbench.ledger import load_ledger, shipped_reference_dir\n"
+             "from vlpbench.report.reference import load_references\n"
+             "load_ledger(), load_references(shipped_reference_dir())\n"
+             "print(shipped_reference_dir())")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "installed")})
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()) == tmp_path / "installed" / "vlpbench" / "reference_data"
