@@ -169,13 +169,14 @@ def load_checkpoints(path: str | Path) -> dict[str, CheckpointEntry]:
 
 def load_ledger(folder: str | Path | None = None) -> list[LedgerCell]:
     """Every ledger cell of the reference files in ``folder`` (default: :func:`shipped_reference_dir`), in file,
-    row and column order; a number printed identically in two tables of one source is listed once.
+    row and column order; a number printed identically in two tables of one source is listed once (a
+    not-comparable cell stays with its own table).
 
     Raises:
         DataError: a reference file or ``checkpoints.json`` breaks its schema, a row names a checkpoint id that
             ``checkpoints.json`` lacks, a cell's task is unknown or lacks the file's profile (a task whose
             ``paper`` profile is unavailable holds no paper cell), or two tables of one source disagree on a
-            cell; each message names the file and the key.
+            comparable cell; each message names the file and the key.
     """
     folder = shipped_reference_dir() if folder is None else Path(folder)
     checkpoints_path = folder / CHECKPOINTS_FILE
@@ -197,7 +198,12 @@ def load_ledger(folder: str | Path | None = None) -> list[LedgerCell]:
                 cell = LedgerCell(entry.model, entry, value.task, value.frac, value.metric, table.profile, value.value,
                                   value.half_ulp, table.citation, table.table, row.method, value.paper, table.url,
                                   table.kind, row.not_comparable.get(value.paper))
-                key = (cell.citation, cell.kind, entry.id, cell.task, cell.frac, cell.metric, cell.profile)
+                # A cell the profile cannot reproduce keeps its own table: one source may print the same cell
+                # under another setting (G2D Table 7 fine-tunes on MedKLIP's split, Table 3 on KAD's). Each row
+                # of a thread is its own measurement (two users of one checkpoint in KAD#19).
+                key = (cell.citation, cell.kind, entry.id, cell.task, cell.frac, cell.metric, cell.profile,
+                       cell.table if cell.not_comparable else None,
+                       cell.row if cell.kind == "reproduction" else None)
                 if key in cells and cells[key].value != cell.value:
                     raise DataError(f"{path}: key 'rows[{i}].values[{value.column}]': {cell.row} {cell.task} "
                                     f"{cell.frac:g} {cell.metric} = {cell.value} but {cells[key].table} of the same "

@@ -89,8 +89,16 @@ def test_rows_with_a_checkpoint_are_ledger_cells_with_their_printed_precision(tm
 def test_the_shipped_folder_loads():
     folder = shipped_reference_dir()
     assert (folder / "g2d_table1.json").is_file()
-    assert isinstance(load_ledger(), list)
+    cells = load_ledger()
     assert load_references(folder)
+    # every shipped cell's task, profile, metric and checkpoint were validated on load; spot-check known cells
+    by_source = {(c.model, c.task, c.frac, c.metric, c.kind, c.row): c for c in cells}
+    medklip = by_source["medklip", "cxr14_zs", 1.0, "auc", "reproduction", next(
+        c.row for c in cells if c.model == "medklip" and c.citation.startswith("MediaBrain-SJTU/MedKLIP issue #12"))]
+    assert medklip.value == pytest.approx(0.7233) and medklip.checkpoint.file == "checkpoint_final.pth"
+    g2d = [c for c in cells if c.model == "g2d" and c.task == "siim_seg" and c.frac == 0.01 and c.table == "Table 1"]
+    assert g2d and all(not c.checkpoint.released for c in g2d)
+    assert {c.kind for c in cells} == {"published", "reproduction"}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -169,7 +177,16 @@ def test_two_tables_of_one_source_disagreeing_on_a_cell_is_an_error(tmp_path):
                                                   "dice = 0.499 but Table 1 of the same source gives 0.497")):
         load_ledger(folder)
     _write(folder, t5=_changed(TABLE, lambda d: d.update(table="Table 5")))
-    assert len(load_ledger(folder)) == 2  # the same number printed twice is one cell
+    cells = load_ledger(folder)
+    # The comparable number printed twice is one cell; the not-comparable one stays with each table.
+    assert [(c.frac, c.table) for c in cells] == [(0.01, "Table 1"), (1.0, "Table 1"), (1.0, "Table 5")]
+
+
+def test_two_users_in_one_thread_are_two_cells(tmp_path):
+    thread = _changed(THREAD, lambda d: d["rows"].append({"method": "another user", "checkpoint": "mgca_r50",
+                                                          "values": [0.475]}))
+    cells = load_ledger(_write(tmp_path / "ref", t=thread))
+    assert [(c.row, c.value) for c in cells] == [("a user", 0.481), ("another user", 0.475)]
 
 
 # --- measurements and verdicts --------------------------------------------------------------------------------------
