@@ -101,9 +101,13 @@ def task_splits(spec: Task, source):
     return split, test_split
 
 
-def run(model: str, task: str, frac: float, *, device: str = "auto", **options: Any) -> tuple[dict[str, Any], Path | None]:
+def run(model: str, task: str, frac: float, *, device: str = "auto", threads: int | None = None,
+        **options: Any) -> tuple[dict[str, Any], Path | None]:
     """Run one (model, task, fraction, seed) and write its result record; the options are those of
     :func:`run_in_process`.
+
+    ``threads``: torch's intra-op threads (default: ``OMP_NUM_THREADS``, else the CPUs this process may run
+    on; see :mod:`vlpbench.threads`).
 
     Under torchrun (``WORLD_SIZE`` > 1) the processes join one process group for the run and share
     it, for a protocol that supports it (``Protocol.distributed``; others are refused with a
@@ -111,7 +115,9 @@ def run(model: str, task: str, frac: float, *, device: str = "auto", **options: 
     ``(record, None)``.
     """
     from vlpbench import distributed
+    from vlpbench.threads import set_torch_threads
 
+    set_torch_threads(threads)
     if distributed.requested_world_size() > 1:
         check_distributed(load_task(task).protocol)
     torch_device = resolve_device(device)
@@ -319,7 +325,7 @@ def sweep(config: str | Path | None = None, *, force: bool = False, dry_run: boo
     """Run a sweep of models × tasks × fractions × seeds, each run in its own process; a SweepReport.
 
     ``config`` is a sweep YAML file; ``fields`` (models, tasks, fracs, seeds, set, data_roots, results,
-    device, launcher, workers, slurm, nproc_per_node, as in :mod:`vlpbench.sweep.spec`) replace its
+    device, threads, launcher, workers, slurm, nproc_per_node, as in :mod:`vlpbench.sweep.spec`) replace its
     values. Runs whose records exist are skipped unless ``force``; ``dry_run`` only lists the commands.
     See :func:`vlpbench.sweep.run_sweep`.
     """
@@ -491,7 +497,8 @@ def baseline_update(results: str | Path = DEFAULT_RESULTS, baseline_dir: str | P
 
 def score(task: str, predictions: str | Path, *, data_root: str | Path | None = None, split: str = "test",
           seed: int = 0, overrides: dict[str, Any] | None = None, profile: str = "canonical",
-          by: list[str] | None = None, age_bins: list[float] | None = None) -> dict[str, Any]:
+          by: list[str] | None = None, age_bins: list[float] | None = None,
+          threads: int | None = None) -> dict[str, Any]:
     """Score predictions made by any framework (or saved by ``run --save-predictions``) on a task.
 
     ``predictions``: the folder ``run --save-predictions`` wrote, or the protocol's file (see
@@ -504,8 +511,11 @@ def score(task: str, predictions: str | Path, *, data_root: str | Path | None = 
     the protocol's outcome: ``metrics``, ``ci``, ``per_image``, ``n``, ``scoring`` (thresholds, notes), for
     classification ``calibration`` (reliability bins, or why they are left out), and ``subgroups`` as ``run``
     records them where the data folder's files carry attributes (a DICOM dataset's live in the image headers).
-    ``by`` and ``age_bins`` as for :func:`run_in_process`.
+    ``by`` and ``age_bins`` as for :func:`run_in_process`; ``threads`` as for :func:`run`.
     """
+    from vlpbench.threads import set_torch_threads
+
+    set_torch_threads(threads)
     spec = load_task(task, profile)
     protocol = protocol_named(spec.protocol)
     config = spec.resolve(overrides)
