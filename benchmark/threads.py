@@ -9,15 +9,17 @@ job given 4 of a node's 64 cores): then threads wait on each other. The count is
    container's cpuset allow), or ``os.cpu_count()`` where the platform has no affinity call (macOS, Windows).
 
 The choice is logged once at INFO (``torch threads: 4 (CPU affinity)``) and recorded as
-``env.torch_threads`` in result records.
+``env.torch_threads`` in result records. :func:`torch_threads` holds it for one call of the API and then
+gives the caller back its own count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 
@@ -83,3 +85,19 @@ def set_torch_threads(threads: int | None = None) -> ThreadChoice:
         log.info("torch threads: %d (%s)", choice.count, choice.source)
         _logged = choice
     return choice
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None = None) -> Iterator[ThreadChoice]:
+    """:func:`set_torch_threads` for the block, then torch's previous count again (a program that calls
+    ``vlpbench.api`` keeps its own setting).
+
+    Raises:
+        ConfigError: as :func:`choose_threads`, before the block runs.
+    """
+    before = torch.get_num_threads()
+    choice = set_torch_threads(threads)
+    try:
+        yield choice
+    finally:
+        torch.set_num_threads(before)

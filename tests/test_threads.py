@@ -10,11 +10,11 @@ from vlpbench import threads
 from vlpbench.cli import main
 from vlpbench.errors import ConfigError
 from vlpbench.results import environment
-from vlpbench.threads import ThreadChoice, choose_threads, set_torch_threads
+from vlpbench.threads import ThreadChoice, choose_threads, set_torch_threads, torch_threads
 
 
 @pytest.fixture(autouse=True)
-def torch_threads(monkeypatch):
+def restore_threads(monkeypatch):
     """Restore torch's thread count and forget the logged choice; no OMP_NUM_THREADS unless a test sets it."""
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -83,6 +83,18 @@ def test_commands_refuse_threads_zero(command, capsys):
     assert "positive integer" in capsys.readouterr().err
 
 
+def test_the_block_runs_with_the_choice_and_the_callers_count_comes_back(monkeypatch):
+    _affinity(monkeypatch, range(3))
+    torch.set_num_threads(1)
+    with torch_threads() as choice:
+        assert choice == ThreadChoice(3, "CPU affinity") and torch.get_num_threads() == 3
+        assert environment()["torch_threads"] == 3  # what a record written in the run says
+    assert torch.get_num_threads() == 1
+    with pytest.raises(ValueError), torch_threads(2):
+        raise ValueError("the run failed")
+    assert torch.get_num_threads() == 1
+
+
 @pytest.mark.parametrize("command", [
     ["run", "--model", "random", "--task", "siim_seg", "--frac", "0.5"],  # a fraction the task does not allow
     ["score", "--task", "siim_seg", "--predictions", "absent", "--data-root", "absent"],
@@ -91,4 +103,4 @@ def test_run_and_score_set_threads_before_anything_else(command, caplog):
     # Each command stops at a user error, after setting the threads.
     with caplog.at_level(logging.INFO, logger="vlpbench"):
         assert main([*command, "--threads", "1"]) == 2
-    assert torch.get_num_threads() == 1 and "torch threads: 1 (--threads)" in caplog.text
+    assert "torch threads: 1 (--threads)" in caplog.text
