@@ -1,7 +1,8 @@
 """Torch's intra-op thread count for ``run``, ``score`` and each run of a sweep.
 
-Torch sizes its thread pool from the machine, which can be more CPUs than the process may use (a SLURM
-job given 4 of a node's 64 cores): then threads wait on each other. The count is, first match wins:
+Torch's own default depends on its build and platform and may count CPUs the process cannot use (a SLURM
+job given 4 of a node's 64 cores running 64 threads, which then wait on each other); here the count is
+chosen, logged and recorded. First match wins:
 
 1. ``--threads N`` (the ``threads`` argument of ``vlpbench.api.run`` / ``score`` / ``sweep``);
 2. the environment variable ``OMP_NUM_THREADS``;

@@ -16,7 +16,6 @@ from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
-
 from vlpbench.cli import main as cli_main
 from vlpbench.files import leftover_temporaries
 from vlpbench.sweep.lifeline import tie_to_sweep
