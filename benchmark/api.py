@@ -101,9 +101,13 @@ def task_splits(spec: Task, source):
     return split, test_split
 
 
-def run(model: str, task: str, frac: float, *, device: str = "auto", **options: Any) -> tuple[dict[str, Any], Path | None]:
+def run(model: str, task: str, frac: float, *, device: str = "auto", threads: int | None = None,
+        **options: Any) -> tuple[dict[str, Any], Path | None]:
     """Run one (model, task, fraction, seed) and write its result record; the options are those of
     :func:`run_in_process`.
+
+    ``threads``: torch's intra-op threads during the run (default: ``OMP_NUM_THREADS``, else the CPUs this
+    process may run on; see :mod:`vlpbench.threads`); the caller's own count is set back afterwards.
 
     Under torchrun (``WORLD_SIZE`` > 1) the processes join one process group for the run and share
     it, for a protocol that supports it (``Protocol.distributed``; others are refused with a
@@ -111,12 +115,14 @@ def run(model: str, task: str, frac: float, *, device: str = "auto", **options: 
     ``(record, None)``.
     """
     from vlpbench import distributed
+    from vlpbench.threads import torch_threads
 
-    if distributed.requested_world_size() > 1:
-        check_distributed(load_task(task).protocol)
-    torch_device = resolve_device(device)
-    with distributed.session(torch_device):
-        return run_in_process(model, task, frac, device=str(distributed.local_device(torch_device)), **options)
+    with torch_threads(threads):
+        if distributed.requested_world_size() > 1:
+            check_distributed(load_task(task).protocol)
+        torch_device = resolve_device(device)
+        with distributed.session(torch_device):
+            return run_in_process(model, task, frac, device=str(distributed.local_device(torch_device)), **options)
 
 
 def check_distributed(protocol_name: str) -> None:
@@ -319,7 +325,7 @@ def sweep(config: str | Path | None = None, *, force: bool = False, dry_run: boo
     """Run a sweep of models × tasks × fractions × seeds, each run in its own process; a SweepReport.
 
     ``config`` is a sweep YAML file; ``fields`` (models, tasks, fracs, seeds, set, data_roots, results,
-    device, launcher, workers, slurm, nproc_per_node, as in :mod:`vlpbench.sweep.spec`) replace its
+    device, threads, launcher, workers, slurm, nproc_per_node, as in :mod:`vlpbench.sweep.spec`) replace its
     values. Runs whose records exist are skipped unless ``force``; ``dry_run`` only lists the commands.
     See :func:`vlpbench.sweep.run_sweep`.
     """
@@ -491,7 +497,8 @@ def baseline_update(results: str | Path = DEFAULT_RESULTS, baseline_dir: str | P
 
 def score(task: str, predictions: str | Path, *, data_root: str | Path | None = None, split: str = "test",
           seed: int = 0, overrides: dict[str, Any] | None = None, profile: str = "canonical",
-          by: list[str] | None = None, age_bins: list[float] | None = None) -> dict[str, Any]:
+          by: list[str] | None = None, age_bins: list[float] | None = None,
+          threads: int | None = None) -> dict[str, Any]:
     """Score predictions made by any framework (or saved by ``run --save-predictions``) on a task.
 
     ``predictions``: the folder ``run --save-predictions`` wrote, or the protocol's file (see
@@ -504,33 +511,37 @@ def score(task: str, predictions: str | Path, *, data_root: str | Path | None = 
     the protocol's outcome: ``metrics``, ``ci``, ``per_image``, ``n``, ``scoring`` (thresholds, notes), for
     classification ``calibration`` (reliability bins, or why they are left out), and ``subgroups`` as ``run``
     records them where the data folder's files carry attributes (a DICOM dataset's live in the image headers).
-    ``by`` and ``age_bins`` as for :func:`run_in_process`.
+    ``by`` and ``age_bins`` as for :func:`run_in_process`; ``threads`` as for :func:`run`.
     """
-    spec = load_task(task, profile)
-    protocol = protocol_named(spec.protocol)
-    config = spec.resolve(overrides)
-    source = open_dataset(spec, data_root)
-    task_split, test_split = task_splits(spec, source)
-    holder = test_split if split == "test" else task_split
-    if split not in holder.parts:
-        raise ConfigError(f"--split {split}: split {holder.dataset}/{holder.version} has the parts "
-                          f"{', '.join(holder.parts)}")
-    ids, _ = labelled_ids(holder, split, source)
-    val_ids: list[str] = []
-    if protocol.uses_val and split != "val" and "val" in task_split.parts:
-        val_ids, _ = labelled_ids(task_split, "val", source)
-    check_attributes(by, source.attribute_names, spec.dataset)
-    edges = resolve_age_bins(age_bins, config)
-    attributes = read_attributes(source, ids)
-    outcome = protocol.score(Path(predictions), source, SplitIds([], val_ids, ids), config, seed=seed)
-    # The evidence: arrays for a record's sidecar (`score` writes no record), and what subgroups come from.
-    subgroups = subgroups_of(outcome.pop("evidence", None), attributes, source.attribute_names, spec.primary_metric,
-                             edges=edges, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
-    if subgroups is not None:
-        outcome["subgroups"] = subgroups
-    return {"task": spec.name, "version": spec.version, "profile": spec.profile, "split": split,
-            "split_sha256": holder.manifest_sha256,
-            "config": {"overrides": dict(overrides or {}), "seed": seed}, **outcome}
+    from vlpbench.threads import torch_threads
+
+    with torch_threads(threads):
+        spec = load_task(task, profile)
+        protocol = protocol_named(spec.protocol)
+        config = spec.resolve(overrides)
+        source = open_dataset(spec, data_root)
+        task_split, test_split = task_splits(spec, source)
+        holder = test_split if split == "test" else task_split
+        if split not in holder.parts:
+            raise ConfigError(f"--split {split}: split {holder.dataset}/{holder.version} has the parts "
+                              f"{', '.join(holder.parts)}")
+        ids, _ = labelled_ids(holder, split, source)
+        val_ids: list[str] = []
+        if protocol.uses_val and split != "val" and "val" in task_split.parts:
+            val_ids, _ = labelled_ids(task_split, "val", source)
+        check_attributes(by, source.attribute_names, spec.dataset)
+        edges = resolve_age_bins(age_bins, config)
+        attributes = read_attributes(source, ids)
+        outcome = protocol.score(Path(predictions), source, SplitIds([], val_ids, ids), config, seed=seed)
+        # The evidence: arrays for a record's sidecar (`score` writes no record), and what subgroups come from.
+        subgroups = subgroups_of(outcome.pop("evidence", None), attributes, source.attribute_names,
+                                 spec.primary_metric, edges=edges, n_resamples=int(config["bootstrap_resamples"]),
+                                 seed=seed)
+        if subgroups is not None:
+            outcome["subgroups"] = subgroups
+        return {"task": spec.name, "version": spec.version, "profile": spec.profile, "split": split,
+                "split_sha256": holder.manifest_sha256,
+                "config": {"overrides": dict(overrides or {}), "seed": seed}, **outcome}
 
 
 def inspect(model: str, checkpoint: str | Path | None, **options: Any):

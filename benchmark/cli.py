@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="fp32 (default), or bf16 autocast for the forward passes: faster on a GPU; accepted on a "
                         "CPU, where it is usually slower (recorded as config.precision)")
+    _threads(p, "torch threads (default: $OMP_NUM_THREADS, else the CPUs this process may run on; "
+                "recorded as env.torch_threads)")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="run without images whose files cannot be decoded, listing them in the record "
                         "(data.skipped_corrupt); by default such files stop the run with an error naming them")
@@ -102,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", dest="data_roots", action="append", help=argparse.SUPPRESS)
     p.add_argument("--results", help="results folder (default ./results); logs go to RESULTS/sweep_logs")
     p.add_argument("--device", help="auto (default), cpu or cuda")
+    _threads(p, "torch threads of each run (default: $OMP_NUM_THREADS, else the CPUs each run may use, "
+                "divided among the local launcher's --workers on CPU)")
     p.add_argument("--force", action="store_true",
                    help="rerun runs whose records exist (each old record is kept as .bak)")
     p.add_argument("--dry-run", action="store_true", help="list the runs that would be launched, launch nothing")
@@ -141,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a task option as `run --set` does, e.g. --set threshold=0.4 (repeatable)")
     _profile(p, "the protocol profile whose split, metric and settings score the predictions (default canonical)")
     _subgroup_options(p)
+    _threads(p, "torch threads (default: $OMP_NUM_THREADS, else the CPUs this process may run on)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a sentence")
 
     p = command("table", "Print the leaderboard of the result records as a paper table (Markdown, LaTeX, CSV, HTML).",
@@ -433,6 +438,11 @@ def _profile(p: argparse.ArgumentParser, help: str, default: str | None = "canon
     p.add_argument("--profile", choices=PROFILES, default=default, help=help)
 
 
+def _threads(p: argparse.ArgumentParser, help: str) -> None:
+    # A value below 1 is refused by vlpbench.threads (ConfigError naming --threads), as through the API.
+    p.add_argument("--threads", type=int, metavar="N", help=help)
+
+
 def _results(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="results", help="results folder (default ./results)")
 
@@ -448,7 +458,7 @@ def _run(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite, progress=not (args.quiet or args.no_progress),
                            save_predictions=args.save_predictions, precision=args.precision,
                            skip_corrupt=args.skip_corrupt, profile=args.profile, by=_by(args),
-                           age_bins=args.age_bins)
+                           age_bins=args.age_bins, threads=args.threads)
     if path is None:  # a torchrun rank other than 0: rank 0 writes and prints the result
         return 0
     metric = record["primary_metric"]
@@ -475,7 +485,8 @@ def _sweep(args: argparse.Namespace) -> int:
     values = cli_values(models=args.models, checkpoints=args.checkpoints, model_options=args.model_options,
                         tasks=args.tasks, fracs=args.fracs, seeds=args.seeds, overrides=args.overrides,
                         data_roots=args.data_roots, profile=args.profile, results=args.results, device=args.device,
-                        launcher=args.launcher, workers=args.workers, nproc_per_node=args.nproc_per_node)
+                        threads=args.threads, launcher=args.launcher, workers=args.workers,
+                        nproc_per_node=args.nproc_per_node)
     if slurm:
         values["slurm"] = slurm
     report = api.sweep(args.config, force=args.force, dry_run=args.dry_run, progress=not args.quiet, **values)
@@ -497,7 +508,7 @@ def _score(args: argparse.Namespace) -> int:
 
     result = api.score(args.task, args.predictions, data_root=args.data_root, split=args.split, seed=args.seed,
                        overrides=parse_options(args.overrides, "--set"), profile=args.profile, by=_by(args),
-                       age_bins=args.age_bins)
+                       age_bins=args.age_bins, threads=args.threads)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

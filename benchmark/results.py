@@ -18,7 +18,8 @@ A record is the only thing tables, plots and comparisons read. Its fields (schem
     n               {train, val, test} image counts actually used
     config          the fully resolved protocol config; config["overrides"] holds what the user set
     timing          wall-clock seconds per phase
-    env             {vlpbench, git, python, torch, cuda, device}
+    env             {vlpbench, git, python, torch, cuda, device, torch_threads?}; torch_threads is torch's
+                    intra-op thread count (vlpbench.threads), absent in records written before it existed
     data            {synthetic, ...} | null, facts about the data the run saw
     per_image       per-image scores | null, so CIs and new aggregates need no re-run
     calibration?    classification only: {n_bins, binning, confidence, curves: {class | top_label: {lower,
@@ -140,7 +141,8 @@ def _metric_name_problem(record: dict) -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    """What produced a record: package version, source commit, Python, torch, CUDA and device."""
+    """What produced a record: package version, source commit, Python, torch, CUDA, device and torch's
+    intra-op thread count."""
     import torch
 
     device = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -151,6 +153,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "device": device,
+        "torch_threads": torch.get_num_threads(),
     }
 
 

@@ -182,13 +182,11 @@ def alone(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     patch = pytest.MonkeyPatch()
     patch.setenv("VLPBENCH_CACHE", str(out / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank has: the same kernels, so the same features
     try:
         for arguments in _cli_runs(data, out / "results"):
-            assert main(arguments) == 0
+            # One thread, as each rank has (torchrun sets OMP_NUM_THREADS=1): the same kernels, the same features.
+            assert main([*arguments, "--threads", "1"]) == 0
     finally:
-        torch.set_num_threads(threads)
         patch.undo()
     return out
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import vlpbench
 from vlpbench import results
@@ -46,8 +47,8 @@ def test_make_record_fills_provenance():
     record = _record()
     assert record["schema"] == SCHEMA_VERSION == 1
     env = record["env"]
-    assert set(env) == {"vlpbench", "git", "python", "torch", "cuda", "device"}
-    assert env["vlpbench"] == vlpbench.__version__
+    assert set(env) == {"vlpbench", "git", "python", "torch", "cuda", "device", "torch_threads"}
+    assert env["vlpbench"] == vlpbench.__version__ and env["torch_threads"] == torch.get_num_threads()
     assert env["git"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", env["git"])
     created = datetime.fromisoformat(record["created"])
     assert created.utcoffset().total_seconds() == 0

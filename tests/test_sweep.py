@@ -21,7 +21,7 @@ from vlpbench.errors import ConfigError
 from vlpbench.options import parse_options
 from vlpbench.results import load_record, record_path
 from vlpbench.sweep import build_spec, cli_values, expand, load_sweep_file, pending
-from vlpbench.sweep.local import start_server, worker_slots
+from vlpbench.sweep.local import cpu_share, start_server, worker_slots
 from vlpbench.sweep.report import failure_reason
 from vlpbench.sweep.torchrun import torchrun_command
 from vlpbench.sweep.worker import remove_stale_temporaries
@@ -179,13 +179,33 @@ def test_command_line_pairs_and_task_options_are_checked():
         expand(spec)
 
 
-def test_local_worker_slots_own_a_gpu_each_or_share_the_cores():
-    assert worker_slots(None, ["0", "1"]) == [({"CUDA_VISIBLE_DEVICES": "0"}, None),
-                                              ({"CUDA_VISIBLE_DEVICES": "1"}, None)]
-    assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in worker_slots(3, ["4", "7"])] == ["4", "7", "4"]
-    cores = os.cpu_count()
-    assert worker_slots(None, []) == [({}, cores)]
-    assert worker_slots(2, []) == [({}, max(1, cores // 2))] * 2
+def test_local_worker_slots_own_a_gpu_each_or_share_the_cores(monkeypatch):
+    assert worker_slots(None, ["0", "1"]) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in worker_slots(3, ["4", "7"])] == ["4", "7", "4"]
+    assert worker_slots(2, []) == [{}, {}]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert (cpu_share(None, []), cpu_share(2, []), cpu_share(4, []), cpu_share(8, [])) == (6, 3, 1, 1)
+    assert cpu_share(2, ["0"]) is None  # a GPU run sizes its own threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_share(2, []) is None  # each run follows OMP_NUM_THREADS
+
+
+def test_sweep_threads_reach_every_run_command(monkeypatch, tmp_path):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    values = {"models": ["random"], "tasks": ["rsna_cls"], "fracs": [1.0], "seeds": [0],
+              "results": str(tmp_path), "device": "cpu"}
+
+    def threads_of(**more):
+        [outcome] = api.sweep(dry_run=True, progress=False, **values, **more).outcomes
+        argv = outcome.command
+        return argv[argv.index("--threads") + 1] if "--threads" in argv else None
+
+    assert threads_of() == "8" and threads_of(workers=4) == "2" and threads_of(threads=3, workers=4) == "3"
+    assert threads_of(launcher="slurm") is None  # a slurm task sizes its threads to the CPUs it is given
+    with pytest.raises(ConfigError, match="'threads': expected a positive integer, got 0"):
+        build_spec({**values, "threads": 0})
 
 
 def test_torchrun_launcher_builds_one_command_per_run(tmp_path, capsys):

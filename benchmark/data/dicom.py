@@ -1,7 +1,8 @@
 """Read chest X-ray DICOMs into 8-bit arrays, and write SIIM-style DICOMs for synthetic datasets.
 
 The reader scales and inverts like the reference downstream code (MGCA's
-``cv2.convertScaleAbs(x, alpha=255 / x.max())``, then ``255 - x`` for MONOCHROME1). The writer
+``cv2.convertScaleAbs(x, alpha=255 / x.max())``, then ``255 - x`` for MONOCHROME1), through a lookup table
+indexed by the stored values for integer pixel data (:func:`scale_to_uint8`). The writer
 reproduces the files of the SIIM-ACR and RSNA Kaggle releases (DCMTK-made Secondary Capture
 objects with one JPEG Baseline fragment), tag for tag; see docs/datasets.md, "SIIM DICOM files".
 """
@@ -69,14 +70,66 @@ def read_dicom(path: str | Path) -> np.ndarray:
     if pixels.ndim != 2:
         raise DataError(f"{path}: expected a single-frame grayscale image, got pixel array shape {pixels.shape}")
 
+    return scale_to_uint8(pixels, invert=str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1")
+
+
+# A lookup table covers the stored values from min(0, lowest) to the highest: up to 2^16 entries (every 8- to
+# 16-bit image), and only where it has fewer entries than the image has pixels, else building it costs more
+# than it saves.
+MAX_LUT_ENTRIES = 1 << 16
+
+
+def scale_to_uint8(pixels: np.ndarray, invert: bool = False) -> np.ndarray:
+    """``pixels`` scaled by ``255 / max`` to uint8 (rounded half to even, saturated to 0..255; no scaling
+    where the maximum is 0 or below), then ``255 - x`` where ``invert`` (MONOCHROME1).
+
+    Integer pixels go through a lookup table indexed by the stored values (:func:`stored_value_lut`),
+    byte for byte what :func:`scale_float64` computes, in a fraction of its time: one table entry per
+    stored value instead of float64 arithmetic per pixel.
+    """
+    lut = stored_value_lut(pixels, invert)
+    if lut is None:
+        return scale_float64(pixels, invert)
+    # The same look-up either way: np.take measured faster on 8-bit values, indexing on 16-bit ones
+    # (perf/dicom_decode.py).
+    return np.take(lut, pixels) if pixels.itemsize == 1 else lut[pixels]
+
+
+def scale_float64(pixels: np.ndarray, invert: bool = False) -> np.ndarray:
+    """:func:`scale_to_uint8` computed in float64 per pixel: the path for float pixel data (Float Pixel
+    Data) and for integer values too many or too spread for a lookup table (:data:`MAX_LUT_ENTRIES`)."""
     scaled = pixels.astype(np.float64)
-    peak = scaled.max()
+    return _to_uint8(scaled, scaled.max(), invert)
+
+
+def stored_value_lut(pixels: np.ndarray, invert: bool = False) -> np.ndarray | None:
+    """The uint8 output of :func:`scale_to_uint8` for every integer value from ``min(0, lowest)`` to the
+    highest value of ``pixels``, indexed by the value itself: non-negative values from the front,
+    negative ones (signed pixel data) from the back, as numpy's negative indices count; None for float
+    pixels, or where the table would need more than :data:`MAX_LUT_ENTRIES` entries or more entries than
+    ``pixels`` has elements.
+
+    The table holds :func:`scale_float64`'s computation on the values themselves, so ``lut[pixels]`` is
+    byte-identical to ``scale_float64(pixels, invert)``.
+    """
+    if pixels.dtype.kind not in "iu":
+        return None
+    high = int(pixels.max())
+    low = min(int(pixels.min()), 0) if pixels.dtype.kind == "i" else 0
+    above = max(high + 1, 0)  # entries for 0..high
+    if above - low > min(MAX_LUT_ENTRIES, pixels.size):
+        return None
+    values = np.concatenate([np.arange(0, above), np.arange(low, 0)]).astype(np.float64)
+    # The float path's maximum is the same integer, exactly representable in float64.
+    return _to_uint8(values, float(high), invert)
+
+
+def _to_uint8(scaled: np.ndarray, peak: float, invert: bool) -> np.ndarray:
+    """The float64 ``scaled`` (changed in place) as uint8, by ``255 / peak`` where ``peak > 0``."""
     if peak > 0:
         scaled *= 255.0 / peak
     image = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        image = 255 - image
-    return image
+    return 255 - image if invert else image
 
 
 # DICOM PatientSex (0010,0040): M, F, O (other) or empty.

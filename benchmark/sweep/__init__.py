@@ -50,8 +50,10 @@ def run_sweep(spec: SweepSpec, *, force: bool = False, dry_run: bool = False, pr
         to_run.remove(run)
         outcomes[id(run)] = RunOutcome(run=run, status="skipped", reason=held_message(run.record, who))
 
+    threads = spec.threads if spec.threads is not None else _default_threads(spec)
+
     def arguments(run: Run) -> list[str]:
-        return run.arguments(spec.results, spec.device, overwrite=force)
+        return run.arguments(spec.results, spec.device, overwrite=force, threads=threads)
 
     if dry_run:
         for run in to_run:
@@ -71,6 +73,16 @@ def held_runs(runs: list[Run]) -> list[tuple[Run, str]]:
     """``(run, its holder)`` for each of ``runs`` whose lock another live process holds now."""
     held = [(run, holder(run.record)) for run in runs if run.record is not None]
     return [(run, who) for run, who in held if who is not None]
+
+
+def _default_threads(spec: SweepSpec) -> int | None:
+    """Each run's ``--threads`` where the sweep sets none: the local launcher's share of the CPUs on CPU;
+    else None (a slurm or torchrun run sizes its own threads to the CPUs it is given)."""
+    if spec.launcher != "local":
+        return None
+    from vlpbench.sweep.local import cpu_share, visible_gpus
+
+    return cpu_share(spec.workers, visible_gpus(spec.device))
 
 
 def _launch(spec: SweepSpec, runs: list[Run], arguments, summary: LiveSummary) -> list[RunOutcome]:

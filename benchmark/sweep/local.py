@@ -5,7 +5,7 @@ so a run starts in milliseconds instead of the seconds a fresh interpreter needs
 with the sweep process: a run that crashes, or is killed, ends only itself. The other way round, the
 forkserver and the runs die with the sweep, even on a ``kill -9`` of it alone (``vlpbench.sweep.lifeline``).
 With GPUs, each worker slot owns one visible GPU (``CUDA_VISIBLE_DEVICES`` is set in its processes); on CPU
-the cores are divided between the slots.
+the usable CPUs are divided between the slots (each run's ``--threads``, :func:`cpu_share`).
 """
 
 from __future__ import annotations
@@ -38,17 +38,24 @@ def visible_gpus(device: str) -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
-def worker_slots(workers: int | None, gpus: list[str]) -> list[tuple[dict[str, str], int | None]]:
-    """``(environment, torch threads)`` of each worker slot.
-
-    Default: one slot per GPU, else one. Slots take the GPUs in turn; on CPU each slot gets an equal
-    share of the cores as torch threads so that parallel runs do not oversubscribe them.
-    """
+def worker_slots(workers: int | None, gpus: list[str]) -> list[dict[str, str]]:
+    """The environment of each worker slot: one slot per GPU by default, else one; slots take the GPUs in
+    turn (``CUDA_VISIBLE_DEVICES``)."""
     count = workers or max(1, len(gpus))
     if gpus:
-        return [({"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}, None) for i in range(count)]
-    threads = max(1, (os.cpu_count() or 1) // count)
-    return [({}, threads) for _ in range(count)]
+        return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(count)]
+    return [{} for _ in range(count)]
+
+
+def cpu_share(workers: int | None, gpus: list[str]) -> int | None:
+    """The ``--threads`` of each run on CPU: an equal share of the usable CPUs per worker slot, so that
+    parallel runs do not oversubscribe them; None with GPUs, or where ``OMP_NUM_THREADS`` is set (each run
+    then follows it, ``vlpbench.threads``)."""
+    from vlpbench.threads import ENVIRONMENT, usable_cpus
+
+    if gpus or os.environ.get(ENVIRONMENT, "").strip():
+        return None
+    return max(1, usable_cpus().count // (workers or 1))
 
 
 def launch_local(runs: list[Run], arguments: Callable[[Run], list[str]], *, workers: int | None, device: str,
@@ -68,10 +75,9 @@ def launch_local(runs: list[Run], arguments: Callable[[Run], list[str]], *, work
         while queue or running:
             while queue and free:
                 slot, run = free.pop(0), queue.popleft()
-                env, threads = slots[slot]
                 process = context.Process(
                     target=_child, name=f"vlpbench run {run.describe()}",
-                    args=(arguments(run), str(run.log), str(run.record) if run.record else None, env, threads,
+                    args=(arguments(run), str(run.log), str(run.record) if run.record else None, slots[slot],
                           os.getpid()))
                 process.start()
                 running[process.sentinel] = (process, run, slot, time.monotonic())
@@ -88,12 +94,11 @@ def launch_local(runs: list[Run], arguments: Callable[[Run], list[str]], *, work
     return outcomes
 
 
-def _child(argv: list[str], log: str, record: str | None, env: dict[str, str], threads: int | None,
-           sweep_pid: int) -> None:
+def _child(argv: list[str], log: str, record: str | None, env: dict[str, str], sweep_pid: int) -> None:
     # Imported in the child: the forkserver preloads this module, so the import costs nothing there.
     from vlpbench.sweep.worker import child_main
 
-    child_main(argv, log, record, env, threads, sweep_pid)
+    child_main(argv, log, record, env, sweep_pid)
 
 
 def start_server() -> None:

@@ -45,10 +45,13 @@ class Run:
         profile = "" if self.profile == DEFAULT_PROFILE else f" ({self.profile})"
         return f"{self.model.label} {self.task}{profile} {self.frac:.0%} seed {self.seed}"
 
-    def arguments(self, results: Path, device: str, *, overwrite: bool) -> list[str]:
-        """The arguments of ``vlpbench`` that perform this run (``run --model ...``)."""
+    def arguments(self, results: Path, device: str, *, overwrite: bool, threads: int | None = None) -> list[str]:
+        """The arguments of ``vlpbench`` that perform this run (``run --model ...``); ``threads``: its
+        ``--threads`` (None: the run chooses, ``vlpbench.threads``)."""
         argv = ["run", "--model", self.model.adapter, "--task", self.task, "--frac", repr(self.frac),
                 "--seed", str(self.seed), "--results", str(results), "--device", device, "--no-progress"]
+        if threads is not None:
+            argv += ["--threads", str(threads)]
         if self.model.checkpoint is not None:
             argv += ["--checkpoint", self.model.checkpoint]
         if self.model.name is not None:

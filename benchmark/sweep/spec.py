@@ -16,6 +16,8 @@ Fields (YAML keys; the command-line option in brackets)::
     data_roots    {dataset: folder}                                 [--data-root DATASET=DIR]
     results       results folder (default results)                  [--results]
     device        auto, cpu or cuda (default auto)                  [--device]
+    threads       torch threads of each run (default: OMP_NUM_THREADS, else the usable CPUs, shared
+                  among the local launcher's workers on CPU; vlpbench.threads)   [--threads]
     launcher      local, slurm or torchrun (default local)          [--launcher]
     workers       local launcher: parallel runs                     [--workers]
     slurm         {partition, timeout_min, gpus_per_node, array_parallelism, cpus_per_task, mem_gb, cluster}
@@ -71,6 +73,7 @@ class SweepSpec:
     data_roots: dict[str, str] = field(default_factory=dict)
     results: Path = Path("results")
     device: str = "auto"
+    threads: int | None = None
     launcher: str = "local"
     workers: int | None = None
     slurm: dict[str, Any] = field(default_factory=dict)
@@ -81,8 +84,8 @@ class SweepSpec:
         return {**self.overrides, **self.task_overrides.get(task, {})}
 
 
-FIELDS = ("models", "tasks", "fracs", "seeds", "set", "profile", "data_roots", "results", "device", "launcher", "workers",
-          "slurm", "nproc_per_node")
+FIELDS = ("models", "tasks", "fracs", "seeds", "set", "profile", "data_roots", "results", "device", "threads",
+          "launcher", "workers", "slurm", "nproc_per_node")
 
 
 def load_sweep_file(path: str | Path) -> dict[str, Any]:
@@ -138,6 +141,7 @@ def build_spec(values: dict[str, Any], origin: str = "sweep") -> SweepSpec:
                     for k, v in _mapping(values.get("data_roots"), f"{origin}: 'data_roots'").items()},
         results=Path(str(values.get("results") or "results")).expanduser(),
         device=str(values.get("device") or "auto"),
+        threads=_positive(values.get("threads"), f"{origin}: 'threads'"),
         launcher=launcher,
         workers=_positive(values.get("workers"), f"{origin}: 'workers'"),
         slurm=slurm,
@@ -170,7 +174,7 @@ def cli_values(*, models: list[str] | None, checkpoints: list[str] | None, model
 
     ``checkpoints`` are ``MODEL=PATH``, ``model_options`` ``MODEL:KEY=VALUE``, ``overrides``
     ``KEY=VALUE`` or ``TASK:KEY=VALUE``, ``data_roots`` ``DATASET=DIR``; ``rest`` (profile, results, device,
-    launcher, workers, slurm, nproc_per_node) is taken as given, None meaning "not given".
+    threads, launcher, workers, slurm, nproc_per_node) is taken as given, None meaning "not given".
     """
     values: dict[str, Any] = {key: value for key, value in rest.items() if value not in (None, {}, [])}
     if models:

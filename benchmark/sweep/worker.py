@@ -16,8 +16,6 @@ from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from vlpbench.cli import main as cli_main
 from vlpbench.files import leftover_temporaries
 from vlpbench.sweep.lifeline import tie_to_sweep
@@ -80,14 +78,11 @@ def remove_stale_temporaries(record: Path) -> list[Path]:
     return stale
 
 
-def child_main(argv: list[str], log: str, record: str | None, env: dict[str, str], threads: int | None,
-               sweep_pid: int) -> None:
+def child_main(argv: list[str], log: str, record: str | None, env: dict[str, str], sweep_pid: int) -> None:
     """Entry point of a local run process: die with the sweep ``sweep_pid``, set the slot's environment, run,
-    exit with the run's code."""
+    exit with the run's code (``argv``'s ``--threads`` sizes torch's threads, ``vlpbench.threads``)."""
     tie_to_sweep(sweep_pid)
     os.environ.update(env)
-    if threads:
-        torch.set_num_threads(threads)
     sys.exit(execute(argv, log, record))
 
 

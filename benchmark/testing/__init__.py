@@ -6,7 +6,8 @@ authors publish, so an adapter loads them as it loads the real file. Text encode
 test files small. This module holds the CNN families; ``vlpbench.testing.vit`` the ViT families (MGCA-ViT,
 BiomedCLIP), ``vlpbench.testing.hf`` MedCLIP and CXR-CLIP (built from torchvision and transformers modules),
 ``vlpbench.testing.aligned`` hand-set heads under which a zero-shot score must beat chance, and
-``vlpbench.testing.weightless`` a base for test models that compute their embeddings from the inputs.
+``vlpbench.testing.weightless`` a base for test models that compute their embeddings from the inputs;
+``vlpbench.testing.dicom`` writes uncompressed DICOMs of any bit depth for tests of the DICOM reader.
 """
 
 from __future__ import annotations

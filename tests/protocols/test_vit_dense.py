@@ -64,7 +64,8 @@ def one_thread():
 def _run(task: str, checkpoint: Path, data_root: Path, results: Path, *settings: str, model: str = "mrm",
          options: tuple[str, ...] = ()) -> dict:
     argv = ["-q", "run", "--model", model, "--checkpoint", str(checkpoint), "--task", task, "--frac", "1.0",
-            "--data-root", str(data_root), "--results", str(results), "--device", "cpu", "--overwrite"]
+            "--data-root", str(data_root), "--results", str(results), "--device", "cpu", "--overwrite",
+            "--threads", "1"]
     for option in options:
         argv += ["--model-option", option]
     for setting in ("image_size=64", "max_epochs=2", "patience=2", "bootstrap_resamples=20", *settings):

@@ -1,0 +1,104 @@
+"""Torch's intra-op thread count for ``run``, ``score`` and each run of a sweep.
+
+Torch's own default depends on its build and platform and may count CPUs the process cannot use (a SLURM
+job given 4 of a node's 64 cores running 64 threads, which then wait on each other); here the count is
+chosen, logged and recorded. First match wins:
+
+1. ``--threads N`` (the ``threads`` argument of ``vlpbench.api.run`` / ``score`` / ``sweep``);
+2. the environment variable ``OMP_NUM_THREADS``;
+3. the CPUs of the process's affinity mask (``os.sched_getaffinity``: what SLURM, ``taskset`` or a
+   container's cpuset allow), or ``os.cpu_count()`` where the platform has no affinity call (macOS, Windows).
+
+The choice is logged once at INFO (``torch threads: 4 (CPU affinity)``) and recorded as
+``env.torch_threads`` in result records. :func:`torch_threads` holds it for one call of the API and then
+gives the caller back its own count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+
+from vlpbench.errors import ConfigError
+
+log = logging.getLogger("vlpbench")
+
+OPTION = "--threads"
+ENVIRONMENT = "OMP_NUM_THREADS"
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """A thread count and where it came from (``--threads``, ``OMP_NUM_THREADS``, ``CPU affinity`` or
+    ``CPU count``)."""
+
+    count: int
+    source: str
+
+
+# The last choice logged in this process: a second run in the same process with the same choice stays quiet.
+_logged: ThreadChoice | None = None
+
+
+def usable_cpus() -> ThreadChoice:
+    """How many CPUs this process may run on: its affinity mask, else every CPU of the machine."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        return ThreadChoice(len(affinity(0)), "CPU affinity")
+    return ThreadChoice(os.cpu_count() or 1, "CPU count")
+
+
+def choose_threads(threads: int | None = None, environ: Mapping[str, str] | None = None) -> ThreadChoice:
+    """The thread count for ``threads`` (None: not given) and ``environ`` (default ``os.environ``), in the
+    order of the module docstring.
+
+    Raises:
+        ConfigError: ``threads`` is not a positive integer, or ``OMP_NUM_THREADS`` is set to anything else.
+    """
+    if threads is not None:
+        if type(threads) is not int or threads < 1:
+            raise ConfigError(f"{OPTION} {threads!r}: expected a positive integer (torch threads per run)")
+        return ThreadChoice(threads, OPTION)
+    text = (os.environ if environ is None else environ).get(ENVIRONMENT, "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise ConfigError(f"environment variable {ENVIRONMENT}={text!r}: expected a positive integer "
+                              f"(or unset it to use the CPUs this process may run on)")
+        return ThreadChoice(int(text), ENVIRONMENT)
+    return usable_cpus()
+
+
+def set_torch_threads(threads: int | None = None) -> ThreadChoice:
+    """Set torch's intra-op threads to :func:`choose_threads`'s count and log it (once per distinct choice).
+
+    Raises:
+        ConfigError: as :func:`choose_threads`.
+    """
+    global _logged
+    choice = choose_threads(threads)
+    torch.set_num_threads(choice.count)
+    if choice != _logged:
+        log.info("torch threads: %d (%s)", choice.count, choice.source)
+        _logged = choice
+    return choice
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None = None) -> Iterator[ThreadChoice]:
+    """:func:`set_torch_threads` for the block, then torch's previous count again (a program that calls
+    ``vlpbench.api`` keeps its own setting).
+
+    Raises:
+        ConfigError: as :func:`choose_threads`, before the block runs.
+    """
+    before = torch.get_num_threads()
+    choice = set_torch_threads(threads)
+    try:
+        yield choice
+    finally:
+        torch.set_num_threads(before)
