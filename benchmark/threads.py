@@ -7,7 +7,9 @@ chosen, logged and recorded. First match wins:
 1. ``--threads N`` (the ``threads`` argument of ``vlpbench.api.run`` / ``score`` / ``sweep``);
 2. the environment variable ``OMP_NUM_THREADS``;
 3. the CPUs of the process's affinity mask (``os.sched_getaffinity``: what SLURM, ``taskset`` or a
-   container's cpuset allow), or ``os.cpu_count()`` where the platform has no affinity call (macOS, Windows).
+   container's cpuset allow), or ``os.cpu_count()`` where the platform has no affinity call (macOS, Windows),
+   but never more than torch's own default at import (which counts physical cores on most builds: the
+   affinity mask counts hyper-threads, and two threads per core slow torch's kernels down).
 
 The choice is logged once at INFO (``torch threads: 4 (CPU affinity)``) and recorded as
 ``env.torch_threads`` in result records. :func:`torch_threads` holds it for one call of the API and then
@@ -41,16 +43,22 @@ class ThreadChoice:
     source: str
 
 
+# Torch's count before vlpbench changes it: the upper bound of the affinity rule.
+_TORCH_DEFAULT = torch.get_num_threads()
+
 # The last choice logged in this process: a second run in the same process with the same choice stays quiet.
 _logged: ThreadChoice | None = None
 
 
 def usable_cpus() -> ThreadChoice:
-    """How many CPUs this process may run on: its affinity mask, else every CPU of the machine."""
+    """How many CPUs this process may run on: its affinity mask, else every CPU of the machine; at most
+    torch's own default."""
     affinity = getattr(os, "sched_getaffinity", None)
-    if affinity is not None:
-        return ThreadChoice(len(affinity(0)), "CPU affinity")
-    return ThreadChoice(os.cpu_count() or 1, "CPU count")
+    usable = ThreadChoice(len(affinity(0)), "CPU affinity") if affinity is not None else \
+        ThreadChoice(os.cpu_count() or 1, "CPU count")
+    if _TORCH_DEFAULT < usable.count:
+        return ThreadChoice(_TORCH_DEFAULT, f"torch default, under the {usable.count} of the {usable.source}")
+    return usable
 
 
 def choose_threads(threads: int | None = None, environ: Mapping[str, str] | None = None) -> ThreadChoice:

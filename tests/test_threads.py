@@ -19,6 +19,7 @@ def restore_threads(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "_logged", None)
+    monkeypatch.setattr(threads, "_TORCH_DEFAULT", 64)  # a 64-core machine's default, above every mask below
     yield
     torch.set_num_threads(before)
 
@@ -32,6 +33,12 @@ def test_affinity_sets_the_count(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert choose_threads() == ThreadChoice(3, "CPU affinity")
     assert set_torch_threads() == ThreadChoice(3, "CPU affinity") and torch.get_num_threads() == 3
+
+
+def test_never_more_than_torchs_own_default(monkeypatch):
+    _affinity(monkeypatch, range(16))  # 8 cores with two hyper-threads each
+    monkeypatch.setattr(threads, "_TORCH_DEFAULT", 8)
+    assert choose_threads() == ThreadChoice(8, "torch default, under the 16 of the CPU affinity")
 
 
 def test_cpu_count_where_there_is_no_affinity_call(monkeypatch):
