@@ -41,7 +41,8 @@ Files live at ``<results>/runs/<model>/<sha256[:8] | nockpt>/<task>.v<version>[-
 (the profile only where it is not ``canonical``),
 are written atomically and are never overwritten silently.
 
-Reading validates a record against this schema (its ``schema`` version first: a newer one is refused with a
+Writing refuses a record that reading would refuse (:func:`written_problem`), so vlpbench never writes what it
+cannot read back. Reading validates a record against this schema (its ``schema`` version first: a newer one is refused with a
 message saying so) and then every number in it (:mod:`vlpbench.record_values`: finite, in the metric's range,
 CI bounds ordered, aggregates equal to the mean of the per-image scores they summarise). :func:`load_record`
 and :func:`load_records` raise on an invalid record; :func:`scan_records` returns the valid records and the
@@ -93,7 +94,10 @@ def make_record(*, model: dict, task: dict, frac: float, seed: int, split: dict,
 
     Raises:
         ConfigError: a required field is missing or invalid (e.g. ``primary_metric`` not in
-            ``metrics``, ``frac`` outside (0, 1]), or a metric is not named as its spec names it.
+            ``metrics``, ``frac`` outside (0, 1]), a metric is not named as its spec names it, or the record
+            holds what reading it back would refuse (:func:`written_problem`: a number outside its metric's
+            range or not finite, an aggregate that is not the mean of its per-image scores, no
+            ``env.vlpbench``); the message names the key.
     """
     record = {
         "schema": SCHEMA_VERSION,
@@ -117,12 +121,36 @@ def make_record(*, model: dict, task: dict, frac: float, seed: int, split: dict,
         record["calibration"] = calibration
     if subgroups is not None:
         record["subgroups"] = subgroups
-    if subgroups is not None:
-        record["subgroups"] = subgroups
-    problem = _problem(record) or _metric_name_problem(record)
+    problem = _problem(record) or _metric_name_problem(record) or written_problem(record)
     if problem:
         raise ConfigError(f"result record: {problem}")
     return record
+
+
+def written_problem(record: dict) -> str | None:
+    """What reading ``record`` back would refuse, as a message naming the key, or None; ``record`` has passed
+    :func:`_problem`.
+
+    The numbers are checked as they will be written (:func:`_jsonable`: rounded, a NaN metric or CI bound as
+    null, meaning undefined) by :func:`vlpbench.record_values.values_problem`, so vlpbench never writes a
+    record it would refuse to read. Before that, an infinite metric or CI bound, or a per-image score that is
+    not finite, is refused under its own value: writing it as null would change its meaning silently.
+    """
+    return _non_finite_problem(record) or values_problem(_jsonable(record))
+
+
+def _non_finite_problem(record: dict) -> str | None:
+    ci = record["ci"] if isinstance(record["ci"], dict) else {}
+    numbers = [(f"metrics.{name}", value, math.isinf) for name, value in record["metrics"].items()]
+    numbers += [(f"ci.{name}.{bound}", entry[bound], math.isinf) for name, entry in ci.items()
+                if isinstance(entry, dict) for bound in ("low", "high") if bound in entry]
+    per_image = record.get("per_image")
+    if isinstance(per_image, dict):
+        numbers += [(f"per_image.{key}", value, lambda v: not math.isfinite(v)) for key, value in per_image.items()]
+    for key, value, bad in numbers:
+        if isinstance(value, (float, np.floating)) and bad(value):
+            return f"invalid key {key!r}: {float(value)!r} is not a finite number"
+    return None
 
 
 def _metric_name_problem(record: dict) -> str | None:
@@ -239,11 +267,12 @@ def write_record(record: dict, results_dir: str | os.PathLike, *, overwrite: boo
     Raises:
         VlpbenchError: the record exists and ``overwrite`` is False. With ``overwrite`` the old file
             is kept as ``<name>.replaced-<UTC time>.json.bak`` next to the new one.
-        ConfigError: the record is malformed.
+        ConfigError: the record is malformed, or holds what reading it back would refuse
+            (:func:`written_problem`); nothing is written then.
         VlpbenchError: the folder cannot be written (full disk, read-only file system, no permission);
             the message says which, and a record being replaced is left in place.
     """
-    problem = _problem(record)
+    problem = _problem(record) or written_problem(record)
     if problem:
         raise ConfigError(f"result record: {problem}")
     path = record_path(results_dir, record)
