@@ -24,7 +24,7 @@ from vlpbench.sweep import build_spec, cli_values, expand, load_sweep_file, pend
 from vlpbench.sweep.local import start_server, worker_slots
 from vlpbench.sweep.report import failure_reason
 from vlpbench.sweep.torchrun import torchrun_command
-from vlpbench.sweep.worker import remove_stale_temporaries
+from vlpbench.sweep.runlock import remove_stale_temporaries
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "sweeps"
 # Tiny linear-probe runs: 32 px images, one epoch, batch 1 so that a 1 % subset of one image trains.
@@ -190,14 +190,16 @@ def test_local_worker_slots_own_a_gpu_each_or_share_the_cores():
 
 def test_torchrun_launcher_builds_one_command_per_run(tmp_path, capsys):
     command = torchrun_command(["run", "--model", "g2d"], 4)
-    assert command[-7:] == ["--standalone", "--nproc-per-node=4", "-m", "vlpbench.cli", "run", "--model", "g2d"]
+    assert command[-7:] == ["--standalone", "--nproc-per-node=4", "-m", "vlpbench.sweep.torchrun_rank", "run",
+                            "--model", "g2d"]
     assert Path(command[0]).name == "torchrun" or command[1:3] == ["-m", "torch.distributed.run"]
     code = main(["sweep", "--models", "random", "--tasks", "rsna_cls,rsna_zs", "--fracs", "1%,100%", "--seeds", "0",
                  "--set", "rsna_cls:max_epochs=2", "--results", str(tmp_path), "--launcher", "torchrun",
                  "--nproc-per-node", "2", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0
-    lines = [line.strip() for line in out.splitlines() if "--nproc-per-node=2 -m vlpbench.cli run" in line]
+    lines = [line.strip() for line in out.splitlines()
+             if "--nproc-per-node=2 -m vlpbench.sweep.torchrun_rank run" in line]
     assert len(lines) == 3 and "note: rsna_zs allows fractions 1: 0.01 left out" in out
     assert "--task rsna_cls --frac 0.01 --seed 0" in lines[0] and "--set max_epochs=2" in lines[0]
     assert "3 planned" in out and not (tmp_path / "runs").exists()
