@@ -4,10 +4,12 @@ A record is the only thing tables, plots and comparisons read. Its fields (schem
 
     schema          int, SCHEMA_VERSION of the code that wrote it
     model           {name, adapter, checkpoint: {path, sha256} | null, layout, ...}
-    task            {name, version, profile?, higher_is_better?, ...}; profile is the protocol profile the
-                    run resolved (``canonical`` where absent, as in records written before profiles
+    task            {name, version, protocol?, profile?, higher_is_better?, file?, ...}; profile is the protocol
+                    profile the run resolved (``canonical`` where absent, as in records written before profiles
                     existed); higher_is_better is the primary metric's direction, kept for readers of
-                    the file (tables read it from the metric's spec)
+                    the file (tables read it from the metric's spec); file is {path, sha256} of a user's task
+                    file (``--task-file``), whose records always carry their protocol, so that readers need
+                    neither the file nor a shipped task of that name
     frac, seed      training-data fraction in (0, 1] and the seed (split draw and head init)
     split           {dataset, version, sha256} of the split files the run used
     metrics         {name: value | null}; primary_metric names the headline one. Every name is a
@@ -426,6 +428,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and bool(re.fullmatch(r"[0-9a-f]{64}", value))
+
+
 def _is_version(value: Any) -> bool:
     return _is_int(value) or (isinstance(value, str) and bool(value))
 
@@ -440,6 +446,9 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("task.name", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
     ("task.version", _is_version, "an integer or a non-empty string"),
     ("task.profile", lambda v: v in PROFILES, f"one of {', '.join(PROFILES)}"),
+    ("task.file", lambda v: (isinstance(v, dict) and isinstance(v.get("path"), str) and bool(v["path"])
+                             and _is_sha256(v.get("sha256"))),
+     "an object {path: the task file, sha256: 64 hex digits}"),
     ("frac", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("seed", _is_int, "an integer"),
     ("split", lambda v: isinstance(v, dict), "an object"),
@@ -463,10 +472,11 @@ _CHECKS: list[tuple[str, Any, str]] = [
 ]
 
 
-# task.profile: absent in records written before profiles existed (canonical); calibration: before calibration
+# task.profile: absent in records written before profiles existed (canonical); task.file: in records of shipped
+# tasks; calibration: before calibration
 # metrics existed, and in records of protocols other than classification; subgroups: where the dataset carries
 # no attribute, and in records written before subgroups existed; evidence: before evidence files existed.
-_OPTIONAL = {"task.profile", "calibration", "subgroups", "evidence"}
+_OPTIONAL = {"task.profile", "task.file", "calibration", "subgroups", "evidence"}
 
 
 def _problem(record: Any) -> str | None:
@@ -491,6 +501,9 @@ def _problem(record: Any) -> str | None:
             return f"missing key {dotted!r}"
         if not test(holder[key]):
             return f"invalid key {dotted!r}: expected {expected}, got {holder[key]!r}"
+    if "file" in record["task"] and not isinstance(record["task"].get("protocol"), str):
+        return (f"invalid key 'task.protocol': a record of task file {record['task']['file']['path']} carries "
+                f"the task's protocol, got {record['task'].get('protocol')!r}")
     if record["primary_metric"] not in record["metrics"]:
         return (f"invalid key 'primary_metric': {record['primary_metric']!r} is not among the metrics "
                 f"({', '.join(map(repr, record['metrics'])) or 'none'})")
