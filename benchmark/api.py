@@ -119,10 +119,16 @@ def run(model: str, task: str, frac: float, *, device: str = "auto", threads: in
 
     with torch_threads(threads):
         if distributed.requested_world_size() > 1:
-            check_distributed(load_task(task).protocol)
+            check_distributed(task_spec(task).protocol)
         torch_device = resolve_device(device)
         with distributed.session(torch_device):
             return run_in_process(model, task, frac, device=str(distributed.local_device(torch_device)), **options)
+
+
+def task_spec(task: str | Task, profile: str = "canonical") -> Task:
+    """``task`` resolved for ``profile``: a shipped task's name (:func:`vlpbench.tasks.load_task`), or a task
+    loaded from a user's file (:func:`vlpbench.tasks.load_task_file`)."""
+    return task.with_profile(profile) if isinstance(task, Task) else load_task(task, profile)
 
 
 def check_distributed(protocol_name: str) -> None:
@@ -137,7 +143,7 @@ def check_distributed(protocol_name: str) -> None:
 
 def run_in_process(
     model: str,
-    task: str,
+    task: str | Task,
     frac: float,
     *,
     seed: int = 0,
@@ -160,6 +166,9 @@ def run_in_process(
     """Run one (model, task, fraction, seed) in this process (and its process group, if one is
     initialised: then only rank 0 writes the record, and the others return ``(record, None)``).
 
+    ``task``: a shipped task's name, or a :class:`vlpbench.tasks.Task` loaded from a user's task file
+    (:func:`vlpbench.tasks.load_task_file`; its record names the file and its sha256).
+
     Everything that can fail fast (task, fraction, overrides, checkpoint, data folder, an existing
     record, an unwritable results folder) is checked before any training starts. Returns the record
     and its path. ``precision``: ``fp32`` or ``bf16`` (autocast; see :mod:`vlpbench.protocols.runtime`),
@@ -178,7 +187,7 @@ def run_in_process(
     from vlpbench.protocols.runtime import resolve_precision
     from vlpbench.results import check_writable, existing_record, make_record, write_record
 
-    spec = load_task(task, profile)
+    spec = task_spec(task, profile)
     frac = float(frac)
     if frac not in spec.fractions:
         raise ConfigError(f"--frac {frac}: task {spec.name} allows {', '.join(map(str, spec.fractions))}")
@@ -239,8 +248,7 @@ def run_in_process(
 
     record = make_record(
         model=model_info,
-        task={"name": spec.name, "version": spec.version, "protocol": spec.protocol, "profile": spec.profile,
-              "higher_is_better": spec.higher_is_better},
+        task=spec.record_fields(),
         frac=frac,
         seed=seed,
         split={"dataset": split.dataset, "version": split.version, "sha256": split.manifest_sha256,
@@ -495,7 +503,7 @@ def baseline_update(results: str | Path = DEFAULT_RESULTS, baseline_dir: str | P
     return update_baseline(results, baseline_dir, force=force)
 
 
-def score(task: str, predictions: str | Path, *, data_root: str | Path | None = None, split: str = "test",
+def score(task: str | Task, predictions: str | Path, *, data_root: str | Path | None = None, split: str = "test",
           seed: int = 0, overrides: dict[str, Any] | None = None, profile: str = "canonical",
           by: list[str] | None = None, age_bins: list[float] | None = None,
           threads: int | None = None) -> dict[str, Any]:
@@ -505,10 +513,11 @@ def score(task: str, predictions: str | Path, *, data_root: str | Path | None = 
     :mod:`vlpbench.predictions`). The data folder needs the label files only, no image. ``split``: the part
     scored (``test``, or ``val``). ``seed`` seeds the bootstrap as ``run --seed`` does, so predictions saved by
     a run give its metrics, CIs and thresholds exactly. ``overrides``: task options as ``run --set`` takes them.
-    ``profile``: the protocol profile whose settings (split, metric, options) score the predictions.
+    ``profile``: the protocol profile whose settings (split, metric, options) score the predictions. ``task``: a
+    shipped task's name or a task loaded from a user's file (:func:`task_spec`).
 
-    Returns ``task``, ``version``, ``profile``, ``split``, ``split_sha256``, ``config`` (the overrides and seed used) and
-    the protocol's outcome: ``metrics``, ``ci``, ``per_image``, ``n``, ``scoring`` (thresholds, notes), for
+    Returns ``task``, ``version``, ``profile``, ``task_file`` ({path, sha256}; a task file's only), ``split``,
+    ``split_sha256``, ``config`` (the overrides and seed used) and the protocol's outcome: ``metrics``, ``ci``, ``per_image``, ``n``, ``scoring`` (thresholds, notes), for
     classification ``calibration`` (reliability bins, or why they are left out), and ``subgroups`` as ``run``
     records them where the data folder's files carry attributes (a DICOM dataset's live in the image headers).
     ``by`` and ``age_bins`` as for :func:`run_in_process`; ``threads`` as for :func:`run`.
@@ -516,7 +525,7 @@ def score(task: str, predictions: str | Path, *, data_root: str | Path | None = 
     from vlpbench.threads import torch_threads
 
     with torch_threads(threads):
-        spec = load_task(task, profile)
+        spec = task_spec(task, profile)
         protocol = protocol_named(spec.protocol)
         config = spec.resolve(overrides)
         source = open_dataset(spec, data_root)
@@ -534,12 +543,12 @@ def score(task: str, predictions: str | Path, *, data_root: str | Path | None = 
         attributes = read_attributes(source, ids)
         outcome = protocol.score(Path(predictions), source, SplitIds([], val_ids, ids), config, seed=seed)
         # The evidence: arrays for a record's sidecar (`score` writes no record), and what subgroups come from.
-        subgroups = subgroups_of(outcome.pop("evidence", None), attributes, source.attribute_names,
-                                 spec.primary_metric, edges=edges, n_resamples=int(config["bootstrap_resamples"]),
-                                 seed=seed)
+        subgroups = subgroups_of(outcome.pop("evidence", None), attributes, source.attribute_names, spec.primary_metric,
+                                 edges=edges, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
         if subgroups is not None:
             outcome["subgroups"] = subgroups
-        return {"task": spec.name, "version": spec.version, "profile": spec.profile, "split": split,
+        task_file = {"task_file": spec.record_fields()["file"]} if spec.file_sha256 else {}
+        return {"task": spec.name, "version": spec.version, "profile": spec.profile, **task_file, "split": split,
                 "split_sha256": holder.manifest_sha256,
                 "config": {"overrides": dict(overrides or {}), "seed": seed}, **outcome}
 
@@ -602,11 +611,10 @@ def model_table() -> list[dict[str, Any]]:
     return rows
 
 
-def task_table() -> list[dict[str, Any]]:
-    """Shipped tasks with their protocol, metric and fractions."""
+def task_table(tasks: list[Task] | None = None) -> list[dict[str, Any]]:
+    """Shipped tasks (or ``tasks``, e.g. loaded from task files) with their protocol, metric and fractions."""
     rows = []
-    for name in task_names():
-        spec = load_task(name)
+    for spec in tasks if tasks is not None else [load_task(name) for name in task_names()]:
         rows.append({"task": spec.name, "version": spec.version, "dataset": f"{spec.dataset}/{spec.split}",
                      "protocol": spec.protocol, "metric": spec.primary_metric,
                      "fractions": ", ".join(f"{f:g}" for f in spec.fractions), "description": spec.description})

@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                 "vlpbench run --model g2d --task siim_seg --frac 0.01 --checkpoint g2d_encoder.pth "
                 "--data-root ~/data/siim --seed 0", _run)
     p.add_argument("--model", required=True, help="adapter name (see `vlpbench models`)")
-    p.add_argument("--task", required=True, help="task name (see `vlpbench tasks`)")
+    _task_options(p)
     p.add_argument("--frac", required=True, type=float, help="training fraction: 0.01, 0.1 or 1.0")
     p.add_argument("--checkpoint", help="checkpoint file of the model, as its authors publish it")
     p.add_argument("--model-option", dest="model_options", action="append", metavar="KEY=VALUE",
@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
                 "task's evaluation: the same metrics, CIs and thresholds as `run`. Needs the label files (and, for "
                 "report retrieval, the reports) only.",
                 "vlpbench score --task siim_seg --predictions preds/ --data-root ~/data/siim --json", _score)
-    p.add_argument("--task", required=True)
+    _task_options(p)
     p.add_argument("--predictions", required=True,
                    help="the folder `run --save-predictions` wrote, or the protocol's file: segmentation: a folder "
                         "of <image_id>.png masks (non-zero = positive) or .npy probabilities in [0, 1], each at its "
@@ -392,12 +392,35 @@ def _parser() -> argparse.ArgumentParser:
                 "vlpbench models --verbose", _models)
     p.add_argument("--verbose", dest="details", action="store_true",
                    help="add each model's card (paper, repository, checkpoint files, pre-training data, input)")
-    p = command("tasks", "List the tasks; --verbose adds each task's classes, prompts and settings.",
-                "vlpbench tasks --verbose", _tasks)
+    p = command("tasks", "List the tasks; --verbose adds each task's classes, prompts and settings; --task-file "
+                "checks and shows your own task file instead.",
+                "vlpbench tasks --verbose\n  vlpbench tasks --verbose --task-file my_siim_seg.yaml", _tasks)
     p.add_argument("--verbose", dest="details", action="store_true",
                    help="show every task's configuration (classes, prompts, hyper-parameters) and sources")
     _profile(p, "with --verbose: the settings as this profile resolves them, each changed one with its source")
+    p.add_argument("--task-file", dest="task_files", action="append", metavar="PATH",
+                   help="instead of the shipped tasks, the task of this YAML file, validated as a shipped task is "
+                        "(repeatable)")
     return parser
+
+
+TASK_FILE_HELP = ("your own task YAML, instead of --task: validated as a shipped task is (see `vlpbench tasks "
+                  "--verbose --task-file PATH`), its name no shipped task's; the record keeps its protocol, path "
+                  "and sha256")
+
+
+def _task_options(p: argparse.ArgumentParser) -> None:
+    """``--task NAME`` or ``--task-file PATH``, one of them."""
+    task = p.add_mutually_exclusive_group(required=True)
+    task.add_argument("--task", help="task name (see `vlpbench tasks`)")
+    task.add_argument("--task-file", metavar="PATH", help=TASK_FILE_HELP)
+
+
+def _task(args: argparse.Namespace):
+    """The task ``--task`` names, or the one ``--task-file`` holds (loaded and validated)."""
+    from vlpbench.tasks import load_task_file
+
+    return load_task_file(args.task_file) if args.task_file is not None else args.task
 
 
 DATA_ROOT_HELP = ("dataset folder as its download unpacks "
@@ -451,7 +474,7 @@ def _run(args: argparse.Namespace) -> int:
     from vlpbench import api
     from vlpbench.options import parse_options
 
-    record, path = api.run(args.model, args.task, args.frac, seed=args.seed, checkpoint=args.checkpoint,
+    record, path = api.run(args.model, _task(args), args.frac, seed=args.seed, checkpoint=args.checkpoint,
                            name=args.name, model_options=parse_options(args.model_options, "--model-option"),
                            data_root=args.data_root, results=args.results,
                            overrides=parse_options(args.overrides, "--set"), device=args.device,
@@ -506,7 +529,7 @@ def _score(args: argparse.Namespace) -> int:
 
     from vlpbench.options import parse_options
 
-    result = api.score(args.task, args.predictions, data_root=args.data_root, split=args.split, seed=args.seed,
+    result = api.score(_task(args), args.predictions, data_root=args.data_root, split=args.split, seed=args.seed,
                        overrides=parse_options(args.overrides, "--set"), profile=args.profile, by=_by(args),
                        age_bins=args.age_bins, threads=args.threads)
     if args.json:
@@ -757,16 +780,17 @@ def _card_lines(row: dict, indent: str) -> list[str]:
 def _tasks(args: argparse.Namespace) -> int:
     from vlpbench import api
 
+    from vlpbench.tasks import load_task, load_task_file, task_names
+
+    specs = ([load_task_file(path) for path in args.task_files] if args.task_files
+             else [load_task(name) for name in task_names()])
     if not args.details:
-        _print_rows(api.task_table())
+        _print_rows(api.task_table(specs))
         return 0
     import yaml
 
-    from vlpbench.tasks import load_task, task_names
-
     blocks = []
-    for name in task_names():
-        spec = load_task(name)
+    for spec in specs:
         if args.profile != spec.profile:
             declared = spec.profiles.get(args.profile)
             if declared is None or declared.unavailable:
@@ -775,6 +799,7 @@ def _tasks(args: argparse.Namespace) -> int:
                 continue
             spec = spec.with_profile(args.profile)
         head = (f"{spec.name} (v{spec.version}, {spec.profile} profile): {spec.description}\n"
+                + (f"  file {spec.path} (sha256 {spec.file_sha256})\n" if spec.file_sha256 else "") +
                 f"  dataset {spec.dataset}/{spec.split}; protocol {spec.protocol}; "
                 f"{spec.primary_metric} ({'higher' if spec.higher_is_better else 'lower'} is better); "
                 f"fractions {', '.join(f'{f:g}' for f in spec.fractions)}")

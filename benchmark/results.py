@@ -4,10 +4,12 @@ A record is the only thing tables, plots and comparisons read. Its fields (schem
 
     schema          int, SCHEMA_VERSION of the code that wrote it
     model           {name, adapter, checkpoint: {path, sha256} | null, layout, ...}
-    task            {name, version, profile?, higher_is_better?, ...}; profile is the protocol profile the
-                    run resolved (``canonical`` where absent, as in records written before profiles
+    task            {name, version, protocol?, profile?, higher_is_better?, file?, ...}; profile is the protocol
+                    profile the run resolved (``canonical`` where absent, as in records written before profiles
                     existed); higher_is_better is the primary metric's direction, kept for readers of
-                    the file (tables read it from the metric's spec)
+                    the file (tables read it from the metric's spec); file is {path, sha256} of a user's task
+                    file (``--task-file``), whose records always carry their protocol, so that readers need
+                    neither the file nor a shipped task of that name
     frac, seed      training-data fraction in (0, 1] and the seed (split draw and head init)
     split           {dataset, version, sha256} of the split files the run used
     metrics         {name: value | null}; primary_metric names the headline one. Every name is a
@@ -42,7 +44,8 @@ Files live at ``<results>/runs/<model>/<sha256[:8] | nockpt>/<task>.v<version>[-
 (the profile only where it is not ``canonical``),
 are written atomically and are never overwritten silently.
 
-Reading validates a record against this schema (its ``schema`` version first: a newer one is refused with a
+Writing refuses a record that reading would refuse (:func:`written_problem`), so vlpbench never writes what it
+cannot read back. Reading validates a record against this schema (its ``schema`` version first: a newer one is refused with a
 message saying so) and then every number in it (:mod:`vlpbench.record_values`: finite, in the metric's range,
 CI bounds ordered, aggregates equal to the mean of the per-image scores they summarise). :func:`load_record`
 and :func:`load_records` raise on an invalid record; :func:`scan_records` returns the valid records and the
@@ -94,7 +97,10 @@ def make_record(*, model: dict, task: dict, frac: float, seed: int, split: dict,
 
     Raises:
         ConfigError: a required field is missing or invalid (e.g. ``primary_metric`` not in
-            ``metrics``, ``frac`` outside (0, 1]), or a metric is not named as its spec names it.
+            ``metrics``, ``frac`` outside (0, 1]), a metric is not named as its spec names it, or the record
+            holds what reading it back would refuse (:func:`written_problem`: a number outside its metric's
+            range or not finite, an aggregate that is not the mean of its per-image scores, no
+            ``env.vlpbench``); the message names the key.
     """
     record = {
         "schema": SCHEMA_VERSION,
@@ -118,12 +124,36 @@ def make_record(*, model: dict, task: dict, frac: float, seed: int, split: dict,
         record["calibration"] = calibration
     if subgroups is not None:
         record["subgroups"] = subgroups
-    if subgroups is not None:
-        record["subgroups"] = subgroups
-    problem = _problem(record) or _metric_name_problem(record)
+    problem = _problem(record) or _metric_name_problem(record) or written_problem(record)
     if problem:
         raise ConfigError(f"result record: {problem}")
     return record
+
+
+def written_problem(record: dict) -> str | None:
+    """What reading ``record`` back would refuse, as a message naming the key, or None; ``record`` has passed
+    :func:`_problem`.
+
+    The numbers are checked as they will be written (:func:`_jsonable`: rounded, a NaN metric or CI bound as
+    null, meaning undefined) by :func:`vlpbench.record_values.values_problem`, so vlpbench never writes a
+    record it would refuse to read. Before that, an infinite metric or CI bound, or a per-image score that is
+    not finite, is refused under its own value: writing it as null would change its meaning silently.
+    """
+    return _non_finite_problem(record) or values_problem(_jsonable(record))
+
+
+def _non_finite_problem(record: dict) -> str | None:
+    ci = record["ci"] if isinstance(record["ci"], dict) else {}
+    numbers = [(f"metrics.{name}", value, math.isinf) for name, value in record["metrics"].items()]
+    numbers += [(f"ci.{name}.{bound}", entry[bound], math.isinf) for name, entry in ci.items()
+                if isinstance(entry, dict) for bound in ("low", "high") if bound in entry]
+    per_image = record.get("per_image")
+    if isinstance(per_image, dict):
+        numbers += [(f"per_image.{key}", value, lambda v: not math.isfinite(v)) for key, value in per_image.items()]
+    for key, value, bad in numbers:
+        if isinstance(value, (float, np.floating)) and bad(value):
+            return f"invalid key {key!r}: {float(value)!r} is not a finite number"
+    return None
 
 
 def _metric_name_problem(record: dict) -> str | None:
@@ -242,11 +272,12 @@ def write_record(record: dict, results_dir: str | os.PathLike, *, overwrite: boo
     Raises:
         VlpbenchError: the record exists and ``overwrite`` is False. With ``overwrite`` the old file
             is kept as ``<name>.replaced-<UTC time>.json.bak`` next to the new one.
-        ConfigError: the record is malformed.
+        ConfigError: the record is malformed, or holds what reading it back would refuse
+            (:func:`written_problem`); nothing is written then.
         VlpbenchError: the folder cannot be written (full disk, read-only file system, no permission);
             the message says which, and a record being replaced is left in place.
     """
-    problem = _problem(record)
+    problem = _problem(record) or written_problem(record)
     if problem:
         raise ConfigError(f"result record: {problem}")
     path = record_path(results_dir, record)
@@ -400,6 +431,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and bool(re.fullmatch(r"[0-9a-f]{64}", value))
+
+
 def _is_version(value: Any) -> bool:
     return _is_int(value) or (isinstance(value, str) and bool(value))
 
@@ -414,6 +449,9 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("task.name", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
     ("task.version", _is_version, "an integer or a non-empty string"),
     ("task.profile", lambda v: v in PROFILES, f"one of {', '.join(PROFILES)}"),
+    ("task.file", lambda v: (isinstance(v, dict) and isinstance(v.get("path"), str) and bool(v["path"])
+                             and _is_sha256(v.get("sha256"))),
+     "an object {path: the task file, sha256: 64 hex digits}"),
     ("frac", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("seed", _is_int, "an integer"),
     ("split", lambda v: isinstance(v, dict), "an object"),
@@ -437,10 +475,11 @@ _CHECKS: list[tuple[str, Any, str]] = [
 ]
 
 
-# task.profile: absent in records written before profiles existed (canonical); calibration: before calibration
+# task.profile: absent in records written before profiles existed (canonical); task.file: in records of shipped
+# tasks; calibration: before calibration
 # metrics existed, and in records of protocols other than classification; subgroups: where the dataset carries
 # no attribute, and in records written before subgroups existed; evidence: before evidence files existed.
-_OPTIONAL = {"task.profile", "calibration", "subgroups", "evidence"}
+_OPTIONAL = {"task.profile", "task.file", "calibration", "subgroups", "evidence"}
 
 
 def _problem(record: Any) -> str | None:
@@ -465,6 +504,9 @@ def _problem(record: Any) -> str | None:
             return f"missing key {dotted!r}"
         if not test(holder[key]):
             return f"invalid key {dotted!r}: expected {expected}, got {holder[key]!r}"
+    if "file" in record["task"] and not isinstance(record["task"].get("protocol"), str):
+        return (f"invalid key 'task.protocol': a record of task file {record['task']['file']['path']} carries "
+                f"the task's protocol, got {record['task'].get('protocol')!r}")
     if record["primary_metric"] not in record["metrics"]:
         return (f"invalid key 'primary_metric': {record['primary_metric']!r} is not among the metrics "
                 f"({', '.join(map(repr, record['metrics'])) or 'none'})")

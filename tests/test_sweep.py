@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from vlpbench import api
+from vlpbench import api, threads
 from vlpbench.cli import main
 from vlpbench.errors import ConfigError
 from vlpbench.options import parse_options
@@ -23,8 +23,8 @@ from vlpbench.results import load_record, record_path
 from vlpbench.sweep import build_spec, cli_values, expand, load_sweep_file, pending
 from vlpbench.sweep.local import cpu_share, start_server, worker_slots
 from vlpbench.sweep.report import failure_reason
+from vlpbench.sweep.runlock import remove_stale_temporaries
 from vlpbench.sweep.torchrun import torchrun_command
-from vlpbench.sweep.worker import remove_stale_temporaries
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "sweeps"
 # Tiny linear-probe runs: 32 px images, one epoch, batch 1 so that a 1 % subset of one image trains.
@@ -185,6 +185,7 @@ def test_local_worker_slots_own_a_gpu_each_or_share_the_cores(monkeypatch):
     assert worker_slots(2, []) == [{}, {}]
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setattr(threads, "_TORCH_DEFAULT", 64)  # the affinity mask, not torch's default, is the bound
     assert (cpu_share(None, []), cpu_share(2, []), cpu_share(4, []), cpu_share(8, [])) == (6, 3, 1, 1)
     assert cpu_share(2, ["0"]) is None  # a GPU run sizes its own threads
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
@@ -194,6 +195,7 @@ def test_local_worker_slots_own_a_gpu_each_or_share_the_cores(monkeypatch):
 def test_sweep_threads_reach_every_run_command(monkeypatch, tmp_path):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(threads, "_TORCH_DEFAULT", 64)  # the affinity mask, not torch's default, is the bound
     values = {"models": ["random"], "tasks": ["rsna_cls"], "fracs": [1.0], "seeds": [0],
               "results": str(tmp_path), "device": "cpu"}
 
@@ -210,14 +212,16 @@ def test_sweep_threads_reach_every_run_command(monkeypatch, tmp_path):
 
 def test_torchrun_launcher_builds_one_command_per_run(tmp_path, capsys):
     command = torchrun_command(["run", "--model", "g2d"], 4)
-    assert command[-7:] == ["--standalone", "--nproc-per-node=4", "-m", "vlpbench.cli", "run", "--model", "g2d"]
+    assert command[-7:] == ["--standalone", "--nproc-per-node=4", "-m", "vlpbench.sweep.torchrun_rank", "run",
+                            "--model", "g2d"]
     assert Path(command[0]).name == "torchrun" or command[1:3] == ["-m", "torch.distributed.run"]
     code = main(["sweep", "--models", "random", "--tasks", "rsna_cls,rsna_zs", "--fracs", "1%,100%", "--seeds", "0",
                  "--set", "rsna_cls:max_epochs=2", "--results", str(tmp_path), "--launcher", "torchrun",
                  "--nproc-per-node", "2", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0
-    lines = [line.strip() for line in out.splitlines() if "--nproc-per-node=2 -m vlpbench.cli run" in line]
+    lines = [line.strip() for line in out.splitlines()
+             if "--nproc-per-node=2 -m vlpbench.sweep.torchrun_rank run" in line]
     assert len(lines) == 3 and "note: rsna_zs allows fractions 1: 0.01 left out" in out
     assert "--task rsna_cls --frac 0.01 --seed 0" in lines[0] and "--set max_epochs=2" in lines[0]
     assert "3 planned" in out and not (tmp_path / "runs").exists()

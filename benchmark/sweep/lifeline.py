@@ -8,6 +8,13 @@ the forkserver is killed when the sweep dies, each run process when the forkserv
 it at once, whatever the process is doing (a watchdog thread would wait for the GIL, and could mistake a
 recycled pid for the sweep). Elsewhere (macOS) a run process polls the sweep's pid instead.
 
+A torchrun run (``vlpbench.sweep.torchrun``) is a chain of its own: the sweep starts the run's holder process
+(``vlpbench.sweep.torchrun_hold``), which starts torchrun, which starts the ranks. The holder and the ranks
+find the sweep's pid in the environment (:data:`SWEEP_PID_VARIABLE`) and tie themselves to their parents as
+above (:func:`tie_to_sweep_in_environment`), and the holder has the kernel tie torchrun to itself before
+torchrun starts (:func:`die_with`). torchrun puts each rank in a session of its own, out of reach of a kill
+of the process group, so the ranks' own tie is what ends them.
+
 Caveat of the kernel signal: it follows the *thread* that started the process. A sweep is launched from
 the main thread; a forkserver started from a thread that ends is restarted by multiprocessing when needed.
 """
@@ -25,6 +32,8 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 # How often a run process without the kernel signal checks that its sweep is alive.
 _POLL_S = 0.5
+# The sweep's pid, for the processes of a run that the sweep does not start itself (torchrun's).
+SWEEP_PID_VARIABLE = "VLPBENCH_SWEEP_PID"
 
 
 def die_with_parent() -> bool:
@@ -63,6 +72,30 @@ def tie_to_sweep(sweep_pid: int) -> None:
             os._exit(1)  # the sweep died before the signal was armed
         return
     threading.Thread(target=_watch, args=(sweep_pid,), name="vlpbench sweep watchdog", daemon=True).start()
+
+
+def tie_to_sweep_in_environment() -> bool:
+    """:func:`tie_to_sweep` with the pid :data:`SWEEP_PID_VARIABLE` names; False, doing nothing, where the
+    variable is not set (a command started by hand, not by a sweep).
+
+    Raises:
+        ValueError: the variable is set but holds no pid.
+    """
+    value = os.environ.get(SWEEP_PID_VARIABLE)
+    if value is None:
+        return False
+    if not value.isdigit():
+        raise ValueError(f"{SWEEP_PID_VARIABLE}={value!r}: expected the pid of the sweep process")
+    tie_to_sweep(int(value))
+    return True
+
+
+def die_with(parent_pid: int) -> None:
+    """For ``subprocess.Popen(preexec_fn=...)``, run in the child between fork and exec: have the kernel
+    SIGKILL the child when ``parent_pid``, the process starting it, exits, and exit at once if it already has.
+    The signal outlives exec. Does nothing where the kernel signal is not available."""
+    if die_with_parent() and os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def _watch(sweep_pid: int) -> None:

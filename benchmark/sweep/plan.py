@@ -16,7 +16,7 @@ from vlpbench.errors import ConfigError, VlpbenchError
 from vlpbench.registry import DATASETS
 from vlpbench.results import record_path
 from vlpbench.sweep.spec import ModelSpec, SweepSpec, set_arguments
-from vlpbench.tasks import DEFAULT_PROFILE, load_task
+from vlpbench.tasks import DEFAULT_PROFILE, load_task, load_task_file
 
 LOG_FOLDER = "sweep_logs"
 _HASH_CHUNK = 1 << 20
@@ -39,6 +39,7 @@ class Run:
     record: Path | None
     log: Path
     profile: str = DEFAULT_PROFILE
+    task_file: str | None = None  # the task's file, for a task of the user's own (``--task-file``)
 
     def describe(self) -> str:
         """``"g2d siim_seg 1% seed 0"``, for progress lines and tables."""
@@ -48,7 +49,8 @@ class Run:
     def arguments(self, results: Path, device: str, *, overwrite: bool, threads: int | None = None) -> list[str]:
         """The arguments of ``vlpbench`` that perform this run (``run --model ...``); ``threads``: its
         ``--threads`` (None: the run chooses, ``vlpbench.threads``)."""
-        argv = ["run", "--model", self.model.adapter, "--task", self.task, "--frac", repr(self.frac),
+        task = ["--task-file", self.task_file] if self.task_file is not None else ["--task", self.task]
+        argv = ["run", "--model", self.model.adapter, *task, "--frac", repr(self.frac),
                 "--seed", str(self.seed), "--results", str(results), "--device", device, "--no-progress"]
         if threads is not None:
             argv += ["--threads", str(threads)]
@@ -92,7 +94,8 @@ def expand(spec: SweepSpec) -> Plan:
     identities = {model.label: checkpoint_sha256(model) for model in spec.models}
     runs, notes = [], []
     for task_name in spec.tasks:
-        task = load_task(task_name, spec.profile)
+        task_file = spec.task_files.get(task_name)
+        task = load_task_file(task_file, spec.profile) if task_file else load_task(task_name, spec.profile)
         overrides = spec.overrides_for(task_name)
         try:
             task.resolve(overrides)
@@ -117,7 +120,7 @@ def expand(spec: SweepSpec) -> Plan:
                                     data_root=dataset_root,
                                     record=None if identities[model.label] is False else path,
                                     log=log_path(spec.results, task_name, path, task.profile),
-                                    profile=task.profile))
+                                    profile=task.profile, task_file=task_file))
     return Plan(runs=runs, notes=notes)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from vlpbench.sweep.plan import Run
@@ -28,6 +29,11 @@ class RunOutcome:
     exit_code: int | None = None
     reason: str = ""
     command: list[str] = field(default_factory=list)
+
+
+def log_time() -> str:
+    """The time in the ``===`` lines a run process writes into its log (UTC, ISO 8601, seconds)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def exit_outcome(run: Run, exit_code: int | None, seconds: float) -> RunOutcome:

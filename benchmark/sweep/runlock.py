@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from vlpbench.files import leftover_temporaries
+
 # Exit code of a run process that found its run held by another process (sysexits' EX_TEMPFAIL).
 HELD_EXIT = 75
 # How every message about a held run starts (reports pick those runs out by it).
@@ -92,3 +94,12 @@ def _holder_text(fd: int) -> str:
     """The holder a lock file names, or a stand-in while its holder has not written it yet."""
     text = os.pread(fd, 200, 0).decode("utf-8", errors="replace").strip()
     return text or "another process"
+
+
+def remove_stale_temporaries(record: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed writes of ``record`` left (``vlpbench.files.leftover_temporaries``);
+    the paths removed. Call it holding the run's lock: then no live run's temporary file is touched."""
+    stale = leftover_temporaries(record)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

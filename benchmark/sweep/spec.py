@@ -8,7 +8,7 @@ command line (``vlpbench.options``): ``lr: 1e-3`` is a number, ``yes`` and ``no`
 Fields (YAML keys; the command-line option in brackets)::
 
     models        list of {adapter, checkpoint?, options?, name?}, or adapter names   [--models a,b]
-    tasks         task names                                        [--tasks t1,t2]
+    tasks         task names, or {task_file: PATH} for a task file of your own   [--tasks t1,t2]
     fracs         training fractions                                [--fracs 0.01,0.1,1]
     seeds         seeds                                             [--seeds 0,1]
     set           {option: value} for every task, {"task:option": value} for one    [--set]
@@ -35,7 +35,7 @@ import yaml
 
 from vlpbench.errors import ConfigError
 from vlpbench.options import load_yaml, parse_options, parse_value
-from vlpbench.tasks import DEFAULT_PROFILE, PROFILES
+from vlpbench.tasks import DEFAULT_PROFILE, PROFILES, load_task_file
 
 LAUNCHERS = ("local", "slurm", "torchrun")
 SLURM_KEYS = ("partition", "timeout_min", "gpus_per_node", "array_parallelism", "cpus_per_task", "mem_gb", "cluster")
@@ -69,6 +69,8 @@ class SweepSpec:
     seeds: list[int]
     overrides: dict[str, Any] = field(default_factory=dict)
     task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The tasks of ``tasks`` that come from a task file, by name: the file's absolute path.
+    task_files: dict[str, str] = field(default_factory=dict)
     profile: str = DEFAULT_PROFILE
     data_roots: dict[str, str] = field(default_factory=dict)
     results: Path = Path("results")
@@ -123,14 +125,15 @@ def build_spec(values: dict[str, Any], origin: str = "sweep") -> SweepSpec:
     profile = values.get("profile") or DEFAULT_PROFILE
     if profile not in PROFILES:
         raise ConfigError(f"{origin}: profile {profile!r} is not one of {', '.join(PROFILES)}")
+    tasks, task_files = _tasks(values["tasks"], origin)
     slurm = _mapping(values.get("slurm"), f"{origin}: 'slurm'")
     unknown = sorted(set(slurm) - set(SLURM_KEYS))
     if unknown:
         raise ConfigError(f"{origin}: unknown slurm option(s) {', '.join(unknown)}; known: {', '.join(SLURM_KEYS)}")
     spec = SweepSpec(
         models=_models(values["models"], origin),
-        # A value given twice would plan the same run twice; the order of first mention is kept.
-        tasks=list(dict.fromkeys(_list(values["tasks"], str, f"{origin}: 'tasks'"))),
+        tasks=tasks,
+        task_files=task_files,
         fracs=list(dict.fromkeys(_fraction(f, origin)
                                  for f in _list(values["fracs"], (int, float, str), f"{origin}: 'fracs'"))),
         seeds=list(dict.fromkeys(_list(values["seeds"], int, f"{origin}: 'seeds'"))),
@@ -243,6 +246,26 @@ def _models(raw: Any, origin: str) -> list[ModelSpec]:
             name=str(entry["name"]) if entry.get("name") is not None else None,
         ))
     return models
+
+
+def _tasks(raw: Any, origin: str) -> tuple[list[str], dict[str, str]]:
+    """The task names of a sweep's ``tasks`` entries (each once, in the order of first mention: a task given
+    twice would plan the same runs twice), and the file of each ``{task_file: PATH}`` entry by its task's name;
+    a task file is loaded and validated here, before anything runs."""
+    names: list[str] = []
+    files: dict[str, str] = {}
+    for i, entry in enumerate(_list(raw, (str, dict), f"{origin}: 'tasks'")):
+        if isinstance(entry, dict):
+            if set(entry) != {"task_file"} or not isinstance(entry["task_file"], str) or not entry["task_file"]:
+                raise ConfigError(f"{origin}: tasks[{i}]: expected a task name or {{task_file: PATH}}, got {entry!r}")
+            task = load_task_file(entry["task_file"])
+            if files.get(task.name, str(task.path)) != str(task.path):
+                raise ConfigError(f"{origin}: tasks[{i}]: task files {files[task.name]} and {task.path} both "
+                                  f"name their task {task.name!r}")
+            files[task.name] = str(task.path)
+            entry = task.name
+        names.append(entry)
+    return list(dict.fromkeys(names)), files
 
 
 def _cli_models(names: list[str], checkpoints: list[str], options: list[str]) -> list[dict[str, Any]]:

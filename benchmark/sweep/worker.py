@@ -13,14 +13,12 @@ import time
 import traceback
 import warnings
 from contextlib import ExitStack
-from datetime import datetime, timezone
 from pathlib import Path
 
 from vlpbench.cli import main as cli_main
-from vlpbench.files import leftover_temporaries
 from vlpbench.sweep.lifeline import tie_to_sweep
-from vlpbench.sweep.report import SKIPPED_PREFIX
-from vlpbench.sweep.runlock import HELD_EXIT, RunHeld, run_lock
+from vlpbench.sweep.report import SKIPPED_PREFIX, log_time
+from vlpbench.sweep.runlock import HELD_EXIT, RunHeld, remove_stale_temporaries, run_lock
 
 
 def _preload() -> None:
@@ -58,24 +56,15 @@ def execute(argv: list[str], log: str | os.PathLike, record: str | os.PathLike |
             try:
                 held.enter_context(run_lock(record))
             except RunHeld as error:
-                out.write(f"=== {_now()} pid {os.getpid()}: not started\n{SKIPPED_PREFIX}{error}\n")
+                out.write(f"=== {log_time()} pid {os.getpid()}: not started\n{SKIPPED_PREFIX}{error}\n")
                 return HELD_EXIT
             remove_stale_temporaries(Path(record))  # under the lock: no live run's temporary file is touched
         started = time.monotonic()
-        out.write(f"=== {_now()} pid {os.getpid()}: vlpbench {shlex.join(argv)}\n")
+        out.write(f"=== {log_time()} pid {os.getpid()}: vlpbench {shlex.join(argv)}\n")
         out.flush()
         code = _with_output_to(out.fileno(), argv)
-        out.write(f"=== {_now()} exit code {code} after {time.monotonic() - started:.1f} s\n")
+        out.write(f"=== {log_time()} exit code {code} after {time.monotonic() - started:.1f} s\n")
     return code
-
-
-def remove_stale_temporaries(record: Path) -> list[Path]:
-    """Delete the temporary files that killed writes of ``record`` left (``vlpbench.files.leftover_temporaries``);
-    the paths removed."""
-    stale = leftover_temporaries(record)
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
 
 
 def child_main(argv: list[str], log: str, record: str | None, env: dict[str, str], sweep_pid: int) -> None:
@@ -113,7 +102,3 @@ def _with_output_to(fd: int, argv: list[str]) -> int:
         os.close(saved[0])
         os.close(saved[1])
     return code
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

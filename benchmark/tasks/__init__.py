@@ -13,12 +13,17 @@ A task file holds the ``canonical`` protocol (``split``, ``primary_metric``, ``c
 
 or, where no reference code exists, ``paper: {unavailable: "why"}``. :func:`load_task` returns the
 task with one profile resolved; records carry the profile, and tables never mix two profiles in a cell.
+
+A user-written task file (``--task-file PATH``) is loaded from that path by :func:`load_task_file` and validated
+exactly as a shipped task is; its name is its file's name and no shipped task's, and records of it carry its
+protocol and the file's path and sha256 (:meth:`Task.record_fields`), so readers need no file.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ from vlpbench.tasks.domains import OutOfDomain, check_option
 TASKS_DIR = Path(__file__).resolve().parent
 _REQUIRED = ("name", "version", "description", "dataset", "split", "protocol", "primary_metric",
              "fractions", "config", "sources")
+_OPTIONAL = ("compare", "profiles")
 PROFILES = ("canonical", "paper")
 DEFAULT_PROFILE = "canonical"
 PROFILE_HELP = {
@@ -79,6 +85,17 @@ class Task:
     compare: dict[str, Any] | None = field(default=None, compare=False)
     profile: str = DEFAULT_PROFILE
     profiles: dict[str, Profile] = field(default_factory=dict, compare=False)
+    # The sha256 of the file of a task loaded by load_task_file; None for a shipped task.
+    file_sha256: str | None = field(default=None, compare=False)
+
+    def record_fields(self) -> dict[str, Any]:
+        """The ``task`` of a result record of this task (:mod:`vlpbench.results`): name, version, protocol,
+        profile and direction, and for a task file ``file: {path, sha256}``."""
+        fields = {"name": self.name, "version": self.version, "protocol": self.protocol, "profile": self.profile,
+                  "higher_is_better": self.higher_is_better}
+        if self.file_sha256 is not None:
+            fields["file"] = {"path": str(self.path), "sha256": self.file_sha256}
+        return fields
 
     @property
     def higher_is_better(self) -> bool:
@@ -232,26 +249,93 @@ def _profiles(path: Path, spec: dict) -> dict[str, Profile]:
 def load_task(name: str, profile: str = DEFAULT_PROFILE) -> Task:
     """Load and validate the task YAML called ``name``, resolved for ``profile`` (see :meth:`Task.with_profile`)."""
     # Only a shipped task's own file: a name is never joined onto the folder as a path ("../x" stays outside).
-    path = TASKS_DIR / f"{name}.yaml"
     if not isinstance(name, str) or name not in task_names():
         close = difflib.get_close_matches(str(name), task_names(), n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ConfigError(f"unknown task {name!r}.{hint} Known: {', '.join(task_names())}")
+    path = TASKS_DIR / f"{name}.yaml"
+    return _task(path, path.read_bytes()).with_profile(profile)
+
+
+def load_task_file(path: str | Path, profile: str = DEFAULT_PROFILE) -> Task:
+    """Load and validate the user-written task YAML at ``path`` itself, resolved for ``profile``.
+
+    The checks are those of a shipped task (:func:`load_task`); besides, its ``name`` is no shipped task's, and it
+    has no ``compare:`` mapping (``vlpbench compare`` reads records, never this file). The task remembers the
+    file's sha256 for its records (:meth:`Task.record_fields`).
+
+    Raises:
+        ConfigError: the file cannot be read, or fails a check; the message names the file and the key.
+    """
+    path = Path(path).expanduser().resolve()
     try:
-        spec = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"task file {path}: cannot be read ({error.strerror})") from None
+    task = _task(path, data)
+    if task.name in task_names():
+        raise ConfigError(f"{path}: key 'name': {task.name!r} is the name of a shipped task "
+                          f"({TASKS_DIR / task.name}.yaml); give the task (and its file) another name")
+    if task.compare is not None:
+        raise ConfigError(f"{path}: key 'compare': `vlpbench compare` reads the records, never a task file, so "
+                          "it would not see these tolerances; remove the key and pass --abs-tol / --k to compare")
+    return replace(task, file_sha256=hashlib.sha256(data).hexdigest()).with_profile(profile)
+
+
+def _task(path: Path, data: bytes) -> Task:
+    """The task in ``data``, the bytes of the task file ``path``, validated (canonical profile)."""
+    from vlpbench.registry import DATASETS, PROTOCOLS
+
+    try:
+        spec = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    missing = [key for key in _REQUIRED if key not in (spec or {})]
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a mapping with the keys {', '.join(_REQUIRED)}, got {spec!r}")
+    missing = [key for key in _REQUIRED if key not in spec]
     if missing:
         raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}")
-    if spec["name"] != name:
-        raise ConfigError(f"{path}: name {spec['name']!r} does not match the file name {name!r}")
+    unknown = sorted(set(map(str, spec)) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(_REQUIRED + _OPTIONAL)})")
+    if spec["name"] != path.stem:
+        raise ConfigError(f"{path}: name {spec['name']!r} does not match the file name {path.stem!r}")
+    version = spec["version"]
+    if not ((isinstance(version, int) and not isinstance(version, bool) and version >= 1)
+            or (isinstance(version, str) and version)):
+        raise ConfigError(f"{path}: key 'version': expected a positive integer (or a non-empty string), got {version!r}")
+    for key in ("description", "dataset", "split", "protocol"):
+        if not isinstance(spec[key], str) or not spec[key]:
+            raise ConfigError(f"{path}: key {key!r}: expected a non-empty string, got {spec[key]!r}")
+    for key, registry in (("dataset", DATASETS), ("protocol", PROTOCOLS)):
+        if spec[key] not in registry:
+            raise ConfigError(f"{path}: key {key!r}: unknown {registry.kind} {spec[key]!r}; known: "
+                              f"{', '.join(registry.names())}")
     _check_primary_metric(path, spec["primary_metric"])
     if not isinstance(spec["config"], dict):
         raise ConfigError(f"{path}: key 'config' must map option names to values")
     spec["config"] = {key: _in_domain(path, spec["protocol"], key, value, f"config.{key}")
                       for key, value in spec["config"].items()}
-    spec["fractions"] = tuple(float(f) for f in spec["fractions"])
-    task = Task(path=path, compare=spec.get("compare"), profiles=_profiles(path, spec),
+    spec["fractions"] = _fractions(path, spec["fractions"])
+    sources = spec["sources"]
+    if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
+        raise ConfigError(f"{path}: key 'sources': expected a mapping of names to the sources they follow, "
+                          f"got {sources!r}")
+    return Task(path=path, compare=spec.get("compare"), profiles=_profiles(path, spec),
                 **{key: spec[key] for key in _REQUIRED})
-    return task.with_profile(profile)
+
+
+def _fractions(path: Path, value: Any) -> tuple[float, ...]:
+    """The ``fractions`` of a task file: a non-empty list of numbers in (0, 1], each once."""
+    def fraction(f: Any) -> bool:
+        return isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1
+
+    if not isinstance(value, list) or not value or not all(map(fraction, value)):
+        raise ConfigError(f"{path}: key 'fractions': expected a list of training fractions in (0, 1], e.g. "
+                          f"[0.01, 0.1, 1.0], got {value!r}")
+    fractions = tuple(float(f) for f in value)
+    if len(set(fractions)) != len(fractions):
+        raise ConfigError(f"{path}: key 'fractions': each fraction once, got {value!r}")
+    return fractions

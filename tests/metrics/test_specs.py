@@ -128,7 +128,7 @@ def test_every_metric_a_protocol_reports_resolves_to_a_spec():
 
 
 def test_a_new_record_must_name_its_metrics_as_their_specs_do(monkeypatch):
-    monkeypatch.setattr(results, "environment", lambda: {})
+    monkeypatch.setattr(results, "environment", lambda: {"vlpbench": "test"})
     fields = dict(model={"name": "m", "checkpoint": None}, task={"name": "covidx_cls", "version": 1}, frac=1.0, seed=0,
                   split={"dataset": "covidx", "version": "v1", "sha256": "a" * 64}, n={}, config={}, timing={})
     assert results.make_record(metrics={"acc": 0.9, "auc_covid_19": 0.8}, primary_metric="acc", **fields)

@@ -112,7 +112,8 @@ def test_paired_bootstrap_over_per_image_scores(make):
     assert compare_records(base, candidate(-0.005, 0.001)[0])[0].verdict == WITHIN
     assert compare_records(base, candidate(0.04, 0.01)[0])[0].verdict == IMPROVEMENT
     # Different image sets: no pairing, the abs_tol rule decides (-0.03 → regression).
-    other = [make("m", float(base_scores.mean()) - 0.03, per_image={f"x{i}": 0.5 for i in range(200)})]
+    other = [make("m", float(base_scores.mean()) - 0.03,
+                  per_image={f"x{i}": float(score) - 0.03 for i, score in enumerate(base_scores)})]
     fallback = compare_records(base, other)[0]
     assert fallback.verdict == REGRESSION and "per-image scores cover different images: abs_tol rule" in fallback.notes
 
