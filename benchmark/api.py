@@ -1,4 +1,4 @@
-"""The Python API behind the ``vlpbench`` command: run, score, table, significance, inspect, synth, demo.
+"""The Python API behind the ``vlpbench`` command: run, reproduce, score, table, significance, inspect, synth, demo.
 
 >>> from vlpbench import api
 >>> api.task_table()[0]["task"]

@@ -89,10 +89,16 @@ class ReproductionPlan:
         lines.append("data:")
         lines += [f"  {task}: {folder}" for task, folder in self.folders.items()]
         for task, reason in self.missing.items():
-            fracs = ", ".join(dict.fromkeys(percent_label(c.frac) for c in self.cells if c.task == task))
+            fracs = ", ".join(dict.fromkeys(percent_label(c.frac) for c in self.cells
+                                            if c.task == task and c.not_comparable is None))
             lines.append(f"  skipped {task} ({fracs}): {reason}")
-        lines += [f"  left out {_key_text(key)}: every cell of it is not comparable (the source's setting is one no "
-                  "profile reproduces)" for key in self.left_out]
+        if self.left_out:
+            by_task: dict[tuple[str, str], list[str]] = {}
+            for task, frac, profile in self.left_out:
+                by_task.setdefault((task, profile), []).append(percent_label(frac))
+            runs = "; ".join(f"{task} {', '.join(fracs)} ({profile})" for (task, profile), fracs in by_task.items())
+            lines.append(f"  left out, every cell not comparable (the source's setting is one no profile reproduces): "
+                         f"{runs}")
         done = [run for run in self.runs if run.done]
         lines.append(f"runs under {self.results}: {len(self.pending)} to run, {len(done)} recorded already"
                      + (" (--dry-run: nothing is run)" if dry_run else ""))
@@ -126,10 +132,6 @@ class ReproductionReport:
         lines = [reproduction_table(self.judged, why_not_run=self.why_not_run(), errors=self.errors)]
         lines += [f"run failed: {run.describe()}: {message}" for run, message in self.failures]
         return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def _key_text(key: RunKey) -> str:
-    return f"{key[0]} {percent_label(key[1])} ({key[2]})"
 
 
 def checkpoint_messages(entries: Sequence[CheckpointEntry], path: Path, sha256: str, size: int | None,

@@ -78,8 +78,8 @@ def planted_ledger(tmp_path):
     """``planted_ledger(mgca_sha256=None)`` → a ledger folder in tmp_path: MGCA's ResNet-50 (released, the given
     published sha256) and G2D (never released) in checkpoints.json; "Paper P" Table 1 (paper profile) prints MGCA's
     siim_seg Dice 49.7 / 59.3 / 64.2 at 1 / 10 / 100 % and rsna_seg 63.0 at 1 %, and G2D's siim_seg 62.6 at 1 %;
-    Table 2 prints siim_seg 100 % as 70.1 under a setting no profile reproduces; a thread (kind reproduction)
-    gives a user's 0.481 for siim_seg 1 %."""
+    Table 2 prints siim_seg 100 % as 70.1 and rsna_seg 10 % as 68.0 under a setting no profile reproduces; a thread
+    (kind reproduction) gives a user's 0.481 for siim_seg 1 %."""
     import json
 
     def plant(mgca_sha256: str | None = None):
@@ -100,9 +100,11 @@ def planted_ledger(tmp_path):
                            {"method": "G2D", "checkpoint": "g2d", "values": [62.6, None, None, None]},
                            {"method": "Random", "values": [9.0, 28.6, 54.3, 6.9]}]}
         table2 = {"schema": 1, "citation": "Paper P", "table": "Table 2", "profile": "paper", "unit": "percent",
-                  "columns": [{"paper": "SIIM 100% (UperNet)", "task": "siim_seg", "frac": 1.0, "metric": "dice"}],
-                  "rows": [{"method": "MGCA", "checkpoint": "mgca_r50", "values": [70.1],
-                            "not_comparable": {"SIIM 100% (UperNet)": "a 640 px UperNet"}}]}
+                  "columns": [{"paper": "SIIM 100% (UperNet)", "task": "siim_seg", "frac": 1.0, "metric": "dice"},
+                              {"paper": "RSNA 10% (UperNet)", "task": "rsna_seg", "frac": 0.1, "metric": "dice"}],
+                  "rows": [{"method": "MGCA", "checkpoint": "mgca_r50", "values": [70.1, 68.0],
+                            "not_comparable": {"SIIM 100% (UperNet)": "a 640 px UperNet",
+                                               "RSNA 10% (UperNet)": "a 640 px UperNet"}}]}
         thread = {"schema": 1, "kind": "reproduction", "citation": "HKU-MedAI/MGCA issue #3", "table": "first comment",
                   "profile": "paper", "unit": "fraction",
                   "columns": [{"paper": "Dice 1%", "task": "siim_seg", "frac": 0.01, "metric": "dice"}],

@@ -72,7 +72,9 @@ def test_every_verdict_comes_out_with_its_numbers(bench, capsys):
         in before
     assert f"siim_seg: {tmp_path / 'siim'}" in before
     assert "skipped rsna_seg (1%): no data folder for dataset 'rsna'" in before
-    # siim_seg at three fractions × 3 seeds; rsna_seg has no data; Table 2's cell alone would run nothing.
+    assert ("left out, every cell not comparable (the source's setting is one no profile reproduces): rsna_seg 10% "
+            "(paper)") in before
+    # siim_seg at three fractions × 3 seeds; rsna_seg 1 % has no data; rsna_seg 10 % has no comparable cell.
     assert [(c["task"], c["frac"], c["seed"]) for c in calls] == [
         ("siim_seg", f, s) for f in (0.01, 0.1, 1.0) for s in (0, 1, 2)]
     assert {c["profile"] for c in calls} == {"paper"} and {c["data_root"] for c in calls} == {tmp_path / "siim"}
@@ -100,6 +102,7 @@ def test_every_verdict_comes_out_with_its_numbers(bench, capsys):
     assert _line(out, "siim_seg", "100%", "Dice", "70.1", "[1] Table 2, row MGCA", "71.00 ± 1.00 (n=3)",
                  "69.49–72.51", "+0.90", "not comparable (r1)")
     assert "(r1) not comparable: a 640 px UperNet" in out
+    assert _line(out, "rsna_seg", "10%", "Dice", "68.0", "[1] Table 2, row MGCA", "–", "–", "–", "not comparable (r1)")
     assert _line(out, "rsna_seg", "1%", "Dice", "63.0", "[1] Table 1, row MGCA", "–", "–", "–",
                  "not run (no data)")
     assert "[1] Paper P (https://example.org/p)" in out and "[2] HKU-MedAI/MGCA issue #3" in out
@@ -186,6 +189,7 @@ def test_unreleased_weights_measure_the_users_file(bench, capsys, tmp_path):
     (["--tasks", "cxr14_zs"], "--tasks cxr14_zs: no ledger cell of mgca; its tasks: siim_seg, rsna_seg"),
     (["--data-root", "sim=/data"], "--data-root sim=...: no such dataset"),
     (["--seeds", "0"], "--seeds 0: expected at least one seed"),
+    (["--checkpoint", "missing.ckpt"], "--checkpoint missing.ckpt: cannot be read"),
 ])
 def test_bad_options_are_errors_naming_them(bench, capsys, extra, message):
     argv, calls, _ = bench

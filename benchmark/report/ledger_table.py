@@ -184,7 +184,7 @@ def markdown_ledger(grid: LedgerGrid) -> str:
     # Model names left-aligned, cells right-aligned.
     rule = [":" + "-" * (widths[0] - 1), *("-" * (w - 1) + ":" for w in widths[1:])]
     lines = [line(table[0]), "| " + " | ".join(rule) + " |", *(line(cells) for cells in table[1:]), ""]
-    lines += [md_escape(grid.notes[0]), "", *(f"- {md_escape(note)}" for note in grid.notes[1:])]
+    lines += [md_escape(grid.notes[0]), "", *(f"- {md_escape(note)}" for note in grid.notes[1:]), ""]
     lines += [f"[{i}] {md_escape(text)}" for i, text in enumerate(grid.sources, 1)]
     lines += [f"({_letters(i)}) not comparable: {md_escape(text)}" for i, text in enumerate(grid.reasons)]
     return "\n".join(lines) + "\n"

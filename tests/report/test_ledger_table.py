@@ -44,13 +44,14 @@ def test_markdown_gives_each_cell_reported_measured_and_its_mark(measured, capsy
     assert main(["table", "--ledger", "--results", str(results), "--reference", str(ledger)]) == 0
     out = capsys.readouterr().out
     head = [cell.strip() for cell in out.splitlines()[0].strip("|").split("|")]
-    assert head == ["Model (checkpoint)", "siim_seg 1%", "siim_seg 10%", "siim_seg 100%",
-                    "rsna_seg 1%"]
+    assert head == ["Model (checkpoint)", "siim_seg 1%", "siim_seg 10%", "siim_seg 100%", "rsna_seg 1%",
+                    "rsna_seg 10%"]
     # 1 %: 50.0 reproduces 49.7; 10 %: 52.0 below 59.3; 100 %: 71.0 above 64.2 and, against Table 2's 70.1 (a
-    # setting no profile reproduces), not comparable; RSNA has no record: not run.
+    # setting no profile reproduces), not comparable; RSNA has no record: not run at 1 %, not comparable at 10 %.
     assert _cells(out, "mgca (resnet_50.ckpt)") == [
-        "49.7 / 50.0 ✓ [1]", "59.3 / 52.0 ↓ [1]", "64.2 / 71.0 ↑ [1]; 70.1 / 71.0 ≁ [2] (a)", "63.0 / – [1]"]
-    assert _cells(out, "g2d ({name}_encoder.pth)") == ["62.6 / 62.6 ✓ [1]", "·", "·", "·"]
+        "49.7 / 50.0 ✓ [1]", "59.3 / 52.0 ↓ [1]", "64.2 / 71.0 ↑ [1]; 70.1 / 71.0 ≁ [2] (a)", "63.0 / – [1]",
+        "68.0 / – ≁ [2] (a)"]
+    assert _cells(out, "g2d ({name}_encoder.pth)") == ["62.6 / 62.6 ✓ [1]", "·", "·", "·", "·"]
     assert "[1] Paper P, Table 1 (https://example.org/p)" in out and "[2] Paper P, Table 2" in out
     assert "(a) not comparable: a 640 px UperNet" in out
     assert "g2d ({name}_encoder.pth): the authors published no weights (nobody: no weights)" in out
@@ -70,7 +71,8 @@ def test_latex_and_html_render_every_mark(measured):
     assert row == ("mgca (resnet\\_50.ckpt) & 49.7 / 50.0 \\vlpReproduced{}\\textsuperscript{1} & 59.3 / 52.0 "
                    "\\vlpBelow{}\\textsuperscript{1} & 64.2 / 71.0 \\vlpAbove{}\\textsuperscript{1}; 70.1 / 71.0 "
                    "\\vlpNotComparable{}\\textsuperscript{2}\\textsuperscript{a} & 63.0 / \\vlpNotRun{}"
-                   "\\textsuperscript{1} \\\\")
+                   "\\textsuperscript{1} & 68.0 / \\vlpNotRun{} \\vlpNotComparable{}\\textsuperscript{2}"
+                   "\\textsuperscript{a} \\\\")
     assert "\\textsuperscript{a} not comparable: a 640 px UperNet\\par}" in latex
     # no mark left as a raw character a pdflatex font may lack; the legend uses the commands too
     assert not re.search("[✓↓↑≁–·]", latex)
