@@ -169,6 +169,9 @@ def test_nothing_to_run_exits_2_and_a_failed_run_exits_1(bench, capsys, monkeypa
     assert "run failed: siim_seg 10% (paper) seed 0: adapter 'mgca' cannot provide dense_embed" in out
     assert _line(out, "siim_seg", "10%", "Dice", "59.3", "[1] Table 1, row MGCA", "–", "–", "–",
                  "not run (run failed)")
+    # a column of dashes keeps a valid delimiter cell (a hyphen beside the colon)
+    rule = next(line for line in out.splitlines() if line.startswith("| :-"))
+    assert all("-" in cell for cell in rule.strip("|").split("|"))
 
 
 def test_unreleased_weights_measure_the_users_file(bench, capsys, tmp_path):

@@ -175,7 +175,7 @@ def markdown_ledger(grid: LedgerGrid) -> str:
     table = [["Model (checkpoint)", *(md_escape(h[0]) for h in heads)], ["", *(md_escape(h[1]) for h in heads)]]
     table += [[md_escape(label), *(md_escape(cell_text(cells.get(c))) for c in grid.columns)]
               for label, cells in grid.rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    widths = [max(3, *(len(line[i]) for line in table)) for i in range(len(table[0]))]
 
     def line(cells: list[str]) -> str:
         padded = [cells[0].ljust(widths[0]), *(text.rjust(w) for text, w in zip(cells[1:], widths[1:]))]

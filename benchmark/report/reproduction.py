@@ -95,7 +95,8 @@ def reproduction_table(judged: Sequence[Judged], *, why_not_run: Mapping[tuple, 
             line[4] = "third-party " + line[4]
             table.append(line)
     table = [[md_escape(text) for text in line] for line in table]
-    widths = [max(len(line[i]) for line in table) for i in range(len(_HEAD))]
+    # three characters at least: a delimiter cell needs a hyphen beside its colon
+    widths = [max(3, *(len(line[i]) for line in table)) for i in range(len(_HEAD))]
     right = {3, 5, 6, 7}
 
     def format_line(line: list[str]) -> str:
