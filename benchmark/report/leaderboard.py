@@ -7,7 +7,8 @@ the metric-versus-fraction plots of the group's tasks (inline base64
 PNG), and the provenance of every cell: a tooltip and a list of the runs behind it (checkpoint sha256,
 seed, date, vlpbench version and commit). Where the records measure cells of the reproduction ledger, a
 "Reproduction ledger" section holds its "reported / measured" table (:mod:`vlpbench.report.ledger_table`).
-Styles and the sorting script are inline, so the page needs no network when viewed. Every string taken from a record is HTML-escaped.
+Styles and the sorting script are inline, so the page needs no network when viewed. Every string taken from a
+record is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -253,14 +254,20 @@ def _groups(records: list[dict]) -> list[tuple[str, list[dict]]]:
 
 def ledger_section(records: list[dict], ledger: Sequence[LedgerCell]) -> str | None:
     """The "Reproduction ledger" section: the published cells of ``ledger`` that ``records`` measure, as the
-    HTML table of ``table --ledger``; None where the records measure none."""
+    HTML table of ``table --ledger`` (or why it cannot be built, e.g. a cell's records from two task versions);
+    None where the records measure none."""
     from vlpbench.report.ledger_table import html_ledger, ledger_grid
     from vlpbench.report.verdicts import checkpoint_rows
 
-    rows = checkpoint_rows(ledger, records)
+    head = ['<section id="ledger">', "<h2>Reproduction ledger</h2>"]
+    try:
+        rows = checkpoint_rows(ledger, records)
+    except DataError as error:  # e.g. a cell's records from two task versions: the rest of the page still shows
+        return "\n".join([*head, f'<p class="notes">The ledger table cannot be built: {_text(error)}</p>',
+                          "</section>"])
     if not rows:
         return None
-    return "\n".join(['<section id="ledger">', "<h2>Reproduction ledger</h2>",
+    return "\n".join([*head,
                       '<p class="notes">Does the released checkpoint give the paper\'s number? Each cell: the '
                       "published value / the mean of these records, and the verdict (hover for the source and the "
                       "95% CI; <code>vlpbench reproduce</code> runs the missing cells).</p>",

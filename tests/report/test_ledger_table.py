@@ -126,3 +126,9 @@ def test_the_leaderboard_has_a_ledger_section_when_records_measure_cells(measure
     assert '<span class="verdict below">↓</span>' in section and "mgca (resnet_50.ckpt)" in section
     unmeasured = ledger_record(0.5, 0, task="rsna_seg", adapter="random", name="random")
     assert "Reproduction ledger" not in leaderboard_html([unmeasured], plots=False, ledger=cells)
+    # records of one cell from two task versions: the section says why, the rest of the page stays
+    other = ledger_record(0.5, 1)
+    other["task"]["version"] = 2
+    page = leaderboard_html([ledger_record(0.5, 0), other], plots=False, ledger=cells)
+    assert "The ledger table cannot be built: the records of mgca siim_seg frac 0.01 (paper) come from several " \
+           "task versions" in page and "<h2>Segmentation</h2>" in page
