@@ -1,4 +1,4 @@
-"""The Python API behind the ``vlpbench`` command: run, score, table, significance, inspect, synth, demo.
+"""The Python API behind the ``vlpbench`` command: run, reproduce, score, table, significance, inspect, synth, demo.
 
 >>> from vlpbench import api
 >>> api.task_table()[0]["task"]
@@ -348,8 +348,10 @@ def sweep(config: str | Path | None = None, *, force: bool = False, dry_run: boo
 def table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: list[str] | None = None,
           tasks: list[str] | None = None, fracs: list[float] | None = None, group: str | None = None,
           metrics: list[str] | None = None, reference: bool | str | Path = False, profile: str | None = None,
-          by: str | None = None) -> str:
+          by: str | None = None, ledger: bool = False) -> str:
     """The leaderboard of the records under ``results`` in ``fmt`` (md, latex, csv or html).
+
+    ``ledger``: instead, the reproduction ledger's "reported / measured" table (:func:`ledger_table`).
 
     ``by`` (``sex``, ``age``, ``view``, ``site``): instead, the Markdown table of the primary metric per subgroup
     (:func:`vlpbench.report.subgroups.subgroup_table`), filtered by ``models``, ``tasks``, ``fracs``, ``group``,
@@ -364,6 +366,11 @@ def table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: lis
     from vlpbench.report.reference import default_reference_dir, load_references
     from vlpbench.report.table import render_table
 
+    if ledger:
+        if by is not None or tasks or fracs or group or metrics or profile:
+            raise ConfigError("table --ledger takes --models, --format and --reference only: its columns are the "
+                              "published cells of each model")
+        return ledger_table(results, fmt=fmt, models=models, reference=reference)
     records = _records(results)
     if by is not None:
         from vlpbench.report.subgroups import subgroup_table
@@ -379,11 +386,63 @@ def table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: lis
                         references=references, profile=profile, evidence_root=results)
 
 
+def ledger_table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: list[str] | None = None,
+                 reference: bool | str | Path = False) -> str:
+    """The reproduction ledger as a paper table in ``fmt`` (md, latex or html): a row per released checkpoint
+    whose published cells the records under ``results`` measure (``models``: those adapters, with or without
+    records), each cell "reported / measured" with its verdict's mark and footnotes for sources and reasons.
+    ``reference``: the ledger folder (True or False: ``<results>/reference``, else the shipped one). See
+    :mod:`vlpbench.report.ledger_table`."""
+    from vlpbench.ledger import load_ledger
+    from vlpbench.report.ledger_table import render_ledger
+    from vlpbench.report.reference import default_reference_dir
+    from vlpbench.report.verdicts import checkpoint_rows
+
+    from vlpbench.results import scan_records
+
+    cells = load_ledger(default_reference_dir(results) if reference in (True, False) else reference)
+    if not models:
+        records = _records(results)
+    elif Path(results).is_dir():  # named models show their published cells with or without records
+        records, invalid = scan_records(results)
+        _warn_invalid(invalid)
+    else:
+        records = []
+    return render_ledger(checkpoint_rows(cells, records, models=models), fmt)
+
+
+def reproduction_plan(model: str, checkpoint: str | Path, *, tasks: list[str] | None = None, seeds: int = 3,
+                      data_roots: dict[str, str] | None = None, results: str | Path = DEFAULT_RESULTS,
+                      reference: str | Path | None = None, entry: str | None = None,
+                      model_options: dict[str, Any] | None = None, device: str = "auto"):
+    """What ``vlpbench reproduce`` will do, checked before anything runs: the model's ledger cells, the checkpoint
+    file against the ledger's entry (sha256), the data each task finds, and the runs (those already recorded
+    marked done). A :class:`vlpbench.reproduce.ReproductionPlan`; see :func:`vlpbench.reproduce.plan_reproduction`."""
+    from vlpbench.reproduce import plan_reproduction
+
+    return plan_reproduction(model, checkpoint, tasks=tasks, seeds=seeds, data_roots=data_roots, results=results,
+                             reference=reference, entry=entry, model_options=model_options, device=device)
+
+
+def reproduce(plan, *, progress: bool = True):
+    """Run the plan's pending runs (each through :func:`run`; a failing run is listed and the others go on) and
+    judge every cell on the records of the checkpoint file: a :class:`vlpbench.reproduce.ReproductionReport`
+    (``format()``: the paper-vs-measured table; ``exit_code``)."""
+    from vlpbench.reproduce import execute, judge_plan
+
+    return judge_plan(plan, execute(plan, progress=progress))
+
+
 def compare(baseline: str | Path, candidate: str | Path, *, tasks: list[str] | None = None,
             fracs: list[float] | None = None, abs_tol: float | None = None, k: float | None = None,
-            junit: str | Path | None = None, profile: str | None = None, strict: bool = False) -> tuple[str, int]:
+            junit: str | Path | None = None, profile: str | None = None, strict: bool = False,
+            against_ledger: bool = False, reference: str | Path | None = None) -> tuple[str, int]:
     """Compare the candidate's records with the baseline's (each a results folder or one record);
     ``profile`` keeps only the records of that protocol profile on both sides.
+
+    ``against_ledger``: also judge every ledger cell either side measures on both sides, from the ledger in
+    ``reference`` (default: the shipped one); a cell reproduced on the baseline and no longer on the candidate is
+    a regression (:mod:`vlpbench.report.compare_ledger`).
 
     An invalid record (:func:`vlpbench.results.read_record`) is skipped with a warning naming it, and listed in
     the summary and the JUnit XML; with ``strict`` it fails the comparison (exit 2 unless a cell regressed).
@@ -398,11 +457,18 @@ def compare(baseline: str | Path, candidate: str | Path, *, tasks: list[str] | N
     invalid = base_invalid + cand_invalid
     _warn_invalid(invalid)
     comparisons = compare_records(base, cand, tasks=tasks, fracs=fracs, abs_tol=abs_tol, k=k, profile=profile)
+    changes = None
+    if against_ledger:
+        from vlpbench.ledger import load_ledger
+        from vlpbench.report.compare_ledger import ledger_changes
+
+        changes = ledger_changes(load_ledger(reference), base, cand, tasks=tasks, fracs=fracs, profile=profile)
     if junit is not None:
         Path(junit).parent.mkdir(parents=True, exist_ok=True)
-        Path(junit).write_text(junit_xml(comparisons, invalid, strict=strict), encoding="utf-8")
+        Path(junit).write_text(junit_xml(comparisons, invalid, strict=strict, ledger=changes or ()), encoding="utf-8")
     return (markdown_summary(comparisons, baseline=str(baseline), candidate=str(candidate), invalid=invalid,
-                             strict=strict), exit_code(comparisons, invalid, strict=strict))
+                             strict=strict, ledger=changes),
+            exit_code(comparisons, invalid, strict=strict, ledger=changes or ()))
 
 
 def significance(task: str, frac: float, models: list[str], *, results: str | Path = DEFAULT_RESULTS,
@@ -483,14 +549,27 @@ def plot_panels(task: str, predictions: str | Path, out: str | Path = "plots", *
 def leaderboard(results: str | Path = DEFAULT_RESULTS, out: str | Path = "site", *,
                 reference: bool | str | Path = False) -> Path:
     """Write the self-contained leaderboard page ``<out>/index.html`` (sortable tables per task group,
-    plots, provenance per cell); ``reference`` as for :func:`table`. See :mod:`vlpbench.report.leaderboard`."""
+    plots, provenance per cell, and the reproduction ledger's table where records measure its cells);
+    ``reference`` as for :func:`table`, and the ledger's folder (default: ``<results>/reference``, else the
+    shipped one). See :mod:`vlpbench.report.leaderboard`."""
     from vlpbench.report.leaderboard import write_leaderboard
     from vlpbench.report.reference import default_reference_dir, load_references
 
+    from vlpbench.ledger import load_ledger
+
+    records = _records(results)
     references = []
     if reference:
         references = load_references(default_reference_dir(results) if reference is True else reference)
-    return write_leaderboard(_records(results), out, references=references, evidence_root=results)
+    if reference in (True, False):
+        try:
+            folder = default_reference_dir(results)
+        except ConfigError:  # no ledger here: the page has no ledger section
+            folder = None
+    else:
+        folder = reference
+    ledger = load_ledger(folder) if folder is not None else []
+    return write_leaderboard(records, out, references=references, evidence_root=results, ledger=ledger)
 
 
 def baseline_update(results: str | Path = DEFAULT_RESULTS, baseline_dir: str | Path = DEFAULT_RESULTS / "baselines",

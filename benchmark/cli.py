@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
               vlpbench demo                      # synthetic data, real pipeline, a real table
               vlpbench run --model g2d --task siim_seg --frac 0.01 --checkpoint g2d_encoder.pth --data-root ~/data/siim
               vlpbench table
+              vlpbench reproduce --model mgca --checkpoint resnet_50.ckpt --tasks siim_seg --data-root siim=~/data/siim
             """),
     )
     parser.add_argument("--version", action="version", version=f"vlpbench {__version__}")
@@ -125,6 +126,33 @@ def _parser() -> argparse.ArgumentParser:
                         "gathered, rank 0 writing the record); protocols segmentation, detection, linear, "
                         "finetune, zero_shot and grounding support it, others refuse N > 1")
 
+    p = command("reproduce", "Does the released checkpoint give the paper's number? Checks the file against the "
+                "reproduction ledger's entry (sha256) before anything runs, runs every ledger cell of the model that "
+                "your data allows (seeds 0..N-1, each cell's profile; runs already recorded are skipped, so it "
+                "resumes), and prints paper vs measured with a verdict per cell. Exit 0 when every comparable cell "
+                "whose data was found ran (verdicts are findings, not failures), 1 when a run failed, 2 when "
+                "nothing could run.",
+                "vlpbench reproduce --model mgca --checkpoint resnet_50.ckpt --tasks siim_seg,rsna_seg "
+                "--data-root siim=~/data/siim --data-root rsna=~/data/rsna --dry-run", _reproduce)
+    p.add_argument("--model", required=True, help="adapter name with ledger cells (see `vlpbench models`)")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint file to measure, e.g. the released one")
+    p.add_argument("--tasks", type=_names, help="comma-separated tasks (default: every task of the model's cells)")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1 per task and fraction (default 3)")
+    p.add_argument("--data-root", dest="data_roots", action="append", metavar="DATASET=DIR",
+                   help="dataset folder, e.g. siim=~/data/siim (repeatable; default as for `run`); a task whose "
+                        "data is not found is skipped and listed with where it was looked for")
+    p.add_argument("--root", dest="data_roots", action="append", help=argparse.SUPPRESS)
+    _results(p)
+    p.add_argument("--reference", metavar="DIR", help="the ledger folder: reference files and checkpoints.json "
+                   "(default: RESULTS/reference, else the reference files shipped with vlpbench)")
+    p.add_argument("--entry", metavar="ID", help="the checkpoints.json entry the file is (default: the entries whose "
+                   "sha256, else whose file name, matches it; else every entry of the model)")
+    p.add_argument("--model-option", dest="model_options", action="append", metavar="KEY=VALUE",
+                   help="adapter option as for `run`, e.g. text_encoder=DIR for zero-shot cells (repeatable)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the checkpoint and the data, list the runs, run nothing")
+
     p = command("score", "Score predictions from any framework (or saved by `run --save-predictions`) with the "
                 "task's evaluation: the same metrics, CIs and thresholds as `run`. Needs the label files (and, for "
                 "report retrieval, the reports) only.",
@@ -148,14 +176,22 @@ def _parser() -> argparse.ArgumentParser:
     _threads(p, "torch threads (default: $OMP_NUM_THREADS, else the CPUs this process may run on)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a sentence")
 
-    p = command("table", "Print the leaderboard of the result records as a paper table (Markdown, LaTeX, CSV, HTML).",
-                "vlpbench table --results results/ --group seg --format latex --reference", _table)
+    p = command("table", "Print the leaderboard of the result records as a paper table (Markdown, LaTeX, CSV, HTML); "
+                "with --ledger, the reproduction ledger's reported / measured table.",
+                "vlpbench table --results results/ --group seg --format latex --reference\n  "
+                "vlpbench table --ledger --models mgca,medklip --format latex", _table)
     _results(p)
     p.add_argument("--format", dest="fmt", choices=("md", "latex", "csv", "html"), default="md",
                    help="md (default), latex (booktabs), csv (one line per model × task × fraction) or html")
-    p.add_argument("--models", type=_names, help="comma-separated model names (row order follows it)")
+    p.add_argument("--models", type=_names, help="comma-separated model names (row order follows it); with --ledger, "
+                   "adapter names, shown with or without records")
     p.add_argument("--tasks", type=_names, help="comma-separated task names (column order follows it)")
     p.add_argument("--fracs", type=_fractions, help="comma-separated fractions: 0.01,0.1 or 1%%,10%%")
+    p.add_argument("--ledger", action="store_true",
+                   help="instead, the reproduction ledger: a row per released checkpoint whose published cells the "
+                        "records measure, each cell 'reported / measured' with its verdict (✓ reproduced, ↓ below, "
+                        "↑ above, ≁ not comparable, – not run) and footnotes for sources and reasons (md, latex, "
+                        "html; --reference DIR: the ledger folder)")
     p.add_argument("--group", choices=TABLE_GROUPS,
                    help="the paper's task groups, by protocol: segmentation, detection, linear/fine-tuned "
                         "classification, zero-shot classification, grounding, image-text retrieval")
@@ -216,6 +252,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
                    help="fail (exit 2) on any invalid record instead of skipping it with a warning (default: on "
                         "where the environment variable CI is 'true')")
+    p.add_argument("--against-ledger", action="store_true",
+                   help="also judge every reproduction-ledger cell either side measures on both sides: a cell that "
+                        "reproduced its published value on the baseline and no longer does on the candidate is a "
+                        "regression (exit 1), listed in the summary and as a JUnit testcase 'ledger: MODEL TASK "
+                        "FRACTION METRIC'")
+    p.add_argument("--reference", metavar="DIR", help="with --against-ledger: the ledger folder (default: the "
+                   "reference files shipped with vlpbench)")
 
     p = command("significance", "Paired tests between models on one task and fraction: the difference of each "
                 "metric over the same test images (paired bootstrap; DeLong for a single ROC curve's AUC), its CI "
@@ -573,8 +616,31 @@ def _table(args: argparse.Namespace) -> int:
 
     print(api.table(args.results, fmt=args.fmt, models=args.models, tasks=args.tasks, fracs=args.fracs,
                     group=args.group, metrics=args.metrics, reference=args.reference, profile=args.profile,
-                    by=args.by), end="")
+                    by=args.by, ledger=args.ledger), end="")
     return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from vlpbench import api
+    from vlpbench.options import parse_options
+
+    roots = {}
+    for item in args.data_roots or ():
+        dataset, sep, folder = item.partition("=")
+        if not sep or not dataset.strip() or not folder.strip():
+            raise ConfigError(f"--data-root {item!r}: expected DATASET=DIR, e.g. siim=~/data/siim")
+        roots[dataset.strip()] = os.path.expanduser(folder.strip())
+    plan = api.reproduction_plan(args.model, args.checkpoint, tasks=args.tasks, seeds=args.seeds, data_roots=roots,
+                                 results=args.results, reference=args.reference, entry=args.entry,
+                                 model_options=parse_options(args.model_options, "--model-option"),
+                                 device=args.device)
+    # The checkpoint check and the data found are printed before anything runs.
+    print(plan.format(dry_run=args.dry_run), flush=True)
+    if args.dry_run:
+        return 0 if plan.runs else 2
+    report = api.reproduce(plan, progress=not args.quiet)
+    print(report.format(), end="")
+    return report.exit_code
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -606,8 +672,11 @@ def _compare(args: argparse.Namespace) -> int:
 
     # CI systems (GitHub Actions, GitLab, ...) set CI=true: there a broken record must fail the check.
     strict = args.strict if args.strict is not None else os.environ.get("CI", "").lower() == "true"
+    if args.reference is not None and not args.against_ledger:
+        raise ConfigError("compare --reference names the ledger folder of --against-ledger; add --against-ledger")
     summary, code = api.compare(args.baseline, args.candidate, tasks=args.tasks, fracs=args.fracs,
-                                abs_tol=args.abs_tol, k=args.k, junit=args.junit, profile=args.profile, strict=strict)
+                                abs_tol=args.abs_tol, k=args.k, junit=args.junit, profile=args.profile, strict=strict,
+                                against_ledger=args.against_ledger, reference=args.reference)
     print(summary, end="")
     return code
 

@@ -66,3 +66,72 @@ def resnet18_checkpoint(tmp_path_factory):
         torch.manual_seed(0)
         torch.save(torchvision.models.resnet18().state_dict(), path)
     return path
+
+
+# --- the reproduction ledger ---------------------------------------------------------------------------------------
+
+LEDGER_SPLIT = "5" * 64
+
+
+@pytest.fixture
+def planted_ledger(tmp_path):
+    """``planted_ledger(mgca_sha256=None)`` → a ledger folder in tmp_path: MGCA's ResNet-50 (released, the given
+    published sha256) and G2D (never released) in checkpoints.json; "Paper P" Table 1 (paper profile) prints MGCA's
+    siim_seg Dice 49.7 / 59.3 / 64.2 at 1 / 10 / 100 % and rsna_seg 63.0 at 1 %, and G2D's siim_seg 62.6 at 1 %;
+    Table 2 prints siim_seg 100 % as 70.1 and rsna_seg 10 % as 68.0 under a setting no profile reproduces; a thread
+    (kind reproduction) gives a user's 0.481 for siim_seg 1 %."""
+    import json
+
+    def plant(mgca_sha256: str | None = None):
+        folder = tmp_path / "ledger"
+        folder.mkdir(exist_ok=True)
+        checkpoints = {"schema": 1, "checkpoints": {
+            "mgca_r50": {"model": "mgca", "file": "resnet_50.ckpt", "published_by": "MGCA README",
+                         "url": "https://example.org/mgca", "released": True, "sha256": mgca_sha256, "size": None},
+            "g2d": {"model": "g2d", "file": "{name}_encoder.pth", "published_by": "nobody: no weights",
+                    "released": False}}}
+        table1 = {"schema": 1, "citation": "Paper P", "table": "Table 1", "url": "https://example.org/p",
+                  "profile": "paper", "unit": "percent",
+                  "columns": [{"paper": "SIIM 1%", "task": "siim_seg", "frac": 0.01, "metric": "dice"},
+                              {"paper": "SIIM 10%", "task": "siim_seg", "frac": 0.1, "metric": "dice"},
+                              {"paper": "SIIM 100%", "task": "siim_seg", "frac": 1.0, "metric": "dice"},
+                              {"paper": "RSNA 1%", "task": "rsna_seg", "frac": 0.01, "metric": "dice"}],
+                  "rows": [{"method": "MGCA", "checkpoint": "mgca_r50", "values": [49.7, 59.3, 64.2, 63.0]},
+                           {"method": "G2D", "checkpoint": "g2d", "values": [62.6, None, None, None]},
+                           {"method": "Random", "values": [9.0, 28.6, 54.3, 6.9]}]}
+        table2 = {"schema": 1, "citation": "Paper P", "table": "Table 2", "profile": "paper", "unit": "percent",
+                  "columns": [{"paper": "SIIM 100% (UperNet)", "task": "siim_seg", "frac": 1.0, "metric": "dice"},
+                              {"paper": "RSNA 10% (UperNet)", "task": "rsna_seg", "frac": 0.1, "metric": "dice"}],
+                  "rows": [{"method": "MGCA", "checkpoint": "mgca_r50", "values": [70.1, 68.0],
+                            "not_comparable": {"SIIM 100% (UperNet)": "a 640 px UperNet",
+                                               "RSNA 10% (UperNet)": "a 640 px UperNet"}}]}
+        thread = {"schema": 1, "kind": "reproduction", "citation": "HKU-MedAI/MGCA issue #3", "table": "first comment",
+                  "profile": "paper", "unit": "fraction",
+                  "columns": [{"paper": "Dice 1%", "task": "siim_seg", "frac": 0.01, "metric": "dice"}],
+                  "rows": [{"method": "a user", "checkpoint": "mgca_r50", "values": [0.481]}]}
+        for name, data in (("checkpoints", checkpoints), ("p_table1", table1), ("p_table2", table2),
+                           ("thread", thread)):
+            (folder / f"{name}.json").write_text(json.dumps(data))
+        return folder
+
+    return plant
+
+
+@pytest.fixture
+def ledger_record():
+    """``ledger_record(dice, seed, *, task="siim_seg", frac=0.01, half=0.02, sha256="c" * 64, name="mgca",
+    adapter="mgca", path="resnet_50.ckpt")`` → a valid record of a paper-profile segmentation run with a Dice
+    bootstrap CI of ± ``half``."""
+    from vlpbench import results
+
+    def build(dice: float, seed: int, *, task: str = "siim_seg", frac: float = 0.01, half: float = 0.02,
+              sha256: str = "c" * 64, name: str = "mgca", adapter: str = "mgca", path: str = "resnet_50.ckpt") -> dict:
+        return results.make_record(
+            model={"name": name, "adapter": adapter, "checkpoint": {"path": path, "sha256": sha256}},
+            task={"name": task, "version": 1, "protocol": "segmentation", "profile": "paper"},
+            frac=frac, seed=seed, split={"dataset": task.split("_")[0], "version": "v1", "sha256": LEDGER_SPLIT},
+            metrics={"dice": dice}, primary_metric="dice", n={"train": 10, "val": 5, "test": 20},
+            config={"overrides": {}}, timing={}, ci={"dice": {"low": dice - half, "high": dice + half}},
+            data={"synthetic": False})
+
+    return build

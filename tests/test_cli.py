@@ -2,8 +2,8 @@ import pytest
 
 from vlpbench.cli import main
 
-SUBCOMMANDS = ["run", "sweep", "score", "table", "plot", "leaderboard", "compare", "baseline", "synth", "demo", "inspect",
-               "models", "tasks", "data", "splits", "pseudo-mask", "finetune-clip"]
+SUBCOMMANDS = ["run", "sweep", "reproduce", "score", "table", "plot", "leaderboard", "compare", "baseline", "synth",
+               "demo", "inspect", "models", "tasks", "data", "splits", "pseudo-mask", "finetune-clip"]
 
 
 def test_top_level_help_lists_every_subcommand_with_an_example(capsys):

@@ -38,6 +38,10 @@ several models (or checkpoints, versions, ...) for it, when its metric is null, 
 has it and the candidate does not. A candidate cell without a baseline is **new** (not a failure).
 Exit code: 1 if any cell regressed, else 2 if any is not comparable, else 0.
 
+With ``--against-ledger`` the reproduction ledger is checked too (:mod:`vlpbench.report.compare_ledger`): a
+ledger cell that reproduced its published value on the baseline and no longer does on the candidate is a
+regression (exit 1), in the summary and as its own JUnit testcase.
+
 A record that fails validation on read (:func:`vlpbench.results.read_record`: a string or NaN metric, a value
 outside its range, an aggregate that is not the mean of its per-image scores, a truncated or future-schema
 file) is skipped with a warning and listed in the summary and the JUnit XML; under ``--strict`` (the default
@@ -51,7 +55,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 from xml.etree import ElementTree
 
 import numpy as np
@@ -62,6 +66,9 @@ from vlpbench.report.layout import metric_name, percent_label, version_label
 from vlpbench.report.table import table_rows
 from vlpbench.results import InvalidRecord, read_record, record_profile, scan_records
 from vlpbench.tasks import DEFAULT_PROFILE, PROFILES
+
+if TYPE_CHECKING:
+    from vlpbench.report.compare_ledger import LedgerChange
 
 DEFAULT_ABS_TOL = 0.01
 DEFAULT_K = 2.0
@@ -366,10 +373,14 @@ def compare_records(baseline: list[dict], candidate: list[dict], *, tasks: Seque
 
 
 def exit_code(comparisons: Sequence[Comparison], invalid: Sequence[InvalidRecord] = (), *,
-              strict: bool = False) -> int:
-    """1 if any cell regressed, else 2 if any is not comparable or (``strict``) any record was invalid, else 0."""
+              strict: bool = False, ledger: Sequence[LedgerChange] = ()) -> int:
+    """1 if any cell regressed (or, ``ledger``, any ledger cell no longer reproduces its published value:
+    :mod:`vlpbench.report.compare_ledger`), else 2 if any is not comparable or (``strict``) any record was
+    invalid, else 0."""
     verdicts = {c.verdict for c in comparisons}
-    return 1 if REGRESSION in verdicts else 2 if NOT_COMPARABLE in verdicts or (strict and invalid) else 0
+    if REGRESSION in verdicts or any(change.status == REGRESSION for change in ledger):
+        return 1
+    return 2 if NOT_COMPARABLE in verdicts or (strict and invalid) else 0
 
 
 def _signed(value: float | None) -> str:
@@ -377,9 +388,11 @@ def _signed(value: float | None) -> str:
 
 
 def markdown_summary(comparisons: Sequence[Comparison], *, baseline: str = "baseline",
-                     candidate: str = "candidate", invalid: Sequence[InvalidRecord] = (), strict: bool = False) -> str:
+                     candidate: str = "candidate", invalid: Sequence[InvalidRecord] = (), strict: bool = False,
+                     ledger: Sequence[LedgerChange] | None = None) -> str:
     """A Markdown report: one table line per (task, fraction), the verdict counts, the notes and the
-    ``invalid`` records (skipped; under ``strict`` they fail the comparison)."""
+    ``invalid`` records (skipped; under ``strict`` they fail the comparison); with ``ledger`` (``compare
+    --against-ledger``), a section with each ledger cell's verdicts on both sides."""
     def escape(text: str) -> str:
         return text.replace("|", "\\|")
 
@@ -400,25 +413,37 @@ def markdown_summary(comparisons: Sequence[Comparison], *, baseline: str = "base
                      f"{_signed(c.delta) or '–'} | {'' if c.allowed is None else f'{c.allowed:.4f}'} | {verdict} |")
     counts = {v: sum(c.verdict == v for c in comparisons) for v in (REGRESSION, NOT_COMPARABLE, IMPROVEMENT, WITHIN, NEW)}
     counted = [f"{n} {v}" for v, n in counts.items()] + ([f"{len(invalid)} invalid record(s)"] if invalid else [])
-    lines += ["", f"{', '.join(counted)} → exit {exit_code(comparisons, invalid, strict=strict)}"]
+    if ledger is not None:
+        counted.append(f"{sum(change.status == REGRESSION for change in ledger)} ledger regression")
+    code = exit_code(comparisons, invalid, strict=strict, ledger=ledger or ())
+    lines += ["", f"{', '.join(counted)} → exit {code}"]
     details = [f"- {escape(c.name)}: {escape(text)}" for c in comparisons for text in ([c.rule] if c.rule else []) + c.notes]
     details += [f"- **invalid record** ({'fails --strict' if strict else 'skipped'}) {escape(str(bad))}"
                 for bad in invalid]
     if details:
         lines += ["", *details]
+    if ledger is not None:
+        from vlpbench.report.compare_ledger import summary_lines
+
+        lines += summary_lines(ledger)
     return "\n".join(lines) + "\n"
 
 
 def junit_xml(comparisons: Sequence[Comparison], invalid: Sequence[InvalidRecord] = (), *,
-              strict: bool = False) -> str:
+              strict: bool = False, ledger: Sequence[LedgerChange] = ()) -> str:
     """JUnit XML for CI systems: one testcase per (task, fraction); a regression is a ``failure``,
-    a cell that is not comparable an ``error``, a cell without baseline ``skipped``; and one testcase per
+    a cell that is not comparable an ``error``, a cell without baseline ``skipped``; one testcase per
     ``invalid`` record (class ``vlpbench.compare.invalid_record``, named by its path): an ``error`` under
-    ``strict``, else ``skipped``."""
-    failures = sum(c.verdict == REGRESSION for c in comparisons)
+    ``strict``, else ``skipped``; and one per ``ledger`` cell (:func:`vlpbench.report.compare_ledger.add_junit_cases`:
+    a cell that no longer reproduces is a ``failure``)."""
+    from vlpbench.report.compare_ledger import PASS, REGRESSION as LEDGER_REGRESSION, add_junit_cases
+
+    failures = sum(c.verdict == REGRESSION for c in comparisons) + sum(c.status == LEDGER_REGRESSION for c in ledger)
     errors = sum(c.verdict == NOT_COMPARABLE for c in comparisons) + (len(invalid) if strict else 0)
-    skipped = sum(c.verdict == NEW for c in comparisons) + (0 if strict else len(invalid))
-    counts = {"tests": str(len(comparisons) + len(invalid)), "failures": str(failures), "errors": str(errors)}
+    skipped = (sum(c.verdict == NEW for c in comparisons) + (0 if strict else len(invalid))
+               + sum(c.status not in (LEDGER_REGRESSION, PASS) for c in ledger))
+    counts = {"tests": str(len(comparisons) + len(invalid) + len(ledger)), "failures": str(failures),
+              "errors": str(errors)}
     root = ElementTree.Element("testsuites", name="vlpbench compare", **counts)
     suite = ElementTree.SubElement(root, "testsuite", name="vlpbench compare", skipped=str(skipped), time="0", **counts)
     for c in comparisons:
@@ -443,5 +468,6 @@ def junit_xml(comparisons: Sequence[Comparison], invalid: Sequence[InvalidRecord
                                    type="invalid record").text = str(bad)
         else:
             ElementTree.SubElement(case, "skipped", message=f"invalid record skipped: {bad.problem}")
+    add_junit_cases(suite, ledger)
     ElementTree.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ElementTree.tostring(root, encoding="unicode") + "\n"

@@ -5,8 +5,10 @@ Per paper task group (seg, det, cls, zs, ground, ret, then any other tasks) the 
 first, click again to reverse), a calibration table (ECE, Brier) where classification records hold them,
 the metric-versus-fraction plots of the group's tasks (inline base64
 PNG), and the provenance of every cell: a tooltip and a list of the runs behind it (checkpoint sha256,
-seed, date, vlpbench version and commit). Styles and the sorting script are inline, so the page needs
-no network when viewed. Every string taken from a record is HTML-escaped.
+seed, date, vlpbench version and commit). Where the records measure cells of the reproduction ledger, a
+"Reproduction ledger" section holds its "reported / measured" table (:mod:`vlpbench.report.ledger_table`).
+Styles and the sorting script are inline, so the page needs no network when viewed. Every string taken from a
+record is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Sequence
 import vlpbench
 from vlpbench.errors import DataError
 from vlpbench.report.html_table import cell_markup
+from vlpbench.ledger import LedgerCell
 from vlpbench.report.layout import Cell, Column, Grid, Row, metric_name, percent_label
 from vlpbench.report.reference import ReferenceRow
 from vlpbench.report.reliability import calibration_tables
@@ -47,6 +50,11 @@ th[data-sort] { cursor: pointer; user-select: none; }
 th[data-sort]:hover { background: #e6e6ea; }
 th[aria-sort=descending]::after { content: " ▼"; } th[aria-sort=ascending]::after { content: " ▲"; }
 tr.reported { color: #666; font-style: italic; }
+table.ledger { border-collapse: collapse; margin: .8rem 0; font-variant-numeric: tabular-nums; }
+table.ledger th, table.ledger td { border-bottom: 1px solid #ddd; padding: .3rem .6rem; text-align: right; }
+table.ledger th[scope=row], table.ledger tfoot td { text-align: left; }
+table.ledger thead th { background: #f4f4f6; } table.ledger tfoot td { color: #555; font-size: .85rem; }
+.verdict.reproduced { color: #1a7f37; } .verdict.below, .verdict.above { color: #b35900; }
 td[title] { cursor: help; }
 figure { display: inline-block; margin: .5rem 1rem .5rem 0; } figure img { width: 330px; height: auto; }
 details { margin: .5rem 0; } details table td, details table th { text-align: left; font-size: .8rem; }
@@ -244,13 +252,37 @@ def _groups(records: list[dict]) -> list[tuple[str, list[dict]]]:
     return [(g, by_group[g]) for g in (*TABLE_GROUPS, "other") if by_group.get(g)]
 
 
+def ledger_section(records: list[dict], ledger: Sequence[LedgerCell]) -> str | None:
+    """The "Reproduction ledger" section: the published cells of ``ledger`` that ``records`` measure, as the
+    HTML table of ``table --ledger`` (or why it cannot be built, e.g. a cell's records from two task versions);
+    None where the records measure none."""
+    from vlpbench.report.ledger_table import html_ledger, ledger_grid
+    from vlpbench.report.verdicts import checkpoint_rows
+
+    head = ['<section id="ledger">', "<h2>Reproduction ledger</h2>"]
+    try:
+        rows = checkpoint_rows(ledger, records)
+    except DataError as error:  # e.g. a cell's records from two task versions: the rest of the page still shows
+        return "\n".join([*head, f'<p class="notes">The ledger table cannot be built: {_text(error)}</p>',
+                          "</section>"])
+    if not rows:
+        return None
+    return "\n".join([*head,
+                      '<p class="notes">Does the released checkpoint give the paper\'s number? Each cell: the '
+                      "published value / the mean of these records, and the verdict (hover for the source and the "
+                      "95% CI; <code>vlpbench reproduce</code> runs the missing cells).</p>",
+                      html_ledger(ledger_grid(rows)).rstrip("\n"), "</section>"])
+
+
 def leaderboard_html(records: list[dict], *, references: Sequence[ReferenceRow] = (), plots: bool = True,
-                     title: str = "vlpbench leaderboard", evidence_root: str | Path | None = None) -> str:
+                     title: str = "vlpbench leaderboard", evidence_root: str | Path | None = None,
+                     ledger: Sequence[LedgerCell] = ()) -> str:
     """The self-contained page (see the module docstring) for ``records``.
 
     ``references`` add reported rows to the tables where they fill a column; ``plots`` adds the
-    metric-versus-fraction figures. The page depends only on its inputs and the vlpbench version (no
-    build time in it), so the same records give the same file. ``evidence_root``: the results folder,
+    metric-versus-fraction figures; ``ledger`` (:func:`vlpbench.ledger.load_ledger`) adds the reproduction
+    ledger's section where the records measure its cells. The page depends only on its inputs and the vlpbench
+    version (no build time in it), so the same records give the same file. ``evidence_root``: the results folder,
     where the records' evidence sidecars are found for the significance marks of the tables.
 
     Raises:
@@ -262,6 +294,9 @@ def leaderboard_html(records: list[dict], *, references: Sequence[ReferenceRow] 
     groups = _groups(records)
     newest = max(record["created"] for record in records)
     nav = " ".join(f'<a href="#group-{g}">{_text(GROUP_TITLES[g])}</a>' for g, _ in groups)
+    reproduction = ledger_section(records, ledger) if ledger else None
+    if reproduction is not None:
+        nav += ' <a href="#ledger">Reproduction ledger</a>'
     body = [f"<h1>{_text(title)}</h1>",
             f'<p class="meta">{len(records)} result records (newest {_text(newest)}); page built by vlpbench '
             f"{_text(vlpbench.__version__)}. Hover a cell for its seeds, checkpoints and dates; click a column "
@@ -288,6 +323,8 @@ def leaderboard_html(records: list[dict], *, references: Sequence[ReferenceRow] 
     from vlpbench.report.subgroups import leaderboard_section
 
     body.append(leaderboard_section(records))
+    if reproduction is not None:
+        body.append(reproduction)
     return "\n".join(["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
                       '<meta name="viewport" content="width=device-width, initial-scale=1">',
                       f"<title>{_text(title)}</title>", f"<style>{_STYLE}</style>", "</head>", "<body>",

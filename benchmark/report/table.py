@@ -376,7 +376,8 @@ def build_table(records: list[dict], *, models: Sequence[str] | None = None,
     return tables[0][1]
 
 
-def _md_escape(text: str) -> str:
+def md_escape(text: str) -> str:
+    """``text`` with Markdown's special characters escaped, for a table cell or a note."""
     # Backslash escapes keep a hostile name literal on GitHub (``<script>`` is not HTML, ``*`` no
     # emphasis); "_" is left alone because intraword underscores never emphasise (siim_seg).
     for char in "\\|*`<>":
@@ -398,10 +399,10 @@ def markdown_grid(grid: Grid) -> str:
 
     def row_label(row) -> str:
         if row.citation is None:
-            return _md_escape(row.label)
-        return f"*{_md_escape(row.label)}*{row.citation.mark}"
+            return md_escape(row.label)
+        return f"*{md_escape(row.label)}*{row.citation.mark}"
 
-    table = [["Model", *(_md_escape(f"{c.task_label} {percent_label(c.frac)}") for c in grid.columns)],
+    table = [["Model", *(md_escape(f"{c.task_label} {percent_label(c.frac)}") for c in grid.columns)],
              ["", *(_md_metric_label(c) for c in grid.columns)]]
     table += [[row_label(row), *(cell_text(row, c) for c in grid.columns)] for row in grid.rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
@@ -414,10 +415,10 @@ def markdown_grid(grid: Grid) -> str:
     alignment = [":" + "-" * (widths[0] - 1)] + ["-" * (w - 1) + ":" for w in widths[1:]]
     lines = [format_line(table[0]), "| " + " | ".join(alignment) + " |",
              *(format_line(line) for line in table[1:])]
-    lines += ["", *(_md_escape(note) for note in grid.legend)]
-    lines += ["", *(f"- {_md_escape(note)}" for note in grid.provenance)]
-    lines += [f"- {_md_escape(note)}" for note in grid.missing]
-    lines += [f"{c.mark} {_md_escape(c.text)}" for c in grid.citations]
+    lines += ["", *(md_escape(note) for note in grid.legend)]
+    lines += ["", *(f"- {md_escape(note)}" for note in grid.provenance)]
+    lines += [f"- {md_escape(note)}" for note in grid.missing]
+    lines += [f"{c.mark} {md_escape(c.text)}" for c in grid.citations]
     return "\n".join(lines) + "\n"
 
 
