@@ -137,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="adapter name with ledger cells (see `vlpbench models`)")
     p.add_argument("--checkpoint", required=True, help="the checkpoint file to measure, e.g. the released one")
     p.add_argument("--tasks", type=_names, help="comma-separated tasks (default: every task of the model's cells)")
-    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1 per task and fraction (default 3)")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1 per task and fraction (default 3; one where the protocol trains nothing: "
+                        "zero-shot, grounding, retrieval)")
     p.add_argument("--data-root", dest="data_roots", action="append", metavar="DATASET=DIR",
                    help="dataset folder, e.g. siim=~/data/siim (repeatable; default as for `run`); a task whose "
                         "data is not found is skipped and listed with where it was looked for")

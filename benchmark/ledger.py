@@ -12,7 +12,9 @@ profile, and the released file it came from, an entry of ``checkpoints.json`` in
 
 ``model`` is a registered adapter; ``released`` is false where the authors published no weights;
 ``sha256`` (64 lowercase hex digits) and ``size`` (bytes) only where the authors publish them, else null or
-absent, as are ``url`` and ``note``.
+absent, as are ``url`` and ``note``. ``overrides`` (optional): task options every run of the entry's cells
+takes, as ``--set`` gives them (G2D's encoder+decoder file is the ``init_decoder: true`` run); only records with
+exactly these overrides measure its cells.
 
 :func:`measured_cell` summarises a user's records of a cell (:class:`Measured`) and :func:`verdict` sets it
 beside the published number.
@@ -43,7 +45,7 @@ _Z95 = 1.96
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ENTRY_KEYS = {"model": True, "file": True, "published_by": True, "url": False, "released": True,
-               "sha256": False, "size": False, "note": False}
+               "sha256": False, "size": False, "note": False, "overrides": False}
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,12 @@ class CheckpointEntry:
     sha256: str | None
     size: int | None
     note: str | None
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def options(self) -> dict[str, object]:
+        """The task options every run of this entry's cells takes (``--set``)."""
+        return dict(self.overrides)
 
 
 @dataclass(frozen=True)
@@ -162,8 +170,12 @@ def load_checkpoints(path: str | Path) -> dict[str, CheckpointEntry]:
         if not entry["released"] and (sha256 is not None or size is not None):
             raise DataError(f"{path}: key '{where}.{'sha256' if sha256 is not None else 'size'}': expected null, "
                             f"the checkpoint is not released")
+        overrides = entry.get("overrides", {})
+        if not isinstance(overrides, dict) or not all(isinstance(key, str) and key for key in overrides):
+            raise key_error(path, f"{where}.overrides", "an object {task option: value}", overrides)
         entries[name] = CheckpointEntry(name, entry["model"], entry["file"], entry["published_by"], entry.get("url"),
-                                        entry["released"], sha256, size, entry.get("note"))
+                                        entry["released"], sha256, size, entry.get("note"),
+                                        tuple(sorted(overrides.items())))
     return entries
 
 
@@ -254,11 +266,11 @@ def _sha256(record: dict) -> str | None:
 
 def _measures(record: dict, cell: LedgerCell) -> bool:
     """``record`` is a run of the cell's adapter, task, fraction and profile, with a checkpoint, as the profile
-    defines the protocol: no ``--set`` overrides, fp32, real data."""
+    defines the protocol: no ``--set`` overrides but the checkpoint entry's own, fp32, real data."""
     config = record.get("config") or {}
     return (record["model"].get("adapter") == cell.model and record["task"]["name"] == cell.task
             and float(record["frac"]) == cell.frac and record_profile(record) == cell.profile
-            and _sha256(record) is not None and not config.get("overrides")
+            and _sha256(record) is not None and (config.get("overrides") or {}) == cell.checkpoint.options
             and config.get("precision", "fp32") == "fp32" and not (record.get("data") or {}).get("synthetic"))
 
 
@@ -268,7 +280,7 @@ def measured_cell(records: list[dict], cell: LedgerCell, *, checkpoint_sha256: s
 
     A record measures the cell when its adapter (``model.adapter``), task, fraction and profile are the cell's,
     it ran a checkpoint (``checkpoint_sha256``'s, if given) and the protocol as the profile defines it: records
-    with ``--set`` overrides, another precision than fp32 or synthetic data are no reproduction and are left
+    with ``--set`` overrides other than the checkpoint entry's ``overrides``, another precision than fp32 or synthetic data are no reproduction and are left
     out. Metrics are read under their current names, as tables read them
     (:func:`vlpbench.report.table.table_rows`, which also gives the seed mean and std).
 

@@ -14,6 +14,7 @@ say anything. Records of the file's checkpoint (its sha256) are the only ones me
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ class ReproductionPlan:
     results: Path
     model_options: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pending(self) -> list[PlannedRun]:
@@ -200,7 +202,8 @@ def plan_reproduction(model: str, checkpoint: str | Path, *, tasks: Sequence[str
     ``reference``: the ledger folder (default: ``<results>/reference``, else the shipped one, as ``table
     --reference``); ``data_roots``: ``{dataset: folder}``, else each dataset's folder as ``run`` finds it;
     ``entry``: the id of the file's entry in ``checkpoints.json`` (default: the entries whose sha256, else whose
-    file name, the file matches; else every entry of the model); ``seeds``: seeds 0 … N−1 per run.
+    file name, the file matches; else every entry of the model); ``seeds``: seeds 0 … N−1 per run (seed 0 alone where the
+    protocol trains nothing: zero-shot, grounding, retrieval).
 
     Raises:
         ConfigError: no ledger cell of ``model`` (or of ``tasks``), an unknown ``entry`` or dataset, fewer than
@@ -211,6 +214,7 @@ def plan_reproduction(model: str, checkpoint: str | Path, *, tasks: Sequence[str
     from vlpbench.registry import DATASETS
     from vlpbench.report.reference import default_reference_dir
     from vlpbench.results import existing_record, record_path, scan_records
+    from vlpbench.protocols.base import protocol_named
     from vlpbench.tasks import load_task
 
     if seeds < 1:
@@ -249,6 +253,14 @@ def plan_reproduction(model: str, checkpoint: str | Path, *, tasks: Sequence[str
         notes.append(f"left out: the cells of {', '.join(f'{e.id} ({e.file})' for e in left)}; this file is "
                      f"{', '.join(e.id for e in chosen)} by its {matched}")
     cells = [cell for cell in cells if cell.checkpoint in chosen]
+    options = [dict(o) for o in dict.fromkeys(e.overrides for e in chosen)]
+    if len(options) > 1:
+        raise ConfigError(f"{path.name}: the entries {', '.join(e.id for e in chosen)} run with different task options "
+                          f"({'; '.join(map(str, options))}): pick one with --entry")
+    overrides = options[0] if options else {}
+    if overrides:
+        notes.append("every run takes the entry's task options: "
+                     + " ".join(f"--set {key}={json.dumps(value)}" for key, value in overrides.items()))
 
     keys = list(dict.fromkeys((cell.task, cell.frac, cell.profile) for cell in cells))
     comparable = {(c.task, c.frac, c.profile): c for c in cells if c.not_comparable is None}
@@ -268,16 +280,18 @@ def plan_reproduction(model: str, checkpoint: str | Path, *, tasks: Sequence[str
     for key in (k for k in keys if k in comparable and k[0] in folders):
         task, frac, profile = key
         recorded = _recorded_seeds(records, comparable[key], sha256)
-        version = load_task(task, profile).version
-        for seed in range(seeds):
+        spec = load_task(task, profile)
+        version = spec.version
+        # Nothing trained, nothing a seed changes but the bootstrap's resamples: one run measures the cell.
+        for seed in range(seeds if protocol_named(spec.protocol).trains else 1):
             stub = {"model": {"name": label, "checkpoint": {"path": str(path), "sha256": sha256}},
                     "task": {"name": task, "version": version, "profile": profile}, "frac": frac, "seed": seed,
-                    "config": {"overrides": {}}}
+                    "config": {"overrides": overrides}}
             done = seed in recorded or existing_record(results, stub) is not None
             runs.append(PlannedRun(task, frac, profile, seed, record_path(results, stub), done))
     return ReproductionPlan(model, path, sha256, size, folder, cells, chosen, notes, warnings, folders, missing,
                             [key for key in keys if key not in comparable], runs, results, dict(model_options or {}),
-                            device)
+                            device, overrides)
 
 
 def _recorded_seeds(records: list[dict], cell: LedgerCell, sha256: str) -> set[int]:
@@ -302,7 +316,7 @@ def execute(plan: ReproductionPlan, *, progress: bool = True) -> list[tuple[Plan
         try:
             api.run(plan.model, run.task, run.frac, seed=run.seed, checkpoint=plan.checkpoint,
                     model_options=plan.model_options, data_root=plan.folders[run.task], results=plan.results,
-                    device=plan.device, progress=progress, profile=run.profile)
+                    device=plan.device, progress=progress, profile=run.profile, overrides=plan.overrides or None)
         except VlpbenchError as error:
             log.error("reproduce %s: %s failed: %s", plan.model, run.describe(), error)
             failures.append((run, str(error)))

@@ -224,6 +224,18 @@ def test_one_seed_is_its_bootstrap_ci_and_other_runs_are_left_out(cell):
     assert measured_cell(others, cell) is None
 
 
+def test_an_entry_with_overrides_is_measured_by_records_with_exactly_those(tmp_path):
+    checkpoints = _changed(CHECKPOINTS, lambda d: d["checkpoints"]["mgca_r50"].update(overrides={"init_decoder": True}))
+    cell = load_ledger(_write(tmp_path / "ref", checkpoints=checkpoints, t1=TABLE))[0]
+    assert cell.checkpoint.options == {"init_decoder": True}
+    plain, decoded = _record(0, 0.45, 0.42, 0.48), _record(0, 0.49, 0.46, 0.51, overrides={"init_decoder": True})
+    more = _record(1, 0.49, 0.46, 0.51, overrides={"init_decoder": True, "lr": 0.1})
+    assert measured_cell([plain, decoded, more], cell).mean == 0.49
+    bad = _changed(CHECKPOINTS, lambda d: d["checkpoints"]["mgca_r50"].update(overrides=["init_decoder"]))
+    with pytest.raises(DataError, match=r"key 'checkpoints.mgca_r50.overrides': expected an object"):
+        load_ledger(_write(tmp_path / "bad", checkpoints=bad, t1=TABLE))
+
+
 def test_several_seeds_combine_test_sampling_and_training_randomness(cell):
     values, lows, highs = [0.50, 0.52, 0.54], [0.46, 0.49, 0.50], [0.53, 0.56, 0.57]
     # one checkpoint under two --name labels is one measurement

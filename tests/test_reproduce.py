@@ -6,7 +6,10 @@ the numbers worked out by hand in the comments."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,7 @@ from vlpbench import api, results
 from vlpbench.cli import main
 from vlpbench.errors import ConfigError
 from vlpbench.ledger import CheckpointEntry
+from vlpbench.reproduce import plan_reproduction
 from vlpbench.report.verdicts import match_entries
 
 # Dice per seed 0, 1, 2 and the bootstrap half-width of each record, per (task, fraction).
@@ -185,6 +189,45 @@ def test_unreleased_weights_measure_the_users_file(bench, capsys, tmp_path):
     sha = hashlib.sha256(b"G2D weights").hexdigest()
     assert (f"'g2d' ({{name}}_encoder.pth; nobody: no weights): the paper's weights were never published, so this "
             f"measures your file (sha256 {sha})") in capsys.readouterr().out
+
+
+def test_an_entrys_task_options_reach_every_run(bench, capsys, tmp_path):
+    argv, calls, _ = bench
+    ledger = Path(argv[argv.index("--reference") + 1])
+    checkpoints = json.loads((ledger / "checkpoints.json").read_text())
+    checkpoints["checkpoints"]["g2d"]["overrides"] = {"init_decoder": True}
+    (ledger / "checkpoints.json").write_text(json.dumps(checkpoints))
+    mine = tmp_path / "mine_encoder.pth"
+    mine.write_bytes(b"G2D weights")
+    argv = [*argv, "--dry-run"]
+    argv[argv.index("--model") + 1] = "g2d"
+    argv[argv.index("--checkpoint") + 1] = str(mine)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "every run takes the entry's task options: --set init_decoder=true" in out
+    assert calls == []
+    plan = plan_reproduction("g2d", mine, reference=ledger, results=tmp_path / "results",
+                             data_roots={"siim": str(tmp_path / "siim")})
+    assert plan.overrides == {"init_decoder": True}
+    # the records go where `run --set init_decoder=true` writes them, not beside the plain runs'
+    assert all(run.record.stem != f"frac0.01-seed{run.seed}" for run in plan.runs)
+
+
+def test_a_task_that_trains_nothing_runs_one_seed(tmp_path, monkeypatch):
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    (ledger / "checkpoints.json").write_text(json.dumps({"schema": 1, "checkpoints": {"medklip": {
+        "model": "medklip", "file": "checkpoint_final.pth", "published_by": "README", "released": True}}}))
+    (ledger / "t.json").write_text(json.dumps({
+        "schema": 1, "citation": "Paper Q", "table": "Table 1", "profile": "paper", "unit": "percent",
+        "columns": [{"paper": "CXR14 AUC", "task": "cxr14_zs", "frac": 1.0, "metric": "auc"}],
+        "rows": [{"method": "MedKLIP", "checkpoint": "medklip", "values": [76.76]}]}))
+    checkpoint = tmp_path / "checkpoint_final.pth"
+    checkpoint.write_bytes(b"weights")
+    (tmp_path / "cxr14").mkdir()
+    plan = plan_reproduction("medklip", checkpoint, reference=ledger, results=tmp_path / "results", seeds=3,
+                             data_roots={"cxr14": str(tmp_path / "cxr14")})
+    assert [(run.task, run.seed) for run in plan.runs] == [("cxr14_zs", 0)]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -40,6 +40,8 @@ class Protocol(ABC):
         prediction_files: what ``run --save-predictions`` writes and ``score`` reads, in words.
         prediction_file: the one file ``score`` reads inside that folder, or None where it reads the folder.
         uses_val: whether ``score`` reads the validation part (thresholds chosen on validation predictions).
+        trains: whether a run trains anything (a seed changes its predictions); false for the zero-shot
+            protocols, whose seeds differ only in the bootstrap's resamples.
     """
 
     name: ClassVar[str]
@@ -48,6 +50,7 @@ class Protocol(ABC):
     prediction_files: ClassVar[str]
     prediction_file: ClassVar[str | None] = None
     uses_val: ClassVar[bool] = False
+    trains: ClassVar[bool] = True
 
     @abstractmethod
     def run(self, adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int, device: torch.device,

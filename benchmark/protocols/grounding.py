@@ -452,6 +452,7 @@ class GroundingProtocol(base.Protocol):
     name = "grounding"
     table_group = "ground"
     uses_val = True
+    trains = False
     prediction_file = HEATMAPS_FILE
     prediction_files = (f"{HEATMAPS_FILE}: one 2-D heat map per positive test (and validation) image, keyed by "
                         "image id (MS-CXR: '<image_id>#<phrase index>')")

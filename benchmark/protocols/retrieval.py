@@ -264,6 +264,7 @@ class RetrievalProtocol(base.Protocol):
     name = "retrieval"
     table_group = "ret"
     distributed = False
+    trains = False
     prediction_file = SIMILARITY_FILE
     prediction_files = (f"{SIMILARITY_FILE}: similarity (float32, test images x candidate texts), image_ids and "
                         "texts")

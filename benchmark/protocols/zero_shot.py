@@ -347,6 +347,7 @@ class ZeroShotProtocol(base.Protocol):
     name = "zero_shot"
     table_group = "zs"
     uses_val = True
+    trains = False
     prediction_file = PROBABILITIES_FILE
     prediction_files = (f"{PROBABILITIES_FILE}: image_id and one probability column per class, one row per test "
                         "image and per image the thresholds come from")
