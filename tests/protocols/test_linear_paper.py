@@ -173,12 +173,13 @@ def test_resize_option_from_config():
 @pytest.mark.parametrize("task", ["chexpert_cls", "rsna_cls", "covidx_cls"])
 def test_paper_profile_holds_mgca_settings_with_sources(task):
     canonical, paper = load_task(task), load_task(task, profile="paper")
-    assert (canonical.config["resize"], canonical.config["upsample_299"], canonical.config["linear_mode"]) == (
-        "square", False, "cached")
+    assert (canonical.config["resize"], canonical.config["upsample_299"], canonical.config["linear_mode"],
+            canonical.config["head_solver"]) == ("square", False, "cached", "sgd")
     assert paper.profile == "paper"
     assert paper.config == {**canonical.config, "resize": "pad", "upsample_299": True, "linear_mode": "mgca",
                             "batch_size": 8}
     assert paper.config["train_transform"] == ("moco2" if task == "chexpert_cls" else "crop")
+    assert paper.config["head_solver"] == "sgd"  # MGCA's AdamW head
     # MGCA's own splits with its df.sample 1 %/10 % subsets (tests/data/test_splits_mgca_cls.py).
     assert canonical.split == "v1" and paper.split == ("mgca_cls" if task == "rsna_cls" else "mgca")
     sources = {s.key: s.source for s in paper.profile_settings()}
