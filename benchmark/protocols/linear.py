@@ -23,7 +23,7 @@ Two head solvers (config ``head_solver``):
 - ``sgd`` (default, and the paper profile's): MGCA's AdamW schedule above, one host sync per mini-batch.
 - ``lbfgs``: an L2-regularised logistic regression solved to convergence on the whole training set at once,
   its penalty chosen on the validation split from a log grid (:mod:`vlpbench.protocols.logistic`, after
-  CLIP's linear probe); cached mode only. No seed enters it: every seed of a fraction gives the same head.
+  CLIP's linear probe); cached mode only. No seed enters the fit: every seed of a fraction gives the same head.
 
 Both modes read the images through the resize of config ``resize`` (:mod:`vlpbench.protocols.features`):
 ``square`` (canonical) or ``pad``, MGCA's ``resize_img``.
@@ -247,8 +247,9 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
     """Train a linear head on ``split.train`` over the frozen encoder, early-stop on ``split.val``,
     score ``split.test`` (entry point of protocol ``linear``).
 
-    Returns the outcome dict of the protocol contract; ``training`` records the mode, the epochs,
-    the loss curves and whether each part's features came from the feature cache.
+    Returns the outcome dict of the protocol contract; ``training`` records the mode, the head solver and
+    its fit (``sgd``: the epochs and loss curves; ``lbfgs``: the penalty ``l2`` chosen and each grid value's
+    validation loss and iterations) and each part's feature-cache state (``hit``, ``miss`` or ``partial``).
 
     Raises:
         ConfigError: an unknown ``linear_mode``, ``train_transform``, ``head_solver`` or ``label_kind``,
