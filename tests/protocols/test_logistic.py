@@ -102,10 +102,14 @@ def test_the_penalty_chosen_has_the_lowest_validation_loss_of_the_grid(kind):
         return np.mean(np.logaddexp(0, logits) - val_y * logits)
 
     expected = [val_loss(l2) for l2 in L2_GRID]
-    np.testing.assert_allclose([row["val_loss"] for row in head.grid], expected, rtol=1e-4)
+    # The weakest penalties overfit to logits of tens, where the loss of a wrong image magnifies the solvers'
+    # stopping rules: 1e-3 relative.
+    np.testing.assert_allclose([row["val_loss"] for row in head.grid], expected, rtol=1e-3)
     best = int(np.argmin(expected))
     assert 0 < best < len(L2_GRID) - 1  # an inside optimum: the choice is a real one
     assert head.l2 == L2_GRID[best] and head.val_loss == pytest.approx(expected[best], rel=1e-4)
+    # No value within twice that tolerance of the best: the order of the grid is the same for both solvers.
+    assert np.min(np.abs(np.delete(expected, best) - expected[best])) > 2e-3 * expected[best]
     np.testing.assert_allclose(_probabilities(kind, head.weight, head.bias, val_x),
                                _sklearn_probabilities(kind, x, y, head.l2, val_x), atol=1e-4)
 
