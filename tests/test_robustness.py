@@ -321,7 +321,7 @@ def test_pickle_in_the_feature_cache_is_never_run(tmp_path, resnet18_checkpoint)
     pre = Preprocessing(resize=36, crop=32, mean=0.5, std=0.5)
     first = cached_features(adapter, source, source.ids, pre, batch_size=4, device=torch.device("cpu"))
     marker = tmp_path / "ran"
-    _pickle_npy(first.path, marker)
+    _pickle_npy(first.paths[0], marker)
     again = cached_features(adapter, source, source.ids, pre, batch_size=4, device=torch.device("cpu"))
     assert not again.hit and not marker.exists()
     np.testing.assert_allclose(again.values, first.values, rtol=1e-5, atol=1e-6)

@@ -25,21 +25,28 @@ many COVIDx files likewise. ``pad`` keeps the anatomy's proportions, but then th
 shorter one. Square chest films (most RSNA DICOMs, 1024²) come out alike under both, up to the
 resampling filter.
 
-Cache layout under ``vlpbench.config.cache_dir() / "features"``::
+Cache layout under ``vlpbench.config.cache_dir() / "features"``: one store per encoder and pipeline,
+holding each image's feature once::
 
-    <dataset>/<key>.npy     float32 (n images, channels), numpy format (never a pickle)
-    <dataset>/<key>.json    the key's content: what produced the features, and under ``checksum`` the
-                            CRC-32 of the features' bytes (``crc32:<8 hex>``, ``vlpbench.checksum``)
+    <dataset>/<store>/<shard>.npy    float32 (n images, channels), numpy format (never a pickle)
+    <dataset>/<store>/<shard>.json   the store's key, the shard's image ids in row order (with their file
+                                     stamps) and, under ``checksum``, the CRC-32 of the features' bytes
+                                     (``crc32:<8 hex>``, ``vlpbench.checksum``)
 
-``key`` is a hash of the adapter (name, checkpoint sha256, options, encoder name), the pooling, the data (reader,
-:func:`vlpbench.data.cache.source_fingerprint`, the image ids in order and, where the reader gives
-file paths, each file's size and modification time), the pipeline and the resize rule the image
-cache applied (``resize_method``: ``pil-bilinear-antialias`` for ``square``, ``mgca-pad-inter-area``
-for ``pad``, the image cache's own names), so features of the two resizes never share an entry. Both files
-appear by an atomic rename, the ``.json`` last; a file that is unreadable, truncated, of the wrong shape,
-whose ``.json`` does not hold the expected key, or whose features do not match the checksum there is
-recomputed with a warning naming it, never trusted. So is an entry written before checksums existed (a
-``.json`` without ``checksum``): it cannot be verified.
+``store`` is a hash of the key: the adapter (name, checkpoint sha256, options, encoder name), the pooling,
+the data (reader and :func:`vlpbench.data.cache.source_fingerprint`), the pipeline, the resize rule the
+image cache applied (``resize_method``: ``pil-bilinear-antialias`` for ``square``, ``mgca-pad-inter-area``
+for ``pad``, the image cache's own names; features of the two resizes never share a store) and the
+precision. Within a store an image is known by its id and, where the reader gives file paths but no
+fingerprint of its own, its file's size and modification time. A request reads every image the store
+holds and encodes only the others, written as a new shard; so the 1 %, 10 % and 100 % runs of a sweep,
+every seed and every split over the same images pass each image through the encoder once, whatever
+order they run in. An image's row is the same whichever request computed it, up to the rounding a
+different batch composition may give (float32 ulps).
+
+Both files of a shard appear by an atomic rename, the ``.json`` last; a shard that is unreadable,
+truncated, of the wrong shape, whose ``.json`` does not hold the store's key, or whose features do not
+match the checksum there is logged with its name, removed and its images computed again, never trusted.
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ from vlpbench.protocols.runtime import DEFAULT_PRECISION, prepare_model, to_devi
 
 log = logging.getLogger("vlpbench")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MGCA_UPSAMPLE = 299  # MGCA ImageEncoder.resnet_forward: bilinear, align_corners=True, before the ResNet
 # Config ``resize`` → the image cache's resize method (vlpbench.data.resize.RESIZE_METHODS).
 RESIZES = {"square": "antialias", "pad": "pad_area"}
@@ -229,16 +236,36 @@ def extract_features(encoder: torch.nn.Module, images: np.ndarray, pre: Preproce
 
 @dataclass
 class Features:
-    """Features of one id list and where they came from (``hit``: read from the cache)."""
+    """Features of one id list, in its order, and where they came from.
+
+    Attributes:
+        values: ``(n, channels)`` float32.
+        computed: how many distinct images this call passed through the encoder (0: every row was read
+            from the cache).
+        paths: the cache files the rows were read from or written to.
+        seconds: wall time of the call.
+    """
 
     values: np.ndarray
-    hit: bool
-    path: Path
+    computed: int
+    paths: list[Path]
     seconds: float
 
+    @property
+    def hit(self) -> bool:
+        """Whether every row came from the cache (the encoder did not run)."""
+        return self.computed == 0
 
-def feature_key(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessing) -> dict[str, Any]:
-    """What identifies a set of cached features (JSON-able); see the module docstring."""
+    def cache_state(self) -> str:
+        """How a record states it: ``hit``, ``miss``, or ``partial`` with how many images were encoded."""
+        if self.hit:
+            return "hit"
+        n = len(self.values)
+        return "miss" if self.computed == n else f"partial ({self.computed} of {n} encoded)"
+
+
+def feature_key(adapter: Any, source: Any, pre: Preprocessing, precision: str = DEFAULT_PRECISION) -> dict[str, Any]:
+    """What identifies a feature store, everything but the images (JSON-able); see the module docstring."""
     return {
         "format": FORMAT_VERSION,
         "adapter": {"name": adapter.name, "checkpoint_sha256": adapter.checkpoint_sha256,
@@ -246,74 +273,26 @@ def feature_key(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessin
                     "encoder_name": adapter.encoder_name},
         "data": {"dataset": dataset_name(source),
                  "reader": f"{type(source).__module__}.{type(source).__qualname__}",
-                 "fingerprint": source_fingerprint(source),
-                 "n": len(ids), "ids_sha256": _ids_digest(source, ids)},
+                 "fingerprint": source_fingerprint(source)},
         "preprocessing": {**{k: v for k, v in asdict(pre).items() if k != "resize_rule"},
                           "resize_method": METHOD_TAGS[pre.cache_method], "pillow": PIL.__version__,
                           "pool": pool_description(adapter)},
+        "precision": precision,
     }
 
 
-def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessing, *, batch_size: int,
-                    device: torch.device, progress: bool = False, desc: str = "features",
-                    precision: str = DEFAULT_PRECISION) -> Features:
-    """Pooled frozen-encoder features of ``ids``, from the feature cache or computed and stored there.
-
-    On a miss the images come from the image cache and the encoder from ``adapter.encoder()``, run in
-    ``precision`` (``vlpbench.protocols.runtime``); on a hit neither is touched. Features computed in
-    bf16 are cached under a key of their own.
-
-    Raises:
-        VlpbenchError: the cache folder cannot be written.
-    """
-    started = time.perf_counter()
-    ids = list(ids)
-    key = feature_key(adapter, source, ids, pre)
-    if precision != DEFAULT_PRECISION:  # fp32 keys stay as they were, so existing caches stay valid
-        key["precision"] = precision
-    text = json.dumps(key, indent=2, sort_keys=True) + "\n"
-    folder = cache_root() / dataset_name(source)
-    stem = hashlib.sha256(text.encode()).hexdigest()[:32]
-    path = folder / f"{stem}.npy"
-    values = _load(path, folder / f"{stem}.json", key, len(ids))
-    if distributed.all_true(values is not None):
-        log.info("feature cache: hit %s (%d images)", path, len(ids))
-        return Features(values, True, path, time.perf_counter() - started)
-
-    log.info("feature cache: computing %d %s features into %s", len(ids), desc, path)
-    with distributed.main_first():  # rank 0 fills the image cache, the others then read it
-        images = load_images(source, ids, pre.resize, progress, pre.cache_method)
-    # Under torchrun each rank encodes its block of whole batches; the gathered features are in id order.
-    start, stop = distributed.batch_block(len(ids), batch_size)
-    values = distributed.gather_arrays(extract_features(
-        prepare_model(adapter.encoder(), device, precision), images[start:stop], pre, batch_size=batch_size,
-        device=device, progress=progress, desc=desc))
-    try:
-        if distributed.is_main():
-            folder.mkdir(parents=True, exist_ok=True)
-            # A cache, rebuilt when damaged: no fsync.
-            with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as handle:
-                np.save(handle, values, allow_pickle=False)
-            # Written after the features: a .json names features that are complete.
-            stored = {**key, "checksum": content_checksum(values)}
-            atomic_write(folder / f"{stem}.json", json.dumps(stored, indent=2, sort_keys=True) + "\n", fsync=False)
-    except OSError as exc:
-        raise VlpbenchError(f"cannot write the feature cache {path}: {exc}; "
-                            "free disk space or set VLPBENCH_CACHE to another folder") from exc
-    distributed.barrier()
-    return Features(values, False, path, time.perf_counter() - started)
+def store_folder(source: Any, key: dict[str, Any]) -> Path:
+    """The folder of the feature store ``key`` names: ``cache_root() / <dataset> / <32 hex of its hash>``."""
+    text = json.dumps(key, sort_keys=True)
+    return cache_root() / dataset_name(source) / hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def cache_root() -> Path:
-    """The feature cache's folder: ``vlpbench.config.cache_dir() / "features"``."""
-    return cache_dir() / "features"
-
-
-def _ids_digest(source: Any, ids: Sequence[str]) -> str:
-    """Hash of the ids in order and, where the reader has no fingerprint of its own but gives file
-    paths, of each file's size and modification time (an image edited in place changes the key)."""
+def image_keys(source: Any, ids: Sequence[str]) -> list[tuple[str, str]]:
+    """Each image's key within a store: its id and a stamp, the size and modification time of its file where
+    the reader has no fingerprint of its own but gives file paths (an image edited in place is encoded
+    again), else ``""``."""
     locate = getattr(source, "path", None) if getattr(source, "fingerprint", None) is None else None
-    digest = hashlib.sha256()
+    keys = []
     for image_id in ids:
         stamp = ""
         path = locate(image_id) if locate is not None else None
@@ -321,42 +300,173 @@ def _ids_digest(source: Any, ids: Sequence[str]) -> str:
             with contextlib.suppress(OSError):  # a missing file fails later, where the image is read
                 stat = os.stat(path)
                 stamp = f"{stat.st_size} {stat.st_mtime_ns}"
+        keys.append((image_id, stamp))
+    return keys
+
+
+def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessing, *, batch_size: int,
+                    device: torch.device, progress: bool = False, desc: str = "features",
+                    precision: str = DEFAULT_PRECISION) -> Features:
+    """Pooled frozen-encoder features of ``ids``: each image's row from the feature store, the images the
+    store lacks computed and stored there.
+
+    Only the images without a stored row are read from the image cache and passed through
+    ``adapter.encoder()``, run in ``precision`` (``vlpbench.protocols.runtime``); when the store has them
+    all, neither is touched. Features computed in bf16 have a store of their own.
+
+    Raises:
+        VlpbenchError: the cache folder cannot be written.
+    """
+    started = time.perf_counter()
+    ids = list(ids)
+    key = feature_key(adapter, source, pre, precision)
+    folder = store_folder(source, key)
+    wanted = image_keys(source, ids)
+    rows, paths = _read_store(folder, key, set(wanted))
+    found = np.array([image in rows for image in wanted], dtype=bool)
+    if distributed.all_true(found.all()):
+        log.info("feature cache: hit, %d images from %d file(s) in %s", len(ids), len(paths), folder)
+        return Features(_stack(rows, wanted), 0, paths, time.perf_counter() - started)
+
+    # Every rank computes the same images: those rank 0 lacks, or all of them where another rank lacks one
+    # that rank 0 found (a file that changed between the ranks' reads).
+    missing = distributed.broadcast_object(np.flatnonzero(~found).tolist())
+    elsewhere = found.copy()
+    elsewhere[missing] = True
+    if not distributed.all_true(elsewhere.all()):
+        missing = list(range(len(ids)))
+    todo = list(dict.fromkeys(wanted[k] for k in missing))  # distinct images, in request order
+    log.info("feature cache: computing %d of %d %s features into %s", len(todo), len(ids), desc, folder)
+    with distributed.main_first():  # rank 0 fills the image cache, the others then read it
+        images = load_images(source, [image_id for image_id, _ in todo], pre.resize, progress, pre.cache_method)
+    # Under torchrun each rank encodes its block of whole batches; the gathered features are in todo order.
+    start, stop = distributed.batch_block(len(todo), batch_size)
+    values = distributed.gather_arrays(extract_features(
+        prepare_model(adapter.encoder(), device, precision), images[start:stop], pre, batch_size=batch_size,
+        device=device, progress=progress, desc=desc))
+    path = _write_shard(folder, key, todo, values)
+    distributed.barrier()
+    rows.update(zip(todo, values))
+    return Features(_stack(rows, wanted), len(todo), [*paths, path], time.perf_counter() - started)
+
+def cache_root() -> Path:
+    """The feature cache's folder: ``vlpbench.config.cache_dir() / "features"``."""
+    return cache_dir() / "features"
+
+
+def _stack(rows: dict[tuple[str, str], np.ndarray], wanted: list[tuple[str, str]]) -> np.ndarray:
+    """The rows of ``wanted``, in order, as one float32 array."""
+    return np.stack([rows[image] for image in wanted]).astype(np.float32, copy=False)
+
+
+def _shard_stem(images: list[tuple[str, str]]) -> str:
+    """A shard's file name: a hash of its images in order (the same images give the same name)."""
+    digest = hashlib.sha256()
+    for image_id, stamp in images:
         digest.update(f"{image_id}\0{stamp}\n".encode())
-    return digest.hexdigest()
+    return digest.hexdigest()[:32]
 
 
-def _load(path: Path, key_path: Path, key: dict[str, Any], n: int) -> np.ndarray | None:
-    """The cached features, or None when absent or not trustworthy (logged)."""
+def _write_shard(folder: Path, key: dict[str, Any], images: list[tuple[str, str]], values: np.ndarray) -> Path:
+    """Store ``values``, the rows of ``images``, as one shard (rank 0 writes); the ``.npy`` path."""
+    stem = _shard_stem(images)
+    path = folder / f"{stem}.npy"
+    if not distributed.is_main():
+        return path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # A cache, rebuilt when damaged: no fsync.
+        with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, values, allow_pickle=False)
+        # Written after the features: a .json names features that are complete.
+        stored = {**key, "ids": [image_id for image_id, _ in images], "stamps": [stamp for _, stamp in images],
+                  "checksum": content_checksum(values)}
+        atomic_write(folder / f"{stem}.json", json.dumps(stored, indent=1, sort_keys=True) + "\n", fsync=False)
+    except OSError as exc:
+        raise VlpbenchError(f"cannot write the feature cache {path}: {exc}; "
+                            "free disk space or set VLPBENCH_CACHE to another folder") from exc
+    return path
+
+
+def _read_store(folder: Path, key: dict[str, Any],
+                wanted: set[tuple[str, str]]) -> tuple[dict[tuple[str, str], np.ndarray], list[Path]]:
+    """The stored rows of the images ``wanted`` that the store holds, and the ``.npy`` files read.
+
+    A shard that cannot be trusted is logged, removed and passed over. The shard holding most of the wanted
+    images is read first (fewer files read), ties by name, so every process takes a row from the same file.
+    """
+    shards = []
+    for key_path in sorted(folder.glob("*.json")):
+        if (listed := _shard_listing(key_path, key)) is not None:
+            shards.append((key_path, *listed))
+    shards.sort(key=lambda shard: (-len(wanted.intersection(shard[1])), shard[0].name))
+    rows: dict[tuple[str, str], np.ndarray] = {}
+    paths = []
+    for key_path, images, checksum in shards:
+        need = [r for r, image in enumerate(images) if image in wanted and image not in rows]
+        if not need:
+            continue
+        path = key_path.with_suffix(".npy")
+        values = _shard_values(path, key_path, checksum, len(images))
+        if values is None:
+            _discard(key_path)
+            continue
+        rows.update((images[r], values[r]) for r in need)
+        paths.append(path)
+    return rows, paths
+
+
+def _shard_listing(key_path: Path, key: dict[str, Any]) -> tuple[list[tuple[str, str]], str] | None:
+    """A shard's images and checksum from its ``.json``; None when gone, or untrustworthy (logged, removed)."""
     try:
         stored = json.loads(key_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (UnicodeDecodeError, ValueError, OSError) as exc:
-        log.warning("feature cache: %s is unreadable (%s); recomputing", key_path, exc)
+        log.warning("feature cache: %s is unreadable (%s); recomputing its images", key_path, exc)
+        _discard(key_path)
         return None
-    checksum = stored.pop("checksum", None) if isinstance(stored, dict) else None
+    if not isinstance(stored, dict):
+        stored = {}
+    ids, stamps, checksum = stored.pop("ids", None), stored.pop("stamps", None), stored.pop("checksum", None)
     # The key as JSON gives it back (tuples as lists), to compare like with like.
     if stored != json.loads(json.dumps(key)):
-        log.warning("feature cache: %s does not hold the expected key; recomputing", key_path)
+        log.warning("feature cache: %s does not hold the expected key; recomputing its images", key_path)
+        _discard(key_path)
         return None
-    if checksum is None:
-        log.warning("feature cache: %s has no checksum (written before vlpbench checked cache content); "
-                    "recomputing %s", key_path, path.name)
+    if (not isinstance(ids, list) or not isinstance(stamps, list) or len(ids) != len(stamps)
+            or not all(isinstance(v, str) for v in ids + stamps) or not isinstance(checksum, str)):
+        log.warning("feature cache: %s lacks its image list or checksum; recomputing its images", key_path)
+        _discard(key_path)
         return None
+    return list(zip(ids, stamps)), checksum
+
+
+def _shard_values(path: Path, key_path: Path, checksum: str, n: int) -> np.ndarray | None:
+    """A shard's features, or None when absent or not trustworthy (logged)."""
     try:
         values = np.load(path, allow_pickle=False)
     except FileNotFoundError:
+        log.warning("feature cache: %s is gone while %s lists it; recomputing its images", path, key_path.name)
         return None
     except (OSError, ValueError, EOFError) as exc:
-        log.warning("feature cache: %s is unreadable (%s); recomputing", path, exc)
+        log.warning("feature cache: %s is unreadable (%s); recomputing its images", path, exc)
         return None
     if values.dtype != np.float32 or values.ndim != 2 or len(values) != n or not np.isfinite(values).all():
-        log.warning("feature cache: %s holds %s %s, expected finite float32 (%d, channels); recomputing",
+        log.warning("feature cache: %s holds %s %s, expected finite float32 (%d, channels); recomputing its images",
                     path, values.dtype, values.shape, n)
         return None
     found = content_checksum(values)
     if found != checksum:
         log.warning("feature cache: %s does not match the checksum in %s (stored %s, found %s): its values "
-                    "changed after they were written; recomputing", path, key_path.name, checksum, found)
+                    "changed after they were written; recomputing its images", path, key_path.name, checksum, found)
         return None
     return values
+
+
+def _discard(key_path: Path) -> None:
+    """Remove an untrustworthy shard (rank 0; its ``.json`` first, so no listing names missing features)."""
+    if distributed.is_main():
+        for path in (key_path, key_path.with_suffix(".npy")):
+            with contextlib.suppress(OSError):
+                path.unlink()

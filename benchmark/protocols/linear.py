@@ -18,6 +18,13 @@ Two modes (config ``linear_mode``):
   through the frozen encoder. Validation and test images go through the same deterministic
   pipeline as in ``cached`` mode, so both modes take their features from the cache.
 
+Two head solvers (config ``head_solver``):
+
+- ``sgd`` (default, and the paper profile's): MGCA's AdamW schedule above, one host sync per mini-batch.
+- ``lbfgs``: an L2-regularised logistic regression solved to convergence on the whole training set at once,
+  its penalty chosen on the validation split from a log grid (:mod:`vlpbench.protocols.logistic`, after
+  CLIP's linear probe); cached mode only. No seed enters the fit: every seed of a fraction gives the same head.
+
 Both modes read the images through the resize of config ``resize`` (:mod:`vlpbench.protocols.features`):
 ``square`` (canonical) or ``pad``, MGCA's ``resize_img``.
 
@@ -35,6 +42,7 @@ repeated on every rank: same result, no speed-up.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import time
@@ -61,6 +69,7 @@ from vlpbench.protocols.features import (
     uint8_batch,
 )
 from vlpbench.protocols.labels import class_names, label_kind, task_labels
+from vlpbench.protocols.logistic import select_logistic
 from vlpbench.protocols.runtime import (
     LOWEST_VAL_LOSS,
     FitResult,
@@ -74,6 +83,8 @@ from vlpbench.protocols.runtime import (
 log = logging.getLogger("vlpbench")
 
 MODES = ("cached", "mgca")
+HEAD_SOLVERS = ("sgd", "lbfgs")
+DEFAULT_HEAD_SOLVER = "sgd"
 TRAIN_TRANSFORMS = ("crop", "moco2")
 FEATURE_BATCH = 32  # images per encoder call when extracting features (memory only; results are equal)
 
@@ -236,13 +247,15 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
     """Train a linear head on ``split.train`` over the frozen encoder, early-stop on ``split.val``,
     score ``split.test`` (entry point of protocol ``linear``).
 
-    Returns the outcome dict of the protocol contract; ``training`` records the mode, the epochs,
-    the loss curves and whether each part's features came from the feature cache.
+    Returns the outcome dict of the protocol contract; ``training`` records the mode, the head solver and
+    its fit (``sgd``: the epochs and loss curves; ``lbfgs``: the penalty ``l2`` chosen and each grid value's
+    validation loss and iterations) and each part's feature-cache state (``hit``, ``miss`` or ``partial``).
 
     Raises:
-        ConfigError: an unknown ``linear_mode``, ``train_transform`` or ``label_kind``, or a bad
-            image size.
-        DataError: fewer training images than one batch, or no validation or test images.
+        ConfigError: an unknown ``linear_mode``, ``train_transform``, ``head_solver`` or ``label_kind``,
+            ``head_solver: lbfgs`` outside cached mode, or a bad image size.
+        DataError: fewer training images than one batch (one image for ``lbfgs``), or no validation or
+            test images.
     """
     started = time.perf_counter()
     kind = label_kind(config)
@@ -251,25 +264,28 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
         raise ConfigError(f"linear_mode={mode!r}: expected one of {', '.join(MODES)}")
     if transform not in TRAIN_TRANSFORMS:
         raise ConfigError(f"train_transform={transform!r}: expected one of {', '.join(TRAIN_TRANSFORMS)}")
+    solver = head_solver(config)
+    if solver == "lbfgs" and mode != "cached":
+        raise ConfigError(f"head_solver=lbfgs fits on fixed features: it needs linear_mode=cached, not {mode!r}")
     pre = Preprocessing.from_config(config)
     check_schedule(config)
     batch_size = int(config["batch_size"])
-    split.require_training(batch_size)
+    split.require_training(batch_size if solver == "sgd" else 1)
     classes = class_names(config)
     labels = {part: task_labels(source, getattr(split, part), config) for part in ("train", "val", "test")}
     check_known(labels)
-    log.info("linear (%s): %d train, %d val, %d test images; %s over %d class(es)", mode, len(split.train),
-             len(split.val), len(split.test), kind, len(classes))
+    log.info("linear (%s, %s head): %d train, %d val, %d test images; %s over %d class(es)", mode, solver,
+             len(split.train), len(split.val), len(split.test), kind, len(classes))
 
     def features(part: str):
         return cached_features(adapter, source, getattr(split, part), pre, batch_size=FEATURE_BATCH,
                                device=device, progress=progress, desc=part, precision=precision_of(config))
 
     val, test = features("val"), features("test")
-    cache = {"val": "hit" if val.hit else "miss", "test": "hit" if test.hit else "miss"}
+    cache = {"val": val.cache_state(), "test": test.cache_state()}
     if mode == "cached":
         train = features("train")
-        cache["train"] = "hit" if train.hit else "miss"
+        cache["train"] = train.cache_state()
         train_values = torch.from_numpy(train.values).to(device)
 
         def batches(index: torch.Tensor) -> torch.Tensor:
@@ -280,11 +296,22 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
                                      precision_of(config))
     t_data = time.perf_counter()
 
-    head = seeded_head(val.values.shape[1], output_size(kind, labels["train"], classes), seed).to(device)
-    loss_fn = loss_function(kind)
-    fitted = _fit(head, batches, targets(kind, labels["train"], device),
-                  torch.from_numpy(val.values).to(device), targets(kind, labels["val"], device),
-                  loss_fn, config, seed, progress)
+    outputs = output_size(kind, labels["train"], classes)
+    val_values = torch.from_numpy(val.values).to(device)
+    train_targets, val_targets = targets(kind, labels["train"], device), targets(kind, labels["val"], device)
+    if solver == "lbfgs":
+        solved = select_logistic(kind, train_values, train_targets, val_values, val_targets, outputs)
+        head = seeded_head(val.values.shape[1], outputs, seed).to(device)  # the global RNG left alone
+        with torch.no_grad():
+            head.weight.copy_(solved.weight)
+            head.bias.copy_(solved.bias)
+        summary = {"l2": solved.l2, "best_val_loss": solved.val_loss, "l2_grid": solved.grid}
+    else:
+        head = seeded_head(val.values.shape[1], outputs, seed).to(device)
+        fitted = _fit(head, batches, train_targets, val_values, val_targets, loss_function(kind), config, seed,
+                      progress)
+        summary = {"epochs": fitted.epochs, "best_epoch": fitted.best_epoch, "best_val_loss": fitted.best_value,
+                   "history": fitted.history}
     t_train = time.perf_counter()
 
     with torch.no_grad():
@@ -299,14 +326,25 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
         **evaluated,
         "n": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
               "test_per_class": class_counts(kind, labels["test"], classes)},
-        "training": {"mode": mode, "pool": pool_description(adapter), "feature_cache": cache,
-                     "world_size": distributed.world_size(),
-                     "epochs": fitted.epochs,
-                     "best_epoch": fitted.best_epoch, "best_val_loss": fitted.best_value,
-                     "history": fitted.history},
+        "training": {"mode": mode, "head_solver": solver, "pool": pool_description(adapter),
+                     "feature_cache": cache, "world_size": distributed.world_size(), **summary},
         "timing": {"data_s": t_data - started, "train_s": t_train - t_data, "test_s": t_test - t_train,
                    "total_s": t_test - started, "features_val_s": val.seconds, "features_test_s": test.seconds},
     }
+
+
+def head_solver(config: dict[str, Any]) -> str:
+    """``config["head_solver"]`` (``sgd`` where the task has no such option), checked.
+
+    Raises:
+        ConfigError: not one of :data:`HEAD_SOLVERS`, with the closest one where there is one.
+    """
+    solver = config.get("head_solver", DEFAULT_HEAD_SOLVER)
+    if solver not in HEAD_SOLVERS:
+        close = difflib.get_close_matches(solver, HEAD_SOLVERS, n=1) if isinstance(solver, str) else []
+        raise ConfigError(f"head_solver={solver!r}: expected one of {', '.join(HEAD_SOLVERS)}"
+                          + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return solver
 
 
 def default_metrics(kind: str) -> list[str]:

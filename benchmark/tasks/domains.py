@@ -237,6 +237,7 @@ DOMAINS: dict[str, Any] = {
     "acc_rule": Choice(("ge", "gt")),
     # linear probe and fine-tuning
     "linear_mode": Choice(("cached", "mgca")),
+    "head_solver": Choice(("sgd", "lbfgs")),
     "train_transform": Choice(("crop", "moco2")),
     "resize": Choice(("square", "pad")),
     "select_on": Choice(("auc", "loss")),

@@ -1,6 +1,7 @@
 """Fault injection, cache integrity: bytes changed in the image cache or the feature cache while the file
 size stays the same are detected by the checksum, warned about by file name and rebuilt, and what a run
-computes from them equals a clean run's; caches written before checksums are rebuilt, with a warning."""
+computes from them equals a clean run's; image caches written before checksums, and feature shards without one,
+are rebuilt with a warning."""
 
 from __future__ import annotations
 
@@ -156,18 +157,19 @@ def test_a_damaged_run_checksum_file_rebuilds_the_run_file(caplog):
 def test_flipped_byte_in_a_feature_cache_entry_is_detected_warned_and_recomputed(adapter, caplog):
     source = TinySource()
     clean = features(adapter, source)
-    written = clean.path.read_bytes()
+    (path,) = clean.paths
+    written = path.read_bytes()
     # The low byte of the last float32: the value stays finite, so only the checksum can tell.
-    overwrite(clean.path, len(written) - 4, len(written) - 3, bytes([written[-4] ^ 0x01]))
-    assert np.isfinite(np.load(clean.path)).all() and not np.array_equal(np.load(clean.path), clean.values)
+    overwrite(path, len(written) - 4, len(written) - 3, bytes([written[-4] ^ 0x01]))
+    assert np.isfinite(np.load(path)).all() and not np.array_equal(np.load(path), clean.values)
 
     with caplog.at_level(logging.WARNING, logger="vlpbench"):
         again = features(adapter, source)
-    assert f"feature cache: {clean.path} does not match the checksum in {clean.path.stem}.json" in caplog.text
-    assert "its values changed after they were written; recomputing" in caplog.text
+    assert f"feature cache: {path} does not match the checksum in {path.stem}.json" in caplog.text
+    assert "its values changed after they were written; recomputing its images" in caplog.text
     assert not again.hit and adapter.encoders == 2
     np.testing.assert_array_equal(again.values, clean.values)
-    assert clean.path.read_bytes() == written
+    assert path.read_bytes() == written
     assert features(adapter, source).hit
 
 
@@ -176,8 +178,9 @@ def test_features_of_a_zeroed_image_run_file_equal_a_clean_runs(adapter, caplog)
     source = TinySource()
     clean = features(adapter, source)
     zero_pixels(run_file(), len(source.ids) * SIZE * SIZE)
-    for path in clean.path.parent.glob(f"{clean.path.stem}.*"):
-        path.unlink()  # so the features are computed again, from the image cache
+    (path,) = clean.paths
+    for stale in path.parent.glob(f"{path.stem}.*"):
+        stale.unlink()  # so the features are computed again, from the image cache
 
     with caplog.at_level(logging.WARNING, logger="vlpbench"):
         again = features(adapter, source)
@@ -203,18 +206,18 @@ def test_an_image_cache_from_before_checksums_is_decoded_again_with_a_warning(ca
     assert run_file().with_suffix(".sum").read_text().startswith("crc32:")
 
 
-def test_a_feature_cache_from_before_checksums_is_recomputed_with_a_warning(adapter, caplog):
+def test_a_feature_shard_without_its_checksum_is_recomputed_with_a_warning(adapter, caplog):
     source = TinySource()
     clean = features(adapter, source)
-    key_file = clean.path.with_suffix(".json")
+    (path,) = clean.paths
+    key_file = path.with_suffix(".json")
     key = json.loads(key_file.read_text())
     del key["checksum"]
-    key_file.write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")  # as written before checksums
+    key_file.write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
 
     with caplog.at_level(logging.WARNING, logger="vlpbench"):
         again = features(adapter, source)
-    assert f"feature cache: {key_file} has no checksum (written before vlpbench checked cache content); " \
-           f"recomputing {clean.path.name}" in caplog.text
+    assert f"feature cache: {key_file} lacks its image list or checksum; recomputing its images" in caplog.text
     assert not again.hit and adapter.encoders == 2
     np.testing.assert_array_equal(again.values, clean.values)
     assert json.loads(key_file.read_text())["checksum"].startswith("crc32:")

@@ -107,58 +107,85 @@ def test_features_equal_torchvision_resnet18_pooled_output(adapter):
 def test_second_call_hits_the_cache_without_running_the_encoder(adapter):
     source = TinySource(tag="second")
     first = _features(adapter, source)
-    assert (first.hit, adapter.encoders, adapter.images) == (False, 1, 6)
+    assert (first.hit, first.computed, adapter.encoders, adapter.images) == (False, 6, 1, 6)
     second = _features(adapter, source)
     assert second.hit and (adapter.encoders, adapter.images) == (1, 6)
     np.testing.assert_array_equal(first.values, second.values)
-    assert second.path == first.path
+    assert second.paths == first.paths and len(first.paths) == 1
 
 
-def test_other_checkpoint_image_size_data_or_ids_miss(adapter, checkpoints):
+def test_other_checkpoint_image_size_or_data_miss(adapter, checkpoints):
     source = TinySource(tag="keys")
-    base = _features(adapter, source)
+    _features(adapter, source)
     other = Counting(build_adapter("generic", checkpoints[1], arch="resnet18"))
     assert other.checkpoint_sha256 != adapter.checkpoint_sha256
     assert not _features(other, source).hit
     assert not _features(adapter, source, Preprocessing(resize=40, crop=24, mean=0.5, std=0.5)).hit
     assert not _features(adapter, TinySource(tag="other data")).hit
-    reordered = cached_features(adapter, source, source.ids[::-1], PRE, batch_size=8, device=torch.device("cpu"))
-    assert not reordered.hit
-    np.testing.assert_allclose(reordered.values, base.values[::-1], rtol=1e-5, atol=1e-6)
-    assert _features(adapter, source).hit  # the first entry is untouched by the others
+    assert _features(adapter, source).hit  # the first store is untouched by the others
+
+
+def _request(adapter, source, ids):
+    return cached_features(adapter, source, ids, PRE, batch_size=8, device=torch.device("cpu"))
+
+
+def test_each_image_is_encoded_once_whatever_lists_ask_for_it(adapter, checkpoints):
+    """Subsets, reorderings and overlapping lists of one store's images (a sweep's fractions and parts)
+    encode only the images the store lacks; every row equals the whole list's."""
+    source = TinySource(n=12, tag="per-image")
+    subset = _request(adapter, source, source.ids[2:5])
+    assert (subset.computed, adapter.images) == (3, 3)
+    overlapping = _request(adapter, source, source.ids[::-1][:10])  # img11 .. img02: 7 new images
+    assert (overlapping.computed, adapter.images) == (7, 10)
+    assert overlapping.cache_state() == "partial (7 of 10 encoded)" and len(overlapping.paths) == 2
+    whole = _request(adapter, source, source.ids)
+    assert (whole.computed, adapter.images) == (2, 12)  # img00, img01
+    reordered = _request(adapter, source, source.ids[::-1] + source.ids[:1])  # a repeated id too
+    assert reordered.hit and reordered.cache_state() == "hit" and adapter.images == 12
+
+    fresh = build_adapter("generic", checkpoints[0], arch="resnet18")
+    reference = cached_features(fresh, TinySource(n=12, tag="per-image reference"), source.ids, PRE, batch_size=8,
+                                device=torch.device("cpu"))
+    assert reference.cache_state() == "miss"
+    np.testing.assert_allclose(whole.values, reference.values, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(reordered.values, np.concatenate([whole.values[::-1], whole.values[:1]]))
+    np.testing.assert_array_equal(subset.values, whole.values[2:5])
 
 
 def test_truncated_or_mislabelled_files_are_recomputed_never_loaded(adapter, caplog):
     source = TinySource(tag="damaged")
     good = _features(adapter, source)
-    data = good.path.read_bytes()
-    good.path.write_bytes(data[: len(data) // 2])
+    (path,) = good.paths
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
     again = _features(adapter, source)
     assert not again.hit and "unreadable" in caplog.text
     np.testing.assert_array_equal(again.values, good.values)
-    assert good.path.read_bytes() == data  # rewritten whole
+    assert path.read_bytes() == data  # rewritten whole
 
-    key_file = good.path.with_suffix(".json")
+    key_file = path.with_suffix(".json")
     key = json.loads(key_file.read_text())
     key["adapter"]["name"] = "someone-else"
     key_file.write_text(json.dumps(key))
     assert not _features(adapter, source).hit
+    assert "does not hold the expected key" in caplog.text
     assert _features(adapter, source).hit
 
 
 def test_cache_files_are_plain_numpy_not_pickles(adapter):
     source = TinySource(tag="format")
     features = _features(adapter, source)
-    data = features.path.read_bytes()
+    (path,) = features.paths
+    data = path.read_bytes()
     assert data.startswith(b"\x93NUMPY") and b"'descr': '<f4'" in data[:128]
-    assert np.load(features.path, allow_pickle=False).shape == (6, 512)
+    assert np.load(path, allow_pickle=False).shape == (6, 512)
     with pytest.raises(pickle.UnpicklingError):
         pickle.loads(data)
-    key = json.loads(features.path.with_suffix(".json").read_text())
+    key = json.loads(path.with_suffix(".json").read_text())
     assert key["adapter"]["checkpoint_sha256"] == adapter.checkpoint_sha256
-    assert key["preprocessing"]["crop"] == 32 and key["data"]["n"] == 6
-    assert features.path.parent == cache_root() / "test_features"
-    assert not list(features.path.parent.glob(".*.tmp"))
+    assert key["preprocessing"]["crop"] == 32 and key["ids"] == source.ids and key["stamps"] == [""] * 6
+    assert path.parent.parent == cache_root() / "test_features"
+    assert not list(path.parent.glob(".*.tmp"))
 
 
 def test_bad_preprocessing_is_a_config_error():

@@ -3,6 +3,8 @@ from the CLI on synthetic RSNA, COVIDx and CheXpert (cached features and MGCA's 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -75,6 +77,27 @@ def test_a_second_run_reads_every_part_from_the_feature_cache(rsna_record, resne
                         data_root=data / "rsna", results=tmp_path, overrides=FAST, device="cpu", progress=False)
     assert record["config"]["training"]["feature_cache"] == {"train": "hit", "val": "hit", "test": "hit"}
     assert record["metrics"]["auc"] > 0.8
+
+
+def test_lbfgs_and_sgd_heads_never_share_a_table_row(rsna_record, resnet18, data, tmp_path):
+    quick = {**FAST, "max_epochs": 3}
+    records = {solver: api.run("generic", "rsna_cls", 1.0, checkpoint=resnet18, model_options={"arch": "resnet18"},
+                               data_root=data / "rsna", results=tmp_path, device="cpu", progress=False,
+                               overrides=quick if solver == "sgd" else {**quick, "head_solver": solver})[0]
+               for solver in ("sgd", "lbfgs")}
+    lbfgs = records["lbfgs"]
+    assert lbfgs["config"]["head_solver"] == "lbfgs" and lbfgs["config"]["overrides"]["head_solver"] == "lbfgs"
+    assert lbfgs["config"]["training"]["l2"] in [row["l2"] for row in lbfgs["config"]["training"]["l2_grid"]]
+    assert lbfgs["metrics"]["auc"] > 0.8
+    sgd = records["sgd"]["config"]
+    assert sgd["head_solver"] == "sgd" and "head_solver" not in sgd["overrides"]
+    rows = list(csv.DictReader(io.StringIO(api.table(tmp_path, fmt="csv"))))
+    assert len(rows) == 2  # one row per solver, each the mean of its own single run
+    by_solver = {"lbfgs" if "head_solver=lbfgs" in row["model"] else "sgd": row for row in rows}
+    assert set(by_solver) == {"sgd", "lbfgs"}
+    for solver, record in records.items():
+        assert by_solver[solver]["n_seeds"] == "1"
+        assert float(by_solver[solver]["mean"]) == pytest.approx(record["metrics"]["auc"], abs=1e-6)
 
 
 def test_mgca_mode_trains_through_the_encoder_on_augmented_images(rsna_record, resnet18, data, tmp_path):

@@ -148,16 +148,15 @@ def test_upsample_299_is_bilinear_with_aligned_corners_after_normalisation():
 def test_square_and_pad_never_share_cached_features():
     source, adapter = PortraitSource("keys"), RecordingAdapter()
     square, pad = _pre(), _pre(resize_rule="pad")
-    square_key, pad_key = feature_key(adapter, source, source.ids, square), feature_key(adapter, source, source.ids, pad)
+    square_key, pad_key = feature_key(adapter, source, square), feature_key(adapter, source, pad)
     assert square_key != pad_key
     assert square_key["preprocessing"]["resize_method"] == "pil-bilinear-antialias"
     assert pad_key["preprocessing"]["resize_method"] == "mgca-pad-inter-area"
-    # The square key has the fields it had before the option existed, so existing caches stay valid.
     assert set(square_key["preprocessing"]) == {"resize", "crop", "mean", "std", "upsample_299", "resize_method",
                                                 "pillow", "pool"}
     first = cached_features(adapter, source, source.ids, square, batch_size=8, device=torch.device("cpu"))
     second = cached_features(adapter, source, source.ids, pad, batch_size=8, device=torch.device("cpu"))
-    assert not first.hit and not second.hit and first.path != second.path
+    assert not first.hit and not second.hit and first.paths[0].parent != second.paths[0].parent
     assert not np.allclose(first.values, second.values)
     assert cached_features(adapter, source, source.ids, pad, batch_size=8, device=torch.device("cpu")).hit
     assert cached_features(adapter, source, source.ids, square, batch_size=8, device=torch.device("cpu")).hit
@@ -174,12 +173,13 @@ def test_resize_option_from_config():
 @pytest.mark.parametrize("task", ["chexpert_cls", "rsna_cls", "covidx_cls"])
 def test_paper_profile_holds_mgca_settings_with_sources(task):
     canonical, paper = load_task(task), load_task(task, profile="paper")
-    assert (canonical.config["resize"], canonical.config["upsample_299"], canonical.config["linear_mode"]) == (
-        "square", False, "cached")
+    assert (canonical.config["resize"], canonical.config["upsample_299"], canonical.config["linear_mode"],
+            canonical.config["head_solver"]) == ("square", False, "cached", "sgd")
     assert paper.profile == "paper"
     assert paper.config == {**canonical.config, "resize": "pad", "upsample_299": True, "linear_mode": "mgca",
                             "batch_size": 8}
     assert paper.config["train_transform"] == ("moco2" if task == "chexpert_cls" else "crop")
+    assert paper.config["head_solver"] == "sgd"  # MGCA's AdamW head
     # MGCA's own splits with its df.sample 1 %/10 % subsets (tests/data/test_splits_mgca_cls.py).
     assert canonical.split == "v1" and paper.split == ("mgca_cls" if task == "rsna_cls" else "mgca")
     sources = {s.key: s.source for s in paper.profile_settings()}
