@@ -178,13 +178,18 @@ def test_nothing_to_run_exits_2_and_a_failed_run_exits_1(bench, capsys, monkeypa
     assert all("-" in cell for cell in rule.strip("|").split("|"))
 
 
-def test_unreleased_weights_measure_the_users_file(bench, capsys, tmp_path):
-    argv, _, _ = bench
+def _g2d_dry_run(argv: list[str], tmp_path: Path) -> tuple[list[str], Path]:
+    """``argv`` turned into a dry run of G2D with a file of the G2D encoder's name."""
     mine = tmp_path / "mine_encoder.pth"
     mine.write_bytes(b"G2D weights")
     argv = [*argv, "--dry-run"]
     argv[argv.index("--model") + 1] = "g2d"
     argv[argv.index("--checkpoint") + 1] = str(mine)
+    return argv, mine
+
+
+def test_unreleased_weights_measure_the_users_file(bench, capsys, tmp_path):
+    argv, _ = _g2d_dry_run(bench[0], tmp_path)
     assert main(argv) == 0
     sha = hashlib.sha256(b"G2D weights").hexdigest()
     assert (f"'g2d' ({{name}}_encoder.pth; nobody: no weights): the paper's weights were never published, so this "
@@ -197,11 +202,7 @@ def test_an_entrys_task_options_reach_every_run(bench, capsys, tmp_path):
     checkpoints = json.loads((ledger / "checkpoints.json").read_text())
     checkpoints["checkpoints"]["g2d"]["overrides"] = {"init_decoder": True}
     (ledger / "checkpoints.json").write_text(json.dumps(checkpoints))
-    mine = tmp_path / "mine_encoder.pth"
-    mine.write_bytes(b"G2D weights")
-    argv = [*argv, "--dry-run"]
-    argv[argv.index("--model") + 1] = "g2d"
-    argv[argv.index("--checkpoint") + 1] = str(mine)
+    argv, mine = _g2d_dry_run(argv, tmp_path)
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "every run takes the entry's task options: --set init_decoder=true" in out
