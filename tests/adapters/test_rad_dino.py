@@ -62,6 +62,12 @@ def test_every_key_of_the_folder_is_mapped(adapter, folder):
     assert adapter.capabilities == {"features"}
 
 
+def test_inspect_reads_the_folder(folder, capsys):
+    assert main(["inspect", "--model", "rad_dino", "--checkpoint", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "sha256: (a folder: see a run's record)" in out and "mapped: 43 keys" in out
+
+
 def test_encoder_equals_transformers_forward_at_the_native_and_an_interpolated_size(adapter, reference):
     encoder = adapter.encoder().eval()
     for side in (SIZE, 2 * SIZE):  # 112: the position embedding resampled from 4x4 to 8x8 patches
