@@ -50,6 +50,8 @@ ADAPTERS.register("refers", "vlpbench.adapters.refers:RefersAdapter")
 ADAPTERS.register("kad", "vlpbench.adapters.kad:KADAdapter")
 ADAPTERS.register("medclip", "vlpbench.adapters.medclip:MedCLIPAdapter")
 ADAPTERS.register("cxrclip", "vlpbench.adapters.cxrclip:CXRClipAdapter")
+ADAPTERS.register("rad_dino", "vlpbench.adapters.rad_dino:RadDinoAdapter")
+ADAPTERS.register("medsiglip", "vlpbench.adapters.medsiglip:MedSiglipAdapter")
 
 
 class PluginError(VlpbenchError):

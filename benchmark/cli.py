@@ -9,6 +9,7 @@ import os
 import sys
 import textwrap
 import time
+from pathlib import Path
 from typing import Callable
 
 from vlpbench import __version__
@@ -782,7 +783,9 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.checkpoint:
         from vlpbench.adapters.base import sha256_file
 
-        print(f"checkpoint: {args.checkpoint}\nsha256: {sha256_file(args.checkpoint)}")
+        # A Hugging Face folder is read file by file; a run's record names each file it read with its sha256.
+        digest = sha256_file(args.checkpoint) if Path(args.checkpoint).is_file() else "(a folder: see a run's record)"
+        print(f"checkpoint: {args.checkpoint}\nsha256: {digest}")
     print(report.format())
     return 0 if report.ok else 1
 

@@ -138,7 +138,8 @@ def test_zero_shot_calibration_only_for_declared_probabilities(rsna_root, tmp_pa
 
 def test_only_trained_present_absent_heads_declare_zero_shot_probabilities():
     """KAD and MedKLIP score with a 2-logit head trained with cross-entropy on presence labels; every other
-    zero-shot procedure is a softmax over prompt similarities (CheXzero's and its variants)."""
+    zero-shot procedure is a softmax over prompt similarities (CheXzero's and its variants) or SigLIP's sigmoid of
+    one."""
     declared = set()
     for name in ADAPTERS.names():
         model = ADAPTERS.get(name)

@@ -29,9 +29,10 @@ Calibration (``ece``, ``adaptive_ece``, ``brier``; :mod:`vlpbench.protocols.cali
 where the adapter declares its scores probabilities the model was trained to output
 (``Adapter.zero_shot_probabilities``: a present/absent classifier head trained with cross-entropy, KAD and
 MedKLIP). A softmax over the similarities of a positive and a negative prompt (CheXzero's procedure and
-its variants) ranks images but was never fitted to presence frequencies; its calibration would measure the
-prompt pair and the temperature, not the model, so the record says why it is left out instead. ``score``
-reads a CSV that does not say which procedure made it, and leaves calibration out for the same reason.
+its variants), like SigLIP's sigmoid of an image-caption match, ranks images but was never fitted to presence
+frequencies; its calibration would measure the prompts and the temperature, not the model, so the record says
+why it is left out instead. ``score`` reads a CSV that does not say which procedure made it, and leaves
+calibration out for the same reason.
 
 Images: the image cache at the adapter's ``image_size``, or with ``center_crop: true`` G2D's stated
 pipeline (G2D §A.4.2): resize to 256², then the central 224² crop. That crop is for adapters whose input
@@ -246,8 +247,9 @@ def calibration_left_out(adapter) -> str | None:
     if adapter.zero_shot_probabilities:
         return None
     return (f"adapter {adapter.name!r}: its zero-shot scores are a softmax over the similarities of a positive "
-            "and a negative prompt, a ranking score the model was not trained to calibrate "
-            "(procedures.zero_shot in the record's model entry says how they are made)")
+            "and a negative prompt (SigLIP: the sigmoid of the positive prompt's), a ranking score the model was not "
+            "trained to calibrate against class presence (procedures.zero_shot in the record's model entry says how "
+            "they are made)")
 
 
 def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,
