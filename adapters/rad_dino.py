@@ -52,11 +52,9 @@ from vlpbench.adapters.hf_vit import HfFolder, HfViTEncoder, materialize, pyrami
 from vlpbench.adapters.transformer import default_out_indices
 from vlpbench.errors import CheckpointError, ConfigError
 
-# microsoft/rad-dino preprocessor_config.json (BitImageProcessor): the class-level contract `models` lists; an
-# instance reads its own folder's.
+# microsoft/rad-dino's input size (its model card: 518² px); the normalisation is read from each folder's
+# preprocessor_config.json (BitImageProcessor), so `models` lists none of its own.
 RAD_DINO_SIZE = 518
-RAD_DINO_MEAN = (0.5307,) * 3
-RAD_DINO_STD = (0.2583,) * 3
 POOL = "cls: class token after the final LayerNorm (Dinov2Model pooler_output)"
 # Module key part -> the name save_pretrained writes (transformers >= 5 renames these in the module only).
 _SAVED_NAMES = (("attention.q_proj.", "attention.attention.query."), ("attention.k_proj.", "attention.attention.key."),
@@ -107,8 +105,8 @@ class RadDinoAdapter(Adapter):
     )
     capabilities = frozenset({"features"})
     image_size = RAD_DINO_SIZE
-    mean = RAD_DINO_MEAN
-    std = RAD_DINO_STD
+    mean = None
+    std = None
     encoder_name = "vit+feature2pyramid"
     pool_description = POOL
     checkpoint_forms = (

@@ -684,7 +684,9 @@ def model_table() -> list[dict[str, Any]]:
             row.update(description=cls.description, capabilities=sorted(cls.capabilities),
                        checkpoint_forms=list(getattr(cls, "checkpoint_forms", ())),
                        input={"image_size": cls.image_size, "channels": getattr(cls, "in_channels", 3),
-                              "mean": list(cls.mean), "std": list(cls.std)},
+                              # None: each checkpoint folder gives its own (preprocessor_config.json)
+                              "mean": None if cls.mean is None else list(cls.mean),
+                              "std": None if cls.std is None else list(cls.std)},
                        card=asdict(card) if card is not None else None)
         rows.append(row)
     return rows

@@ -835,10 +835,12 @@ def _models(args: argparse.Namespace) -> int:
 def _card_lines(row: dict, indent: str) -> list[str]:
     """The model card and input contract of one ``api.model_table`` row, as indented lines."""
     shape = row["input"]
-    mean = ", ".join(f"{v:.4g}" for v in shape["mean"])
-    std = ", ".join(f"{v:.4g}" for v in shape["std"])
-    lines = [f"{indent}input:        {shape['image_size']}² px, {shape['channels']} channel(s), "
-             f"mean ({mean}), std ({std})"]
+    if shape["mean"] is None:
+        normalisation = "mean and std from the checkpoint folder's preprocessor_config.json"
+    else:
+        normalisation = (f"mean ({', '.join(f'{v:.4g}' for v in shape['mean'])}), "
+                         f"std ({', '.join(f'{v:.4g}' for v in shape['std'])})")
+    lines = [f"{indent}input:        {shape['image_size']}² px, {shape['channels']} channel(s), {normalisation}"]
     card = row["card"]
     if card is None:
         return lines

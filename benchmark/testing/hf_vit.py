@@ -19,8 +19,8 @@ DEFAULT_WORDS = ("no", "pneumonia", "pneumothorax", "effusion", "opacity", "lung
 
 
 def write_rad_dino_folder(folder: str | Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2,
-                          patch: int = 14, image_size: int = 56, mean: Sequence[float] = (0.5307,) * 3,
-                          std: Sequence[float] = (0.2583,) * 3, **processor: Any) -> Path:
+                          patch: int = 14, image_size: int = 56, mean: Sequence[float] = (0.53,) * 3,
+                          std: Sequence[float] = (0.26,) * 3, **processor: Any) -> Path:
     """A RAD-DINO-shaped folder: ``Dinov2Model`` weights and config, and a ``BitImageProcessor`` resizing the
     shortest edge to ``image_size`` and centre-cropping ``image_size`` (``processor`` overrides its settings).
     Returns the folder."""
