@@ -12,10 +12,15 @@ from vlpbench.cli import main
 from vlpbench.data.splits import load_split
 from vlpbench.errors import ConfigError
 from vlpbench.protocols.linear import FEATURE_BATCH
+from vlpbench.registry import ADAPTERS
 from vlpbench.sweep import build_spec, expand
 from vlpbench.sweep import estimate as estimate_module
+from vlpbench.sweep.calibrate import Adapters, Calibrator
 from vlpbench.sweep.estimate import plan_sweep
-from vlpbench.sweep.workload import StepTiming
+from vlpbench.sweep.spec import ModelSpec
+from vlpbench.sweep.workload import Step, StepTiming, Unknown
+from vlpbench.tasks import load_task
+from vlpbench.testing.weightless import BrightnessClip
 
 # What each calibrated step "takes" per batch: encoder features and the linear head's training step.
 FEATURES_S, HEAD_S = 2.0, 0.5
@@ -85,6 +90,13 @@ def test_plan_lists_skipped_runs_and_runs_it_cannot_count(tmp_path):
     assert plan_sweep(spec, measure=fixed_timer, force=True).runs[0].run == done  # --force plans it again
 
 
+def test_a_run_without_one_training_batch_is_not_estimated_since_it_stops_before_training(tmp_path):
+    spec = _linear_sweep(tmp_path, models=["random"], fracs=[0.01], seeds=[0], set={"batch_size": 161})
+    [estimate] = plan_sweep(spec, measure=fixed_timer).runs
+    assert estimate.seconds is None
+    assert estimate.unknown == "only 160 training images for batch size 161: the run stops before training"
+
+
 def test_sweep_plan_command_launches_nothing_and_with_dry_run_lists_the_commands(tmp_path, monkeypatch, capsys):
     class FixedCalibrator:  # the device timer, each step taking a fixed time
         seconds = 0.0
@@ -142,7 +154,8 @@ def test_a_real_calibration_of_a_tiny_model_on_cpu_is_quick_and_adds_up(tiny, tm
     first, second = plan.runs
     n = first.images
     assert n == second.images and n["train"] > 0 and first.epochs == 1
-    batches = n["train"] // 2 * timings["train"] + (math.ceil(n["val"] / 2) + math.ceil(n["test"] / 2)) * timings["eval"]
+    batches = (n["train"] // 2 * timings["train"]
+               + (math.ceil(n["val"] / 2) + math.ceil(n["test"] / 2)) * timings["eval"])
     # The first run decodes its images into the cache; the second, whose seed balances the training set with
     # other negatives, decodes only those: its val and test images are in the cache already.
     assert first.decode_seconds + second.decode_seconds == pytest.approx(
@@ -152,3 +165,36 @@ def test_a_real_calibration_of_a_tiny_model_on_cpu_is_quick_and_adds_up(tiny, tm
     assert first.seconds == pytest.approx(batches + first.decode_seconds)
     assert second.seconds == pytest.approx(batches + second.decode_seconds)
     assert "measured on cpu" in plan.format() and "1 timed batch(es) after 1 warm-up batch" in plan.format()
+
+
+class DenseClip(BrightnessClip):
+    """An aligned image-text model with dense embeddings, for the inference protocols' steps."""
+
+    name = "plan-test-clip"
+    description = "test model: brightness embeddings, dense ones at stride 4"
+    capabilities = frozenset({"embed_image", "embed_text", "dense_embed"})
+
+    def dense_embed(self, images):
+        return torch.nn.functional.normalize(images[:, :, ::4, ::4], dim=1)
+
+
+@pytest.mark.parametrize("task, kinds", [
+    ("rsna_det", ("features", "train", "eval")), ("cxr14_ft", ("train", "eval")), ("rsna_zs", ("score",)),
+    ("ms_cxr_ground", ("maps",)), ("chexpert5x200_ret", ("embed_image", "embed_text"))])
+def test_every_protocols_steps_run_under_the_calibrator(tiny, monkeypatch, task, kinds):
+    monkeypatch.setitem(ADAPTERS._targets, DenseClip.name, DenseClip)
+    spec = load_task(task)
+    trains = spec.protocol in ("detection", "finetune")
+    model = (ModelSpec("generic", str(tiny / "lcnet.pth"), {"arch": "tu-lcnet_035"}, "lcnet") if trains
+             else ModelSpec(DenseClip.name))
+    config = spec.resolve({"image_size": 32, **({"neck_width": 8} if task == "rsna_det" else {})} if trains else {})
+    calibrator = Calibrator(torch.device("cpu"), batches=1, threads=1, adapters=Adapters())
+    timings = {kind: calibrator(Step(model, spec.protocol, kind, 2, 32 if kind != "embed_text" else 0, "fp32",
+                                     config=config)) for kind in kinds}
+    assert all(timing.seconds > 0 for timing in timings.values())
+    if spec.protocol == "detection":  # the frozen part's three maps, what keeping a part's features costs
+        assert len(timings["features"].shapes) == 3 and all(len(shape) == 3 for shape in timings["features"].shapes)
+    if not trains:  # an image-only encoder cannot score prompts: the run would fail, and the plan says so
+        with pytest.raises(Unknown, match="cannot provide"):
+            calibrator(Step(ModelSpec("generic", str(tiny / "lcnet.pth"), {"arch": "tu-lcnet_035"}, "lcnet"),
+                            spec.protocol, kinds[0], 2, 32, "fp32", config=config))

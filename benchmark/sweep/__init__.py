@@ -5,7 +5,8 @@ run that another live process holds (a lock per run), so two sweeps never train 
 records are written atomically, so a killed run leaves none behind. Each run appends its output to
 ``<results>/sweep_logs/<model>/<task>/frac<f>-seed<s>.log``. Launchers: ``local`` (this machine,
 :mod:`vlpbench.sweep.local`), ``slurm`` (a job array through submitit, :mod:`vlpbench.sweep.slurm`) and
-``torchrun`` (one run over several processes, :mod:`vlpbench.sweep.torchrun`).
+``torchrun`` (one run over several processes, :mod:`vlpbench.sweep.torchrun`). Before launching,
+``vlpbench sweep --plan`` (:mod:`vlpbench.sweep.estimate`) lists the runs with each one's estimated device time.
 
 Example::
 

@@ -227,7 +227,7 @@ def _detection(step: Step, adapter: Any, device: torch.device) -> tuple[Prepare,
 def _linear(step: Step, adapter: Any, device: torch.device) -> tuple[Prepare, tuple]:
     from vlpbench.protocols import linear as lin
     from vlpbench.protocols.features import Preprocessing, extract_features, pooled_channels
-    from vlpbench.protocols.labels import label_kind
+    from vlpbench.protocols.labels import class_names, label_kind
     from vlpbench.protocols.runtime import prepare_model
 
     encoder = adapter.encoder()
@@ -239,7 +239,7 @@ def _linear(step: Step, adapter: Any, device: torch.device) -> tuple[Prepare, tu
             return _bind(extract_features, encoder, _pixels(n * step.batch_size, pre.resize)[:, 0].numpy(), pre,
                          batch_size=step.batch_size, device=device)
         return features, ()
-    width, outputs = pooled_channels(encoder), step.variant[0]
+    width, outputs = pooled_channels(encoder), len(class_names(dict(step.config)))
     head = lin.seeded_head(width, outputs, 0).to(device)
 
     def fit(step: Step, n: int) -> Callable[[], Any]:
@@ -255,11 +255,11 @@ def _finetune(step: Step, adapter: Any, device: torch.device) -> tuple[Prepare, 
     from vlpbench.protocols import finetune as ft
     from vlpbench.protocols import linear as lin
     from vlpbench.protocols.features import channel_values, normalize, pooled_channels, uint8_batch
-    from vlpbench.protocols.labels import label_kind
+    from vlpbench.protocols.labels import class_names, label_kind
     from vlpbench.protocols.runtime import check_finite, neck_of, prepare_model
 
-    config, outputs = dict(step.config), step.variant[1]
-    kind = label_kind(config)
+    config = dict(step.config)
+    kind, outputs = label_kind(config), len(class_names(config))
     encoder = adapter.encoder()
     if (neck := neck_of(encoder)) is not None:
         neck.requires_grad_(False)

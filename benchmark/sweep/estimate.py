@@ -124,7 +124,8 @@ class SweepPlan:
             for estimate in unknown:
                 key = (estimate.run.model.label, estimate.run.task, estimate.unknown)
                 reasons[key] = reasons.get(key, 0) + 1
-            lines += [f"  {model} {task} ({count} run(s)): {reason}" for (model, task, reason), count in reasons.items()]
+            lines += [f"  {model} {task} ({count} run(s)): {reason}"
+                      for (model, task, reason), count in reasons.items()]
         if self.by_task():
             lines.append("device-hours per task:")
             lines += _table([(task, f"{count} run(s)", _hours(seconds), f"({_duration(seconds)})")
@@ -170,9 +171,9 @@ class SweepPlan:
                              f"(measured on {decoding.sample} of its images in one process) for the "
                              f"{decoding.images} image(s) the sweep decodes, shared by "
                              f"{self.decode_processes} decoding process(es)")
-        lines.append("not counted: bootstrap CIs and metrics, reading batches from the image cache, writing "
-                     "records; the image and feature caches are taken as empty (what an earlier sweep cached "
-                     "makes runs cheaper)")
+        lines.append("not counted, being small beside the device work: bootstrap CIs and metrics, reading batches "
+                     "from the image cache, writing records; the image and feature caches are taken as empty (what "
+                     "an earlier sweep cached makes runs cheaper)")
         if self.spec.launcher == "slurm":
             lines.append("calibrated on this machine: the slurm jobs run on the cluster's nodes, whose devices may "
                          "be faster or slower")

@@ -152,8 +152,11 @@ class RunContext:
         return ImageRead(dataset or self.task.dataset, tuple(cache), tuple(ids), reader or self.source)
 
 
-def whole(n: int, batch_size: int) -> int:
-    """Training batches of ``n`` images: the last incomplete one is dropped (as every training loop does)."""
+def training_batches(n: int, batch_size: int) -> int:
+    """Training batches per epoch of ``n`` images: the last incomplete one is dropped (as every training loop
+    does); :class:`Unknown` where there is not one, since the run then stops before training."""
+    if n < batch_size:
+        raise Unknown(f"only {n} training images for batch size {batch_size}: the run stops before training")
     return n // batch_size
 
 
@@ -198,7 +201,7 @@ def segmentation(ctx: RunContext, measure: Measure) -> Workload:
     method = "linear" if mgca else "antialias"
     return Workload(
         images={"train": len(train), "val": len(val), "test": len(test)}, epochs=epochs,
-        work=[Work("training", train_step, epochs * whole(len(train), batch)),
+        work=[Work("training", train_step, epochs * training_batches(len(train), batch)),
               Work("validation", eval_step, epochs * batches(len(val), batch)),
               Work("test", eval_step, batches(len(test), batch))],
         # pipeline mgca augments training images at their full size before the resize
@@ -217,10 +220,10 @@ def detection(ctx: RunContext, measure: Measure) -> Workload:
     train, val, test = ctx.ids("train"), ctx.ids("val"), ctx.ids("test")
     size, epochs = int(config["image_size"]), int(config["max_epochs"])
     variant = (int(config["neck_width"]),)
+    steps = training_batches(len(train), batch)
     encode = ctx.step("features", batch, size, variant)
     budget = float(config["feature_cache_gb"]) if config["freeze_bn"] else 0.0
     kept = kept_parts(measure(encode).shapes, {"train": len(train), "val": len(val)}, budget)
-    steps = whole(len(train), batch)
     work = [Work("train features", encode, batches(len(train), batch)) if kept["train"] else
             Work("train features, every epoch", encode, epochs * steps),
             Work("training", ctx.step("train", batch, size, variant), epochs * steps),
@@ -255,7 +258,7 @@ def linear(ctx: RunContext, measure: Measure) -> Workload:
         return Work(f"{role} features", encode, batches(len(parts[role]), FEATURE_BATCH),
                     shared=("features", *identity, ids_digest(parts[role])))
 
-    steps = whole(len(parts["train"]), batch)
+    steps = training_batches(len(parts["train"]), batch)
     work = [features("val"), features("test")]
     if config["linear_mode"] == "mgca":
         work.append(Work("augmented train features, every epoch", ctx.step("features", batch, size, variant),
@@ -281,7 +284,8 @@ def finetune(ctx: RunContext, measure: Measure) -> Workload:
     eval_step = ctx.step("eval", batch, size, variant)
     return Workload(
         images={"train": len(train), "val": len(val), "test": len(test)}, epochs=epochs,
-        work=[Work("training", ctx.step("train", batch, size, variant), epochs * whole(len(train), batch)),
+        work=[Work("training", ctx.step("train", batch, size, variant),
+                   epochs * training_batches(len(train), batch)),
               Work("validation", eval_step, epochs * batches(len(val), batch)),
               Work("test", eval_step, batches(len(test), batch))],
         reads=[ctx.read(train + val + test, size, "antialias")])
