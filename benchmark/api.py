@@ -101,6 +101,21 @@ def task_splits(spec: Task, source):
     return split, test_split
 
 
+def run_parts(split, test_split, frac: float, source) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """The ids a run at ``frac`` gets of each role (``train``: the fraction's part, ``val``, ``test``, and
+    ``train_all``: the whole training part, for protocols that draw the fraction themselves,
+    ``SplitIds.train_all``), and how many of each role's part the data folder lacks (:func:`split_ids`)."""
+    parts: dict[str, list[str]] = {}
+    absent: dict[str, int] = {}
+    for role, part, holder in (("train", split.part_for_fraction(frac), split), ("val", "val", split),
+                               ("test", "test", test_split)):
+        # A part the split lacks (an evaluation-only set has only test) gives no ids.
+        parts[role], absent[role] = split_ids(holder, part, source) if part in holder.parts else ([], 0)
+    parts["train_all"] = parts["train"] if split.part_for_fraction(frac) == "train" else (
+        split_ids(split, "train", source)[0] if "train" in split.parts else [])
+    return parts, absent
+
+
 def run(model: str, task: str, frac: float, *, device: str = "auto", threads: int | None = None,
         **options: Any) -> tuple[dict[str, Any], Path | None]:
     """Run one (model, task, fraction, seed) and write its result record; the options are those of
@@ -213,15 +228,7 @@ def run_in_process(
     check_attributes(by, source.attribute_names, spec.dataset)
     edges = resolve_age_bins(age_bins, config)
     split, test_split = task_splits(spec, source)
-    parts = {}
-    absent = {}
-    for role, part, holder in (("train", split.part_for_fraction(frac), split), ("val", "val", split),
-                               ("test", "test", test_split)):
-        # A part the split lacks (an evaluation-only set has only test) gives no ids.
-        parts[role], absent[role] = split_ids(holder, part, source) if part in holder.parts else ([], 0)
-    # The whole training part too, for protocols that draw the fraction themselves (SplitIds.train_all).
-    parts["train_all"] = parts["train"] if split.part_for_fraction(frac) == "train" else (
-        split_ids(split, "train", source)[0] if "train" in split.parts else [])
+    parts, absent = run_parts(split, test_split, frac, source)
     # Read before training, so that a header in no accepted form stops the run before it costs anything.
     attributes = read_attributes(source, parts["test"])
     if source.synthetic:
@@ -337,12 +344,33 @@ def sweep(config: str | Path | None = None, *, force: bool = False, dry_run: boo
     values. Runs whose records exist are skipped unless ``force``; ``dry_run`` only lists the commands.
     See :func:`vlpbench.sweep.run_sweep`.
     """
-    from vlpbench.sweep import build_spec, load_sweep_file, run_sweep
+    from vlpbench.sweep import run_sweep
+
+    return run_sweep(_sweep_spec(config, fields), force=force, dry_run=dry_run, progress=progress)
+
+
+def sweep_plan(config: str | Path | None = None, *, force: bool = False, calibrate_batches: int | None = None,
+               **fields: Any):
+    """The runs ``sweep`` would launch (``config`` and ``fields`` as there), each with an estimate of its device
+    time from a short calibration on this machine's device, and the totals in device-hours; a
+    :class:`vlpbench.sweep.estimate.SweepPlan` (``format()`` prints it). Launches nothing.
+
+    ``calibrate_batches``: timed batches per distinct step, after one warm-up batch (default 3). See
+    :func:`vlpbench.sweep.estimate.plan_sweep`.
+    """
+    from vlpbench.sweep.estimate import DEFAULT_CALIBRATE_BATCHES, plan_sweep
+
+    return plan_sweep(_sweep_spec(config, fields), force=force,
+                      calibrate_batches=DEFAULT_CALIBRATE_BATCHES if calibrate_batches is None else calibrate_batches)
+
+
+def _sweep_spec(config: str | Path | None, fields: dict[str, Any]):
+    """The sweep of file ``config`` with ``fields`` replacing its values."""
+    from vlpbench.sweep import build_spec, load_sweep_file
     from vlpbench.sweep.spec import merge
 
     values = merge(load_sweep_file(config) if config is not None else {}, fields)
-    spec = build_spec(values, origin=f"sweep file {config}" if config is not None else "sweep")
-    return run_sweep(spec, force=force, dry_run=dry_run, progress=progress)
+    return build_spec(values, origin=f"sweep file {config}" if config is not None else "sweep")
 
 
 def table(results: str | Path = DEFAULT_RESULTS, *, fmt: str = "md", models: list[str] | None = None,

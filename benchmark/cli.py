@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                 "runs whose records exist are skipped, so a killed sweep resumes where it stopped.",
                 "vlpbench sweep --models random,g2d --checkpoint g2d=g2d_encoder.pth --tasks siim_seg,rsna_seg "
                 "--fracs 0.01,0.1,1 --seeds 0,1,2 --data-root siim=~/data/siim --data-root rsna=~/data/rsna\n  "
-                "vlpbench sweep --config examples/sweeps/segmentation.yaml --launcher slurm --slurm-partition gpu",
+                "vlpbench sweep --config examples/sweeps/segmentation.yaml --launcher slurm --slurm-partition gpu\n  "
+                "vlpbench sweep --config examples/sweeps/segmentation.yaml --plan     # runs and device-hours first",
                 _sweep)
     p.add_argument("--config", help="sweep YAML file (fields as the options below; options given here replace "
                    "the file's; see examples/sweeps/)")
@@ -111,6 +112,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="rerun runs whose records exist (each old record is kept as .bak)")
     p.add_argument("--dry-run", action="store_true", help="list the runs that would be launched, launch nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="launch nothing; list the runs that would be launched with each one's images, epochs and "
+                        "estimated device time, and the device-hours per task and in total, from a short "
+                        "calibration of each distinct step on this machine's device (--device); with --dry-run, "
+                        "each run's command too")
+    p.add_argument("--calibrate-batches", type=int, metavar="N",
+                   help="--plan: timed batches per distinct step, after one warm-up batch (default 3)")
     p.add_argument("--launcher", choices=("local", "slurm", "torchrun"),
                    help="local (default): --workers parallel runs on this machine; slurm: one job array through "
                         "submitit; torchrun: one run at a time over --nproc-per-node processes")
@@ -557,6 +565,12 @@ def _sweep(args: argparse.Namespace) -> int:
                         nproc_per_node=args.nproc_per_node)
     if slurm:
         values["slurm"] = slurm
+    if args.plan:
+        plan = api.sweep_plan(args.config, force=args.force, calibrate_batches=args.calibrate_batches, **values)
+        print(plan.format(commands=args.dry_run))
+        return 0
+    if args.calibrate_batches is not None:
+        raise ConfigError("--calibrate-batches sets the calibration of --plan; add --plan")
     report = api.sweep(args.config, force=args.force, dry_run=args.dry_run, progress=not args.quiet, **values)
     print(report.format())
     return report.exit_code

@@ -5,7 +5,8 @@ run that another live process holds (a lock per run), so two sweeps never train 
 records are written atomically, so a killed run leaves none behind. Each run appends its output to
 ``<results>/sweep_logs/<model>/<task>/frac<f>-seed<s>.log``. Launchers: ``local`` (this machine,
 :mod:`vlpbench.sweep.local`), ``slurm`` (a job array through submitit, :mod:`vlpbench.sweep.slurm`) and
-``torchrun`` (one run over several processes, :mod:`vlpbench.sweep.torchrun`).
+``torchrun`` (one run over several processes, :mod:`vlpbench.sweep.torchrun`). Before launching,
+``vlpbench sweep --plan`` (:mod:`vlpbench.sweep.estimate`) lists the runs with each one's estimated device time.
 
 Example::
 
@@ -43,21 +44,16 @@ def run_sweep(spec: SweepSpec, *, force: bool = False, dry_run: bool = False, pr
     """
     started = time.monotonic()
     plan = expand(spec)
-    to_run, skipped = pending(plan.runs, force=force)
-    outcomes = {id(run): RunOutcome(run=run, status="skipped", reason=f"record exists: {run.record}")
-                for run in skipped}
-    for run, who in held_runs(to_run):
-        to_run.remove(run)
-        outcomes[id(run)] = RunOutcome(run=run, status="skipped", reason=held_message(run.record, who))
-
-    threads = spec.threads if spec.threads is not None else _default_threads(spec)
+    to_run, skipped = runs_to_launch(plan, force=force)
+    outcomes = {id(outcome.run): outcome for outcome in skipped}
+    threads = run_threads(spec)
 
     def arguments(run: Run) -> list[str]:
         return run.arguments(spec.results, spec.device, overwrite=force, threads=threads)
 
     if dry_run:
         for run in to_run:
-            outcomes[id(run)] = RunOutcome(run=run, status="planned", command=_command(spec, arguments(run)))
+            outcomes[id(run)] = RunOutcome(run=run, status="planned", command=run_command(spec, arguments(run)))
     else:
         summary = LiveSummary(len(plan.runs), len(skipped), progress=progress)
         try:
@@ -67,6 +63,23 @@ def run_sweep(spec: SweepSpec, *, force: bool = False, dry_run: bool = False, pr
             summary.close()
     ordered = [outcomes[id(run)] for run in plan.runs if id(run) in outcomes]
     return SweepReport(outcomes=ordered, notes=plan.notes, seconds=time.monotonic() - started)
+
+
+def runs_to_launch(plan: Plan, *, force: bool = False) -> tuple[list[Run], list[RunOutcome]]:
+    """The runs of ``plan`` to launch, in plan order, and a ``skipped`` outcome for each of the others: its
+    record exists (none is skipped for that with ``force``), or another live process holds it."""
+    to_run, done = pending(plan.runs, force=force)
+    skipped = [RunOutcome(run=run, status="skipped", reason=f"record exists: {run.record}") for run in done]
+    for run, who in held_runs(to_run):
+        to_run.remove(run)
+        skipped.append(RunOutcome(run=run, status="skipped", reason=held_message(run.record, who)))
+    return to_run, skipped
+
+
+def run_threads(spec: SweepSpec) -> int | None:
+    """Each run's ``--threads``: the sweep's, else the local launcher's share of the CPUs on CPU, else None
+    (a slurm or torchrun run sizes its own threads to the CPUs it is given)."""
+    return spec.threads if spec.threads is not None else _default_threads(spec)
 
 
 def held_runs(runs: list[Run]) -> list[tuple[Run, str]]:
@@ -100,7 +113,7 @@ def _launch(spec: SweepSpec, runs: list[Run], arguments, summary: LiveSummary) -
     return launch_local(runs, arguments, workers=spec.workers, device=spec.device, **hooks)
 
 
-def _command(spec: SweepSpec, arguments: list[str]) -> list[str]:
+def run_command(spec: SweepSpec, arguments: list[str]) -> list[str]:
     """What a dry run prints for one run: the torchrun command, or the ``vlpbench`` one."""
     if spec.launcher == "torchrun":
         from vlpbench.sweep.torchrun import torchrun_command

@@ -1,0 +1,200 @@
+"""vlpbench sweep --plan: the runs, their counts from the split files, the estimate's arithmetic with a fixed timer,
+shared features counted once, and a real calibration of a tiny model on a tiny synthetic set."""
+
+import math
+import time
+
+import pytest
+import torch
+
+from vlpbench import api
+from vlpbench.cli import main
+from vlpbench.data.splits import load_split
+from vlpbench.errors import ConfigError
+from vlpbench.protocols.linear import FEATURE_BATCH
+from vlpbench.registry import ADAPTERS
+from vlpbench.sweep import build_spec, expand
+from vlpbench.sweep import estimate as estimate_module
+from vlpbench.sweep.calibrate import Adapters, Calibrator
+from vlpbench.sweep.estimate import plan_sweep
+from vlpbench.sweep.spec import ModelSpec
+from vlpbench.sweep.workload import Step, StepTiming, Unknown
+from vlpbench.tasks import load_task
+from vlpbench.testing.weightless import BrightnessClip
+
+# What each calibrated step "takes" per batch: encoder features and the linear head's training step.
+FEATURES_S, HEAD_S = 2.0, 0.5
+
+
+def fixed_timer(step):
+    return StepTiming({"features": FEATURES_S, "head": HEAD_S}[step.kind])
+
+
+def _linear_sweep(tmp_path, **extra):
+    """rsna_cls at 1 % and 100 %, seeds 0 and 1, for two models, with no RSNA folder: counts from the split files."""
+    return build_spec({"models": ["random", {"adapter": "random", "name": "random-b", "options": {"seed": 1}}],
+                       "tasks": ["rsna_cls"], "fracs": [0.01, 1.0], "seeds": [0, 1],
+                       "data_roots": {"rsna": str(tmp_path / "no-rsna-here")}, "results": str(tmp_path / "results"),
+                       "device": "cpu", **extra})
+
+
+def test_plan_totals_are_the_protocols_counts_times_the_step_times_with_features_counted_once(tmp_path):
+    plan = plan_sweep(_linear_sweep(tmp_path), measure=fixed_timer)
+    split = load_split("rsna")
+    n = {part: len(split.ids(part)) for part in ("train_1pct", "train", "val", "test")}
+    batch, epochs = 8, 50  # rsna_cls: batch_size, max_epochs
+    features = {part: math.ceil(count / FEATURE_BATCH) * FEATURES_S for part, count in n.items()}
+    head = {part: epochs * (n[part] // batch) * HEAD_S for part in ("train_1pct", "train")}
+
+    by_run = {(e.run.model.label, e.run.frac, e.run.seed): e for e in plan.runs}
+    assert len(by_run) == 8
+    for model in ("random", "random-b"):  # features are per checkpoint: each model pays for its own
+        first = by_run[model, 0.01, 0]
+        assert first.seconds == pytest.approx(features["val"] + features["test"] + features["train_1pct"]
+                                              + head["train_1pct"])
+        assert first.reused == []
+        # Seeds share the train part's features, fractions the val and test parts': later runs pay the head.
+        assert by_run[model, 0.01, 1].seconds == pytest.approx(head["train_1pct"])
+        assert by_run[model, 0.01, 1].reused == ["val features", "test features", "train features"]
+        assert by_run[model, 1.0, 0].seconds == pytest.approx(features["train"] + head["train"])
+        assert by_run[model, 1.0, 0].reused == ["val features", "test features"]
+        assert by_run[model, 1.0, 1].seconds == pytest.approx(head["train"])
+        assert first.images == {"train": n["train_1pct"], "val": n["val"], "test": n["test"]}
+        assert by_run[model, 1.0, 1].images["train"] == n["train"] and first.epochs == epochs
+
+    per_model = sum(features.values()) + 2 * sum(head.values())
+    assert plan.seconds == pytest.approx(2 * per_model)
+    assert plan.by_task() == {"rsna_cls": (8, pytest.approx(2 * per_model))}
+    assert [(step.kind, step.batch_size) for step, _ in plan.measured] == [("features", FEATURE_BATCH), ("head", 8)] * 2
+
+    text = plan.format()
+    assert f"total: {2 * per_model / 3600:.1f} device-hours" in text
+    assert "random rsna_cls 1% seed 1" in text and "≤50" in text
+    assert "upper bounds: training is counted at max_epochs" in text and "early stopping" in text
+    assert "image decoding of rsna is excluded: no data folder" in text
+    assert "later runs of the sweep pay only for the head (6 run(s) reuse features)" in text
+
+
+def test_plan_lists_skipped_runs_and_runs_it_cannot_count(tmp_path):
+    spec = _linear_sweep(tmp_path, tasks=["rsna_cls", "cxr14_ft"], fracs=[1.0], seeds=[0],
+                         models=["random"], data_roots={})
+    done = next(run for run in expand(spec).runs if run.task == "rsna_cls")
+    done.record.parent.mkdir(parents=True)
+    done.record.write_text("{}")
+    plan = plan_sweep(spec, measure=fixed_timer)
+    assert [e.run.task for e in plan.runs] == ["cxr14_ft"]  # the recorded run is skipped, as a sweep skips it
+    assert plan.runs[0].seconds is None and "cxr14 train images come from the data folder" in plan.runs[0].unknown
+    text = plan.format()
+    assert "skipped: 1 run(s) whose records exist" in text
+    assert "not estimated (left out of the totals):\n  random cxr14_ft (1 run(s)): the cxr14 train images" in text
+    assert plan_sweep(spec, measure=fixed_timer, force=True).runs[0].run == done  # --force plans it again
+
+
+def test_a_run_without_one_training_batch_is_not_estimated_since_it_stops_before_training(tmp_path):
+    spec = _linear_sweep(tmp_path, models=["random"], fracs=[0.01], seeds=[0], set={"batch_size": 161})
+    [estimate] = plan_sweep(spec, measure=fixed_timer).runs
+    assert estimate.seconds is None
+    assert estimate.unknown == "only 160 training images for batch size 161: the run stops before training"
+
+
+def test_sweep_plan_command_launches_nothing_and_with_dry_run_lists_the_commands(tmp_path, monkeypatch, capsys):
+    class FixedCalibrator:  # the device timer, each step taking a fixed time
+        seconds = 0.0
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, step):
+            return fixed_timer(step)
+
+    monkeypatch.setattr(estimate_module, "Calibrator", FixedCalibrator)
+    argv = ["sweep", "--models", "random", "--tasks", "rsna_cls", "--fracs", "1", "--seeds", "0",
+            "--data-root", f"rsna={tmp_path / 'absent'}", "--results", str(tmp_path / "results"), "--device", "cpu"]
+    assert main([*argv, "--plan", "--calibrate-batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 1 run(s) to launch, 0 skipped" in out and "est. time" in out and "total:" in out
+    assert "vlpbench run --model" not in out and not (tmp_path / "results").exists()
+    assert main([*argv, "--plan", "--dry-run"]) == 0
+    assert "1 run(s) to launch:\n  vlpbench run --model random --task rsna_cls" in capsys.readouterr().out
+    assert main([*argv, "--calibrate-batches", "2"]) == 2
+    assert "add --plan" in capsys.readouterr().err
+    assert main([*argv, "--plan", "--calibrate-batches", "0"]) == 2
+    assert "--calibrate-batches 0: expected a positive integer" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="calibrate-batches"):
+        api.sweep_plan(models=["random"], tasks=["rsna_cls"], fracs=[1.0], seeds=[0], calibrate_batches=-1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A synthetic SIIM folder at 32 px and a tiny timm network's state dict."""
+    import timm
+
+    root = tmp_path_factory.mktemp("plan")
+    api.synth("siim", root / "siim", n=20, size=32, progress=False)
+    torch.manual_seed(0)
+    torch.save(timm.create_model("lcnet_035").state_dict(), root / "lcnet.pth")
+    return root
+
+
+def test_a_real_calibration_of_a_tiny_model_on_cpu_is_quick_and_adds_up(tiny, tmp_path):
+    spec = build_spec({
+        "models": [{"adapter": "generic", "name": "lcnet", "checkpoint": str(tiny / "lcnet.pth"),
+                    "options": {"arch": "tu-lcnet_035"}}],
+        "tasks": ["siim_seg"], "fracs": [1.0], "seeds": [0, 1],
+        "set": {"image_size": 32, "batch_size": 2, "max_epochs": 1},
+        "data_roots": {"siim": str(tiny / "siim")}, "results": str(tmp_path), "device": "cpu", "threads": 1})
+    started = time.perf_counter()
+    plan = plan_sweep(spec, calibrate_batches=1)
+    assert time.perf_counter() - started < 3
+    assert plan.device.startswith("cpu (") and plan.device.endswith(", 1 thread)")
+    timings = {step.kind: timing.seconds for step, timing in plan.measured}
+    assert sorted(timings) == ["eval", "train"] and all(t > 0 for t in timings.values())
+    decoding = plan.decoding["siim"]
+    assert decoding.sample == 3 and decoding.seconds > 0 and not decoding.excluded
+    first, second = plan.runs
+    n = first.images
+    assert n == second.images and n["train"] > 0 and first.epochs == 1
+    batches = (n["train"] // 2 * timings["train"]
+               + (math.ceil(n["val"] / 2) + math.ceil(n["test"] / 2)) * timings["eval"])
+    # The first run decodes its images into the cache; the second, whose seed balances the training set with
+    # other negatives, decodes only those: its val and test images are in the cache already.
+    assert first.decode_seconds + second.decode_seconds == pytest.approx(
+        decoding.images * decoding.seconds / plan.decode_processes)
+    assert first.decode_seconds == pytest.approx(sum(n.values()) * decoding.seconds / plan.decode_processes)
+    assert 0 < second.decode_seconds < first.decode_seconds
+    assert first.seconds == pytest.approx(batches + first.decode_seconds)
+    assert second.seconds == pytest.approx(batches + second.decode_seconds)
+    assert "measured on cpu" in plan.format() and "1 timed batch(es) after 1 warm-up batch" in plan.format()
+
+
+class DenseClip(BrightnessClip):
+    """An aligned image-text model with dense embeddings, for the inference protocols' steps."""
+
+    name = "plan-test-clip"
+    description = "test model: brightness embeddings, dense ones at stride 4"
+    capabilities = frozenset({"embed_image", "embed_text", "dense_embed"})
+
+    def dense_embed(self, images):
+        return torch.nn.functional.normalize(images[:, :, ::4, ::4], dim=1)
+
+
+@pytest.mark.parametrize("task, kinds", [
+    ("rsna_det", ("features", "train", "eval")), ("cxr14_ft", ("train", "eval")), ("rsna_zs", ("score",)),
+    ("ms_cxr_ground", ("maps",)), ("chexpert5x200_ret", ("embed_image", "embed_text"))])
+def test_every_protocols_steps_run_under_the_calibrator(tiny, monkeypatch, task, kinds):
+    monkeypatch.setitem(ADAPTERS._targets, DenseClip.name, DenseClip)
+    spec = load_task(task)
+    trains = spec.protocol in ("detection", "finetune")
+    model = (ModelSpec("generic", str(tiny / "lcnet.pth"), {"arch": "tu-lcnet_035"}, "lcnet") if trains
+             else ModelSpec(DenseClip.name))
+    config = spec.resolve({"image_size": 32, **({"neck_width": 8} if task == "rsna_det" else {})} if trains else {})
+    calibrator = Calibrator(torch.device("cpu"), batches=1, threads=1, adapters=Adapters())
+    timings = {kind: calibrator(Step(model, spec.protocol, kind, 2, 32 if kind != "embed_text" else 0, "fp32",
+                                     config=config)) for kind in kinds}
+    assert all(timing.seconds > 0 for timing in timings.values())
+    if spec.protocol == "detection":  # the frozen part's three maps, what keeping a part's features costs
+        assert len(timings["features"].shapes) == 3 and all(len(shape) == 3 for shape in timings["features"].shapes)
+    if not trains:  # an image-only encoder cannot score prompts: the run would fail, and the plan says so
+        with pytest.raises(Unknown, match="cannot provide"):
+            calibrator(Step(ModelSpec("generic", str(tiny / "lcnet.pth"), {"arch": "tu-lcnet_035"}, "lcnet"),
+                            spec.protocol, kinds[0], 2, 32, "fp32", config=config))
