@@ -24,7 +24,9 @@ Three kinds, each rebuilding its statistics with the metric code of its protocol
 * ``detection``: per image the ground-truth boxes and the detections (flattened, with the image index of
   each box: ``truth_boxes``/``truth_image``, ``det_boxes``/``det_scores``/``det_image``), the IoU
   thresholds and ``max_detections``; statistics from :class:`vlpbench.metrics.detection.DetectionMatches`
-  (``map``, ``ap<IoU>``, ``map_mgca``).
+  (``map``, ``ap<IoU>``, ``map_mgca``). A task with several classes adds ``n_classes`` and the class index of
+  every box (``truth_class``, ``det_class``), and its statistics are the macro means of
+  :class:`vlpbench.metrics.detection.ClassMatches`.
 
 ``untestable`` (optional) lists ``"<metric>: why"`` for metrics of the record that no weighting of the items
 reproduces (MGCA's batch-averaged Dice; retrieval's text→image metrics, whose queries are not the items); a
@@ -218,14 +220,20 @@ class Evidence:
         return statistics
 
     def _detection(self) -> dict[str, Statistic]:
-        from vlpbench.metrics.detection import DetectionMatches, mgca_kept, summarize
+        from vlpbench.metrics.detection import ClassMatches, DetectionMatches, mgca_kept, summarize
 
         a = self.arrays
         per_image = range(self.n)
-        matches = DetectionMatches([a["truth_boxes"][a["truth_image"] == i] for i in per_image],
-                                   [a["det_boxes"][a["det_image"] == i] for i in per_image],
-                                   [a["det_scores"][a["det_image"] == i] for i in per_image],
-                                   iou_thresholds=a["iou_thresholds"], max_detections=int(a["max_detections"]))
+        truths = [a["truth_boxes"][a["truth_image"] == i] for i in per_image]
+        boxes = [a["det_boxes"][a["det_image"] == i] for i in per_image]
+        scores = [a["det_scores"][a["det_image"] == i] for i in per_image]
+        options = {"iou_thresholds": a["iou_thresholds"], "max_detections": int(a["max_detections"])}
+        if "n_classes" in a:
+            matches = ClassMatches(truths, [a["truth_class"][a["truth_image"] == i] for i in per_image], boxes,
+                                   scores, [a["det_class"][a["det_image"] == i] for i in per_image],
+                                   int(a["n_classes"]), **options)
+        else:
+            matches = DetectionMatches(truths, boxes, scores, **options)
         kept = mgca_kept(matches)
         mgca = matches.subset(kept)
         statistics: dict[str, Statistic] = {"map": matches.mean_average_precision}
@@ -283,21 +291,31 @@ def per_item_evidence(ids: Sequence[str], values: Mapping[str, np.ndarray], *, l
 
 
 def detection_evidence(ids: Sequence[str], truths: Sequence[np.ndarray],
-                       detections: Sequence[tuple[np.ndarray, np.ndarray]], *, iou_thresholds: np.ndarray,
-                       max_detections: int) -> Evidence:
-    """Detection evidence: per image its ground-truth boxes and its (boxes, scores), flattened."""
+                       detections: Sequence[Sequence[np.ndarray]], *, iou_thresholds: np.ndarray,
+                       max_detections: int, truth_labels: Sequence[np.ndarray] | None = None,
+                       n_classes: int = 1) -> Evidence:
+    """Detection evidence: per image its ground-truth boxes and its (boxes, scores), flattened; with
+    ``n_classes`` > 1 also the class of every box (``truth_labels``, and the detections' third part)."""
     def flat(boxes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         arrays = [np.asarray(b, dtype=np.float64).reshape(-1, 4) for b in boxes]
         image = np.concatenate([np.full(len(b), i, dtype=np.int64) for i, b in enumerate(arrays)] or [np.zeros(0)])
         return (np.concatenate(arrays) if arrays else np.zeros((0, 4))), image.astype(np.int64)
 
     truth_boxes, truth_image = flat(truths)
-    det_boxes, det_image = flat([b for b, _ in detections])
-    scores = [np.asarray(s, dtype=np.float64).reshape(-1) for _, s in detections]
-    return Evidence("detection", list(ids), {
+    det_boxes, det_image = flat([d[0] for d in detections])
+    scores = [np.asarray(d[1], dtype=np.float64).reshape(-1) for d in detections]
+    arrays = {
         "truth_boxes": truth_boxes, "truth_image": truth_image, "det_boxes": det_boxes, "det_image": det_image,
         "det_scores": np.concatenate(scores) if scores else np.zeros(0),
-        "iou_thresholds": np.asarray(iou_thresholds, dtype=np.float64), "max_detections": np.array(max_detections)})
+        "iou_thresholds": np.asarray(iou_thresholds, dtype=np.float64), "max_detections": np.array(max_detections)}
+    if n_classes > 1:
+        def classes(per_image: Sequence[np.ndarray]) -> np.ndarray:
+            return np.concatenate([np.asarray(c, dtype=np.int64).reshape(-1) for c in per_image] or [np.zeros(0)]
+                                  ).astype(np.int64)
+
+        arrays.update(n_classes=np.array(n_classes), truth_class=classes(truth_labels),
+                      det_class=classes([d[2] for d in detections]))
+    return Evidence("detection", list(ids), arrays)
 
 
 # --- the sidecar file ----------------------------------------------------------------------------------------

@@ -177,28 +177,36 @@ def read_probabilities(path: Path, classes: list[str], *, single_column: bool) -
     return rows
 
 
-def write_detections(folder: Path, ids: Sequence[str], detections: Sequence[tuple[np.ndarray, np.ndarray]]) -> Path:
+def write_detections(folder: Path, ids: Sequence[str], detections: Sequence[Sequence[np.ndarray]], *,
+                     multiclass: bool = False) -> Path:
     """Save each image's ``(boxes (K, 4) xyxy, scores (K,))`` as COCO results ``<folder>/detections.json``
-    (``bbox`` = ``[x, y, width, height]`` in original pixels); its path."""
+    (``bbox`` = ``[x, y, width, height]`` in original pixels); its path. ``multiclass``: each image's
+    ``(boxes, scores, labels)``, and every entry carries ``category_id``, the index of its class in the task's
+    ``classes``."""
     entries = []
-    for image_id, (boxes, scores) in zip(ids, detections):
-        for (x1, y1, x2, y2), score in zip(np.asarray(boxes, dtype=np.float64).tolist(),
-                                           np.asarray(scores, dtype=np.float64).tolist()):
-            entries.append({"image_id": image_id, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+    for image_id, (boxes, scores, *labels) in zip(ids, detections):
+        classes = np.asarray(labels[0], dtype=np.int64).tolist() if multiclass else [None] * len(scores)
+        for (x1, y1, x2, y2), score, label in zip(np.asarray(boxes, dtype=np.float64).tolist(),
+                                                  np.asarray(scores, dtype=np.float64).tolist(), classes):
+            entry = {"image_id": image_id, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+            entries.append(entry if label is None else {**entry, "category_id": label})
     path = folder / DETECTIONS_FILE
     path.write_text(json.dumps(entries), encoding="utf-8")
     return path
 
 
-def read_coco_results(path: Path, split_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_coco_results(path: Path, split_ids: Sequence[str], *, n_classes: int | None = None) -> dict[str, tuple]:
     """A COCO-results JSON ``[{"image_id", "bbox": [x, y, w, h], "score"}, ...]`` (original pixels) as
     ``{image_id: (boxes (K, 4) xyxy, scores (K,))}`` for every id of ``split_ids`` (no entry: no detection).
+    With ``n_classes`` (a task with several classes) every entry needs ``category_id``, the index of its class
+    in the task's ``classes``, and each image gives ``(boxes, scores, labels (K,) int64)``.
 
     Raises:
         DataError: the file is unreadable or not a JSON list; an entry is not an object, lacks a key, has
-            a non-string ``image_id``, a ``bbox`` that is not four finite numbers with ``w, h >= 0``, or a
-            non-finite ``score`` (the message names the entry's index and the key); or entries name
-            images outside the split (the message names one).
+            a non-string ``image_id``, a ``bbox`` that is not four finite numbers with ``w, h >= 0``, a
+            non-finite ``score`` or a ``category_id`` that is not an integer in ``0..n_classes-1`` (the message
+            names the entry's index and the key); or entries name images outside the split (the message
+            names one).
     """
     try:
         entries = json.loads(Path(path).read_text())
@@ -211,12 +219,14 @@ def read_coco_results(path: Path, split_ids: Sequence[str]) -> dict[str, tuple[n
                         f"(COCO results), found a {type(entries).__name__}")
     boxes: dict[str, list[list[float]]] = {image_id: [] for image_id in split_ids}
     scores: dict[str, list[float]] = {image_id: [] for image_id in split_ids}
+    labels: dict[str, list[int]] = {image_id: [] for image_id in split_ids}
+    keys = ("image_id", "bbox", "score") if n_classes is None else ("image_id", "bbox", "score", "category_id")
     outside: list[str] = []
     for index, entry in enumerate(entries):
         where = f"{path}: entry {index}"
         if not isinstance(entry, dict):
             raise DataError(f"{where}: expected an object with image_id, bbox and score, found {entry!r}")
-        for key in ("image_id", "bbox", "score"):
+        for key in keys:
             if key not in entry:
                 raise DataError(f"{where}: missing key {key!r}")
         image_id, bbox, score = entry["image_id"], entry["bbox"], entry["score"]
@@ -229,17 +239,25 @@ def read_coco_results(path: Path, split_ids: Sequence[str]) -> dict[str, tuple[n
             raise DataError(f"{where}: 'bbox' width and height must be >= 0, found {bbox!r}")
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
             raise DataError(f"{where}: 'score' must be a finite number, found {score!r}")
+        category = entry.get("category_id") if n_classes is not None else 0
+        if isinstance(category, bool) or not isinstance(category, int) or not 0 <= category < (n_classes or 1):
+            raise DataError(f"{where}: 'category_id' must be the class index, an integer in 0..{(n_classes or 1) - 1}, "
+                            f"found {category!r}")
         if image_id not in boxes:
             outside.append(image_id)
             continue
         x, y, w, h = (float(v) for v in bbox)
         boxes[image_id].append([x, y, x + w, y + h])
         scores[image_id].append(float(score))
+        labels[image_id].append(category)
     if outside:
         raise DataError(f"{path}: {len(outside)} entries name images outside the split being scored, "
                         f"e.g. {outside[0]!r}")
-    return {image_id: (np.array(boxes[image_id], dtype=np.float64).reshape(-1, 4),
+    read = {image_id: (np.array(boxes[image_id], dtype=np.float64).reshape(-1, 4),
                        np.array(scores[image_id], dtype=np.float64)) for image_id in split_ids}
+    if n_classes is None:
+        return read
+    return {image_id: (*pair, np.array(labels[image_id], dtype=np.int64)) for image_id, pair in read.items()}
 
 
 def is_real(dtype: np.dtype) -> bool:

@@ -159,6 +159,10 @@ DATASETS.register("covidx", DatasetSpec(
     reader="vlpbench.data.covidx:CovidxSource", synthesizer="vlpbench.synthetic.covidx:synth_covidx",
     derived_splits={"v1": "vlpbench.data.covidx:split_v1",
                     "mgca": "vlpbench.data.covidx:split_mgca"}))  # MGCA's split and subsets (docs/datasets.md)
+DATASETS.register("vindr", DatasetSpec(
+    reader="vlpbench.data.vindr:VindrSource", synthesizer="vlpbench.synthetic.vindr:synth_vindr",
+    split_generators={"v1": "vlpbench.data.vindr:generate_split_v1"},
+    test_split="vlpbench.data.vindr:test_split"))  # test = the official test set in your files
 DATASETS.register("mimic_cxr", DatasetSpec(
     reader="vlpbench.data.mimic_cxr:MimicCxrSource", synthesizer="vlpbench.synthetic.mimic_cxr:synth_mimic_cxr",
     derived_splits={"v1": "vlpbench.data.mimic_cxr:split_v1"}))

@@ -209,6 +209,7 @@ def test_collectives_gather_in_order_and_the_global_loss_gives_the_single_proces
         # Five images' detections (2, 0, 1 | 0, 3 boxes) from blocks of 3 and 2 images: back per image.
         assert tuple(got["detection_counts"]) == (2, 0, 1, 0, 3)
         assert np.array_equal(got["detection_rows"], _hand_detections(np.arange(5)))
+        assert got["detection_labels"].tolist() == (_hand_detections(np.arange(5))[:, 0].astype(int) % 3).tolist()
         assert tuple(got["sums"]) == (3.0, 2.0)
         # The shared loss and its gradient equal the single-process loss over the whole batch.
         assert got["loss"] == pytest.approx(float(got["reference_loss"]), abs=1e-6)
@@ -335,7 +336,8 @@ def _collectives(out: Path) -> None:
     """Each rank's view of the collectives, and the gradient of the shared segmentation loss."""
     rank = distributed.rank()
     first, stop = distributed.shard_bounds(5)
-    local = [(rows[:, :4], rows[:, 4]) for rows in (_hand_detections([i]) for i in range(first, stop))]
+    local = [(rows[:, :4], rows[:, 4], rows[:, 0].astype(np.int64) % 3)
+             for rows in (_hand_detections([i]) for i in range(first, stop))]
     detections = _gathered_detections(local, first, 5)
     rows = np.arange(33.0).reshape(11, 3)
     block = distributed.shard(rows)
@@ -344,8 +346,9 @@ def _collectives(out: Path) -> None:
                "broadcast": distributed.broadcast_object({"rank": rank})["rank"],
                "all_true": [distributed.all_true(rank == 0), distributed.all_true(True)],
                "sums": distributed.all_reduce_sum([rank + 1, 1]),
-               "detection_counts": [len(scores) for _, scores in detections],
-               "detection_rows": np.concatenate([np.column_stack([boxes, scores]) for boxes, scores in detections])}
+               "detection_counts": [len(scores) for _, scores, _ in detections],
+               "detection_rows": np.concatenate([np.column_stack([boxes, scores]) for boxes, scores, _ in detections]),
+               "detection_labels": np.concatenate([labels for _, _, labels in detections])}
 
     torch.manual_seed(0)
     network = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4),

@@ -14,7 +14,12 @@ detection protocol uses (G2D follows it):
   thresholds.
 
 Every image counts: false positives on images without ground truth lower precision, and boxes that no
-detection finds lower recall; an image with neither boxes nor detections changes nothing. MGCA's
+detection finds lower recall; an image with neither boxes nor detections changes nothing.
+
+With several classes (:class:`ClassMatches`), a detection matches only boxes of its own class and the
+``max_detections`` cut is per image and class, as COCOeval does with ``useCats``; AP is computed per class
+and averaged over the classes (macro), leaving out a class without a ground-truth box in the images
+counted (pycocotools' ``-1`` entries, which its summary skips). One class gives the single-class numbers. MGCA's
 code instead skips every image without a detection or without a ground-truth box, which hides both
 errors; ``protocol="mgca"`` reproduces that for comparison.
 
@@ -25,6 +30,7 @@ thousands of images take seconds.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -175,13 +181,18 @@ class DetectionMatches:
 
     def average_precision(self, counts: np.ndarray | None = None) -> np.ndarray:
         """AP at each IoU threshold, (T,); NaN everywhere when there is no ground truth."""
-        table = self.precision(counts)
-        return np.full(len(self.iou_thresholds), np.nan) if table is None else table.mean(axis=1)
+        return self.summary(counts)[1]
 
     def mean_average_precision(self, counts: np.ndarray | None = None) -> float:
         """mAP over the thresholds (mean of the whole precision table, as pycocotools); NaN without truth."""
+        return self.summary(counts)[0]
+
+    def summary(self, counts: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        """``(mAP, AP per threshold (T,))`` from one precision table; NaN without ground truth."""
         table = self.precision(counts)
-        return float("nan") if table is None else float(table.mean())
+        if table is None:
+            return float("nan"), np.full(len(self.iou_thresholds), np.nan)
+        return float(table.mean()), table.mean(axis=1)
 
     def subset(self, keep: np.ndarray) -> DetectionMatches:
         """The same matches restricted to the images where ``keep`` (bool, per image) is True."""
@@ -196,6 +207,90 @@ class DetectionMatches:
         return new
 
 
+class ClassMatches:
+    """The matches of a multi-class detection set: one :class:`DetectionMatches` per class, averaged over the
+    classes with ground truth (macro; module docstring).
+
+    Args:
+        truths: per image, ground-truth boxes (N_i, 4) xyxy.
+        truth_labels: per image, the class index of each ground-truth box (N_i,), in ``range(n_classes)``.
+        boxes, scores, labels: per image, detections (M_i, 4), their scores and class indices (M_i,).
+        n_classes: the number of classes.
+        iou_thresholds, max_detections: as for :class:`DetectionMatches` (the cut applies per image and class).
+
+    Raises:
+        DataError: the lists differ in length, a label array's length differs from its boxes', or a label is
+            not an integer class index below ``n_classes``.
+    """
+
+    def __init__(self, truths: Sequence[np.ndarray], truth_labels: Sequence[np.ndarray], boxes: Sequence[np.ndarray],
+                 scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], n_classes: int, *,
+                 iou_thresholds: np.ndarray = IOU_THRESHOLDS, max_detections: int = MAX_DETECTIONS) -> None:
+        if not len(truths) == len(truth_labels) == len(boxes) == len(scores) == len(labels):
+            raise DataError(f"detection mAP: {len(truths)} ground-truth lists, {len(truth_labels)} label lists, "
+                            f"{len(boxes)} box lists, {len(scores)} score lists and {len(labels)} detection label "
+                            "lists; expected one of each per image")
+        truths = [_boxes(t, f"image {i} ground truth") for i, t in enumerate(truths)]
+        boxes = [_boxes(b, f"image {i} detections") for i, b in enumerate(boxes)]
+        scores = [np.asarray(s, dtype=np.float64).reshape(-1) for s in scores]
+        for index, (box, score) in enumerate(zip(boxes, scores)):
+            if len(score) != len(box):
+                raise DataError(f"detection mAP: image {index} has {len(box)} boxes but {len(score)} scores")
+        truth_labels = [_labels(l, len(t), n_classes, f"image {i} ground truth")
+                        for i, (l, t) in enumerate(zip(truth_labels, truths))]
+        labels = [_labels(l, len(b), n_classes, f"image {i} detections") for i, (l, b) in enumerate(zip(labels, boxes))]
+        self.iou_thresholds = np.asarray(iou_thresholds, dtype=np.float64)
+        self.classes = [DetectionMatches([t[l == c] for t, l in zip(truths, truth_labels)],
+                                         [b[l == c] for b, l in zip(boxes, labels)],
+                                         [s[l == c] for s, l in zip(scores, labels)],
+                                         iou_thresholds=iou_thresholds, max_detections=max_detections)
+                        for c in range(n_classes)]
+        self._set_totals()
+
+    def _set_totals(self) -> None:
+        self.n_images = self.classes[0].n_images
+        self.n_truths = np.sum([m.n_truths for m in self.classes], axis=0)
+        self.n_detections = np.sum([m.n_detections for m in self.classes], axis=0)
+
+    def class_mean_average_precision(self, counts: np.ndarray | None = None) -> np.ndarray:
+        """mAP over the thresholds per class, (C,); NaN for a class without ground truth."""
+        return np.array([m.mean_average_precision(counts) for m in self.classes])
+
+    def average_precision(self, counts: np.ndarray | None = None) -> np.ndarray:
+        """AP at each IoU threshold (T,), the mean over the classes with ground truth; NaN where none has."""
+        return self.summary(counts)[1]
+
+    def mean_average_precision(self, counts: np.ndarray | None = None) -> float:
+        """mAP: the mean over the classes with ground truth of each class's mAP; NaN where none has."""
+        return self.summary(counts)[0]
+
+    def summary(self, counts: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        """``(mAP, AP per threshold (T,))``, each the mean over the classes with ground truth, from one precision
+        table per class; NaN where no class has ground truth."""
+        parts = [m.summary(counts) for m in self.classes]
+        defined = [part for part in parts if not np.isnan(part[0])]
+        if not defined:
+            return float("nan"), np.full(len(self.iou_thresholds), np.nan)
+        return float(np.mean([m for m, _ in defined])), np.mean([ap for _, ap in defined], axis=0)
+
+    def subset(self, keep: np.ndarray) -> ClassMatches:
+        """The same matches restricted to the images where ``keep`` (bool, per image) is True."""
+        new = object.__new__(ClassMatches)
+        new.iou_thresholds = self.iou_thresholds
+        new.classes = [m.subset(keep) for m in self.classes]
+        new._set_totals()
+        return new
+
+
+def _labels(array: Any, n: int, n_classes: int, what: str) -> np.ndarray:
+    labels = np.asarray(array).reshape(-1)
+    if len(labels) != n:
+        raise DataError(f"detection mAP: {what} have {n} boxes but {len(labels)} class labels")
+    if n and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= n_classes):
+        raise DataError(f"detection mAP: {what} hold a class label outside 0..{n_classes - 1}: {labels.tolist()}")
+    return labels.astype(np.int64)
+
+
 def _boxes(array: Any, what: str) -> np.ndarray:
     boxes = np.asarray(array, dtype=np.float64)
     if boxes.size == 0:
@@ -207,7 +302,7 @@ def _boxes(array: Any, what: str) -> np.ndarray:
     return boxes
 
 
-def mgca_kept(matches: DetectionMatches) -> np.ndarray:
+def mgca_kept(matches: DetectionMatches | ClassMatches) -> np.ndarray:
     """MGCA's image filter: True for images with at least one detection and one ground-truth box."""
     return (matches.n_detections > 0) & (matches.n_truths > 0)
 
@@ -217,12 +312,16 @@ def _threshold_name(threshold: float) -> str:
 
 
 def detection_map(truths: Sequence[np.ndarray], boxes: Sequence[np.ndarray], scores: Sequence[np.ndarray], *,
-                  protocol: str = "coco", iou_thresholds: np.ndarray = IOU_THRESHOLDS,
+                  truth_labels: Sequence[np.ndarray] | None = None, labels: Sequence[np.ndarray] | None = None,
+                  n_classes: int = 1, protocol: str = "coco", iou_thresholds: np.ndarray = IOU_THRESHOLDS,
                   max_detections: int = MAX_DETECTIONS) -> dict[str, Any]:
     """mAP and AP at each IoU threshold of per-image detections against per-image ground truth.
 
     Args:
         truths, boxes, scores: per image, as for :class:`DetectionMatches`.
+        truth_labels, labels, n_classes: per image the class index of each ground-truth box and of each
+            detection, for ``n_classes`` classes (:class:`ClassMatches`: AP per class, macro mean); None: one
+            class.
         protocol: ``"coco"`` (every image, canonical) or ``"mgca"`` (only images with at least one
             detection and one ground-truth box, as MGCA's code).
 
@@ -242,18 +341,24 @@ def detection_map(truths: Sequence[np.ndarray], boxes: Sequence[np.ndarray], sco
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    matches = DetectionMatches(truths, boxes, scores, iou_thresholds=iou_thresholds, max_detections=max_detections)
+    if (truth_labels is None) != (labels is None):
+        raise ValueError("give both truth_labels and labels (several classes) or neither (one class)")
+    if truth_labels is None:
+        matches = DetectionMatches(truths, boxes, scores, iou_thresholds=iou_thresholds,
+                                   max_detections=max_detections)
+    else:
+        matches = ClassMatches(truths, truth_labels, boxes, scores, labels, n_classes,
+                               iou_thresholds=iou_thresholds, max_detections=max_detections)
     if protocol == "mgca":
         matches = matches.subset(mgca_kept(matches))
     return summarize(matches)
 
 
-def summarize(matches: DetectionMatches) -> dict[str, Any]:
+def summarize(matches: DetectionMatches | ClassMatches) -> dict[str, Any]:
     """The :func:`detection_map` dictionary of already matched images."""
-    table = matches.precision()
-    per_threshold = np.full(len(matches.iou_thresholds), np.nan) if table is None else table.mean(axis=1)
     # The mean of the whole table, as pycocotools' summarize (the per-threshold mean can differ in the last bit).
-    result: dict[str, Any] = {"map": float("nan") if table is None else float(table.mean())}
+    mean_ap, per_threshold = matches.summary()
+    result: dict[str, Any] = {"map": mean_ap}
     for threshold, ap in zip(matches.iou_thresholds, per_threshold):
         result[_threshold_name(threshold)] = float(ap)
     result.update(n_images=int(matches.n_images), n_truths=int(matches.n_truths.sum()),
@@ -261,7 +366,7 @@ def summarize(matches: DetectionMatches) -> dict[str, Any]:
     return result
 
 
-def map_ci(matches: DetectionMatches, *, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+def map_ci(matches: DetectionMatches | ClassMatches, *, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Percentile bootstrap CI of the mAP, resampling images (see :func:`vlpbench.metrics.bootstrap.bootstrap_ci`).
 
     Resamples without any ground-truth box have no mAP and are skipped (counted in ``"skipped"``).
@@ -272,3 +377,24 @@ def map_ci(matches: DetectionMatches, *, n_resamples: int = 1000, seed: int = 0)
         return matches.mean_average_precision(np.bincount(indices, minlength=n))
 
     return bootstrap_ci(statistic, n, n_resamples=n_resamples, seed=seed)
+
+
+def detection_cis(matches: DetectionMatches | ClassMatches, *, n_resamples: int = 1000,
+                  seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Percentile bootstrap CIs of ``map`` and of the AP at each IoU threshold (``ap40`` ...), resampling images:
+    :func:`map_ci` and its like for each AP, on the same resamples (the seed draws them), each resample's
+    precision tables computed once for all of them."""
+    n = matches.n_images
+    summaries: dict[bytes, tuple[float, np.ndarray]] = {}
+
+    def summary(indices: np.ndarray) -> tuple[float, np.ndarray]:
+        key = hashlib.sha1(np.ascontiguousarray(indices).tobytes()).digest()
+        if key not in summaries:
+            summaries[key] = matches.summary(np.bincount(indices, minlength=n))
+        return summaries[key]
+
+    cis = {"map": bootstrap_ci(lambda idx: summary(idx)[0], n, n_resamples=n_resamples, seed=seed)}
+    for t, threshold in enumerate(matches.iou_thresholds):
+        cis[_threshold_name(threshold)] = bootstrap_ci(lambda idx, t=t: float(summary(idx)[1][t]), n,
+                                                       n_resamples=n_resamples, seed=seed)
+    return cis

@@ -7,6 +7,13 @@ trained with MGCA's YOLO loss by AdamW, early-stopped on validation mAP, and the
 with the best-validation weights. Predictions pass a confidence threshold and NMS (both 0.5) and are
 scored in original image pixels by :mod:`vlpbench.metrics.detection`.
 
+A task with ``classes`` (VinDr-CXR's findings) trains the same head with one class logit per class, as
+MGCA's code is written for any number (``utils/yolo_loss.py:104-109,215-254``: a one-hot class target at
+each assigned anchor, the class BCE averaged over the classes), and reads its detections as MGCA does
+(``utils/detection_utils.py:76-135``, ``models/ssl_detector.py:55-96``): the objectness above the
+confidence threshold, the class of the largest class score, NMS within each class, the objectness as the
+score. Its mAP is the macro mean over the classes (:class:`vlpbench.metrics.detection.ClassMatches`).
+
 Where MGCA's code has a quirk the canonical choice differs and the quirk is an option or a reported
 metric (the ``paper`` profile of the task files sets each to MGCA's): BatchNorm statistics of the
 "frozen" encoder drift in MGCA (``freeze_bn``), and its mAP skips images without a detection or
@@ -54,9 +61,10 @@ from vlpbench import distributed
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.evidence import detection_evidence
-from vlpbench.metrics.detection import MAX_DETECTIONS, DetectionMatches, map_ci, mgca_kept, summarize
+from vlpbench.metrics.detection import MAX_DETECTIONS, ClassMatches, detection_cis, map_ci, mgca_kept, summarize
 from vlpbench.predictions import DETECTIONS_FILE, read_coco_results, write_detections
 from vlpbench.protocols import SplitIds, base
+from vlpbench.protocols.labels import class_names
 from vlpbench.protocols.runtime import (
     Selection,
     check_finite,
@@ -79,8 +87,7 @@ YOLOV3_ANCHORS = (((116, 90), (156, 198), (373, 326)),
                   ((30, 61), (62, 45), (59, 119)),
                   ((10, 13), (16, 30), (33, 23)))
 YOLOV3_INPUT = 416
-NUM_CLASSES = 1
-_ATTRIBUTES = 5 + NUM_CLASSES  # x, y, w, h, objectness, class
+BOX_ATTRIBUTES = 5  # x, y, w, h, objectness; then one logit per class
 # exp() of a raw size above this would overflow float32; no box is 2e4 times its anchor.
 _MAX_LOG_SIZE = 10.0
 ONE_PERCENT = 0.01
@@ -103,11 +110,48 @@ class DetectionSource(Protocol):
     def label(self, image_id: str) -> int: ...
 
 
+Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # one image's boxes (K, 4), scores (K,), class indices (K,)
+
+
 def truth_boxes(source: DetectionSource, ids: Sequence[str], config: dict[str, Any]) -> list[np.ndarray]:
     """Ground-truth boxes (K, 4) xyxy in original pixels; ``polygon_rule`` is passed on where the task
     has it (Object-CXR)."""
     options = {"polygon_rule": config["polygon_rule"]} if "polygon_rule" in config else {}
     return [np.asarray(source.boxes(image_id, **options), dtype=np.float64).reshape(-1, 4) for image_id in ids]
+
+
+def n_classes_of(config: dict[str, Any]) -> int:
+    """The number of classes the head predicts: the task's ``classes``, else one."""
+    return len(class_names(config)) if "classes" in config else 1
+
+
+def truth_targets(source, ids: Sequence[str], config: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Ground truth per image: boxes (K, 4) xyxy in original pixels and their class indices (K,) into the
+    task's ``classes``, from the reader's ``detection_boxes`` (with the task's ``box_fusion`` where it has one);
+    a task without ``classes`` has :func:`truth_boxes`, all of class 0.
+
+    Raises:
+        ConfigError: the task names classes but the dataset has no per-class boxes.
+    """
+    if "classes" not in config:
+        boxes = truth_boxes(source, ids, config)
+        return boxes, [np.zeros(len(b), dtype=np.int64) for b in boxes]
+    if not hasattr(source, "detection_boxes"):
+        raise ConfigError(f"the task names detection classes, but dataset reader {type(source).__name__} has no "
+                          "per-class boxes")
+    classes = class_names(config)
+    options = {"box_fusion": config["box_fusion"]} if "box_fusion" in config else {}
+    pairs = [source.detection_boxes(image_id, classes, **options) for image_id in ids]
+    return ([np.asarray(b, dtype=np.float64).reshape(-1, 4) for b, _ in pairs],
+            [np.asarray(labels, dtype=np.int64).reshape(-1) for _, labels in pairs])
+
+
+def detection_parts(detections: Sequence[np.ndarray]) -> Detections:
+    """One image's ``(boxes, scores)`` or ``(boxes, scores, labels)`` as a triple (class 0 where none is given)."""
+    boxes, scores, *labels = detections
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels[0], dtype=np.int64).reshape(-1) if labels else np.zeros(len(scores), dtype=np.int64)
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), scores, labels
 
 
 class DetectionImages:
@@ -121,7 +165,7 @@ class DetectionImages:
         dataset = type(source).__module__.rpartition(".")[2]
         self.images = torch.from_numpy(np.array(cached_images(source, dataset, self.ids, size,
                                                               method=config["input_resize"], progress=progress)))
-        self.truths = truth_boxes(source, self.ids, config)
+        self.truths, self.truth_labels = truth_targets(source, self.ids, config)
         # Header reads (DICOM, JPEG) wait on the disk, so threads overlap them.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             shapes = list(tqdm(pool.map(source.image_size, self.ids), total=len(self.ids), desc=f"sizes {desc}",
@@ -129,6 +173,7 @@ class DetectionImages:
         self.scales = np.array([(width / size, height / size) for height, width in shapes], dtype=np.float64)
         self.targets = [torch.from_numpy(truth / np.tile(scale, 2)).float()
                         for truth, scale in zip(self.truths, self.scales)]
+        self.target_labels = [torch.from_numpy(labels) for labels in self.truth_labels]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -167,13 +212,13 @@ class YoloHead(nn.Module):
 
     The coarsest map goes through a scale block of ``width`` channels; its branch is reduced by a 1×1
     block to ``width / 2``, upsampled to the next map's size and concatenated with it, and so on. MGCA
-    uses ``width`` 512. Each scale predicts ``anchors × (5 + classes)`` channels.
+    uses ``width`` 512. Each scale predicts ``anchors × (5 + n_classes)`` channels.
     """
 
-    def __init__(self, in_channels: Sequence[int], width: int = 512, anchors: int = 3):
+    def __init__(self, in_channels: Sequence[int], width: int = 512, anchors: int = 3, n_classes: int = 1):
         super().__init__()
         fine, mid, coarse = in_channels
-        out = anchors * _ATTRIBUTES
+        out = anchors * (BOX_ATTRIBUTES + n_classes)
         self.coarse = ScaleBlock(coarse, width, out)
         self.reduce_mid = _conv_block(width, width // 2, 1)
         self.mid = ScaleBlock(mid + width // 2, width // 2, out)
@@ -250,11 +295,11 @@ class Detector(nn.Module):
     ``head`` is the trained part: the YOLOv3 head, or a :class:`NeckHead` that runs the neck's levels first.
     """
 
-    def __init__(self, encoder: nn.Module, stages: Sequence[Stage], width: int):
+    def __init__(self, encoder: nn.Module, stages: Sequence[Stage], width: int, n_classes: int = 1):
         super().__init__()
         self.encoder = encoder
         self.stage_indices = [stage.index for stage in stages]
-        yolo = YoloHead([stage.channels for stage in stages], width)
+        yolo = YoloHead([stage.channels for stage in stages], width, n_classes=n_classes)
         neck = neck_of(encoder)
         self.tap_indices = None if neck is None else [index - encoder.first_level for index in self.stage_indices]
         self.head = yolo if neck is None else NeckHead([neck.levels[i] for i in self.tap_indices], yolo)
@@ -332,6 +377,7 @@ class ScaleTargets:
     ignore: torch.Tensor  # anchors whose shape overlaps a box in its cell above the ignore threshold
     offsets: torch.Tensor  # box centre within its cell, in [0, 1]
     log_sizes: torch.Tensor  # log(box size / anchor size)
+    classes: torch.Tensor  # (B, anchors, H, W, n_classes): 1 for the class of each assigned box
 
 
 def _shape_iou(sizes: torch.Tensor, anchors: torch.Tensor, rule: str = "plain") -> torch.Tensor:
@@ -350,12 +396,14 @@ def _shape_iou(sizes: torch.Tensor, anchors: torch.Tensor, rule: str = "plain") 
 
 
 def assign_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int], stride: tuple[float, float],
-                   anchors: torch.Tensor, ignore_threshold: float, *, anchor_iou: str = "plain") -> ScaleTargets:
+                   anchors: torch.Tensor, ignore_threshold: float, *, anchor_iou: str = "plain",
+                   labels: Sequence[torch.Tensor] | None = None, n_classes: int = 1) -> ScaleTargets:
     """YOLOv3 targets of one scale, as MGCA's ``YOLOLoss.get_target``.
 
     Each box (xyxy, input pixels) goes to the cell holding its centre and to the anchor of this scale
-    whose shape fits it best (every scale gets every box, as in MGCA); anchors of that cell whose shape
-    IoU with the box exceeds ``ignore_threshold`` are left out of the no-object loss.
+    whose shape fits it best (every scale gets every box, as in MGCA), with a one-hot target of its class
+    there (``yolo_loss.py:254``); anchors of that cell whose shape IoU with the box exceeds
+    ``ignore_threshold`` are left out of the no-object loss.
 
     Args:
         boxes: per image, (K, 4) xyxy boxes in input pixels.
@@ -364,6 +412,8 @@ def assign_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int], stride:
         anchors: (A, 2) anchor sizes (w, h) in input pixels.
         ignore_threshold: shape IoU above which an anchor is ignored.
         anchor_iou: the shape IoU of both choices, ``plain`` or MGCA's "+1" rule ``mgca`` (:func:`_shape_iou`).
+        labels: per image, the class index of each box (K,); None: every box of class 0.
+        n_classes: the number of classes the head predicts.
     """
     height, width = grid
     stride_y, stride_x = stride
@@ -373,9 +423,10 @@ def assign_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int], stride:
     ignore = torch.zeros(shape, dtype=torch.bool)
     offsets = torch.zeros((*shape, 2))
     log_sizes = torch.zeros((*shape, 2))
+    classes = torch.zeros((*shape, n_classes))
     counts = [len(b) for b in boxes]
     if sum(counts) == 0:
-        return ScaleTargets(positive, ignore, offsets, log_sizes)
+        return ScaleTargets(positive, ignore, offsets, log_sizes, classes)
     flat = torch.cat([b.reshape(-1, 4).float().cpu() for b in boxes])
     image = torch.repeat_interleave(torch.arange(len(boxes)), torch.tensor(counts))
     cell = torch.tensor([stride_x, stride_y])
@@ -393,13 +444,16 @@ def assign_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int], stride:
     positive[image, best, gj, gi] = True
     offsets[image, best, gj, gi] = centres - torch.stack([gi, gj], 1).float()
     log_sizes[image, best, gj, gi] = torch.log(sizes / anchors_grid[best] + 1e-16)
-    return ScaleTargets(positive, ignore, offsets, log_sizes)
+    box_class = (torch.zeros(len(flat), dtype=torch.long) if labels is None
+                 else torch.cat([torch.as_tensor(l).reshape(-1).long().cpu() for l in labels]))
+    classes[image, best, gj, gi, box_class] = 1.0
+    return ScaleTargets(positive, ignore, offsets, log_sizes, classes)
 
 
 def _split_attributes(raw: torch.Tensor, n_anchors: int) -> torch.Tensor:
-    """(B, anchors × attributes, H, W) → (B, anchors, H, W, attributes)."""
-    batch, _, height, width = raw.shape
-    return raw.view(batch, n_anchors, _ATTRIBUTES, height, width).permute(0, 1, 3, 4, 2)
+    """(B, anchors × attributes, H, W) → (B, anchors, H, W, attributes); attributes = 5 + classes."""
+    batch, channels, height, width = raw.shape
+    return raw.view(batch, n_anchors, channels // n_anchors, height, width).permute(0, 1, 3, 4, 2)
 
 
 def yolo_loss(raw: torch.Tensor, targets: ScaleTargets, *, box_weight: float, noobj_weight: float,
@@ -431,7 +485,9 @@ def yolo_loss(raw: torch.Tensor, targets: ScaleTargets, *, box_weight: float, no
     objectness = bce(hit[:, 4], torch.ones_like(hit[:, 4]), reduction="sum")
     background = pred[..., 4][no_object]
     objectness = objectness + noobj_weight * bce(background, torch.zeros_like(background), reduction="sum")
-    classes = bce(hit[:, 5:], torch.ones_like(hit[:, 5:]), reduction="sum") / NUM_CLASSES
+    n_classes = pred.shape[-1] - BOX_ATTRIBUTES
+    target_classes = targets.classes.to(device)[positive].to(hit.dtype)
+    classes = bce(hit[:, BOX_ATTRIBUTES:], target_classes, reduction="sum") / n_classes
     return (box_weight * (xy + wh) + objectness + classes) / cells
 
 
@@ -453,6 +509,13 @@ def decode(raw: torch.Tensor, anchors: torch.Tensor, stride: tuple[float, float]
     half_w, half_h = size[..., 0] / 2, size[..., 1] / 2
     boxes = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], -1)
     return boxes.reshape(batch, -1, 4), torch.sigmoid(pred[..., 4]).reshape(batch, -1)
+
+
+def decode_labels(raw: torch.Tensor, n_anchors: int) -> torch.Tensor:
+    """The class of each prediction of one scale, (B, N) in :func:`decode`'s order: the largest class logit
+    (MGCA: ``torch.max`` of the class scores, ``utils/detection_utils.py:101-102``); 0 for one class."""
+    pred = _split_attributes(raw, n_anchors)
+    return pred[..., BOX_ATTRIBUTES:].argmax(dim=-1).reshape(raw.shape[0], -1)
 
 
 def mgca_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, limit: int | None = None) -> torch.Tensor:
@@ -477,21 +540,36 @@ def mgca_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, limit:
 
 
 def select_detections(boxes: torch.Tensor, scores: torch.Tensor, *, conf_threshold: float, nms_threshold: float,
-                      max_detections: int, nms: str = "torchvision") -> list[tuple[np.ndarray, np.ndarray]]:
+                      max_detections: int, nms: str = "torchvision", labels: torch.Tensor | None = None) -> list:
     """Per image: detections scoring at least ``conf_threshold``, greedy NMS at ``nms_threshold``
     (torchvision's, or MGCA's with ``nms`` ``mgca``: :func:`mgca_nms`), the best ``max_detections``;
-    (boxes (K, 4), scores (K,)) as float64 numpy, best first."""
+    (boxes (K, 4), scores (K,)) as float64 numpy, best first. With ``labels`` (B, N) class indices, NMS runs
+    within each class (MGCA's ``non_max_suppression``) and each image gives (boxes, scores, labels (K,) int64)."""
+    from torchvision.ops import batched_nms
     from torchvision.ops import nms as torchvision_nms
 
     selected = []
-    for image_boxes, image_scores in zip(boxes, scores):
+    for index, (image_boxes, image_scores) in enumerate(zip(boxes, scores)):
         keep = image_scores >= conf_threshold
         image_boxes, image_scores = image_boxes[keep], image_scores[keep]
-        if nms == "mgca":
-            order = mgca_nms(image_boxes, image_scores, nms_threshold, max_detections)
+        image_labels = None if labels is None else labels[index][keep]
+        if image_labels is None:
+            order = (mgca_nms(image_boxes, image_scores, nms_threshold, max_detections) if nms == "mgca" else
+                     torchvision_nms(image_boxes.float(), image_scores.float(), nms_threshold)[:max_detections])
+        elif nms == "mgca":
+            kept = [torch.zeros(0, dtype=torch.long, device=image_boxes.device)]
+            for c in torch.unique(image_labels):
+                members = torch.nonzero(image_labels == c).reshape(-1)
+                kept.append(members[mgca_nms(image_boxes[members], image_scores[members], nms_threshold,
+                                             max_detections)])
+            kept = torch.cat(kept)
+            # Each class's kept boxes merged best first (stable), as one image's detections.
+            best = np.argsort(-image_scores[kept].float().cpu().numpy(), kind="stable")[:max_detections]
+            order = kept[torch.as_tensor(best, dtype=torch.long, device=kept.device)]
         else:
-            order = torchvision_nms(image_boxes.float(), image_scores.float(), nms_threshold)[:max_detections]
-        selected.append((image_boxes[order].double().cpu().numpy(), image_scores[order].double().cpu().numpy()))
+            order = batched_nms(image_boxes.float(), image_scores.float(), image_labels, nms_threshold)[:max_detections]
+        picked = (image_boxes[order].double().cpu().numpy(), image_scores[order].double().cpu().numpy())
+        selected.append(picked if image_labels is None else (*picked, image_labels[order].long().cpu().numpy()))
     return selected
 
 
@@ -517,6 +595,7 @@ def _check_config(config: dict[str, Any]) -> None:
     if config["feature_cache_gb"] < 0:
         raise ConfigError(f"feature_cache_gb must be >= 0 (0 turns the feature cache off), "
                           f"got {config['feature_cache_gb']!r}")
+    n_classes_of(config)  # the task's classes, where it names them, are a list of distinct names
 
 
 def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, config: dict[str, Any], *,
@@ -525,7 +604,8 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     """Train the YOLOv3 head on ``split.train``, early-stop on ``split.val`` mAP, score ``split.test``.
 
     Returns ``metrics`` (``map`` over every test image, ``ap40`` … ``ap75``, and ``map_mgca`` with
-    MGCA's image skipping), ``ci`` (of ``map``), ``per_image`` ({}: mAP has no per-image part), ``n``
+    MGCA's image skipping; macro over the task's ``classes`` where it has several), ``ci`` (of each),
+    ``per_image`` ({}: mAP has no per-image part), ``n``
     (images per part, test positives, negatives, boxes and detections), ``training`` (epochs, best
     epoch, learning rate and batch size used, encoder stages used, history) and ``timing``.
 
@@ -561,7 +641,8 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
 
     encoder = encoder.to(device)
     stages = deepest_stages(encoder, size)
-    model = Detector(encoder, stages, int(config["neck_width"])).to(device)
+    n_classes = n_classes_of(config)
+    model = Detector(encoder, stages, int(config["neck_width"]), n_classes).to(device)
     for part in (model.encoder, model.head):  # the head reads the encoder's maps directly, not model.forward
         prepare_model(part, device, precision_of(config))
     head: nn.Module = model.head
@@ -585,7 +666,7 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
         val_loss, val_detections = _predict(model, val, val_features, anchors, config, batch_size)
         # A diverged head's boxes are not finite, and scoring them would fail on that instead.
         require_finite(val_loss, "validation loss", epoch, LR_OPTIONS)
-        val_metrics = _map_metrics(_matches(val.truths, val_detections))
+        val_metrics = _map_metrics(_matches(val.truths, val.truth_labels, val_detections, n_classes))
         return {"val_loss": val_loss, "val_map": val_metrics["map"], "val_map_mgca": val_metrics["map_mgca"]}
 
     # The first epoch, then any with a strictly higher validation mAP (an undefined mAP counts as the lowest).
@@ -602,16 +683,16 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
                                  progress=progress, desc="test")
     _, detections = _predict(model, test, test_features, anchors, config, batch_size)
     if predictions is not None and distributed.is_main():  # every rank holds all detections: one file
-        write_detections(predictions, test.ids, detections)
+        write_detections(predictions, test.ids, detections, multiclass="classes" in config)
     evaluated = evaluate_detection(test.truths, detections, n_resamples=int(config["bootstrap_resamples"]), seed=seed,
-                                   ids=test.ids)
+                                   ids=test.ids, truth_labels=test.truth_labels, n_classes=n_classes)
     t_test = time.perf_counter()
     return {
         **evaluated,
         "n": {"train": len(train), "val": len(val), **evaluated["n"]},
         "training": {"head": head_name(encoder, "yolov3"), "epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
                      "best_val": fitted.best_value,
-                     "val_metric": config["val_metric"], "lr": lr, "batch_size": batch_size,
+                     "val_metric": config["val_metric"], "lr": lr, "batch_size": batch_size, "n_classes": n_classes,
                      "stages_used": [{"index": s.index, "stride": s.stride, "channels": s.channels} for s in stages],
                      "features_kept": kept, "history": fitted.history, "world_size": ranks,
                      "batch_per_process": batch_size // ranks, "effective_batch": batch_size},
@@ -620,22 +701,25 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
     }
 
 
-def evaluate_detection(truths: list[np.ndarray], detections: Sequence[tuple[np.ndarray, np.ndarray]], *,
-                       n_resamples: int, seed: int, ids: Sequence[str] | None = None) -> dict[str, Any]:
-    """``metrics`` (:func:`_map_metrics`), ``ci`` of ``map`` and ``map_mgca`` (images resampled), ``per_image`` ({}: mAP has no
+def evaluate_detection(truths: list[np.ndarray], detections: Sequence[Sequence[np.ndarray]], *,
+                       n_resamples: int, seed: int, ids: Sequence[str] | None = None,
+                       truth_labels: Sequence[np.ndarray] | None = None, n_classes: int = 1) -> dict[str, Any]:
+    """``metrics`` (:func:`_map_metrics`), ``ci`` of each of them (images resampled), ``per_image`` ({}: mAP has no
     per-image part) and the test counts in ``n`` of every test image's detections against its truth boxes;
     given the test ``ids``, also ``evidence`` (:mod:`vlpbench.evidence`: paired tests and subgroup metrics
-    recompute the mAPs from it).
+    recompute the mAPs from it). ``detections`` are per image ``(boxes, scores)`` or, with ``n_classes`` > 1 and
+    the truths' ``truth_labels``, ``(boxes, scores, labels)``: the mAPs are then macro over the classes.
 
     Raises:
         DataError: no test image holds a box, so mAP is undefined.
     """
-    matches = _matches(truths, detections)
+    matches = _matches(truths, truth_labels, detections, n_classes)
     metrics = _map_metrics(matches)
     if metrics["map"] is None:
         raise DataError(f"the {len(truths)} test images hold no ground-truth box, so their mAP is undefined")
     positives = sum(1 for t in truths if len(t))
-    ci = {"map": map_ci(matches, n_resamples=n_resamples, seed=seed)}
+    ci = {name: value for name, value in detection_cis(matches, n_resamples=n_resamples, seed=seed).items()
+          if metrics[name] is not None}
     if metrics["map_mgca"] is not None:
         # MGCA's mAP is the mAP of the images it keeps, so its CI resamples those images.
         ci["map_mgca"] = map_ci(matches.subset(mgca_kept(matches)), n_resamples=n_resamples, seed=seed)
@@ -645,7 +729,8 @@ def evaluate_detection(truths: list[np.ndarray], detections: Sequence[tuple[np.n
                        "test_detections": int(matches.n_detections.sum())}}
     if ids is not None:
         evaluated["evidence"] = detection_evidence(ids, truths, detections, iou_thresholds=matches.iou_thresholds,
-                                                   max_detections=MAX_DETECTIONS)
+                                                   max_detections=MAX_DETECTIONS, truth_labels=truth_labels,
+                                                   n_classes=n_classes)
     return evaluated
 
 
@@ -669,9 +754,12 @@ class DetectionProtocol(base.Protocol):
         label files are read, never the images."""
         ids = list(split.test)
         path = self.prediction_path(Path(predictions))
-        detections = read_coco_results(path, ids)
-        evaluated = evaluate_detection(truth_boxes(source, ids, config), [detections[i] for i in ids],
-                                       n_resamples=int(config["bootstrap_resamples"]), seed=seed, ids=ids)
+        n_classes = n_classes_of(config)
+        detections = read_coco_results(path, ids, n_classes=n_classes if "classes" in config else None)
+        truths, truth_labels = truth_targets(source, ids, config)
+        evaluated = evaluate_detection(truths, [detections[i] for i in ids],
+                                       n_resamples=int(config["bootstrap_resamples"]), seed=seed, ids=ids,
+                                       truth_labels=truth_labels, n_classes=n_classes)
         return {**evaluated, "n": {"train": 0, "val": 0, **evaluated["n"]}, "scoring": {"notes": []}}
 
 
@@ -698,13 +786,14 @@ def _normalize(images: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
 
 
 def _batch_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], anchors: torch.Tensor, size: int,
-                config: dict[str, Any]) -> torch.Tensor:
+                config: dict[str, Any], labels: list[torch.Tensor] | None = None) -> torch.Tensor:
     total = outputs[0].new_zeros(())
     for raw, scale_anchors in zip(outputs, anchors):
         grid = tuple(raw.shape[-2:])
         stride = (size / grid[0], size / grid[1])
         scale_targets = assign_targets(targets, grid, stride, scale_anchors, config["ignore_threshold"],
-                                       anchor_iou=config["anchor_iou"])
+                                       anchor_iou=config["anchor_iou"], labels=labels,
+                                       n_classes=raw.shape[1] // len(scale_anchors) - BOX_ATTRIBUTES)
         total = total + yolo_loss(raw, scale_targets, box_weight=config["box_weight"],
                                   noobj_weight=config["noobj_weight"], noobj_assigned=config["noobj_assigned"])
     return total
@@ -722,7 +811,8 @@ def _train_epoch(model: Detector, head: nn.Module, data: DetectionImages, featur
     total, count = 0.0, 0
     for start in range(0, len(data) - batch_size + 1, batch_size):  # drop_last, as MGCA
         index = list(distributed.shard(order[start:start + batch_size].tolist()))
-        loss = _batch_loss(head(features(index)), [data.targets[i] for i in index], anchors, size, config)
+        loss = _batch_loss(head(features(index)), [data.targets[i] for i in index], anchors, size, config,
+                           [data.target_labels[i] for i in index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -734,51 +824,58 @@ def _train_epoch(model: Detector, head: nn.Module, data: DetectionImages, featur
 
 @torch.inference_mode()
 def _predict(model: Detector, data: DetectionImages, features: PartFeatures, anchors, config,
-             batch_size: int) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
-    """Loss and detections (boxes in original pixels, scores) of every image of ``data``; under torchrun
-    each rank predicts its block of whole batches and every rank returns the gathered whole."""
+             batch_size: int) -> tuple[float, list[Detections]]:
+    """Loss and detections (boxes in original pixels, scores, class indices) of every image of ``data``; under
+    torchrun each rank predicts its block of whole batches and every rank returns the gathered whole."""
     model.eval()
     size = data.images.shape[-1]
     total = 0.0
-    detections: list[tuple[np.ndarray, np.ndarray]] = []
+    detections: list[Detections] = []
     first, stop = distributed.batch_block(len(data), batch_size)
     for start in range(first, stop, batch_size):
         index = list(range(start, min(start + batch_size, stop)))
         outputs = model.head(features(index))
-        total += _batch_loss(outputs, [data.targets[i] for i in index], anchors, size, config).item() * len(index)
+        total += _batch_loss(outputs, [data.targets[i] for i in index], anchors, size, config,
+                             [data.target_labels[i] for i in index]).item() * len(index)
         decoded = [decode(raw, scale_anchors, (size / raw.shape[-2], size / raw.shape[-1]))
                    for raw, scale_anchors in zip(outputs, anchors)]
         boxes = torch.cat([b for b, _ in decoded], 1)
         scores = torch.cat([s for _, s in decoded], 1)
+        labels = torch.cat([decode_labels(raw, len(scale_anchors)) for raw, scale_anchors in zip(outputs, anchors)], 1)
         selected = select_detections(boxes, scores, conf_threshold=config["conf_threshold"],
                                      nms_threshold=config["nms_threshold"], max_detections=config["max_detections"],
-                                     nms=config["nms"])
-        for i, (image_boxes, image_scores) in zip(index, selected):
-            detections.append((image_boxes * np.tile(data.scales[i], 2), image_scores))
+                                     nms=config["nms"], labels=labels)
+        for i, (image_boxes, image_scores, image_labels) in zip(index, selected):
+            detections.append((image_boxes * np.tile(data.scales[i], 2), image_scores, image_labels))
     if distributed.is_active():
         detections = _gathered_detections(detections, first, len(data))
     return distributed.all_reduce_sum([total])[0] / len(data), detections
 
 
-def _gathered_detections(local: list[tuple[np.ndarray, np.ndarray]], first: int,
-                         n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def _gathered_detections(local: list[Detections], first: int, n: int) -> list[Detections]:
     """The detections of all ``n`` images, in image order, from every rank's block starting at ``first``.
 
-    Each detection travels as one float64 row (image index, box, score); rows arrive in rank order, so
+    Each detection travels as one float64 row (image index, box, score, class); rows arrive in rank order, so
     sorted by image, and each image's rows keep their order (best first).
     """
-    rows = [np.column_stack([np.full(len(scores), first + k, np.float64), boxes, scores])
-            for k, (boxes, scores) in enumerate(local)]
-    every = distributed.gather_arrays(np.concatenate(rows) if rows else np.empty((0, 6)))
+    rows = [np.column_stack([np.full(len(scores), first + k, np.float64), boxes, scores, labels])
+            for k, (boxes, scores, labels) in enumerate(local)]
+    every = distributed.gather_arrays(np.concatenate(rows) if rows else np.empty((0, 7)))
     bounds = np.searchsorted(every[:, 0], np.arange(n + 1), side="left")
-    return [(every[a:b, 1:5], every[a:b, 5]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(every[a:b, 1:5], every[a:b, 5], every[a:b, 6].astype(np.int64)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _matches(truths: list[np.ndarray], detections: Sequence[tuple[np.ndarray, np.ndarray]]) -> DetectionMatches:
-    return DetectionMatches(truths, [b for b, _ in detections], [s for _, s in detections])
+def _matches(truths: list[np.ndarray], truth_labels: Sequence[np.ndarray] | None,
+             detections: Sequence[Sequence[np.ndarray]], n_classes: int) -> ClassMatches:
+    """The matches of per-image ``(boxes, scores[, labels])`` against the truths (class 0 where unlabelled)."""
+    parts = [detection_parts(d) for d in detections]
+    if truth_labels is None:
+        truth_labels = [np.zeros(len(t), dtype=np.int64) for t in truths]
+    return ClassMatches(truths, truth_labels, [b for b, _, _ in parts], [s for _, s, _ in parts],
+                        [l for _, _, l in parts], n_classes)
 
 
-def _map_metrics(matches: DetectionMatches) -> dict[str, float | None]:
+def _map_metrics(matches: ClassMatches) -> dict[str, float | None]:
     """``map``, ``ap40`` … ``ap75`` over every image and ``map_mgca`` with MGCA's skipping; None where undefined."""
     coco = summarize(matches)
     mgca = summarize(matches.subset(mgca_kept(matches)))

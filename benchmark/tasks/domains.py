@@ -248,6 +248,7 @@ DOMAINS: dict[str, Any] = {
     "nms": Choice(("torchvision", "mgca")),
     "input_resize": Choice(("antialias", "linear")),
     "polygon_rule": Choice(("bounds", "mgca")),
+    "box_fusion": Choice(("wbf", "none")),
     # segmentation
     "dice_resolution": Choice(("native", "input")),
     "dice_average": Choice(("image", "batch")),

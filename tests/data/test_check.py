@@ -57,7 +57,8 @@ def test_splits_verify_checks_manifest_overlap_and_presence(siim_copy, tmp_path,
         assert capsys.readouterr().out == report.format() + "\n"
 
 
-@pytest.mark.parametrize("dataset", ["siim", "rsna", "chexpert", "cxr14", "object_cxr", "covidx", "mimic_cxr", "ms_cxr"])
+@pytest.mark.parametrize("dataset", ["siim", "rsna", "chexpert", "cxr14", "object_cxr", "covidx", "mimic_cxr", "ms_cxr",
+                                     "vindr"])
 def test_every_synthetic_dataset_passes_data_check_and_a_removed_image_is_named(dataset, tmp_path):
     from vlpbench.api import synth
     from vlpbench.registry import DATASETS

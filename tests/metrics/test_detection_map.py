@@ -9,6 +9,7 @@ import pytest
 from vlpbench.errors import DataError
 from vlpbench.metrics.detection import (
     IOU_THRESHOLDS,
+    ClassMatches,
     DetectionMatches,
     box_iou,
     detection_map,
@@ -19,37 +20,43 @@ from vlpbench.metrics.detection import (
 pycocotools = pytest.importorskip("pycocotools")
 
 
-def coco_reference(truths, boxes, scores):
-    """(mAP, AP per threshold) from COCOeval bbox, one category, area all, maxDets 100, our thresholds;
-    NaN where pycocotools reports -1 (no ground truth)."""
+def coco_reference(truths, boxes, scores, truth_labels=None, labels=None, n_classes=1, iou_thresholds=IOU_THRESHOLDS):
+    """(mAP, AP per threshold) from COCOeval bbox, area all, maxDets 100, our thresholds, categories
+    ``1..n_classes`` (``useCats``; one category without labels); NaN where pycocotools reports -1 (no ground
+    truth). Its summary's mean skips the -1 entries of a category without ground truth (macro over classes)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     def xywh(box):
         return [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
 
+    truth_labels = truth_labels or [np.zeros(len(t), dtype=int) for t in truths]
+    labels = labels or [np.zeros(len(b), dtype=int) for b in boxes]
     images = [{"id": i + 1} for i in range(len(truths))]  # ids in list order: COCOeval sorts image ids
-    pairs = [(i + 1, b) for i, image_truths in enumerate(truths) for b in image_truths]
-    annotations = [{"id": k + 1, "image_id": image_id, "category_id": 1, "bbox": xywh(b),
+    pairs = [(i + 1, b, c) for i, (image_truths, image_labels) in enumerate(zip(truths, truth_labels))
+             for b, c in zip(image_truths, image_labels)]
+    annotations = [{"id": k + 1, "image_id": image_id, "category_id": int(c) + 1, "bbox": xywh(b),
                     "area": float((b[2] - b[0]) * (b[3] - b[1])), "iscrowd": 0}
-                   for k, (image_id, b) in enumerate(pairs)]
-    results = [{"image_id": i + 1, "category_id": 1, "bbox": xywh(b), "score": float(s)}
-               for i, (image_boxes, image_scores) in enumerate(zip(boxes, scores))
-               for b, s in zip(image_boxes, image_scores)]
+                   for k, (image_id, b, c) in enumerate(pairs)]
+    results = [{"image_id": i + 1, "category_id": int(c) + 1, "bbox": xywh(b), "score": float(s)}
+               for i, (image_boxes, image_scores, image_labels) in enumerate(zip(boxes, scores, labels))
+               for b, s, c in zip(image_boxes, image_scores, image_labels)]
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
-        gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1}]}
+        gt.dataset = {"images": images, "annotations": annotations,
+                      "categories": [{"id": c + 1} for c in range(n_classes)]}
         gt.createIndex()
         dt = gt.loadRes(results)
         evaluation = COCOeval(gt, dt, "bbox")
-        evaluation.params.iouThrs = IOU_THRESHOLDS.copy()
+        evaluation.params.iouThrs = np.array(iou_thresholds, dtype=np.float64)
         evaluation.params.maxDets = [1, 10, 100]
         evaluation.evaluate()
         evaluation.accumulate()
-    precision = evaluation.eval["precision"][:, :, 0, 0, 2]  # (T, R) at area "all", maxDets 100
+    precision = evaluation.eval["precision"][:, :, :, 0, 2]  # (T, R, K) at area "all", maxDets 100
     if (precision <= -1).all():
-        return float("nan"), np.full(len(IOU_THRESHOLDS), np.nan)
-    return float(precision[precision > -1].mean()), precision.mean(axis=1)
+        return float("nan"), np.full(len(iou_thresholds), np.nan)
+    per_threshold = [float(p[p > -1].mean()) for p in precision]
+    return float(precision[precision > -1].mean()), np.array(per_threshold)
 
 
 def random_scene(rng, n_images, max_truths=4, max_detections=8, tie_scores=False):
@@ -150,6 +157,68 @@ def test_mgca_protocol_skips_images_without_detection_or_truth():
     assert coco["map"] == pytest.approx(coco_reference(truths, boxes, scores)[0], abs=1e-12)
     with pytest.raises(ValueError, match="protocol"):
         detection_map(truths, boxes, scores, protocol="torchmetrics")
+
+
+def labelled_scene(rng, n_images, n_classes):
+    """:func:`random_scene` with a class per box; a detection near a truth mostly takes its class."""
+    truths, boxes, scores = random_scene(rng, n_images)
+    truth_labels = [rng.integers(0, n_classes, len(t)) for t in truths]
+    labels = []
+    for truth, classes, det in zip(truths, truth_labels, boxes):
+        guess = rng.integers(0, n_classes, len(det))
+        if len(truth):
+            nearest = np.argmax(box_iou(det, truth), axis=1) if len(det) else np.zeros(0, dtype=int)
+            guess = np.where(rng.random(len(det)) < 0.8, classes[nearest], guess)
+        labels.append(guess.astype(np.int64))
+    return truths, truth_labels, boxes, scores, labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_macro_map_over_classes_equals_pycocotools_with_categories(seed):
+    rng = np.random.default_rng(seed)
+    n_classes = 4
+    truths, truth_labels, boxes, scores, labels = labelled_scene(rng, 40, n_classes)
+    # Class 3 has detections but no ground truth: pycocotools leaves it out of the mean (-1), as we do.
+    truth_labels = [np.minimum(l, 2) for l in truth_labels]
+    expected, expected_per_threshold = coco_reference(truths, boxes, scores, truth_labels, labels, n_classes)
+    result = detection_map(truths, boxes, scores, truth_labels=truth_labels, labels=labels, n_classes=n_classes)
+    assert 0.05 < expected < 0.95
+    assert result["map"] == pytest.approx(expected, abs=1e-12)
+    np.testing.assert_allclose([result[f"ap{round(t * 100)}"] for t in IOU_THRESHOLDS], expected_per_threshold,
+                               atol=1e-12)
+    # The VinDr-CXR challenge's threshold alone: mAP at IoU 0.4.
+    at_40, _ = coco_reference(truths, boxes, scores, truth_labels, labels, n_classes, iou_thresholds=[0.4])
+    assert result["ap40"] == pytest.approx(at_40, abs=1e-12)
+    # Macro, not micro: the mean of the per-class mAPs, not the mAP of the pooled detections.
+    matches = ClassMatches(truths, truth_labels, boxes, scores, labels, n_classes)
+    per_class = matches.class_mean_average_precision()
+    assert np.isnan(per_class[3]) and result["map"] == pytest.approx(np.mean(per_class[:3]), abs=1e-12)
+    pooled = detection_map(truths, boxes, scores)["map"]
+    assert abs(pooled - result["map"]) > 1e-3
+    # Resampled images: the same as pycocotools on the resampled list.
+    idx = np.sort(rng.integers(0, 40, 40))
+    expected_resample, _ = coco_reference([truths[i] for i in idx], [boxes[i] for i in idx], [scores[i] for i in idx],
+                                          [truth_labels[i] for i in idx], [labels[i] for i in idx], n_classes)
+    assert matches.mean_average_precision(np.bincount(idx, minlength=40)) == pytest.approx(expected_resample,
+                                                                                           abs=1e-12)
+
+
+def test_one_class_of_class_matches_is_the_single_class_map():
+    truths, boxes, scores = random_scene(np.random.default_rng(3), n_images=25)
+    zeros = [np.zeros(len(b), dtype=np.int64) for b in boxes]
+    single = detection_map(truths, boxes, scores)
+    multi = detection_map(truths, boxes, scores, truth_labels=[np.zeros(len(t), dtype=np.int64) for t in truths],
+                          labels=zeros, n_classes=1)
+    assert single == multi  # bit for bit
+
+
+def test_class_labels_are_checked():
+    with pytest.raises(DataError, match="class label outside 0..1"):
+        ClassMatches([np.array([[0.0, 0, 1, 1]])], [np.array([2])], [np.zeros((0, 4))], [np.zeros(0)],
+                     [np.zeros(0, dtype=int)], 2)
+    with pytest.raises(DataError, match="1 boxes but 0 class labels"):
+        ClassMatches([np.zeros((0, 4))], [np.zeros(0, dtype=int)], [np.zeros((1, 4))], [np.zeros(1)],
+                     [np.zeros(0, dtype=int)], 2)
 
 
 def test_resample_counts_equal_the_explicitly_resampled_image_list():

@@ -20,7 +20,9 @@ from vlpbench.protocols.detection import (
     Detector,
     assign_targets,
     decode,
+    decode_labels,
     deepest_stages,
+    evaluate_detection,
     fraction_settings,
     scaled_anchors,
     select_detections,
@@ -118,6 +120,88 @@ def test_selection_thresholds_confidence_then_suppresses_overlaps():
     np.testing.assert_allclose(kept_boxes, [[0.5, 0, 10.5, 10], [20, 20, 30, 30]])
     (_, top), = select_detections(boxes, scores, conf_threshold=0.0, nms_threshold=1.0, max_detections=2)
     np.testing.assert_allclose(top, [0.9, 0.8], rtol=1e-6)
+
+
+def test_several_classes_get_one_hot_targets_and_mgcas_class_bce():
+    gen = torch.Generator().manual_seed(1)
+    anchors = scaled_anchors(64)[2]
+    boxes = [torch.tensor([[10.0, 12.0, 30.0, 40.0]]), torch.tensor([[2.0, 2.0, 9.0, 7.0], [40.0, 30.0, 63.0, 60.0]])]
+    labels = [torch.tensor([2]), torch.tensor([0, 3])]
+    targets = assign_targets(boxes, (8, 8), (8.0, 8.0), anchors, 0.5, labels=labels, n_classes=4)
+    hot = targets.classes[targets.positive]
+    assert hot.shape == (3, 4) and hot.sum(dim=1).tolist() == [1.0, 1.0, 1.0]
+    assert sorted(hot.argmax(dim=1).tolist()) == [0, 2, 3]
+    raw = torch.randn(2, 3 * 9, 8, 8, generator=gen)
+    loss = yolo_loss(raw, targets, box_weight=2.5, noobj_weight=0.5)
+    # MGCA's class term: BCE of the masked class scores against the masked one-hot target, a mean over every
+    # anchor and class (utils/yolo_loss.py:159); the rest as for one class.
+    pred = raw.view(2, 3, 9, 8, 8).permute(0, 1, 3, 4, 2)
+    mask = targets.positive.float()
+    noobj = (~targets.positive & ~targets.ignore).float()
+    bce, mse = torch.nn.BCELoss(), torch.nn.MSELoss()
+    x, y, conf = (torch.sigmoid(pred[..., i]) for i in (0, 1, 4))
+    cls = torch.sigmoid(pred[..., 5:])
+    expected = (2.5 * (bce(x * mask, targets.offsets[..., 0] * mask) + bce(y * mask, targets.offsets[..., 1] * mask)
+                       + mse(pred[..., 2] * mask, targets.log_sizes[..., 0] * mask)
+                       + mse(pred[..., 3] * mask, targets.log_sizes[..., 1] * mask))
+                + bce(conf * mask, mask) + 0.5 * bce(conf * noobj, noobj * 0.0)
+                + bce(cls * mask[..., None], targets.classes * mask[..., None]))
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    # The class of a prediction is its largest class logit, in decode's order.
+    assert torch.equal(decode_labels(raw, 3), pred[..., 5:].argmax(-1).reshape(2, -1))
+
+
+@pytest.mark.parametrize("nms", ["torchvision", "mgca"])
+def test_suppression_runs_within_each_class(nms):
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [0.5, 0, 10.5, 10], [0, 0, 10, 10.5], [20, 20, 30, 30]]])
+    scores = torch.tensor([[0.8, 0.9, 0.7, 0.6]])
+    labels = torch.tensor([[0, 0, 1, 1]])
+    (kept_boxes, kept_scores, kept_labels), = select_detections(boxes, scores, conf_threshold=0.5, nms_threshold=0.5,
+                                                                max_detections=100, nms=nms, labels=labels)
+    # 0.8 is suppressed by 0.9 of its class; 0.7 overlaps 0.9 as much but is of another class: kept.
+    np.testing.assert_allclose(kept_scores, [0.9, 0.7, 0.6], rtol=1e-6)
+    assert kept_labels.tolist() == [0, 1, 1] and kept_boxes.shape == (3, 4)
+    (_, top, _), = select_detections(boxes, scores, conf_threshold=0.0, nms_threshold=1.0, max_detections=2, nms=nms,
+                                     labels=labels)
+    np.testing.assert_allclose(top, [0.9, 0.8], rtol=1e-6)
+
+
+def test_class_detections_round_trip_through_the_predictions_file_and_score_the_same(tmp_path):
+    from vlpbench.predictions import write_detections
+
+    rng = np.random.default_rng(2)
+    truths = [np.array([[0.0, 0, 20, 20], [30, 30, 60, 50]]), np.zeros((0, 4)), np.array([[5.0, 5, 25, 40]])]
+    truth_labels = [np.array([0, 2]), np.zeros(0, dtype=np.int64), np.array([1])]
+    detections = [(t + rng.normal(0, 1, t.shape), rng.random(len(t)), (l + k) % 3)
+                  for k, (t, l) in enumerate(zip(truths, truth_labels))]
+    ids = ["a", "b", "c"]
+    path = write_detections(tmp_path, ids, detections, multiclass=True)
+    assert {e["category_id"] for e in json.loads(path.read_text())} <= {0, 1, 2}
+    read = read_coco_results(path, ids, n_classes=3)
+    for image_id, (boxes, scores, labels) in zip(ids, detections):
+        np.testing.assert_allclose(read[image_id][0], boxes, atol=1e-9)
+        assert read[image_id][1].tolist() == scores.tolist() and read[image_id][2].tolist() == labels.tolist()
+    direct = evaluate_detection(truths, detections, n_resamples=20, seed=0, ids=ids, truth_labels=truth_labels,
+                                n_classes=3)
+    again = evaluate_detection(truths, [read[i] for i in ids], n_resamples=20, seed=0, ids=ids,
+                               truth_labels=truth_labels, n_classes=3)
+    assert again["metrics"] == direct["metrics"] and again["ci"] == direct["ci"]
+    statistics = direct["evidence"].statistics()  # paired tests recompute the macro mAPs from the evidence
+    weights = np.ones(3)
+    assert statistics["map"](weights) == pytest.approx(direct["metrics"]["map"], abs=1e-12)
+    assert statistics["ap40"](weights) == pytest.approx(direct["metrics"]["ap40"], abs=1e-12)
+    expected = detection_map(truths, [d[0] for d in detections], [d[1] for d in detections],
+                             truth_labels=truth_labels, labels=[d[2] for d in detections], n_classes=3)
+    assert direct["metrics"]["map"] == pytest.approx(expected["map"], abs=1e-12)
+    entries = json.loads(path.read_text())
+    del entries[0]["category_id"]
+    path.write_text(json.dumps(entries))
+    with pytest.raises(DataError, match="entry 0: missing key 'category_id'"):
+        read_coco_results(path, ids, n_classes=3)
+    entries[0]["category_id"] = 3
+    path.write_text(json.dumps(entries))
+    with pytest.raises(DataError, match=r"entry 0: 'category_id' must be the class index, an integer in 0..2"):
+        read_coco_results(path, ids, n_classes=3)
 
 
 def test_a_four_stage_encoder_uses_its_own_deepest_three_maps():
