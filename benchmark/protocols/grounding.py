@@ -274,13 +274,14 @@ def score_queries(maps: Mapping[str, Any], queries: list[Query], source, config:
                   threshold: float | Mapping[str, float], *, progress: bool = False) -> dict[str, np.ndarray]:
     """Every metric of :data:`METRIC_NAMES` per query (CNR may be NaN), in query order; with ``queries:
     pathologies`` also CheXlocalize's ``tp_iou`` (NaN where undefined) and ``hit``. ``threshold`` is one value,
-    or one per pathology."""
+    or one per pathology (a pathology it lacks takes ``config["threshold"]``)."""
     per_pathology = config["queries"] == "pathologies"
     names = METRIC_NAMES + (pathologies.SCORES if per_pathology else ())
     scores = {name: np.empty(len(queries)) for name in names}
     pairs = _pairs(maps, queries, source, config, "test", progress)
     for index, (query, (heat, truth)) in enumerate(zip(queries, pairs)):
-        cut = threshold[query.pathology] if isinstance(threshold, Mapping) else threshold
+        # A pathology without validation queries has no tuned threshold: it takes the task's fixed one.
+        cut = threshold.get(query.pathology, float(config["threshold"])) if isinstance(threshold, Mapping) else threshold
         for name, value in grounding_scores(heat, truth, cut).items():
             scores[name][index] = value
         if per_pathology:
