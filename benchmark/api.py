@@ -668,7 +668,7 @@ def inspect(model: str, checkpoint: str | Path | None, **options: Any):
 
 
 # Datasets whose images are drawn from another dataset that models pre-train on.
-_DRAWN_FROM = {"chexpert5x200": "chexpert", "ms_cxr": "mimic_cxr"}
+_DRAWN_FROM = {"chexpert5x200": "chexpert", "ms_cxr": "mimic_cxr", "chexlocalize": "chexpert"}
 
 
 def pretraining_overlap(adapter: Any, dataset: str) -> str | None:

@@ -169,6 +169,10 @@ DATASETS.register("mimic_cxr", DatasetSpec(
 DATASETS.register("ms_cxr", DatasetSpec(
     reader="vlpbench.data.ms_cxr:MsCxrSource", synthesizer="vlpbench.synthetic.ms_cxr:synth_ms_cxr",
     derived_splits={"v1": "vlpbench.data.ms_cxr:split_v1"}))
+DATASETS.register("chexlocalize", DatasetSpec(
+    reader="vlpbench.data.chexlocalize:ChexlocalizeSource",
+    synthesizer="vlpbench.synthetic.chexlocalize:synth_chexlocalize",
+    derived_splits={"v1": "vlpbench.data.chexlocalize:split_v1"}))
 PROTOCOLS.register("segmentation", "vlpbench.protocols.segmentation:PROTOCOL")
 PROTOCOLS.register("detection", "vlpbench.protocols.detection:PROTOCOL")
 PROTOCOLS.register("linear", "vlpbench.protocols.linear:PROTOCOL")

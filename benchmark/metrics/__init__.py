@@ -84,6 +84,14 @@ for _spec in (
     MetricSpec("cnr", "CNR", True, PER_IMAGE_MEAN,
                "BioViL's contrast-to-noise ratio of the heat map inside vs outside the ground truth, mean over "
                "queries where it is defined", grounding.cnr, value_range=(0.0, math.inf)),
+    # CheXlocalize grounding (vlpbench.protocols.grounding_pathologies): per pathology, then macro over pathologies.
+    MetricSpec("miou", "mIoU", True, RECOMPUTED,
+               "CheXlocalize mIoU: IoU of the heat map thresholded per pathology, over queries with a non-empty "
+               "prediction, mean per pathology, then macro over pathologies", grounding.true_positive_iou,
+               per_class=True),
+    MetricSpec("hit_rate", "Hit rate", True, RECOMPUTED,
+               "CheXlocalize hit rate: share of queries whose first heat-map maximum lies in the mask, per "
+               "pathology, then macro over pathologies", grounding.hit, per_class=True),
 ):
     register_metric(_spec)
 

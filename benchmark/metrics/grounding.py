@@ -14,6 +14,13 @@ Heat maps are "higher = more likely there" and need not be probabilities. The th
 * :func:`dice`: ``2 |P ∩ G| / (|P| + |G|)``; 1 when both are empty (as :mod:`vlpbench.metrics.dice`).
 * :func:`cnr`: BioViL's contrast-to-noise ratio (no threshold), see its docstring.
 
+CheXlocalize (Saporta et al., Nat. Mach. Intell. 2022) defines two scores differently, so they are separate:
+
+* :func:`hit`: 1 when ``G`` holds the *first* argmax pixel of ``H`` in row-major order (``np.argmax``), no
+  credit for other tied maxima (rajpurkarlab/cheXlocalize eval.py:202-207).
+* :func:`true_positive_iou`: the IoU, NaN unless both ``P`` and ``G`` are non-empty (eval.py:29-33,
+  ``true_pos_only``); means skip the NaNs (tune_heatmap_threshold.py:49, ``np.nanmean``).
+
 The pointing game and recall are undefined for an empty ground truth and raise :class:`DataError`:
 grounding is scored on positive images only, as MedKLIP and BioViL do.
 """
@@ -128,6 +135,29 @@ def cnr(heatmap: Any, truth: Any) -> float:
     if noise == 0.0:
         return math.nan
     return abs(inside.mean() - outside.mean()) / noise
+
+
+def hit(heatmap: Any, truth: Any) -> float:
+    """1.0 if ``truth`` holds the first maximum of ``heatmap`` in row-major order, else 0.0 (CheXlocalize's hit).
+
+    Raises:
+        DataError: shapes differ, the map is not finite, or ``truth`` is empty.
+    """
+    heatmap, truth = _pair(heatmap, truth, "hit")
+    _require_positive(truth, "hit")
+    return float(truth.flat[int(np.argmax(heatmap))])
+
+
+def true_positive_iou(heatmap: Any, truth: Any, threshold: float) -> float:
+    """``|P ∩ G| / |P ∪ G|`` of ``P = heatmap > threshold``; NaN when ``P`` or ``G`` is empty (CheXlocalize).
+
+    Raises:
+        DataError: shapes differ or the map is not finite.
+    """
+    hit_count, predicted, size = _counts(*_pair(heatmap, truth, "true_positive_iou"), threshold)
+    if predicted == 0 or size == 0:
+        return math.nan
+    return hit_count / (predicted + size - hit_count)
 
 
 def grounding_scores(heatmap: Any, truth: Any, threshold: float) -> dict[str, float]:

@@ -4,7 +4,9 @@ MedKLIP's RSNA grounding (which G2D's Table 2a follows) and BioViL's MS-CXR phra
 images are scored, as both references do; the skipped negatives are counted. A *query* is one heat map to
 score: for RSNA and SIIM (``queries: class``) the task's ``prompt`` on each positive image, with the image's
 lesion mask as truth; for MS-CXR (``queries: phrases``) each phrase of each image, with the union of that
-phrase's boxes as truth. An adapter whose ``free_text`` is False (MedKLIP: fixed entity queries) gets the
+phrase's boxes as truth; for CheXlocalize (``queries: pathologies``) each pathology of each image with a
+non-empty radiologists' mask, its ``prompts`` entry as text and that mask as truth (:mod:`.grounding_pathologies`,
+which also holds CheXlocalize's per-pathology threshold, mIoU and hit rate). An adapter whose ``free_text`` is False (MedKLIP: fixed entity queries) gets the
 phrase's category label instead of its text; the record says which (``text_source``).
 
 Steps, each a task option:
@@ -27,7 +29,9 @@ Steps, each a task option:
    quantiles of the pooled validation map values (at the model's resolution, normalised as in step 3) for
    the highest mean Dice over the validation positives and applies it unchanged to test; ``fixed`` uses
    ``threshold`` (``0.008`` with ``normalize: none`` is MedKLIP's cut of raw attention probabilities, uniform
-   attention over 14×14 patches being 0.0051; it means nothing for other maps).
+   attention over 14×14 patches being 0.0051; it means nothing for other maps). ``threshold_search:
+   per_pathology`` (with ``threshold_source: val``) instead picks one of ``threshold_values`` per pathology by
+   validation mIoU, as CheXlocalize does (:mod:`.grounding_pathologies`).
 5. :mod:`vlpbench.metrics.grounding` on every test query: pointing game, pixel recall, IoU, Dice, CNR.
 
 ``score`` applies steps 2 to 5 to heat maps made by any framework (an ``.npz``), through the same
@@ -58,20 +62,23 @@ from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.evidence import per_item_evidence
 from vlpbench.metrics.bootstrap import bootstrap_ci
-from vlpbench.metrics.grounding import METRIC_NAMES, candidate_thresholds, choose_threshold, grounding_scores
+from vlpbench.metrics.grounding import (METRIC_NAMES, candidate_thresholds, choose_threshold, grounding_scores, hit,
+                                        true_positive_iou)
 from vlpbench.predictions import HEATMAPS_FILE, check_heatmap, write_heatmaps
 from vlpbench.protocols import SplitIds, base
+from vlpbench.protocols import grounding_pathologies as pathologies
 from vlpbench.protocols.runtime import DEFAULT_PRECISION, autocast, precision_of
 
 log = logging.getLogger("vlpbench")
 
 CHOICES = {
-    "queries": ("class", "phrases"),
+    "queries": ("class", "phrases", "pathologies"),
     "upsample": ("bilinear", "nearest"),
     "eval_resolution": ("fixed", "native"),
     "normalize": ("minmax", "none"),
     "threshold_source": ("val", "fixed"),
     "image_read": ("cache", "medklip"),
+    "threshold_search": ("quantiles", "per_pathology"),
 }
 # Values per map that enter the pooled quantiles of the threshold search; larger maps are strided.
 _VALUES_PER_MAP = 4096
@@ -81,18 +88,20 @@ _VALUES_PER_MAP = 4096
 class Query:
     """One heat map to score: ``key`` names it in results and prediction files.
 
-    ``key`` is the image id (``queries: class``) or ``<image id>#<phrase index>`` (``queries: phrases``);
-    ``phrase`` is that index, or None for the image's class mask.
+    ``key`` is the image id (``queries: class``), ``<image id>#<phrase index>`` (``queries: phrases``) or
+    ``<image id>#<pathology>`` (``queries: pathologies``); ``phrase`` is that index and ``pathology`` that name,
+    both None for the image's class mask.
     """
 
     key: str
     image_id: str
     text: str
     phrase: int | None = None
+    pathology: str | None = None
 
 
 # Options added after version 1 of the task files; a config without them means the old behaviour.
-DEFAULTS = {"image_read": "cache"}
+DEFAULTS = {"image_read": "cache", "threshold_search": "quantiles"}
 
 
 def check_config(config: Mapping[str, Any]) -> None:
@@ -102,6 +111,10 @@ def check_config(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"grounding option {key}={config.get(key)!r}: expected one of {', '.join(allowed)}")
     if config["queries"] == "class" and not str(config.get("prompt") or "").strip():
         raise ConfigError("grounding option prompt: queries=class needs the class prompt (e.g. pneumonia)")
+    if config.get("threshold_search", DEFAULTS["threshold_search"]) == "per_pathology":
+        if config["queries"] != "pathologies":
+            raise ConfigError("grounding option threshold_search=per_pathology needs queries=pathologies")
+        pathologies.check_values(config.get("threshold_values"))
     if config["eval_resolution"] == "fixed" and int(config["eval_size"]) < 1:
         raise ConfigError(f"grounding option eval_size={config['eval_size']!r}: expected a positive int")
 
@@ -128,6 +141,12 @@ def grounding_queries(source, ids: Iterable[str], config: Mapping[str, Any],
             else:
                 negatives += 1
             continue
+        if config["queries"] == "pathologies":
+            names = source.pathologies(image_id)
+            negatives += not names
+            queries += [Query(f"{image_id}#{name}", image_id, pathologies.prompt(config, name), pathology=name)
+                        for name in names]
+            continue
         phrases = source.phrases(image_id)
         if not phrases:
             negatives += 1
@@ -151,7 +170,10 @@ def resize_truth(mask: Any, size: int) -> np.ndarray:
 
 def truth_mask(source, query: Query, config: Mapping[str, Any]) -> np.ndarray:
     """The query's ground truth as a boolean mask at the evaluation resolution (see module docstring)."""
-    mask = source.mask(query.image_id) if query.phrase is None else source.mask(query.image_id, query.phrase)
+    if query.pathology is not None:
+        mask = source.mask(query.image_id, query.pathology)
+    else:
+        mask = source.mask(query.image_id) if query.phrase is None else source.mask(query.image_id, query.phrase)
     if config["eval_resolution"] == "fixed":
         return resize_truth(mask, int(config["eval_size"]))
     return np.asarray(mask) > 0
@@ -235,6 +257,10 @@ def select_threshold(maps: Mapping[str, Any], queries: list[Query], source, conf
     if not queries:
         raise DataError("threshold_source=val: the validation part holds no positive image to choose the "
                         "threshold on; use --set threshold_source=fixed (and threshold=...)")
+    if config.get("threshold_search", DEFAULTS["threshold_search"]) == "per_pathology":
+        pairs = _pairs(maps, queries, source, config, "threshold", progress)
+        return pathologies.select_thresholds(((q.pathology, heat, truth) for q, (heat, truth) in zip(queries, pairs)),
+                                             pathologies.check_values(config["threshold_values"]))
     pooled = []
     for query in queries:
         values = _normalized(torch.as_tensor(maps[query.key], dtype=torch.float32), config["normalize"]).ravel()
@@ -245,12 +271,22 @@ def select_threshold(maps: Mapping[str, Any], queries: list[Query], source, conf
 
 
 def score_queries(maps: Mapping[str, Any], queries: list[Query], source, config: Mapping[str, Any],
-                  threshold: float, *, progress: bool = False) -> dict[str, np.ndarray]:
-    """Every metric of :data:`METRIC_NAMES` per query (CNR may be NaN), in query order."""
-    scores = {name: np.empty(len(queries)) for name in METRIC_NAMES}
-    for index, (heat, truth) in enumerate(_pairs(maps, queries, source, config, "test", progress)):
-        for name, value in grounding_scores(heat, truth, threshold).items():
+                  threshold: float | Mapping[str, float], *, progress: bool = False) -> dict[str, np.ndarray]:
+    """Every metric of :data:`METRIC_NAMES` per query (CNR may be NaN), in query order; with ``queries:
+    pathologies`` also CheXlocalize's ``tp_iou`` (NaN where undefined) and ``hit``. ``threshold`` is one value,
+    or one per pathology (a pathology it lacks takes ``config["threshold"]``)."""
+    per_pathology = config["queries"] == "pathologies"
+    names = METRIC_NAMES + (pathologies.SCORES if per_pathology else ())
+    scores = {name: np.empty(len(queries)) for name in names}
+    pairs = _pairs(maps, queries, source, config, "test", progress)
+    for index, (query, (heat, truth)) in enumerate(zip(queries, pairs)):
+        # A pathology without validation queries has no tuned threshold: it takes the task's fixed one.
+        cut = threshold.get(query.pathology, float(config["threshold"])) if isinstance(threshold, Mapping) else threshold
+        for name, value in grounding_scores(heat, truth, cut).items():
             scores[name][index] = value
+        if per_pathology:
+            scores["tp_iou"][index] = true_positive_iou(heat, truth, cut)
+            scores["hit"][index] = hit(heat, truth)
     return scores
 
 
@@ -398,6 +434,11 @@ def evaluate_grounding(maps: Mapping[str, Any], test: list[Query], val: list[Que
         chosen = {"threshold": float(config["threshold"]), "val_dice": None, "candidates": 0}
     scores = score_queries(maps, test, source, config, chosen["threshold"], progress=progress)
     metrics, ci = summarize(scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+    if config["queries"] == "pathologies":
+        more, more_ci = pathologies.summarize(scores, [q.pathology for q in test], [q.image_id for q in test],
+                                              n_resamples=int(config["bootstrap_resamples"]), seed=seed)
+        metrics.update(more)
+        ci.update(more_ci)
     return {"metrics": metrics, "ci": ci,
             "per_image": {query.key: float(value) for query, value in zip(test, scores["dice"])},
             "evidence": per_item_evidence([query.key for query in test], {name: scores[name] for name in METRIC_NAMES},

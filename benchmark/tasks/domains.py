@@ -259,7 +259,9 @@ DOMAINS: dict[str, Any] = {
     "loss": Choice(("mixed", "dice_bce")),
     "augmentation": Choice(("shift_scale_rotate", "crop_flip")),
     # grounding
-    "queries": Choice(("class", "phrases")),
+    "queries": Choice(("class", "phrases", "pathologies")),
+    "threshold_search": Choice(("quantiles", "per_pathology")),
+    "threshold_values": ListOf(Real(0.0, 1.0, high_open=True), min_len=1),  # cuts of min-max normalised maps
     "upsample": Choice(("bilinear", "nearest")),
     "eval_resolution": Choice(("fixed", "native")),
     "normalize": Choice(("minmax", "none")),

@@ -19,7 +19,7 @@ def test_each_registered_spec_is_complete_and_registered_under_its_name():
                                                               "meanr")}
     assert set(METRICS.names()) == {"dice", "dice_positive", "empty_correct", "all_empty_baseline", "map", "map_mgca",
                                     "auc", "acc", "f1", "mcc", "pointing_game", "recall", "iou", "cnr",
-                                    "ece", "adaptive_ece", "brier", *retrieval}
+                                    "miou", "hit_rate", "ece", "adaptive_ece", "brier", *retrieval}
     for name in METRICS:
         spec = METRICS.get(name)
         assert spec.name == name and spec.display and spec.ci in CI_METHODS
@@ -35,7 +35,8 @@ def test_display_names_directions_and_ci_methods():
     assert {name for name in METRICS if not METRICS.get(name).higher_is_better} == ranks | calibration
     assert {name for name in METRICS if not METRICS.get(name).percent} == ranks
     assert {name for name in METRICS if METRICS.get(name).ci == RECOMPUTED} == {"map", "map_mgca", "auc", "f1", "mcc",
-                                                                                "i2t_medr", "t2i_medr", *calibration}
+                                                                                "i2t_medr", "t2i_medr", "miou", "hit_rate",
+                                                                                *calibration}
     assert metric_spec("dice").ci == metric_spec("acc").ci == PER_IMAGE_MEAN
 
 
@@ -61,7 +62,7 @@ def test_the_former_name_of_accuracy_resolves_to_acc():
 def test_unknown_names_are_refused_with_the_known_ones(name):
     with pytest.raises(ConfigError, match=r"unknown metric .*Known: acc, adaptive_ece, all_empty_baseline, auc.*"
                                           r"per class: <metric>_<class slug> of acc, adaptive_ece, auc, brier, ece, "
-                                          r"f1, mcc"):
+                                          r"f1, hit_rate, mcc, miou"):
         metric_spec(name)
 
 
