@@ -140,8 +140,8 @@ def decode_seconds(reader: Any, ids: list[str], cache: tuple) -> float:
 
 class _Part:
     """``n`` random grey images of side ``size`` with what the protocols' epoch functions read of a split part:
-    segmentation's masks (``full``: not at full size), detection's targets, truth boxes and scales (one box
-    per image, in input pixels)."""
+    segmentation's masks (``full``: not at full size), detection's targets, truth boxes, their class labels
+    (class 0) and scales (one box per image, in input pixels)."""
 
     def __init__(self, n: int, size: int) -> None:
         generator = torch.Generator().manual_seed(n)
@@ -152,6 +152,8 @@ class _Part:
         box = [0.25 * size, 0.3 * size, 0.6 * size, 0.7 * size]
         self.targets = [torch.tensor([box], dtype=torch.float32) for _ in range(n)]
         self.truths = [np.array([box], dtype=np.float64) for _ in range(n)]
+        self.truth_labels = [np.zeros(1, dtype=np.int64) for _ in range(n)]
+        self.target_labels = [torch.from_numpy(labels) for labels in self.truth_labels]
         self.scales = np.ones((n, 2))
 
     def __len__(self) -> int:
