@@ -173,6 +173,9 @@ DATASETS.register("chexlocalize", DatasetSpec(
     reader="vlpbench.data.chexlocalize:ChexlocalizeSource",
     synthesizer="vlpbench.synthetic.chexlocalize:synth_chexlocalize",
     derived_splits={"v1": "vlpbench.data.chexlocalize:split_v1"}))
+DATASETS.register("tbx11k", DatasetSpec(
+    reader="vlpbench.data.tbx11k:Tbx11kSource", synthesizer="vlpbench.synthetic.tbx11k:synth_tbx11k",
+    split_generators={"v1": "vlpbench.data.tbx11k:generate_split_v1"}))  # BenchX's split (docs/datasets.md)
 PROTOCOLS.register("segmentation", "vlpbench.protocols.segmentation:PROTOCOL")
 PROTOCOLS.register("detection", "vlpbench.protocols.detection:PROTOCOL")
 PROTOCOLS.register("linear", "vlpbench.protocols.linear:PROTOCOL")
