@@ -6,7 +6,7 @@ Built-in adapters (``vlpbench run --model NAME``):
   full pre-training checkpoint, detected from the keys (``g2d.py``).
 - ``resnet50``: a torchvision ResNet-50 state dict from a local file, e.g. ImageNet weights (``resnet.py``).
 - ``random``: a seeded, randomly initialised ResNet-50; takes no checkpoint (``resnet.py``).
-- ``mgca`` (``mgca.py``), ``medklip`` (``medklip.py``), ``clip`` (``clip.py``) and ``generic`` (``generic.py``).
+- ``mgca`` (``mgca.py``), ``medklip`` (``medklip.py``), ``mavl`` (``mavl.py``), ``clip`` (``clip.py``) and ``generic`` (``generic.py``).
 
 Adding a model: subclass ``vlpbench.adapters.base.Adapter``, implement ``map_weights`` with the helpers in
 ``base.py``, and either add one ``ADAPTERS.register`` line below (a built-in) or publish it from your own
@@ -38,6 +38,7 @@ ADAPTERS.register("mgca", "vlpbench.adapters.mgca:MgcaAdapter")
 ADAPTERS.register("generic", "vlpbench.adapters.generic:GenericAdapter")
 ADAPTERS.register("clip", "vlpbench.adapters.clip:ClipAdapter")
 ADAPTERS.register("medklip", "vlpbench.adapters.medklip:MedKLIPAdapter")
+ADAPTERS.register("mavl", "vlpbench.adapters.mavl:MAVLAdapter")
 ADAPTERS.register("convirt", "vlpbench.adapters.convirt:ConVIRTAdapter")
 ADAPTERS.register("mflag", "vlpbench.adapters.mflag:MFlagAdapter")
 ADAPTERS.register("prior", "vlpbench.adapters.prior:PriorAdapter")

@@ -476,3 +476,52 @@ def write_medklip_entity_embeddings(path: str | Path, *, seed: int = 0) -> Path:
     else:
         torch.save(embeddings, path)
     return path
+
+
+def write_mavl_checkpoint(path: str | Path, *, seed: int = 0, prefix: str = "") -> Path:
+    """Write a random-init MAVL ``checkpoint_full_*.pth`` with the published keys and shapes; return its path.
+
+    The container is Pretrain/train_MAVL.py's (``model``, ``optimizer``, ``lr_scheduler``, ``config``,
+    ``epoch``); ``model`` holds, in MAVL's registration order, ``disease_embedding_layer``, ``backbone`` (ResNet-50
+    children[:-3]), ``pool``, ``res_l1``, ``res_l2``, ``location_emb``, ``decoder``, ``classifier`` and the
+    pre-training ``temp``, each key prefixed with ``prefix``. Published sizes (75 entities × 9 concepts,
+    width 256) — the strict load admits no other. Drawn under ``torch.manual_seed(seed)`` in a forked RNG.
+    """
+    import torchvision
+
+    from vlpbench.adapters.mavl import FEATURES, N_CONCEPTS, MAVLHead
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        resnet = torchvision.models.resnet50(weights=None)
+        head = MAVLHead()
+        head.apply(_medklip_init)
+        torch.nn.init.normal_(head.pool.positional_embedding, std=FEATURES ** -0.5)
+        location = nn.Conv1d(D_MODEL, ENTITY_WIDTH, N_CONCEPTS, stride=N_CONCEPTS)
+    parts: list[tuple[str, nn.Module]] = [
+        ("disease_embedding_layer", head.disease_embedding_layer),
+        ("backbone", nn.Sequential(*list(resnet.children())[:-3])), ("pool", head.pool),
+        ("res_l1", head.res_l1), ("res_l2", head.res_l2), ("location_emb", location),
+        ("decoder", head.decoder), ("classifier", head.classifier),
+    ]
+    model = {f"{prefix}{name}.{k}": v for name, module in parts for k, v in module.state_dict().items()}
+    model[f"{prefix}temp"] = torch.full((N_CONCEPTS,), float(torch.log(torch.tensor(1 / 0.07))))
+    config = {**_MEDKLIP_CONFIG, "model": "mavl", "concept_book": "concept_gen/gpt4_mimic.json", "cl_global": 0.1}
+    obj = {"model": model, "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {},
+           "config": json.loads(json.dumps(config)), "epoch": 46}
+    return save_checkpoint(obj, path)
+
+
+def write_mavl_concept_files(folder: str | Path) -> tuple[Path, Path]:
+    """Write a synthetic ``observation explanation.json`` and ``gpt4_mimic.json`` (MAVL's keys, made-up text,
+    plus an unused "covid19" entry as in MAVL's files); return both paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [*ENTITY_NAMES, "covid19"]
+    entities = folder / "observation explanation.json"
+    entities.write_text(json.dumps({n: f"Synthetic description of {n.replace('_', ' ')}." for n in names}),
+                        encoding="utf-8")
+    concepts = folder / "gpt4_mimic.json"
+    concepts.write_text(json.dumps({n: [f"aspect {k}: findings of {n.replace('_', ' ')}." for k in range(8)]
+                                    for n in names}), encoding="utf-8")
+    return entities, concepts
