@@ -310,7 +310,7 @@ def _parser() -> argparse.ArgumentParser:
     p = command("synth", "Write a synthetic dataset in the real on-disk format (real ids and masks).",
                 "vlpbench synth --dataset siim --out /tmp/siim --n 300 --seed 0", _synth)
     p.add_argument("--dataset", required=True,
-                   help="dataset to imitate: siim, rsna, chexpert, cxr14, object_cxr, covidx, mimic_cxr, ms_cxr, vindr, "
+                   help="dataset to imitate: siim, rsna, chexpert, cxr14, object_cxr, covidx, mimic_cxr, ms_cxr, vindr, padchest, "
                         "chexlocalize")
     p.add_argument("--out", required=True, help="folder to create (must be new or empty)")
     p.add_argument("--n", type=int, default=200, help="number of images (default 200)")
