@@ -87,7 +87,7 @@ def parse_labels(text: str, where: str) -> tuple[str, ...] | None:
     while position < len(body):
         if items:
             separator = _SEPARATOR.match(body, position)
-            if not separator.group():
+            if not separator:
                 raise DataError(f"{where}: Labels {text[:80]!r}: expected ',' at character {position + 2}")
             position = separator.end()
         item = _ITEM.match(body, position)
