@@ -311,7 +311,7 @@ def _parser() -> argparse.ArgumentParser:
                 "vlpbench synth --dataset siim --out /tmp/siim --n 300 --seed 0", _synth)
     p.add_argument("--dataset", required=True,
                    help="dataset to imitate: siim, rsna, chexpert, cxr14, object_cxr, covidx, mimic_cxr, ms_cxr, vindr, "
-                        "chexlocalize, tbx11k")
+                        "chexlocalize, tbx11k, padchest")
     p.add_argument("--out", required=True, help="folder to create (must be new or empty)")
     p.add_argument("--n", type=int, default=200, help="number of images (default 200)")
     p.add_argument("--seed", type=int, default=0)

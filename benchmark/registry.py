@@ -163,6 +163,9 @@ DATASETS.register("vindr", DatasetSpec(
     reader="vlpbench.data.vindr:VindrSource", synthesizer="vlpbench.synthetic.vindr:synth_vindr",
     split_generators={"v1": "vlpbench.data.vindr:generate_split_v1"},
     test_split="vlpbench.data.vindr:test_split"))  # test = the official test set in your files
+DATASETS.register("padchest", DatasetSpec(
+    reader="vlpbench.data.padchest:PadchestSource", synthesizer="vlpbench.synthetic.padchest:synth_padchest",
+    split_generators={"v1": "vlpbench.data.padchest:generate_split_v1"}))  # test only: physician-labelled frontal
 DATASETS.register("mimic_cxr", DatasetSpec(
     reader="vlpbench.data.mimic_cxr:MimicCxrSource", synthesizer="vlpbench.synthetic.mimic_cxr:synth_mimic_cxr",
     derived_splits={"v1": "vlpbench.data.mimic_cxr:split_v1"}))

@@ -19,6 +19,7 @@ several classes, per class (``auc_<class slug>`` ...):
   ``split_val`` (the split's val part) or ``chexpert_valid`` (the frontal images of CheXpert's
   ``valid.csv``, for the radiologist test set, which has no validation part). ``test_oracle`` tunes
   the thresholds on the test set itself, as MedKLIP's code does; the record flags it as optimistic.
+  A task that wants AUC only (``padchest_zs``, whose split has no validation part) chooses no threshold.
 * multi-class tasks (CheXpert 5x200): the predicted class is the highest-scoring one; ``acc`` is top-1
   accuracy, ``f1`` the macro F1 and ``mcc`` the multi-class MCC of those predictions, ``auc`` the
   mean one-vs-rest AUC. No threshold is involved.
@@ -102,6 +103,7 @@ PROMPT_SETS: dict[str, dict[str, str]] = {
     },
 }
 CLASS_PROMPTS = ("plain", *PROMPT_SETS)
+THRESHOLD_METRICS = ("f1", "acc", "mcc")  # the metrics of a decision at a threshold
 # Options added after version 1 of the task files; a config without them means the old behaviour.
 DEFAULTS = {"class_prompts": "plain", "acc_rule": "ge", "threshold_ties": "highest"}
 
@@ -279,7 +281,9 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
     check_center_crop(adapter, config)
     acc_rule = _choice({**DEFAULTS, **config}, "acc_rule", ACC_RULES)
     ties = _choice({**DEFAULTS, **config}, "threshold_ties", TIE_RULES)
-    if kind != "multiclass":  # top-1 decisions need no threshold
+    # Top-1 decisions need no threshold, and neither does AUC alone.
+    thresholded = kind != "multiclass" and any(name in THRESHOLD_METRICS for name in wanted)
+    if thresholded:
         threshold_source = _choice(config, "threshold_source", THRESHOLD_SOURCES)
         criterion = _choice(config, "threshold_criterion", CRITERIA)
         threshold_images = THRESHOLD_IMAGES[_choice(config, "threshold_images", tuple(THRESHOLD_IMAGES))]
@@ -296,6 +300,9 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
     if kind == "multiclass":
         training: dict[str, Any] = {"decision": "argmax over classes", "thresholds": None}
         positives = {c: int((test_labels == k).sum()) for k, c in enumerate(classes)}
+    elif not thresholded:
+        training = {"decision": "none: only threshold-free metrics are wanted", "thresholds": None}
+        positives = {c: int(test_labels[:, k].sum()) for k, c in enumerate(classes)}
     else:
         if threshold_source == "val":
             reader, ids, where = threshold_images(source, split)
@@ -366,7 +373,8 @@ class ZeroShotProtocol(base.Protocol):
         (``threshold_images``) as ``run`` chooses them."""
         kind = label_kind(config)
         images = None
-        if kind != "multiclass" and _choice(config, "threshold_source", THRESHOLD_SOURCES) == "val":
+        thresholded = kind != "multiclass" and any(name in THRESHOLD_METRICS for name in _metric_names(config))
+        if thresholded and _choice(config, "threshold_source", THRESHOLD_SOURCES) == "val":
             images = THRESHOLD_IMAGES[_choice(config, "threshold_images", tuple(THRESHOLD_IMAGES))](source, split)
         return score_predictions_csv(self.prediction_path(Path(predictions)), source, split.test, config,
                                      default_metrics=METRICS, seed=seed, threshold_images=images,
