@@ -45,6 +45,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,6 +60,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlpbench import distributed
+from vlpbench.config import cache_dir
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.evidence import detection_evidence
@@ -68,6 +71,7 @@ from vlpbench.protocols.labels import class_names
 from vlpbench.protocols.runtime import (
     Selection,
     check_finite,
+    cudnn_benchmark,
     eval_backbone,
     fit,
     freeze_backbone,
@@ -99,6 +103,12 @@ CHOICES = {
     "input_resize": ("antialias", "linear"),
 }
 LR_OPTIONS = ("lr", "lr_1pct")  # what a diverged run is told to lower (lr_1pct on 1 % of the data)
+# Where a part's frozen features live (PartFeatures) and the dtype they are kept in there.
+STORAGE_DTYPES = {"memory": "float32", "memmap": "float16", "batch": "float32"}
+STORAGES = tuple(STORAGE_DTYPES)
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+# Disk the feature files leave free in the cache folder, for the image cache and the results.
+DISK_RESERVE_BYTES = 2 * 2**30
 
 
 class DetectionSource(Protocol):
@@ -319,16 +329,29 @@ class Detector(nn.Module):
 
 
 class PartFeatures:
-    """The head's input for batches of one split part: encoder features computed once and kept on the
-    device (``keep``; only valid while the encoder is frozen in eval mode and nothing is augmented), or
-    computed batch by batch."""
+    """The head's input for batches of one split part, by ``storage`` (:func:`feature_storage`):
+
+    - ``memory``: the encoder's features computed once and kept on the device in float32;
+    - ``memmap``: computed once into a float16 memory-mapped file in ``folder`` (one row of every map per
+      image), read back batch by batch;
+    - ``batch``: computed for every batch.
+
+    ``memory`` and ``memmap`` are only valid while the encoder is frozen in eval mode and nothing is
+    augmented, as on the detection protocol's frozen path. Under torchrun each rank computes its block of
+    whole batches for ``memory`` (gathered), and every image for ``memmap`` (its own file: the batches
+    it trains on draw rows from the whole part).
+    """
 
     def __init__(self, model: Detector, data: DetectionImages, config: dict[str, Any], device: torch.device,
-                 *, keep: bool, batch_size: int, progress: bool, desc: str):
+                 *, storage: str, batch_size: int, progress: bool, desc: str, folder: Path | None = None):
         self.model, self.data, self.config, self.device = model, data, config, device
+        self.storage = storage
         self.kept: list[torch.Tensor] | None = None
-        if keep:
-            eval_backbone(model.encoder)
+        self.rows: np.memmap | None = None
+        if storage == "batch":
+            return
+        eval_backbone(model.encoder)
+        if storage == "memory":
             first, stop = distributed.batch_block(len(data), batch_size)  # this rank's whole batches
             chunks = [model.features(self._images(list(range(start, min(start + batch_size, stop)))))
                       for start in tqdm(range(first, stop, batch_size), desc=f"features {desc}",
@@ -336,15 +359,52 @@ class PartFeatures:
             self.kept = [torch.cat(maps) for maps in zip(*chunks)]
             if distributed.is_active():
                 self.kept = _gathered_maps(self.kept, device)
+        elif storage == "memmap":
+            self._write_rows(folder / f"{desc}-rank{distributed.rank()}.f16", batch_size, progress, desc)
+        else:
+            raise ValueError(f"feature storage {storage!r}: expected one of {', '.join(STORAGES)}")
+
+    def _write_rows(self, path: Path, batch_size: int, progress: bool, desc: str) -> None:
+        """Every image's maps, flattened into one float16 row of a memory-mapped file at ``path``."""
+        self.shapes: list[tuple[int, ...]] = []
+        for start in tqdm(range(0, len(self.data), batch_size), desc=f"features {desc}", disable=not progress,
+                          leave=False, unit="batch"):
+            maps = self.model.features(self._images(list(range(start, min(start + batch_size, len(self.data))))))
+            if self.rows is None:
+                self.shapes = [tuple(m.shape[1:]) for m in maps]
+                width = sum(int(np.prod(shape)) for shape in self.shapes)
+                self.rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16,
+                                                      shape=(len(self.data), width))
+            flat = torch.cat([m.float().flatten(1) for m in maps], 1)
+            largest = float(flat.abs().max()) if flat.numel() else 0.0
+            if not largest <= FLOAT16_MAX:
+                raise VlpbenchError(f"detection features of {desc} reach {largest:g}, beyond float16's range, so "
+                                    "they cannot be stored on disk; raise feature_cache_gb to keep them in memory "
+                                    "in float32")
+            self.rows[start:start + len(maps[0])] = flat.cpu().numpy().astype(np.float16)
+        self.rows.flush()
 
     def _images(self, index: list[int]) -> torch.Tensor:
-        return _normalize(to_device(self.data.images[index], self.device), self.config)
+        x = _normalize(to_device(self.data.images[index], self.device), self.config)
+        if self.device.type == "cuda":  # the encoder is channels-last on CUDA (runtime.prepare_model)
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def __call__(self, index: list[int]) -> list[torch.Tensor]:
         if self.kept is not None:
             rows = torch.tensor(index, device=self.device)
             return [maps[rows] for maps in self.kept]
+        if self.rows is not None:
+            order = np.sort(np.asarray(index))  # file order: sequential reads
+            flat = torch.from_numpy(self.rows[order].astype(np.float32))
+            flat = to_device(flat[torch.from_numpy(np.searchsorted(order, index))], self.device)
+            sizes = [int(np.prod(shape)) for shape in self.shapes]
+            return [part.reshape(-1, *shape) for part, shape in zip(flat.split(sizes, 1), self.shapes)]
         return self.model.features(self._images(index))
+
+    def describe(self) -> dict[str, str]:
+        """Where the features lived and their dtype, as the record states it."""
+        return {"storage": self.storage, "dtype": STORAGE_DTYPES[self.storage]}
 
 
 def _gathered_maps(local: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -357,15 +417,24 @@ def _gathered_maps(local: list[torch.Tensor], device: torch.device) -> list[torc
     return [torch.from_numpy(distributed.gather_arrays(array)).to(device) for array in arrays]
 
 
-def kept_parts(shapes: Sequence[Sequence[int]], sizes: dict[str, int], budget_gb: float) -> dict[str, bool]:
-    """Which parts' features (float32, ``shapes`` per image) to keep, in the order given, while their total
-    stays within ``budget_gb``."""
-    per_image = 4 * sum(int(np.prod(shape)) for shape in shapes)
-    kept, used = {}, 0
+def feature_storage(shapes: Sequence[Sequence[int]], sizes: dict[str, int], budget_gb: float, *, frozen: bool,
+                    disk_bytes: float = math.inf) -> dict[str, str]:
+    """Where each part's features (``shapes`` per image) live, parts taken in the order given: ``memory``
+    (float32) while the total stays within ``budget_gb``, else ``memmap`` (float16) while the files fit
+    ``disk_bytes``, else ``batch`` (computed every batch); all ``batch`` unless the encoder is ``frozen``
+    (in eval mode: otherwise BatchNorm statistics move and the features change every batch)."""
+    per_image = sum(int(np.prod(shape)) for shape in shapes)
+    storage, memory, disk = {}, 0, 0
     for name, count in sizes.items():
-        kept[name] = used + count * per_image <= budget_gb * 2**30
-        used += count * per_image if kept[name] else 0
-    return kept
+        if not frozen:
+            storage[name] = "batch"
+        elif memory + 4 * count * per_image <= budget_gb * 2**30:
+            storage[name], memory = "memory", memory + 4 * count * per_image
+        elif disk + 2 * count * per_image <= disk_bytes:
+            storage[name], disk = "memmap", disk + 2 * count * per_image
+        else:
+            storage[name] = "batch"
+    return storage
 
 
 @dataclass
@@ -593,7 +662,7 @@ def _check_config(config: dict[str, Any]) -> None:
         if not 0.0 <= config[key] <= 1.0:
             raise ConfigError(f"{key} must lie in [0, 1], got {config[key]!r}")
     if config["feature_cache_gb"] < 0:
-        raise ConfigError(f"feature_cache_gb must be >= 0 (0 turns the feature cache off), "
+        raise ConfigError(f"feature_cache_gb must be >= 0 (0 keeps no feature in memory), "
                           f"got {config['feature_cache_gb']!r}")
     n_classes_of(config)  # the task's classes, where it names them, are a list of distinct names
 
@@ -651,16 +720,55 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
         # DDP starts every rank from rank 0's head; global BatchNorm keeps the buffers equal after that.
         head = torch.nn.parallel.DistributedDataParallel(
             model.head, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+    # The feature files live in the cache folder for this run only: removed at its end, failed or not.
+    scratch_root = cache_dir() / "detection"
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="features-", dir=scratch_root) as scratch, cudnn_benchmark(device):
+        trained = _train_and_test(model, head, train, val, test, config, device=device, lr=lr,
+                                  batch_size=batch_size, generator=generator, scratch=Path(scratch),
+                                  progress=progress)
+    fitted, detections, storage = trained["fitted"], trained["detections"], trained["storage"]
+    t_train = trained["t_train"]
+    if predictions is not None and distributed.is_main():  # every rank holds all detections: one file
+        write_detections(predictions, test.ids, detections, multiclass="classes" in config)
+    evaluated = evaluate_detection(test.truths, detections, n_resamples=int(config["bootstrap_resamples"]), seed=seed,
+                                   ids=test.ids, truth_labels=test.truth_labels, n_classes=n_classes)
+    t_test = time.perf_counter()
+    return {
+        **evaluated,
+        "n": {"train": len(train), "val": len(val), **evaluated["n"]},
+        "training": {"head": head_name(encoder, "yolov3"), "epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
+                     "best_val": fitted.best_value,
+                     "val_metric": config["val_metric"], "lr": lr, "batch_size": batch_size, "n_classes": n_classes,
+                     "stages_used": [{"index": s.index, "stride": s.stride, "channels": s.channels} for s in stages],
+                     "features": storage, "history": fitted.history, "world_size": ranks,
+                     "batch_per_process": batch_size // ranks, "effective_batch": batch_size,
+                     "frozen_forward": {"channels_last": device.type == "cuda",
+                                        "cudnn_benchmark": device.type == "cuda"}},
+        "timing": {"data_s": t_data - t0, "train_s": t_train - t_data, "test_s": t_test - t_train,
+                   "total_s": t_test - t0},
+    }
+
+
+def _train_and_test(model: Detector, head: nn.Module, train: DetectionImages, val: DetectionImages,
+                    test: DetectionImages, config: dict[str, Any], *, device: torch.device, lr: float,
+                    batch_size: int, generator: torch.Generator, scratch: Path, progress: bool) -> dict[str, Any]:
+    """Train the head (features stored by :func:`feature_storage`, files under ``scratch``), early-stop on
+    validation mAP, predict the test part: ``fitted``, test ``detections``, each part's feature ``storage``
+    (:meth:`PartFeatures.describe`) and the end time of training (``t_train``)."""
+    size = int(config["image_size"])
+    n_classes = n_classes_of(config)
     anchors = scaled_anchors(size)
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=lr, betas=tuple(config["betas"]),
                                   weight_decay=config["weight_decay"])
     # A frozen encoder in eval mode on unaugmented images gives the same features every epoch.
-    budget = float(config["feature_cache_gb"]) if config["freeze_bn"] else 0.0
-    kept = kept_parts(_feature_shapes(model, size, device), {"train": len(train), "val": len(val)}, budget)
-    train_features = PartFeatures(model, train, config, device, keep=kept["train"], batch_size=batch_size,
-                                  progress=progress, desc="train")
-    val_features = PartFeatures(model, val, config, device, keep=kept["val"], batch_size=batch_size,
-                                progress=progress, desc="val")
+    storage = feature_storage(_feature_shapes(model, size, device), {"train": len(train), "val": len(val)},
+                              float(config["feature_cache_gb"]), frozen=bool(config["freeze_bn"]),
+                              disk_bytes=shutil.disk_usage(scratch).free - DISK_RESERVE_BYTES)
+    part_features = {name: PartFeatures(model, part, config, device, storage=storage[name], batch_size=batch_size,
+                                        progress=progress, desc=name, folder=scratch)
+                     for name, part in (("train", train), ("val", val))}
+    train_features, val_features = part_features["train"], part_features["val"]
 
     def validate(epoch: int) -> dict[str, float | None]:
         val_loss, val_detections = _predict(model, val, val_features, anchors, config, batch_size)
@@ -678,27 +786,13 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
         snapshot=lambda: _snapshot(model, config["freeze_bn"]),
         restore=lambda state: model.load_state_dict(state, strict=False), progress=progress)
     t_train = time.perf_counter()
-
-    test_features = PartFeatures(model, test, config, device, keep=False, batch_size=batch_size,
+    # Predicted once: computing the test features batch by batch is computing them once.
+    test_features = PartFeatures(model, test, config, device, storage="batch", batch_size=batch_size,
                                  progress=progress, desc="test")
     _, detections = _predict(model, test, test_features, anchors, config, batch_size)
-    if predictions is not None and distributed.is_main():  # every rank holds all detections: one file
-        write_detections(predictions, test.ids, detections, multiclass="classes" in config)
-    evaluated = evaluate_detection(test.truths, detections, n_resamples=int(config["bootstrap_resamples"]), seed=seed,
-                                   ids=test.ids, truth_labels=test.truth_labels, n_classes=n_classes)
-    t_test = time.perf_counter()
-    return {
-        **evaluated,
-        "n": {"train": len(train), "val": len(val), **evaluated["n"]},
-        "training": {"head": head_name(encoder, "yolov3"), "epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
-                     "best_val": fitted.best_value,
-                     "val_metric": config["val_metric"], "lr": lr, "batch_size": batch_size, "n_classes": n_classes,
-                     "stages_used": [{"index": s.index, "stride": s.stride, "channels": s.channels} for s in stages],
-                     "features_kept": kept, "history": fitted.history, "world_size": ranks,
-                     "batch_per_process": batch_size // ranks, "effective_batch": batch_size},
-        "timing": {"data_s": t_data - t0, "train_s": t_train - t_data, "test_s": t_test - t_train,
-                   "total_s": t_test - t0},
-    }
+    return {"fitted": fitted, "detections": detections, "t_train": t_train,
+            "storage": {**{name: f.describe() for name, f in part_features.items()},
+                        "test": test_features.describe()}}
 
 
 def evaluate_detection(truths: list[np.ndarray], detections: Sequence[Sequence[np.ndarray]], *,

@@ -304,12 +304,27 @@ def image_keys(source: Any, ids: Sequence[str]) -> list[tuple[str, str]]:
     return keys
 
 
+class RunEncoder:
+    """The adapter's encoder for one run, frozen and prepared for ``device`` and ``precision``: built on first
+    use, then the same module for every split part (building one loads the checkpoint's weights again)."""
+
+    def __init__(self, adapter: Any, device: torch.device, precision: str = DEFAULT_PRECISION):
+        self.adapter, self.device, self.precision = adapter, device, precision
+        self._module: torch.nn.Module | None = None
+
+    def __call__(self) -> torch.nn.Module:
+        if self._module is None:
+            self._module = prepare_model(freeze(self.adapter.encoder()), self.device, self.precision)
+        return self._module
+
+
 def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessing, *, batch_size: int,
                     device: torch.device, progress: bool = False, desc: str = "features",
-                    precision: str = DEFAULT_PRECISION) -> Features:
+                    precision: str = DEFAULT_PRECISION, encoder: RunEncoder | None = None) -> Features:
     """Pooled frozen-encoder features of ``ids``: each image's row from the feature store, the images the
     store lacks computed and stored there.
 
+    ``encoder``: the run's :class:`RunEncoder`, shared by the calls of one run (default: one for this call).
     Only the images without a stored row are read from the image cache and passed through
     ``adapter.encoder()``, run in ``precision`` (``vlpbench.protocols.runtime``); when the store has them
     all, neither is touched. Features computed in bf16 have a store of their own.
@@ -342,7 +357,7 @@ def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preproce
     # Under torchrun each rank encodes its block of whole batches; the gathered features are in todo order.
     start, stop = distributed.batch_block(len(todo), batch_size)
     values = distributed.gather_arrays(extract_features(
-        prepare_model(adapter.encoder(), device, precision), images[start:stop], pre, batch_size=batch_size,
+        (encoder or RunEncoder(adapter, device, precision))(), images[start:stop], pre, batch_size=batch_size,
         device=device, progress=progress, desc=desc))
     path = _write_shard(folder, key, todo, values)
     distributed.barrier()

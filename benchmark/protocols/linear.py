@@ -60,9 +60,9 @@ from vlpbench.protocols import SplitIds, base
 from vlpbench.protocols.classification import class_counts, evaluate_classification, metric_names, score_predictions_csv
 from vlpbench.protocols.features import (
     Preprocessing,
+    RunEncoder,
     cached_features,
     encoder_input,
-    freeze,
     load_images,
     pool_description,
     pooled,
@@ -76,7 +76,6 @@ from vlpbench.protocols.runtime import (
     check_finite,
     fit,
     precision_of,
-    prepare_model,
     state_copy,
 )
 
@@ -277,9 +276,12 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
     log.info("linear (%s, %s head): %d train, %d val, %d test images; %s over %d class(es)", mode, solver,
              len(split.train), len(split.val), len(split.test), kind, len(classes))
 
+    encoder = RunEncoder(adapter, device, precision_of(config))  # built once, for every part that needs it
+
     def features(part: str):
         return cached_features(adapter, source, getattr(split, part), pre, batch_size=FEATURE_BATCH,
-                               device=device, progress=progress, desc=part, precision=precision_of(config))
+                               device=device, progress=progress, desc=part, precision=precision_of(config),
+                               encoder=encoder)
 
     val, test = features("val"), features("test")
     cache = {"val": val.cache_state(), "test": test.cache_state()}
@@ -292,8 +294,7 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
             return train_values[index]
     else:
         cache["train"] = "not used (mgca mode runs the encoder on augmented images)"
-        batches = _augmented_batches(adapter, source, split.train, pre, transform, seed, device, progress,
-                                     precision_of(config))
+        batches = _augmented_batches(encoder, source, split.train, pre, transform, seed, device, progress)
     t_data = time.perf_counter()
 
     outputs = output_size(kind, labels["train"], classes)
@@ -378,12 +379,11 @@ class LinearProtocol(base.Protocol):
 PROTOCOL = LinearProtocol()
 
 
-def _augmented_batches(adapter, source, ids: list[str], pre: Preprocessing, transform: str, seed: int,
-                       device: torch.device, progress: bool,
-                       precision: str = "fp32") -> Callable[[torch.Tensor], torch.Tensor]:
-    """MGCA mode: pooled features of freshly augmented training images, through the frozen encoder."""
+def _augmented_batches(run_encoder: RunEncoder, source, ids: list[str], pre: Preprocessing, transform: str, seed: int,
+                       device: torch.device, progress: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """MGCA mode: pooled features of freshly augmented training images, through the run's frozen encoder."""
     images = load_images(source, ids, pre.resize, progress, pre.cache_method)
-    encoder = prepare_model(freeze(adapter.encoder()), device, precision)
+    encoder = run_encoder()
     generator = torch.Generator().manual_seed(seed + 1)  # the augmentation's own stream
 
     def batch(index: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,22 @@ def _float32(value: Any) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def cudnn_benchmark(device: torch.device) -> Iterator[None]:
+    """On CUDA, let cuDNN pick the fastest convolution algorithms for the shapes it meets (a search on the
+    first batch of each shape, worth it when every batch has the same shape, as a frozen encoder's do);
+    the previous setting is restored on exit. Changes nothing elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` on ``device``; a host tensor bound for CUDA goes through pinned memory without blocking."""
     if device.type == "cuda" and tensor.device.type == "cpu":

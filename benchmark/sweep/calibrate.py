@@ -213,7 +213,7 @@ def _detection(step: Step, adapter: Any, device: torch.device) -> tuple[Prepare,
         config, batch, part = dict(step.config), step.batch_size, _Part(n * step.batch_size, size)
 
         def kept() -> Any:
-            return det.PartFeatures(model, part, config, device, keep=True, batch_size=batch, progress=False,
+            return det.PartFeatures(model, part, config, device, storage="memory", batch_size=batch, progress=False,
                                     desc="calibration")
 
         if step.kind == "features":

@@ -2,7 +2,7 @@
 batches of each kind of step it runs (``vlpbench sweep --plan``).
 
 The counts come from the protocols' own rules (their functions, not copies): segmentation's
-``balance_negatives`` / ``mgca_train_subset``, detection's ``fraction_settings`` and ``kept_parts``, the
+``balance_negatives`` / ``mgca_train_subset``, detection's ``fraction_settings`` and ``feature_storage``, the
 linear probe's ``Preprocessing`` and ``FEATURE_BATCH``, grounding's ``grounding_queries``, retrieval's
 ``retrieval_set``; the split parts a run gets are :func:`vlpbench.api.run_parts`'s. Without the data
 folder the committed split files give the ids (a protocol that selects by label reads the split's label
@@ -69,7 +69,7 @@ class Step:
 @dataclass(frozen=True)
 class StepTiming:
     """Seconds per batch of a step; ``shapes``: for detection's ``features``, the per-image shapes of the
-    frozen part's output (what keeping a part's features costs, ``detection.kept_parts``)."""
+    frozen part's output (what keeping a part's features costs, ``detection.feature_storage``)."""
 
     seconds: float
     shapes: tuple = ()
@@ -211,9 +211,9 @@ def segmentation(ctx: RunContext, measure: Measure) -> Workload:
 
 def detection(ctx: RunContext, measure: Measure) -> Workload:
     """YOLOv3 head on frozen features: the training and validation parts' features are computed once per run
-    where they fit ``feature_cache_gb`` (``detection.kept_parts``), else in every batch; the head trains and
-    predicts on them (:mod:`vlpbench.protocols.detection`)."""
-    from vlpbench.protocols.detection import fraction_settings, kept_parts
+    with ``freeze_bn`` (kept in memory or in a file, ``detection.feature_storage``), else in every batch; the
+    head trains and predicts on them (:mod:`vlpbench.protocols.detection`)."""
+    from vlpbench.protocols.detection import feature_storage, fraction_settings
 
     config = ctx.config
     _, batch = fraction_settings(config, ctx.run.frac)
@@ -222,8 +222,9 @@ def detection(ctx: RunContext, measure: Measure) -> Workload:
     variant = (int(config["neck_width"]),)
     steps = training_batches(len(train), batch)
     encode = ctx.step("features", batch, size, variant)
-    budget = float(config["feature_cache_gb"]) if config["freeze_bn"] else 0.0
-    kept = kept_parts(measure(encode).shapes, {"train": len(train), "val": len(val)}, budget)
+    storage = feature_storage(measure(encode).shapes, {"train": len(train), "val": len(val)},
+                              float(config["feature_cache_gb"]), frozen=bool(config["freeze_bn"]))
+    kept = {name: where != "batch" for name, where in storage.items()}
     work = [Work("train features", encode, batches(len(train), batch)) if kept["train"] else
             Work("train features, every epoch", encode, epochs * steps),
             Work("training", ctx.step("train", batch, size, variant), epochs * steps),

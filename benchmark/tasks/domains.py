@@ -210,7 +210,7 @@ DOMAINS: dict[str, Any] = {
     "weight_decay": NON_NEGATIVE,
     "betas": ListOf(Real(0.0, 1.0, high_open=True), length=2),  # AdamW's (beta1, beta2), each in [0, 1)
     "focal_weight": NON_NEGATIVE, "focal_gamma": NON_NEGATIVE, "box_weight": NON_NEGATIVE,
-    "noobj_weight": NON_NEGATIVE, "feature_cache_gb": NON_NEGATIVE,  # 0 turns the feature cache off
+    "noobj_weight": NON_NEGATIVE, "feature_cache_gb": NON_NEGATIVE,  # 0: frozen detection features go to a float16 file
     # thresholds on probabilities / IoUs
     "threshold": PROBABILITY, "conf_threshold": PROBABILITY, "nms_threshold": PROBABILITY,
     "ignore_threshold": PROBABILITY,

@@ -299,7 +299,8 @@ def test_record_has_map_counts_and_the_training_choices(record, rsna_root):
     training = record["config"]["training"]
     assert [(s["stride"], s["channels"]) for s in training["stages_used"]] == [(8.0, 128), (16.0, 256), (32.0, 512)]
     assert (training["lr"], training["batch_size"]) == (0.001, 16)
-    assert training["features_kept"] == {"train": True, "val": True}
+    memory, batch = {"storage": "memory", "dtype": "float32"}, {"storage": "batch", "dtype": "float32"}
+    assert training["features"] == {"train": memory, "val": memory, "test": batch}
     assert 1 <= training["best_epoch"] <= training["epochs"] <= 15
     assert record["config"]["lr"] == 0.001 and record["per_image"] == {}
 

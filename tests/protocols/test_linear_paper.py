@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlpbench.errors import ConfigError
-from vlpbench.protocols.features import Preprocessing, cached_features, feature_key
+from vlpbench.protocols.features import Preprocessing, RunEncoder, cached_features, feature_key
 from vlpbench.protocols.linear import _augmented_batches, mgca_fraction, mgca_fraction_positions
 from vlpbench.tasks import load_task
 
@@ -119,7 +119,8 @@ def test_mgca_mode_augments_the_padded_images_too():
     source, adapter = PortraitSource("augment"), RecordingAdapter()
     # crop = resize: RandomCrop has one window, so the augmented input is the whole padded image.
     pre = _pre(crop=256, resize_rule="pad")
-    batch = _augmented_batches(adapter, source, source.ids, pre, "crop", 0, torch.device("cpu"), False)
+    batch = _augmented_batches(RunEncoder(adapter, torch.device("cpu")), source, source.ids, pre, "crop", 0,
+                               torch.device("cpu"), False)
     batch(torch.tensor([3, 0, 1]))
     seen = _grey_levels(adapter.inputs())
     expected = np.stack([mgca_resize_img(source.image(source.ids[k]), 256) for k in (0, 1, 3)])  # file order

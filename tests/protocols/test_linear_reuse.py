@@ -74,8 +74,10 @@ class TinyAdapter:
 
     def __init__(self):
         self.seen: list[int] = []  # images per forward call, over every encoder handed out
+        self.built = 0  # encoders handed out
 
     def encoder(self) -> TinyEncoder:
+        self.built += 1
         return TinyEncoder(self.seen)
 
 
@@ -120,6 +122,18 @@ def test_two_fractions_and_two_seeds_encode_each_image_once(films, order):
         assert adapter.seen == [N_VAL, N_TEST, 8, N_TRAIN - 8]  # the 1.0 run encodes the 24 images the 0.25 run lacked
         assert states[2]["train"] == f"partial ({N_TRAIN - 8} of {N_TRAIN} encoded)"
         assert states[1] == states[3] == {"val": "hit", "test": "hit", "train": "hit"}
+
+
+@pytest.mark.parametrize("mode", ["cached", "mgca"])
+def test_a_run_builds_its_encoder_once_for_every_part(films, mode):
+    source, fractions, val, test = films
+    adapter = TinyAdapter()
+    _run(adapter, source, fractions, val, test, 1.0, 0, linear_mode=mode, max_epochs=1)
+    assert adapter.built == 1
+    assert sum(adapter.seen) >= N_VAL + N_TEST + (N_TRAIN if mode == "cached" else 4)  # it encoded every part
+    _run(adapter, source, fractions, val, test, 1.0, 1, linear_mode=mode, max_epochs=1)
+    # The next run finds the stored features: it builds no encoder, unless it augments the training images.
+    assert adapter.built == (1 if mode == "cached" else 2)
 
 
 def test_the_lbfgs_head_takes_no_seed_and_records_its_penalty(films):

@@ -88,7 +88,8 @@ def test_rsna_detection_caches_taps_and_trains_the_neck_with_the_head(mrm_checkp
     training = record["config"]["training"]
     assert training["head"] == f"yolov3 over {PYRAMID}"
     assert [(s["stride"], s["channels"]) for s in training["stages_used"]] == [(8.0, 64), (16.0, 64), (32.0, 64)]
-    assert training["features_kept"] == {"train": True, "val": True}
+    memory, batch = {"storage": "memory", "dtype": "float32"}, {"storage": "batch", "dtype": "float32"}
+    assert training["features"] == {"train": memory, "val": memory, "test": batch}
     assert record["metrics"]["map"] is not None
 
 
