@@ -189,7 +189,8 @@ class MAVLAdapter(MedKLIPAdapter):
     )
     capability_hints = {ZERO_SHOT: CONCEPT_HINT, GROUNDING: CONCEPT_HINT}
     stage_note = STAGE_NOTE.replace("MedKLIP", "MAVL")
-    # Both rules are softmaxes over (absent, present)-style pairs (test.py:357, 366).
+    # The feature rule reads the classifier trained with cross-entropy on presence (test.py:366), as MedKLIP's; the
+    # text rule is a softmax of similarities to reference texts (test.py:357), no trained probability (__init__).
     zero_shot_probabilities = True
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
@@ -207,6 +208,7 @@ class MAVLAdapter(MedKLIPAdapter):
         self._entities, self._entity_record = self._load_entities()
         if self._entities is None:
             self.capabilities = self.capabilities - self.native_capabilities
+        self.zero_shot_probabilities = self.options["zero_shot_mode"] == "feature"
 
     @classmethod
     def map_weights(cls, checkpoint: Any, options: Mapping[str, Any]) -> Weights:

@@ -137,13 +137,13 @@ def test_zero_shot_calibration_only_for_declared_probabilities(rsna_root, tmp_pa
 
 
 def test_only_trained_present_absent_heads_declare_zero_shot_probabilities():
-    """KAD and MedKLIP score with a 2-logit head trained with cross-entropy on presence labels; every other
-    zero-shot procedure is a softmax over prompt similarities (CheXzero's and its variants) or SigLIP's sigmoid of
-    one."""
+    """KAD, MedKLIP and MAVL (its default `feature` rule; its `text` rule turns it off per instance) score with a
+    2-logit head trained with cross-entropy on presence labels; every other zero-shot procedure is a softmax over
+    prompt similarities (CheXzero's and its variants) or SigLIP's sigmoid of one."""
     declared = set()
     for name in ADAPTERS.names():
         model = ADAPTERS.get(name)
         if isinstance(model, type) and issubclass(model, Adapter) and model.__module__.startswith("vlpbench.adapters"):
             if model.zero_shot_probabilities:
                 declared.add(name)
-    assert declared == {"kad", "medklip"}
+    assert declared == {"kad", "mavl", "medklip"}

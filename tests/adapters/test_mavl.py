@@ -83,6 +83,7 @@ def test_renamed_key_fails_naming_it(tmp_path, raw):
 
 
 def test_zero_shot_feature_mode_equals_the_classifier_softmax_by_hand(adapter):
+    assert adapter.zero_shot_probabilities is True  # a presence classifier trained with cross-entropy
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     outputs = adapter._forward(images)
     assert outputs["logits"].shape == (2, 75, 2) and outputs["attention"].shape == (2, 75, 9, 4, 4)
@@ -104,6 +105,7 @@ def test_text_mode_rule_by_hand():
 
 def test_text_mode_runs_at_224_and_refuses_other_sizes(ckpt, concepts_file):
     adapter = build_adapter("mavl", ckpt, concept_embeddings=str(concepts_file), zero_shot_mode="text")
+    assert adapter.zero_shot_probabilities is False  # similarities to reference texts: no calibration entry
     images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     outputs = adapter._forward(images)
     scores = adapter.zero_shot_scores(images, CLASSES)
