@@ -41,14 +41,8 @@ from vlpbench.adapters.base import (
     ZERO_SHOT,
     LoadReport,
     ModelCard,
-    Weights,
     load_state_dict_file,
-    loaded_eval,
-    match_keys,
     sha256_file,
-    split_prefix,
-    tensor_spec,
-    unwrap_state_dict,
 )
 from vlpbench.adapters.medklip import (
     D_MODEL,
@@ -59,7 +53,6 @@ from vlpbench.adapters.medklip import (
     STAGE_NOTE,
     MedKLIPAdapter,
     QueryDecoder,
-    _backbone_shapes,
     _bert_weights_file,
     _entity_indices,
     compute_entity_embeddings,
@@ -84,8 +77,6 @@ TEMP_REASON = "temp: pre-training temperature, dropped by MAVL's own loaders (Ze
 CONCEPT_HINT = ("needs MAVL's 75×9 concept queries: pass --model-option text_encoder=DIR (a local Bio_ClinicalBERT "
                 "folder with weights), entities=FILE (MAVL's 'observation explanation.json') and concepts=FILE "
                 "(its gpt4_mimic.json), or --model-option concept_embeddings=FILE (a (75, 9, 768) tensor)")
-_BACKBONE_PREFIX = "backbone."
-_LAYOUT = "mavl-resnet50-layer3"
 
 
 class ConceptPool(nn.Module):
@@ -192,6 +183,11 @@ class MAVLAdapter(MedKLIPAdapter):
     # The feature rule reads the classifier trained with cross-entropy on presence (test.py:366), as MedKLIP's; the
     # text rule is a softmax of similarities to reference texts (test.py:357), no trained probability (__init__).
     zero_shot_probabilities = True
+    family = "MAVL"
+    layout = "mavl-resnet50-layer3"
+    backbone_prefix = "backbone."
+    head_module = MAVLHead
+    ignored = (("location_emb.", LOCATION_REASON), ("temp", TEMP_REASON))
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         """Load ``checkpoint`` strictly (see ``Adapter``), then the concept queries the options name.
@@ -201,33 +197,8 @@ class MAVLAdapter(MedKLIPAdapter):
                 entities / concepts files, a text encoder that cannot embed them, an unknown zero_shot_mode.
             CheckpointError: as ``Adapter``; also a ``concept_embeddings`` file that is not a (75, 9, 768) tensor.
         """
-        super(MedKLIPAdapter, self).__init__(checkpoint, **options)
-        with torch.random.fork_rng(devices=[]):
-            self._head = loaded_eval(MAVLHead(), self._extra_state["head"])
-        self._image_encoder: nn.Module | None = None
-        self._entities, self._entity_record = self._load_entities()
-        if self._entities is None:
-            self.capabilities = self.capabilities - self.native_capabilities
+        super().__init__(checkpoint, **options)
         self.zero_shot_probabilities = self.options["zero_shot_mode"] == "feature"
-
-    @classmethod
-    def map_weights(cls, checkpoint: Any, options: Mapping[str, Any]) -> Weights:
-        """Unwrap ``model`` and ``module.``, map ``backbone`` onto the encoder and the rest onto the head.
-
-        Raises:
-            CheckpointError: the object is not a dict of tensors.
-        """
-        report = LoadReport(_LAYOUT)
-        state, prefix = unwrap_state_dict(checkpoint, report, containers=("model",), what="a MAVL checkpoint")
-        location, state = split_prefix(state, "location_emb.")
-        report.ignore(LOCATION_REASON, [prefix + k for k in location])
-        temp, state = split_prefix(state, "temp")
-        report.ignore(TEMP_REASON, [prefix + k for k in temp])
-        found = match_keys(state, {**backbone_shapes(), **head_shapes()}, report, source_prefix=prefix)
-        report.mapped = [(key, _module_key(key[len(prefix):])) for key, _ in report.mapped]
-        encoder = {_encoder_key(k): v for k, v in found.items() if k.startswith(_BACKBONE_PREFIX)}
-        head = {k: v for k, v in found.items() if not k.startswith(_BACKBONE_PREFIX)}
-        return Weights(report, encoder, extra={"head": head})
 
     @property
     def concept_embeddings(self) -> torch.Tensor | None:
@@ -340,30 +311,6 @@ class MAVLAdapter(MedKLIPAdapter):
 
 
 # --- key layout --------------------------------------------------------------------------------------------
-
-
-def _encoder_key(key: str) -> str:
-    """``backbone.4.0.conv1.weight`` → ``layer1.0.conv1.weight`` (torchvision / smp encoder names)."""
-    from vlpbench.adapters.medklip import _BACKBONE_STAGES
-
-    index, rest = key[len(_BACKBONE_PREFIX):].split(".", 1)
-    return f"{_BACKBONE_STAGES[index]}.{rest}"
-
-
-def _module_key(key: str) -> str:
-    """Name of a mapped checkpoint key (without wrapper prefix) in the modules it is loaded into."""
-    return f"encoder.{_encoder_key(key)}" if key.startswith(_BACKBONE_PREFIX) else f"head.{key}"
-
-
-def backbone_shapes() -> dict[str, tuple[int, ...]]:
-    """Checkpoint names and shapes of the ResNet-50 trunk to layer3 (258 keys), under ``backbone.``."""
-    return {_BACKBONE_PREFIX + k.split(".", 1)[1]: v for k, v in _backbone_shapes().items()}
-
-
-def head_shapes() -> dict[str, tuple[int, ...]]:
-    """Names and shapes of ``MAVLHead``, built on the meta device."""
-    with torch.device("meta"):
-        return {k: tensor_spec(v) for k, v in MAVLHead().state_dict().items()}
 
 
 # --- concept queries ---------------------------------------------------------------------------------------

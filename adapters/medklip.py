@@ -103,7 +103,6 @@ ENTITY_QUERY_HINT = ("needs MedKLIP's 75 entity queries: pass --model-option tex
                      "Bio_ClinicalBERT folder with weights) and --model-option entities=FILE (MedKLIP's "
                      "'observation explanation.json'), or --model-option entity_embeddings=FILE (a (75, 768) "
                      "tensor in .safetensors or .pt)")
-_LAYOUT = "medklip-resnet50-layer3"
 # res_features index → torchvision ResNet-50 module (indices 2 and 3 are the parameter-free ReLU and max-pool).
 _BACKBONE_STAGES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3"}
 _BACKBONE_PREFIX = "res_features."
@@ -216,6 +215,12 @@ class MedKLIPAdapter(Adapter):
     # The classifier's 2 logits per entity are trained with cross-entropy against presence labels
     # (MediaBrain-SJTU/MedKLIP PreTrain_MedKLIP/models/model_MedKLIP.py:196): their softmax is meant as a probability.
     zero_shot_probabilities = True
+    # Checkpoint layout: the trunk's key prefix, the query network's module, the keys left out and why.
+    family = "MedKLIP"
+    layout = "medklip-resnet50-layer3"
+    backbone_prefix = _BACKBONE_PREFIX
+    head_module: type[nn.Module] = MedKLIPHead
+    ignored: tuple[tuple[str, str], ...] = (("cl_fc.", CL_FC_REASON),)
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         """Load ``checkpoint`` strictly (see ``Adapter``), then the entity queries the options name.
@@ -227,7 +232,7 @@ class MedKLIPAdapter(Adapter):
         """
         super().__init__(checkpoint, **options)
         with torch.random.fork_rng(devices=[]):  # overwritten at once; keep the init off the caller's RNG
-            self._head = loaded_eval(MedKLIPHead(), self._extra_state["head"])
+            self._head = loaded_eval(self.head_module(), self._extra_state["head"])
         self._image_encoder: nn.Module | None = None
         self._entities, self._entity_record = self._load_entities()
         if self._entities is None:
@@ -235,19 +240,24 @@ class MedKLIPAdapter(Adapter):
 
     @classmethod
     def map_weights(cls, checkpoint: Any, options: Mapping[str, Any]) -> Weights:
-        """Unwrap ``model`` and ``module.``, map ``res_features`` onto the encoder and the rest onto the head.
+        """Unwrap ``model`` and ``module.``, leave out the ``ignored`` prefixes (with their reasons), map the
+        ``backbone_prefix`` trunk onto the encoder and the rest onto the ``head_module``.
 
         Raises:
             CheckpointError: the object is not a dict of tensors.
         """
-        report = LoadReport(_LAYOUT)
-        state, prefix = unwrap_state_dict(checkpoint, report, containers=("model",), what="a MedKLIP checkpoint")
-        cl_fc, state = split_prefix(state, "cl_fc.")
-        report.ignore(CL_FC_REASON, [prefix + k for k in cl_fc])
-        found = match_keys(state, {**_backbone_shapes(), **_head_shapes()}, report, source_prefix=prefix)
-        report.mapped = [(key, _module_key(key[len(prefix):])) for key, _ in report.mapped]
-        encoder = {_encoder_key(k): v for k, v in found.items() if k.startswith(_BACKBONE_PREFIX)}
-        head = {k: v for k, v in found.items() if not k.startswith(_BACKBONE_PREFIX)}
+        report = LoadReport(cls.layout)
+        state, prefix = unwrap_state_dict(checkpoint, report, containers=("model",),
+                                          what=f"a {cls.family} checkpoint")
+        for ignored, reason in cls.ignored:
+            left_out, state = split_prefix(state, ignored)
+            report.ignore(reason, [prefix + k for k in left_out])
+        trunk = cls.backbone_prefix
+        found = match_keys(state, {**backbone_shapes(trunk), **head_shapes(cls.head_module)}, report,
+                           source_prefix=prefix)
+        report.mapped = [(key, _module_key(key[len(prefix):], trunk)) for key, _ in report.mapped]
+        encoder = {_encoder_key(k, trunk): v for k, v in found.items() if k.startswith(trunk)}
+        head = {k: v for k, v in found.items() if not k.startswith(trunk)}
         return Weights(report, encoder, extra={"head": head})
 
     def encoder(self) -> nn.Module:
@@ -404,32 +414,33 @@ def _entity_indices(names: list[str], what: str) -> list[int]:
 # --- key layout --------------------------------------------------------------------------------------------
 
 
-def _encoder_key(key: str) -> str:
-    """``res_features.4.0.conv1.weight`` → ``layer1.0.conv1.weight`` (torchvision / smp encoder names)."""
-    index, rest = key[len(_BACKBONE_PREFIX):].split(".", 1)
+def _encoder_key(key: str, trunk: str = _BACKBONE_PREFIX) -> str:
+    """``res_features.4.0.conv1.weight`` → ``layer1.0.conv1.weight`` (torchvision / smp encoder names); ``trunk``:
+    the checkpoint's prefix of the ResNet children."""
+    index, rest = key[len(trunk):].split(".", 1)
     return f"{_BACKBONE_STAGES[index]}.{rest}"
 
 
-def _module_key(key: str) -> str:
+def _module_key(key: str, trunk: str = _BACKBONE_PREFIX) -> str:
     """Name of a mapped checkpoint key (without wrapper prefix) in the modules it is loaded into."""
-    return f"encoder.{_encoder_key(key)}" if key.startswith(_BACKBONE_PREFIX) else f"head.{key}"
+    return f"encoder.{_encoder_key(key, trunk)}" if key.startswith(trunk) else f"head.{key}"
 
 
-def _backbone_shapes() -> dict[str, tuple[int, ...]]:
-    """Checkpoint names and shapes of the ResNet-50 trunk to layer3 (258 keys)."""
+def backbone_shapes(trunk: str = _BACKBONE_PREFIX) -> dict[str, tuple[int, ...]]:
+    """Checkpoint names and shapes of the ResNet-50 trunk to layer3 (258 keys), its children under ``trunk``."""
     checkpoint_name = {stage: index for index, stage in _BACKBONE_STAGES.items()}
     shapes = {}
     for key, shape in encoder_shapes("resnet50").items():
         stage, rest = key.split(".", 1)
         if stage in checkpoint_name:
-            shapes[f"{_BACKBONE_PREFIX}{checkpoint_name[stage]}.{rest}"] = shape
+            shapes[f"{trunk}{checkpoint_name[stage]}.{rest}"] = shape
     return shapes
 
 
-def _head_shapes() -> dict[str, tuple[int, ...]]:
-    """Names and shapes of ``MedKLIPHead`` (82 keys), built on the meta device."""
+def head_shapes(head: type[nn.Module]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the query network ``head`` (MedKLIPHead: 82 keys), built on the meta device."""
     with torch.device("meta"):
-        return {k: tensor_spec(v) for k, v in MedKLIPHead().state_dict().items()}
+        return {k: tensor_spec(v) for k, v in head().state_dict().items()}
 
 
 # --- entity queries ----------------------------------------------------------------------------------------
