@@ -58,3 +58,25 @@ class BrightnessClip(WeightlessAdapter):
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         return F.normalize(torch.tensor([[1.0, 0.2, 0.0] if t.startswith("no ") else [0.2, 1.0, 0.5]
                                          for t in texts]), dim=1)
+
+
+class BrightnessGrounding(WeightlessAdapter):
+    """Grounding heat maps from local brightness (darkness for pneumothorax, which synthetic data draws dark) inside a
+    fixed lung band, in 4×4 cells; 64² input, no weights."""
+
+    name = "grounding-test-brightness"
+    description = "test model: heat maps from local brightness inside the lung band"
+    capabilities = frozenset({"dense_embed", "embed_text"})
+    image_size = 64
+
+    def dense_embed(self, images: torch.Tensor) -> torch.Tensor:
+        level = F.avg_pool2d(images.mean(1, keepdim=True), 4)
+        h, w = level.shape[-2:]
+        rows, cols = (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w
+        side = torch.minimum(cols, 1 - cols)
+        band = (((side > 0.08) & (side < 0.42))[None, :] & ((rows > 0.1) & (rows < 0.9))[:, None]).float()
+        features = torch.cat([level * band, (1 - level) * band, (1 - band).expand_as(level)], dim=1)
+        return F.normalize(features, dim=1)
+
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor([[0.0, 1.0, 0.0] if "pneumothorax" in t.lower() else [1.0, 0.0, 0.0] for t in texts])

@@ -34,32 +34,14 @@ from vlpbench.protocols.grounding import (
 )
 from vlpbench.registry import ADAPTERS
 from vlpbench.tasks import load_task
-from vlpbench.testing.weightless import WeightlessAdapter
+from vlpbench.testing.weightless import BrightnessGrounding
 
 SIZE = 64
 DATASET = {"rsna_ground": "rsna", "siim_ground": "siim", "ms_cxr_ground": "ms_cxr"}
 FAST = ["--set", "eval_size=64", "--set", "bootstrap_resamples=200", "--set", "threshold_grid=200"]
 
 
-class BrightnessModel(WeightlessAdapter):
-    """Grounding by brightness (or darkness, for pneumothorax) inside a fixed lung band; no weights."""
-
-    name = "grounding-test-brightness"
-    description = "test model: heat maps from local brightness inside the lung band"
-    capabilities = frozenset({"dense_embed", "embed_text"})
-    image_size = SIZE
-
-    def dense_embed(self, images: torch.Tensor) -> torch.Tensor:
-        level = F.avg_pool2d(images.mean(1, keepdim=True), 4)
-        h, w = level.shape[-2:]
-        rows, cols = (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w
-        side = torch.minimum(cols, 1 - cols)
-        band = (((side > 0.08) & (side < 0.42))[None, :] & ((rows > 0.1) & (rows < 0.9))[:, None]).float()
-        features = torch.cat([level * band, (1 - level) * band, (1 - band).expand_as(level)], dim=1)
-        return F.normalize(features, dim=1)
-
-    def embed_text(self, texts: list[str]) -> torch.Tensor:
-        return torch.tensor([[0.0, 1.0, 0.0] if "pneumothorax" in t.lower() else [1.0, 0.0, 0.0] for t in texts])
+BrightnessModel = BrightnessGrounding
 
 
 class CategoryModel(BrightnessModel):

@@ -18,31 +18,16 @@ from vlpbench.data.chexlocalize import ChexlocalizeSource
 from vlpbench.metrics.grounding import hit, true_positive_iou
 from vlpbench.protocols.labels import class_slug
 from vlpbench.registry import ADAPTERS
-from vlpbench.testing.weightless import WeightlessAdapter
+from vlpbench.testing.weightless import BrightnessGrounding
 
 SIZE = 64
 GRID = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 
 
-class LesionModel(WeightlessAdapter):
+class LesionModel(BrightnessGrounding):
     """Maps from local brightness (darkness for pneumothorax, drawn dark) inside a fixed lung band, 4x4 cells."""
 
     name = "grounding-test-chexlocalize"
-    description = "test model: heat maps from local brightness"
-    capabilities = frozenset({"dense_embed", "embed_text"})
-    image_size = SIZE
-
-    def dense_embed(self, images: torch.Tensor) -> torch.Tensor:
-        level = F.avg_pool2d(images.mean(1, keepdim=True), 4)
-        h, w = level.shape[-2:]
-        rows, cols = (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w
-        side = torch.minimum(cols, 1 - cols)
-        band = (((side > 0.08) & (side < 0.42))[None, :] & ((rows > 0.1) & (rows < 0.9))[:, None]).float()
-        features = torch.cat([level * band, (1 - level) * band, (1 - band).expand_as(level)], dim=1)
-        return F.normalize(features, dim=1)
-
-    def embed_text(self, texts: list[str]) -> torch.Tensor:
-        return torch.tensor([[0.0, 1.0, 0.0] if "pneumothorax" in t else [1.0, 0.0, 0.0] for t in texts])
 
 
 ADAPTERS.register(LesionModel.name, LesionModel)
