@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpbench.adapters.base import load_state_dict_file, sha256_tree
-from vlpbench.adapters.transformer import Feature2Pyramid, default_out_indices, default_rescales
+from vlpbench.adapters.transformer import Feature2Pyramid, default_out_indices, default_rescales, pyramid_output
 from vlpbench.errors import CheckpointError, ConfigError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -302,11 +302,4 @@ class HfViTEncoder(nn.Module, abc.ABC):
     def forward(self, x: torch.Tensor, output: str = "maps") -> list[torch.Tensor] | torch.Tensor:
         """``output="maps"``: ``[x, empty stride-2 map, *neck(taps(x))]``; ``"taps"``: :meth:`taps`; ``"pooled"``:
         :meth:`pooled` (as ``ViTEncoder.forward``)."""
-        if output == "taps":
-            return self.taps(x)
-        if output == "pooled":
-            return self.pooled(x)
-        if output != "maps":
-            raise ValueError(f"output={output!r}: expected maps, taps or pooled")
-        empty = x.new_zeros(len(x), 0, x.shape[-2] // 2, x.shape[-1] // 2)
-        return [x, empty, *self.neck(self.taps(x))]
+        return pyramid_output(self, x, output)

@@ -271,14 +271,7 @@ class ViTEncoder(nn.Module):
         """``output="maps"``: ``[x, empty stride-2 map, *neck(taps(x))]`` (``out_channels``); ``"taps"``:
         :meth:`taps`; ``"pooled"``: :meth:`pooled`. Protocols reach the frozen part through ``forward`` so
         that ``prepare_model``'s precision wrapper covers it."""
-        if output == "taps":
-            return self.taps(x)
-        if output == "pooled":
-            return self.pooled(x)
-        if output != "maps":
-            raise ValueError(f"output={output!r}: expected maps, taps or pooled")
-        empty = x.new_zeros(len(x), 0, x.shape[-2] // 2, x.shape[-1] // 2)
-        return [x, empty, *self.neck(self.taps(x))]
+        return pyramid_output(self, x, output)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The ``pool`` feature ``(B, C)`` of the whole transformer (the neck is not used)."""
@@ -347,3 +340,16 @@ def match_vit(found: Mapping[str, Any], report: LoadReport, *, source_prefix: st
     report.layout = f"{head}-{config.name()}" + (f" {notes}" if notes else "")
     return match_keys(found, config.shapes(), report, source_prefix=source_prefix, target_prefix="encoder.backbone.")
 
+
+
+def pyramid_output(encoder: nn.Module, x: torch.Tensor, output: str) -> list[torch.Tensor] | torch.Tensor:
+    """What a ViT pyramid encoder's ``forward(x, output)`` returns: ``"maps"``, ``[x, an empty stride-2 map,
+    *neck(taps(x))]`` (smp's encoder contract); ``"taps"``, its ``taps(x)``; ``"pooled"``, its ``pooled(x)``."""
+    if output == "taps":
+        return encoder.taps(x)
+    if output == "pooled":
+        return encoder.pooled(x)
+    if output != "maps":
+        raise ValueError(f"output={output!r}: expected maps, taps or pooled")
+    empty = x.new_zeros(len(x), 0, x.shape[-2] // 2, x.shape[-1] // 2)
+    return [x, empty, *encoder.neck(encoder.taps(x))]
