@@ -4,8 +4,11 @@
 (mostly physician-labelled frontal ones, so that a copy has test images, plus lateral and
 RNN-labelled rows that the test set leaves out), writes them with the shipped header and the real
 Labels strings (stray spaces, empty entries and all), and one 16-bit greyscale PNG per row under
-``<ImageDir>/<ImageID>``. An image with any finding label carries a soft opacity in a lung, brighter
-the more findings it has, so that a model reading brightness scores findings above normal images.
+``<ImageDir>/<ImageID>``. The test rows start with a fixed cover of split v1's findings
+(:func:`covering_rows`), so that a copy of 260 images or more has at least 5 positive test images for
+every finding, enough for a macro AUC over all of them and its bootstrap; the rest are drawn at random.
+An image carries one soft opacity in a lung per finding label, so that a model reading brightness scores
+an image with a finding above one without it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlpbench.data.padchest import (
-    FRONTAL, LABEL_FILE, NON_FINDINGS, PHYSICIAN, XRV_LABEL_FILE, PadchestEntry, evaluated, parse_labels,
+    FRONTAL, LABEL_FILE, NON_FINDINGS, PHYSICIAN, XRV_LABEL_FILE, PadchestEntry, evaluated, findings, parse_labels,
 )
 from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.synthetic.chest import blur, pick_lung, prepare_output, render, resize_field, write_marker
@@ -31,6 +34,9 @@ from vlpbench.synthetic.chest import lungs as lung_masks
 NATIVE = 512  # vlpbench's default side; the real PNGs vary (about 2,000-4,000 pixels)
 FOLDERS = 55  # ImageDir runs 0-50 and 54 in the real file
 TEST_SHARE = 0.8  # of the sample: physician-labelled frontal rows
+# Test images per finding: a bootstrap resample that drops every positive of a finding leaves the macro AUC
+# undefined and is skipped; with 5 positives for each of 136 findings about 60 % of resamples keep them all.
+COVER = 5
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,15 +54,42 @@ def _entry(row: list[str], at: dict[str, int], k: int) -> PadchestEntry:
                          labels=parse_labels(row[at["Labels"]], f"{XRV_LABEL_FILE} row {k + 1}"), line=k + 2)
 
 
+def covering_rows(entries: dict[int, PadchestEntry], times: int = COVER) -> list[int]:
+    """Keys of ``entries`` (test rows) whose labels together hold every finding of :func:`findings` on them
+    at least ``times`` times, chosen greedily: each next row holds the most findings still short (ties: the
+    earliest row), so that a prefix covers as many as a greedy choice can. With the shipped CSV and
+    ``times`` 5 these are 208 rows."""
+    keys = list(entries)
+    columns = findings({str(k): entries[k] for k in keys}, [str(k) for k in keys])
+    column = {c: j for j, c in enumerate(columns)}
+    held = np.zeros((len(keys), len(columns)), dtype=np.int32)
+    for i, k in enumerate(keys):
+        held[i, [column[c] for c in entries[k].labels or () if c in column]] = 1
+    short = np.full(len(columns), times, dtype=np.int32)
+    free = np.ones(len(keys), dtype=bool)
+    chosen: list[int] = []
+    while (short > 0).any():
+        gain = np.where(free, held @ (short > 0).astype(np.int32), -1)
+        best = int(np.argmax(gain))  # argmax: the first row among equals
+        if gain[best] <= 0:
+            break  # fewer than ``times`` rows hold some finding
+        chosen.append(keys[best])
+        free[best] = False
+        short -= held[best]
+    return chosen
+
+
 def _lesion(rng: np.random.Generator, lung: np.ndarray, count: int) -> np.ndarray:
-    """A soft blob inside the lung field whose strength grows with the number of findings."""
+    """One soft blob inside the lung field per finding, so that the opacified area grows with the number of
+    findings (an image with a finding is then brighter, on average, than one without it)."""
     g = lung.shape[0]
     ys, xs = np.nonzero(lung > 0.5)
-    k = rng.integers(len(ys))
     yy, xx = np.mgrid[0:g, 0:g].astype(np.float32)
-    radius = g * rng.uniform(0.07, 0.12)
-    blob = np.exp(-(((xx - xs[k]) ** 2 + (yy - ys[k]) ** 2) / (2 * radius ** 2)))
-    return np.clip(blob * min(0.5 + 0.25 * count, 1.0), 0, 1).astype(np.float32)
+    field = np.zeros((g, g), dtype=np.float32)
+    for k in rng.integers(len(ys), size=count):
+        radius = g * rng.uniform(0.07, 0.12)
+        field += np.exp(-(((xx - xs[k]) ** 2 + (yy - ys[k]) ** 2) / (2 * radius ** 2)))
+    return np.clip(field, 0, 1).astype(np.float32)
 
 
 def synth_padchest(out: str | Path, n: int = 200, seed: int = 0, *, size: int = NATIVE, progress: bool = True) -> dict:
@@ -65,7 +98,10 @@ def synth_padchest(out: str | Path, n: int = 200, seed: int = 0, *, size: int = 
     Layout: ``out/PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv`` (the shipped header and the
     chosen rows, in shipped order), ``out/<ImageDir>/<ImageID>`` (16-bit grey PNGs of ``size`` x
     ``size``) and ``out/VLPBENCH_SYNTHETIC.json``. About 80 % of the rows are test rows (physician-
-    labelled, frontal), the rest other rows of the real file. Deterministic given ``seed``.
+    labelled, frontal), the rest other rows of the real file. The test rows are the first of
+    :func:`covering_rows` and, beyond its 208 rows, random ones: from ``n`` = 260 on every finding of split v1
+    has at least :data:`COVER` positive test images (and negative ones: no finding is in a fifth of them).
+    Deterministic given ``seed``.
 
     Returns:
         ``{"n", "test" (test rows written), "path"}``.
@@ -84,11 +120,14 @@ def synth_padchest(out: str | Path, n: int = 200, seed: int = 0, *, size: int = 
     # Only frontal physician rows can be test rows; their Labels decide (parsing all 160k rows is slow).
     candidates = [k for k, row in enumerate(rows) if row[at["Projection"]] in FRONTAL
                   and row[at["MethodLabel"]] == PHYSICIAN]
-    test = [k for k in candidates if evaluated(_entry(rows[k], at, k))]
+    test = {k: entry for k in candidates if evaluated(entry := _entry(rows[k], at, k))}
     other = sorted(set(range(len(rows))) - set(test))
     rng = np.random.default_rng(seed)
     n_test = min(round(n * TEST_SHARE), len(test))
-    chosen = sorted([*rng.choice(test, n_test, replace=False), *rng.choice(other, n - n_test, replace=False)])
+    cover = covering_rows(test)[:n_test]
+    rest = sorted(set(test) - set(cover))
+    chosen = sorted([*cover, *rng.choice(rest, n_test - len(cover), replace=False),
+                     *rng.choice(other, n - n_test, replace=False)])
     chosen_rows = [rows[k] for k in chosen]
     entries = [_entry(rows[k], at, k) for k in chosen]
     folders = sorted({entry.image_dir for entry in entries})

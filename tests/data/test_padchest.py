@@ -1,13 +1,24 @@
-"""PadChest: the Labels parser on the real syntax, the reader against its synthetic copy, split v1."""
+"""PadChest: the Labels parser on the real syntax, the reader against its synthetic copy, split v1, and
+padchest_zs from the CLI with an aligned test model."""
+
+import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from vlpbench import api
+from vlpbench.cli import main
+from vlpbench.data.cache import resize_image
 from vlpbench.data.padchest import LABEL_FILE, PadchestSource, build_split_v1, parse_labels, read_label_csv
 from vlpbench.data.splits import load_split
 from vlpbench.errors import ConfigError, DataError
+from vlpbench.protocols.labels import class_slug
+from vlpbench.registry import ADAPTERS
+from vlpbench.synthetic.padchest import COVER
+from vlpbench.testing.weightless import BrightnessPair
 
 HEADER = ",ImageID,ImageDir,StudyID,PatientID,PatientBirth,PatientSex_DICOM,Projection,MethodLabel,Labels,Report"
 
@@ -75,13 +86,13 @@ def test_reader_keeps_frontal_physician_rows_and_names_bad_lines(tmp_path):
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("padchest") / "padchest"
-    api.synth("padchest", root, n=40, size=32, progress=False)
+    api.synth("padchest", root, n=260, size=32, progress=False)
     return root
 
 
 def test_synthetic_copy_is_read_in_the_real_format(synthetic):
     source = PadchestSource(synthetic)
-    assert source.synthetic and len(source.image_ids) == 40 and len(source.test_ids()) == 32
+    assert source.synthetic and len(source.image_ids) == 260 and len(source.test_ids()) == 208
     assert (synthetic / LABEL_FILE).read_text().startswith(",ImageID,ImageDir,StudyDate_DICOM,")
     committed = set(load_split("padchest").ids("test"))
     assert set(source.test_ids()) <= committed
@@ -104,3 +115,40 @@ def test_split_v1_is_deterministic_and_matches_the_committed_one(tmp_path, synth
     manifest = load_split("padchest").manifest
     assert manifest["files"]["test.csv.gz"]["rows"] == 26373 and len(load_split("padchest").columns) == 136
     assert min(manifest["files"]["test.csv.gz"]["positives"].values()) >= 20
+
+
+def test_synthetic_test_images_hold_every_finding_as_positive_and_negative(synthetic):
+    source, split = PadchestSource(synthetic), load_split("padchest")
+    labels = np.array([source.class_labels(i, split.columns, {}) for i in source.test_ids()])
+    assert labels.shape == (208, 136) and labels.sum(axis=0).min() >= COVER
+    assert (labels == 0).sum(axis=0).min() > 0
+
+
+class BrightnessModel(BrightnessPair):
+    """Brightness as every finding's evidence: the synthetic copy draws one opacity per finding."""
+
+    name = "padchest-test-brightness"
+    description = "test model: image brightness as the finding's evidence"
+
+
+def test_padchest_zs_runs_from_the_cli_and_beats_chance(synthetic, tmp_path, monkeypatch):
+    monkeypatch.setitem(ADAPTERS._targets, BrightnessModel.name, BrightnessModel)
+    assert main(["-q", "run", "--model", BrightnessModel.name, "--task", "padchest_zs", "--frac", "1.0",
+                 "--data-root", str(synthetic), "--results", str(tmp_path), "--device", "cpu",
+                 "--set", "bootstrap_resamples=20"]) == 0
+    (path,) = tmp_path.rglob("padchest_zs.v1/*.json")
+    record = json.loads(path.read_text())
+    source, split = PadchestSource(synthetic), load_split("padchest")
+    test = [i for i in split.ids("test") if i in set(source.test_ids())]
+    assert record["n"]["test"] == len(test) == 208 and record["n"]["train"] == 0
+    assert record["config"]["training"]["thresholds"] is None and set(record["metrics"]) >= {"auc"}
+    labels = np.array([source.class_labels(i, split.columns, {}) for i in test])
+    assert record["n"]["test_positives"] == dict(zip(split.columns, labels.sum(axis=0).tolist()))
+    model = BrightnessModel()
+    pixels = torch.from_numpy(np.stack([resize_image(source.image(i), model.image_size) for i in test]))
+    scores = model.zero_shot_scores(model.preprocess(pixels[:, None]), list(split.columns)).numpy()
+    reference = [roc_auc_score(labels[:, k], scores[:, k]) for k in range(labels.shape[1])]
+    assert [record["metrics"][f"auc_{class_slug(c)}"] for c in split.columns] == pytest.approx(reference, abs=1e-5)
+    assert record["metrics"]["auc"] == pytest.approx(np.mean(reference), abs=1e-5)
+    assert record["metrics"]["auc"] > 0.55 and record["ci"]["auc"]["low"] > 0.5  # chance: 0.5
+    assert record["ci"]["auc"]["skipped"] < 20  # resamples that lost every positive of a finding

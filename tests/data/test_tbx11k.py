@@ -1,10 +1,15 @@
-"""TBX11K: XML parsing and its named errors, the reader on the synthetic copy, split v1 regeneration."""
+"""TBX11K: XML parsing and its named errors, the reader on the synthetic copy, split v1 regeneration, and
+tbx11k_cls / tbx11k_seg run from the CLI on the synthetic copy."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from vlpbench import api
+from vlpbench.cli import main
 from vlpbench.data.splits import load_split
 from vlpbench.data.tbx11k import Tbx11kSource, boxes_to_mask, generate_split_v1, parse_xml
 from vlpbench.errors import DataError
@@ -103,3 +108,47 @@ def test_split_v1_regenerates_byte_identical(tmp_path):
     assert [len(split.ids(p)) for p in ("train", "val", "test", "train_10pct", "train_1pct")] == [5879, 1260, 1260, 587, 58]
     assert set(split.ids("train_1pct")) <= set(split.ids("train_10pct")) <= set(split.ids("train"))
     assert sum(split.labels("test").values()) == 120
+
+
+def _present(split, source, part):
+    return [i for i in split.ids(part) if i in set(source.image_ids)]
+
+
+def test_tbx11k_cls_runs_from_the_cli(synth, tmp_path, resnet18_checkpoint):
+    results = tmp_path / "results"
+    assert main(["-q", "run", "--model", "generic", "--checkpoint", str(resnet18_checkpoint), "--model-option",
+                 "arch=resnet18", "--task", "tbx11k_cls", "--frac", "1.0", "--data-root", str(synth), "--results",
+                 str(results), "--device", "cpu", "--set", "image_size=32", "--set", "resize_size=32",
+                 "--set", "max_epochs=1", "--set", "batch_size=4", "--set", "bootstrap_resamples=20"]) == 0
+    (path,) = (results / "runs").rglob("*.json")
+    record = json.loads(path.read_text())
+    source, split = Tbx11kSource(synth), load_split("tbx11k", "v1")
+    for part in ("train", "val", "test"):
+        assert record["n"][part] == len(_present(split, source, part)) > 0
+    assert record["primary_metric"] == "acc" and record["split"]["dataset"] == "tbx11k"
+    test = _present(split, source, "test")
+    assert record["metrics"]["acc"] * len(test) == pytest.approx(sum(record["per_image"][i] for i in test))
+    assert record["ci"]["acc"]["low"] <= record["metrics"]["acc"] <= record["ci"]["acc"]["high"]
+
+
+def test_tbx11k_seg_runs_from_the_cli_and_scores_true_masks_as_dice_1(synth, tmp_path, resnet18_checkpoint):
+    results = tmp_path / "results"
+    assert main(["-q", "run", "--model", "generic", "--checkpoint", str(resnet18_checkpoint), "--model-option",
+                 "arch=resnet18", "--task", "tbx11k_seg", "--frac", "1.0", "--data-root", str(synth), "--results",
+                 str(results), "--device", "cpu", "--set", "image_size=64", "--set", "max_epochs=1",
+                 "--set", "batch_size=4", "--set", "augment=false", "--set", "bootstrap_resamples=20"]) == 0
+    (path,) = (results / "runs").rglob("*.json")
+    record = json.loads(path.read_text())
+    source, split = Tbx11kSource(synth), load_split("tbx11k", "v1")
+    for part in ("train", "val", "test"):
+        assert record["n"][part] == len(_present(split, source, part)) > 0
+    test = _present(split, source, "test")
+    assert record["primary_metric"] == "dice"
+    assert 0.0 <= record["metrics"]["dice"] <= 1.0
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    for image_id in test:
+        Image.fromarray(source.mask(image_id) * 255).save(truth / f"{image_id}.png")
+    scored = api.score("tbx11k_seg", truth, data_root=synth)
+    assert scored["metrics"]["dice"] == 1.0 and scored["n"]["test"] == len(test)
+    assert main(["score", "--task", "tbx11k_seg", "--predictions", str(truth), "--data-root", str(synth)]) == 0
