@@ -246,16 +246,6 @@ class MAVLAdapter(MedKLIPAdapter):
         attention = self._forward(images)["attention"]
         return attention[:, indices][:, :, list(GROUNDING_CONCEPTS)].mean(dim=2)
 
-    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """MAVL's forward in eval mode on preprocessed images (see ``MAVLHead.forward``)."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ConfigError(f"adapter 'mavl' takes preprocessed images (B, 3, H, W), got {tuple(images.shape)}")
-        if self._image_encoder is None:
-            self._image_encoder = self.encoder().eval()
-        device = images.device
-        features = self._image_encoder.to(device)(images.float())[-1]
-        return self._head.to(device)(features, self._entities.to(device))
-
     def _load_entities(self) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
         """The concept embeddings from the options, with a record of their source (both None without options)."""
         if self.options["concept_embeddings"]:

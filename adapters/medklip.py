@@ -322,10 +322,11 @@ class MedKLIPAdapter(Adapter):
         _, attention = self._forward(images)
         return attention[:, indices]
 
-    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """MedKLIP's forward in eval mode on preprocessed images: ``(logits (B, 75, 2), attention (B, 75, h, w))``."""
+    def _forward(self, images: torch.Tensor) -> Any:
+        """The model's forward in eval mode on preprocessed images: what ``head_module`` returns (MedKLIP:
+        ``(logits (B, 75, 2), attention (B, 75, h, w))``)."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ConfigError(f"adapter 'medklip' takes preprocessed images (B, 3, H, W), got {tuple(images.shape)}")
+            raise ConfigError(f"adapter {self.name!r} takes preprocessed images (B, 3, H, W), got {tuple(images.shape)}")
         if self._image_encoder is None:
             self._image_encoder = self.encoder().eval()
         device = images.device

@@ -114,17 +114,26 @@ def _present(split, source, part):
     return [i for i in split.ids(part) if i in set(source.image_ids)]
 
 
-def test_tbx11k_cls_runs_from_the_cli(synth, tmp_path, resnet18_checkpoint):
-    results = tmp_path / "results"
-    assert main(["-q", "run", "--model", "generic", "--checkpoint", str(resnet18_checkpoint), "--model-option",
-                 "arch=resnet18", "--task", "tbx11k_cls", "--frac", "1.0", "--data-root", str(synth), "--results",
-                 str(results), "--device", "cpu", "--set", "image_size=32", "--set", "resize_size=32",
-                 "--set", "max_epochs=1", "--set", "batch_size=4", "--set", "bootstrap_resamples=20"]) == 0
+def _cli_record(task: str, synth, results, checkpoint, *options: str) -> dict:
+    """The record of ``task`` run from the CLI on the synthetic copy with the tiny ResNet-18, after checking that
+    each part holds every split id the copy has."""
+    sets = [arg for option in ("max_epochs=1", "batch_size=4", "bootstrap_resamples=20", *options)
+            for arg in ("--set", option)]
+    assert main(["-q", "run", "--model", "generic", "--checkpoint", str(checkpoint), "--model-option",
+                 "arch=resnet18", "--task", task, "--frac", "1.0", "--data-root", str(synth), "--results",
+                 str(results), "--device", "cpu", *sets]) == 0
     (path,) = (results / "runs").rglob("*.json")
     record = json.loads(path.read_text())
     source, split = Tbx11kSource(synth), load_split("tbx11k", "v1")
     for part in ("train", "val", "test"):
         assert record["n"][part] == len(_present(split, source, part)) > 0
+    return record
+
+
+def test_tbx11k_cls_runs_from_the_cli(synth, tmp_path, resnet18_checkpoint):
+    record = _cli_record("tbx11k_cls", synth, tmp_path / "results", resnet18_checkpoint, "image_size=32",
+                         "resize_size=32")
+    source, split = Tbx11kSource(synth), load_split("tbx11k", "v1")
     assert record["primary_metric"] == "acc" and record["split"]["dataset"] == "tbx11k"
     test = _present(split, source, "test")
     assert record["metrics"]["acc"] * len(test) == pytest.approx(sum(record["per_image"][i] for i in test))
@@ -133,15 +142,8 @@ def test_tbx11k_cls_runs_from_the_cli(synth, tmp_path, resnet18_checkpoint):
 
 def test_tbx11k_seg_runs_from_the_cli_and_scores_true_masks_as_dice_1(synth, tmp_path, resnet18_checkpoint):
     results = tmp_path / "results"
-    assert main(["-q", "run", "--model", "generic", "--checkpoint", str(resnet18_checkpoint), "--model-option",
-                 "arch=resnet18", "--task", "tbx11k_seg", "--frac", "1.0", "--data-root", str(synth), "--results",
-                 str(results), "--device", "cpu", "--set", "image_size=64", "--set", "max_epochs=1",
-                 "--set", "batch_size=4", "--set", "augment=false", "--set", "bootstrap_resamples=20"]) == 0
-    (path,) = (results / "runs").rglob("*.json")
-    record = json.loads(path.read_text())
+    record = _cli_record("tbx11k_seg", synth, results, resnet18_checkpoint, "image_size=64", "augment=false")
     source, split = Tbx11kSource(synth), load_split("tbx11k", "v1")
-    for part in ("train", "val", "test"):
-        assert record["n"][part] == len(_present(split, source, part)) > 0
     test = _present(split, source, "test")
     assert record["primary_metric"] == "dice"
     assert 0.0 <= record["metrics"]["dice"] <= 1.0
