@@ -82,13 +82,14 @@ def load_tokenizer(text_encoder: str | Path, adapter: str) -> Any:
     """The tokenizer saved in ``text_encoder`` (local files only); ``adapter`` names the adapter in errors.
 
     Raises:
-        ConfigError: no tokenizer can be loaded from the folder.
+        ConfigError: no tokenizer can be loaded from the folder (also where it needs a package that is not
+            installed, e.g. ``sentencepiece``).
     """
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(text_encoder), local_files_only=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         raise ConfigError(f"adapter {adapter!r}: no tokenizer can be loaded from text_encoder={str(text_encoder)!r}: "
                           f"{e}") from e
 

@@ -16,7 +16,7 @@ from vlpbench.adapters.g2d import (
     TRAINING_STATE_REASON,
     G2DAdapter,
 )
-from vlpbench.adapters.text import POSITION_IDS_REASON
+from vlpbench.adapters.text import POSITION_IDS_REASON, load_tokenizer
 from vlpbench.errors import CheckpointError, ConfigError
 from vlpbench.testing import write_g2d_checkpoint
 
@@ -205,3 +205,14 @@ def test_inspect_takes_the_text_encoder_option_from_the_command_line(ckpt, text_
     assert main(["inspect", "--model", "g2d", "--checkpoint", str(ckpt)]) == 0
     out = capsys.readouterr().out
     assert f"mapped: 392 keys\nignored: {4 + N_LM + 5} keys\n" in out and TEXT_SIDE_REASON in out
+
+
+def test_a_tokenizer_needing_a_missing_package_is_a_named_error(tmp_path, monkeypatch):
+    import transformers
+
+    def needs_sentencepiece(*args, **kwargs):
+        raise ImportError("this tokenizer requires the SentencePiece library but it was not found")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", needs_sentencepiece)
+    with pytest.raises(ConfigError, match=r"adapter 'g2d': no tokenizer can be loaded from text_encoder=.*SentencePiece"):
+        load_tokenizer(tmp_path, "g2d")
