@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vlpbench.data.dicom import scale_to_uint8
 from vlpbench.errors import DataError
 
 
@@ -27,9 +28,7 @@ def read_image(path: str | Path) -> np.ndarray:
             with Image.open(path) as image:
                 image.load()
                 if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                    pixels = np.asarray(image, dtype=np.float64)
-                    peak = pixels.max()
-                    return np.rint(pixels * (255.0 / peak) if peak > 0 else pixels).clip(0, 255).astype(np.uint8)
+                    return scale_to_uint8(np.asarray(image))
                 return np.array(image.convert("L"))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"cannot decode image {path}: {exc}") from exc
