@@ -59,6 +59,7 @@ from vlpbench.adapters.base import (
     tensor_spec,
     unwrap_state_dict,
 )
+from vlpbench.adapters.hf_vit import weights_file
 from vlpbench.adapters.transformer import POOLS, default_out_indices, ViTConfig, ViTEncoder
 from vlpbench.errors import CheckpointError, ConfigError
 
@@ -409,7 +410,6 @@ def _arch_name(config: ClipConfig) -> str:
 
 # --- Hugging Face CLIPModel directories -------------------------------------------------------------------
 
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HF_POSITION_IDS_REASON = ("position_ids buffers of older transformers versions: the constant 0..n-1, "
                           "recomputed by the model")
 _HF_LAYOUT = "clip-hf"
@@ -443,7 +443,7 @@ class HfClipDirectory:
     Attributes:
         config: the architecture, from ``config.json``.
         state: the weights file's state dict, under HF key names.
-        weights_file: the name of the file the weights came from (one of ``HF_WEIGHT_FILES``).
+        weights_file: the name of the file the weights came from (one of ``hf_vit.WEIGHT_FILES``).
     """
 
     config: ClipConfig
@@ -463,12 +463,7 @@ def _read_hf_directory(directory: Path) -> tuple[HfClipDirectory, str, str]:
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} is a directory without config.json, not a Hugging Face CLIPModel "
                               "directory; pass an OpenAI-layout state dict (.pt) or an open_clip checkpoint file")
-    weights = next((directory / name for name in HF_WEIGHT_FILES if (directory / name).is_file()), None)
-    if weights is None:
-        sharded = any(directory.glob("*.index.json"))
-        raise CheckpointError(f"{directory} has no {' or '.join(HF_WEIGHT_FILES)}"
-                              + ("; sharded weights are not supported (a CLIP ViT fits in one file: re-save it "
-                                 "with a larger max_shard_size)" if sharded else ""))
+    weights = weights_file(directory, "a CLIP ViT fits in one file: re-save it with a larger max_shard_size")
     try:
         hf = CLIPConfig.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as e:  # transformers: OSError for unreadable files, ValueError for other models

@@ -157,6 +157,21 @@ class HfFolder:
         return {"path": str(self.folder), "sha256": digest, "files": files}
 
 
+def weights_file(folder: Path, resave: str) -> Path:
+    """The first of :data:`WEIGHT_FILES` in the Hugging Face ``folder``.
+
+    Raises:
+        CheckpointError: there is none; a sharded save (``*.index.json``) is named as unsupported, with
+            ``resave`` as the advice.
+    """
+    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if weights is None:
+        sharded = any(folder.glob("*.index.json"))
+        raise CheckpointError(f"{folder} has no {' or '.join(WEIGHT_FILES)}"
+                              + (f"; sharded weights are not supported: {resave}" if sharded else ""))
+    return weights
+
+
 def read_hf_folder(checkpoint: Path, model_type: str, config_class: Any, adapter: str) -> tuple[HfFolder, str, str]:
     """Read a Hugging Face folder of ``model_type``: ``(HfFolder, checkpoint as given, sha256 of the weights)``.
 
@@ -183,12 +198,7 @@ def read_hf_folder(checkpoint: Path, model_type: str, config_class: Any, adapter
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{config_path} cannot be read as a {config_class.__name__}: {e}") from e
     if weights is None:
-        weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
-        if weights is None:
-            sharded = any(folder.glob("*.index.json"))
-            raise CheckpointError(f"{folder} has no {' or '.join(WEIGHT_FILES)}"
-                                  + ("; sharded weights are not supported: re-save them with a larger "
-                                     "max_shard_size" if sharded else ""))
+        weights = weights_file(folder, "re-save them with a larger max_shard_size")
     contract = read_input_contract(folder / PROCESSOR_FILE)
     state, sha256 = load_state_dict_file(weights)
     return HfFolder(folder, config, contract, state, weights.name), str(checkpoint), sha256
