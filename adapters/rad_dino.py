@@ -26,7 +26,7 @@ Key layouts, told apart by the keys and accounted strictly under the file's own 
 
 Both load into the same transformers ``Dinov2Model``, so the forward is transformers': the position embedding
 is resampled to the input's patch grid by ``Dinov2Embeddings.interpolate_pos_encoding`` (bicubic), as the model
-card's example runs it (``AutoModel.from_pretrained("microsoft/rad-dino")``). The DINOv2 repository's own
+card's example runs it (transformers' ``AutoModel`` on the model's folder). The DINOv2 repository's own
 resampling (vision_transformer.py:180-212) passes a scale factor with a 0.1 offset instead of the output size,
 so its embeddings at other sizes differ slightly; weights in its layout still run transformers' here.
 
