@@ -16,6 +16,7 @@ from vlpbench import __version__
 from vlpbench.data.attributes import ATTRIBUTES
 from vlpbench.errors import ConfigError, VlpbenchError
 from vlpbench.protocols.base import TABLE_GROUPS
+from vlpbench.report.comparisons import COMPARISONS
 
 log = logging.getLogger("vlpbench")
 
@@ -202,9 +203,12 @@ def _parser() -> argparse.ArgumentParser:
                         "records measure, each cell 'reported / measured' with its verdict (✓ reproduced, ↓ below, "
                         "↑ above, ≁ not comparable, – not run) and footnotes for sources and reasons (md, latex, "
                         "html; --reference DIR: the ledger folder)")
-    p.add_argument("--group", choices=TABLE_GROUPS,
+    p.add_argument("--group", choices=(*TABLE_GROUPS, *COMPARISONS),
                    help="the paper's task groups, by protocol: segmentation, detection, linear/fine-tuned "
-                        "classification, zero-shot classification, grounding, image-text retrieval")
+                        "classification, zero-shot classification, grounding, image-text retrieval; or a "
+                        "comparison of 2025-26 papers: foundation (CXR foundation encoders: linear probe and "
+                        "dense transfer) or zero-shot-2025 (MedKLIP / KAD and their successors), its tasks as "
+                        "columns and a note naming its models that have no record")
     p.add_argument("--metrics", type=_names,
                    help="metrics per task as sub-columns, e.g. auc,f1,acc (default: the primary metric)")
     _profile(p, "only the records of this protocol profile (default: all, one table per profile)", default=None)

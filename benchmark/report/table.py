@@ -25,6 +25,7 @@ from vlpbench.metrics.specs import former_names, metric_spec
 from vlpbench.report.layout import (Grid, build_grid, format_cell, metric_name, percent_label, version_label,
                                     version_sort_key)
 from vlpbench.protocols.base import TABLE_GROUPS
+from vlpbench.report.comparisons import COMPARISONS, comparison_notes
 from vlpbench.report.reference import ReferenceRow
 from vlpbench.results import record_profile
 from vlpbench.tasks import DEFAULT_PROFILE, PROFILE_HELP, PROFILES
@@ -263,15 +264,25 @@ def select_records(records: list[dict], *, models: Sequence[str] | None = None,
 
     ``models`` match ``model.name``, ``tasks`` match ``task.name``, ``fracs`` match the training
     fraction (to 6 decimals), ``group`` is one of :data:`TABLE_GROUPS` and matches
-    :func:`task_group`, ``profile`` matches the record's protocol profile.
+    :func:`task_group`, or names a comparison (:data:`vlpbench.report.comparisons.COMPARISONS`) and
+    matches its tasks and fractions; ``profile`` matches the record's protocol profile.
 
     Raises:
         ConfigError: a filter names a model, task, fraction or group that no record has, or
             ``group`` is not a known group.
-        DataError: the filters together leave no record.
+        DataError: the filters together leave no record, or no record is of a task of the comparison.
     """
-    if group is not None and group not in TABLE_GROUPS:
-        raise ConfigError(f"--group {group!r}: expected one of {', '.join(TABLE_GROUPS)}")
+    if group is not None and group not in TABLE_GROUPS and group not in COMPARISONS:
+        raise ConfigError(f"--group {group!r}: expected one of {', '.join((*TABLE_GROUPS, *COMPARISONS))}")
+    if group in COMPARISONS:
+        chosen = COMPARISONS[group]
+        fractions = {round(f, 6) for f in chosen.fracs}
+        records = [r for r in records
+                   if r["task"]["name"] in chosen.tasks and round(float(r["frac"]), 6) in fractions]
+        if not records:
+            raise DataError(f"--group {group}: no record of the comparison's tasks ({', '.join(chosen.tasks)}) "
+                            f"at its fractions ({', '.join(map(percent_label, chosen.fracs))})")
+        group = None
     if models:
         _known("--models", models, {r["model"]["name"] for r in records})
     if tasks:
@@ -317,14 +328,17 @@ def build_tables(records: list[dict], *, models: Sequence[str] | None = None,
     metrics = _current_metric_names(metrics)
     chosen = select_records(records, models=models, tasks=tasks, fracs=fracs, group=group, profile=profile)
     present = [p for p in PROFILES if any(record_profile(r) == p for r in chosen)]
+    comparison = COMPARISONS.get(group) if group is not None else None
+    task_order = tasks or (comparison.tasks if comparison else None)
     tables = []
     for name in present:
         mine = [r for r in chosen if record_profile(r) == name]
         grid = build_grid(table_rows(mine, metrics), references=[r for r in references if r.profile == name],
-                          model_order=models, task_order=tasks, metric_order=metrics, percent=percent,
+                          model_order=models, task_order=task_order, metric_order=metrics, percent=percent,
                           decimals=decimals)
         grid = mark_significant_leads(grid, mine, evidence_root=evidence_root)
-        notes = (*_profile_notes(name, references), *_head_notes(mine))
+        notes = (*(comparison_notes(comparison, chosen) if comparison else ()),
+                 *_profile_notes(name, references), *_head_notes(mine))
         tables.append((name, replace(grid, provenance=grid.provenance + notes)))
     return tables
 
