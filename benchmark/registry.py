@@ -125,7 +125,9 @@ PROTOCOLS = Registry("protocol")
 # with its run and score); adapters register in adapters/__init__.py (vlpbench.adapters).
 DATASETS.register("siim", DatasetSpec(
     reader="vlpbench.data.siim:SiimSource", synthesizer="vlpbench.synthetic.siim:synth_siim",
-    split_generators={"v1": "vlpbench.data.splits:generate_siim_v1"}))
+    split_generators={"v1": "vlpbench.data.splits:generate_siim_v1",
+                      # MAVL's published SIIM zero-shot test list, for siim_zs's paper profile (docs/datasets.md).
+                      "mavl": "vlpbench.data.siim_mavl:generate_split_mavl"}))
 DATASETS.register("rsna", DatasetSpec(
     reader="vlpbench.data.rsna:RsnaSource", synthesizer="vlpbench.synthetic.rsna:synth_rsna",
     split_generators={"v1": "vlpbench.data.rsna:generate_split_v1",
