@@ -224,8 +224,8 @@ def test_profiles_of_the_zero_shot_tasks():
         assert paper.config["threshold_ties"] == "lowest" and canonical.config["threshold_ties"] == "highest"
         assert "Sample_zero-shot_Classification_CXR14/test.py:126-137" in sources["threshold_source"]
         assert "test.py:138" in sources["acc_rule"] and "CheXzero zero_shot.py:520" in sources["class_prompts"]
-        # RSNA runs on MedKLIP's public test list; the other test sets are the canonical ones
-        assert paper.split == ("medklip" if name == "rsna_zs" else canonical.split)
+        # RSNA runs on MedKLIP's public test list, SIIM on MAVL's; the other test sets are the canonical ones
+        assert paper.split == {"rsna_zs": "medklip", "siim_zs": "mavl"}.get(name, canonical.split)
     assert load_task("chexpert5x200_zs").config["class_prompts"] == "plain"
     with pytest.raises(ConfigError, match="no reference evaluation code"):
         load_task("chexpert5x200_zs", profile="paper")
