@@ -33,8 +33,8 @@ BPE; its vocabulary ships inside the package, so nothing is downloaded).
 Dense and classification protocols: ``encoder()`` is the visual tower as a
 :class:`~vlpbench.adapters.transformer.ViTEncoder` (timm names, as timm's own ``_convert_openai_clip``
 renames them: conv1 → patch_embed.proj, ln_pre → norm_pre, resblocks → blocks, in_proj → qkv, out_proj →
-proj, c_fc/c_proj → mlp.fc1/fc2, ln_post → norm; pre-norm, LayerNorm eps 1e-5, the checkpoint's activation). Its patches are
-32 pixels (ViT-B/32), so the pyramid taps blocks 3, 5, 7, 11 at stride 32 and rescales them by 8, 4, 2, 1:
+proj, c_fc/c_proj → mlp.fc1/fc2, ln_post → norm; pre-norm, LayerNorm eps 1e-5, the checkpoint's activation). Its
+patches are 32 pixels (ViT-B/32), so the pyramid taps blocks 3, 5, 7, 11 at stride 32 and rescales them by 8, 4, 2, 1:
 strides 4, 8, 16, 32 as for 16-pixel patches (the 8x level is one more deconvolution-BN-GELU stage than the
 4x one). ``visual.proj`` is not used there; the pooled feature is the class token after ``ln_post``.
 """
@@ -214,9 +214,9 @@ class ClipAdapter(Adapter):
         notes=("any OpenAI-layout, open_clip or Hugging Face CLIPModel ViT loads; the card describes CheXzero",
                "CheXagent's XrayCLIP__vit-b-16__laion2b-s34b-b88k and XrayCLIP__vit-l-14__laion2b-s32b-b82k "
                "(huggingface.co/StanfordAIMI, CC-BY-NC-4.0) are CLIPModel folders with hidden_act gelu (the first's "
-               "config.json: 512² images, 16-px patches, 256 text positions), trained with CLIP's loss; their "
-               "preprocessor_config.json is not read: pass the task's size, and normalization=openai is CLIP's "
-               "mean/std"),
+               "config.json: 512² images, 16-px patches, 256 text positions), trained with CLIP's loss; the input "
+               "side is the config's image_size, the folder's preprocessor_config.json is not read "
+               "(normalization=openai is CLIP's mean/std)"),
     )
     description = ("CLIP ViT fine-tuned on CXR (CheXzero, open_clip): OpenAI-layout weights; embeddings, zero-shot; "
                    "frozen ViT + Feature2Pyramid for dense tasks")
@@ -369,7 +369,7 @@ class ClipAdapter(Adapter):
         """
         size = self.config.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise ConfigError(f"adapter 'clip' takes images [B, 3, {size}, {size}] (its positional embedding "
+            raise ConfigError(f"adapter {self.name!r} takes images [B, 3, {size}, {size}] (its positional embedding "
                               f"fixes the size), got {list(images.shape)}")
         # The model follows the images' device (a protocol puts them on its --device), as the other adapters do.
         self.model.to(images.device)
@@ -388,7 +388,7 @@ class ClipAdapter(Adapter):
         """
         resolved = super()._resolve_options(options)
         if resolved["normalization"] not in NORMALIZATIONS:
-            raise ConfigError(f"adapter 'clip': option normalization={resolved['normalization']!r} is not one of "
+            raise ConfigError(f"adapter {cls.name!r}: option normalization={resolved['normalization']!r} is not one of "
                               f"{', '.join(NORMALIZATIONS)}")
         return resolved
 
