@@ -51,8 +51,9 @@ class XraySiglipAdapter(ClipAdapter):
                      "StanfordAIMI/XraySigLIP__vit-l-14__laion2b-s32b-b82k (CC-BY-NC-4.0; config.json, "
                      "model.safetensors, preprocessor_config.json, CLIP tokenizer files)",),
         pretraining_data=("mimic_cxr", "chexpert", "padchest"),
-        notes=("Stanford-AIMI/chexpert-plus README.md (Model Zoo) lists the CheXagent CXR encoders' data as "
-               "MIMIC-CXR, CheXpert Plus, PadChest, BIMCV and Candid-PTX",
+        notes=("pre-training data as Stanford-AIMI/chexpert-plus README.md (Model Zoo) lists it for the XrayCLIP "
+               "encoder of the same collection: MIMIC-CXR, CheXpert Plus, PadChest, BIMCV and Candid-PTX; the "
+               "XraySigLIP folders state none of their own",
                "the SigLIP-trained loss is read from the folder names (XraySigLIP vs XrayCLIP) and the CheXagent "
                "paper's vision-encoder stage; the XraySigLIP__*__webli folders are SiglipModel folders: load them "
                "with the medsiglip adapter",
