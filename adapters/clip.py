@@ -16,8 +16,11 @@ Checkpoint forms, told apart by their keys, never by the file name:
   ``local_files_only=True``; the weights file is read like any checkpoint (safetensors, or the weights-only
   unpickler) and its sha256 recorded. The HF keys are accounted strictly under their own names, then
   converted to OpenAI's (q/k/v projections concatenated into ``in_proj``, projection matrices transposed),
-  so every form runs the same model. Only configs that OpenAI's architecture expresses are accepted
-  (QuickGELU, 64-wide heads, 4x MLP, LayerNorm eps 1e-5); sharded weights are refused.
+  so every form runs the same model. The activation is the config's ``hidden_act``: ``quick_gelu`` (OpenAI's
+  models) or ``gelu`` (open_clip's LAION-trained models, and the CheXagent encoders initialised from them,
+  e.g. ``StanfordAIMI/XrayCLIP__vit-b-16__laion2b-s34b-b88k``), the same in both towers. Otherwise only configs
+  that OpenAI's architecture expresses are accepted (64-wide heads, 4x MLP, LayerNorm eps 1e-5); sharded
+  weights are refused.
 
 ResNet-based CLIP checkpoints (``visual.layer1.*``, ``visual.attnpool.*``) are refused.
 
@@ -30,14 +33,15 @@ BPE; its vocabulary ships inside the package, so nothing is downloaded).
 Dense and classification protocols: ``encoder()`` is the visual tower as a
 :class:`~vlpbench.adapters.transformer.ViTEncoder` (timm names, as timm's own ``_convert_openai_clip``
 renames them: conv1 → patch_embed.proj, ln_pre → norm_pre, resblocks → blocks, in_proj → qkv, out_proj →
-proj, c_fc/c_proj → mlp.fc1/fc2, ln_post → norm; pre-norm, LayerNorm eps 1e-5, QuickGELU). Its patches are
-32 pixels (ViT-B/32), so the pyramid taps blocks 3, 5, 7, 11 at stride 32 and rescales them by 8, 4, 2, 1:
+proj, c_fc/c_proj → mlp.fc1/fc2, ln_post → norm; pre-norm, LayerNorm eps 1e-5, the checkpoint's activation). Its
+patches are 32 pixels (ViT-B/32), so the pyramid taps blocks 3, 5, 7, 11 at stride 32 and rescales them by 8, 4, 2, 1:
 strides 4, 8, 16, 32 as for 16-pixel patches (the 8x level is one more deconvolution-BN-GELU stage than the
 4x one). ``visual.proj`` is not used there; the pooled feature is the class token after ``ln_post``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import asdict, dataclass, field
@@ -80,6 +84,8 @@ OPENAI_SCALARS_REASON = ("hyper-parameter scalars of OpenAI's TorchScript archiv
                          "context_length, vocab_size); the architecture is read from the weight shapes instead")
 # OpenAI and open_clip attention heads are 64 wide in both towers.
 HEAD_WIDTH = 64
+# Hugging Face ``hidden_act`` values the open_clip model expresses: QuickGELU, or exact (erf) GELU as nn.GELU.
+HF_ACTIVATIONS = ("quick_gelu", "gelu")
 # The keys the architecture is read from; without them there is nothing to build.
 _SHAPE_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
                "positional_embedding", "token_embedding.weight", "ln_final.weight")
@@ -95,7 +101,8 @@ _TIMM_RENAMES = (("conv1.", "patch_embed.proj."), ("transformer.resblocks.", "bl
 
 @dataclass(frozen=True)
 class ClipConfig:
-    """The shape of an OpenAI-layout ViT CLIP, as read from its weights."""
+    """The shape of an OpenAI-layout ViT CLIP, as read from its weights (``act``: from a Hugging Face config;
+    weights alone do not show it, and OpenAI's models use QuickGELU)."""
 
     embed_dim: int
     image_size: int
@@ -106,6 +113,7 @@ class ClipConfig:
     vocab_size: int
     text_width: int
     text_layers: int
+    act: str = "quick_gelu"
 
     @classmethod
     def vit_b32(cls) -> "ClipConfig":
@@ -138,7 +146,7 @@ class ClipConfig:
         )
 
     def build(self) -> torch.nn.Module:
-        """A new open_clip ``CLIP`` of this shape (random init, fp32, QuickGELU as OpenAI trained with).
+        """A new open_clip ``CLIP`` of this shape (random init, fp32; QuickGELU or GELU as ``act`` says).
 
         Raises:
             CheckpointError: a width is not a multiple of the 64-wide attention heads.
@@ -156,7 +164,7 @@ class ClipConfig:
             text_cfg=CLIPTextCfg(context_length=self.context_length, vocab_size=self.vocab_size,
                                  width=self.text_width, heads=self.text_width // HEAD_WIDTH,
                                  layers=self.text_layers),
-            quick_gelu=True,
+            quick_gelu=self.act == "quick_gelu",
         )
 
 
@@ -203,7 +211,12 @@ class ClipAdapter(Adapter):
         checkpoints=("best_64_5e-05_original_22000_0.864.pt and the other ensemble members — Google Drive "
                      "link in the repository's README",),
         pretraining_data=("mimic_cxr",),
-        notes=("any OpenAI-layout, open_clip or Hugging Face CLIPModel ViT loads; the card describes CheXzero",),
+        notes=("any OpenAI-layout, open_clip or Hugging Face CLIPModel ViT loads; the card describes CheXzero",
+               "CheXagent's XrayCLIP__vit-b-16__laion2b-s34b-b88k and XrayCLIP__vit-l-14__laion2b-s32b-b82k "
+               "(huggingface.co/StanfordAIMI, CC-BY-NC-4.0) are CLIPModel folders with hidden_act gelu (the first's "
+               "config.json: 512² images, 16-px patches, 256 text positions), trained with CLIP's loss; the input "
+               "side is the config's image_size, the folder's preprocessor_config.json is not read "
+               "(normalization=openai is CLIP's mean/std)"),
     )
     description = ("CLIP ViT fine-tuned on CXR (CheXzero, open_clip): OpenAI-layout weights; embeddings, zero-shot; "
                    "frozen ViT + Feature2Pyramid for dense tasks")
@@ -218,7 +231,8 @@ class ClipAdapter(Adapter):
         "token_embedding, positional_embedding, ln_final, text_projection, logit_scale)",
         "open_clip trainer checkpoint ({'state_dict': {'module.<same keys>'}, ...}); optimizer etc. ignored",
         "either inside {'state_dict': ...}, keys optionally prefixed 'module.' or '_orig_mod.'",
-        "Hugging Face CLIPModel directory (config.json + model.safetensors or pytorch_model.bin; ViT, QuickGELU)",
+        "Hugging Face CLIPModel directory (config.json + model.safetensors or pytorch_model.bin; ViT, hidden_act "
+        "quick_gelu or gelu)",
     )
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
@@ -231,7 +245,9 @@ class ClipAdapter(Adapter):
         """
         super().__init__(checkpoint, **options)
         self.mean, self.std = NORMALIZATIONS[self.options["normalization"]]
-        self.config = ClipConfig.from_state_dict(self._encoder_state)
+        # The weights show the shape, not the activation: a Hugging Face config names it (default QuickGELU).
+        self.config = dataclasses.replace(ClipConfig.from_state_dict(self._encoder_state),
+                                          act=self._extra_state.get("act", "quick_gelu"))
         self.image_size = self.config.image_size
         n_tokens = len(_tokenizer().encoder)
         if self.config.vocab_size != n_tokens:
@@ -279,11 +295,12 @@ class ClipAdapter(Adapter):
         return ViTEncoder(self.vit_config(), timm_visual_state(self._encoder_state), pool="cls")
 
     def vit_config(self) -> ViTConfig:
-        """The visual tower's shape as a timm ViT (pre-norm, LayerNorm eps 1e-5, QuickGELU, 64-wide heads)."""
+        """The visual tower's shape as a timm ViT (pre-norm, LayerNorm eps 1e-5, the CLIP's activation, 64-wide
+        heads)."""
         c = self.config
         return ViTConfig(patch_size=c.patch_size, embed_dim=c.vision_width, depth=c.vision_layers,
                          num_heads=c.vision_width // HEAD_WIDTH, image_size=c.image_size, norm_eps=1e-5,
-                         pre_norm=True, act="quick_gelu")
+                         pre_norm=True, act=c.act)
 
     @torch.no_grad()
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -352,7 +369,7 @@ class ClipAdapter(Adapter):
         """
         size = self.config.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise ConfigError(f"adapter 'clip' takes images [B, 3, {size}, {size}] (its positional embedding "
+            raise ConfigError(f"adapter {self.name!r} takes images [B, 3, {size}, {size}] (its positional embedding "
                               f"fixes the size), got {list(images.shape)}")
         # The model follows the images' device (a protocol puts them on its --device), as the other adapters do.
         self.model.to(images.device)
@@ -371,7 +388,7 @@ class ClipAdapter(Adapter):
         """
         resolved = super()._resolve_options(options)
         if resolved["normalization"] not in NORMALIZATIONS:
-            raise ConfigError(f"adapter 'clip': option normalization={resolved['normalization']!r} is not one of "
+            raise ConfigError(f"adapter {cls.name!r}: option normalization={resolved['normalization']!r} is not one of "
                               f"{', '.join(NORMALIZATIONS)}")
         return resolved
 
@@ -402,10 +419,12 @@ def timm_visual_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def _arch_name(config: ClipConfig) -> str:
-    """``"vit-b32"`` for OpenAI's ViT-B/32 shape, else a shape summary such as ``"vit-w64-l2-p8-32"``."""
+    """``"vit-b32"`` for OpenAI's ViT-B/32 shape, else a shape summary such as ``"vit-w64-l2-p8-32"``; a GELU model
+    (not OpenAI's QuickGELU) ends in ``"-gelu"``."""
     if config == ClipConfig.vit_b32():
         return "vit-b32"
-    return f"vit-w{config.vision_width}-l{config.vision_layers}-p{config.patch_size}-{config.image_size}"
+    act = "" if config.act == "quick_gelu" else f"-{config.act}"
+    return f"vit-w{config.vision_width}-l{config.vision_layers}-p{config.patch_size}-{config.image_size}{act}"
 
 
 # --- Hugging Face CLIPModel directories -------------------------------------------------------------------
@@ -455,6 +474,8 @@ def _read_hf_directory(directory: Path) -> tuple[HfClipDirectory, str, str]:
     """Read ``directory`` as a Hugging Face ``CLIPModel``: ``(HfClipDirectory, directory, sha256 of the weights)``.
 
     Raises:
+        ConfigError: a tower's ``hidden_act`` is not one of ``HF_ACTIVATIONS``, or the towers' differ (open_clip
+            builds both with one activation).
         CheckpointError: no ``config.json`` or weights file, sharded weights, a config that is not a CLIP or
             not expressible as an OpenAI CLIP, or an unsafe or unreadable weights file.
     """
@@ -468,24 +489,29 @@ def _read_hf_directory(directory: Path) -> tuple[HfClipDirectory, str, str]:
         hf = CLIPConfig.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as e:  # transformers: OSError for unreadable files, ValueError for other models
         raise CheckpointError(f"{directory}/config.json is not a Hugging Face CLIP config: {e}") from e
-    for what, tower in (("vision", hf.vision_config), ("text", hf.text_config)):
+    vision, text = hf.vision_config, hf.text_config
+    for what, tower in (("vision", vision), ("text", text)):
+        if tower.hidden_act not in HF_ACTIVATIONS:
+            raise ConfigError(f"{directory}/config.json: {what}_config.hidden_act is {tower.hidden_act!r}; expected "
+                              f"one of {', '.join(HF_ACTIVATIONS)}")
         found = {
-            "hidden_act": tower.hidden_act,
             "head width": tower.hidden_size / tower.num_attention_heads,
             "intermediate_size / hidden_size": tower.intermediate_size / tower.hidden_size,
             "layer_norm_eps": tower.layer_norm_eps,
         }
-        wanted = {"hidden_act": "quick_gelu", "head width": HEAD_WIDTH, "intermediate_size / hidden_size": 4,
-                  "layer_norm_eps": 1e-5}
+        wanted = {"head width": HEAD_WIDTH, "intermediate_size / hidden_size": 4, "layer_norm_eps": 1e-5}
         wrong = {k: v for k, v in found.items() if v != wanted[k]}
         if wrong:
             raise CheckpointError(f"{directory}/config.json: the {what} tower has {wrong}, which OpenAI's CLIP "
                                   f"architecture cannot express (it has {wanted})")
-    vision, text = hf.vision_config, hf.text_config
+    if vision.hidden_act != text.hidden_act:
+        raise ConfigError(f"{directory}/config.json: vision_config.hidden_act is {vision.hidden_act!r} but "
+                          f"text_config.hidden_act is {text.hidden_act!r}; expected the same activation in both "
+                          "towers (open_clip builds them with one)")
     config = ClipConfig(embed_dim=hf.projection_dim, image_size=vision.image_size, patch_size=vision.patch_size,
                         vision_width=vision.hidden_size, vision_layers=vision.num_hidden_layers,
                         context_length=text.max_position_embeddings, vocab_size=text.vocab_size,
-                        text_width=text.hidden_size, text_layers=text.num_hidden_layers)
+                        text_width=text.hidden_size, text_layers=text.num_hidden_layers, act=vision.hidden_act)
     state, sha256 = load_state_dict_file(weights)
     return HfClipDirectory(config, state, weights.name), str(directory), sha256
 
@@ -526,4 +552,4 @@ def _map_hf_weights(directory: HfClipDirectory) -> Weights:
                 converted[key] = tensors[0].T.contiguous()
             else:  # q, k, v stack into in_proj in that order; a single tensor (also 0-d logit_scale) is kept
                 converted[key] = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-    return Weights(report, converted)
+    return Weights(report, converted, extra={"act": directory.config.act})

@@ -107,7 +107,11 @@ class MedSiglipAdapter(Adapter):
                "MIMIC-CXR is flagged as its likely public chest X-ray source, overlap with other test sets is "
                "unknown",
                "zero-shot scores are SigLIP's sigmoid probabilities of the positive prompt alone",
-               "14-pixel patches: dense-task inputs must be multiples of 112 px (e.g. 224)"),
+               "14-pixel patches: dense-task inputs must be multiples of 112 px (e.g. 224)",
+               "CheXagent's XraySigLIP__vit-b-16-siglip-512__webli and XraySigLIP__vit-l-16-siglip-384__webli "
+               "(huggingface.co/StanfordAIMI, CC-BY-NC-4.0; SigLIP loss) are SiglipModel folders and load here; the "
+               "XrayCLIP__*__webli folders load too, but were trained with CLIP's softmax loss, so this sigmoid "
+               "zero-shot is not their rule (their embeddings are)"),
     )
     capabilities = frozenset({"features", EMBED_IMAGE, EMBED_TEXT, DENSE_EMBED})
     image_size = MEDSIGLIP_SIZE

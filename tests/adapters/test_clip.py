@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -206,22 +207,22 @@ def test_other_forms_are_refused(state, tmp_path):
 # --- Hugging Face CLIPModel directories ----------------------------------------------------------------
 
 
-def _hf_config(**vision):
+def _hf_config(act: str = "quick_gelu", **vision):
     from transformers import CLIPConfig
 
-    tower = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1)
+    tower = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1, hidden_act=act)
     return CLIPConfig(text_config=dict(tower, max_position_embeddings=77),
                       vision_config=dict(tower, image_size=SIZE, patch_size=8, **vision), projection_dim=DIM)
 
 
-@pytest.fixture(scope="module")
-def hf_model(tmp_path_factory):
-    """A tiny random-init ``transformers.CLIPModel`` and the directory ``save_pretrained`` wrote it to."""
+@pytest.fixture(scope="module", params=["quick_gelu", "gelu"])
+def hf_model(request, tmp_path_factory):
+    """A tiny random-init ``transformers.CLIPModel`` (each activation) and the directory ``save_pretrained`` wrote."""
     from transformers import CLIPModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(2)
-        model = CLIPModel(_hf_config()).eval()
+        model = CLIPModel(_hf_config(request.param)).eval()
     directory = tmp_path_factory.mktemp("hf") / "chexzero-hf"
     model.save_pretrained(directory)
     return model, directory
@@ -231,8 +232,11 @@ def test_hugging_face_directory_matches_transformers(hf_model, images):
     from open_clip.tokenizer import SimpleTokenizer
 
     model, directory = hf_model
+    act = model.config.vision_config.hidden_act
     adapter = build_adapter("clip", directory)
-    assert adapter.report.ok and adapter.report.layout == "clip-hf-vit-w64-l2-p8-32 (model.safetensors)"
+    suffix = "" if act == "quick_gelu" else "-gelu"
+    assert adapter.report.ok and adapter.report.layout == f"clip-hf-vit-w64-l2-p8-32{suffix} (model.safetensors)"
+    assert adapter.config.act == act and adapter.describe()["architecture"]["act"] == act
     assert len(adapter.report.mapped) == len(model.state_dict())
     assert ("vision_model.encoder.layers.1.self_attn.k_proj.weight",
             "visual.transformer.resblocks.1.attn.in_proj_weight") in adapter.report.mapped
@@ -242,8 +246,13 @@ def test_hugging_face_directory_matches_transformers(hf_model, images):
         image = model.get_image_features(pixel_values=images).pooler_output
         text = model.get_text_features(input_ids=SimpleTokenizer()(texts)).pooler_output
     normalize = torch.nn.functional.normalize
-    torch.testing.assert_close(adapter.embed_image(images), normalize(image, dim=-1))
-    torch.testing.assert_close(adapter.embed_text(texts), normalize(text, dim=-1))
+    torch.testing.assert_close(adapter.embed_image(images), normalize(image, dim=-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(adapter.embed_text(texts), normalize(text, dim=-1), rtol=0, atol=1e-5)
+    # the dense encoder (a timm ViT with the same activation): its normed class token is the tower's pooled output
+    with torch.no_grad():
+        pooled = model.vision_model(pixel_values=images).pooler_output
+        tokens = adapter.encoder().eval().backbone.forward_features(images)[:, 0]
+    torch.testing.assert_close(tokens, pooled, rtol=0, atol=1e-5)
 
 
 def test_hugging_face_bin_with_position_ids_and_a_renamed_key(hf_model, tmp_path):
@@ -264,8 +273,23 @@ def test_hugging_face_bin_with_position_ids_and_a_renamed_key(hf_model, tmp_path
         ClipAdapter(tmp_path)
 
 
-def test_hugging_face_config_openai_cannot_express_is_refused(tmp_path):
-    _hf_config(hidden_act="gelu").save_pretrained(tmp_path)
+@pytest.mark.parametrize("vision, text, message", [
+    ("gelu_new", "gelu_new", "vision_config.hidden_act is 'gelu_new'; expected one of quick_gelu, gelu"),
+    ("gelu", "quick_gelu", "vision_config.hidden_act is 'gelu' but text_config.hidden_act is 'quick_gelu'"),
+])
+def test_hugging_face_activation_not_expressible_is_a_config_error(tmp_path, vision, text, message):
+    from transformers import CLIPConfig
+
+    config = _hf_config(vision).to_dict()
+    config["text_config"]["hidden_act"] = text
+    CLIPConfig.from_dict(config).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").touch()
-    with pytest.raises(CheckpointError, match="vision tower has {'hidden_act': 'gelu'}"):
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{tmp_path}/config.json: {message}")):
+        ClipAdapter(tmp_path)
+
+
+def test_hugging_face_config_openai_cannot_express_is_refused(tmp_path):
+    _hf_config(layer_norm_eps=1e-6).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").touch()
+    with pytest.raises(CheckpointError, match="vision tower has {'layer_norm_eps': 1e-06}"):
         ClipAdapter(tmp_path)

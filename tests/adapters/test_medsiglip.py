@@ -81,6 +81,24 @@ def test_embeddings_and_sigmoid_scores_equal_transformers_forward(adapter, refer
         adapter.zero_shot_scores(images, CLASSES, ("{}",))
 
 
+
+def test_a_16_pixel_patch_siglip_folder_loads_as_the_xraysiglip_webli_folders_are(tmp_path, images):
+    """CheXagent's XraySigLIP__vit-b-16-siglip-512__webli / __vit-l-16-siglip-384__webli are SiglipModel folders with
+    16-pixel patches and mean/std 0.5: scaled down, the adapter matches transformers' forward."""
+    from transformers import SiglipModel
+
+    folder = write_siglip_folder(tmp_path / "xraysiglip", seed=6, patch=16, image_size=48, context=CONTEXT)
+    adapter = MedSiglipAdapter(folder)
+    reference = SiglipModel.from_pretrained(folder, local_files_only=True).eval()
+    pixels = F.interpolate(images, size=48)
+    with torch.no_grad():
+        out = reference(pixel_values=pixels, input_ids=_tokens(folder, CLASSES))
+    assert adapter.report.ok and (adapter.image_size, adapter.mean) == (48, (0.5,) * 3)
+    torch.testing.assert_close(adapter.embed_image(pixels), F.normalize(out.image_embeds, dim=-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(adapter.zero_shot_scores(pixels, CLASSES), torch.sigmoid(out.logits_per_image),
+                               rtol=0, atol=1e-5)
+    assert tuple(adapter.dense_embed(pixels).shape) == (3, HIDDEN, 3, 3)
+
 def test_patch_embeddings_are_each_token_through_the_pooling_heads_value_path(adapter, reference, images):
     with torch.no_grad():
         tokens = reference.vision_model(pixel_values=images).last_hidden_state  # after post_layernorm
