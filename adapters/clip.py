@@ -63,7 +63,7 @@ from vlpbench.adapters.base import (
     tensor_spec,
     unwrap_state_dict,
 )
-from vlpbench.adapters.hf_vit import weights_file
+from vlpbench.adapters.hf_vit import PROCESSOR_FILE, read_input_contract, weights_file
 from vlpbench.adapters.transformer import POOLS, default_out_indices, ViTConfig, ViTEncoder
 from vlpbench.errors import CheckpointError, ConfigError
 
@@ -78,6 +78,8 @@ NORMALIZATIONS: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "openai": (OPENAI_MEAN, OPENAI_STD),
     "chexzero": (CHEXZERO_MEAN, CHEXZERO_STD),
 }
+# normalization=folder: the mean and std of a Hugging Face folder's own preprocessor_config.json.
+FOLDER_NORMALIZATION = "folder"
 
 OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 OPENAI_SCALARS_REASON = ("hyper-parameter scalars of OpenAI's TorchScript archives (input_resolution, "
@@ -197,7 +199,9 @@ class ClipAdapter(Adapter):
     CheXzero), scaled to [0, 1] and normalised with ``mean``/``std``. Option ``normalization``: ``"openai"``
     (default: OpenAI CLIP's statistics, what open_clip fine-tunes and CLIP-initialised models expect) or
     ``"chexzero"``: CheXzero's zero_shot.py normalises with its own grayscale CXR statistics (101.48761,
-    83.43944 on the 0-255 scale) rather than OpenAI's; pick it to reproduce CheXzero's numbers.
+    83.43944 on the 0-255 scale) rather than OpenAI's; pick it to reproduce CheXzero's numbers; or
+    ``"folder"``: the mean and std of a Hugging Face folder's ``preprocessor_config.json`` (its size must be
+    the model's input side).
 
     Methods take preprocessed image tensors ``[B, 3, image_size, image_size]`` and run without gradients in
     eval mode on the model's device (CPU after loading; ``self.model.to(device)`` moves it).
@@ -215,8 +219,8 @@ class ClipAdapter(Adapter):
                "CheXagent's XrayCLIP__vit-b-16__laion2b-s34b-b88k and XrayCLIP__vit-l-14__laion2b-s32b-b82k "
                "(huggingface.co/StanfordAIMI, CC-BY-NC-4.0) are CLIPModel folders with hidden_act gelu (the first's "
                "config.json: 512² images, 16-px patches, 256 text positions), trained with CLIP's loss; the input "
-               "side is the config's image_size, the folder's preprocessor_config.json is not read "
-               "(normalization=openai is CLIP's mean/std)"),
+               "side is the config's image_size; --model-option normalization=folder takes the mean and std of "
+               "the folder's preprocessor_config.json (default openai: CLIP's)"),
     )
     description = ("CLIP ViT fine-tuned on CXR (CheXzero, open_clip): OpenAI-layout weights; embeddings, zero-shot; "
                    "frozen ViT + Feature2Pyramid for dense tasks")
@@ -244,11 +248,14 @@ class ClipAdapter(Adapter):
                 fit, or a Hugging Face directory that is incomplete or not expressible as an OpenAI CLIP.
         """
         super().__init__(checkpoint, **options)
-        self.mean, self.std = NORMALIZATIONS[self.options["normalization"]]
         # The weights show the shape, not the activation: a Hugging Face config names it (default QuickGELU).
         self.config = dataclasses.replace(ClipConfig.from_state_dict(self._encoder_state),
                                           act=self._extra_state.get("act", "quick_gelu"))
         self.image_size = self.config.image_size
+        if self.options["normalization"] == FOLDER_NORMALIZATION:
+            self.mean, self.std = self._folder_normalization()
+        else:
+            self.mean, self.std = NORMALIZATIONS[self.options["normalization"]]
         n_tokens = len(_tokenizer().encoder)
         if self.config.vocab_size != n_tokens:
             raise CheckpointError(f"{self.checkpoint_path}: token_embedding has {self.config.vocab_size} rows, but "
@@ -379,17 +386,36 @@ class ClipAdapter(Adapter):
         """Where the model's tensors are; inputs are moved there."""
         return self.model.logit_scale.device
 
+    def _folder_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Mean and std of the Hugging Face folder's ``preprocessor_config.json`` (``normalization=folder``).
+
+        Raises:
+            ConfigError: the checkpoint is not a folder with that file.
+            CheckpointError: the file is unreadable, asks for a preprocessing vlpbench cannot reproduce, or
+                resizes to another side than the model's input.
+        """
+        folder = Path(self.checkpoint_path) if self.checkpoint_path is not None else None
+        if folder is None or not (folder / PROCESSOR_FILE).is_file():
+            raise ConfigError(f"adapter {self.name!r}: normalization=folder reads the checkpoint folder's "
+                              f"{PROCESSOR_FILE}; {self.checkpoint_path} has none (use openai or chexzero)")
+        contract = read_input_contract(folder / PROCESSOR_FILE)
+        if contract.image_size != self.image_size:
+            raise CheckpointError(f"{folder / PROCESSOR_FILE}: size {contract.image_size} differs from the model's "
+                                  f"input side {self.image_size} (config.json)")
+        return contract.mean, contract.std
+
     @classmethod
     def _resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
         """``Adapter._resolve_options``, also checking the ``normalization`` value (before anything is loaded).
 
         Raises:
-            ConfigError: an unknown option, or a ``normalization`` other than those in ``NORMALIZATIONS``.
+            ConfigError: an unknown option, or a ``normalization`` other than ``folder`` and those in
+                ``NORMALIZATIONS``.
         """
         resolved = super()._resolve_options(options)
-        if resolved["normalization"] not in NORMALIZATIONS:
+        if resolved["normalization"] not in (*NORMALIZATIONS, FOLDER_NORMALIZATION):
             raise ConfigError(f"adapter {cls.name!r}: option normalization={resolved['normalization']!r} is not one of "
-                              f"{', '.join(NORMALIZATIONS)}")
+                              f"{', '.join((*NORMALIZATIONS, FOLDER_NORMALIZATION))}")
         return resolved
 
     @classmethod

@@ -59,9 +59,13 @@ class XraySiglipAdapter(ClipAdapter):
                "with the medsiglip adapter",
                "a weights file without logit_bias scores sigmoid(logit_scale.exp() * cosine): the probabilities "
                "differ from the trained ones by the missing bias, the zero-shot metrics do not",
-               "the folder's preprocessor_config.json is not read: the input side is config.json's image_size and "
-               "normalization=openai is CLIP's mean/std"),
+               "the input side is config.json's image_size; the mean and std are the folder's "
+               "preprocessor_config.json's (normalization=folder, the default; openai or chexzero override it)"),
     )
+    # Normalisation comes from the checkpoint folder's preprocessor_config.json (normalization=folder).
+    mean = None
+    std = None
+    default_options = {"normalization": "folder"}
     checkpoint_forms = (
         "Hugging Face CLIPModel directory (config.json + model.safetensors or pytorch_model.bin; ViT, hidden_act "
         "quick_gelu or gelu), optionally with a scalar logit_bias beside the CLIP keys",

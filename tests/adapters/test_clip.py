@@ -189,7 +189,7 @@ def test_input_contract_and_options(ckpt, adapter):
     with pytest.raises(ConfigError, match=r"images \[B, 3, 32, 32\]"):
         adapter.embed_image(torch.zeros(1, 3, 64, 64))
     assert build_adapter("clip", ckpt, normalization="chexzero").mean == CHEXZERO_MEAN
-    with pytest.raises(ConfigError, match="normalization='imagenet' is not one of openai, chexzero"):
+    with pytest.raises(ConfigError, match="normalization='imagenet' is not one of openai, chexzero, folder"):
         ClipAdapter(ckpt, normalization="imagenet")
 
 

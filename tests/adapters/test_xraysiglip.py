@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -16,6 +17,10 @@ from vlpbench.errors import CheckpointError, ConfigError
 
 SIZE, DIM, BIAS = 32, 32, -1.75
 CLASSES = ["pneumonia", "pleural effusion", "cardiomegaly"]
+# A SigLIP image processor's settings, as the XraySigLIP folders ship them (mean and std 0.5).
+PROCESSOR = {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": SIZE, "width": SIZE},
+             "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +44,7 @@ def folders(model, tmp_path_factory):
     """The model saved twice: with a ``logit_bias`` beside the CLIP keys, and without one."""
     plain = tmp_path_factory.mktemp("xraysiglip") / "plain"
     model.save_pretrained(plain)
+    (plain / "preprocessor_config.json").write_text(json.dumps(PROCESSOR))
     biased = plain.parent / "biased"
     shutil.copytree(plain, biased)
     state = load_file(biased / "model.safetensors")
@@ -108,3 +114,21 @@ def test_other_forms_and_a_bad_bias_are_refused(folders, tmp_path):
     # the clip adapter, whose rule is CheXzero's pair softmax, does not take a SigLIP bias it would not use
     with pytest.raises(CheckpointError, match=r"unexpected: 1 keys\n  - logit_bias"):
         build_adapter("clip", folders[0])
+
+
+def test_the_folders_image_processor_gives_the_normalisation(folders, tmp_path):
+    from vlpbench.adapters.clip import OPENAI_MEAN
+
+    _, plain = folders
+    assert build_adapter("xraysiglip", plain).mean == (0.5, 0.5, 0.5)  # default normalization=folder
+    assert build_adapter("xraysiglip", plain, normalization="openai").mean == OPENAI_MEAN
+    assert build_adapter("clip", plain).mean == OPENAI_MEAN  # clip keeps CLIP's unless asked
+    assert build_adapter("clip", plain, normalization="folder").std == (0.5, 0.5, 0.5)
+    bare = tmp_path / "bare"
+    shutil.copytree(plain, bare)
+    (bare / "preprocessor_config.json").unlink()
+    with pytest.raises(ConfigError, match="normalization=folder reads the checkpoint folder's preprocessor_config.json"):
+        build_adapter("xraysiglip", bare)
+    (bare / "preprocessor_config.json").write_text(json.dumps({**PROCESSOR, "size": {"height": 64, "width": 64}}))
+    with pytest.raises(CheckpointError, match=r"preprocessor_config.json: size 64 differs from the model's input side 32"):
+        build_adapter("xraysiglip", bare)
