@@ -4,6 +4,7 @@ and its zero-shot and grounding rules recomputed by hand from the checkpoint's t
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -282,3 +283,18 @@ def test_the_encoder_gives_carzeros_class_token_and_a_pyramid(adapter, state, im
 def test_images_off_the_pre_training_size_are_refused(adapter):
     with pytest.raises(ConfigError, match=f"\\(B, 3, {SIZE}, {SIZE}\\)"):
         adapter.zero_shot_scores(torch.zeros(1, 3, SIZE + PATCH, SIZE + PATCH), PROMPTS)
+
+
+# --- through the protocols --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["siim_zs", "siim_ground"])
+def test_zero_shot_and_grounding_run_from_the_cli(checkpoint, bert_folder, siim_root, tmp_path, task):
+    assert main(["-q", "run", "--model", "carzero", "--checkpoint", checkpoint, "--model-option",
+                 f"text_encoder={bert_folder}", "--task", task, "--frac", "1.0", "--data-root", str(siim_root),
+                 "--results", str(tmp_path), "--device", "cpu", "--set", "bootstrap_resamples=20"]) == 0
+    (path,) = tmp_path.glob(f"runs/**/{task}.v*/*.json")
+    record = json.loads(path.read_text())
+    assert record["n"]["test"] > 0 and record["metrics"]
+    assert record["model"]["procedures"] == CARZeroAdapter.procedures
+    assert record["model"]["text_encoder"]["path"] == bert_folder
