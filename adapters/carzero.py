@@ -322,6 +322,11 @@ class CARZeroAdapter(ViTAdapter):
 
     # --- CARZero's forward (models/CARZero_model_dqn_wo_self_atten_gl_mlp.py, text_model.py) -----------------
 
+    def _to(self, device: torch.device) -> None:
+        """Move the BERT and the fusion head to ``device`` (the ViT follows the images in ``vit_tokens``)."""
+        self._bert.to(device)
+        self._fusion.to(device)
+
     def _image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The ViT's tokens after the final norm ``(B, 1 + grid², d)``: [CLS] (``img_emb_g``), then the patches in
         row-major order (``img_emb_l``; ``transformer_backbones.py:227-247``, ``image_encoder_forward`` :48-53)."""
@@ -361,10 +366,10 @@ class CARZeroAdapter(ViTAdapter):
             CapabilityError: no text encoder was given.
             ConfigError: no texts, or images not ``(B, 3, image_size, image_size)``.
         """
+        self.require(ZERO_SHOT)
+        self._to(images.device)
         words, sentences = self.encode_text(texts)
         tokens = self._image_tokens(images)
-        self._fusion.to(tokens.device)
-        words, sentences = words.to(tokens.device), sentences.to(tokens.device)
         image_to_text, _ = self._fusion(tokens, sentences)
         text_to_image, _ = self._fusion(torch.cat([sentences.unsqueeze(1), words], dim=1), tokens[:, 0])
         return ((image_to_text + text_to_image.T) / 2).float()
@@ -394,10 +399,10 @@ class CARZeroAdapter(ViTAdapter):
             ConfigError: no texts, or images not ``(B, 3, image_size, image_size)``.
         """
         self.require(GROUNDING)
+        self._to(images.device)
         _, sentences = self.encode_text(texts)
         tokens = self._image_tokens(images)
-        self._fusion.to(tokens.device)
-        _, weights = self._fusion(tokens, sentences.to(tokens.device))
+        _, weights = self._fusion(tokens, sentences)
         maps = torch.stack(weights[-GROUNDING_LAYERS:]).mean(dim=0)[..., 1:]  # (B, T, grid²), [CLS] dropped
         return maps.reshape(len(images), len(texts), self.grid, self.grid)
 

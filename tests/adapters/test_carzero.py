@@ -112,7 +112,9 @@ def test_without_text_encoder_the_image_side_loads_alone(checkpoint):
     assert len(adapter.report.ignored[TEXT_SIDE_REASON]) == TINY_TEXT_KEYS
     assert adapter.capabilities == {"features"}
     with pytest.raises(CapabilityError, match="text_encoder=DIR"):
-        adapter.require("zero_shot")
+        adapter.zero_shot_scores(torch.zeros(1, 3, SIZE, SIZE), PROMPTS)
+    with pytest.raises(CapabilityError, match="text_encoder=DIR"):
+        adapter.grounding_maps(torch.zeros(1, 3, SIZE, SIZE), PROMPTS)
     with pytest.raises(CapabilityError, match="not trained for cosine"):
         adapter.require("embed_image")
 
