@@ -54,6 +54,7 @@ ADAPTERS.register("cxrclip", "vlpbench.adapters.cxrclip:CXRClipAdapter")
 ADAPTERS.register("rad_dino", "vlpbench.adapters.rad_dino:RadDinoAdapter")
 ADAPTERS.register("medsiglip", "vlpbench.adapters.medsiglip:MedSiglipAdapter")
 ADAPTERS.register("xraysiglip", "vlpbench.adapters.xraysiglip:XraySiglipAdapter")
+ADAPTERS.register("carzero", "vlpbench.adapters.carzero:CARZeroAdapter")
 
 
 class PluginError(VlpbenchError):

@@ -47,7 +47,7 @@ COMPARISONS: dict[str, Comparison] = {c.name: c for c in (
         tasks=("chexpert_zs", "cxr14_zs", "padchest_zs", "rsna_zs", "siim_zs",
                "chexlocalize_ground", "rsna_ground", "ms_cxr_ground"),
         fracs=(1.0,),
-        models=("clip", "biovil", "medklip", "kad", "mavl", "medsiglip", "biomedclip"),
+        models=("clip", "biovil", "medklip", "kad", "mavl", "carzero", "medsiglip", "xraysiglip", "biomedclip"),
         sources="the zero-shot tables of MAVL (CVPR 2024: CheXpert, ChestX-ray14, PadChest, RSNA, SIIM), CARZero "
                 "(CVPR 2024: ChestX-ray14, CheXpert, PadChest) and RadZero (NeurIPS 2025: classification and "
                 "grounding), with CheXlocalize's pixel masks for grounding"),
