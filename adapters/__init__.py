@@ -53,6 +53,7 @@ ADAPTERS.register("medclip", "vlpbench.adapters.medclip:MedCLIPAdapter")
 ADAPTERS.register("cxrclip", "vlpbench.adapters.cxrclip:CXRClipAdapter")
 ADAPTERS.register("rad_dino", "vlpbench.adapters.rad_dino:RadDinoAdapter")
 ADAPTERS.register("medsiglip", "vlpbench.adapters.medsiglip:MedSiglipAdapter")
+ADAPTERS.register("ark", "vlpbench.adapters.ark:ArkAdapter")
 
 
 class PluginError(VlpbenchError):
