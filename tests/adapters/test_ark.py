@@ -8,7 +8,7 @@ import torch
 from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 
 from vlpbench.adapters import adapter_names
-from vlpbench.adapters.ark import HEADS_REASON, MASK_REASON, ArkAdapter
+from vlpbench.adapters.ark import HEADS_REASON, MASK_REASON, SMP_NAMES, ArkAdapter
 from vlpbench.cli import main
 from vlpbench.errors import CheckpointError, ConfigError
 from vlpbench.testing.ark import ark_state, tiny_swin, training_checkpoint
@@ -162,3 +162,19 @@ def test_models_lists_ark(capsys):
     block = out[out.index("ark "):].split("\n\n")[0]
     assert "input:        224² px, 3 channel(s), mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)" in block
     assert "pre-trained:  mimic_cxr" in block and "vindr" in block
+
+
+def test_ark_plus_published_shape_reads_as_swin_l_at_768():
+    # Ark+'s model (Ark_Plus/Pretraining/models.py:89-90) on the meta device: shapes only, no weights drawn.
+    with torch.device("meta"):
+        model = SwinTransformer(img_size=768, patch_size=4, window_size=12, embed_dim=192, depths=(2, 2, 18, 2),
+                                num_heads=(6, 12, 24, 48))
+    weights = ArkAdapter.map_weights(ark_state(model, projector_features=1376), {"weights": "teacher",
+                                                                                "pool": "projector"})
+    assert weights.report.ok, weights.report.format()
+    assert weights.report.layout == "ark (swin 192-wide, window 12, 768 px, teacher)"
+    # 4 + 13 per block (24) + 3 per merging (3) + final norm (2), and the projector's weight and bias.
+    assert len(weights.report.mapped) == 4 + 13 * 24 + 3 * 3 + 2 + 2
+    # Every odd block of every stage is shifted at 768 px (the last stage, 24 tokens wide, exceeds its window).
+    assert len(weights.report.ignored[MASK_REASON]) == 1 + 1 + 9 + 1
+    assert weights.extra["image_size"] == 768 and SMP_NAMES[weights.extra["arch"].embed_dim].endswith("window12_384")
