@@ -11,7 +11,8 @@ What the authors publish (jlianglab/Ark @ cba3fad), on request through the Googl
   ``Ark_MICCAI2023/engine.py:175-182``). Ark's code evaluates ``teacher`` (notebook cell 2 ``key = "teacher"``,
   ``Ark_Plus/README.md:67`` ``--key teacher``, ``Ark_Plus/Finetuning/models.py:210-213``); option
   ``weights=student`` reads the student instead. Keys carry ``module.`` where training ran on several GPUs
-  (``DataParallel``, ``Ark_Plus/Pretraining/engine.py:77-79``), which Ark's loaders strip (``models.py:97-98``).
+  (``DataParallel``, ``Ark_Plus/Pretraining/engine.py:77-79``), which Ark's loaders strip
+  (``Ark_Plus/Pretraining/models.py:97-98``).
 
 Both are ``ArkSwinTransformer`` state dicts (``Ark_MICCAI2023/models.py:13-46``,
 ``Ark_Plus/Pretraining/models.py:15-47``): a timm 0.5.4 ``SwinTransformer`` (every requirements file pins
