@@ -55,6 +55,7 @@ ADAPTERS.register("rad_dino", "vlpbench.adapters.rad_dino:RadDinoAdapter")
 ADAPTERS.register("medsiglip", "vlpbench.adapters.medsiglip:MedSiglipAdapter")
 ADAPTERS.register("xraysiglip", "vlpbench.adapters.xraysiglip:XraySiglipAdapter")
 ADAPTERS.register("carzero", "vlpbench.adapters.carzero:CARZeroAdapter")
+ADAPTERS.register("ark", "vlpbench.adapters.ark:ArkAdapter")
 
 
 class PluginError(VlpbenchError):

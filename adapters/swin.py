@@ -226,10 +226,12 @@ def match_hf_swin(part: Mapping[str, Any], report: LoadReport, *, source_prefix:
 
 
 @functools.lru_cache(maxsize=None)
-def swin_encoder_shapes(arch: SwinArch) -> Mapping[str, tuple[int, ...]]:
-    """Key → shape of the smp Swin encoder of ``arch`` (built on the meta device, no init spent)."""
+def swin_encoder_shapes(arch: SwinArch, img_size: int = 224) -> Mapping[str, tuple[int, ...]]:
+    """Key → shape of the smp Swin encoder of ``arch`` built for ``img_size`` px (on the meta device, no init
+    spent). The size matters where a stage is no larger than the window: timm shrinks that stage's window, and
+    with it the position-bias table, to the stage."""
     with torch.device("meta"):
-        module = _smp_swin(SWIN_ENCODER_NAME, arch.timm_kwargs())
+        module = _smp_swin(SWIN_ENCODER_NAME, {**arch.timm_kwargs(), "img_size": img_size})
     return {k: tensor_spec(v) for k, v in module.state_dict().items()}
 
 

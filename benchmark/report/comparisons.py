@@ -37,7 +37,7 @@ COMPARISONS: dict[str, Comparison] = {c.name: c for c in (
         tasks=("vindr_cls", "rsna_cls", "chexpert_cls", "tbx11k_cls", "covidx_cls",
                "siim_seg", "rsna_seg", "tbx11k_seg", "vindr_det"),
         fracs=(0.01, 0.1, 1.0),
-        models=("rad_dino", "medsiglip", "biomedclip", "xraysiglip", "clip", "mrm", "g2d"),
+        models=("rad_dino", "medsiglip", "biomedclip", "ark", "xraysiglip", "clip", "mrm", "g2d"),
         sources="the encoders and datasets of gary8564/rad_dino's benchmark (RAD-DINO, MedSigLIP, BiomedCLIP, "
                 "Ark+, the CheXagent encoders; VinDr-CXR, RSNA, TBX11K, COVIDx), FairMedFM (CheXpert) and BenchX "
                 "(SIIM, RSNA and TBX11K segmentation, VinDr-CXR), beside a VLP encoder of the G2D tables"),

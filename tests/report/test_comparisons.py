@@ -43,7 +43,7 @@ def test_foundation_columns_follow_the_comparison_and_every_model_on_its_tasks_i
     assert _header(text) == ["vindr_cls 1%", "rsna_cls 10%", "siim_seg 100%"]
     assert sorted(_row_labels(text)) == ["my_ckpt", "rad_dino"]  # g2d has no record on these tasks
     assert "**84.0**" in text and "80.0" in text
-    assert ("Models of the comparison without records here: medsiglip, biomedclip, xraysiglip, clip, mrm, g2d"
+    assert ("Models of the comparison without records here: medsiglip, biomedclip, ark, xraysiglip, clip, mrm, g2d"
             in text)
     assert "Tasks of the comparison without records here: chexpert_cls, tbx11k_cls" in text
     # A fraction outside the comparison's is left out; a comparison with no record is an error naming it.
