@@ -6,7 +6,8 @@ Built-in adapters (``vlpbench run --model NAME``):
   full pre-training checkpoint, detected from the keys (``g2d.py``).
 - ``resnet50``: a torchvision ResNet-50 state dict from a local file, e.g. ImageNet weights (``resnet.py``).
 - ``random``: a seeded, randomly initialised ResNet-50; takes no checkpoint (``resnet.py``).
-- ``mgca`` (``mgca.py``), ``medklip`` (``medklip.py``), ``mavl`` (``mavl.py``), ``clip`` (``clip.py``) and ``generic`` (``generic.py``).
+- one file per other family, named as the adapter: the registrations below list every one
+  (``vlpbench models`` prints each with its model card).
 
 Adding a model: subclass ``vlpbench.adapters.base.Adapter``, implement ``map_weights`` with the helpers in
 ``base.py``, and either add one ``ADAPTERS.register`` line below (a built-in) or publish it from your own
