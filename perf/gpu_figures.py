@@ -202,7 +202,7 @@ def data_path_figures(device: torch.device, n: int | None, batch: int | None, wo
     from vlpbench import api
     from vlpbench.adapters import build_adapter
     from vlpbench.protocols.features import (Preprocessing, RunEncoder, batch_ranges, center_crop, encoder_input,
-                                             extract_features, load_images, pooled, uint8_batch)
+                                             extract_features, load_images, pooled, uint8_batch, uint8_pixels)
     from vlpbench.protocols.prefetch import prefetch_depth
 
     spec = api.load_task(PROTOCOL_TASKS["linear"])
@@ -234,16 +234,24 @@ def data_path_figures(device: torch.device, n: int | None, batch: int | None, wo
         _sync(device)
         return time.perf_counter() - started
 
+    def reading() -> float:
+        started = time.perf_counter()
+        for index in batch_ranges(len(images), batch):
+            uint8_pixels(images, index, device)
+        return time.perf_counter() - started
+
     extraction(depth)  # warm-up: allocations, algorithm search, the memory map's pages
-    # The best of REPEATS, taken in turn, so that a passing load on the machine favours neither.
-    times = [(extraction(0), extraction(depth), computation()) for _ in range(REPEATS)]
-    serial, ahead, compute = (min(column) for column in zip(*times))
+    # The best of REPEATS, taken in turn, so that a passing load on the machine favours none.
+    times = [(extraction(0), extraction(depth), computation(), reading()) for _ in range(REPEATS)]
+    serial, ahead, compute, read = (min(column) for column in zip(*times))
     how = f"extract_features over the memory-mapped image cache, batch {batch}, {pre.crop} px crop, best of {REPEATS}"
     return [Figure(f"feature extraction, {n} images, serial", n / serial, "images/s", "measured", how),
             Figure(f"feature extraction, {n} images, prefetched (depth {depth})", n / ahead, "images/s", "measured",
                    how),
             Figure("encoder compute alone, same batches", n / compute, "images/s", "measured",
                    f"inputs on device, best of {REPEATS}"),
+            Figure("image-cache reads alone, same batches", 1000 * read / len(batch_ranges(n, batch)), "ms/batch",
+                   "measured", f"what prefetching hides: read into host memory, page-locked for CUDA; best of {REPEATS}"),
             Figure("data path busy fraction, serial (compute / wall)", compute / serial, "fraction", "measured",
                    "1 = the encoder never waits"),
             Figure("data path busy fraction, prefetched (compute / wall)", compute / ahead, "fraction", "measured",
