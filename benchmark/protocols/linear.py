@@ -26,7 +26,8 @@ Two head solvers (config ``head_solver``):
   CLIP's linear probe); cached mode only. No seed enters the fit: every seed of a fraction gives the same head.
 
 Both modes read the images through the resize of config ``resize`` (:mod:`vlpbench.protocols.features`):
-``square`` (canonical) or ``pad``, MGCA's ``resize_img``.
+``square`` (canonical) or ``pad``, MGCA's ``resize_img``. The cached features are extracted in batches of config
+``feature_batch_size`` (default :data:`FEATURE_BATCH`), which sets memory and speed only.
 
 MGCA draws its 1 % and 10 % training subsets with ``df.sample(frac, random_state=42)`` over its
 training dataframe (HKU-MedAI/MGCA mgca/datasets/classification_dataset.py:52-53, 165-166, 208-209);
