@@ -12,14 +12,15 @@ to ``--out`` (``perf/RESULTS.md``, created with a short header where missing).
   it linearly to the protocol's batch (a CPU's time per image barely depends on the batch; a GPU's does).
   The linear head is fitted on random features of RSNA's training-part size (``--quick``: a tenth, scaled
   linearly): one sgd epoch, and the whole lbfgs penalty grid.
-- data path: a feature extraction (``cached_features``, empty feature store) over synthetic RSNA images read
-  from a filled image cache, against the encoder's compute alone on the same batches already on the device:
-  the busy fraction is compute / wall.
+- data path: a feature extraction (``extract_features``, rsna_cls's ``feature_batch_size``) over synthetic RSNA
+  images read from a filled image cache, serial (``VLPBENCH_PREFETCH=0``) and prefetched, against the encoder's
+  compute alone on the same batches already on the device: the busy fraction is compute / wall, for each.
 - linear probe per sweep: encoder passes of rsna_cls's 3 fractions x 3 seeds on rsna/v1, cached (one shared
   extraction) vs MGCA's per-epoch mode, counted from the split files, and the time they imply at the measured
   fp32 images/s.
 
     python perf/gpu_figures.py --device cuda|cpu [--quick] [--out perf/RESULTS.md] [--label "..."]
+                               [--images N] [--feature-batch B]
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from results_md import Figure, append_section, section  # perf/ is this script's folder, first on sys.path
@@ -42,6 +42,7 @@ SPLIT = ("rsna", "v1")
 PROTOCOL_TASKS = {"segmentation": "rsna_seg", "detection": "rsna_det", "linear": "rsna_cls", "finetune": "cxr14_ft"}
 QUICK_BATCH = 2
 SEEDS = 3
+REPEATS = 3  # timings of the data-path figure: the best of as many
 
 
 def _sync(device: torch.device) -> None:
@@ -193,48 +194,68 @@ def head_figures(device: torch.device, quick: bool) -> list[Figure]:
                    f"{note}, 2048 channels, the whole penalty grid")]
 
 
-def data_path_figures(device: torch.device, n: int, work: Path) -> list[Figure]:
-    """Busy fraction of a feature extraction from the image cache: the encoder's compute alone on the same
-    batches (already on the device) over the extraction's wall time."""
+def data_path_figures(device: torch.device, n: int | None, batch: int | None, work: Path) -> list[Figure]:
+    """Busy fraction of a feature extraction from the image cache, serial and prefetched, measured in the same run:
+    the encoder's compute alone on the same batches (already on the device) over each extraction's wall time.
+    ``batch``: images per encoder call (None: rsna_cls's ``feature_batch_size``); ``n``: images (None: 4 batches,
+    so that there is a next batch to prepare)."""
     from vlpbench import api
     from vlpbench.adapters import build_adapter
-    from vlpbench.protocols.features import (Preprocessing, RunEncoder, cached_features, center_crop,
-                                             encoder_input, load_images, pooled, uint8_batch)
-    from vlpbench.protocols.linear import FEATURE_BATCH
+    from vlpbench.protocols.features import (Preprocessing, RunEncoder, batch_ranges, center_crop, encoder_input,
+                                             extract_features, load_images, pooled, uint8_batch, uint8_pixels)
+    from vlpbench.protocols.prefetch import prefetch_depth
 
     spec = api.load_task(PROTOCOL_TASKS["linear"])
-    pre = Preprocessing.from_config(spec.resolve())
+    config = spec.resolve()
+    pre, batch = Preprocessing.from_config(config), batch or int(config["feature_batch_size"])
+    n = n or 4 * batch
     api.synth("rsna", work / "rsna", n=n, size=pre.resize, progress=False)
     source = api.open_dataset(spec, work / "rsna")
     ids = list(source.image_ids)[:n]
-    images = load_images(source, ids, pre.resize, False, pre.cache_method)  # fills the image cache
-    adapter = build_adapter("random", None)
-    encoder = RunEncoder(adapter, device)
-    cached_features(adapter, source, ids[:FEATURE_BATCH], pre, batch_size=FEATURE_BATCH, device=device,
-                    encoder=encoder)  # warm-up; its shard holds other ids than the timed pass
-    _sync(device)
-    started = time.perf_counter()
-    cached_features(adapter, source, ids[FEATURE_BATCH:], pre, batch_size=FEATURE_BATCH, device=device,
-                    encoder=encoder)
-    _sync(device)
-    wall = time.perf_counter() - started
-    timed = len(ids) - FEATURE_BATCH
-    batches = [encoder_input(center_crop(uint8_batch(images, np.arange(s, min(s + FEATURE_BATCH, len(ids))), device),
-                                         pre.crop), pre)
-               for s in range(FEATURE_BATCH, len(ids), FEATURE_BATCH)]
-    module = encoder()
-    _sync(device)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        for x in batches:
-            pooled(module, x)
-    _sync(device)
-    compute = time.perf_counter() - started
-    return [Figure(f"feature extraction from the image cache, {timed} images", timed / wall, "images/s", "measured",
-                   f"cached_features wall, batch {FEATURE_BATCH}, {pre.crop} px crop, features written"),
-            Figure("encoder compute alone, same batches", timed / compute, "images/s", "measured", "inputs on device"),
-            Figure("data path busy fraction (compute / wall)", compute / wall, "fraction", "measured",
-                   "1 = the encoder never waits")]
+    images = load_images(source, ids, pre.resize, False, pre.cache_method)  # fills the image cache; memory-mapped
+    module = RunEncoder(build_adapter("random", None), device)()
+    depth = prefetch_depth() or 2
+
+    def extraction(depth: int) -> float:
+        _sync(device)
+        started = time.perf_counter()
+        extract_features(module, images, pre, batch_size=batch, device=device, depth=depth)
+        _sync(device)
+        return time.perf_counter() - started
+
+    def computation() -> float:
+        batches = [encoder_input(center_crop(uint8_batch(images, index, device), pre.crop), pre)
+                   for index in batch_ranges(len(images), batch)]
+        _sync(device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for x in batches:
+                pooled(module, x)
+        _sync(device)
+        return time.perf_counter() - started
+
+    def reading() -> float:
+        started = time.perf_counter()
+        for index in batch_ranges(len(images), batch):
+            uint8_pixels(images, index, device)
+        return time.perf_counter() - started
+
+    extraction(depth)  # warm-up: allocations, algorithm search, the memory map's pages
+    # The best of REPEATS, taken in turn, so that a passing load on the machine favours none.
+    times = [(extraction(0), extraction(depth), computation(), reading()) for _ in range(REPEATS)]
+    serial, ahead, compute, read = (min(column) for column in zip(*times))
+    how = f"extract_features over the memory-mapped image cache, batch {batch}, {pre.crop} px crop, best of {REPEATS}"
+    return [Figure(f"feature extraction, {n} images, serial", n / serial, "images/s", "measured", how),
+            Figure(f"feature extraction, {n} images, prefetched (depth {depth})", n / ahead, "images/s", "measured",
+                   how),
+            Figure("encoder compute alone, same batches", n / compute, "images/s", "measured",
+                   f"inputs on device, best of {REPEATS}"),
+            Figure("image-cache reads alone, same batches", 1000 * read / len(batch_ranges(n, batch)), "ms/batch",
+                   "measured", f"what prefetching hides: read into host memory, page-locked for CUDA; best of {REPEATS}"),
+            Figure("data path busy fraction, serial (compute / wall)", compute / serial, "fraction", "measured",
+                   "1 = the encoder never waits"),
+            Figure("data path busy fraction, prefetched (compute / wall)", compute / ahead, "fraction", "measured",
+                   f"the next {depth} batches read while the encoder runs")]
 
 
 def sweep_figures(rate: float) -> list[Figure]:
@@ -276,7 +297,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="append a section to this Markdown file")
     parser.add_argument("--label", default="", help="added to the section's title (e.g. the machine's sharing)")
     parser.add_argument("--images", type=int, default=None, help="synthetic images of the data-path figure "
-                        "(default 96, quick 64)")
+                        "(default: 4 batches)")
+    parser.add_argument("--feature-batch", type=int, default=None, help="images per encoder call in the data-path "
+                        "figure (default: rsna_cls's feature_batch_size)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -286,7 +309,7 @@ def main() -> None:
         os.environ["VLPBENCH_CACHE"] = str(Path(tmp) / "cache")  # never the user's own caches
         encoder, rate = encoder_figures(device, args.quick)
         figures = [*encoder, *protocol_figures(device, args.quick), *head_figures(device, args.quick),
-                   *data_path_figures(device, args.images or (64 if args.quick else 96), Path(tmp)),
+                   *data_path_figures(device, args.images, args.feature_batch, Path(tmp)),
                    *sweep_figures(rate)]
     name = device_label(device)
     title = f"{datetime.date.today().isoformat()}, {name}" + (f" ({args.label})" if args.label else "")

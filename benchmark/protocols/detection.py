@@ -51,7 +51,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ from vlpbench.metrics.detection import MAX_DETECTIONS, ClassMatches, detection_c
 from vlpbench.predictions import DETECTIONS_FILE, read_coco_results, write_detections
 from vlpbench.protocols import SplitIds, base
 from vlpbench.protocols.labels import class_names
+from vlpbench.protocols.prefetch import pinned, prefetch
 from vlpbench.protocols.runtime import (
     Selection,
     check_finite,
@@ -353,9 +354,9 @@ class PartFeatures:
         eval_backbone(model.encoder)
         if storage == "memory":
             first, stop = distributed.batch_block(len(data), batch_size)  # this rank's whole batches
-            chunks = [model.features(self._images(list(range(start, min(start + batch_size, stop)))))
-                      for start in tqdm(range(first, stop, batch_size), desc=f"features {desc}",
-                                        disable=not progress, leave=False, unit="batch")]
+            chunks = [model.features(self._input(pixels)) for pixels in tqdm(
+                self._read(first, stop, batch_size), total=len(range(first, stop, batch_size)),
+                desc=f"features {desc}", disable=not progress, leave=False, unit="batch")]
             self.kept = [torch.cat(maps) for maps in zip(*chunks)]
             if distributed.is_active():
                 self.kept = _gathered_maps(self.kept, device)
@@ -367,9 +368,10 @@ class PartFeatures:
     def _write_rows(self, path: Path, batch_size: int, progress: bool, desc: str) -> None:
         """Every image's maps, flattened into one float16 row of a memory-mapped file at ``path``."""
         self.shapes: list[tuple[int, ...]] = []
-        for start in tqdm(range(0, len(self.data), batch_size), desc=f"features {desc}", disable=not progress,
-                          leave=False, unit="batch"):
-            maps = self.model.features(self._images(list(range(start, min(start + batch_size, len(self.data))))))
+        start = 0
+        for pixels in tqdm(self._read(0, len(self.data), batch_size), total=len(range(0, len(self.data), batch_size)),
+                           desc=f"features {desc}", disable=not progress, leave=False, unit="batch"):
+            maps = self.model.features(self._input(pixels))
             if self.rows is None:
                 self.shapes = [tuple(m.shape[1:]) for m in maps]
                 width = sum(int(np.prod(shape)) for shape in self.shapes)
@@ -382,25 +384,46 @@ class PartFeatures:
                                     "they cannot be stored on disk; raise feature_cache_gb to keep them in memory "
                                     "in float32")
             self.rows[start:start + len(maps[0])] = flat.cpu().numpy().astype(np.float16)
+            start += len(maps[0])
         self.rows.flush()
 
-    def _images(self, index: list[int]) -> torch.Tensor:
-        x = _normalize(to_device(self.data.images[index], self.device), self.config)
+    def _read(self, first: int, stop: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """The uint8 images of the batches of ``range(first, stop)``, read ahead of the encoder."""
+        return prefetch(lambda start: pinned(self.data.images[start:min(start + batch_size, stop)], self.device),
+                        range(first, stop, batch_size), self.device)
+
+    def _input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 images (host) → the encoder's normalised input on the device."""
+        x = _normalize(to_device(pixels, self.device), self.config)
         if self.device.type == "cuda":  # the encoder is channels-last on CUDA (runtime.prepare_model)
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def __call__(self, index: list[int]) -> list[torch.Tensor]:
+    def host(self, index: list[int]) -> torch.Tensor | None:
+        """What ``self(index)`` reads on the host, page-locked for CUDA: the images (``batch``) or the float16
+        rows widened to float32 (``memmap``), in ``index`` order; None for ``memory``. Safe to call from
+        another thread than :meth:`on_device` (:mod:`vlpbench.protocols.prefetch`)."""
+        if self.kept is not None:
+            return None
+        if self.rows is not None:
+            order = np.sort(np.asarray(index))  # file order: sequential reads
+            flat = torch.from_numpy(self.rows[order].astype(np.float32))
+            return pinned(flat[torch.from_numpy(np.searchsorted(order, index))], self.device)
+        return pinned(self.data.images[index], self.device)
+
+    def on_device(self, index: list[int], host: torch.Tensor | None) -> list[torch.Tensor]:
+        """The head's input for ``index`` from :meth:`host`'s result for it."""
         if self.kept is not None:
             rows = torch.tensor(index, device=self.device)
             return [maps[rows] for maps in self.kept]
         if self.rows is not None:
-            order = np.sort(np.asarray(index))  # file order: sequential reads
-            flat = torch.from_numpy(self.rows[order].astype(np.float32))
-            flat = to_device(flat[torch.from_numpy(np.searchsorted(order, index))], self.device)
+            flat = to_device(host, self.device)
             sizes = [int(np.prod(shape)) for shape in self.shapes]
             return [part.reshape(-1, *shape) for part, shape in zip(flat.split(sizes, 1), self.shapes)]
-        return self.model.features(self._images(index))
+        return self.model.features(self._input(host))
+
+    def __call__(self, index: list[int]) -> list[torch.Tensor]:
+        return self.on_device(index, self.host(index))
 
     def describe(self) -> dict[str, str]:
         """Where the features lived and their dtype, as the record states it."""
@@ -902,11 +925,16 @@ def _train_epoch(model: Detector, head: nn.Module, data: DetectionImages, featur
         eval_backbone(model.encoder)  # frozen means frozen: BatchNorm statistics do not drift
     size = data.images.shape[-1]
     order = torch.randperm(len(data), generator=generator)
-    total, count = 0.0, 0
-    for start in range(0, len(data) - batch_size + 1, batch_size):  # drop_last, as MGCA
+
+    def prepare(start: int) -> tuple[int, list[int], torch.Tensor | None]:
         index = list(distributed.shard(order[start:start + batch_size].tolist()))
-        loss = _batch_loss(head(features(index)), [data.targets[i] for i in index], anchors, size, config,
-                           [data.target_labels[i] for i in index])
+        return start, index, features.host(index)
+
+    total, count = 0.0, 0
+    # drop_last, as MGCA; the next batches are read while the head trains (vlpbench.protocols.prefetch)
+    for start, index, host in prefetch(prepare, range(0, len(data) - batch_size + 1, batch_size), features.device):
+        loss = _batch_loss(head(features.on_device(index, host)), [data.targets[i] for i in index], anchors, size,
+                           config, [data.target_labels[i] for i in index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -926,9 +954,13 @@ def _predict(model: Detector, data: DetectionImages, features: PartFeatures, anc
     total = 0.0
     detections: list[Detections] = []
     first, stop = distributed.batch_block(len(data), batch_size)
-    for start in range(first, stop, batch_size):
+
+    def prepare(start: int) -> tuple[list[int], torch.Tensor | None]:
         index = list(range(start, min(start + batch_size, stop)))
-        outputs = model.head(features(index))
+        return index, features.host(index)
+
+    for index, host in prefetch(prepare, range(first, stop, batch_size), features.device):
+        outputs = model.head(features.on_device(index, host))
         total += _batch_loss(outputs, [data.targets[i] for i in index], anchors, size, config,
                              [data.target_labels[i] for i in index]).item() * len(index)
         decoded = [decode(raw, scale_anchors, (size / raw.shape[-2], size / raw.shape[-1]))

@@ -73,6 +73,7 @@ from vlpbench.config import cache_dir
 from vlpbench.data.cache import METHOD_TAGS, cached_images, source_fingerprint
 from vlpbench.errors import ConfigError, VlpbenchError
 from vlpbench.files import atomic_path, atomic_write
+from vlpbench.protocols.prefetch import pinned, prefetch
 from vlpbench.protocols.runtime import DEFAULT_PRECISION, prepare_model, to_device
 
 log = logging.getLogger("vlpbench")
@@ -212,22 +213,44 @@ def freeze(encoder: torch.nn.Module) -> torch.nn.Module:
     return encoder.eval()
 
 
+def uint8_pixels(images: np.ndarray, index: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Images ``index`` of a uint8 (memory-mapped) stack, read into host memory ``(B, S, S)`` uint8 (page-locked
+    where bound for CUDA): the host half of :func:`uint8_batch`."""
+    return pinned(torch.from_numpy(np.ascontiguousarray(images[index])), device)
+
+
+def as_unit_float(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 pixels ``(B, S, S)`` → float ``(B, 1, S, S)`` in [0, 1] on ``device``: the device half of
+    :func:`uint8_batch`."""
+    return to_device(pixels, device).unsqueeze(1).float().div_(255.0)
+
+
 def uint8_batch(images: np.ndarray, index: np.ndarray, device: torch.device) -> torch.Tensor:
     """Images ``index`` of a uint8 (memory-mapped) stack as float ``(B, 1, S, S)`` in [0, 1] on ``device``."""
-    return to_device(torch.from_numpy(np.ascontiguousarray(images[index])), device).unsqueeze(1).float().div_(255.0)
+    return as_unit_float(uint8_pixels(images, index, device), device)
+
+
+def batch_ranges(n: int, batch_size: int) -> list[np.ndarray]:
+    """The indices of each batch of ``range(n)`` in order, the last one possibly smaller."""
+    return [np.arange(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
 
 @torch.inference_mode()
 def extract_features(encoder: torch.nn.Module, images: np.ndarray, pre: Preprocessing, *, batch_size: int,
-                     device: torch.device, progress: bool = False, desc: str = "features") -> np.ndarray:
-    """Pooled features ``(n, channels)`` float32 of uint8 images ``(n, resize, resize)`` through ``pre``."""
+                     device: torch.device, progress: bool = False, desc: str = "features",
+                     depth: int | None = None) -> np.ndarray:
+    """Pooled features ``(n, channels)`` float32 of uint8 images ``(n, resize, resize)`` through ``pre``; the
+    next batches are read while the encoder runs (``depth``: :func:`vlpbench.protocols.prefetch.prefetch`)."""
     freeze(encoder).to(device)
     channels = pooled_channels(encoder)
     features = np.empty((len(images), channels), dtype=np.float32)
     bar = tqdm(total=len(images), desc=desc, disable=not progress, leave=False, unit="img")
-    for start in range(0, len(images), batch_size):
-        index = np.arange(start, min(start + batch_size, len(images)))
-        x = encoder_input(center_crop(uint8_batch(images, index, device), pre.crop), pre)
+
+    def read(index: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        return index, uint8_pixels(images, index, device)
+
+    for index, pixels in prefetch(read, batch_ranges(len(images), batch_size), device, depth):
+        x = encoder_input(center_crop(as_unit_float(pixels, device), pre.crop), pre)
         features[index] = pooled(encoder, x).float().cpu().numpy()
         bar.update(len(index))
     bar.close()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -36,14 +36,16 @@ from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.classification import macro_auc
 from vlpbench.protocols import SplitIds
 from vlpbench.protocols.features import (
+    as_unit_float,
     channel_values,
     load_images,
     normalize,
     pool_description,
     pooled,
     pooled_channels,
-    uint8_batch,
+    uint8_pixels,
 )
+from vlpbench.protocols.prefetch import prefetch
 from vlpbench.predictions import write_probabilities
 from vlpbench.protocols.classification import class_counts, evaluate_classification, metric_names
 from vlpbench.protocols.labels import class_names, label_kind, task_labels
@@ -89,14 +91,63 @@ class Classifier(torch.nn.Module):
         return self.head(pooled(self.encoder, x))
 
 
+def augment_draws(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random draws of :func:`augment` for ``batch`` images: which to flip ``(B,)`` and the affine matrices
+    ``(B, 2, 3)``, from ``generator`` in that order."""
+    flip = torch.rand(batch, generator=generator) < FLIP_P
+    return flip, random_affine(batch, SCALE_LIMIT, ROTATE_DEG, AFFINE_P, generator)
+
+
+def augmented(images01: torch.Tensor, flip: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, S, S)`` images flipped where ``flip``, then resampled through ``theta`` (zero fill)."""
+    images01 = torch.where(flip.view(-1, 1, 1, 1).to(images01.device), images01.flip(-1), images01)
+    grid = F.affine_grid(theta.to(images01.device), list(images01.shape), align_corners=False)
+    return F.grid_sample(images01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def augment(images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Training augmentation of ``(B, 1, S, S)`` images: horizontal flip (p 0.5), then scale +-10 %
     and rotation +-10 degrees (p 0.5), zero fill, as the segmentation protocol's affine."""
-    flip = torch.rand(len(images01), generator=generator) < FLIP_P
-    images01 = torch.where(flip.view(-1, 1, 1, 1).to(images01.device), images01.flip(-1), images01)
-    theta = random_affine(len(images01), SCALE_LIMIT, ROTATE_DEG, AFFINE_P, generator).to(images01.device)
-    grid = F.affine_grid(theta, list(images01.shape), align_corners=False)
-    return F.grid_sample(images01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return augmented(images01, *augment_draws(len(images01), generator))
+
+
+def train_batches(images: np.ndarray, batch_size: int, augment_images: bool, generator: torch.Generator,
+                  device: torch.device) -> Iterator[tuple[np.ndarray, torch.Tensor, tuple | None]]:
+    """One epoch's training batches, prepared on the host ahead of the loop (:mod:`vlpbench.protocols.prefetch`):
+    per global batch of ``batch_size`` (the last incomplete one dropped), its image indices (sorted: memory-map
+    reads in file order), their uint8 pixels and the augmentation's draws (:func:`augment_draws`; None: not
+    augmented), drawn for the global batch so that every rank's generator stays in step."""
+    order = torch.randperm(len(images), generator=generator).numpy()
+
+    def prepare(step: int) -> tuple[np.ndarray, torch.Tensor, tuple | None]:
+        index = np.sort(order[step * batch_size:(step + 1) * batch_size])
+        draws = augment_draws(batch_size, generator) if augment_images else None
+        return index, uint8_pixels(images, index, device), draws
+
+    return prefetch(prepare, range(len(images) // batch_size), device)
+
+
+def train_epoch(model: torch.nn.Module, stepped: torch.nn.Module, images: np.ndarray, train_targets: torch.Tensor,
+                *, optimizer: torch.optim.Optimizer, loss_fn, inputs, batch_size: int, augment_images: bool,
+                generator: torch.Generator, device: torch.device, epoch: int) -> float:
+    """One epoch over :func:`train_batches`, the mean training loss; ``stepped`` is ``model`` or its
+    DistributedDataParallel wrapper, which trains on this rank's equal share of each global batch; ``inputs``
+    normalises images in [0, 1] for the encoder."""
+    model.train()
+    ranks, steps = distributed.world_size(), len(images) // batch_size
+    total = 0.0
+    for step, (index, pixels, draws) in enumerate(train_batches(images, batch_size, augment_images, generator,
+                                                                device)):
+        x = as_unit_float(pixels, device)
+        if draws is not None:
+            x = augmented(x, *draws)
+        mine = distributed.shard(np.arange(batch_size))  # this rank's equal share of the global batch
+        loss = loss_fn(stepped(inputs(x[mine])), train_targets[torch.from_numpy(index[mine]).to(device)])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += check_finite(loss, epoch, step + 1)
+    return distributed.all_reduce_sum([total])[0] / ranks / steps  # equal shares: mean of the means
 
 
 def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,
@@ -155,22 +206,10 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
     def inputs(x01: torch.Tensor) -> torch.Tensor:
         return normalize(x01, mean, std)
 
-    def train_epoch(epoch: int) -> float:
-        model.train()
-        order = torch.randperm(len(split.train), generator=generator).numpy()
-        total, steps = 0.0, len(split.train) // batch_size
-        for step in range(steps):
-            index = np.sort(order[step * batch_size:(step + 1) * batch_size])
-            x = uint8_batch(images["train"], index, device)
-            if config["augment"]:
-                x = augment(x, generator)  # drawn for the global batch, so the generators stay in step
-            mine = distributed.shard(np.arange(batch_size))  # this rank's equal share of the global batch
-            loss = loss_fn(stepped(inputs(x[mine])), train_targets[torch.from_numpy(index[mine]).to(device)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += check_finite(loss, epoch, step + 1)
-        return distributed.all_reduce_sum([total])[0] / ranks / steps  # equal shares: mean of the means
+    def one_epoch(epoch: int) -> float:
+        return train_epoch(model, stepped, images["train"], train_targets, optimizer=optimizer, loss_fn=loss_fn,
+                           inputs=inputs, batch_size=batch_size, augment_images=bool(config["augment"]),
+                           generator=generator, device=device, epoch=epoch)
 
     def validate(epoch: int) -> dict[str, float | None]:
         logits = _predict(model, images["val"], inputs, batch_size, device)
@@ -178,7 +217,7 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
                 "val_auc": _auc(kind, labels["val"], probabilities(kind, logits))}
 
     # The first epoch, then any with a strictly higher validation AUC or strictly lower validation loss.
-    fitted = fit(train_epoch, validate, max_epochs=int(config["max_epochs"]), patience=int(config["patience"]),
+    fitted = fit(one_epoch, validate, max_epochs=int(config["max_epochs"]), patience=int(config["patience"]),
                  select=Selection("val_auc", "max") if config["select_on"] == "auc" else LOWEST_VAL_LOSS,
                  snapshot=lambda: state_copy(model.state_dict()), restore=model.load_state_dict, progress=progress)
     t_train = time.perf_counter()
@@ -239,8 +278,9 @@ def _predict(model: torch.nn.Module, images: np.ndarray, inputs, batch_size: int
     whole batches and the logits of all images are gathered in image order on every rank."""
     model.eval()
     first, stop = distributed.batch_block(len(images), batch_size)
-    out = [model(inputs(uint8_batch(images, np.arange(start, min(start + batch_size, stop)), device))).float()
-           for start in range(first, stop, batch_size)]
+    read = prefetch(lambda start: uint8_pixels(images, np.arange(start, min(start + batch_size, stop)), device),
+                    range(first, stop, batch_size), device)
+    out = [model(inputs(as_unit_float(pixels, device))).float() for pixels in read]
     if not distributed.is_active():
         return torch.cat(out)
     local = torch.cat(out).cpu().numpy() if out else np.empty((0, model.head.out_features), dtype=np.float32)

@@ -70,9 +70,11 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int) -> float:
 
 
 def batch_sizes(config: Mapping[str, Any]) -> dict[str, int]:
-    """The config's batch-size options (``batch_size``, ``batch_size_1pct``, ...) and their values."""
+    """The config's batch-size options (``batch_size``, ``batch_size_1pct``, ``feature_batch_size``, ...) and their
+    values."""
     return {key: int(value) for key, value in config.items()
-            if key.startswith("batch_size") and isinstance(value, int) and not isinstance(value, bool)}
+            if (key.startswith("batch_size") or key.endswith("_batch_size"))
+            and isinstance(value, int) and not isinstance(value, bool)}
 
 
 @contextlib.contextmanager

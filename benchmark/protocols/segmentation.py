@@ -56,7 +56,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, VlpbenchError
 from vlpbench.evidence import per_item_evidence
 from vlpbench.protocols import SplitIds
+from vlpbench.protocols.prefetch import pinned, prefetch
 from vlpbench.protocols.runtime import (
     LOWEST_VAL_LOSS,
     check_finite,
@@ -627,35 +628,60 @@ def _loss(config: dict[str, Any], across_ranks: bool = False) -> Callable[[torch
     return loss
 
 
-def _batch(data: Images, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images = to_device(data.images[index].unsqueeze(1), device).float().div_(255.0)
-    masks = to_device(data.masks[index].unsqueeze(1), device)
-    return images, masks
+def _host_batch(data: Images, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 1, S, S) and masks (N, 1, S, S) of ``index`` in host memory, page-locked for CUDA."""
+    return pinned(data.images[index].unsqueeze(1), device), pinned(data.masks[index].unsqueeze(1), device)
+
+
+def _device_batch(host: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_host_batch`'s images in [0, 1] and masks, on ``device``."""
+    images, masks = host
+    return to_device(images, device).float().div_(255.0), to_device(masks, device)
+
+
+def train_batches(data: Images, config: dict[str, Any], generator: torch.Generator,
+                  device: torch.device) -> Iterator[tuple[int, tuple[torch.Tensor, ...], torch.Tensor | None]]:
+    """One epoch's training batches, prepared on the host ahead of the loop (:mod:`vlpbench.protocols.prefetch`):
+    ``(start, host tensors, theta)`` per global batch of ``batch_size`` (the last incomplete one dropped, as
+    MGCA), where the host tensors are this rank's full-size uint8 pixels and masks (``pipeline: mgca``) or
+    :func:`_host_batch`'s, and ``theta`` the augmentation's matrices for this rank (None: not augmented).
+
+    Every rank draws the whole global batch's order and augmentation (so the generators stay in step) and keeps
+    its block; the draws come from ``generator`` in the serial loop's order.
+    """
+    batch_size = config["batch_size"]
+    order = torch.randperm(len(data), generator=generator)
+
+    def prepare(start: int) -> tuple[int, tuple[torch.Tensor, ...], torch.Tensor | None]:
+        index = distributed.shard(order[start:start + batch_size])
+        if data.full is not None:  # pipeline: mgca, augmented at full size, then resized
+            theta = distributed.shard(random_affine(batch_size, 0.1, 10.0, 0.5, generator))
+            return start, (pinned(data.pixels(index).unsqueeze(1), device),
+                           pinned(data.masks[index].unsqueeze(1), device)), theta
+        theta = distributed.shard(_augment_theta(config, batch_size, generator)) if config["augment"] else None
+        return start, _host_batch(data, index, device), theta
+
+    return prefetch(prepare, range(0, len(data) - batch_size + 1, batch_size), device)
 
 
 def _train_epoch(model, stepped, data: Images, optimizer, loss_fn, normalize, config, generator, device,
                  epoch: int) -> float:
-    """One epoch; ``stepped`` is ``model`` or its DistributedDataParallel wrapper. Every rank draws the
-    whole global batch's order and augmentation (so the generators stay in step) and keeps its block."""
+    """One epoch over :func:`train_batches`; ``stepped`` is ``model`` or its DistributedDataParallel wrapper."""
     model.train()
     if config["freeze_bn"]:
         eval_backbone(model.unet.encoder)  # frozen means frozen: BatchNorm statistics do not drift
     batch_size = config["batch_size"]
-    order = torch.randperm(len(data), generator=generator)
     total, count = 0.0, 0
-    for start in range(0, len(data) - batch_size + 1, batch_size):  # drop_last, as MGCA
-        index = distributed.shard(order[start:start + batch_size])
-        if data.full is not None:  # pipeline: mgca, augmented at full size, then resized
-            theta = distributed.shard(random_affine(batch_size, 0.1, 10.0, 0.5, generator)).to(device)
-            pixels = to_device(data.pixels(index).unsqueeze(1), device).float()
-            images = mgca_images(pixels, theta, int(config["image_size"]))
-            masks = augment_masks(to_device(data.masks[index].unsqueeze(1), device), theta,
-                                  option(config, "augment_mask"), albumentations_centre=True)
+    for start, host, theta in train_batches(data, config, generator, device):
+        if data.full is not None:
+            theta = theta.to(device)
+            images = mgca_images(to_device(host[0], device).float(), theta, int(config["image_size"]))
+            masks = augment_masks(to_device(host[1], device), theta, option(config, "augment_mask"),
+                                  albumentations_centre=True)
         else:
-            images, masks = _batch(data, index, device)
-            if config["augment"]:
-                theta = distributed.shard(_augment_theta(config, batch_size, generator)).to(device)
-                grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+            images, masks = _device_batch(host, device)
+            if theta is not None:
+                grid = F.affine_grid(theta.to(device), list(images.shape), align_corners=False)
                 images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
                 masks = F.grid_sample(masks, grid, mode=option(config, "augment_mask"), padding_mode="zeros",
                                       align_corners=False)
@@ -688,8 +714,8 @@ def _evaluate_loss(model, data: Images, loss_fn, normalize, batch_size: int, dev
     totals are summed, so every rank gets the same value."""
     model.eval()
     total = 0.0
-    for start in rank_batches(len(data), batch_size):
-        images, masks = _batch(data, torch.arange(start, min(start + batch_size, len(data))), device)
+    for host in _eval_batches(data, batch_size, device, rank_batches(len(data), batch_size)):
+        images, masks = _device_batch(host[1], device)
         total += loss_fn(model(normalize(images)), masks).item() * len(images)
     return distributed.all_reduce_sum([total])[0] / len(data)
 
@@ -699,10 +725,20 @@ def predict_probabilities(model, data: Images, normalize, batch_size: int, devic
     """Yield ``(index, probabilities)`` batches at the input size, on ``device``; ``starts``: the batches'
     first indices (default: every batch)."""
     model.eval()
-    for start in range(0, len(data), batch_size) if starts is None else starts:
-        index = torch.arange(start, min(start + batch_size, len(data)))
-        images, _ = _batch(data, index, device)
+    for index, host in _eval_batches(data, batch_size, device, range(0, len(data), batch_size) if starts is None
+                                     else starts):
+        images, _ = _device_batch(host, device)
         yield index, torch.sigmoid(model(normalize(images)))
+
+
+def _eval_batches(data: Images, batch_size: int, device: torch.device,
+                  starts: range) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    """``(index, host batch)`` of the batches beginning at ``starts``, prepared ahead of the loop."""
+    def prepare(start: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        index = torch.arange(start, min(start + batch_size, len(data)))
+        return index, _host_batch(data, index, device)
+
+    return prefetch(prepare, starts, device)
 
 
 def _test_dice(model, data: Images, source: SegmentationSource, normalize, config, device, progress,

@@ -6,9 +6,8 @@ from the checkpoint, and fed random inputs of the protocol's input shape: one wa
 cuDNN's algorithm search, lazy initialisation), then ``batches`` timed batches, the device synchronised at
 both ends. The steps are the protocols' own functions where they take a split part in memory (segmentation's
 ``_train_epoch`` / ``_evaluate_loss``, detection's ``PartFeatures`` / ``_train_epoch`` / ``_predict``, the
-linear probe's ``extract_features`` / ``_fit``, fine-tuning's ``_predict``, the adapters' ``zero_shot_scores``,
-``grounding_maps``, ``embed_image`` and ``embed_text``); fine-tuning's training step, a closure inside its
-run, is restated here from the same parts (``Classifier``, ``augment``, the loss, AdamW).
+linear probe's ``extract_features`` / ``_fit``, fine-tuning's ``train_epoch`` / ``_predict``, the adapters'
+``zero_shot_scores``, ``grounding_maps``, ``embed_image`` and ``embed_text``).
 
 What random inputs leave out: loading batches from the image cache (memory-mapped reads), segmentation's
 full-size ``pipeline: mgca`` augmentation (timed as the cached pipeline's), the linear probe's ``mgca``-mode
@@ -256,9 +255,9 @@ def _linear(step: Step, adapter: Any, device: torch.device) -> tuple[Prepare, tu
 def _finetune(step: Step, adapter: Any, device: torch.device) -> tuple[Prepare, tuple]:
     from vlpbench.protocols import finetune as ft
     from vlpbench.protocols import linear as lin
-    from vlpbench.protocols.features import channel_values, normalize, pooled_channels, uint8_batch
+    from vlpbench.protocols.features import channel_values, normalize, pooled_channels
     from vlpbench.protocols.labels import class_names, label_kind
-    from vlpbench.protocols.runtime import check_finite, neck_of, prepare_model
+    from vlpbench.protocols.runtime import neck_of, prepare_model
 
     config = dict(step.config)
     kind, outputs = label_kind(config), len(class_names(config))
@@ -280,19 +279,9 @@ def _finetune(step: Step, adapter: Any, device: torch.device) -> tuple[Prepare, 
         if step.kind == "eval":
             return _bind(ft._predict, model, images, inputs, batch, device)
         targets = lin.targets(kind, _labels(kind, n * batch, outputs), device)
-
-        def epoch() -> None:  # run_finetune_task's train_epoch, one process
-            model.train()
-            for index in np.arange(n * batch).reshape(n, batch):
-                x = uint8_batch(images, index, device)
-                if step.config["augment"]:
-                    x = ft.augment(x, generator)
-                loss = loss_fn(model(inputs(x)), targets[torch.from_numpy(index).to(device)])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                check_finite(loss, 1, 1)
-        return epoch
+        return _bind(ft.train_epoch, model, model, images, targets, optimizer=optimizer, loss_fn=loss_fn,
+                     inputs=inputs, batch_size=batch, augment_images=bool(step.config["augment"]),
+                     generator=generator, device=device, epoch=1)
     return prepare, ()
 
 

@@ -3,7 +3,7 @@ batches of each kind of step it runs (``vlpbench sweep --plan``).
 
 The counts come from the protocols' own rules (their functions, not copies): segmentation's
 ``balance_negatives`` / ``mgca_train_subset``, detection's ``fraction_settings`` and ``feature_storage``, the
-linear probe's ``Preprocessing`` and ``FEATURE_BATCH``, grounding's ``grounding_queries``, retrieval's
+linear probe's ``Preprocessing`` and ``feature_batch``, grounding's ``grounding_queries``, retrieval's
 ``retrieval_set``; the split parts a run gets are :func:`vlpbench.api.run_parts`'s. Without the data
 folder the committed split files give the ids (a protocol that selects by label reads the split's label
 column); a split derived from the user's files, or a selection that needs more than that column, cannot be
@@ -243,7 +243,7 @@ def linear(ctx: RunContext, measure: Measure) -> Workload:
     images every epoch instead (:mod:`vlpbench.protocols.linear`)."""
     from vlpbench.protocols.features import Preprocessing
     from vlpbench.protocols.labels import class_names
-    from vlpbench.protocols.linear import FEATURE_BATCH, check_schedule
+    from vlpbench.protocols.linear import check_schedule, feature_batch
 
     config = ctx.config
     check_schedule(config)
@@ -252,11 +252,12 @@ def linear(ctx: RunContext, measure: Measure) -> Workload:
     parts = {role: ctx.ids(role) for role in SPLIT_ROLES}
     size = 299 if pre.upsample_299 else pre.crop  # the encoder's input (features.MGCA_UPSAMPLE)
     variant = (pre.resize, pre.crop, pre.resize_rule)
-    encode = ctx.step("features", FEATURE_BATCH, size, variant)
+    feature_batch_size = feature_batch(config)
+    encode = ctx.step("features", feature_batch_size, size, variant)
     identity = (ctx.run.model.label, ctx.task.dataset, tuple(sorted(asdict(pre).items())), ctx.precision)
 
     def features(role: str) -> Work:
-        return Work(f"{role} features", encode, batches(len(parts[role]), FEATURE_BATCH),
+        return Work(f"{role} features", encode, batches(len(parts[role]), feature_batch_size),
                     shared=("features", *identity, ids_digest(parts[role])))
 
     steps = training_batches(len(parts["train"]), batch)

@@ -200,7 +200,7 @@ CLASSES = ListOf(Text(), min_len=1, distinct=True)
 # Option name -> domain, for every protocol that has the option (unless PROTOCOL_DOMAINS says otherwise).
 DOMAINS: dict[str, Any] = {
     # sizes and counts
-    "batch_size": COUNT, "batch_size_1pct": COUNT, "max_epochs": COUNT,
+    "batch_size": COUNT, "batch_size_1pct": COUNT, "feature_batch_size": COUNT, "max_epochs": COUNT,
     "patience": COUNT,  # epochs without improvement before stopping; 0 would stop after the first epoch
     "bootstrap_resamples": COUNT, "image_size": COUNT, "resize_size": COUNT, "eval_size": COUNT,
     "threshold_grid": COUNT, "max_detections": COUNT,
