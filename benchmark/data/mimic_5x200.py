@@ -171,6 +171,12 @@ class Mimic5x200Source(MimicCxrSource):
     each image from the committed split (BenchX's target), never from the user's label files."""
 
     @property
+    def image_ids(self) -> list[str]:
+        """The MIMIC-5x200 images of the metadata file, in file order (its other images are no part of the set)."""
+        known = committed_classes()
+        return [i for i in self._images if i in known]
+
+    @property
     def classes(self) -> tuple[str, ...]:
         """The five competition classes (:data:`CLASSES`)."""
         return CLASSES
@@ -201,8 +207,9 @@ class Mimic5x200Source(MimicCxrSource):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: write the committed id list from BenchX's file (module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m vlpbench.data.mimic_5x200",
-                                     description="Write splits/mimic5x200/sources/ from BenchX's mimic_5x200.csv(.zip).")
+    parser = argparse.ArgumentParser(
+        prog="python -m vlpbench.data.mimic_5x200",
+        description="Write splits/mimic5x200/sources/ from BenchX's mimic_5x200.csv(.zip).")
     parser.add_argument("benchx", type=Path, help=f"BenchX's {BENCHX_FILE} (or the CSV in it)")
     parser.add_argument("--out", type=Path, default=SOURCE_FILE, help=f"output file (default {SOURCE_FILE})")
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ attributes); text→image metrics are listed there as untestable.
 
 ``run --save-predictions`` writes ``similarity.npz`` (:data:`SIMILARITY_FILE`): ``similarity`` (float32,
 images × texts), ``image_ids`` and ``texts``; ``score`` reads it, checks that it holds exactly the task's
-images and texts (in any order), and gives the run's metrics and CIs.
+images and texts (in any order; a text the task holds twice, twice), and gives the run's metrics and CIs.
 """
 
 from __future__ import annotations

@@ -184,5 +184,6 @@ def retrieval_set(source, ids: Sequence[str], config: dict[str, Any]) -> Retriev
     """
     if not ids:
         raise DataError("retrieval: no test images")
-    build = {"class_prompts": _class_prompts, "reports": _reports, "class_reports": _class_reports}[_choice(config, "candidates", CANDIDATES)]
+    builders = {"class_prompts": _class_prompts, "reports": _reports, "class_reports": _class_reports}
+    build = builders[_choice(config, "candidates", CANDIDATES)]
     return build(source, ids, config)

@@ -250,7 +250,8 @@ def synth_mimic_cxr(out: str | Path, n: int = 200, seed: int = 0, *, size: int =
     float that drops the leading zero; some empty ViewPosition and PatientOrientation values; one
     study with no label row when n >= 20), ``mimic-cxr-reports.zip`` (members ``files/pXX/p<subject>/
     s<study>.txt``) and ``VLPBENCH_SYNTHETIC.json``. Subjects go to train / validate / test 70 / 15 /
-    15 %; from n = 20 on, 15 % of the images are MIMIC-5x200 images in train (module docstring). The negbio rows copy the chexpert rows. Frontal images show the study's ``1.0`` findings
+    15 %; from n = 20 on, 15 % of the images are MIMIC-5x200 images in train (module docstring). The negbio
+    rows copy the chexpert rows. Frontal images show the study's ``1.0`` findings
     among :data:`vlpbench.synthetic.chexpert.FINDINGS`; laterals show none. Deterministic per ``seed``.
 
     Returns:

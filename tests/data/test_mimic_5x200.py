@@ -88,6 +88,7 @@ def test_the_reader_gives_the_committed_class_and_knows_only_the_listed_images(t
     reader = Mimic5x200Source.__new__(Mimic5x200Source)  # the label methods need no folder
     image_id, _, _, name = read_source_ids()[0]
     reader._images, reader._jpgs = {image_id: None, "elsewhere": None}, {image_id}
+    assert reader.image_ids == [image_id]
     assert reader.class_labels(image_id, list(CLASSES), {}) == [int(c == name) for c in CLASSES]
     assert reader.class_labels(image_id, [name], {}) == [1]
     assert reader.unlabelled([image_id, "elsewhere", "unknown"]) == ["elsewhere", "unknown"]
