@@ -668,7 +668,8 @@ def inspect(model: str, checkpoint: str | Path | None, **options: Any):
 
 
 # Datasets whose images are drawn from another dataset that models pre-train on.
-_DRAWN_FROM = {"chexpert5x200": "chexpert", "ms_cxr": "mimic_cxr", "chexlocalize": "chexpert"}
+_DRAWN_FROM = {"chexpert5x200": "chexpert", "ms_cxr": "mimic_cxr", "chexlocalize": "chexpert",
+               "mimic5x200": "mimic_cxr"}
 
 
 def pretraining_overlap(adapter: Any, dataset: str) -> str | None:

@@ -99,7 +99,8 @@ class DatasetSpec:
             where the split has none (CheXpert: the frontal images of valid.csv), or None.
         evaluation_only: every image of the label file is a test image (the CheXpert radiologist set).
         folder: the dataset whose data folder this one is read from, when it is another split set of the same
-            download (``chexpert5x200`` and ``chexpert_test`` read the ``chexpert`` folder), or None.
+            download (``chexpert5x200`` and ``chexpert_test`` read the ``chexpert`` folder, ``mimic5x200`` the
+            ``mimic_cxr`` one), or None.
     """
 
     reader: str | Any
@@ -171,6 +172,10 @@ DATASETS.register("padchest", DatasetSpec(
 DATASETS.register("mimic_cxr", DatasetSpec(
     reader="vlpbench.data.mimic_cxr:MimicCxrSource", synthesizer="vlpbench.synthetic.mimic_cxr:synth_mimic_cxr",
     derived_splits={"v1": "vlpbench.data.mimic_cxr:split_v1"}))
+# BenchX's MIMIC-5x200 retrieval set, read from the MIMIC-CXR folder; its classes come from the committed split.
+DATASETS.register("mimic5x200", DatasetSpec(
+    reader="vlpbench.data.mimic_5x200:Mimic5x200Source", folder="mimic_cxr",
+    split_generators={"v1": "vlpbench.data.mimic_5x200:generate_split_v1"}))
 DATASETS.register("ms_cxr", DatasetSpec(
     reader="vlpbench.data.ms_cxr:MsCxrSource", synthesizer="vlpbench.synthetic.ms_cxr:synth_ms_cxr",
     derived_splits={"v1": "vlpbench.data.ms_cxr:split_v1"}))

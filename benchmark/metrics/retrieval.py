@@ -31,10 +31,10 @@ from vlpbench.errors import ConfigError, DataError
 
 DIRECTIONS = ("i2t", "t2i")
 DIRECTION_WORDS = {"i2t": "image→text", "t2i": "text→image"}
-# Cut-offs with a registered metric (vlpbench.metrics): the ones CXR-CLIP (R@1/5/10), GLoRIA (P@5/10/100) and
-# ConVIRT (P@5/10/50) report.
+# Cut-offs with a registered metric (vlpbench.metrics): the ones CXR-CLIP (R@1/5/10), GLoRIA (P@5/10/100),
+# ConVIRT (P@5/10/50) and BenchX (Hit@1/5/10, which is R@K under class relevance, and P@1/5/10) report.
 RECALL_AT = (1, 5, 10)
-PRECISION_AT = (5, 10, 50, 100)
+PRECISION_AT = (1, 5, 10, 50, 100)
 
 
 def _checked(similarity, query_keys, candidate_keys) -> tuple[np.ndarray, np.ndarray]:

@@ -18,13 +18,14 @@ attributes); text→image metrics are listed there as untestable.
 
 ``run --save-predictions`` writes ``similarity.npz`` (:data:`SIMILARITY_FILE`): ``similarity`` (float32,
 images × texts), ``image_ids`` and ``texts``; ``score`` reads it, checks that it holds exactly the task's
-images and texts (in any order), and gives the run's metrics and CIs.
+images and texts (in any order; a text the task holds twice, twice), and gives the run's metrics and CIs.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -245,17 +246,26 @@ def read_similarity(path: Path, rset: RetrievalSet) -> np.ndarray:
 
 
 def _positions(path: Path, key: str, given: list, wanted: list[str], what: str) -> np.ndarray:
-    """Where each of ``wanted`` sits in ``given``, or a DataError naming what differs."""
+    """Where each of ``wanted`` sits in ``given``, or a DataError naming what differs. An entry the task holds
+    several times (the report text of two images of one study, ``candidates: class_reports``) must be there as
+    often; its k-th copy in ``wanted`` takes its k-th in ``given`` (identical texts have identical columns)."""
     if not all(isinstance(v, str) for v in given):
         raise DataError(f"{path}: {key} must be strings")
-    at = {value: k for k, value in enumerate(given)}
-    if len(at) != len(given):
+    at: dict[str, list[int]] = {}
+    for k, value in enumerate(given):
+        at.setdefault(value, []).append(k)
+    copies = Counter(wanted)
+    if any(len(places) > copies.get(value, 1) for value, places in at.items()):
         raise DataError(f"{path}: {key} repeats an entry")
     for label, values in (("lacks", [v for v in wanted if v not in at]),
-                          ("has entries that are not", [v for v in given if v not in set(wanted)])):
+                          ("has entries that are not", [v for v in given if v not in copies])):
         if values:
             raise DataError(f"{path}: {key} {label} {len(values)} {what}, e.g. {values[0]!r}")
-    return np.array([at[v] for v in wanted], dtype=np.int64)
+    if short := [v for v, count in copies.items() if len(at[v]) != count]:
+        raise DataError(f"{path}: {key} holds {len(at[short[0]])} copies of {short[0]!r}; the task has "
+                        f"{copies[short[0]]}")
+    taken = {value: iter(places) for value, places in at.items()}
+    return np.array([next(taken[v]) for v in wanted], dtype=np.int64)
 
 
 class RetrievalProtocol(base.Protocol):

@@ -16,6 +16,11 @@ never an image, so ``run`` and ``score`` build the same set):
   first of them per study (in split order), as CXR-CLIP's evaluator queries one image per study. Identical
   texts are one candidate (CXR-CLIP ``cxrclip/evaluator.py:306-318`` deduplicates them), relevant to every
   image whose text it is.
+* ``class_reports`` (MIMIC-5x200, BenchX's retrieval): every query image brings its own report text (the section
+  rule of ``config["text_section"]``) as one candidate, identical texts kept apart (BenchX ranks one report per
+  image, yangzhou12/BenchX unifier/blocks/zeroshot/zeroshot_dataset.py:40, 64); images whose text is empty are
+  left out. Relevance is by class, as for ``class_prompts``: a text is relevant to an image when the class of
+  the image it came from is the image's class (BenchX ``unifier/blocks/zeroshot/zeroshot_model.py:148``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.protocols.labels import class_names, label_kind, task_labels
 
-CANDIDATES = ("class_prompts", "reports")
+CANDIDATES = ("class_prompts", "reports", "class_reports")
 TEXT_SECTIONS = ("findings", "impression", "longer", "findings_impression")
 IMAGES_PER_STUDY = ("all", "first")
 
@@ -151,6 +156,25 @@ def _reports(source, ids: Sequence[str], config: dict[str, Any]) -> RetrievalSet
                         "merged, relevant to the images they belong to", left_out)
 
 
+def _class_reports(source, ids: Sequence[str], config: dict[str, Any]) -> RetrievalSet:
+    rule = _choice(config, "text_section", TEXT_SECTIONS)
+    if label_kind(config) != "multiclass":
+        raise ConfigError("candidates class_reports: relevance by class needs label_kind multiclass (one class "
+                          "per image)")
+    if not hasattr(source, "sections"):
+        raise ConfigError(f"candidates class_reports: dataset reader {type(source).__name__} has no reports "
+                          "(sections); use a MIMIC-CXR task")
+    keys = task_labels(source, ids, config)
+    texts = [report_text(source.sections(image_id), rule) for image_id in ids]
+    kept = [k for k, text in enumerate(texts) if text]
+    if not kept:
+        raise DataError(f"candidates class_reports: none of the {len(ids)} images has a non-empty {rule} text")
+    chosen = keys[kept]
+    return RetrievalSet([ids[k] for k in kept], chosen, [texts[k] for k in kept], chosen,
+                        f"{len(kept)} report texts ({rule}), one per image, of {len(class_names(config))} "
+                        "classes, relevant by class", {"empty_text": len(ids) - len(kept)})
+
+
 def retrieval_set(source, ids: Sequence[str], config: dict[str, Any]) -> RetrievalSet:
     """The retrieval set of the images ``ids`` as ``config["candidates"]`` builds it (module docstring).
 
@@ -160,5 +184,6 @@ def retrieval_set(source, ids: Sequence[str], config: dict[str, Any]) -> Retriev
     """
     if not ids:
         raise DataError("retrieval: no test images")
-    build = {"class_prompts": _class_prompts, "reports": _reports}[_choice(config, "candidates", CANDIDATES)]
+    builders = {"class_prompts": _class_prompts, "reports": _reports, "class_reports": _class_reports}
+    build = builders[_choice(config, "candidates", CANDIDATES)]
     return build(source, ids, config)

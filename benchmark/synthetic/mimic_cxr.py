@@ -7,6 +7,10 @@ reordered to MIMIC's alphabetical columns), draws each frontal image with the st
 (:func:`vlpbench.synthetic.chexpert.draw`), and writes a report per study in the MIMIC layout
 (docs/datasets.md, "MIMIC-CXR reports") whose sentences are real OpenI (Indiana, ``NLMCXR_reports.tgz``)
 sentences that name exactly those findings; ``XXXX`` de-identification becomes MIMIC's ``___``.
+
+A share of the images (:data:`FIVE_SHARE`) are MIMIC-5x200 images under their real ids
+(``splits/mimic5x200/sources/``), as many per class as can be, each study labelled with its class alone and
+showing it, so that ``mimic5x200_ret`` runs on a synthetic folder.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from vlpbench.data.mimic_5x200 import CLASSES, read_source_ids
 from vlpbench.data.mimic_cxr import LABEL_COLUMNS, LABELS, METADATA_COLUMNS, REPORTS_ZIP, SPLIT_COLUMNS
+from vlpbench.data.splits import apportion
 from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.errors import DataError
 from vlpbench.synthetic.chest import prepare_output, write_marker
@@ -40,6 +46,8 @@ FILES = {kind: f"{PREFIX}-{kind}.csv.gz" for kind in ("metadata", "split", "chex
 SPLIT_SHARES = (0.7, 0.15, 0.15)  # of subjects: train / validate / test (the real release: 98 / 1 / 1.4 %)
 PA_LATERAL_SHARE = 0.65  # studies "CHEST (PA AND LAT)"; the others are a single portable AP
 MAX_ASPECT = 1.2
+FIVE_SHARE = 0.15  # of the images, from n = FIVE_FROM on: MIMIC-5x200 images (module docstring)
+FIVE_FROM = 20
 
 # Sentence patterns that name a drawn finding (vlpbench.synthetic.chexpert.FINDINGS), and what disqualifies one.
 PATTERNS = {
@@ -198,6 +206,34 @@ def _studies(rng: np.random.Generator, n: int) -> list[dict]:
     return studies
 
 
+def _five_studies(rng: np.random.Generator, n: int, invented: list[dict]) -> list[dict]:
+    """Studies of ``n`` MIMIC-5x200 images under their real ids, classes as even as ``n`` allows (a study with
+    two listed images brings both), none sharing a subject or study id with the ``invented`` ones."""
+    taken = {s["subject"] for s in invented} | {s["study"] for s in invented}
+    by_study: dict[str, list[tuple[str, ...]]] = {}
+    for row in read_source_ids():
+        if row[1] not in taken and row[2] not in taken:
+            by_study.setdefault(row[2], []).append(row)
+    studies: list[dict] = []
+    for name, wanted in zip(CLASSES, apportion(n, [1] * len(CLASSES))):
+        pool = sorted(study for study, rows in by_study.items() if rows[0][3] == name)
+        count = 0
+        for k in rng.permutation(len(pool)):
+            rows = by_study[pool[k]]
+            if count + len(rows) > wanted:
+                continue
+            view = str(rng.choice(["PA", "AP"]))
+            studies.append({"subject": rows[0][1], "study": rows[0][2], "split": "train",
+                            "sex": "F" if rng.random() < 0.5 else "M",
+                            "exam": "CHEST (PA AND LAT)" if view == "PA" else "CHEST (PORTABLE AP)",
+                            "views": [view] * len(rows), "dicoms": [row[0] for row in rows],
+                            "values": ["1.0" if label == name else "" for label in LABELS]})
+            count += len(rows)
+            if count == wanted:
+                break
+    return studies
+
+
 VIEW_MEANING = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral", "LL": "left lateral", "": ""}
 
 
@@ -214,7 +250,8 @@ def synth_mimic_cxr(out: str | Path, n: int = 200, seed: int = 0, *, size: int =
     float that drops the leading zero; some empty ViewPosition and PatientOrientation values; one
     study with no label row when n >= 20), ``mimic-cxr-reports.zip`` (members ``files/pXX/p<subject>/
     s<study>.txt``) and ``VLPBENCH_SYNTHETIC.json``. Subjects go to train / validate / test 70 / 15 /
-    15 %. The negbio rows copy the chexpert rows. Frontal images show the study's ``1.0`` findings
+    15 %; from n = 20 on, 15 % of the images are MIMIC-5x200 images in train (module docstring). The negbio
+    rows copy the chexpert rows. Frontal images show the study's ``1.0`` findings
     among :data:`vlpbench.synthetic.chexpert.FINDINGS`; laterals show none. Deterministic per ``seed``.
 
     Returns:
@@ -232,9 +269,11 @@ def synth_mimic_cxr(out: str | Path, n: int = 200, seed: int = 0, *, size: int =
         raise ValueError(f"size must be at least 32, got {size}")
     prepare_output(out, ("files", REPORTS_ZIP, *FILES.values()))
     rng = np.random.default_rng(seed)
-    studies = _studies(rng, n)
+    n_five = round(n * FIVE_SHARE) if n >= FIVE_FROM else 0
+    invented = _studies(rng, n - n_five)
     chexpert = _chexpert_rows()
-    unlabelled = {studies[int(rng.integers(len(studies)))]["study"]} if n >= 20 else set()
+    unlabelled = {invented[int(rng.integers(len(invented)))]["study"]} if n >= 20 else set()
+    studies = invented + _five_studies(rng, n_five, invented)
     if (out / "files").exists():
         shutil.rmtree(out / "files")
     write_marker(out, "mimic_cxr", n, seed)
@@ -247,7 +286,7 @@ def synth_mimic_cxr(out: str | Path, n: int = 200, seed: int = 0, *, size: int =
     with tqdm(total=n, desc="synth mimic_cxr", unit="image", disable=not progress) as bar:
         for k, study in enumerate(studies):
             study_rng = np.random.default_rng([seed, n + k])
-            values = chexpert[int(study_rng.integers(len(chexpert)))]
+            values = study.get("values") or chexpert[int(study_rng.integers(len(chexpert)))]
             findings = [name for name in FINDINGS if values[LABELS.index(name)] == "1.0"]
             subject, study_id = study["subject"], study["study"]
             folder = Path("files") / f"p{subject[:2]}" / f"p{subject}"

@@ -267,13 +267,13 @@ DOMAINS: dict[str, Any] = {
     "normalize": Choice(("minmax", "none")),
     "image_read": Choice(("cache", "medklip")),
     # retrieval
-    "candidates": Choice(("class_prompts", "reports")),
+    "candidates": Choice(("class_prompts", "reports", "class_reports")),
     "text_section": Choice(("findings", "impression", "longer", "findings_impression")),
     "images_per_study": Choice(("all", "first")),
     "views": ListOf(Text(), min_len=1, distinct=True),  # ViewPosition values such as PA, AP
     "directions": ListOf(Choice(("i2t", "t2i")), min_len=1, distinct=True),
     "recall_at": ListOf(Choice((1, 5, 10)), distinct=True),  # the cut-offs with a registered metric
-    "precision_at": ListOf(Choice((5, 10, 50, 100)), distinct=True),
+    "precision_at": ListOf(Choice((1, 5, 10, 50, 100)), distinct=True),
     "per_image_metric": Text(),  # which i2t metric: the protocol checks it is among those computed
 }
 

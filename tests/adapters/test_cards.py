@@ -40,7 +40,8 @@ class _Adapter:
 
 
 @pytest.mark.parametrize(("dataset", "overlap"), [
-    ("ms_cxr", "mimic_cxr"), ("mimic_cxr", "mimic_cxr"), ("chexpert5x200", "chexpert"), ("chexpert", "chexpert"),
+    ("ms_cxr", "mimic_cxr"), ("mimic_cxr", "mimic_cxr"), ("mimic5x200", "mimic_cxr"), ("chexpert5x200", "chexpert"),
+    ("chexpert", "chexpert"),
     ("siim", None), ("rsna", None)])
 def test_pretraining_overlap_follows_where_the_test_images_come_from(dataset, overlap):
     assert api.pretraining_overlap(_Adapter(), dataset) == overlap

@@ -15,8 +15,8 @@ from vlpbench.tasks import load_task, task_names
 
 
 def test_each_registered_spec_is_complete_and_registered_under_its_name():
-    retrieval = {f"{d}_{m}" for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "p5", "p10", "p50", "p100", "medr",
-                                                              "meanr")}
+    retrieval = {f"{d}_{m}" for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "p1", "p5", "p10", "p50", "p100",
+                                                              "medr", "meanr")}
     assert set(METRICS.names()) == {"dice", "dice_positive", "empty_correct", "all_empty_baseline", "map", "map_mgca",
                                     "auc", "acc", "f1", "mcc", "pointing_game", "recall", "iou", "cnr",
                                     "miou", "hit_rate", "ece", "adaptive_ece", "brier", *retrieval}

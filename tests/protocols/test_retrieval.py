@@ -4,6 +4,7 @@ in a table: an aligned one (every image's embedding is its relevant texts' embed
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
 import json
 import re
@@ -17,17 +18,25 @@ from vlpbench import api
 from vlpbench.adapters.base import CapabilityError
 from vlpbench.cli import main
 from vlpbench.data.attributes import read_attributes
+from vlpbench.data.base import DatasetReader
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.protocols import SplitIds
-from vlpbench.protocols.retrieval import SIMILARITY_FILE, run_retrieval_task
+from vlpbench.protocols.retrieval import (
+    SIMILARITY_FILE,
+    evaluate_retrieval,
+    read_similarity,
+    run_retrieval_task,
+    write_similarity,
+)
 from vlpbench.protocols.retrieval_sets import report_text, retrieval_set
 from vlpbench.registry import ADAPTERS
 from vlpbench.results import write_record
+from vlpbench.splits import SPLITS_DIR
 from vlpbench.tasks import load_task
 from vlpbench.testing.weightless import WeightlessAdapter
 
-TASKS = {"chexpert5x200_ret": "chexpert", "mimic_cxr_ret": "mimic_cxr"}
+TASKS = {"chexpert5x200_ret": "chexpert", "mimic_cxr_ret": "mimic_cxr", "mimic5x200_ret": "mimic_cxr"}
 FAST = {"bootstrap_resamples": 50}
 
 
@@ -125,7 +134,7 @@ def test_an_aligned_model_ranks_a_relevant_candidate_first_from_the_cli_and_scor
         assert record["ci"][f"{direction}_r1"]["low"] == record["ci"][f"{direction}_r1"]["high"] == 1.0
         assert record["ci"][f"{direction}_r1"]["unit"] == {"i2t": "image", "t2i": "text"}[direction]
     _, rset, _ = task_set(task, root)
-    if task == "chexpert5x200_ret":
+    if task in ("chexpert5x200_ret", "mimic5x200_ret"):
         # Precision@K of a perfect ranking: min(K, relevant candidates) / K per query.
         per_class = np.bincount(rset.text_keys)
         assert metrics["i2t_p10"] == pytest.approx(np.mean(np.minimum(10, per_class[rset.image_keys]) / 10), abs=1e-6)
@@ -217,6 +226,43 @@ def test_a_random_model_scores_about_chance_on_the_class_prompts(roots):
     assert np.mean(observed) == pytest.approx(np.mean(chance), abs=0.12)
 
 
+def test_mimic5x200_from_the_cli_equals_numpy_hit_and_precision_at_k(roots, tmp_path, monkeypatch, capsys):
+    """A random model on the synthetic MIMIC-5x200 images: every image's report is a candidate, relevant when the
+    committed class (read straight from the split file) matches; Hit@K and Precision@K over all images."""
+    paths, _ = roots
+    task, root = "mimic5x200_ret", paths["mimic_cxr"]
+    model = table_model(task, root, aligned=False, seed=5)
+    monkeypatch.setitem(ADAPTERS._targets, TableModel.name, model)
+    assert main(["-q", "run", "--model", TableModel.name, "--task", task, "--frac", "1.0", "--data-root", str(root),
+                 "--results", str(tmp_path / "results"), "--device", "cpu", "--set", "bootstrap_resamples=50"]) == 0
+    capsys.readouterr()
+    (path,) = (tmp_path / "results").rglob(f"{task}.v1/*.json")
+    record = json.loads(path.read_text())
+
+    source, rset, _ = task_set(task, root)
+    with open(SPLITS_DIR / "mimic5x200" / "v1" / "test.csv", newline="") as handle:
+        committed = {row["image_id"]: int(row["class"]) for row in csv.DictReader(handle)}
+    sections = [source.sections(i) for i in rset.image_ids]
+    assert rset.texts == [" ".join(t for t in (s["FINDINGS"], s["IMPRESSION"]) if t) for s in sections]
+    listed = [i for i in source.image_ids if i in committed]
+    assert record["n"]["test_left_out"] == {"empty_text": len(listed) - len(rset.image_ids)}
+    classes = np.array([committed[i] for i in rset.image_ids])
+    assert len(set(classes.tolist())) == 5 and record["n"]["texts"] == len(rset.image_ids)
+    images = np.stack([model.images[k].numpy() for k in model.images])
+    texts = np.stack([model.texts[t].numpy() for t in rset.texts])
+    normalise = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    similarity = normalise(images) @ normalise(texts).T
+    relevant = classes[:, None] == classes[None, :]
+    for direction, scores, flags in (("i2t", similarity, relevant), ("t2i", similarity.T, relevant.T)):
+        top = np.argsort(-scores, axis=1, kind="stable")
+        hits_in_top = np.take_along_axis(flags, top, axis=1)
+        for k in (1, 5, 10):
+            assert record["metrics"][f"{direction}_r{k}"] == pytest.approx(hits_in_top[:, :k].any(axis=1).mean(),
+                                                                           abs=1e-6)
+            assert record["metrics"][f"{direction}_p{k}"] == pytest.approx(hits_in_top[:, :k].mean(), abs=1e-6)
+    assert record["metrics"]["i2t_p1"] == record["metrics"]["i2t_r1"]
+
+
 class Reports:
     """A hand-made reader: four frontal images and a lateral, two studies with the same impression."""
 
@@ -250,6 +296,61 @@ def test_report_texts_follow_the_section_rule_views_and_study_rule_and_merge_ide
         "Cardiomegaly.", "No acute process."]
     assert report_text({"FINDINGS": "ab", "IMPRESSION": "cd"}, "longer") == "ab"  # equal length: findings
     assert report_text({"FINDINGS": "ab", "IMPRESSION": "cd"}, "findings_impression") == "ab cd"
+
+
+class ClassReports(Reports, DatasetReader):
+    """The hand-made reports with a class per image (a, b: one study, one text; f: no text)."""
+
+    rows = {**Reports.rows, "e": ("AP", "s4", "", "Small effusion.")}
+    image_ids, synthetic, image = list("abcdef"), False, None
+    of = {"a": 0, "b": 0, "c": 1, "d": 1, "e": 0, "f": 1}
+
+    def class_labels(self, image_id, classes, config):
+        return [int(k == self.of[image_id]) for k in range(len(classes))]
+
+    def unlabelled(self, ids):
+        return []
+
+    missing = unlabelled
+
+
+def test_class_reports_keep_one_text_per_image_and_score_by_class_as_by_hand(tmp_path):
+    config = {**load_task("mimic5x200_ret").config, "classes": ["Atelectasis", "Edema"], **FAST}
+    source = ClassReports()
+    rset = retrieval_set(source, list("abcdef"), config)
+    assert rset.image_ids == list("abcde") and rset.left_out == {"empty_text": 1}
+    assert rset.texts == ["Heart is enlarged. Cardiomegaly."] * 2 + ["No acute process.", "Lateral view.",
+                                                                      "Small effusion."]
+    assert rset.image_keys.tolist() == rset.text_keys.tolist() == [0, 0, 1, 1, 0]
+    # Rows: images a b c d e; columns: their texts (ta = tb). Relevant (same class): {a, b, e} and {c, d}.
+    similarity = np.array([[0.9, 0.9, 0.8, 0.1, 0.2],
+                           [0.5, 0.5, 0.7, 0.6, 0.4],
+                           [0.3, 0.3, 0.2, 0.9, 0.1],
+                           [0.6, 0.6, 0.5, 0.4, 0.3],
+                           [0.1, 0.1, 0.9, 0.8, 0.7]], np.float32)
+    # By hand, ties pessimistic. i2t: a ranks ta tb (tied, relevant) first: rank 1, P@1 1, 3 relevant in the top 5;
+    # b: tc td above its best relevant 0.5: rank 3; c: td first: rank 1; d: ta tb above tc: rank 3; e: tc td above
+    # te: rank 3. t2i: ta, tb, td, te rank a relevant image first; tc's best relevant image d (0.5) follows e a b.
+    outcome = evaluate_retrieval(similarity, rset, {**config, "precision_at": [1, 5], "per_image_metric": "i2t_p5"},
+                                 seed=0)
+    metrics = outcome["metrics"]
+    assert metrics["i2t_r1"] == metrics["i2t_p1"] == pytest.approx(2 / 5)
+    assert metrics["i2t_r5"] == 1.0 and metrics["i2t_medr"] == 3.0 and metrics["i2t_meanr"] == pytest.approx(11 / 5)
+    assert metrics["i2t_p5"] == pytest.approx((3 + 3 + 2 + 2 + 3) / 25)
+    assert metrics["t2i_r1"] == pytest.approx(4 / 5) and metrics["t2i_meanr"] == pytest.approx(8 / 5)
+    assert outcome["per_image"] == pytest.approx(dict(zip("abcde", [3 / 5, 3 / 5, 2 / 5, 2 / 5, 3 / 5])))
+    # A saved matrix with the columns shuffled (the two identical texts included) scores the same.
+    write_similarity(tmp_path, similarity, rset)
+    order = [4, 1, 3, 0, 2]
+    np.savez(tmp_path / SIMILARITY_FILE, similarity=similarity[:, order], image_ids=np.array(rset.image_ids),
+             texts=np.array([rset.texts[j] for j in order]))
+    assert np.array_equal(read_similarity(tmp_path / SIMILARITY_FILE, rset), similarity)
+    np.savez(tmp_path / SIMILARITY_FILE, similarity=similarity[:, :4], image_ids=np.array(rset.image_ids),
+             texts=np.array(rset.texts[1:]))
+    with pytest.raises(DataError, match="holds 1 copies of 'Heart is enlarged. Cardiomegaly.'; the task has 2"):
+        read_similarity(tmp_path / SIMILARITY_FILE, rset)
+    with pytest.raises(ConfigError, match="label_kind multiclass"):
+        retrieval_set(source, list("ab"), {**config, "label_kind": "multilabel"})
 
 
 def test_mimic_texts_are_the_longer_section_of_each_synthetic_report(roots):
