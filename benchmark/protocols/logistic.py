@@ -10,7 +10,21 @@ problems, each with the same λ) and a softmax over the classes for a multi-clas
 scikit-learn's ``LogisticRegression(C=1 / (λ n), solver="lbfgs", fit_intercept=True)`` for n training
 images, fitted per label for a multi-label task (tests/protocols/test_logistic.py compares the two).
 It is solved in float64 by ``torch.optim.LBFGS`` with a strong-Wolfe line search on the features' device;
-the host waits only for L-BFGS's own convergence tests, never for a mini-batch.
+the host waits only for L-BFGS's own convergence tests, never for a mini-batch. The gradient is written in
+closed form (``X^T (p - y) / n + λW``, one pass over the features each way), and L-BFGS works in preconditioned
+coordinates: the features centred (the bias takes up their mean) and the weights expressed through the
+Cholesky factor of the objective's Hessian at zero logits, ``c Cov(x) + λI`` (``c`` = 1/4 for a sigmoid).
+Both are changes of variables, so the optimum is the one defined above; they remove the ill-conditioning of
+encoder features (correlated channels with widely spread variances, a large common offset), on which plain
+L-BFGS needs over a thousand iterations at the weakest penalties and tens here. The covariance is computed
+once per grid, its factor once per λ.
+
+L-BFGS stops where the largest |gradient| in those coordinates is at most :data:`TOLERANCE_GRAD` or the loss
+stops changing in float64, within :data:`MAX_ITER` iterations. scikit-learn's defaults are looser: it stops at
+a largest |gradient| of ``tol`` = 1e-4 within ``max_iter`` = 100 iterations (scikit-learn 1.9
+sklearn/linear_model/_logistic.py:593, ``"gtol": tol``; defaults at lines 1284 and 1290), which at λ = 1e-6
+leaves weights up to 1e-4 / λ from the optimum. The fits here reach float64's floor: on 16k x 2048 encoder-like
+features, the same probabilities (to 1e-15) as a 1e-12 tolerance.
 
 λ is chosen on the validation split: every value of :data:`L2_GRID` is solved, the strongest first from
 zero weights (as scikit-learn starts) and each solution starting the next (the problem is strictly convex,
@@ -37,9 +51,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vlpbench.errors import DataError
+
 L2_GRID = tuple(10.0 ** k for k in range(2, -7, -1))  # 1e2 .. 1e-6, strongest first
 MAX_ITER = 1000  # CLIP appendix A.3
-TOLERANCE_GRAD = 1e-9  # max |gradient| (preconditioned coordinates) at which L-BFGS stops
+TOLERANCE_GRAD = 1e-9  # largest |gradient| (preconditioned coordinates) at which L-BFGS stops
 TOLERANCE_CHANGE = 1e-15  # a loss change this small is float64 rounding: no progress left
 
 
@@ -81,8 +97,16 @@ class CentredFeatures:
 
 
 def centred_features(features: torch.Tensor) -> CentredFeatures:
-    """:class:`CentredFeatures` of ``(n, channels)`` training features."""
+    """:class:`CentredFeatures` of ``(n, channels)`` training features.
+
+    Raises:
+        DataError: a feature is NaN or infinite.
+    """
     x = features.double()
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        raise DataError(f"{bad} of {len(x)} training feature rows hold NaN or infinite values: the encoder's "
+                        "features must be finite for the lbfgs head")
     mean = x.mean(dim=0)
     centred = x - mean
     return CentredFeatures(centred, mean, centred.T @ centred / len(x))
@@ -110,14 +134,17 @@ def curvature(kind: str, outputs: int) -> float:
 
 
 def data_term(kind: str, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`training_loss` and its gradient with respect to the logits, in closed form."""
-    n = len(targets)
+    """:func:`training_loss` and its gradient with respect to the logits, in closed form, for logits laid out
+    ``(outputs, n)`` and targets ``(outputs, n)`` (``(n,)`` class indices for ``multiclass``)."""
+    n = targets.shape[-1]
     if kind == "multiclass":
-        residual = logits.softmax(dim=1)
-        residual[torch.arange(n, device=logits.device), targets] -= 1
+        residual = logits.softmax(dim=0)
+        residual[targets, torch.arange(n, device=logits.device)] -= 1
+        loss = F.cross_entropy(logits.T, targets, reduction="sum")
     else:
         residual = torch.sigmoid(logits) - targets
-    return training_loss(kind, logits, targets), residual / n
+        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
+    return loss / n, residual / n
 
 
 def fit_logistic(kind: str, features: torch.Tensor, targets: torch.Tensor, outputs: int, l2: float,
@@ -135,12 +162,11 @@ def fit_logistic(kind: str, features: torch.Tensor, targets: torch.Tensor, outpu
     """
     centred = centred_features(features) if centred is None else centred
     x = centred.values
-    y = targets.double() if kind != "multiclass" else targets
+    # Logits and targets laid out (outputs, n): both passes over the features are then one product with a
+    # contiguous (outputs, n) or (outputs, channels) operand, faster on CPU for several outputs.
+    y = targets if kind == "multiclass" else targets.double().T.contiguous()
     c = curvature(kind, outputs)
-    # The optimiser's coordinates z, z0: weight.T = factor.T⁻¹ z.T and bias = z0 / √c - weight · mean, factor the
-    # Cholesky factor of the objective's Hessian at zero logits (bias: c, the features being centred). A change of
-    # variables, so the optimum is the same; it makes that Hessian the identity, which the features' correlated,
-    # widely spread channels otherwise make ill-conditioned (thousands of iterations at the weakest penalties).
+    # The coordinates of the module docstring: weight.T = factor.T⁻¹ z.T, bias = z0 / √c - weight · mean.
     factor = preconditioner(centred.covariance, c, l2)
     bias_scale = c ** -0.5
 
@@ -160,9 +186,9 @@ def fit_logistic(kind: str, features: torch.Tensor, targets: torch.Tensor, outpu
     def closure() -> torch.Tensor:
         with torch.no_grad():
             weight = weight_of(z)
-            loss, residual = data_term(kind, torch.addmm(z0 * bias_scale, x, weight.T), y)
-            z.grad = torch.linalg.solve_triangular(factor, (residual.T @ x + l2 * weight).T, upper=False).T
-            z0.grad = residual.sum(dim=0) * bias_scale
+            loss, residual = data_term(kind, torch.addmm((z0 * bias_scale)[:, None], weight, x.T), y)
+            z.grad = torch.linalg.solve_triangular(factor, (residual @ x + l2 * weight).T, upper=False).T
+            z0.grad = residual.sum(dim=1) * bias_scale
             return loss + 0.5 * l2 * weight.square().sum()
 
     optimizer.step(closure)
