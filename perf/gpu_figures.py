@@ -10,8 +10,8 @@ to ``--out`` (``perf/RESULTS.md``, created with a short header where missing).
   ``vlpbench.sweep.workload`` counts them (rsna_seg, rsna_det, rsna_cls; fine-tuning with cxr14_ft's settings
   on rsna/v1's parts): extrapolated. ``--quick`` times each step at a batch of ``QUICK_BATCH`` images and scales
   it linearly to the protocol's batch (a CPU's time per image barely depends on the batch; a GPU's does).
-  The linear head is fitted on random features of RSNA's training-part size (``--quick``: a tenth, scaled
-  linearly): one sgd epoch, and the whole lbfgs penalty grid.
+  The linear head is fitted on random features of RSNA's training-part size: one sgd epoch (``--quick``: a
+  tenth of the rows, scaled linearly), and the whole lbfgs penalty grid (full size in both modes).
 - data path: a feature extraction (``extract_features``, rsna_cls's ``feature_batch_size``) over synthetic RSNA
   images read from a filled image cache, serial (``VLPBENCH_PREFETCH=0``) and prefetched, against the encoder's
   compute alone on the same batches already on the device: the busy fraction is compute / wall, for each.
@@ -162,7 +162,8 @@ def protocol_figures(device: torch.device, quick: bool) -> list[Figure]:
 
 def head_figures(device: torch.device, quick: bool) -> list[Figure]:
     """The linear head on random pooled features of RSNA's training-part size: one sgd epoch (the protocol's
-    ``_fit``) and the whole lbfgs fit (``select_logistic``); quick: a tenth of the rows, scaled linearly."""
+    ``_fit``; quick: a tenth of the rows, scaled linearly) and the whole lbfgs fit (``select_logistic``, always
+    at full size: its per-penalty Cholesky factor does not scale with the rows)."""
     from vlpbench.protocols import linear as lin
     from vlpbench.protocols.logistic import select_logistic
     from vlpbench.tasks import load_task
@@ -182,6 +183,10 @@ def head_figures(device: torch.device, quick: bool) -> list[Figure]:
     lin._fit(head, lambda index: features[index], labels, val, val_labels, loss, config, 0, False)
     _sync(device)
     sgd = time.perf_counter() - started
+    if quick:
+        features = torch.randn(full, 2048, generator=generator).to(device)
+        labels = (torch.rand(full, 1, generator=generator) < 0.3).float().to(device)
+        val, val_labels = features[: full // 3], labels[: full // 3]
     started = time.perf_counter()
     select_logistic("binary", features, labels, val, val_labels, 1)
     _sync(device)
@@ -190,8 +195,8 @@ def head_figures(device: torch.device, quick: bool) -> list[Figure]:
     epochs = int(load_task(PROTOCOL_TASKS["linear"]).resolve()["max_epochs"])
     return [Figure("linear head, sgd, one epoch on RSNA-size features", sgd * scale, "s", how,
                    f"{note}, 2048 channels, batch {config['batch_size']}; up to {epochs} epochs a run"),
-            Figure("linear head, lbfgs, whole fit on RSNA-size features", lbfgs * scale, "s", how,
-                   f"{note}, 2048 channels, the whole penalty grid")]
+            Figure("linear head, lbfgs, whole fit on RSNA-size features", lbfgs, "s", "measured",
+                   f"{full:,} rows, 2048 channels, the whole penalty grid")]
 
 
 def data_path_figures(device: torch.device, n: int | None, batch: int | None, work: Path) -> list[Figure]:

@@ -10,10 +10,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from scipy.special import logsumexp
 
-from vlpbench.errors import ConfigError
+from vlpbench.errors import ConfigError, DataError
 from vlpbench.protocols import SplitIds
 from vlpbench.protocols.linear import head_solver, run_linear_task
-from vlpbench.protocols.logistic import L2_GRID, fit_logistic, select_logistic
+from vlpbench.protocols.logistic import L2_GRID, centred_features, fit_logistic, preconditioner, select_logistic
 
 KINDS = ("binary", "multilabel", "multiclass")
 
@@ -112,6 +112,39 @@ def test_the_penalty_chosen_has_the_lowest_validation_loss_of_the_grid(kind):
     assert np.min(np.abs(np.delete(expected, best) - expected[best])) > 2e-3 * expected[best]
     np.testing.assert_allclose(_probabilities(kind, head.weight, head.bias, val_x),
                                _sklearn_probabilities(kind, x, y, head.l2, val_x), atol=1e-4)
+
+
+@pytest.mark.parametrize("l2", [1e-2, 1e-6])
+def test_ill_conditioned_features_converge_in_few_iterations_to_the_exact_optimum(l2):
+    # Correlated channels whose scales span three decades, on a common offset of 50: the shape of encoder
+    # features that takes plain L-BFGS over a hundred iterations (and at 1e-6 stops it 1e-3 off in
+    # probability). The reference is scikit-learn's Newton solver, whose steps do not depend on conditioning.
+    rng = np.random.default_rng(5)
+    scales = np.logspace(-2, 1, 12)
+    x = (rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12)) * scales + 50).astype(np.float32)
+    logits = (x - x.mean(axis=0)) @ (rng.normal(size=12) / scales * 0.3)
+    y = (rng.random(300) < 1 / (1 + np.exp(-logits))).astype(np.int64)
+    weight, bias, iterations = fit_logistic("binary", torch.from_numpy(x), torch.from_numpy(y[:, None]).float(), 1, l2)
+    reference = LogisticRegression(C=1.0 / (l2 * len(x)), solver="newton-cholesky", tol=1e-12, max_iter=100)
+    reference.fit(x.astype(np.float64), y)
+    assert iterations <= 30
+    np.testing.assert_allclose(_probabilities("binary", weight, bias, x)[:, 0],
+                               reference.predict_proba(x.astype(np.float64))[:, 1], atol=1e-6)
+
+
+def test_the_preconditioner_shifts_a_matrix_that_rounding_left_indefinite():
+    covariance = torch.tensor([[1.0, 0.0], [0.0, -1e-3]], dtype=torch.float64)
+    factor = preconditioner(covariance, 0.25, 1e-6)  # 0.25 * -1e-3 + 1e-6 < 0: shifted by 1e-5, 1e-4, then 1e-3
+    torch.testing.assert_close(factor @ factor.T, torch.tensor([[0.251, 0.0], [0.0, 0.00075]], dtype=torch.float64))
+    exact = preconditioner(torch.eye(2, dtype=torch.float64), 0.25, 1e-6)
+    torch.testing.assert_close(exact @ exact.T, (0.25 + 1e-6) * torch.eye(2, dtype=torch.float64))
+
+
+def test_non_finite_training_features_are_a_data_error():
+    features = torch.zeros(5, 3)
+    features[1, 2], features[3, 0] = float("nan"), float("inf")
+    with pytest.raises(DataError, match="2 of 5 training feature rows hold NaN or infinite values"):
+        centred_features(features)
 
 
 def test_an_unknown_head_solver_is_a_config_error_with_the_closest_name():
