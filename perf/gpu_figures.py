@@ -43,6 +43,7 @@ PROTOCOL_TASKS = {"segmentation": "rsna_seg", "detection": "rsna_det", "linear":
 QUICK_BATCH = 2
 SEEDS = 3
 REPEATS = 3  # timings of the data-path figure: the best of as many
+QUICK_FEATURE_BATCH = 32  # --quick: a CPU extracts 4 batches of this size in seconds, not minutes
 
 
 def _sync(device: torch.device) -> None:
@@ -199,11 +200,13 @@ def head_figures(device: torch.device, quick: bool) -> list[Figure]:
                    f"{full:,} rows, 2048 channels, the whole penalty grid")]
 
 
-def data_path_figures(device: torch.device, n: int | None, batch: int | None, work: Path) -> list[Figure]:
+def data_path_figures(device: torch.device, n: int | None, batch: int | None, work: Path,
+                      quick: bool = False) -> list[Figure]:
     """Busy fraction of a feature extraction from the image cache, serial and prefetched, measured in the same run:
     the encoder's compute alone on the same batches (already on the device) over each extraction's wall time.
-    ``batch``: images per encoder call (None: rsna_cls's ``feature_batch_size``); ``n``: images (None: 4 batches,
-    so that there is a next batch to prepare)."""
+    ``batch``: images per encoder call (None: rsna_cls's ``feature_batch_size``; quick: ``QUICK_FEATURE_BATCH``);
+    ``n``: images (None: 4 batches, so that there is a next batch to prepare); quick: one timing of each, not
+    the best of ``REPEATS``."""
     from vlpbench import api
     from vlpbench.adapters import build_adapter
     from vlpbench.protocols.features import (Preprocessing, RunEncoder, batch_ranges, center_crop, encoder_input,
@@ -212,7 +215,9 @@ def data_path_figures(device: torch.device, n: int | None, batch: int | None, wo
 
     spec = api.load_task(PROTOCOL_TASKS["linear"])
     config = spec.resolve()
-    pre, batch = Preprocessing.from_config(config), batch or int(config["feature_batch_size"])
+    pre = Preprocessing.from_config(config)
+    batch = batch or (QUICK_FEATURE_BATCH if quick else int(config["feature_batch_size"]))
+    repeats = 1 if quick else REPEATS
     n = n or 4 * batch
     api.synth("rsna", work / "rsna", n=n, size=pre.resize, progress=False)
     source = api.open_dataset(spec, work / "rsna")
@@ -247,16 +252,17 @@ def data_path_figures(device: torch.device, n: int | None, batch: int | None, wo
 
     extraction(depth)  # warm-up: allocations, algorithm search, the memory map's pages
     # The best of REPEATS, taken in turn, so that a passing load on the machine favours none.
-    times = [(extraction(0), extraction(depth), computation(), reading()) for _ in range(REPEATS)]
+    times = [(extraction(0), extraction(depth), computation(), reading()) for _ in range(repeats)]
     serial, ahead, compute, read = (min(column) for column in zip(*times))
-    how = f"extract_features over the memory-mapped image cache, batch {batch}, {pre.crop} px crop, best of {REPEATS}"
+    best = f"best of {repeats}" if repeats > 1 else "timed once"
+    how = f"extract_features over the memory-mapped image cache, batch {batch}, {pre.crop} px crop, {best}"
     return [Figure(f"feature extraction, {n} images, serial", n / serial, "images/s", "measured", how),
             Figure(f"feature extraction, {n} images, prefetched (depth {depth})", n / ahead, "images/s", "measured",
                    how),
             Figure("encoder compute alone, same batches", n / compute, "images/s", "measured",
-                   f"inputs on device, best of {REPEATS}"),
+                   f"inputs on device, {best}"),
             Figure("image-cache reads alone, same batches", 1000 * read / len(batch_ranges(n, batch)), "ms/batch",
-                   "measured", f"what prefetching hides: read into host memory, page-locked for CUDA; best of {REPEATS}"),
+                   "measured", f"what prefetching hides: read into host memory, page-locked for CUDA; {best}"),
             Figure("data path busy fraction, serial (compute / wall)", compute / serial, "fraction", "measured",
                    "1 = the encoder never waits"),
             Figure("data path busy fraction, prefetched (compute / wall)", compute / ahead, "fraction", "measured",
@@ -298,7 +304,7 @@ def device_label(device: torch.device) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", required=True, choices=("cuda", "cpu"))
-    parser.add_argument("--quick", action="store_true", help="batch 32 only, steps at a small batch, 1/10 heads")
+    parser.add_argument("--quick", action="store_true", help="batch 32 only, steps at a small batch, 1/10 sgd head, a short data-path figure")
     parser.add_argument("--out", type=Path, default=None, help="append a section to this Markdown file")
     parser.add_argument("--label", default="", help="added to the section's title (e.g. the machine's sharing)")
     parser.add_argument("--images", type=int, default=None, help="synthetic images of the data-path figure "
@@ -314,7 +320,7 @@ def main() -> None:
         os.environ["VLPBENCH_CACHE"] = str(Path(tmp) / "cache")  # never the user's own caches
         encoder, rate = encoder_figures(device, args.quick)
         figures = [*encoder, *protocol_figures(device, args.quick), *head_figures(device, args.quick),
-                   *data_path_figures(device, args.images, args.feature_batch, Path(tmp)),
+                   *data_path_figures(device, args.images, args.feature_batch, Path(tmp), args.quick),
                    *sweep_figures(rate)]
     name = device_label(device)
     title = f"{datetime.date.today().isoformat()}, {name}" + (f" ({args.label})" if args.label else "")
