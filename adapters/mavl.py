@@ -253,8 +253,8 @@ class MAVLAdapter(MedKLIPAdapter):
             return load_concept_embeddings(path), {"concept_embeddings": {"path": path, "sha256": sha256_file(path)}}
         if self.options["text_encoder"]:
             texts = concept_texts(self.options["entities"], self.options["concepts"])
-            embeddings = compute_entity_embeddings(texts, self.options["text_encoder"])
-            weights = _bert_weights_file(Path(self.options["text_encoder"]))
+            embeddings = compute_entity_embeddings(texts, self.options["text_encoder"], self.name)
+            weights = _bert_weights_file(Path(self.options["text_encoder"]), self.name)
             record = {"entities": {"path": self.options["entities"], "sha256": sha256_file(self.options["entities"])},
                       "concepts": {"path": self.options["concepts"], "sha256": sha256_file(self.options["concepts"])},
                       "text_encoder": text_encoder_record(self.options["text_encoder"], (*TEXT_ENCODER_FILES, weights))}
@@ -274,7 +274,7 @@ class MAVLAdapter(MedKLIPAdapter):
             load_concept_embeddings(resolved["concept_embeddings"])
         if resolved["text_encoder"]:
             concept_texts(resolved["entities"], resolved["concepts"])
-            _bert_weights_file(Path(resolved["text_encoder"]))
+            _bert_weights_file(Path(resolved["text_encoder"]), cls.name)
         return report
 
     @classmethod

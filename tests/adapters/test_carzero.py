@@ -6,8 +6,10 @@ from __future__ import annotations
 import functools
 import json
 
+import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch import nn
 from torch.nn import functional as F
@@ -20,6 +22,7 @@ from vlpbench.adapters.carzero import (
     SELF_ATTENTION_REASON,
     TEXT_SIDE_REASON,
     CARZeroAdapter,
+    FusionModule,
 )
 from vlpbench.cli import main
 from vlpbench.errors import CheckpointError, ConfigError
@@ -280,6 +283,42 @@ def test_the_encoder_gives_carzeros_class_token_and_a_pyramid(adapter, state, im
     assert [tuple(m.shape) for m in maps] == [(3, 3, SIZE, SIZE), (3, 0, SIZE // 2, SIZE // 2)] + [
         (3, WIDTH, SIZE // s, SIZE // s) for s in (4, 8, 16, 32)]
     assert encoder.out_channels == (3, 0) + (WIDTH,) * 4
+
+
+def test_zero_shot_on_an_aligned_model_beats_chance(state, bert_folder, tmp_path):
+    """The fusion head fitted for a few steps on CARZero's score (get_dqn_similarities, as recomputed above) of
+    bright images with "pleural effusion" and dark ones with "pneumothorax"; scored on fresh images, each class
+    ranks its own images first. The ViT and the BERT stay at random init."""
+    classes = ["pleural effusion", "pneumothorax"]
+    generator = torch.Generator().manual_seed(1)
+
+    def images(n):  # n bright (class 0), then n dark (class 1) preprocessed images
+        levels = torch.tensor([1.0] * n + [-1.0] * n).view(-1, 1, 1, 1)
+        return levels + 0.5 * torch.randn(2 * n, 3, SIZE, SIZE, generator=generator)
+
+    with torch.no_grad():
+        image_g, image_l = _reference_image(state, images(4))
+        words, sentences = _reference_text(state, bert_folder, classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fusion = FusionModule(WIDTH).eval()  # eval: no dropout while fitting
+    optimizer = torch.optim.Adam(fusion.parameters(), lr=1e-3)
+    targets = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4)
+    for _ in range(10):
+        image_to_text, _ = fusion(torch.cat([image_g[:, None], image_l], dim=1), sentences)
+        text_to_image, _ = fusion(torch.cat([sentences[:, None], words], dim=1), image_g)
+        loss = F.binary_cross_entropy_with_logits((image_to_text + text_to_image.T) / 2, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    fitted = dict(state)
+    fitted.update({f"CARZero.fusion_module.{k}": v.detach() for k, v in fusion.state_dict().items()})
+    aligned = CARZeroAdapter(write(fitted, tmp_path / "aligned.ckpt"), text_encoder=bert_folder)
+    scores = aligned.zero_shot_scores(images(4), classes, ("{}", "no {}")).numpy()
+    labels = np.array([0] * 4 + [1] * 4)
+    aucs = [roc_auc_score(labels == c, scores[:, c]) for c in range(2)]
+    assert min(aucs) > 0.8, aucs  # chance is 0.5; both classes: the score depends on the pair, not the image alone
+    assert (scores.argmax(axis=1) == labels).all()
 
 
 def test_images_off_the_pre_training_size_are_refused(adapter):

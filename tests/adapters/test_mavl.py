@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import BertConfig, BertModel, BertTokenizer
 
 from vlpbench.adapters import adapter_names, build_adapter
 from vlpbench.adapters.base import WRAPPER_REASON, load_state_dict_file, save_checkpoint
+from vlpbench.adapters.medklip import ENTITY_NAMES
 from vlpbench.adapters.mavl import (
     GROUNDING_CONCEPTS,
     LOCATION_REASON,
@@ -18,11 +22,33 @@ from vlpbench.adapters.mavl import (
     text_mode_probabilities,
 )
 from vlpbench.errors import CheckpointError, ConfigError
-from vlpbench.testing import write_mavl_checkpoint, write_mavl_concept_files
+from vlpbench.testing import write_mavl_checkpoint, write_mavl_concept_files, write_tiny_bert_folder
 
 CLASSES = ["Pneumonia", "Pleural Effusion", "pneumothorax"]
 CLASS_INDICES = [20, 8, 10]  # pneumonia, effusion, pneumothorax in MAVL's original_class
 CONTAINER_ENTRIES = ["optimizer", "lr_scheduler", "config", "epoch"]
+# Short texts over write_tiny_bert_folder's filler tokens: "tok<entity>" and "tok<entity> tok<100 + aspect>";
+# "covid19", an extra key of MAVL's files, gets "tok99".
+_INDEX = {**{name: i for i, name in enumerate(ENTITY_NAMES)}, "covid19": 99}
+
+
+def description(name):
+    return f"tok{_INDEX[name]}"
+
+
+def aspect(name, k):
+    return f"tok{_INDEX[name]} tok{100 + k}"
+
+
+def _bert_folder(folder, *, hidden, heads):
+    """A one-layer BERT folder with weights (FFN width 32 keeps it cheap), seed 0."""
+    write_tiny_bert_folder(folder, hidden=hidden, layers=1, heads=heads)
+    config = BertConfig.from_pretrained(folder)
+    config.intermediate_size = 32
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +66,22 @@ def concepts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("concepts") / "concepts.safetensors"
     save_file({"concepts": torch.randn(75, 9, 768, generator=torch.Generator().manual_seed(2))}, str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return _bert_folder(tmp_path_factory.mktemp("bert"), hidden=768, heads=12)
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    """MAVL's two JSON files with one-word-piece texts, keys in reverse order (MAVL reads them by name)."""
+    folder = tmp_path_factory.mktemp("texts")
+    names = [*ENTITY_NAMES, "covid19"][::-1]
+    entities, concepts = folder / "observation explanation.json", folder / "gpt4_mimic.json"
+    entities.write_text(json.dumps({name: description(name) for name in names}))
+    concepts.write_text(json.dumps({name: [aspect(name, k) for k in range(8)] for name in names}))
+    return entities, concepts
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +191,53 @@ def test_registered_and_listed_without_concepts_capabilities_drop(ckpt):
     assert "mavl" in adapter_names()
     bare = build_adapter("mavl", ckpt)
     assert "zero_shot" not in bare.capabilities and "features" in bare.capabilities
+
+
+def test_concept_queries_from_a_text_encoder_are_the_last_layer_cls_of_each_text(ckpt, bert_dir, text_files):
+    entities, concepts = text_files
+    adapter = build_adapter("mavl", ckpt, text_encoder=str(bert_dir), entities=str(entities), concepts=str(concepts))
+    queries = adapter.concept_embeddings
+    assert queries.shape == (75, 9, 768) and adapter.capabilities >= {"zero_shot", "grounding"}
+    # MAVL's rule (Zero-shot_classification/test.py:143-147, models/model_MAVL.py:80-94), for three entities: each
+    # text padded to 64 tokens, the last layer's [CLS] output; the description first, then the 8 aspects.
+    tokenizer = BertTokenizer.from_pretrained(bert_dir)
+    bert = BertModel.from_pretrained(bert_dir, add_pooling_layer=False).eval()
+    for index in (0, 20, 74):
+        name = ENTITY_NAMES[index]
+        tokens = tokenizer([description(name), *(aspect(name, k) for k in range(8))], padding="max_length",
+                           truncation=True, max_length=64, return_tensors="pt")
+        with torch.no_grad():
+            hidden = bert(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        torch.testing.assert_close(queries[index], hidden[:, 0], rtol=1e-5, atol=1e-5)
+        mask = tokens["attention_mask"][..., None]
+        assert not torch.allclose(queries[index], (hidden * mask).sum(1) / mask.sum(1), atol=1e-2)  # not a mean
+    assert not torch.allclose(queries[0, 0], queries[0, 1], atol=1e-2)  # the texts differ, so do their queries
+    record = adapter.describe()["entity_queries"]
+    assert record["entities"]["path"] == str(entities) and record["concepts"]["path"] == str(concepts)
+    assert set(record["text_encoder"]["files"]) >= {"config.json", "vocab.txt", "model.safetensors"}
+
+
+def test_a_missing_entity_or_aspect_and_a_narrow_text_encoder_are_named(ckpt, bert_dir, text_files, tmp_path):
+    entities, concepts = text_files
+    book = json.loads(entities.read_text())
+    del book["pneumonia"]
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(book))
+    aspects = json.loads(concepts.read_text())
+    aspects["effusion"] = aspects["effusion"][:7]
+    seven = tmp_path / "seven.json"
+    seven.write_text(json.dumps(aspects))
+    narrow = _bert_folder(tmp_path / "narrow", hidden=32, heads=2)
+    for options, message in (
+            ({"entities": short}, f"entities file {short}: no string description for entity 'pneumonia'"),
+            ({"concepts": seven}, f"concepts file {seven}: entity 'effusion' needs a list of 8 aspect strings"),
+            ({"text_encoder": narrow}, f"adapter 'mavl': text_encoder='{narrow}' has width 32; the queries are "
+                                       "projected from 768-d")):
+        chosen = {"text_encoder": bert_dir, "entities": entities, "concepts": concepts, **options}
+        with pytest.raises(ConfigError) as error:
+            MAVLAdapter(ckpt, **{k: str(v) for k, v in chosen.items()})
+        assert message in str(error.value)
+    write_tiny_bert_folder(tmp_path / "no_weights", hidden=768, heads=12)
+    with pytest.raises(ConfigError, match="adapter 'mavl': text_encoder=.* has no model.safetensors"):
+        MAVLAdapter.inspect(ckpt, text_encoder=str(tmp_path / "no_weights"), entities=str(entities),
+                            concepts=str(concepts))

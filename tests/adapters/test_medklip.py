@@ -251,6 +251,20 @@ def test_entity_queries_from_a_text_encoder_are_cached_once_and_reused(ckpt, ber
         MedKLIPAdapter(ckpt, text_encoder=str(bert_dir), entities=str(entities))
 
 
+def test_padding_to_the_longest_text_gives_the_cls_of_padding_to_64_also_when_truncated(bert_dir):
+    texts = ["pneumonia", "effusion of " * 40]  # the second is cut at 64 tokens
+    tokens = BertTokenizer.from_pretrained(bert_dir)(texts, padding="max_length", truncation=True, max_length=64,
+                                                     return_tensors="pt")
+    assert tokens["attention_mask"].sum(dim=1).tolist() == [3, 64]
+    with torch.no_grad():
+        bert = BertModel.from_pretrained(bert_dir).eval()
+        expected = bert(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state[:, 0]
+    embeddings = medklip.compute_entity_embeddings(texts, str(bert_dir))
+    torch.testing.assert_close(embeddings, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(medklip.compute_entity_embeddings(texts[:1], str(bert_dir)), expected[:1],
+                               rtol=1e-5, atol=1e-5)  # padded to 3 tokens only
+
+
 def test_without_entity_queries_capabilities_name_the_options(ckpt, images):
     plain = MedKLIPAdapter(ckpt)
     assert plain.capabilities == {"features"} and plain.describe()["entity_queries"] is None
