@@ -17,8 +17,9 @@ gives the caller back its own count.
 
 :func:`single_threaded` runs a block on one thread: loops of many small CPU ops (box decoding and YOLO
 targets per batch, grounding maps per query at a fixed grid). Splitting tensors of some ten thousand elements
-among threads saves little, and costs much more when those threads wait for a busy CPU: on a shared 2-core
-machine these loops ran 2 to 100 times faster on one thread (``perf/tiny_ops.py`` times each loop both ways).
+among threads saves a millisecond at most, and costs far more when those threads wait for a busy CPU: on a
+shared 2-core machine these loops ran up to 50 to 130 times faster on one thread, and at most 0.3 ms slower
+per batch while the second core was free (``perf/tiny_ops.py`` times each loop both ways).
 """
 
 from __future__ import annotations

@@ -243,8 +243,8 @@ def is_flat(raw: Any) -> bool:
 def _pairs(maps: Mapping[str, Any], queries: list[Query], source, config: Mapping[str, Any],
            desc: str, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(heat map, truth)`` at the evaluation resolution, one query at a time (memory stays per image)."""
-    # At the fixed grid a query's ops are small and faster on one thread; native masks of a million pixels and
-    # more are not (perf/tiny_ops.py).
+    # At the fixed grid a query's ops are small: one thread is faster, by far more than threads could save. At
+    # native masks (a million pixels and more) threads save about as much as a busy CPU costs (perf/tiny_ops.py).
     fixed = config["eval_resolution"] == "fixed"
     for query in tqdm(queries, desc=desc, disable=not progress, leave=False, unit="map"):
         with single_threaded(fixed):
