@@ -3,6 +3,7 @@
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,8 @@ from vlpbench import threads
 from vlpbench.cli import main
 from vlpbench.errors import ConfigError
 from vlpbench.results import environment
-from vlpbench.threads import ThreadChoice, choose_threads, set_torch_threads, torch_threads
+from vlpbench.protocols import detection, grounding
+from vlpbench.threads import ThreadChoice, choose_threads, set_torch_threads, single_threaded, torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -111,3 +113,106 @@ def test_run_and_score_set_threads_before_anything_else(command, caplog):
     with caplog.at_level(logging.INFO, logger="vlpbench"):
         assert main([*command, "--threads", "1"]) == 2
     assert "torch threads: 1 (--threads)" in caplog.text
+
+
+def test_single_threaded_sets_one_and_gives_the_count_back_also_after_an_error():
+    torch.set_num_threads(2)
+    with single_threaded():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError), single_threaded():
+        raise ValueError("inside")
+    assert torch.get_num_threads() == 2
+    with single_threaded(False):
+        assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    with single_threaded():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 1
+
+
+def test_single_threaded_as_a_decorator():
+    @single_threaded()
+    def count(fail: bool) -> int:
+        if fail:
+            raise RuntimeError("inside")
+        return torch.get_num_threads()
+
+    torch.set_num_threads(2)
+    assert count(False) == 1 and count.__wrapped__(False) == 2 and torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError):
+        count(True)
+    assert torch.get_num_threads() == 2
+
+
+def _same(a, b) -> bool:
+    return all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _head_outputs(batch: int, size: int, n_classes: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, 3 * (detection.BOX_ATTRIBUTES + n_classes), size // s, size // s, generator=generator)
+            for s in (32, 16, 8)]
+
+
+def test_box_decoding_runs_on_one_thread_and_equals_its_result_on_two(monkeypatch):
+    # 16 x 3 x 28² predictions at the finest scale: above torch's grain of 32768, so two threads split them.
+    outputs, anchors = _head_outputs(16, 224, 3), detection.scaled_anchors(224)
+    torch.set_num_threads(2)
+    many = detection.decode_batch.__wrapped__(outputs, anchors, 224)
+    one = detection.decode_batch(outputs, anchors, 224)
+    assert _same(one, many) and one[0].shape == (16, 3 * (49 + 196 + 784), 4) and torch.get_num_threads() == 2
+    seen = []
+    decode = detection.decode
+    monkeypatch.setattr(detection, "decode", lambda *a: (seen.append(torch.get_num_threads()), decode(*a))[1])
+    detection.decode_batch(outputs, anchors, 224)
+    assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+
+
+def test_yolo_targets_run_on_one_thread_and_equal_their_result_on_two(monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    corners = [torch.rand(k, 2, generator=generator) * 120 for k in (1, 3, 0, 2) * 4]
+    boxes = [torch.cat([c, c + 20 + torch.rand(len(c), 2, generator=generator) * 80], 1) for c in corners]
+    labels = [torch.randint(0, 5, (len(b),), generator=generator) for b in boxes]
+    anchors = detection.scaled_anchors(224)[2]
+    torch.set_num_threads(2)
+    arguments = (boxes, (28, 28), (8.0, 8.0), anchors, 0.5)
+    many = detection.assign_targets.__wrapped__(*arguments, labels=labels, n_classes=5)
+    one = detection.assign_targets(*arguments, labels=labels, n_classes=5)
+    fields = ("positive", "ignore", "offsets", "log_sizes", "classes")
+    assert _same([getattr(one, f) for f in fields], [getattr(many, f) for f in fields])
+    assert int(one.positive.sum()) == 24 and one.classes.shape == (16, 3, 28, 28, 5)
+    seen = []
+    shape_iou = detection._shape_iou
+    monkeypatch.setattr(detection, "_shape_iou", lambda *a: (seen.append(torch.get_num_threads()), shape_iou(*a))[1])
+    detection.assign_targets(*arguments)
+    assert seen == [1] and torch.get_num_threads() == 2
+
+
+class _Masks:
+    """Two 300 x 260 masks with one box each."""
+
+    def mask(self, image_id: str) -> np.ndarray:
+        mask = np.zeros((300, 260), dtype=np.uint8)
+        mask[40:200, 30 + 50 * int(image_id):150] = 1
+        return mask
+
+
+@pytest.mark.parametrize("resolution, inside", [("fixed", 1), ("native", 2)])
+def test_grounding_maps_on_one_thread_at_the_fixed_grid_only(monkeypatch, resolution, inside):
+    config = {"eval_resolution": resolution, "eval_size": 224, "upsample": "bilinear", "normalize": "minmax"}
+    queries = [grounding.Query(key, key, "text") for key in ("0", "1")]
+    maps = {q.key: torch.rand(14, 14, generator=torch.Generator().manual_seed(int(q.key))) for q in queries}
+    torch.set_num_threads(2)
+    expected = [(grounding.prepare_heatmap(maps[q.key], t.shape, config), t)
+                for q in queries for t in [grounding.truth_mask(_Masks(), q, config)]]
+    seen = []
+    truth_mask = grounding.truth_mask
+    monkeypatch.setattr(grounding, "truth_mask", lambda *a: (seen.append(torch.get_num_threads()), truth_mask(*a))[1])
+    between = []
+    for (heat, truth), (want_heat, want_truth) in zip(grounding._pairs(maps, queries, _Masks(), config, "x", False),
+                                                      expected, strict=True):
+        between.append(torch.get_num_threads())  # the caller's count while it scores the pair
+        assert np.array_equal(heat, want_heat) and np.array_equal(truth, want_truth)
+    assert seen == [inside, inside] and between == [2, 2] and torch.get_num_threads() == 2
+    assert expected[0][0].shape == ((224, 224) if resolution == "fixed" else (300, 260))

@@ -84,6 +84,7 @@ from vlpbench.protocols.runtime import (
     state_copy,
     to_device,
 )
+from vlpbench.threads import single_threaded
 
 log = logging.getLogger("vlpbench")
 
@@ -487,6 +488,8 @@ def _shape_iou(sizes: torch.Tensor, anchors: torch.Tensor, rule: str = "plain") 
     return inter / union
 
 
+# Many small CPU ops per batch, faster on one thread (perf/tiny_ops.py), even where the head runs on a GPU.
+@single_threaded()
 def assign_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int], stride: tuple[float, float],
                    anchors: torch.Tensor, ignore_threshold: float, *, anchor_iou: str = "plain",
                    labels: Sequence[torch.Tensor] | None = None, n_classes: int = 1) -> ScaleTargets:
@@ -608,6 +611,17 @@ def decode_labels(raw: torch.Tensor, n_anchors: int) -> torch.Tensor:
     (MGCA: ``torch.max`` of the class scores, ``utils/detection_utils.py:101-102``); 0 for one class."""
     pred = _split_attributes(raw, n_anchors)
     return pred[..., BOX_ATTRIBUTES:].argmax(dim=-1).reshape(raw.shape[0], -1)
+
+
+@single_threaded()  # many small ops on a CPU, faster on one thread (perf/tiny_ops.py)
+def decode_batch(outputs: Sequence[torch.Tensor], anchors: torch.Tensor,
+                 size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every prediction of one batch at a ``size`` input, the scales' raw outputs coarsest first: boxes (B, N, 4)
+    (:func:`decode`), scores (B, N) and class indices (B, N) (:func:`decode_labels`), the scales in turn."""
+    decoded = [decode(raw, scale_anchors, (size / raw.shape[-2], size / raw.shape[-1]))
+               for raw, scale_anchors in zip(outputs, anchors)]
+    labels = [decode_labels(raw, len(scale_anchors)) for raw, scale_anchors in zip(outputs, anchors)]
+    return torch.cat([b for b, _ in decoded], 1), torch.cat([s for _, s in decoded], 1), torch.cat(labels, 1)
 
 
 def mgca_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, limit: int | None = None) -> torch.Tensor:
@@ -963,11 +977,7 @@ def _predict(model: Detector, data: DetectionImages, features: PartFeatures, anc
         outputs = model.head(features.on_device(index, host))
         total += _batch_loss(outputs, [data.targets[i] for i in index], anchors, size, config,
                              [data.target_labels[i] for i in index]).item() * len(index)
-        decoded = [decode(raw, scale_anchors, (size / raw.shape[-2], size / raw.shape[-1]))
-                   for raw, scale_anchors in zip(outputs, anchors)]
-        boxes = torch.cat([b for b, _ in decoded], 1)
-        scores = torch.cat([s for _, s in decoded], 1)
-        labels = torch.cat([decode_labels(raw, len(scale_anchors)) for raw, scale_anchors in zip(outputs, anchors)], 1)
+        boxes, scores, labels = decode_batch(outputs, anchors, size)
         selected = select_detections(boxes, scores, conf_threshold=config["conf_threshold"],
                                      nms_threshold=config["nms_threshold"], max_detections=config["max_detections"],
                                      nms=config["nms"], labels=labels)

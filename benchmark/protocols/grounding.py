@@ -68,6 +68,7 @@ from vlpbench.predictions import HEATMAPS_FILE, check_heatmap, write_heatmaps
 from vlpbench.protocols import SplitIds, base
 from vlpbench.protocols import grounding_pathologies as pathologies
 from vlpbench.protocols.runtime import DEFAULT_PRECISION, autocast, precision_of
+from vlpbench.threads import single_threaded
 
 log = logging.getLogger("vlpbench")
 
@@ -242,9 +243,14 @@ def is_flat(raw: Any) -> bool:
 def _pairs(maps: Mapping[str, Any], queries: list[Query], source, config: Mapping[str, Any],
            desc: str, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(heat map, truth)`` at the evaluation resolution, one query at a time (memory stays per image)."""
+    # At the fixed grid a query's ops are small: one thread is faster, by far more than threads could save. At
+    # native masks (a million pixels and more) threads save about as much as a busy CPU costs (perf/tiny_ops.py).
+    fixed = config["eval_resolution"] == "fixed"
     for query in tqdm(queries, desc=desc, disable=not progress, leave=False, unit="map"):
-        truth = truth_mask(source, query, config)
-        yield prepare_heatmap(maps[query.key], truth.shape, config), truth
+        with single_threaded(fixed):
+            truth = truth_mask(source, query, config)
+            heat = prepare_heatmap(maps[query.key], truth.shape, config)
+        yield heat, truth
 
 
 def select_threshold(maps: Mapping[str, Any], queries: list[Query], source, config: Mapping[str, Any], *,
