@@ -46,7 +46,7 @@ import functools
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +190,23 @@ def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
     """Token ids ``[len(texts), context_length]`` as ``ClipAdapter.embed_text`` makes them (OpenAI's BPE,
     lower-cased and cleaned; a longer text is truncated, keeping the end-of-text token)."""
     return _tokenizer()(list(texts), context_length=context_length)
+
+
+def pair_softmax(image: torch.Tensor, embed_text: Callable[[list[str]], torch.Tensor], classes: Sequence[str],
+                 templates: tuple[str, str], logit_scale: torch.Tensor | None) -> torch.Tensor:
+    """CheXzero's zero-shot rule: per image and class, the positive entry of the softmax over the class's
+    (positive, negative) prompt pair of ``logit_scale.exp() * cosine``, ``[B, len(classes)]``.
+
+    ``image`` holds L2-normalised image embeddings ``[B, D]``; ``embed_text`` maps prompts to L2-normalised
+    embeddings ``[N, D]``; ``logit_scale`` is the model's log temperature, None for the bare cosines that
+    CheXzero's ``run_softmax_eval`` takes (rajpurkarlab/CheXzero zero_shot.py:259-260). The arguments are checked
+    by the caller.
+    """
+    text = embed_text([t.format(c) for c in classes for t in templates]).view(len(classes), 2, -1)
+    logits = torch.einsum("bd,cpd->bcp", image, text.to(image.device))
+    if logit_scale is not None:
+        logits = logits * logit_scale.exp().to(image.device)
+    return logits.softmax(dim=-1)[..., 0]
 
 
 class ClipAdapter(Adapter):
@@ -355,12 +372,8 @@ class ClipAdapter(Adapter):
             ConfigError: ``templates`` is not a pair of strings each with one ``{}``, or ``classes`` is empty.
         """
         check_zero_shot_arguments(classes, templates)
-        image = self.embed_image(images)
-        text = self.embed_text([t.format(c) for c in classes for t in templates]).view(len(classes), 2, -1)
-        logits = torch.einsum("bd,cpd->bcp", image, text)
-        if apply_logit_scale:
-            logits = logits * self.model.logit_scale.exp()
-        return logits.softmax(dim=-1)[..., 0]
+        return pair_softmax(self.embed_image(images), self.embed_text, classes, templates,
+                            self.model.logit_scale if apply_logit_scale else None)
 
     def describe(self) -> dict[str, Any]:
         """``Adapter.describe`` plus the architecture read from the weights and the dense-task pyramid."""

@@ -18,9 +18,12 @@ What the protocols get (``procedures``), all from the transformers modules' own 
   linear probe's feature;
 - text embedding: the text tower's ``pooler_output`` (the last position's state through ``text_model.head``),
   prompts padded and truncated to the 64 positions as the processor's ``padding="max_length"`` does;
-- zero-shot: SigLIP's own pairwise probability, ``sigmoid(logit_scale.exp() · cos + logit_bias)`` of the image
-  with each class's positive prompt: the sigmoid loss trains every image–text pair as an independent binary
-  match, so unlike CLIP's softmax no second (negative) prompt enters the score;
+- zero-shot, by option ``zero_shot_rule``: ``sigmoid`` (default), SigLIP's own pairwise probability,
+  ``sigmoid(logit_scale.exp() · cos + logit_bias)`` of the image with each class's positive prompt: the sigmoid
+  loss trains every image–text pair as an independent binary match, so unlike CLIP's softmax no second (negative)
+  prompt enters the score; or ``softmax``, CLIP's rule as the ``clip`` adapter computes it for CheXzero (the
+  softmax over the positive and negative prompt of ``logit_scale.exp() · cos``; ``logit_bias`` shifts both alike
+  and cancels), for towers trained with CLIP's loss but stored as ``SiglipModel`` folders;
 - grounding: each patch token after ``post_layernorm`` through the attention-pooling head on its own (a single
   key takes all the attention, so this is the head's value and output projections and its LayerNorm-MLP
   residual: the value-embedding reading of an attention pool of MaskCLIP, Zhou et al., ECCV 2022), compared
@@ -32,7 +35,9 @@ What the protocols get (``procedures``), all from the transformers modules' own 
 CheXagent's ``StanfordAIMI/XraySigLIP__*`` encoders are not all ``SiglipModel`` folders: the
 ``XraySigLIP__vit-l-14__laion2b-s32b-b82k`` folder holds CLIP's BPE tokenizer (``vocab.json``, ``merges.txt``) and
 is tagged ``clip``, a transformers ``CLIPModel``; its ``model_type`` is refused here, naming it. A variant that
-is a ``SiglipModel`` folder loads like MedSigLIP.
+is a ``SiglipModel`` folder loads like MedSigLIP. The ``XrayCLIP__*__webli`` folders are ``SiglipModel`` folders
+whose towers were trained with CLIP's softmax loss (the folder names; CheXagent's README, "Vision Encoder"):
+``zero_shot_rule=softmax`` scores them by that rule.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from vlpbench.adapters.base import (
     state_specs,
     unwrap_state_dict,
 )
+from vlpbench.adapters.clip import pair_softmax
 from vlpbench.adapters.hf_vit import HfFolder, HfViTEncoder, materialize, pyramid_name, read_hf_folder
 from vlpbench.adapters.text import text_encoder_record
 from vlpbench.adapters.transformer import default_out_indices
@@ -71,6 +77,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json")
 VISION = "vision_model."
 POOL = "map: the attention-pooling head's output (SiglipVisionModel pooler_output), the image embedding"
+ENCODING = ("Image: attention-pooling head output; text: last position through text_model.head, padded to "
+            "max_position_embeddings")
+# zero_shot_rule -> procedures["zero_shot"]: the rule the towers were trained with (SigLIP's or CLIP's loss).
+ZERO_SHOT_PROCEDURES = {
+    "sigmoid": "per class, sigmoid(logit_scale.exp() * cosine(image embedding, positive prompt embedding) + "
+               "logit_bias): SigLIP's pairwise probability (transformers SiglipModel.forward logits_per_image, then "
+               "torch.sigmoid as its docstring computes probabilities); the negative template is not used. " + ENCODING,
+    "softmax": "per class, the positive entry of the softmax over the (positive, negative) prompt pair of "
+               "logit_scale.exp() * cosine(image embedding, prompt embedding): CLIP's rule as the clip adapter "
+               "computes it for CheXzero (rajpurkarlab/CheXzero zero_shot.py:259-260, with CLIP's temperature), for "
+               "towers trained with CLIP's loss (zero_shot_rule=softmax); logit_bias adds to both entries and "
+               "cancels. " + ENCODING,
+}
 
 
 class SiglipVisionEncoder(HfViTEncoder):
@@ -88,11 +107,13 @@ class SiglipVisionEncoder(HfViTEncoder):
 
 
 class MedSiglipAdapter(Adapter):
-    """A ``SiglipModel`` folder (MedSigLIP): embeddings, sigmoid zero-shot, patch grounding, dense tasks."""
+    """A ``SiglipModel`` folder (MedSigLIP): embeddings, sigmoid (or CLIP softmax) zero-shot, patch grounding, dense
+    tasks."""
 
     name = "medsiglip"
     description = ("MedSigLIP (SigLIP 400M + 400M, 448²) from its Hugging Face folder: embeddings, sigmoid "
-                   "zero-shot, patch grounding; frozen ViT + Feature2Pyramid for dense tasks")
+                   "zero-shot (zero_shot_rule=softmax: CLIP's), patch grounding; frozen ViT + Feature2Pyramid for "
+                   "dense tasks")
     card = ModelCard(
         paper="Sellergren et al., MedGemma Technical Report, arXiv 2507.05201 (2025), MedSigLIP section; SigLIP: "
               "Zhai et al., Sigmoid Loss for Language Image Pre-Training, ICCV 2023",
@@ -106,12 +127,13 @@ class MedSiglipAdapter(Adapter):
                "reports, besides dermatology, ophthalmology, pathology and CT/MRI slices and natural images: "
                "MIMIC-CXR is flagged as its likely public chest X-ray source, overlap with other test sets is "
                "unknown",
-               "zero-shot scores are SigLIP's sigmoid probabilities of the positive prompt alone",
+               "zero-shot scores are SigLIP's sigmoid probabilities of the positive prompt alone; "
+               "zero_shot_rule=softmax scores by CLIP's positive / negative prompt softmax instead",
                "14-pixel patches: dense-task inputs must be multiples of 112 px (e.g. 224)",
                "CheXagent's XraySigLIP__vit-b-16-siglip-512__webli and XraySigLIP__vit-l-16-siglip-384__webli "
                "(huggingface.co/StanfordAIMI, CC-BY-NC-4.0; SigLIP loss) are SiglipModel folders and load here; the "
-               "XrayCLIP__*__webli folders load too, but were trained with CLIP's softmax loss, so this sigmoid "
-               "zero-shot is not their rule (their embeddings are)"),
+               "XrayCLIP__vit-b-16-siglip-512__webli and XrayCLIP__vit-l-16-siglip-384__webli folders load too, but "
+               "were trained with CLIP's softmax loss: score them with --model-option zero_shot_rule=softmax"),
     )
     capabilities = frozenset({"features", EMBED_IMAGE, EMBED_TEXT, DENSE_EMBED})
     image_size = MEDSIGLIP_SIZE
@@ -124,12 +146,9 @@ class MedSiglipAdapter(Adapter):
         "model.safetensors or pytorch_model.bin; tokenizer files for the text side)",
     )
     capability_hints = {EMBED_TEXT: "the checkpoint folder's tokenizer files give the text side"}
+    default_options = {"zero_shot_rule": "sigmoid"}
     procedures = {
-        "zero_shot": "per class, sigmoid(logit_scale.exp() * cosine(image embedding, positive prompt embedding) + "
-                     "logit_bias): SigLIP's pairwise probability (transformers SiglipModel.forward logits_per_image, "
-                     "then torch.sigmoid as its docstring computes probabilities); the negative template is not "
-                     "used. Image: attention-pooling head output; text: last position through text_model.head, "
-                     "padded to max_position_embeddings",
+        "zero_shot": ZERO_SHOT_PROCEDURES["sigmoid"],
         "grounding": "cosine similarity of the text embedding with each patch token after post_layernorm passed "
                      "through the attention-pooling head alone (value and output projections, LayerNorm-MLP "
                      "residual: MaskCLIP's value-embedding reading, Zhou et al. ECCV 2022); MedSigLIP publishes no "
@@ -142,11 +161,13 @@ class MedSiglipAdapter(Adapter):
         """Load the folder strictly (see ``Adapter``), build the model from it and read its tokenizer.
 
         Raises:
+            ConfigError: an unknown option or ``zero_shot_rule`` value, or no checkpoint.
             CheckpointError: as ``Adapter``; also a folder that is not a ``siglip`` one, a vision tower without
                 its attention-pooling head, or an image processor whose size or settings the model or vlpbench's
                 preprocess cannot take (field named).
         """
         super().__init__(checkpoint, **options)
+        self.procedures = {**self.procedures, "zero_shot": ZERO_SHOT_PROCEDURES[self.options["zero_shot_rule"]]}
         extra = self._extra_state
         self.config, self.contract, self._files = extra["config"], extra["contract"], extra["files"]
         self.image_size, self.mean, self.std = self.contract.image_size, self.contract.mean, self.contract.std
@@ -263,8 +284,10 @@ class MedSiglipAdapter(Adapter):
     @torch.no_grad()
     def zero_shot_scores(self, images: torch.Tensor, classes: Sequence[str],
                          templates: tuple[str, str] = ("{}", "no {}")) -> torch.Tensor:
-        """``sigmoid(logit_scale.exp() * cos + logit_bias)`` of each image with each class's positive prompt,
-        ``(B, len(classes))`` (``procedures["zero_shot"]``); the negative template is checked, not used.
+        """Zero-shot scores ``(B, len(classes))`` by ``zero_shot_rule`` (``procedures["zero_shot"]``): ``sigmoid``,
+        ``sigmoid(logit_scale.exp() * cos + logit_bias)`` of each image with each class's positive prompt (the
+        negative template checked, not used); ``softmax``, :func:`~vlpbench.adapters.clip.pair_softmax` of the
+        positive and negative prompt.
 
         Raises:
             CapabilityError: the folder's tokenizer could not be read.
@@ -273,6 +296,8 @@ class MedSiglipAdapter(Adapter):
         self.require(EMBED_TEXT)
         check_zero_shot_arguments(list(classes), templates)
         image = self.embed_image(images)
+        if self.options["zero_shot_rule"] == "softmax":
+            return pair_softmax(image, self.embed_text, list(classes), templates, self.model.logit_scale)
         text = self.embed_text([templates[0].format(c) for c in classes]).to(image.device)
         logits = image @ text.T * self.model.logit_scale.exp() + self.model.logit_bias
         return torch.sigmoid(logits)
@@ -285,6 +310,19 @@ class MedSiglipAdapter(Adapter):
                               f"got {tuple(images.shape)}")
         self.model.to(images.device)
         return self.model.vision_model(pixel_values=images.float())
+
+    @classmethod
+    def _resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``Adapter._resolve_options``, also checking ``zero_shot_rule`` (before anything is loaded).
+
+        Raises:
+            ConfigError: an unknown option, or a ``zero_shot_rule`` not in ``ZERO_SHOT_PROCEDURES``.
+        """
+        resolved = super()._resolve_options(options)
+        if resolved["zero_shot_rule"] not in ZERO_SHOT_PROCEDURES:
+            raise ConfigError(f"adapter {cls.name!r}: option zero_shot_rule={resolved['zero_shot_rule']!r} is not one "
+                              f"of {', '.join(ZERO_SHOT_PROCEDURES)}")
+        return resolved
 
     @classmethod
     def _read(cls, checkpoint: str | Path | None) -> tuple[Any, str | None, str | None]:

@@ -1,5 +1,6 @@
-"""MedSigLIP: a SiglipModel folder key by key; embeddings and sigmoid zero-shot scores against transformers' own
-SiglipModel forward; patch grounding as the pooling head's value path; the input contract; the dense path."""
+"""MedSigLIP: a SiglipModel folder key by key; embeddings, sigmoid and (zero_shot_rule=softmax) CLIP softmax
+zero-shot scores against transformers' own SiglipModel; patch grounding as the pooling head's value path; the
+input contract; the dense path."""
 
 from __future__ import annotations
 
@@ -79,7 +80,40 @@ def test_embeddings_and_sigmoid_scores_equal_transformers_forward(adapter, refer
     torch.testing.assert_close(adapter.zero_shot_scores(images, CLASSES, ("{}", "normal {}")), scores)
     with pytest.raises(ConfigError, match="templates"):
         adapter.zero_shot_scores(images, CLASSES, ("{}",))
+    assert adapter.options == {"zero_shot_rule": "sigmoid"}
+    assert adapter.describe()["procedures"]["zero_shot"].startswith("per class, sigmoid(")
 
+
+def test_softmax_rule_is_clips_pair_softmax_of_transformers_embeddings(folder, reference, images):
+    """zero_shot_rule=softmax (CheXagent's XrayCLIP webli towers): CLIP's rule over the positive / negative prompt,
+    by hand from SiglipModel's own embeddings; logit_bias does not enter; the option is recorded."""
+    adapter = MedSiglipAdapter(folder, zero_shot_rule="softmax")
+    positive, negative = CLASSES, [f"no {c}" for c in CLASSES]
+    with torch.no_grad():
+        out = {name: reference(pixel_values=images, input_ids=_tokens(folder, prompts))
+               for name, prompts in (("positive", positive), ("negative", negative))}
+    image = F.normalize(out["positive"].image_embeds, dim=-1)
+    text = {name: F.normalize(o.text_embeds, dim=-1) for name, o in out.items()}
+    scale = reference.logit_scale.exp()
+    pos, neg = (scale * image @ text["positive"].T).exp(), (scale * image @ text["negative"].T).exp()
+    expected = pos / (pos + neg)
+    scores = adapter.zero_shot_scores(images, CLASSES, ("{}", "no {}"))
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(scores, MedSiglipAdapter(folder).zero_shot_scores(images, CLASSES), atol=1e-3)
+    # the negative template now enters the score
+    assert not torch.allclose(adapter.zero_shot_scores(images, CLASSES, ("{}", "normal {}")), scores, atol=1e-4)
+    record = adapter.describe()
+    assert record["options"] == {"zero_shot_rule": "softmax"}
+    assert record["procedures"]["zero_shot"].startswith("per class, the positive entry of the softmax")
+    assert MedSiglipAdapter.procedures["zero_shot"].startswith("per class, sigmoid(")
+
+
+def test_an_unknown_zero_shot_rule_is_refused_before_the_weights_are_read(tmp_path):
+    # no folder at all: the option is checked first, so the error names it, not the checkpoint
+    with pytest.raises(ConfigError, match="zero_shot_rule='logistic' is not one of sigmoid, softmax"):
+        MedSiglipAdapter(tmp_path / "absent", zero_shot_rule="logistic")
+    with pytest.raises(ConfigError, match="zero_shot_rule='logistic'"):
+        MedSiglipAdapter.inspect(tmp_path / "absent", zero_shot_rule="logistic")
 
 
 def test_a_16_pixel_patch_siglip_folder_loads_as_the_xraysiglip_webli_folders_are(tmp_path, images):
@@ -217,3 +251,14 @@ def test_rsna_zero_shot_runs_from_the_cli(folder, rsna_root, tmp_path):
     assert model["procedures"] == MedSiglipAdapter.procedures
     assert model["text_encoder"]["path"] == str(folder) and "tokenizer.json" in model["text_encoder"]["files"]
     assert model["input_contract"]["image_size"] == SIZE and model["context_length"] == CONTEXT
+
+
+def test_the_zero_shot_rule_option_reaches_the_record(folder, rsna_root, tmp_path):
+    assert main(["-q", "run", "--model", "medsiglip", "--checkpoint", str(folder), "--model-option",
+                 "zero_shot_rule=softmax", "--task", "rsna_zs", "--frac", "1.0", "--data-root", str(rsna_root),
+                 "--results", str(tmp_path), "--device", "cpu", "--set", "bootstrap_resamples=20"]) == 0
+    (path,) = tmp_path.glob("runs/**/rsna_zs.v*/*.json")
+    model = json.loads(path.read_text())["model"]
+    assert model["options"] == {"zero_shot_rule": "softmax"}
+    assert model["procedures"]["zero_shot"] == MedSiglipAdapter(folder, zero_shot_rule="softmax").procedures[
+        "zero_shot"] != MedSiglipAdapter.procedures["zero_shot"]
