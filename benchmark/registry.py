@@ -97,6 +97,10 @@ class DatasetSpec:
             user's own files, for a dataset whose label files do not ship to commit a split from.
         test_split: the function ``(reader) -> Split`` that derives the test part from the user's files
             where the split has none (CheXpert: the frontal images of valid.csv), or None.
+        release_sizes: ``{split version: {part: images}}`` (or its ``"module:attribute"``): the part sizes of
+            a derived split on the dataset's official release (what the split's rule gives on the release's
+            label files), which ``sweep --plan`` counts where the data folder is absent; a version not named
+            is not counted then.
         evaluation_only: every image of the label file is a test image (the CheXpert radiologist set).
         folder: the dataset whose data folder this one is read from, when it is another split set of the same
             download (``chexpert5x200`` and ``chexpert_test`` read the ``chexpert`` folder, ``mimic5x200`` the
@@ -108,6 +112,7 @@ class DatasetSpec:
     split_generators: Mapping[str, str | Any] = field(default_factory=dict)
     derived_splits: Mapping[str, str | Any] = field(default_factory=dict)
     test_split: str | Any | None = None
+    release_sizes: str | Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     evaluation_only: bool = False
     folder: str | None = None
 
@@ -157,7 +162,8 @@ DATASETS.register("cxr14", DatasetSpec(
 DATASETS.register("object_cxr", DatasetSpec(
     reader="vlpbench.data.object_cxr:ObjectCxrSource", synthesizer="vlpbench.synthetic.object_cxr:synth_object_cxr",
     derived_splits={"v1": "vlpbench.data.object_cxr:split_v1",
-                    "mgca": "vlpbench.data.object_cxr:split_mgca"}))  # MGCA's split (docs/datasets.md)
+                    "mgca": "vlpbench.data.object_cxr:split_mgca"},  # MGCA's split (docs/datasets.md)
+    release_sizes="vlpbench.data.object_cxr:RELEASE_SIZES"))
 DATASETS.register("covidx", DatasetSpec(
     reader="vlpbench.data.covidx:CovidxSource", synthesizer="vlpbench.synthetic.covidx:synth_covidx",
     derived_splits={"v1": "vlpbench.data.covidx:split_v1",

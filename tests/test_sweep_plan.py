@@ -19,7 +19,7 @@ from vlpbench.sweep.calibrate import Adapters, Calibrator
 from vlpbench.sweep.estimate import plan_sweep
 from vlpbench.sweep.spec import ModelSpec
 from vlpbench.sweep.workload import Step, StepTiming, Unknown
-from vlpbench.tasks import load_task
+from vlpbench.tasks import TASKS_DIR, load_task
 from vlpbench.testing.weightless import BrightnessClip
 
 # What each calibrated step "takes" per batch: encoder features and the linear head's training step.
@@ -198,3 +198,78 @@ def test_every_protocols_steps_run_under_the_calibrator(tiny, monkeypatch, task,
         with pytest.raises(Unknown, match="cannot provide"):
             calibrator(Step(ModelSpec("generic", str(tiny / "lcnet.pth"), {"arch": "tu-lcnet_035"}, "lcnet"),
                             spec.protocol, kinds[0], 2, 32, "fp32", config=config))
+
+
+def detection_timer(step):
+    """A fixed time per detection step; the frozen part's output of one image for ``feature_storage``."""
+    return StepTiming({"features": FEATURES_S, "train": 1.0, "eval": HEAD_S}[step.kind],
+                      shapes=((8, 28, 28), (16, 14, 14), (32, 7, 7)))
+
+
+@pytest.fixture(scope="module")
+def release_shaped_object_cxr(tmp_path_factory):
+    """An Object-CXR folder with the release's label files' row counts (train.csv 00001-08000, dev.csv
+    08001-09000, every other image with a box) and empty zip members for images: what the derived splits are
+    drawn from, and what a run counts, without decodable pixels."""
+    import zipfile
+
+    root = tmp_path_factory.mktemp("object-cxr")
+    for name, first, count in (("train", 1, 8000), ("dev", 8001, 1000)):
+        ids = [f"{i:05d}.jpg" for i in range(first, first + count)]
+        rows = [f"{image_id},{'0 10 10 40 40' if i % 2 else ''}" for i, image_id in enumerate(ids)]
+        (root / f"{name}.csv").write_text("\n".join(["image_name,annotation", *rows]) + "\n")
+        with zipfile.ZipFile(root / f"{name}.zip", "w") as archive:
+            for image_id in ids:
+                archive.writestr(f"{name}/{image_id}", b"")
+    return root
+
+
+@pytest.mark.parametrize("profile, sizes", [("canonical", (64, 640, 6400, 1600)), ("paper", (72, 720, 7200, 800))])
+def test_object_cxr_without_its_folder_is_counted_by_the_release_sizes_as_the_split_rule_draws_them(
+        release_shaped_object_cxr, tmp_path, profile, sizes):
+    def plan(data_root, tasks=("object_cxr_det",)):
+        return plan_sweep(build_spec({
+            "models": ["random"], "tasks": list(tasks), "fracs": [0.01, 0.1, 1.0], "seeds": [0], "profile": profile,
+            "data_roots": {"object_cxr": str(data_root), "covidx": str(tmp_path / "absent")},
+            "results": str(tmp_path / "results"), "device": "cpu"}), measure=detection_timer)
+
+    counted = plan(release_shaped_object_cxr)
+    declared = plan(tmp_path / "absent")
+    *train, val = sizes
+    assert [e.images for e in declared.runs] == [{"train": n, "val": val, "test": 1000} for n in train]
+    # The split derived from label files of the release's counts gives the same images and so the same time.
+    assert [(e.images, e.epochs) for e in counted.runs] == [(e.images, e.epochs) for e in declared.runs]
+    assert [e.seconds for e in counted.runs] == pytest.approx([e.seconds for e in declared.runs])
+    assert all(e.seconds > 0 and e.decode_seconds == 0 for e in declared.runs)
+    split = "object_cxr split " + ("v1" if profile == "canonical" else "mgca")
+    assert [e.release_sizes for e in declared.runs] == [split] * 3
+    assert [e.release_sizes for e in counted.runs] == [""] * 3
+    text = declared.format()
+    [row] = [line.split("100% seed 0")[1].split() for line in text.splitlines() if "object_cxr_det" in line
+             and "100% seed 0" in line]
+    assert row[:4] == [str(train[-1]), str(val), "1000", "≤50"]
+    assert " ".join(row[-8:]) == "(sizes of the official release; no data folder)"
+    assert text.count("(sizes of the official release; no data folder)") == 3
+    assert f'runs marked "sizes of the official release; no data folder" count the images of {split}' in text
+    assert "sizes of the official release" not in counted.format()
+
+    # A derived split without declared sizes (COVIDx: its files differ by release) still cannot be counted.
+    [covidx] = [e for e in plan(tmp_path / "absent", ("covidx_cls",)).runs if e.run.frac == 1.0]
+    assert covidx.seconds is None and "covidx train images come from the data folder" in covidx.unknown
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_the_release_sizes_carry_no_labels_so_a_selection_by_label_stays_unknown(tmp_path, balance):
+    # siim_seg's protocol on Object-CXR: balance_negatives picks by which images have an object.
+    text = (TASKS_DIR / "siim_seg.yaml").read_text().split("\nprofiles:")[0]
+    task = tmp_path / "object_cxr_seg.yaml"
+    task.write_text(text.replace("siim_seg", "object_cxr_seg").replace("dataset: siim", "dataset: object_cxr"))
+    [estimate] = plan_sweep(build_spec({
+        "models": ["random"], "tasks": [{"task_file": str(task)}], "fracs": [1.0], "seeds": [0],
+        "set": {"balance_negatives": balance}, "data_roots": {"object_cxr": str(tmp_path / "absent")},
+        "results": str(tmp_path / "results"), "device": "cpu"}), measure=lambda step: StepTiming(1.0)).runs
+    if balance:
+        assert estimate.seconds is None and estimate.unknown.startswith("balance_negatives needs the object_cxr labels")
+    else:
+        assert estimate.images == {"train": 6400, "val": 1600, "test": 1000}
+        assert estimate.seconds == 50 * (6400 // 8 + 1600 // 8) + 1000 // 8  # batch 8: train, val each epoch; test

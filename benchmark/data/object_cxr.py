@@ -56,6 +56,15 @@ LABEL_COLUMN = "object"
 MGCA_COMMIT = "680fe4a6ee0cc454ab58fd1a8b28fee81c03d742"
 MGCA_VAL_FRACTION = 0.1
 MGCA_RANDOM_STATE = 0
+# The images of each part of the derived splits on the official release (train.csv 8,000 rows, dev.csv 1,000;
+# docs/datasets.md "Object-CXR split sizes on the release"), as split_v1 / split_mgca draw them:
+# v1 floor(0.2 * 8,000) = 1,600 val, mgca ceil(0.1 * 8,000) = 800 val, the subsets round(0.1 / 0.01 * train).
+# What `vlpbench sweep --plan` counts where the data folder is absent; tests/test_sweep_plan.py derives
+# both splits from label files of the release's row counts and checks these.
+RELEASE_SIZES = {
+    "v1": {"train": 6400, "val": 1600, "test": 1000, "train_10pct": 640, "train_1pct": 64},
+    "mgca": {"train": 7200, "val": 800, "test": 1000, "train_10pct": 720, "train_1pct": 72},
+}
 
 Object = tuple[int, np.ndarray]
 

@@ -2,9 +2,11 @@
 totals in device-hours, before anything is launched.
 
 A run's estimate is the batches it will run, counted from the split files as its protocol selects the images
-(:mod:`vlpbench.sweep.workload`), times the seconds per batch of each kind of step, measured on this machine's
-device with the real adapter on random inputs (:mod:`vlpbench.sweep.calibrate`), plus the decoding of the
-images it is first to need where the data folder is there (a per-image time measured on 3 of its images).
+(:mod:`vlpbench.sweep.workload`; a split derived from an absent data folder by its declared sizes on the
+official release, the run's row marked :data:`RELEASE_MARK`), times the seconds per batch of each kind of step,
+measured on this machine's device with the real adapter on random inputs (:mod:`vlpbench.sweep.calibrate`),
+plus the decoding of the images it is first to need where the data folder is there (a per-image time measured
+on 3 of its images).
 Work the sweep shares (a linear probe's features, cached on disk per checkpoint, preprocessing and image list;
 images decoded into the image cache) is charged to the first run in plan order that needs it. Training is
 counted at ``max_epochs``: early stopping makes each such time an upper bound.
@@ -38,6 +40,7 @@ from vlpbench.sweep.workload import ImageRead, Measure, RunContext, Step, StepTi
 log = logging.getLogger("vlpbench")
 
 DEFAULT_CALIBRATE_BATCHES = 3
+RELEASE_MARK = "sizes of the official release; no data folder"  # rows counted from DatasetSpec.release_sizes
 DECODE_SAMPLE = 3  # images whose decoding is timed per dataset
 SWEEP_PRECISION = "fp32"  # a sweep's runs take no --precision
 
@@ -47,7 +50,8 @@ class RunEstimate:
     """One run to launch: its images per role as its protocol uses them, ``max_epochs`` (None where nothing
     trains), its estimated device seconds (None: not estimated, ``unknown`` says why), of which
     ``decode_seconds`` decode images into the cache, the shared work an earlier run of the sweep does for it
-    (``reused``), and its command."""
+    (``reused``), its command, and ``release_sizes``: the split whose declared sizes on the official release
+    stand for the ids (``"object_cxr split mgca"``; empty where the ids were counted)."""
 
     run: Run
     images: dict[str, int] = field(default_factory=dict)
@@ -57,6 +61,7 @@ class RunEstimate:
     reused: list[str] = field(default_factory=list)
     unknown: str = ""
     command: list[str] = field(default_factory=list)
+    release_sizes: str = ""
 
 
 @dataclass
@@ -109,8 +114,8 @@ class SweepPlan:
         lines.append(f"plan: {len(self.runs)} run(s) to launch, {len(self.skipped)} skipped; estimates for "
                      f"{self.device}")
         if self.runs:
-            lines += _table([("run", "train", "val", "test", "epochs", "est. time")] + [_row(r) for r in self.runs],
-                            right=(1, 2, 3, 4, 5))
+            header = ("run", "train", "val", "test", "epochs", "est. time", "")
+            lines += _table([header] + [_row(r) for r in self.runs], right=(1, 2, 3, 4, 5))
         held = [o for o in self.skipped if not o.reason.startswith("record exists")]
         if len(self.skipped) > len(held):
             lines.append(f"skipped: {len(self.skipped) - len(held)} run(s) whose records exist")
@@ -149,6 +154,11 @@ class SweepPlan:
         lines = ["each run's time is the batches it runs (images counted from the split files as its protocol "
                  "selects them) times the seconds per batch measured for each kind of step; a last incomplete "
                  "inference batch counts as a full one"]
+        released = sorted({r.release_sizes for r in self.runs if r.release_sizes and r.images})
+        if released:
+            lines.append(f"runs marked \"{RELEASE_MARK}\" count the images of {', '.join(released)} by the sizes "
+                         "its rule gives on the dataset's official release (declared, not read from files): a copy "
+                         "that differs from the release runs on other counts")
         if any(r.epochs is not None for r in self.runs):
             lines.append("upper bounds: training is counted at max_epochs (the epochs column, ≤); early stopping "
                          "on the validation set (patience) ends most runs sooner")
@@ -217,7 +227,9 @@ def plan_sweep(spec: SweepSpec, *, force: bool = False, calibrate_batches: int =
         estimate = RunEstimate(run=run, command=run_command(spec, run.arguments(
             spec.results, spec.device, overwrite=force, threads=threads)))
         try:
-            charged.estimate(estimate, workload(contexts(run), timer), timer)
+            context = contexts(run)
+            estimate.release_sizes = context.release_sizes
+            charged.estimate(estimate, workload(context, timer), timer)
         except (Unknown, VlpbenchError) as error:
             estimate.unknown = str(error)
         estimates.append(estimate)
@@ -331,7 +343,7 @@ class _Contexts:
     def __init__(self, spec: SweepSpec, adapters: Adapters) -> None:
         self.spec, self.adapters = spec, adapters
         self._sources: dict[tuple, tuple[Any, str]] = {}
-        self._parts: dict[tuple, tuple[dict[str, list[str]], Any]] = {}
+        self._parts: dict[tuple, tuple[dict[str, list[str]], Any, str]] = {}
         self._splits: dict[tuple, Any] = {}
 
     def __call__(self, run: Run) -> RunContext:
@@ -339,10 +351,10 @@ class _Contexts:
 
         task = load_task_file(run.task_file, run.profile) if run.task_file else load_task(run.task, run.profile)
         source, missing = self._source(task, run.data_root)
-        parts, labels = self._split_parts(task, source, run)
+        parts, labels, released = self._split_parts(task, source, run)
         return RunContext(run=run, task=task, config=task.resolve(run.overrides), source=source, missing=missing,
                           parts=parts, labels=labels, adapter=lambda: self.adapters(run.model),
-                          precision=SWEEP_PRECISION)
+                          precision=SWEEP_PRECISION, release_sizes=released)
 
     def _source(self, task: Any, data_root: str | None) -> tuple[Any, str]:
         from vlpbench.api import open_dataset
@@ -355,24 +367,29 @@ class _Contexts:
                 self._sources[key] = (None, str(error))
         return self._sources[key]
 
-    def _split_parts(self, task: Any, source: Any, run: Run) -> tuple[dict[str, list[str]], Any]:
+    def _split_parts(self, task: Any, source: Any, run: Run) -> tuple[dict[str, list[str]], Any, str]:
         """The ids of each role as :func:`vlpbench.api.run_parts` gives them, with the label reader; without a
-        data folder, the committed split's parts (a role the split does not hold stays unknown)."""
+        data folder, the committed split's parts (a role the split does not hold stays unknown), else the
+        declared sizes of the derived split on the official release (:func:`release_parts`, no labels; the third
+        item names that split)."""
         from vlpbench.api import run_parts, task_splits
+        from vlpbench.registry import DATASETS, load_target
 
         key = (task.dataset, task.split, run.data_root, run.frac)
         if key not in self._parts:
             if source is not None:
                 split, test_split = task_splits(task, source)
-                self._parts[key] = (run_parts(split, test_split, run.frac, source)[0], source)
+                self._parts[key] = (run_parts(split, test_split, run.frac, source)[0], source, "")
             elif (committed := self._committed(task)) is None:
-                self._parts[key] = ({}, None)
+                sizes = load_target(DATASETS.get(task.dataset).release_sizes).get(task.split)
+                self._parts[key] = (release_parts(sizes, run.frac), None, f"{task.dataset} split {task.split}") \
+                    if sizes else ({}, None, "")
             else:
                 split, labels = committed
                 roles = {"train": split.part_for_fraction(run.frac), "val": "val", "test": "test",
                          "train_all": "train"}
                 self._parts[key] = ({role: split.ids(part) for role, part in roles.items() if part in split.parts},
-                                    labels)
+                                    labels, "")
         return self._parts[key]
 
     def _committed(self, task: Any) -> tuple[Any, _SplitLabels] | None:
@@ -391,6 +408,18 @@ class _Contexts:
         return self._splits[key]
 
 
+def release_parts(sizes: dict[str, int], frac: float) -> dict[str, list[str]]:
+    """Ids standing for the images of each role (``train`` at ``frac``, ``val``, ``test``, ``train_all``) of a
+    split whose part sizes on the official release are ``sizes``: the names are unknown without the folder, so
+    the protocols' counting rules run on placeholders (``"train 0"`` …); a fraction's ids are the first of
+    train's, as its subset lies inside train."""
+    from vlpbench.data.splits import Split
+
+    roles = {"train": Split.part_for_fraction(frac), "val": "val", "test": "test", "train_all": "train"}
+    return {role: [f"{part.split('_')[0]} {i}" for i in range(sizes[part])] for role, part in roles.items()
+            if part in sizes}
+
+
 def _usable_cpus() -> int:
     """The CPUs the image cache decodes on: the affinity mask (a SLURM job's share), else every CPU."""
     affinity = getattr(os, "sched_getaffinity", None)
@@ -401,7 +430,8 @@ def _row(estimate: RunEstimate) -> tuple[str, ...]:
     images = [str(estimate.images[role]) if role in estimate.images else "?" for role in ("train", "val", "test")]
     epochs = f"≤{estimate.epochs}" if estimate.epochs is not None else "-"
     time = _duration(estimate.seconds) if estimate.seconds is not None else "unknown"
-    return (estimate.run.describe(), *images, epochs if estimate.images else "?", time)
+    mark = f"({RELEASE_MARK})" if estimate.release_sizes and estimate.images else ""
+    return (estimate.run.describe(), *images, epochs if estimate.images else "?", time, mark)
 
 
 def _table(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[str]:

@@ -6,8 +6,9 @@ The counts come from the protocols' own rules (their functions, not copies): seg
 linear probe's ``Preprocessing`` and ``feature_batch``, grounding's ``grounding_queries``, retrieval's
 ``retrieval_set``; the split parts a run gets are :func:`vlpbench.api.run_parts`'s. Without the data
 folder the committed split files give the ids (a protocol that selects by label reads the split's label
-column); a split derived from the user's files, or a selection that needs more than that column, cannot be
-counted then, and :class:`Unknown` says why.
+column); a split derived from the user's files is counted by its sizes on the dataset's official release
+where the dataset declares them (``DatasetSpec.release_sizes``: counts, no labels); otherwise, or where a
+selection needs labels beyond that, it cannot be counted then, and :class:`Unknown` says why.
 
 Counts are upper bounds where training stops early: every epoch up to ``max_epochs`` is counted; a last
 incomplete batch counts as a full one.
@@ -117,7 +118,9 @@ class RunContext:
     """What counting a run needs: the run, its task and resolved config, the dataset reader (None without the
     data folder, ``missing`` saying why), the ids of each role (:func:`vlpbench.api.run_parts`; a role is
     absent where it cannot be known without the data folder), a label reader for protocols that select by
-    label (the reader, or the split's label column), the adapter (built on first use) and the precision."""
+    label (the reader, or the split's label column), the adapter (built on first use), the precision, and
+    ``release_sizes``: the split whose declared sizes on the official release the ids stand for (placeholders,
+    without labels; empty where they are the split's own ids)."""
 
     run: Run
     task: Any
@@ -128,6 +131,7 @@ class RunContext:
     labels: Any | None
     adapter: Callable[[], Any]
     precision: str
+    release_sizes: str = ""
 
     def ids(self, role: str) -> list[str]:
         """The ids of ``role``; :class:`Unknown` where only the data folder would give them."""
