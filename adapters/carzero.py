@@ -68,7 +68,7 @@ from vlpbench.adapters.base import (
     split_prefix,
     unwrap_state_dict,
 )
-from vlpbench.adapters.gloria import aggregate_word_pieces, clean_text
+from vlpbench.adapters.gloria import bert_word_features
 from vlpbench.adapters.mrm import MRM_MEAN, MRM_STD
 from vlpbench.adapters.parts import meta_shapes, strip
 from vlpbench.adapters.text import bert_config, build_bert, match_bert, open_text_folder
@@ -342,19 +342,7 @@ class CARZeroAdapter(ViTAdapter):
             ConfigError: ``texts`` is not a non-empty list of strings.
         """
         self.require(ZERO_SHOT)
-        if isinstance(texts, str) or not texts:
-            raise ConfigError(f"adapter 'carzero' takes a non-empty list of texts, got {texts!r}")
-        batch = self._tokenizer([clean_text(t) for t in texts], padding="max_length", truncation=True,
-                                max_length=WORD_NUM, return_tensors="pt")
-        device = next(self._bert.parameters()).device
-        out = self._bert(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                         token_type_ids=batch["token_type_ids"].to(device), output_hidden_states=True)
-        hidden = torch.stack(out.hidden_states[-LAST_N_LAYERS:]).sum(dim=0)  # aggregate_method: sum
-        words = []
-        for states, ids in zip(hidden, batch["input_ids"]):
-            merged = aggregate_word_pieces(states, self._tokenizer.convert_ids_to_tokens(ids.tolist()))
-            words.append(torch.cat([torch.stack(merged), states.new_zeros(WORD_NUM - len(merged), states.shape[-1])]))
-        words = torch.stack(words)
+        words, _ = bert_word_features(self._tokenizer, self._bert, texts, "carzero", WORD_NUM, LAST_N_LAYERS)
         return words, words.mean(dim=1)
 
     @torch.no_grad()

@@ -259,20 +259,7 @@ class GloriaAdapter(Adapter):
         """GLoRIA's text features of ``texts``: word embeddings ``(T, D, 97)``, sentence embeddings ``(T, D)``
         (neither normalised, as ``norm: false``) and each text's word count (without [CLS] and [SEP])."""
         self.require(EMBED_TEXT)
-        if isinstance(texts, str) or not texts:
-            raise ConfigError(f"adapter 'gloria' takes a non-empty list of texts, got {texts!r}")
-        batch = self._tokenizer([clean_text(t) for t in texts], padding="max_length", truncation=True,
-                                max_length=WORD_NUM, return_tensors="pt")
-        device = next(self._bert.parameters()).device
-        out = self._bert(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                         token_type_ids=batch["token_type_ids"].to(device), output_hidden_states=True)
-        hidden = torch.stack(out.hidden_states[-LAST_N_LAYERS:]).sum(dim=0)  # (T, L, D): aggregate_method sum
-        words, counts = [], []
-        for states, ids in zip(hidden, batch["input_ids"]):
-            merged = aggregate_word_pieces(states, self._tokenizer.convert_ids_to_tokens(ids.tolist()))
-            counts.append(len(merged) - 2)
-            words.append(torch.cat([torch.stack(merged), states.new_zeros(WORD_NUM - len(merged), states.shape[-1])]))
-        words = torch.stack(words)  # (T, 97, D), zero after [SEP]
+        words, counts = bert_word_features(self._tokenizer, self._bert, texts, "gloria")
         return words.transpose(1, 2), words.mean(dim=1), counts
 
     def embed_text(self, texts: list[str]) -> torch.Tensor:
@@ -360,7 +347,34 @@ def clean_text(text: str) -> str:
     return " ".join(cleaned)
 
 
-def aggregate_word_pieces(states: torch.Tensor, tokens: list[str]) -> list[torch.Tensor]:
+def bert_word_features(tokenizer: Any, bert: nn.Module, texts: list[str], adapter: str,
+                       word_num: int = WORD_NUM, last_n_layers: int = LAST_N_LAYERS) -> tuple[torch.Tensor, list[int]]:
+    """GLoRIA's word features (``text_model.py:93-148``; CARZero's text model is the same code): the texts
+    cleaned, tokenised to ``word_num`` positions, the sum of BERT's last ``last_n_layers`` hidden states, word
+    pieces merged (:func:`aggregate_word_pieces`) and zeros after ``[SEP]``: ``(T, word_num, D)``, with each
+    text's word count (without ``[CLS]`` and ``[SEP]``).
+
+    Raises:
+        ConfigError: ``texts`` is not a non-empty list of strings, or the tokenizer is not a BERT tokenizer
+            (the message names ``adapter``).
+    """
+    if isinstance(texts, str) or not texts:
+        raise ConfigError(f"adapter {adapter!r} takes a non-empty list of texts, got {texts!r}")
+    batch = tokenizer([clean_text(t) for t in texts], padding="max_length", truncation=True,
+                      max_length=word_num, return_tensors="pt")
+    device = next(bert.parameters()).device
+    out = bert(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+               token_type_ids=batch["token_type_ids"].to(device), output_hidden_states=True)
+    hidden = torch.stack(out.hidden_states[-last_n_layers:]).sum(dim=0)  # (T, L, D): aggregate_method sum
+    words, counts = [], []
+    for states, ids in zip(hidden, batch["input_ids"]):
+        merged = aggregate_word_pieces(states, tokenizer.convert_ids_to_tokens(ids.tolist()), adapter)
+        counts.append(len(merged) - 2)
+        words.append(torch.cat([torch.stack(merged), states.new_zeros(word_num - len(merged), states.shape[-1])]))
+    return torch.stack(words), counts
+
+
+def aggregate_word_pieces(states: torch.Tensor, tokens: list[str], adapter: str = "gloria") -> list[torch.Tensor]:
     """GLoRIA's ``aggregate_tokens`` (``text_model.py:32-90``) for one text: the vectors of ``[CLS]``, each word
     (its ``##`` pieces summed) and ``[SEP]``; what follows ``[SEP]`` is dropped."""
     merged, bank = [], []
@@ -373,7 +387,7 @@ def aggregate_word_pieces(states: torch.Tensor, tokens: list[str]) -> list[torch
             if bank:
                 merged.append(torch.stack(bank).sum(dim=0))
             bank = [state]
-    raise ConfigError("adapter 'gloria': a tokenised text has no [SEP] token; the text encoder folder's tokenizer "
+    raise ConfigError(f"adapter {adapter!r}: a tokenised text has no [SEP] token; the text encoder folder's tokenizer "
                       "is not a BERT tokenizer")
 
 
