@@ -139,9 +139,11 @@ def _parser() -> argparse.ArgumentParser:
     p = command("reproduce", "Does the released checkpoint give the paper's number? Checks the file against the "
                 "reproduction ledger's entry (sha256) before anything runs, runs every ledger cell of the model that "
                 "your data allows (seeds 0..N-1, each cell's profile; runs already recorded are skipped, so it "
-                "resumes), and prints paper vs measured with a verdict per cell. Exit 0 when every comparable cell "
-                "whose data was found ran (verdicts are findings, not failures), 1 when a run failed, 2 when "
-                "nothing could run.",
+                "resumes), and prints paper vs measured with a verdict per cell. A cell whose protocol needs what the "
+                "adapter, as configured, lacks (zero-shot without a text encoder) is listed as 'cannot run' with the "
+                "adapter's message, not run. Exit 0 when every comparable cell whose data was found and that the "
+                "adapter can serve ran (verdicts are findings, not failures), 1 when a run failed, 2 when nothing "
+                "could run.",
                 "vlpbench reproduce --model mgca --checkpoint resnet_50.ckpt --tasks siim_seg,rsna_seg "
                 "--data-root siim=~/data/siim --data-root rsna=~/data/rsna --dry-run", _reproduce)
     p.add_argument("--model", required=True, help="adapter name with ledger cells (see `vlpbench models`)")
@@ -162,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="adapter option as for `run`, e.g. text_encoder=DIR for zero-shot cells (repeatable)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     p.add_argument("--dry-run", action="store_true",
-                   help="check the checkpoint and the data, list the runs, run nothing")
+                   help="check the checkpoint, the data and what the adapter can do, list the runs, run nothing")
 
     p = command("score", "Score predictions from any framework (or saved by `run --save-predictions`) with the "
                 "task's evaluation: the same metrics, CIs and thresholds as `run`. Needs the label files (and, for "

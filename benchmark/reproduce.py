@@ -4,7 +4,9 @@
 of the model (published and third-party, :mod:`vlpbench.ledger`), sets the user's checkpoint file beside the
 ledger's entry for it (its sha256 against the published one, where the authors publish one), finds the data
 folder of each task as ``run`` finds it, and lists the runs (task × fraction × seed under the cell's profile)
-with those whose record already exists marked done. :func:`execute` runs the rest through
+with those whose record already exists marked done, and those the adapter cannot serve (its zero-shot,
+grounding or retrieval capability is missing as configured, e.g. without a text encoder) listed as such, with the
+adapter's own message, instead of as runs that would fail. :func:`execute` runs the rest through
 :func:`vlpbench.api.run`; :func:`judge_plan` measures every cell in the records and gives its verdict.
 
 A run serves every cell of its task, fraction and profile (each metric, each source). A run whose cells are
@@ -31,6 +33,12 @@ log = logging.getLogger("vlpbench")
 RunKey = tuple[str, float, str]  # (task, fraction, profile): the runs one set of seeds repeats
 
 
+def describe_key(key: RunKey) -> str:
+    """``cxr14_zs 100% (paper)``."""
+    task, frac, profile = key
+    return f"{task} {percent_label(frac)} ({profile})"
+
+
 @dataclass(frozen=True)
 class PlannedRun:
     """One run of a reproduction: where its record goes, and whether a record of it exists already."""
@@ -44,7 +52,7 @@ class PlannedRun:
 
     def describe(self) -> str:
         """``siim_seg 1% (paper) seed 0``."""
-        return f"{self.task} {percent_label(self.frac)} ({self.profile}) seed {self.seed}"
+        return f"{describe_key((self.task, self.frac, self.profile))} seed {self.seed}"
 
 
 @dataclass
@@ -53,7 +61,8 @@ class ReproductionPlan:
 
     ``notes`` and ``warnings`` are what the checkpoint check found; ``folders`` maps each task that can run to
     its data folder, ``missing`` each task whose data was not found to why; ``left_out`` are the (task, fraction,
-    profile) whose cells are all not comparable.
+    profile) whose cells are all not comparable; ``cannot_run`` maps each (task, fraction, profile) whose protocol
+    needs a capability the adapter lacks to the adapter's message (its runs are not in ``runs``).
     """
 
     model: str
@@ -73,6 +82,7 @@ class ReproductionPlan:
     model_options: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     overrides: dict[str, Any] = field(default_factory=dict)
+    cannot_run: dict[RunKey, str] = field(default_factory=dict)
 
     @property
     def pending(self) -> list[PlannedRun]:
@@ -102,10 +112,12 @@ class ReproductionPlan:
             lines.append(f"  left out, every cell not comparable (the source's setting is one no profile reproduces): "
                          f"{runs}")
         done = [run for run in self.runs if run.done]
-        lines.append(f"runs under {self.results}: {len(self.pending)} to run, {len(done)} recorded already"
+        cannot = f", {len(self.cannot_run)} cannot run" if self.cannot_run else ""
+        lines.append(f"runs under {self.results}: {len(self.pending)} to run, {len(done)} recorded already{cannot}"
                      + (" (--dry-run: nothing is run)" if dry_run else ""))
         lines += [f"  {'would run' if dry_run else 'to run'}: {run.describe()}" for run in self.pending]
         lines += [f"  recorded: {run.describe()}" for run in done]
+        lines += [f"  cannot run: {describe_key(key)}: {message}" for key, message in self.cannot_run.items()]
         return "\n".join(lines) + "\n"
 
 
@@ -121,17 +133,20 @@ class ReproductionReport:
     exit_code: int
 
     def why_not_run(self) -> dict[RunKey, str]:
-        """(task, fraction, profile) → why no record measures it: no data, or a failed run."""
+        """(task, fraction, profile) → why no record measures it: no data, the adapter cannot serve its protocol,
+        or a failed run."""
         why = {(c.task, c.frac, c.profile): "no data" for c in self.plan.cells if c.task in self.plan.missing}
+        why.update(dict.fromkeys(self.plan.cannot_run, "adapter cannot"))
         why.update({(run.task, run.frac, run.profile): "run failed" for run, _ in self.failures})
         return why
 
     def format(self) -> str:
-        """The paper-vs-measured table (:func:`vlpbench.report.reproduction.reproduction_table`), the failed runs
-        and the errors."""
+        """The paper-vs-measured table (:func:`vlpbench.report.reproduction.reproduction_table`), the cells the
+        adapter cannot serve (its message), the failed runs and the errors."""
         from vlpbench.report.reproduction import reproduction_table
 
         lines = [reproduction_table(self.judged, why_not_run=self.why_not_run(), errors=self.errors)]
+        lines += [f"cannot run: {describe_key(key)}: {message}" for key, message in self.plan.cannot_run.items()]
         lines += [f"run failed: {run.describe()}: {message}" for run, message in self.failures]
         return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -193,6 +208,36 @@ def _data_folder(task: str, profile: str, roots: dict[str, str]) -> tuple[Path |
     return folder, None
 
 
+def lacking_capabilities(model: str, checkpoint: Path, model_options: dict[str, Any],
+                         keys: Sequence[RunKey]) -> dict[RunKey, str]:
+    """Each of ``keys`` whose protocol needs a capability (:attr:`vlpbench.protocols.base.Protocol.needs`) that
+    adapter ``model``, built on ``checkpoint`` with ``model_options`` as ``run`` builds it, lacks, mapped to the
+    adapter's message (what the run would fail with, :meth:`~vlpbench.protocols.base.Protocol.require`).
+
+    Capabilities are an instance's (its checkpoint form and options decide them), so the adapter is built: once,
+    and only where a protocol needs more than the image encoder every adapter has.
+
+    Raises:
+        ConfigError: a bad model option; CheckpointError: a file the adapter cannot load (as every run would).
+    """
+    from vlpbench.adapters import build_adapter
+    from vlpbench.adapters.base import CapabilityError
+    from vlpbench.protocols.base import protocol_named
+    from vlpbench.tasks import load_task
+
+    protocols = {key: protocol_named(load_task(key[0], key[2]).protocol) for key in keys}
+    if not any(protocol.needs for protocol in protocols.values()):
+        return {}
+    adapter = build_adapter(model, checkpoint, **model_options)
+    lacking = {}
+    for key, protocol in protocols.items():
+        try:
+            protocol.require(adapter)
+        except CapabilityError as error:
+            lacking[key] = str(error)
+    return lacking
+
+
 def plan_reproduction(model: str, checkpoint: str | Path, *, tasks: Sequence[str] | None = None, seeds: int = 3,
                       data_roots: dict[str, str] | None = None, results: str | Path = "results",
                       reference: str | Path | None = None, entry: str | None = None,
@@ -203,11 +248,14 @@ def plan_reproduction(model: str, checkpoint: str | Path, *, tasks: Sequence[str
     --reference``); ``data_roots``: ``{dataset: folder}``, else each dataset's folder as ``run`` finds it;
     ``entry``: the id of the file's entry in ``checkpoints.json`` (default: the entries whose sha256, else whose
     file name, the file matches; else every entry of the model); ``seeds``: seeds 0 … N−1 per run (seed 0 alone where the
-    protocol trains nothing: zero-shot, grounding, retrieval).
+    protocol trains nothing: zero-shot, grounding, retrieval). The runs still to do whose protocol needs a
+    capability the adapter lacks with ``model_options`` are not listed but kept in ``cannot_run``
+    (:func:`lacking_capabilities`).
 
     Raises:
         ConfigError: no ledger cell of ``model`` (or of ``tasks``), an unknown ``entry`` or dataset, fewer than
-            one seed, or a checkpoint that cannot be read.
+            one seed, a checkpoint that cannot be read, or a bad model option.
+        CheckpointError: the adapter cannot load the file, where a run's protocol needs its capabilities.
         DataError: a malformed ledger (:func:`vlpbench.ledger.load_ledger`).
     """
     from vlpbench.api import model_label
@@ -289,9 +337,12 @@ def plan_reproduction(model: str, checkpoint: str | Path, *, tasks: Sequence[str
                     "config": {"overrides": overrides}}
             done = seed in recorded or existing_record(results, stub) is not None
             runs.append(PlannedRun(task, frac, profile, seed, record_path(results, stub), done))
+    pending = dict.fromkeys((run.task, run.frac, run.profile) for run in runs if not run.done)
+    cannot = lacking_capabilities(model, path, dict(model_options or {}), list(pending))
+    runs = [run for run in runs if run.done or (run.task, run.frac, run.profile) not in cannot]
     return ReproductionPlan(model, path, sha256, size, folder, cells, chosen, notes, warnings, folders, missing,
                             [key for key in keys if key not in comparable], runs, results, dict(model_options or {}),
-                            device, overrides)
+                            device, overrides, cannot)
 
 
 def _recorded_seeds(records: list[dict], cell: LedgerCell, sha256: str) -> set[int]:
@@ -326,9 +377,10 @@ def execute(plan: ReproductionPlan, *, progress: bool = True) -> list[tuple[Plan
 def judge_plan(plan: ReproductionPlan, failures: Sequence[tuple[PlannedRun, str]] = ()) -> ReproductionReport:
     """Every cell of the plan judged on the records of the file's checkpoint under ``plan.results``.
 
-    Exit code: 2 when nothing could run (no cell's data was found, or every cell is not comparable), 1 when a run
-    failed or the records of a cell that ran cannot be measured, else 0: every comparable cell whose data was
-    found ran, whatever its verdict (verdicts are findings, not failures).
+    Exit code: 2 when nothing could run (no cell's data was found, every cell is not comparable, or the adapter
+    cannot serve the protocol of any), 1 when a run failed or the records of a cell that ran cannot be measured,
+    else 0: every comparable cell whose data was found and whose protocol the adapter can serve ran, whatever its
+    verdict (verdicts are findings, not failures; a cell the adapter cannot serve is listed with why, not run).
     """
     from vlpbench.results import scan_records
 

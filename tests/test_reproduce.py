@@ -12,19 +12,28 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlpbench import api, results
+from vlpbench.adapters import build_adapter
+from vlpbench.adapters.base import EMBED_TEXT, CapabilityError, save_checkpoint
 from vlpbench.cli import main
 from vlpbench.errors import ConfigError
 from vlpbench.ledger import CheckpointEntry
+from vlpbench.protocols import SplitIds
+from vlpbench.protocols.base import protocol_named
+from vlpbench.protocols.zero_shot import run_zero_shot_task
+from vlpbench.registry import ADAPTERS
 from vlpbench.reproduce import plan_reproduction
 from vlpbench.report.verdicts import match_entries
+from vlpbench.testing.weightless import BrightnessPair
 
 # Dice per seed 0, 1, 2 and the bootstrap half-width of each record, per (task, fraction).
 VALUES = {("siim_seg", 0.01): ([0.49, 0.50, 0.51], 0.02), ("siim_seg", 0.1): ([0.50, 0.52, 0.54], 0.02),
           ("siim_seg", 1.0): ([0.70, 0.71, 0.72], 0.01)}
 WEIGHTS = b"MGCA weights"
 SHA = hashlib.sha256(WEIGHTS).hexdigest()
+TOY = "reproduce-test-text-on-option"
 
 
 @pytest.fixture
@@ -214,20 +223,133 @@ def test_an_entrys_task_options_reach_every_run(bench, capsys, tmp_path):
     assert all(run.record.stem != f"frac0.01-seed{run.seed}" for run in plan.runs)
 
 
-def test_a_task_that_trains_nothing_runs_one_seed(tmp_path, monkeypatch):
-    ledger = tmp_path / "ledger"
+class TextOnOption(BrightnessPair):
+    """A zero-shot model whose text side comes with option ``text_encoder`` (as G2D's does); its checkpoint is an
+    empty state dict."""
+
+    name = TOY
+    description = "test model: zero-shot only with --model-option text_encoder"
+    takes_checkpoint = True
+    default_options = {"text_encoder": ""}
+    capability_hints = {EMBED_TEXT: "pass --model-option text_encoder=DIR"}
+
+    def __init__(self, checkpoint=None, **options):
+        super().__init__(checkpoint, **options)
+        if not self.options["text_encoder"]:
+            self.capabilities = type(self).capabilities - {EMBED_TEXT}
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch, ledger_record):
+    """A ledger of TextOnOption's file with a zero-shot cell (cxr14_zs 100 %, AUC 76.8) and a segmentation cell
+    (siim_seg 1 %, Dice 49.7), empty data folders for both, and ``api.run`` replaced by a stand-in writing a
+    record of Dice 0.5 (each call's task and seed kept); returns (argv, calls, checkpoint)."""
+    monkeypatch.setitem(ADAPTERS._targets, TOY, TextOnOption)  # removed again after the test
+    monkeypatch.setattr(results, "environment", lambda: {"vlpbench": "test", "git": None, "python": "3",
+                                                         "torch": "2", "cuda": None, "device": "cpu"})
+    ledger = tmp_path / "toy_ledger"
     ledger.mkdir()
-    (ledger / "checkpoints.json").write_text(json.dumps({"schema": 1, "checkpoints": {"medklip": {
-        "model": "medklip", "file": "checkpoint_final.pth", "published_by": "README", "released": True}}}))
+    (ledger / "checkpoints.json").write_text(json.dumps({"schema": 1, "checkpoints": {"toy": {
+        "model": TOY, "file": "toy.pth", "published_by": "README", "released": True}}}))
     (ledger / "t.json").write_text(json.dumps({
         "schema": 1, "citation": "Paper Q", "table": "Table 1", "profile": "paper", "unit": "percent",
-        "columns": [{"paper": "CXR14 AUC", "task": "cxr14_zs", "frac": 1.0, "metric": "auc"}],
-        "rows": [{"method": "MedKLIP", "checkpoint": "medklip", "values": [76.76]}]}))
-    checkpoint = tmp_path / "checkpoint_final.pth"
-    checkpoint.write_bytes(b"weights")
-    (tmp_path / "cxr14").mkdir()
-    plan = plan_reproduction("medklip", checkpoint, reference=ledger, results=tmp_path / "results", seeds=3,
-                             data_roots={"cxr14": str(tmp_path / "cxr14")})
+        "columns": [{"paper": "CXR14 AUC", "task": "cxr14_zs", "frac": 1.0, "metric": "auc"},
+                    {"paper": "SIIM 1%", "task": "siim_seg", "frac": 0.01, "metric": "dice"}],
+        "rows": [{"method": "Toy", "checkpoint": "toy", "values": [76.8, 49.7]}]}))
+    checkpoint = save_checkpoint({}, tmp_path / "toy.pth")
+    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    for dataset in ("cxr14", "siim"):
+        (tmp_path / dataset).mkdir()
+    calls = []
+
+    def run(model, task, frac, *, seed, results, **options):
+        calls.append((task, seed))
+        record = ledger_record(0.5, seed, task=task, frac=frac, sha256=sha, name=f"{TOY}:toy", adapter=TOY,
+                               path=str(checkpoint))
+        return record, results_module.write_record(record, results)
+
+    results_module = results
+    monkeypatch.setattr(api, "run", run)
+    argv = ["reproduce", "--model", TOY, "--checkpoint", str(checkpoint), "--reference", str(ledger),
+            "--results", str(tmp_path / "results"), "--data-root", f"cxr14={tmp_path / 'cxr14'}",
+            "--data-root", f"siim={tmp_path / 'siim'}"]
+    return argv, calls, checkpoint
+
+
+def _run_message(checkpoint: Path) -> str:
+    """What a zero-shot run of the file without a text encoder fails with, before it reads any image."""
+    with pytest.raises(CapabilityError) as error:
+        run_zero_shot_task(build_adapter(TOY, checkpoint), None, SplitIds([], [], []), {}, seed=0,
+                           device=torch.device("cpu"))
+    return str(error.value)
+
+
+def test_a_cell_the_adapter_cannot_serve_is_listed_with_its_message_and_not_run(toy, capsys):
+    argv, calls, checkpoint = toy
+    message = _run_message(checkpoint)
+    assert message == f"adapter {TOY!r} cannot provide embed_text (pass --model-option text_encoder=DIR)"
+    # --dry-run: the segmentation cell's seeds would run; the zero-shot cell is listed with the run's message.
+    assert main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "3 to run, 0 recorded already, 1 cannot run (--dry-run: nothing is run)" in out
+    assert f"  cannot run: cxr14_zs 100% (paper): {message}\n" in out
+    assert "would run: cxr14_zs" not in out and "  would run: siim_seg 1% (paper) seed 2" in out
+    # The real call runs only the segmentation seeds; the zero-shot cell is no failed run, so the exit is 0.
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert calls == [("siim_seg", 0), ("siim_seg", 1), ("siim_seg", 2)]
+    assert _line(out, "cxr14_zs", "100%", "AUC", "76.8", "[1] Table 1, row Toy", "–", "–", "–",
+                 "not run (adapter cannot)")
+    assert f"cannot run: cxr14_zs 100% (paper): {message}\n" in out and "run failed" not in out
+
+
+def test_only_cells_the_adapter_cannot_serve_exit_2_and_the_option_makes_them_runs(toy, capsys):
+    argv, calls, _ = toy
+    argv = [*argv, "--tasks", "cxr14_zs"]
+    assert main([*argv, "--dry-run"]) == 2
+    assert "0 to run, 0 recorded already, 1 cannot run" in capsys.readouterr().out
+    assert main(argv) == 2
+    assert calls == [] and _line(capsys.readouterr().out, "cxr14_zs", "100%")[-len("not run (adapter cannot) |"):] \
+        == "not run (adapter cannot) |"
+    # With a text encoder the cell is a run, one seed: zero-shot trains nothing.
+    assert main([*argv, "--seeds", "3", "--model-option", "text_encoder=bert", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1 to run, 0 recorded already (--dry-run" in out and "  would run: cxr14_zs 100% (paper) seed 0\n" in out
+    assert "cannot run" not in out
+
+
+def test_the_file_is_loaded_only_where_a_protocol_needs_the_adapters_capabilities(toy, monkeypatch, tmp_path):
+    argv, _, checkpoint = toy
+    built, init = [], TextOnOption.__init__
+
+    def counted(self, *args, **options):
+        built.append(args)
+        init(self, *args, **options)
+
+    monkeypatch.setattr(TextOnOption, "__init__", counted)
+    ledger = Path(argv[argv.index("--reference") + 1])
+    plan = plan_reproduction(TOY, checkpoint, reference=ledger, results=tmp_path / "results", tasks=["siim_seg"],
+                             data_roots={"siim": str(tmp_path / "siim")})
+    assert built == [] and plan.cannot_run == {} and len(plan.runs) == 3
+    plan = plan_reproduction(TOY, checkpoint, reference=ledger, results=tmp_path / "results",
+                             data_roots={"siim": str(tmp_path / "siim"), "cxr14": str(tmp_path / "cxr14")})
+    assert built == [(checkpoint,)] and list(plan.cannot_run) == [("cxr14_zs", 1.0, "paper")]
+
+
+@pytest.mark.parametrize("protocol", ["zero_shot", "grounding", "retrieval"])
+def test_a_protocols_require_is_what_its_run_checks_first(protocol, toy):
+    adapter = build_adapter(TOY, toy[2])
+    with pytest.raises(CapabilityError) as checked:
+        protocol_named(protocol).require(adapter)
+    with pytest.raises(CapabilityError) as ran:
+        protocol_named(protocol).run(adapter, None, SplitIds([], [], []), {}, seed=0, device=torch.device("cpu"))
+    assert str(checked.value) == str(ran.value) and "cannot provide" in str(ran.value)
+
+
+def test_a_task_that_trains_nothing_runs_one_seed(toy, tmp_path):
+    plan = plan_reproduction(TOY, toy[2], reference=tmp_path / "toy_ledger", results=tmp_path / "results", seeds=3,
+                             tasks=["cxr14_zs"], data_roots={"cxr14": str(tmp_path / "cxr14")},
+                             model_options={"text_encoder": "bert"})
     assert [(run.task, run.seed) for run in plan.runs] == [("cxr14_zs", 0)]
 
 

@@ -42,6 +42,8 @@ class Protocol(ABC):
         uses_val: whether ``score`` reads the validation part (thresholds chosen on validation predictions).
         trains: whether a run trains anything (a seed changes its predictions); false for the zero-shot
             protocols, whose seeds differ only in the bootstrap's resamples.
+        needs: the adapter capabilities a run asks for beyond an encoder (:meth:`require`); none for the
+            protocols that train on the image encoder.
     """
 
     name: ClassVar[str]
@@ -51,6 +53,7 @@ class Protocol(ABC):
     prediction_file: ClassVar[str | None] = None
     uses_val: ClassVar[bool] = False
     trains: ClassVar[bool] = True
+    needs: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def run(self, adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int, device: torch.device,
@@ -64,6 +67,11 @@ class Protocol(ABC):
         """Evaluate the predictions in ``predictions`` (a folder or file) on ``split.test``, with the
         validation predictions of ``split.val`` where the protocol chooses thresholds on them. Reads the
         label files only, never an image."""
+
+    def require(self, adapter) -> None:
+        """Raise ``CapabilityError`` (the adapter's own message) unless ``adapter`` provides every capability of
+        :attr:`needs`: what :meth:`run` checks before any work, and ``reproduce`` before it lists a run."""
+        adapter.require(*self.needs)
 
     def prediction_path(self, predictions: Path) -> Path:
         """What ``score`` reads: :attr:`prediction_file` inside a folder, else ``predictions`` as given."""

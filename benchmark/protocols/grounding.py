@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vlpbench import distributed
+from vlpbench.adapters.base import GROUNDING
 from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.evidence import per_item_evidence
@@ -383,7 +384,7 @@ def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any],
     constant maps, queries without a defined CNR), ``training`` (the threshold and how it was chosen, the
     texts given, map and input sizes) and ``timing``.
     """
-    adapter.require("grounding")
+    adapter.require(*GroundingProtocol.needs)
     check_config(config)
     t0 = time.perf_counter()
     texts = text_source(config, adapter.free_text)
@@ -500,6 +501,7 @@ class GroundingProtocol(base.Protocol):
     table_group = "ground"
     uses_val = True
     trains = False
+    needs = (GROUNDING,)
     prediction_file = HEATMAPS_FILE
     prediction_files = (f"{HEATMAPS_FILE}: one 2-D heat map per positive test (and validation) image, keyed by "
                         "image id (MS-CXR: '<image_id>#<phrase index>')")

@@ -191,7 +191,7 @@ def run_retrieval_task(adapter, source, split: SplitIds, config: dict[str, Any],
         ConfigError: a bad task option.
         DataError: no test image, a query without a relevant candidate.
     """
-    adapter.require(EMBED_IMAGE, EMBED_TEXT)
+    adapter.require(*RetrievalProtocol.needs)
     retrieval_options(config)
     t0 = time.perf_counter()
     rset = retrieval_set(source, list(split.test), config)
@@ -275,6 +275,7 @@ class RetrievalProtocol(base.Protocol):
     table_group = "ret"
     distributed = False
     trains = False
+    needs = (EMBED_IMAGE, EMBED_TEXT)
     prediction_file = SIMILARITY_FILE
     prediction_files = (f"{SIMILARITY_FILE}: similarity (float32, test images x candidate texts), image_ids and "
                         "texts")

@@ -254,6 +254,14 @@ def calibration_left_out(adapter) -> str | None:
             "they are made)")
 
 
+def require_zero_shot(adapter) -> None:
+    """CapabilityError unless ``adapter`` has zero-shot scores; where it lacks them, the message names the missing
+    embedding(s) and the adapter's hint for them, since the default scores need both."""
+    if ZERO_SHOT not in adapter.capabilities:
+        adapter.require(EMBED_IMAGE, EMBED_TEXT)
+    adapter.require(ZERO_SHOT)
+
+
 def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,
                        device: torch.device, progress: bool = True, predictions: Path | None = None) -> dict[str, Any]:
     """Score ``split.test`` zero-shot; thresholds (binary / multi-label tasks) from validation images.
@@ -268,10 +276,7 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
         ConfigError: a bad task option.
         DataError: no test images, or no class with both labels among them.
     """
-    if ZERO_SHOT not in adapter.capabilities:
-        # The default scores need both embeddings: name the missing one(s) and the adapter's hint for them.
-        adapter.require(EMBED_IMAGE, EMBED_TEXT)
-    adapter.require(ZERO_SHOT)
+    require_zero_shot(adapter)
     t0 = time.perf_counter()
     kind = label_kind(config)
     classes = class_names(config)
@@ -357,6 +362,7 @@ class ZeroShotProtocol(base.Protocol):
     table_group = "zs"
     uses_val = True
     trains = False
+    needs = (ZERO_SHOT,)
     prediction_file = PROBABILITIES_FILE
     prediction_files = (f"{PROBABILITIES_FILE}: image_id and one probability column per class, one row per test "
                         "image and per image the thresholds come from")
@@ -366,6 +372,10 @@ class ZeroShotProtocol(base.Protocol):
         """:func:`run_zero_shot_task`."""
         return run_zero_shot_task(adapter, source, split, config, seed=seed, device=device, progress=progress,
                                   predictions=predictions)
+
+    def require(self, adapter) -> None:
+        """:func:`require_zero_shot`."""
+        require_zero_shot(adapter)
 
     def score(self, predictions: Path, source, split: SplitIds, config: dict[str, Any], *,
               seed: int = 0) -> dict[str, Any]:

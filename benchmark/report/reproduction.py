@@ -67,8 +67,9 @@ def reproduction_table(judged: Sequence[Judged], *, why_not_run: Mapping[tuple, 
                        errors: Mapping[LedgerCell, str] | None = None) -> str:
     """The Markdown table of ``judged`` cells (module docstring), its legend and footnotes.
 
-    ``why_not_run``: (task, fraction, profile) → why no record measures it ("no data", "run failed"), added to
-    the verdict ``not run``; ``errors``: cell → why its records cannot be measured (listed under the table).
+    ``why_not_run``: (task, fraction, profile) → why no record measures it ("no data", "adapter cannot", "run
+    failed"), added to the verdict ``not run``; ``errors``: cell → why its records cannot be measured (listed under
+    the table).
     """
     why_not_run, errors = why_not_run or {}, errors or {}
     # A number two tables print for one checkpoint (one of them under a setting no profile reproduces) is
