@@ -51,7 +51,7 @@ def anatomy(rng: np.random.Generator, lung: np.ndarray) -> tuple[np.ndarray, np.
     """Chest without lesion at the lung mask's size: (grey levels, lung markings)."""
     size = lung.shape[0]
     soft_lung = blur(lung, size / 128)
-    rows, cols = np.nonzero(lung)
+    rows, cols = np.flatnonzero(lung.any(axis=1)), np.flatnonzero(lung.any(axis=0))
     top, bottom = rows.min() / size, rows.max() / size
     left, right = cols.min() / size, cols.max() / size
     centre, half = (left + right) / 2, max((right - left) / 2, 0.15)
