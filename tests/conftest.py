@@ -13,9 +13,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def private_cache(tmp_path_factory):
-    """Image caches and derived splits go to a temporary folder, never the user's ~/.cache."""
+def private_cache(tmp_path_factory, request):
+    """Image caches and derived splits go to a temporary folder, never the user's ~/.cache.
+
+    The decoded lung masks are the exception: their cache file is named by torchxrayvision's archive and the Pillow
+    version that made them, so they are kept in pytest's own cache and decoded once, not by every run and worker."""
     folder = tmp_path_factory.mktemp("cache")
+    if getattr(request.config, "cache", None) is not None:
+        (folder / "lungs").symlink_to(request.config.cache.mkdir("vlpbench-lungs"), target_is_directory=True)
     patch = pytest.MonkeyPatch()
     patch.setenv("VLPBENCH_CACHE", str(folder))
     yield folder

@@ -40,7 +40,9 @@ def resize_field(field: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(field.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
 def blur(mask: np.ndarray, radius: float) -> np.ndarray:
     """Gaussian blur of a [0, 1] mask, via Pillow's 8-bit filter (its float mode has none)."""
-    image = Image.fromarray(np.rint(mask * 255).astype(np.uint8), mode="L")
+    # A uint8 mask times 255 is already whole: rounding it would only go through float16, slowly.
+    scaled = mask * np.uint8(255) if mask.dtype == np.uint8 else np.rint(mask * 255).astype(np.uint8)
+    image = Image.fromarray(scaled, mode="L")
     return np.asarray(image.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32) / 255
 def smooth_noise(rng: np.random.Generator, cells: int, size: int) -> np.ndarray:
     """Zero-mean, unit-ish noise that varies over about ``size / cells`` pixels."""
@@ -49,7 +51,7 @@ def anatomy(rng: np.random.Generator, lung: np.ndarray) -> tuple[np.ndarray, np.
     """Chest without lesion at the lung mask's size: (grey levels, lung markings)."""
     size = lung.shape[0]
     soft_lung = blur(lung, size / 128)
-    rows, cols = np.nonzero(lung)
+    rows, cols = np.flatnonzero(lung.any(axis=1)), np.flatnonzero(lung.any(axis=0))
     top, bottom = rows.min() / size, rows.max() / size
     left, right = cols.min() / size, cols.max() / size
     centre, half = (left + right) / 2, max((right - left) / 2, 0.15)
@@ -77,21 +79,29 @@ def anatomy(rng: np.random.Generator, lung: np.ndarray) -> tuple[np.ndarray, np.
     markings = (7 * smooth_noise(rng, 24, size) + 5 * smooth_noise(rng, 48, size)) * soft_lung
     markings *= np.exp(-(((x - centre) / (half * 1.2)) ** 2))
     return grey, markings
-def place_lung(rng: np.random.Generator, lung: np.ndarray) -> np.ndarray:
-    """The lung mask shrunk into the film with a margin, so that the body outline shows."""
-    size = lung.shape[0]
+def _placement(rng: np.random.Generator, size: int) -> tuple[int, int, int]:
+    """Where :func:`place_lung` puts a lung mask of ``size``: (side, top, left)."""
     side = int(size * rng.uniform(0.82, 0.94))
     margin = size - side
     top = int(margin * rng.uniform(0.2, 0.8))
     left = int(margin * rng.uniform(0.35, 0.65))
+    return side, top, left
+def _placed(lung: np.ndarray, side: int, top: int, left: int) -> np.ndarray:
     placed = np.zeros_like(lung)
     placed[top : top + side, left : left + side] = np.asarray(Image.fromarray(lung * 255).resize((side, side))) > 127
     return placed
+def place_lung(rng: np.random.Generator, lung: np.ndarray) -> np.ndarray:
+    """The lung mask shrunk into the film with a margin, so that the body outline shows."""
+    return _placed(lung, *_placement(rng, lung.shape[0]))
 def pick_lung(rng: np.random.Generator, lungs: list[np.ndarray], lesion: np.ndarray | None) -> np.ndarray:
     """A random real lung mask, placed; for a lesion, the candidate that covers most of it."""
-    candidates = [place_lung(rng, lungs[i]) for i in rng.choice(len(lungs), size=LUNG_CANDIDATES, replace=False)]
+    picks = [(lungs[i], _placement(rng, lungs[i].shape[0]))
+             for i in rng.choice(len(lungs), size=LUNG_CANDIDATES, replace=False)]
+    # Every candidate's placement is drawn, so that the draws that follow do not depend on the lesion;
+    # without a lesion only the first is drawn into the film.
     if lesion is None:
-        return candidates[0]
+        return _placed(picks[0][0], *picks[0][1])
+    candidates = [_placed(lung, *placement) for lung, placement in picks]
     target = resize_field(lesion, candidates[0].shape[0])
     return max(candidates, key=lambda lung: float((lung * target).sum()))
 

@@ -67,15 +67,19 @@ def covering_rows(entries: dict[int, PadchestEntry], times: int = COVER) -> list
         held[i, [column[c] for c in entries[k].labels or () if c in column]] = 1
     short = np.full(len(columns), times, dtype=np.int32)
     free = np.ones(len(keys), dtype=bool)
+    # held @ (short > 0), kept up to date as findings stop being short (cheaper than the product each round).
+    holds_short = held @ (short > 0).astype(np.int32)
     chosen: list[int] = []
     while (short > 0).any():
-        gain = np.where(free, held @ (short > 0).astype(np.int32), -1)
+        gain = np.where(free, holds_short, -1)
         best = int(np.argmax(gain))  # argmax: the first row among equals
         if gain[best] <= 0:
             break  # fewer than ``times`` rows hold some finding
         chosen.append(keys[best])
         free[best] = False
+        was_short = short > 0
         short -= held[best]
+        holds_short -= held[:, was_short & (short <= 0)].sum(axis=1, dtype=np.int32)
     return chosen
 
 
