@@ -158,7 +158,8 @@ DATASETS.register("chexpert_test", DatasetSpec(
     reader="vlpbench.data.chexpert:ChexpertTestSet", folder="chexpert", evaluation_only=True))
 DATASETS.register("cxr14", DatasetSpec(
     reader="vlpbench.data.cxr14:Cxr14Source", synthesizer="vlpbench.synthetic.cxr14:synth_cxr14",
-    derived_splits={"v1": "vlpbench.data.cxr14:split_v1"}))
+    derived_splits={"v1": "vlpbench.data.cxr14:split_v1"},
+    release_sizes="vlpbench.data.cxr14:RELEASE_SIZES"))
 DATASETS.register("object_cxr", DatasetSpec(
     reader="vlpbench.data.object_cxr:ObjectCxrSource", synthesizer="vlpbench.synthetic.object_cxr:synth_object_cxr",
     derived_splits={"v1": "vlpbench.data.object_cxr:split_v1",

@@ -76,17 +76,19 @@ def test_plan_totals_are_the_protocols_counts_times_the_step_times_with_features
 
 
 def test_plan_lists_skipped_runs_and_runs_it_cannot_count(tmp_path):
-    spec = _linear_sweep(tmp_path, tasks=["rsna_cls", "cxr14_ft"], fracs=[1.0], seeds=[0],
+    # COVIDx's split is derived from the user's files and has no declared release sizes (they depend on the
+    # COVIDx release the user holds).
+    spec = _linear_sweep(tmp_path, tasks=["rsna_cls", "covidx_cls"], fracs=[1.0], seeds=[0],
                          models=["random"], data_roots={})
     done = next(run for run in expand(spec).runs if run.task == "rsna_cls")
     done.record.parent.mkdir(parents=True)
     done.record.write_text("{}")
     plan = plan_sweep(spec, measure=fixed_timer)
-    assert [e.run.task for e in plan.runs] == ["cxr14_ft"]  # the recorded run is skipped, as a sweep skips it
-    assert plan.runs[0].seconds is None and "cxr14 train images come from the data folder" in plan.runs[0].unknown
+    assert [e.run.task for e in plan.runs] == ["covidx_cls"]  # the recorded run is skipped, as a sweep skips it
+    assert plan.runs[0].seconds is None and "covidx train images come from the data folder" in plan.runs[0].unknown
     text = plan.format()
     assert "skipped: 1 run(s) whose records exist" in text
-    assert "not estimated (left out of the totals):\n  random cxr14_ft (1 run(s)): the cxr14 train images" in text
+    assert "not estimated (left out of the totals):\n  random covidx_cls (1 run(s)): the covidx train images" in text
     assert plan_sweep(spec, measure=fixed_timer, force=True).runs[0].run == done  # --force plans it again
 
 

@@ -75,6 +75,11 @@ SEXES, VIEWS = ("M", "F"), ("PA", "AP")
 SEED = 0
 VAL_FRACTION = 0.1  # of the train_val images, taken as whole patients
 SUBSETS = {"train_10pct": 0.1, "train_1pct": 0.01}  # of train, nested
+# Split v1's part sizes on the official release (Data_Entry_2017's 112,120 images, test_list.txt's 25,596 and
+# train_val_list.txt's 86,524), as build_split_v1 draws them: what `vlpbench sweep --plan` counts where the data
+# folder is absent. tests/data/test_cxr14.py derives them from the Data_Entry file torchxrayvision ships and
+# MedKLIP's copy of the official test list where a clone of it is at hand.
+RELEASE_SIZES = {"v1": {"train": 77872, "val": 8652, "test": 25596, "train_10pct": 7787, "train_1pct": 779}}
 
 _IMAGE_INDEX = re.compile(r"[0-9]{8}_[0-9]{3}\.png")
 _AGE = re.compile(r"([0-9]+)([YMD]?)")

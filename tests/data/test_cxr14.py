@@ -460,3 +460,50 @@ def test_split_v1_on_synth(tmp_path, monkeypatch, synth):
     assert set(split.ids("test")) == {i for i in source.image_ids if source.official_split(i) == "test"}
     assert len(split.ids("train")) + len(split.ids("val")) == N - len(split.ids("test"))
     assert source.missing(split.ids("train") + split.ids("val") + split.ids("test")) == []
+
+
+def _medklip_test_list() -> list[str] | None:
+    """MedKLIP's copy of the official test list (``Image Index`` column of its zero-shot test.csv), from a local
+    clone named by $VLPBENCH_MEDKLIP_REPO (a git dir), else None."""
+    import csv
+    import io
+    import os
+    import subprocess
+
+    repo = os.environ.get("VLPBENCH_MEDKLIP_REPO")
+    if not repo:
+        return None
+    shown = subprocess.run(["git", "-C", repo, "show", "HEAD:Sample_zero-shot_Classification_CXR14/data_sample/test.csv"],
+                           capture_output=True, text=True, check=False)
+    return [row["Image Index"] for row in csv.DictReader(io.StringIO(shown.stdout))] if shown.returncode == 0 else None
+
+
+def test_release_sizes_follow_the_split_rule():
+    """The declared sizes of split v1 on the release obey its rule: train + val are the 86,524 train_val images,
+    val about a tenth of them in whole patients, the subsets round(0.1 / 0.01 x train)."""
+    from vlpbench.data.cxr14 import RELEASE_SIZES, SUBSETS
+
+    sizes = RELEASE_SIZES["v1"]
+    assert sizes["train"] + sizes["val"] == 86524 and sizes["test"] == 25596
+    assert abs(sizes["val"] - round(0.1 * 86524)) < 20  # whole patients: close to, not exactly, a tenth
+    assert sizes["train_10pct"] == round(sizes["train"] * SUBSETS["train_10pct"])
+    assert sizes["train_1pct"] == round(sizes["train"] * SUBSETS["train_1pct"])
+
+
+def test_release_sizes_are_what_the_rule_draws_on_the_release(tmp_path, shipped_lines):
+    """Where a MedKLIP clone gives the official test list: split v1 built from the shipped Data_Entry and the two
+    lists has exactly the declared sizes."""
+    from vlpbench.data.cxr14 import RELEASE_SIZES
+
+    test = _medklip_test_list()
+    if test is None:
+        pytest.skip("no MedKLIP clone (set VLPBENCH_MEDKLIP_REPO) for the official test list")
+    entry = shipped_lines[0]
+    (tmp_path / "Data_Entry_2017_v2020.csv").write_text("\n".join(entry) + "\n")
+    listed = set(test)
+    (tmp_path / "test_list.txt").write_text("\n".join(test) + "\n")
+    (tmp_path / "train_val_list.txt").write_text(
+        "\n".join(line.split(",", 1)[0] for line in entry[1:] if line.split(",", 1)[0] not in listed) + "\n")
+    manifest = build_split_v1(Cxr14Source(tmp_path), tmp_path / "out")
+    counts = {name.split(".")[0]: written["rows"] for name, written in manifest["files"].items()}
+    assert counts == RELEASE_SIZES["v1"]
