@@ -3,7 +3,9 @@ dataset built from the shipped files, and split v1 derived from the official lis
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 import shutil
 from collections import Counter
@@ -14,7 +16,9 @@ from PIL import Image
 
 from vlpbench.data.cxr14 import LABELS, Cxr14Source, build_split_v1, read_bboxes, read_data_entry, split_v1
 from vlpbench.data.xrv_files import xrv_data_file
+from vlpbench.data.rsna import MEDKLIP_COMMIT
 from vlpbench.errors import DataError
+from vlpbench.testing.clones import file_at_commit
 from vlpbench.synthetic.chest import lungs, pick_lung
 from vlpbench.synthetic.cxr14 import FINDINGS, synth_cxr14
 
@@ -23,6 +27,8 @@ ENTRY, BBOX = "Data_Entry_2017_v2020.csv", "BBox_List_2017.csv"
 ENTRY_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
                 "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
 BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+# MedKLIP's copy of the official ChestX-ray14 test list (its zero-shot test.csv, Image Index column).
+MEDKLIP_CXR14_TEST_FILE = "Sample_zero-shot_Classification_CXR14/data_sample/test.csv"
 
 
 @pytest.fixture(scope="module")
@@ -462,22 +468,6 @@ def test_split_v1_on_synth(tmp_path, monkeypatch, synth):
     assert source.missing(split.ids("train") + split.ids("val") + split.ids("test")) == []
 
 
-def _medklip_test_list() -> list[str] | None:
-    """MedKLIP's copy of the official test list (``Image Index`` column of its zero-shot test.csv), from a local
-    clone named by $VLPBENCH_MEDKLIP_REPO (a git dir), else None."""
-    import csv
-    import io
-    import os
-    import subprocess
-
-    repo = os.environ.get("VLPBENCH_MEDKLIP_REPO")
-    if not repo:
-        return None
-    shown = subprocess.run(["git", "-C", repo, "show", "HEAD:Sample_zero-shot_Classification_CXR14/data_sample/test.csv"],
-                           capture_output=True, text=True, check=False)
-    return [row["Image Index"] for row in csv.DictReader(io.StringIO(shown.stdout))] if shown.returncode == 0 else None
-
-
 def test_release_sizes_follow_the_split_rule():
     """The declared sizes of split v1 on the release obey its rule: train + val are the 86,524 train_val images,
     val about a tenth of them in whole patients, the subsets round(0.1 / 0.01 x train)."""
@@ -495,9 +485,10 @@ def test_release_sizes_are_what_the_rule_draws_on_the_release(tmp_path, shipped_
     lists has exactly the declared sizes."""
     from vlpbench.data.cxr14 import RELEASE_SIZES
 
-    test = _medklip_test_list()
-    if test is None:
+    data = file_at_commit("VLPBENCH_MEDKLIP_REPO", MEDKLIP_COMMIT, MEDKLIP_CXR14_TEST_FILE)
+    if data is None:
         pytest.skip("no MedKLIP clone (set VLPBENCH_MEDKLIP_REPO) for the official test list")
+    test = [row["Image Index"] for row in csv.DictReader(io.StringIO(data.decode()))]
     entry = shipped_lines[0]
     (tmp_path / "Data_Entry_2017_v2020.csv").write_text("\n".join(entry) + "\n")
     listed = set(test)

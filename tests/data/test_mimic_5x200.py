@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import subprocess
 import zipfile
 from collections import Counter
 
@@ -34,6 +32,7 @@ from vlpbench.errors import ConfigError, DataError
 from vlpbench.protocols.retrieval_sets import report_text
 from vlpbench.splits import SPLITS_DIR
 from vlpbench.synthetic.mimic_cxr import write_report
+from vlpbench.testing.clones import file_at_commit
 
 DICOM = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 
@@ -70,13 +69,11 @@ def test_the_split_regenerates_byte_identically_and_holds_the_committed_classes(
 
 def test_the_id_list_regenerates_from_benchx_file(tmp_path):
     """Where a BenchX clone is at hand: its file at the cited commit (deleted later) gives the committed ids."""
-    repo = os.environ.get("VLPBENCH_BENCHX_REPO")
-    shown = subprocess.run(["git", "-C", repo, "show", f"{BENCHX_COMMIT}:{BENCHX_FILE}"], capture_output=True,
-                           check=False) if repo else None
-    if shown is None or shown.returncode != 0:
+    data = file_at_commit("VLPBENCH_BENCHX_REPO", BENCHX_COMMIT, BENCHX_FILE)
+    if data is None:
         pytest.skip("no BenchX clone (set VLPBENCH_BENCHX_REPO)")
     archive = tmp_path / "mimic_5x200.csv.zip"
-    archive.write_bytes(shown.stdout)
+    archive.write_bytes(data)
     out = write_source_ids(archive, tmp_path / "ids.csv")
     assert out.read_bytes() == SOURCE_FILE.read_bytes()
     with zipfile.ZipFile(archive) as opened:

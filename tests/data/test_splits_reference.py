@@ -11,8 +11,6 @@ import csv
 import hashlib
 import io
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +34,7 @@ from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.errors import DataError
 from vlpbench.registry import DATASETS
 from vlpbench.splits import SPLITS_DIR
+from vlpbench.testing.clones import file_at_commit
 
 SIZES = {"train": 16010, "val": 5337, "test": 5337, "train_1pct": 160, "train_10pct": 1601}
 
@@ -153,20 +152,10 @@ def test_rsna_medklip_regenerates_byte_identically(tmp_path):
     assert manifest["generator"] == "vlpbench.data.rsna:generate_split_medklip"
 
 
-def _medklip_test_csv() -> bytes | None:
-    """MedKLIP's test.csv at the cited commit, from a local clone named by $VLPBENCH_MEDKLIP_REPO (a git dir)."""
-    repo = os.environ.get("VLPBENCH_MEDKLIP_REPO")
-    if not repo or not Path(repo).is_dir():
-        return None
-    result = subprocess.run(["git", "-C", repo, "show", f"{MEDKLIP_COMMIT}:{MEDKLIP_TEST_FILE}"],
-                            capture_output=True, check=False)
-    return result.stdout if result.returncode == 0 else None
-
-
 def test_rsna_medklip_list_is_medklips_file(stage2):
     """Where a clone of MedKLIP is at hand: the committed ids are its test.csv ID column, row for row, and
     its classes column is the stage-2 Target (boxes too)."""
-    data = _medklip_test_csv()
+    data = file_at_commit("VLPBENCH_MEDKLIP_REPO", MEDKLIP_COMMIT, MEDKLIP_TEST_FILE)
     if data is None:
         pytest.skip("no MedKLIP clone (set VLPBENCH_MEDKLIP_REPO)")
     assert hashlib.sha256(data).hexdigest() == MEDKLIP_TEST_SHA256
