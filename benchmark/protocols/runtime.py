@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlpbench.errors import ConfigError, VlpbenchError
+from vlpbench.protocols.prefetch import pinned
 
 log = logging.getLogger("vlpbench")
 
@@ -184,10 +185,9 @@ def cudnn_benchmark(device: torch.device) -> Iterator[None]:
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device``; a host tensor bound for CUDA goes through pinned memory without blocking."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+    """``tensor`` on ``device``; a host tensor bound for CUDA goes through pinned memory (:func:`pinned`: already
+    pinned where a prefetching thread prepared it) without blocking."""
+    return pinned(tensor, device).to(device, non_blocking=device.type == "cuda")
 
 
 # --- frozen encoders, with or without a neck -----------------------------------------------------------
