@@ -36,7 +36,7 @@ from vlpbench.data import is_synthetic
 from vlpbench.data.base import DatasetReader, box_problem, check_classes
 from vlpbench.data.dicom import read_dicom, read_dicom_attributes
 from vlpbench.data.images import read_image
-from vlpbench.data.splits import (holdout_parts, mgca_fraction_subsets, nested_subsets, stratified_split,
+from vlpbench.data.splits import (holdout_parts, mgca_fraction_subsets, nested_subsets, read_id_list, stratified_split,
                                   train_test_split_ids, write_split)
 from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.errors import DataError
@@ -602,25 +602,6 @@ def generate_split_mgca_cls(out_dir: str | Path) -> dict:
         "identical": ["train", "val", "test", "train_10pct", "train_1pct"],
         "differs": {},
     })
-
-
-def read_id_list(path: str | Path) -> list[str]:
-    """The ids of a committed one-column id list (header ``image_id``, LF), in file order.
-
-    Raises:
-        DataError: the file is missing, has another header, an empty or repeated id.
-    """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the id list ({exc})") from exc
-    if not lines or lines[0] != "image_id":
-        raise DataError(f"{path}: expected the header 'image_id'")
-    ids = lines[1:]
-    if not all(ids) or len(set(ids)) != len(ids):
-        raise DataError(f"{path}: empty or repeated ids")
-    return ids
 
 
 def generate_split_medklip(out_dir: str | Path) -> dict:

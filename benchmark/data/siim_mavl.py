@@ -18,9 +18,8 @@ import gzip
 import hashlib
 from pathlib import Path
 
-from vlpbench.data.rsna import read_id_list
 from vlpbench.data.siim import EMPTY, SIIM_CLASS, read_labels
-from vlpbench.data.splits import SEED, nested_subsets, write_split
+from vlpbench.data.splits import SEED, nested_subsets, read_id_list, write_split
 from vlpbench.data.xrv_files import SIIM_RLE, xrv_data_file
 from vlpbench.errors import DataError
 from vlpbench.splits import SPLITS_DIR

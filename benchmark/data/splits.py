@@ -114,6 +114,25 @@ def nested_subsets(train: Sequence[str], labels: dict[str, int], seed: int) -> t
     return train_10, train_1
 
 
+def read_id_list(path: str | Path) -> list[str]:
+    """The ids of a committed one-column id list (header ``image_id``, LF), in file order.
+
+    Raises:
+        DataError: the file is missing, has another header, an empty or repeated id.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the id list ({exc})") from exc
+    if not lines or lines[0] != "image_id":
+        raise DataError(f"{path}: expected the header 'image_id'")
+    ids = lines[1:]
+    if not all(ids) or len(set(ids)) != len(ids):
+        raise DataError(f"{path}: empty or repeated ids")
+    return ids
+
+
 def holdout_parts(pool: Sequence[str], test: Sequence[str], labels: dict[str, int], n_val: int,
                   seed: int) -> dict[str, list[str]]:
     """The parts of a split whose test set is given: ``n_val`` ids of ``pool`` held out as val

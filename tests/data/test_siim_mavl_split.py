@@ -9,7 +9,7 @@ import pytest
 
 from vlpbench.data.siim import EMPTY, read_labels
 from vlpbench.data.siim_mavl import MAVL_COMMIT, MAVL_FILES, MAVL_IDS, generate_split_mavl
-from vlpbench.data.rsna import read_id_list
+from vlpbench.data.splits import read_id_list
 from vlpbench.data.splits import load_split
 from vlpbench.data.xrv_files import SIIM_RLE, xrv_data_file
 from vlpbench.errors import DataError

@@ -26,10 +26,10 @@ from vlpbench.data.rsna import (
     _read_bytes,
     generate_split_medklip,
     generate_split_mgca,
-    read_id_list,
     read_labels,
 )
-from vlpbench.data.splits import PARTS, dataset_split, load_split, main, shuffle_split, train_test_split_ids
+from vlpbench.data.splits import (PARTS, dataset_split, load_split, main, read_id_list, shuffle_split,
+                                  train_test_split_ids)
 from vlpbench.data.xrv_files import xrv_data_file
 from vlpbench.errors import DataError
 from vlpbench.registry import DATASETS
