@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlpbench.errors import ConfigError
-
 
 @dataclass(frozen=True)
 class Comparison:
@@ -52,18 +50,6 @@ COMPARISONS: dict[str, Comparison] = {c.name: c for c in (
                 "(CVPR 2024: ChestX-ray14, CheXpert, PadChest) and RadZero (NeurIPS 2025: classification and "
                 "grounding), with CheXlocalize's pixel masks for grounding"),
 )}
-
-
-def comparison(name: str) -> Comparison:
-    """The comparison called ``name``.
-
-    Raises:
-        ConfigError: no such comparison.
-    """
-    try:
-        return COMPARISONS[name]
-    except KeyError:
-        raise ConfigError(f"--group {name!r}: expected one of {', '.join(COMPARISONS)}") from None
 
 
 def comparison_notes(chosen: Comparison, records: list[dict]) -> list[str]:
