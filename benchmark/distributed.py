@@ -151,6 +151,15 @@ def all_true(flag: bool) -> bool:
     return bool(value.item())
 
 
+def all_min(value: int) -> int:
+    """The smallest of the ranks' ``value``."""
+    if not is_active():
+        return int(value)
+    tensor = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def all_reduce_sum(values: Sequence[float]) -> list[float]:
     """Element-wise sums over ranks of ``values`` (float64), e.g. a loss total and an image count."""
     if not is_active():

@@ -15,6 +15,9 @@ to ``--out`` (``perf/RESULTS.md``, created with a short header where missing).
 - data path: a feature extraction (``extract_features``, rsna_cls's ``feature_batch_size``) over synthetic RSNA
   images read from a filled image cache, serial (``VLPBENCH_PREFETCH=0``) and prefetched, against the encoder's
   compute alone on the same batches already on the device: the busy fraction is compute / wall, for each.
+- inference batches: the batch ``auto`` picks for rsna_seg's validation pass and rsna_cls's feature extraction
+  (``vlpbench.protocols.batch_fill``) and, on a GPU (not ``--quick``), each pass's images/s at the protocol's
+  batch and at the automatic one; measured.
 - linear probe per sweep: encoder passes of rsna_cls's 3 fractions x 3 seeds on rsna/v1, cached (one shared
   extraction) vs MGCA's per-epoch mode, counted from the split files, and the time they imply at the measured
   fp32 images/s.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import math
 import os
 import tempfile
 import time
@@ -211,12 +215,13 @@ def data_path_figures(device: torch.device, n: int | None, batch: int | None, wo
     from vlpbench.adapters import build_adapter
     from vlpbench.protocols.features import (Preprocessing, RunEncoder, batch_ranges, center_crop, encoder_input,
                                              extract_features, load_images, pooled, uint8_batch, uint8_pixels)
+    from vlpbench.protocols.linear import feature_batch
     from vlpbench.protocols.prefetch import prefetch_depth
 
     spec = api.load_task(PROTOCOL_TASKS["linear"])
     config = spec.resolve()
     pre = Preprocessing.from_config(config)
-    batch = batch or (QUICK_FEATURE_BATCH if quick else int(config["feature_batch_size"]))
+    batch = batch or (QUICK_FEATURE_BATCH if quick else feature_batch(config))
     repeats = 1 if quick else REPEATS
     n = n or 4 * batch
     api.synth("rsna", work / "rsna", n=n, size=pre.resize, progress=False)
@@ -267,6 +272,71 @@ def data_path_figures(device: torch.device, n: int | None, batch: int | None, wo
                    "1 = the encoder never waits"),
             Figure("data path busy fraction, prefetched (compute / wall)", compute / ahead, "fraction", "measured",
                    f"the next {depth} batches read while the encoder runs")]
+
+
+def inference_batch_figures(device: torch.device, quick: bool) -> list[Figure]:
+    """The batch ``auto`` picks for rsna_seg's validation pass and rsna_cls's feature extraction
+    (``vlpbench.protocols.batch_fill``, the protocols' own probes on the ``random`` adapter), and on a GPU the
+    images/s of each pass at the protocol's batch and at the automatic one, measured in the same run (the best
+    of ``REPEATS`` after a warm-up). On a CPU ``auto`` is the protocol's batch: nothing to compare, not timed."""
+    from vlpbench.adapters import build_adapter
+    from vlpbench.protocols import segmentation as seg
+    from vlpbench.protocols.batch_fill import inference_batch
+    from vlpbench.protocols.features import Preprocessing, RunEncoder, extract_features
+    from vlpbench.protocols.linear import FEATURE_BATCH
+    from vlpbench.protocols.linear import _probe as feature_probe
+    from vlpbench.protocols.runtime import freeze_backbone, prepare_model
+    from vlpbench.sweep.calibrate import _Part
+    from vlpbench.tasks import load_task
+
+    adapter, parts = build_adapter("random", None), split_parts()
+    seg_config = load_task(PROTOCOL_TASKS["segmentation"]).resolve()
+    size, protocol_batch = int(seg_config["image_size"]), int(seg_config["batch_size"])
+    model = seg.UNet(adapter.encoder(), adapter.encoder_name, "smp")
+    freeze_backbone(model.unet.encoder)
+    prepare_model(model, device)
+    normalize, loss = seg._normalizer(seg_config["mean"], seg_config["std"]), seg._loss(seg_config)
+    chosen = inference_batch(seg_config, "eval_batch_size", device=device, fallback=protocol_batch,
+                             limit=len(parts["val"]), multiple_of=protocol_batch,
+                             probe=lambda count: seg._probe(model, normalize, count, size, device))
+
+    lin_config = load_task(PROTOCOL_TASKS["linear"]).resolve()
+    pre, encoder = Preprocessing.from_config(lin_config), RunEncoder(adapter, device)
+    features = inference_batch(lin_config, "feature_batch_size", device=device, fallback=FEATURE_BATCH,
+                               limit=len(parts["train"]), probe=lambda count: feature_probe(encoder(), pre, count, device))
+
+    # Per pass: the batch, the protocol's batch, random input of n images, one pass over it at a batch.
+    passes = {
+        "segmentation (rsna_seg) validation pass": (
+            chosen, protocol_batch, lambda n: _Part(n, size),
+            lambda part, b: seg._evaluate_loss(model, part, loss, normalize, b, device, protocol_batch=protocol_batch)),
+        "feature extraction (rsna_cls)": (
+            features, FEATURE_BATCH, lambda n: _Part(n, pre.resize).images.numpy(),
+            lambda images, b: extract_features(encoder(), images, pre, batch_size=b, device=device)),
+    }
+    figures = []
+    for name, (batch, baseline, make, one_pass) in passes.items():
+        figures.append(Figure(f"{name}: automatic batch", batch.size, "images", "measured", batch.how))
+        if device.type != "cuda" or quick:
+            continue
+        images = 2 * max(batch.size, baseline)
+        data, rates = make(images), {}
+        for size_now in (baseline, batch.size):
+            one_pass(make(size_now), size_now)  # warm-up: allocations and cuDNN's search for this shape
+            best = math.inf
+            for _ in range(REPEATS):
+                _sync(device)
+                started = time.perf_counter()
+                one_pass(data, size_now)
+                _sync(device)
+                best = min(best, time.perf_counter() - started)
+            rates[size_now] = images / best
+        figures += [Figure(f"{name}, batch {baseline}", rates[baseline], "images/s", "measured",
+                           f"{images} images, best of {REPEATS}"),
+                    Figure(f"{name}, automatic batch {batch.size}", rates[batch.size], "images/s", "measured",
+                           f"{images} images, best of {REPEATS}; {rates[batch.size] / rates[baseline]:.2f}x "
+                           f"batch {baseline}")]
+    return figures
 
 
 def sweep_figures(rate: float) -> list[Figure]:
@@ -321,6 +391,7 @@ def main() -> None:
         encoder, rate = encoder_figures(device, args.quick)
         figures = [*encoder, *protocol_figures(device, args.quick), *head_figures(device, args.quick),
                    *data_path_figures(device, args.images, args.feature_batch, Path(tmp), args.quick),
+                   *inference_batch_figures(device, args.quick),
                    *sweep_figures(rate)]
     name = device_label(device)
     title = f"{datetime.date.today().isoformat()}, {name}" + (f" ({args.label})" if args.label else "")

@@ -1,4 +1,4 @@
-"""Shared fixtures: a synthetic SIIM dataset, random-init checkpoints (G2D's encoder layout, a torchvision
+"""Shared fixtures: a synthetic SIIM dataset and small splits of it, random-init checkpoints (G2D's encoder layout, a torchvision
 ResNet-18), and a lower-is-better metric."""
 
 import os
@@ -48,6 +48,23 @@ def siim_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "siim"
     synth_siim(root, n=240, seed=0, size=256, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def siim_parts(siim_root):
+    """``(task, train, val, test) -> (source, SplitIds)``: the first images of each part of a SIIM task's split
+    of :func:`siim_root` (fraction 1.0)."""
+    from vlpbench import api
+    from vlpbench.protocols import SplitIds
+    from vlpbench.tasks import load_task
+
+    def parts(task_name: str, train: int, val: int, test: int):
+        task = load_task(task_name)
+        source = api.open_dataset(task, siim_root)
+        split, _ = api.task_splits(task, source)
+        ids = [api.split_ids(split, part, source)[0] for part in ("train", "val", "test")]
+        return source, SplitIds(train=ids[0][:train], val=ids[1][:val], test=ids[2][:test], fraction=1.0)
+    return parts
 
 
 @pytest.fixture(scope="session")

@@ -185,7 +185,7 @@ def test_nan_loss_stops_the_run_at_its_step_without_a_record(siim_small, resnet1
 
 def test_nan_validation_loss_stops_the_run_at_its_epoch_without_a_record(siim_small, resnet18_checkpoint, tmp_path,
                                                                         monkeypatch):
-    monkeypatch.setattr(segmentation, "_evaluate_loss", lambda *args: float("nan"))
+    monkeypatch.setattr(segmentation, "_evaluate_loss", lambda *args, **kwargs: float("nan"))
     with pytest.raises(runtime.NonFiniteLossError, match="validation loss became nan at epoch 1"):
         _run(siim_small, resnet18_checkpoint, tmp_path)
     assert _records(tmp_path) == []

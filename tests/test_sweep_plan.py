@@ -275,3 +275,19 @@ def test_the_release_sizes_carry_no_labels_so_a_selection_by_label_stays_unknown
     else:
         assert estimate.images == {"train": 6400, "val": 1600, "test": 1000}
         assert estimate.seconds == 50 * (6400 // 8 + 1600 // 8) + 1000 // 8  # batch 8: train, val each epoch; test
+
+
+def test_inference_passes_are_planned_at_the_eval_batch_set_or_at_what_auto_gives_on_a_cpu(tmp_path):
+    def plan(**extra):
+        spec = build_spec({"models": ["random"], "tasks": ["siim_seg"], "fracs": [1.0], "seeds": [0],
+                           "data_roots": {"siim": str(tmp_path / "no-siim-here")},
+                           "results": str(tmp_path / "results"), "device": "cpu", **extra})
+        return plan_sweep(spec, measure=lambda step: StepTiming(1.0))
+
+    automatic, set_64 = plan(), plan(set={"eval_batch_size": 64})
+    assert [(s.kind, s.batch_size) for s, _ in automatic.measured] == [("train", 8), ("eval", 8)]
+    assert [(s.kind, s.batch_size) for s, _ in set_64.measured] == [("train", 8), ("eval", 64)]
+    split, epochs = load_split("siim"), 50  # siim_seg: max_epochs; validation every epoch, test once
+    val, test = len(split.ids("val")), len(split.ids("test"))
+    fewer = epochs * (math.ceil(val / 8) - math.ceil(val / 64)) + math.ceil(test / 8) - math.ceil(test / 64)
+    assert automatic.seconds - set_64.seconds == pytest.approx(fewer)

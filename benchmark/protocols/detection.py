@@ -29,6 +29,11 @@ threshold), where MGCA suppresses IoU at or above it, with the same "+1" IoU in 
 bilinear filter, where MGCA uses ``cv2.resize`` INTER_LINEAR, which point-samples when shrinking
 (``input_resize``; ``datasets/detection_dataset.py:65-72,153-157``).
 
+``eval_batch_size`` sets the images per forward pass where nothing trains: the frozen features kept for the
+training and validation parts, and the validation and test predictions. ``auto`` (default) fills the device
+(:mod:`vlpbench.protocols.batch_fill`; on a CPU it is the training batch). Memory and speed only: the
+loss and the detections are per image.
+
 Under torchrun (:mod:`vlpbench.distributed`) the run computes what one process computes: every rank
 draws the same permutation of the training images and trains on its contiguous ``batch_size /
 world_size`` of each global batch; the head is wrapped in DistributedDataParallel, whose gradient
@@ -67,6 +72,7 @@ from vlpbench.evidence import detection_evidence
 from vlpbench.metrics.detection import MAX_DETECTIONS, ClassMatches, detection_cis, map_ci, mgca_kept, summarize
 from vlpbench.predictions import DETECTIONS_FILE, read_coco_results, write_detections
 from vlpbench.protocols import SplitIds, base
+from vlpbench.protocols.batch_fill import inference_batch, probing
 from vlpbench.protocols.labels import class_names
 from vlpbench.protocols.prefetch import pinned, prefetch
 from vlpbench.protocols.runtime import (
@@ -765,6 +771,7 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
                                   batch_size=batch_size, generator=generator, scratch=Path(scratch),
                                   progress=progress)
     fitted, detections, storage = trained["fitted"], trained["detections"], trained["storage"]
+    trained_batch = trained["inference_batch"]
     t_train = trained["t_train"]
     if predictions is not None and distributed.is_main():  # every rank holds all detections: one file
         write_detections(predictions, test.ids, detections, multiclass="classes" in config)
@@ -780,7 +787,7 @@ def run_detection(encoder: nn.Module, source: DetectionSource, split: SplitIds, 
                      "stages_used": [{"index": s.index, "stride": s.stride, "channels": s.channels} for s in stages],
                      "features": storage, "history": fitted.history, "world_size": ranks,
                      "batch_per_process": batch_size // ranks, "effective_batch": batch_size,
-                     "frozen_forward": {"channels_last": device.type == "cuda",
+                     "inference_batch": trained_batch, "frozen_forward": {"channels_last": device.type == "cuda",
                                         "cudnn_benchmark": device.type == "cuda"}},
         "timing": {"data_s": t_data - t0, "train_s": t_train - t_data, "test_s": t_test - t_train,
                    "total_s": t_test - t0},
@@ -799,16 +806,26 @@ def _train_and_test(model: Detector, head: nn.Module, train: DetectionImages, va
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=lr, betas=tuple(config["betas"]),
                                   weight_decay=config["weight_decay"])
     # A frozen encoder in eval mode on unaugmented images gives the same features every epoch.
-    storage = feature_storage(_feature_shapes(model, size, device), {"train": len(train), "val": len(val)},
+    shapes = _feature_shapes(model, size, device)
+    storage = feature_storage(shapes, {"train": len(train), "val": len(val)},
                               float(config["feature_cache_gb"]), frozen=bool(config["freeze_bn"]),
                               disk_bytes=shutil.disk_usage(scratch).free - DISK_RESERVE_BYTES)
-    part_features = {name: PartFeatures(model, part, config, device, storage=storage[name], batch_size=batch_size,
-                                        progress=progress, desc=name, folder=scratch)
-                     for name, part in (("train", train), ("val", val))}
+    # Feature extraction and prediction batches sized to fill the device (vlpbench.protocols.batch_fill),
+    # leaving room for the features the run keeps on the device.
+    per_image = sum(int(np.prod(shape)) for shape in shapes)
+    kept_bytes = sum(4 * len(part) * per_image for name, part in (("train", train), ("val", val))
+                     if storage[name] == "memory")
+    eval_batch = inference_batch(config, "eval_batch_size", device=device, fallback=batch_size,
+                                 limit=max(len(train), len(val), len(test)), reserve_bytes=kept_bytes,
+                                 probe=lambda count: _probe(model, count, size, config, device))
+    part_features = {name: eval_batch.run(lambda count, name=name, part=part: PartFeatures(
+        model, part, config, device, storage=storage[name], batch_size=count, progress=progress, desc=name,
+        folder=scratch)) for name, part in (("train", train), ("val", val))}
     train_features, val_features = part_features["train"], part_features["val"]
 
     def validate(epoch: int) -> dict[str, float | None]:
-        val_loss, val_detections = _predict(model, val, val_features, anchors, config, batch_size)
+        val_loss, val_detections = eval_batch.run(lambda count: _predict(model, val, val_features, anchors, config,
+                                                                         count))
         # A diverged head's boxes are not finite, and scoring them would fail on that instead.
         require_finite(val_loss, "validation loss", epoch, LR_OPTIONS)
         val_metrics = _map_metrics(_matches(val.truths, val.truth_labels, val_detections, n_classes))
@@ -826,10 +843,20 @@ def _train_and_test(model: Detector, head: nn.Module, train: DetectionImages, va
     # Predicted once: computing the test features batch by batch is computing them once.
     test_features = PartFeatures(model, test, config, device, storage="batch", batch_size=batch_size,
                                  progress=progress, desc="test")
-    _, detections = _predict(model, test, test_features, anchors, config, batch_size)
-    return {"fitted": fitted, "detections": detections, "t_train": t_train,
+    _, detections = eval_batch.run(lambda count: _predict(model, test, test_features, anchors, config, count))
+    return {"fitted": fitted, "detections": detections, "t_train": t_train, "inference_batch": eval_batch.describe(),
             "storage": {**{name: f.describe() for name, f in part_features.items()},
                         "test": test_features.describe()}}
+
+
+def _probe(model: Detector, count: int, side: int, config: dict[str, Any], device: torch.device) -> None:
+    """The encoder and the head on ``count`` blank ``side``-pixel images (the memory probe of
+    :func:`~vlpbench.protocols.batch_fill.inference_batch`)."""
+    x = _normalize(torch.zeros(count, side, side, dtype=torch.uint8, device=device), config)
+    if device.type == "cuda":  # as PartFeatures feeds the encoder
+        x = x.contiguous(memory_format=torch.channels_last)
+    with probing(model):
+        model.head(model.features(x))
 
 
 def evaluate_detection(truths: list[np.ndarray], detections: Sequence[Sequence[np.ndarray]], *,

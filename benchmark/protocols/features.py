@@ -73,6 +73,7 @@ from vlpbench.config import cache_dir
 from vlpbench.data.cache import METHOD_TAGS, cached_images, source_fingerprint
 from vlpbench.errors import ConfigError, VlpbenchError
 from vlpbench.files import atomic_path, atomic_write
+from vlpbench.protocols.batch_fill import InferenceBatch
 from vlpbench.protocols.prefetch import pinned, prefetch
 from vlpbench.protocols.runtime import DEFAULT_PRECISION, prepare_model, to_device
 
@@ -341,12 +342,14 @@ class RunEncoder:
         return self._module
 
 
-def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessing, *, batch_size: int,
-                    device: torch.device, progress: bool = False, desc: str = "features",
+def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preprocessing, *,
+                    batch_size: int | InferenceBatch, device: torch.device, progress: bool = False, desc: str = "features",
                     precision: str = DEFAULT_PRECISION, encoder: RunEncoder | None = None) -> Features:
     """Pooled frozen-encoder features of ``ids``: each image's row from the feature store, the images the
     store lacks computed and stored there.
 
+    ``batch_size``: images per encoder call, or the run's :class:`~vlpbench.protocols.batch_fill.InferenceBatch`
+    (an automatic size is then chosen only if some image needs computing).
     ``encoder``: the run's :class:`RunEncoder`, shared by the calls of one run (default: one for this call).
     Only the images without a stored row are read from the image cache and passed through
     ``adapter.encoder()``, run in ``precision`` (``vlpbench.protocols.runtime``); when the store has them
@@ -377,11 +380,16 @@ def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preproce
     log.info("feature cache: computing %d of %d %s features into %s", len(todo), len(ids), desc, folder)
     with distributed.main_first():  # rank 0 fills the image cache, the others then read it
         images = load_images(source, [image_id for image_id, _ in todo], pre.resize, progress, pre.cache_method)
-    # Under torchrun each rank encodes its block of whole batches; the gathered features are in todo order.
-    start, stop = distributed.batch_block(len(todo), batch_size)
-    values = distributed.gather_arrays(extract_features(
-        (encoder or RunEncoder(adapter, device, precision))(), images[start:stop], pre, batch_size=batch_size,
-        device=device, progress=progress, desc=desc))
+    encoder = encoder or RunEncoder(adapter, device, precision)
+    batch = batch_size if isinstance(batch_size, InferenceBatch) else InferenceBatch(batch_size, size=batch_size)
+
+    def one_pass(size: int) -> np.ndarray:
+        # Under torchrun each rank encodes its block of whole batches; the gathered features are in todo order.
+        start, stop = distributed.batch_block(len(todo), size)
+        return distributed.gather_arrays(extract_features(encoder(), images[start:stop], pre, batch_size=size,
+                                                          device=device, progress=progress, desc=desc))
+
+    values = batch.run(one_pass)
     path = _write_shard(folder, key, todo, values)
     distributed.barrier()
     rows.update(zip(todo, values))

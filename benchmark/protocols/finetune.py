@@ -9,6 +9,10 @@ early-stopping patience are vlpbench's choices, recorded in the task YAML. The b
 with the highest validation macro AUC (``select_on: auc``, KAD keeps its best-AUC model) or the
 lowest validation loss (``select_on: loss``).
 
+``eval_batch_size`` sets the images per validation and test forward pass: ``auto`` (default) fills the
+device (:mod:`vlpbench.protocols.batch_fill`; on a CPU it is the training batch). Memory and speed only:
+the logits are per image, the loss and AUC are taken over all of them.
+
 Under torchrun (:mod:`vlpbench.distributed`) the run computes what one process computes: every rank
 draws the same permutation and augmentation of each global batch of ``batch_size`` images and trains
 on its contiguous ``batch_size / world_size`` of it (the effective batch stays ``batch_size``); the
@@ -35,6 +39,7 @@ from vlpbench import distributed
 from vlpbench.errors import ConfigError, DataError
 from vlpbench.metrics.classification import macro_auc
 from vlpbench.protocols import SplitIds
+from vlpbench.protocols.batch_fill import inference_batch, probing
 from vlpbench.protocols.features import (
     as_unit_float,
     channel_values,
@@ -211,8 +216,13 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
                            inputs=inputs, batch_size=batch_size, augment_images=bool(config["augment"]),
                            generator=generator, device=device, epoch=epoch)
 
+    # Validation and test batches sized to fill the device (vlpbench.protocols.batch_fill).
+    eval_batch = inference_batch(config, "eval_batch_size", device=device, fallback=batch_size,
+                                 limit=max(len(split.val), len(split.test)),
+                                 probe=lambda count: _probe(model, inputs, count, size, device))
+
     def validate(epoch: int) -> dict[str, float | None]:
-        logits = _predict(model, images["val"], inputs, batch_size, device)
+        logits = eval_batch.run(lambda count: _predict(model, images["val"], inputs, count, device))
         return {"val_loss": loss_fn(logits, targets(kind, labels["val"], device)).item(),
                 "val_auc": _auc(kind, labels["val"], probabilities(kind, logits))}
 
@@ -222,7 +232,7 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
                  snapshot=lambda: state_copy(model.state_dict()), restore=model.load_state_dict, progress=progress)
     t_train = time.perf_counter()
 
-    probs = probabilities(kind, _predict(model, images["test"], inputs, batch_size, device))
+    probs = probabilities(kind, eval_batch.run(lambda count: _predict(model, images["test"], inputs, count, device)))
     if predictions is not None and distributed.is_main():
         write_probabilities(predictions, classes, dict(zip(split.test, probs)))
     evaluated = evaluate_classification(kind, classes, split.test, labels["test"], probs,
@@ -236,7 +246,8 @@ def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], 
         "training": {"pool": pool_description(adapter), "epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
                      "select_on": config["select_on"],
                      "best_val": fitted.best_value, "history": fitted.history, "world_size": ranks,
-                     "batch_per_process": batch_size // ranks, "effective_batch": batch_size},
+                     "batch_per_process": batch_size // ranks, "effective_batch": batch_size,
+                     "inference_batch": eval_batch.describe()},
         "timing": {"data_s": t_data - started, "train_s": t_train - t_data, "test_s": t_test - t_train,
                    "total_s": t_test - started},
     }
@@ -269,6 +280,13 @@ def _auc(kind: str, labels: np.ndarray, probs: np.ndarray) -> float | None:
     if kind == "multiclass":
         labels = np.eye(probs.shape[1], dtype=int)[labels]
     return macro_auc(labels, probs)[0]
+
+
+def _probe(model: torch.nn.Module, inputs, count: int, side: int, device: torch.device) -> None:
+    """The classifier on ``count`` blank ``side``-pixel images (the memory probe of
+    :func:`~vlpbench.protocols.batch_fill.inference_batch`)."""
+    with probing(model):
+        model(inputs(torch.zeros(count, 1, side, side, device=device)))
 
 
 @torch.inference_mode()

@@ -27,7 +27,8 @@ Two head solvers (config ``head_solver``):
 
 Both modes read the images through the resize of config ``resize`` (:mod:`vlpbench.protocols.features`):
 ``square`` (canonical) or ``pad``, MGCA's ``resize_img``. The cached features are extracted in batches of config
-``feature_batch_size`` (default :data:`FEATURE_BATCH`), which sets memory and speed only.
+``feature_batch_size``, which sets memory and speed only: ``auto`` (default) fills the device
+(:mod:`vlpbench.protocols.batch_fill`; :data:`FEATURE_BATCH` on a CPU), or an integer.
 
 MGCA draws its 1 % and 10 % training subsets with ``df.sample(frac, random_state=42)`` over its
 training dataframe (HKU-MedAI/MGCA mgca/datasets/classification_dataset.py:52-53, 165-166, 208-209);
@@ -58,12 +59,14 @@ from vlpbench import distributed
 from vlpbench.errors import ConfigError
 from vlpbench.predictions import PROBABILITIES_FILE, write_probabilities
 from vlpbench.protocols import SplitIds, base
+from vlpbench.protocols.batch_fill import inference_batch, planned_size, probing
 from vlpbench.protocols.classification import class_counts, evaluate_classification, metric_names, score_predictions_csv
 from vlpbench.protocols.features import (
     Preprocessing,
     RunEncoder,
     cached_features,
     encoder_input,
+    extract_features,
     load_images,
     pool_description,
     pooled,
@@ -86,7 +89,7 @@ MODES = ("cached", "mgca")
 HEAD_SOLVERS = ("sgd", "lbfgs")
 DEFAULT_HEAD_SOLVER = "sgd"
 TRAIN_TRANSFORMS = ("crop", "moco2")
-# Default of ``feature_batch_size``: images per encoder call when extracting frozen features. No gradients are
+# ``feature_batch_size: auto`` on a CPU: images per encoder call when extracting frozen features. No gradients are
 # kept, so it can be larger than a training batch; it sets memory and speed only (the features are the same up to
 # float32 rounding, whatever the batch).
 FEATURE_BATCH = 128
@@ -281,9 +284,13 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
              len(split.train), len(split.val), len(split.test), kind, len(classes))
 
     encoder = RunEncoder(adapter, device, precision_of(config))  # built once, for every part that needs it
+    # Extraction batches sized to fill the device (vlpbench.protocols.batch_fill), chosen if an image needs one.
+    extraction = inference_batch(config, "feature_batch_size", device=device, fallback=FEATURE_BATCH,
+                                 limit=max(len(split.train), len(split.val), len(split.test)),
+                                 probe=lambda count: _probe(encoder(), pre, count, device))
 
     def features(part: str):
-        return cached_features(adapter, source, getattr(split, part), pre, batch_size=feature_batch(config),
+        return cached_features(adapter, source, getattr(split, part), pre, batch_size=extraction,
                                device=device, progress=progress, desc=part, precision=precision_of(config),
                                encoder=encoder)
 
@@ -332,22 +339,30 @@ def run_linear_task(adapter, source, split: SplitIds, config: dict[str, Any], *,
         "n": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
               "test_per_class": class_counts(kind, labels["test"], classes)},
         "training": {"mode": mode, "head_solver": solver, "pool": pool_description(adapter),
-                     "feature_cache": cache, "world_size": distributed.world_size(), **summary},
+                     "feature_cache": cache, "feature_batch": extraction.describe(),
+                     "world_size": distributed.world_size(), **summary},
         "timing": {"data_s": t_data - started, "train_s": t_train - t_data, "test_s": t_test - t_train,
                    "total_s": t_test - started, "features_val_s": val.seconds, "features_test_s": test.seconds},
     }
 
 
 def feature_batch(config: dict[str, Any]) -> int:
-    """``config["feature_batch_size"]`` (:data:`FEATURE_BATCH` where the task has no such option), checked.
+    """The images per encoder call of a feature extraction on a CPU: ``config["feature_batch_size"]``, or
+    :data:`FEATURE_BATCH` where it is ``auto`` or absent (what ``auto`` gives on a CPU;
+    :mod:`vlpbench.protocols.batch_fill`).
 
     Raises:
-        ConfigError: not an integer of at least 1.
+        ConfigError: neither an integer of at least 1 nor ``auto``.
     """
-    size = config.get("feature_batch_size", FEATURE_BATCH)
-    if type(size) is not int or size < 1:
-        raise ConfigError(f"feature_batch_size={size!r}: expected an integer of at least 1")
-    return size
+    return planned_size(config, "feature_batch_size", FEATURE_BATCH)
+
+
+def _probe(encoder: torch.nn.Module, pre: Preprocessing, count: int, device: torch.device) -> None:
+    """A feature extraction of ``count`` blank images (the memory probe of
+    :func:`~vlpbench.protocols.batch_fill.inference_batch`)."""
+    with probing(encoder):
+        extract_features(encoder, np.zeros((count, pre.resize, pre.resize), dtype=np.uint8), pre,
+                         batch_size=count, device=device)
 
 
 def head_solver(config: dict[str, Any]) -> str:

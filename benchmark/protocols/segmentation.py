@@ -27,6 +27,10 @@ The options that select MGCA's behaviour (the task's ``paper`` profile sets them
                   ``mgca``: MGCA's rule on the whole training part (segmentation_dataset.py:43-61,
                   184-188), see :func:`mgca_train_subset`.
 ``dice_resolution``  ``native`` (1024² truth) or ``input`` (MGCA: Dice on the resized masks).
+``eval_batch_size``  images per validation and test forward pass: ``auto`` (default) fills the device
+                  (:mod:`vlpbench.protocols.batch_fill`; a multiple of ``batch_size``, which it is on a CPU),
+                  or an integer that is a multiple of ``batch_size``. Memory and speed only: the validation
+                  loss is still taken per ``batch_size`` images, the Dice per image.
 
 The encoder fine-tuning options (``train_encoder``, ``decoder``, ``loss``, ``augmentation``,
 ``decay_bias_and_norm``; MedKLIP's original setting, G2D Table 7) are described in
@@ -69,6 +73,7 @@ from vlpbench.data.cache import cached_images
 from vlpbench.errors import ConfigError, VlpbenchError
 from vlpbench.evidence import per_item_evidence
 from vlpbench.protocols import SplitIds
+from vlpbench.protocols.batch_fill import inference_batch, probing, protocol_chunks
 from vlpbench.protocols.prefetch import pinned, prefetch
 from vlpbench.protocols.runtime import (
     LOWEST_VAL_LOSS,
@@ -391,17 +396,24 @@ def run_segmentation(
     loss_fn = _loss(config)
     train_loss_fn = _loss(config, across_ranks=distributed.is_active())
 
+    # Validation and test batches sized to fill the device (vlpbench.protocols.batch_fill); the validation loss
+    # is still computed per protocol batch.
+    eval_batch = inference_batch(config, "eval_batch_size", device=device, fallback=config["batch_size"],
+                                 limit=max(len(val), len(test)), multiple_of=config["batch_size"],
+                                 probe=lambda count: _probe(model, normalize, count, size, device))
+
     # Early stopping on the validation loss: the first epoch, then any strictly lower one.
     fitted = fit(
         lambda epoch: _train_epoch(model, stepped, train, optimizer, train_loss_fn, normalize, config, generator,
                                    device, epoch),
-        lambda epoch: {"val_loss": _evaluate_loss(model, val, loss_fn, normalize, config["batch_size"], device)},
+        lambda epoch: {"val_loss": eval_batch.run(lambda size: _evaluate_loss(
+            model, val, loss_fn, normalize, size, device, protocol_batch=config["batch_size"]))},
         max_epochs=int(config["max_epochs"]), patience=int(config["patience"]), select=LOWEST_VAL_LOSS,
         snapshot=lambda: state_copy(model.state_dict()), restore=model.load_state_dict, progress=progress)
     t_train = time.perf_counter()
 
-    scores = distributed.gather_arrays(_test_dice(model, test, source, normalize, config, device, progress,
-                                                  predictions))
+    scores = distributed.gather_arrays(eval_batch.run(lambda size: _test_dice(
+        model, test, source, normalize, config, device, progress, predictions, batch_size=size)))
     t_test = time.perf_counter()
     return {
         **evaluate_segmentation(source, test.ids, scores, n_resamples=int(config["bootstrap_resamples"]), seed=seed,
@@ -410,7 +422,8 @@ def run_segmentation(
         "training": {"head": head_name(model.unet.encoder, "unet"), "epochs": fitted.epochs,
                      "best_epoch": fitted.best_epoch,
                      "best_val_loss": fitted.best_value, "history": fitted.history, "world_size": ranks,
-                     "batch_per_process": config["batch_size"] // ranks, "effective_batch": config["batch_size"]},
+                     "batch_per_process": config["batch_size"] // ranks, "effective_batch": config["batch_size"],
+                     "inference_batch": eval_batch.describe()},
         "timing": {"data_s": t_data - t0, "train_s": t_train - t_data, "test_s": t_test - t_train,
                    "total_s": t_test - t0},
     }
@@ -709,15 +722,30 @@ def rank_batches(n: int, batch_size: int) -> range:
 
 
 @torch.inference_mode()
-def _evaluate_loss(model, data: Images, loss_fn, normalize, batch_size: int, device) -> float:
-    """Mean over images of the per-batch loss; under torchrun each rank evaluates its batches and the
-    totals are summed, so every rank gets the same value."""
+def _evaluate_loss(model, data: Images, loss_fn, normalize, batch_size: int, device,
+                   protocol_batch: int | None = None) -> float:
+    """Mean over images of the per-batch loss, the loss taken over consecutive ``protocol_batch`` images
+    (default ``batch_size``) of each forward batch of ``batch_size`` (a multiple of it), so the value does not
+    depend on the forward batch; under torchrun each rank evaluates its batches and the totals are summed, so
+    every rank gets the same value."""
     model.eval()
-    total = 0.0
+    protocol_batch = protocol_batch or batch_size
+    if batch_size % protocol_batch:
+        raise ValueError(f"forward batch {batch_size} is not a multiple of the protocol batch {protocol_batch}")
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
     for host in _eval_batches(data, batch_size, device, rank_batches(len(data), batch_size)):
         images, masks = _device_batch(host[1], device)
-        total += loss_fn(model(normalize(images)), masks).item() * len(images)
-    return distributed.all_reduce_sum([total])[0] / len(data)
+        logits = model(normalize(images))
+        for chunk in protocol_chunks(len(images), protocol_batch):
+            total += loss_fn(logits[chunk], masks[chunk]).double() * (chunk.stop - chunk.start)
+    return distributed.all_reduce_sum([float(total)])[0] / len(data)
+
+
+def _probe(model, normalize, count: int, side: int, device) -> None:
+    """One forward pass of ``count`` blank ``side``-pixel images (the memory probe of
+    :func:`~vlpbench.protocols.batch_fill.inference_batch`)."""
+    with probing(model):
+        model(normalize(torch.zeros(count, 1, side, side, device=device)))
 
 
 @torch.inference_mode()
@@ -742,14 +770,15 @@ def _eval_batches(data: Images, batch_size: int, device: torch.device,
 
 
 def _test_dice(model, data: Images, source: SegmentationSource, normalize, config, device, progress,
-               predictions: Path | None = None) -> np.ndarray:
-    """Dice of this rank's block of test images (all of them in a single process), in test order."""
+               predictions: Path | None = None, *, batch_size: int) -> np.ndarray:
+    """Dice of this rank's block of test images (all of them in a single process), in test order, predicted in
+    batches of ``batch_size``."""
     threshold = config["threshold"]
-    starts = rank_batches(len(data), config["batch_size"])
+    starts = rank_batches(len(data), batch_size)
     first = starts[0] if starts else 0
-    scores = np.empty(min(starts[-1] + config["batch_size"], len(data)) - first if starts else 0)
+    scores = np.empty(min(starts[-1] + batch_size, len(data)) - first if starts else 0)
     bar = tqdm(total=len(scores), desc="test", disable=not progress, leave=False, unit="img")
-    for index, probs in predict_probabilities(model, data, normalize, config["batch_size"], device, starts):
+    for index, probs in predict_probabilities(model, data, normalize, batch_size, device, starts):
         if config["dice_resolution"] == "native":
             # Upsample the probabilities to each image's own resolution and compare with its full mask.
             for i, probs_i in zip(index.tolist(), probs):

@@ -11,7 +11,9 @@ where the dataset declares them (``DatasetSpec.release_sizes``: counts, no label
 selection needs labels beyond that, it cannot be counted then, and :class:`Unknown` says why.
 
 Counts are upper bounds where training stops early: every epoch up to ``max_epochs`` is counted; a last
-incomplete batch counts as a full one.
+incomplete batch counts as a full one. Inference passes whose batch is ``auto`` are counted at the batch it
+gives on a CPU (:func:`vlpbench.protocols.batch_fill.planned_size`); a GPU's is at least as large where memory
+allows, so those passes are then upper bounds too.
 """
 
 from __future__ import annotations
@@ -184,6 +186,7 @@ SEGMENTATION_VARIANT = ("decoder", "train_encoder", "freeze_bn", "loss", "augmen
 def segmentation(ctx: RunContext, measure: Measure) -> Workload:
     """U-Net on the encoder, which runs in every step: training batches and the validation pass every epoch,
     then the test pass (:mod:`vlpbench.protocols.segmentation`)."""
+    from vlpbench.protocols.batch_fill import planned_size
     from vlpbench.protocols.segmentation import balance_negatives, check_options, mgca_train_subset, option
 
     config = ctx.config
@@ -199,15 +202,16 @@ def segmentation(ctx: RunContext, measure: Measure) -> Workload:
             train = balance_negatives(train, _labels(ctx, "balance_negatives").label, np.random.default_rng(run.seed))
     val, test = ctx.ids("val"), ctx.ids("test")
     size, batch, epochs = int(config["image_size"]), int(config["batch_size"]), int(config["max_epochs"])
+    evaluated = planned_size(config, "eval_batch_size", batch)
     variant = tuple(config.get(key) for key in SEGMENTATION_VARIANT)
-    train_step, eval_step = ctx.step("train", batch, size, variant), ctx.step("eval", batch, size, variant)
+    train_step, eval_step = ctx.step("train", batch, size, variant), ctx.step("eval", evaluated, size, variant)
     mgca = option(config, "pipeline") == "mgca"
     method = "linear" if mgca else "antialias"
     return Workload(
         images={"train": len(train), "val": len(val), "test": len(test)}, epochs=epochs,
         work=[Work("training", train_step, epochs * training_batches(len(train), batch)),
-              Work("validation", eval_step, epochs * batches(len(val), batch)),
-              Work("test", eval_step, batches(len(test), batch))],
+              Work("validation", eval_step, epochs * batches(len(val), evaluated)),
+              Work("test", eval_step, batches(len(test), evaluated))],
         # pipeline mgca augments training images at their full size before the resize
         reads=[ctx.read(train, "full" if mgca and config["augment"] else size, method),
                ctx.read(val + test, size, method)])
@@ -217,6 +221,7 @@ def detection(ctx: RunContext, measure: Measure) -> Workload:
     """YOLOv3 head on frozen features: the training and validation parts' features are computed once per run
     with ``freeze_bn`` (kept in memory or in a file, ``detection.feature_storage``), else in every batch; the
     head trains and predicts on them (:mod:`vlpbench.protocols.detection`)."""
+    from vlpbench.protocols.batch_fill import planned_size
     from vlpbench.protocols.detection import feature_storage, fraction_settings
 
     config = ctx.config
@@ -225,17 +230,19 @@ def detection(ctx: RunContext, measure: Measure) -> Workload:
     size, epochs = int(config["image_size"]), int(config["max_epochs"])
     variant = (int(config["neck_width"]),)
     steps = training_batches(len(train), batch)
-    encode = ctx.step("features", batch, size, variant)
+    evaluated = planned_size(config, "eval_batch_size", batch)
+    encode = ctx.step("features", evaluated, size, variant)
     storage = feature_storage(measure(encode).shapes, {"train": len(train), "val": len(val)},
                               float(config["feature_cache_gb"]), frozen=bool(config["freeze_bn"]))
     kept = {name: where != "batch" for name, where in storage.items()}
-    work = [Work("train features", encode, batches(len(train), batch)) if kept["train"] else
-            Work("train features, every epoch", encode, epochs * steps),
+    val_passes = 1 if kept["val"] else epochs
+    work = [Work("train features", encode, batches(len(train), evaluated)) if kept["train"] else
+            Work("train features, every epoch", ctx.step("features", batch, size, variant), epochs * steps),
             Work("training", ctx.step("train", batch, size, variant), epochs * steps),
-            Work("val features", encode, batches(len(val), batch) * (1 if kept["val"] else epochs)),
-            Work("validation", ctx.step("eval", batch, size, variant), epochs * batches(len(val), batch)),
-            Work("test features", encode, batches(len(test), batch)),
-            Work("test", ctx.step("eval", batch, size, variant), batches(len(test), batch))]
+            Work("val features", encode, batches(len(val), evaluated) * val_passes),
+            Work("validation", ctx.step("eval", evaluated, size, variant), epochs * batches(len(val), evaluated)),
+            Work("test features", encode, batches(len(test), evaluated)),
+            Work("test", ctx.step("eval", evaluated, size, variant), batches(len(test), evaluated))]
     return Workload(images={"train": len(train), "val": len(val), "test": len(test)}, epochs=epochs, work=work,
                     reads=[ctx.read(train + val + test, size, config["input_resize"])])
 
@@ -279,6 +286,7 @@ def linear(ctx: RunContext, measure: Measure) -> Workload:
 def finetune(ctx: RunContext, measure: Measure) -> Workload:
     """Encoder and head trained together: training batches and the validation pass every epoch, then the
     test pass (:mod:`vlpbench.protocols.finetune`)."""
+    from vlpbench.protocols.batch_fill import planned_size
     from vlpbench.protocols.labels import class_names
     from vlpbench.protocols.linear import check_schedule
 
@@ -287,13 +295,14 @@ def finetune(ctx: RunContext, measure: Measure) -> Workload:
     train, val, test = ctx.ids("train"), ctx.ids("val"), ctx.ids("test")
     size, batch, epochs = int(config["image_size"]), int(config["batch_size"]), int(config["max_epochs"])
     variant = (bool(config["augment"]), len(class_names(config)))
-    eval_step = ctx.step("eval", batch, size, variant)
+    evaluated = planned_size(config, "eval_batch_size", batch)
+    eval_step = ctx.step("eval", evaluated, size, variant)
     return Workload(
         images={"train": len(train), "val": len(val), "test": len(test)}, epochs=epochs,
         work=[Work("training", ctx.step("train", batch, size, variant),
                    epochs * training_batches(len(train), batch)),
-              Work("validation", eval_step, epochs * batches(len(val), batch)),
-              Work("test", eval_step, batches(len(test), batch))],
+              Work("validation", eval_step, epochs * batches(len(val), evaluated)),
+              Work("test", eval_step, batches(len(test), evaluated))],
         reads=[ctx.read(train + val + test, size, "antialias")])
 
 

@@ -32,7 +32,7 @@ import yaml
 
 from vlpbench.errors import ConfigError
 from vlpbench.metrics.specs import metric_spec
-from vlpbench.tasks.domains import OutOfDomain, check_option
+from vlpbench.tasks.domains import CountOrAuto, OutOfDomain, check_option, domain_of
 
 TASKS_DIR = Path(__file__).resolve().parent
 _REQUIRED = ("name", "version", "description", "dataset", "split", "protocol", "primary_metric",
@@ -142,7 +142,9 @@ class Task:
                 raise ConfigError(f"--set {key}: task {self.name} has no option {key!r}{hint}; "
                                   f"options: {', '.join(sorted(resolved))}")
             default = resolved[key]
-            if default is not None and not _compatible(default, value):
+            # An inference batch size takes an integer where its default is "auto" (its domain decides).
+            mixed = isinstance(domain_of(self.protocol, key), CountOrAuto)
+            if default is not None and not mixed and not _compatible(default, value):
                 raise ConfigError(f"--set {key}={value!r}: expected {type(default).__name__} "
                                   f"like the default {default!r}")
             try:

@@ -191,6 +191,23 @@ class Channels:
             raise OutOfDomain(self.describe()) from None
 
 
+@dataclass(frozen=True)
+class CountOrAuto:
+    """An integer >= 1, or ``auto`` (an inference batch size chosen to fill the device)."""
+
+    def describe(self) -> str:
+        return "an integer >= 1 or 'auto'"
+
+    def check(self, value: Any) -> int | str:
+        """``value`` if it is such an integer or ``auto``, else :class:`OutOfDomain`."""
+        if value == "auto":
+            return value
+        try:
+            return Int(1).check(value)
+        except OutOfDomain:
+            raise OutOfDomain(self.describe()) from None
+
+
 PROBABILITY = Real(0.0, 1.0)
 POSITIVE = Real(0.0, low_open=True)
 NON_NEGATIVE = Real(0.0)
@@ -200,7 +217,9 @@ CLASSES = ListOf(Text(), min_len=1, distinct=True)
 # Option name -> domain, for every protocol that has the option (unless PROTOCOL_DOMAINS says otherwise).
 DOMAINS: dict[str, Any] = {
     # sizes and counts
-    "batch_size": COUNT, "batch_size_1pct": COUNT, "feature_batch_size": COUNT, "max_epochs": COUNT,
+    "batch_size": COUNT, "batch_size_1pct": COUNT, "max_epochs": COUNT,
+    # inference batches: memory and speed only (vlpbench.protocols.batch_fill)
+    "feature_batch_size": CountOrAuto(), "eval_batch_size": CountOrAuto(),
     "patience": COUNT,  # epochs without improvement before stopping; 0 would stop after the first epoch
     "bootstrap_resamples": COUNT, "image_size": COUNT, "resize_size": COUNT, "eval_size": COUNT,
     "threshold_grid": COUNT, "max_detections": COUNT,

@@ -218,11 +218,13 @@ def test_features_are_the_same_whatever_the_batch_size_and_the_prefetch_depth():
 
 
 def test_the_feature_batch_is_a_checked_option_of_the_linear_tasks():
-    assert load_task("rsna_cls").resolve()["feature_batch_size"] == FEATURE_BATCH == 128
+    assert load_task("rsna_cls").resolve()["feature_batch_size"] == "auto"
+    assert feature_batch(load_task("rsna_cls").resolve()) == FEATURE_BATCH == 128  # auto on a CPU
     assert load_task("rsna_cls").resolve({"feature_batch_size": 16})["feature_batch_size"] == 16
     assert feature_batch({}) == FEATURE_BATCH
-    with pytest.raises(OutOfDomain):
-        check_option("linear", "feature_batch_size", 0)
-    for bad in (0, 2.5, True):
+    for bad in (0, "big"):
+        with pytest.raises(OutOfDomain, match="an integer >= 1 or 'auto'"):
+            check_option("linear", "feature_batch_size", bad)
+    for bad in (0, 2.5, True, "big"):
         with pytest.raises(ConfigError, match="feature_batch_size"):
             feature_batch({"feature_batch_size": bad})

@@ -13,10 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlpbench import api
 from vlpbench.cli import main
 from vlpbench.errors import ConfigError, VlpbenchError
-from vlpbench.protocols import SplitIds
 from vlpbench.protocols.segmentation import UNet, check_options, run_segmentation
 from vlpbench.protocols.segmentation_finetune import (
     MedKLIPResUNet,
@@ -164,12 +162,8 @@ def test_impossible_fine_tuning_options_are_refused(change, message):
 # --- which weights train -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_split(siim_root):
-    task = load_task("siim_seg_ft")
-    source = api.open_dataset(task, siim_root)
-    split, _ = api.task_splits(task, source)
-    train, val, test = (api.split_ids(split, part, source)[0] for part in ("train", "val", "test"))
-    return source, SplitIds(train=train[:16], val=val[:8], test=test[:8], fraction=1.0)
+def tiny_split(siim_parts):
+    return siim_parts("siim_seg_ft", 16, 8, 8)
 
 
 def _train(tiny_split, config: dict, **changes):
