@@ -182,6 +182,9 @@ def test_command_line_pairs_and_task_options_are_checked():
 def test_local_worker_slots_own_a_gpu_each_or_share_the_cores(monkeypatch):
     assert worker_slots(None, ["0", "1"]) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
     assert [env["CUDA_VISIBLE_DEVICES"] for env in worker_slots(3, ["4", "7"])] == ["4", "7", "4"]
+    # Runs that share a GPU are told how many do (automatic inference batches plan within their share).
+    assert [env.get("VLPBENCH_RUNS_PER_DEVICE") for env in worker_slots(3, ["4", "7"])] == ["2", None, "2"]
+    assert worker_slots(3, ["0"]) == [{"CUDA_VISIBLE_DEVICES": "0", "VLPBENCH_RUNS_PER_DEVICE": "3"}] * 3
     assert worker_slots(2, []) == [{}, {}]
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)

@@ -291,3 +291,31 @@ def test_inference_passes_are_planned_at_the_eval_batch_set_or_at_what_auto_give
     val, test = len(split.ids("val")), len(split.ids("test"))
     fewer = epochs * (math.ceil(val / 8) - math.ceil(val / 64)) + math.ceil(test / 8) - math.ceil(test / 64)
     assert automatic.seconds - set_64.seconds == pytest.approx(fewer)
+
+
+def test_a_gpu_plan_states_each_runs_peak_memory_and_how_many_runs_one_device_holds(tmp_path):
+    gib = 2**30
+    peaks = {"train": 3 * gib, "eval": gib, "features": 2 * gib}
+    shapes = ((16, 2, 2),)  # 64 values per image: detection keeps its train and val features on the device
+
+    def measure(step):
+        return StepTiming(1.0, shapes if step.kind == "features" else (), peaks[step.kind])
+
+    spec = build_spec({"models": ["random"], "tasks": ["siim_seg", "rsna_det"], "fracs": [1.0], "seeds": [0],
+                       "data_roots": {"siim": str(tmp_path / "none"), "rsna": str(tmp_path / "none")},
+                       "results": str(tmp_path / "results"), "device": "cpu"})
+    plan = plan_sweep(spec, measure=measure)
+    assert plan.device_bytes is None and plan.memory_lines() == []  # a CPU has no device memory to share
+    split = load_split("rsna")
+    kept = 4 * 64 * (len(split.ids("train")) + len(split.ids("val")))
+    by_task = {estimate.run.task: estimate.peak_bytes for estimate in plan.runs}
+    assert by_task == {"siim_seg": 3 * gib, "rsna_det": 3 * gib + kept}
+    plan.device_bytes = 80 * gib
+    text = "\n".join(plan.memory_lines())
+    largest = (3 * gib + kept) / gib
+    assert f"random rsna_det  {largest:.2f} GiB" in text and "random siim_seg  3.00 GiB" in text
+    fit = int(estimate_module.SHARED_DEVICE_SHARE * 80 // (largest + 0.5))
+    assert fit == 20 and f"one 80 GiB device holds about {fit} run(s) of the largest at once" in text
+    assert "`sweep --workers N`" in text and "not measured here" in text
+    assert text in plan.format()
+    assert any("timed at the batch auto gives on a CPU" in line for line in plan.assumptions())

@@ -18,6 +18,9 @@ the loss is still computed per protocol batch (:func:`protocol_chunks`).
   still run out of memory, the batch is halved and the pass run again (passes are pure). Under torchrun
   every rank takes the smallest of the ranks' choices, and an out-of-memory error stops the run: the ranks
   could not retry in step.
+- Where several runs share one GPU (a local sweep with more workers than GPUs sets
+  ``$VLPBENCH_RUNS_PER_DEVICE`` in each run's environment), a run plans within its equal share of the
+  device's memory, so that one run's inference batch does not take what another's training needs.
 - On a CPU, the protocol's fallback (its training batch, or the feature batch of the linear protocol): CPU
   throughput is flat past small batches, and host memory is shared with the image cache, which this cannot
   measure.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from typing import Any, Callable, Iterator, Mapping, Protocol, TypeVar
 
 import torch
@@ -41,6 +45,8 @@ from vlpbench.errors import ConfigError
 log = logging.getLogger("vlpbench")
 
 AUTO = "auto"
+# Runs sharing this process's GPU (set by a local sweep with more workers than GPUs): each plans within its share.
+RUNS_PER_DEVICE = "VLPBENCH_RUNS_PER_DEVICE"
 # Batch sizes of the memory probe; two points give the per-image slope and the fixed cost.
 PROBE_SIZES = (2, 4)
 # Share of the available memory an automatic batch may plan to use: the rest absorbs fragmentation and the
@@ -59,6 +65,12 @@ class MemoryMeter(Protocol):
     def available(self) -> int:
         """Bytes a new allocation could still get."""
 
+    def total(self) -> int:
+        """The device's memory in bytes."""
+
+    def allocated(self) -> int:
+        """Bytes this process holds in tensors on the device."""
+
     def peak_of(self, run: Callable[[], object]) -> int:
         """Peak bytes allocated while ``run()`` ran, above what was allocated before it."""
 
@@ -75,6 +87,12 @@ class CudaMemory:
     def available(self) -> int:
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device))
+
+    def total(self) -> int:
+        return int(torch.cuda.get_device_properties(self.device).total_memory)
+
+    def allocated(self) -> int:
+        return int(torch.cuda.memory_allocated(self.device))
 
     def peak_of(self, run: Callable[[], object]) -> int:
         torch.cuda.synchronize(self.device)
@@ -197,13 +215,17 @@ def inference_batch(config: Mapping[str, Any], key: str, *, device: torch.device
             how = f"{device.type}: all {limit} image(s) in one batch"
         else:
             peaks = {size: meter.peak_of(lambda size=size: probe(size)) for size in sizes}
+            sharing = runs_per_device()
             available = meter.available()
+            if sharing > 1:  # what is left of this run's share of the device
+                available = min(available, max(0, meter.total() // sharing - meter.allocated()))
             size = fitting_batch(peaks, MEMORY_SHARE * available - reserve_bytes, limit=limit,
                                  multiple_of=multiple_of)
             (small, small_peak), (large, large_peak) = sorted(peaks.items())
             how = (f"{device.type}: probed {(large_peak - small_peak) / (large - small) / 2**20:.1f} MiB per image, "
                    f"{MEMORY_SHARE:.0%} of {available / 2**30:.1f} GiB available"
-                   + (f" less {reserve_bytes / 2**30:.2f} GiB reserved" if reserve_bytes else ""))
+                   + (f" to this run, one of {sharing} sharing the device" if sharing > 1 else "")
+                   + (f", less {reserve_bytes / 2**30:.2f} GiB reserved" if reserve_bytes else ""))
         if distributed.is_active():
             size = distributed.all_min(size)
             how += ", the smallest of the ranks' choices"
@@ -212,6 +234,22 @@ def inference_batch(config: Mapping[str, Any], key: str, *, device: torch.device
 
     return InferenceBatch(AUTO, choose=choose, multiple_of=multiple_of, retry=not distributed.is_active(),
                           meter=meter)
+
+
+def runs_per_device(environ: Mapping[str, str] | None = None) -> int:
+    """Runs sharing this process's GPU: ``$VLPBENCH_RUNS_PER_DEVICE`` in ``environ`` (default ``os.environ``),
+    else 1.
+
+    Raises:
+        ConfigError: the variable is set to anything but a positive integer.
+    """
+    text = (os.environ if environ is None else environ).get(RUNS_PER_DEVICE, "").strip()
+    if not text:
+        return 1
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"environment variable {RUNS_PER_DEVICE}={text!r}: expected a positive integer (runs "
+                          "sharing this process's GPU)")
+    return int(text)
 
 
 def planned_size(config: Mapping[str, Any], key: str, fallback: int) -> int:

@@ -9,6 +9,9 @@ both ends. The steps are the protocols' own functions where they take a split pa
 linear probe's ``extract_features`` / ``_fit``, fine-tuning's ``train_epoch`` / ``_predict``, the adapters'
 ``zero_shot_scores``, ``grounding_maps``, ``embed_image`` and ``embed_text``).
 
+On a GPU each step's peak allocated device memory is read too (the model and optimiser state included), for the
+plan's memory per run.
+
 What random inputs leave out: loading batches from the image cache (memory-mapped reads), segmentation's
 full-size ``pipeline: mgca`` augmentation (timed as the cached pipeline's), the linear probe's ``mgca``-mode
 crops and colour jitter (timed as the centre crop), and the scoring after the forward passes (Dice at native
@@ -101,13 +104,17 @@ class Calibrator:
             self._built = None  # frees the last model before the next is built
             self._built = key, BUILDERS[step.protocol](step, self.adapters(step.model), self.device)
         prepare, shapes = self._built[1]
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         prepare(step, 1)()  # warm-up
         timed = prepare(step, self.batches)
         _sync(self.device)
         started = time.perf_counter()
         timed()
         _sync(self.device)
-        return StepTiming((time.perf_counter() - started) / self.batches, shapes)
+        seconds = (time.perf_counter() - started) / self.batches
+        return StepTiming(seconds, shapes, int(torch.cuda.max_memory_allocated(self.device)) if cuda else None)
 
 
 def device_name(device: torch.device, threads: int | None = None) -> str:

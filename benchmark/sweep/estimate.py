@@ -43,6 +43,10 @@ DEFAULT_CALIBRATE_BATCHES = 3
 RELEASE_MARK = "sizes of the official release; no data folder"  # rows counted from DatasetSpec.release_sizes
 DECODE_SAMPLE = 3  # images whose decoding is timed per dataset
 SWEEP_PRECISION = "fp32"  # a sweep's runs take no --precision
+# What a CUDA process holds before its first tensor (context, cuBLAS/cuDNN handles): about 0.5 GiB on current GPUs.
+CUDA_CONTEXT_BYTES = 2**29
+# Share of a GPU's memory that runs placed side by side may plan to fill: the rest for fragmentation.
+SHARED_DEVICE_SHARE = 0.9
 
 
 @dataclass
@@ -50,8 +54,10 @@ class RunEstimate:
     """One run to launch: its images per role as its protocol uses them, ``max_epochs`` (None where nothing
     trains), its estimated device seconds (None: not estimated, ``unknown`` says why), of which
     ``decode_seconds`` decode images into the cache, the shared work an earlier run of the sweep does for it
-    (``reused``), its command, and ``release_sizes``: the split whose declared sizes on the official release
-    stand for the ids (``"object_cxr split mgca"``; empty where the ids were counted)."""
+    (``reused``), its command, ``release_sizes``: the split whose declared sizes on the official release
+    stand for the ids (``"object_cxr split mgca"``; empty where the ids were counted), and ``peak_bytes``: the
+    device memory it needs at its peak, its largest step's plus what it keeps on the device (None: not
+    measured, as on a CPU)."""
 
     run: Run
     images: dict[str, int] = field(default_factory=dict)
@@ -62,6 +68,7 @@ class RunEstimate:
     unknown: str = ""
     command: list[str] = field(default_factory=list)
     release_sizes: str = ""
+    peak_bytes: int | None = None
 
 
 @dataclass
@@ -80,7 +87,8 @@ class Decoding:
 class SweepPlan:
     """A sweep's runs with their estimates, the runs it would skip, and what the estimates rest on: the
     device, the batches timed per step (``measured``: each distinct step and its time), image decoding per
-    dataset, the processes decoding shares, and the calibration's own wall time."""
+    dataset, the processes decoding shares, the calibration's own wall time, and the device's memory
+    (``device_bytes``, a GPU's; None on a CPU)."""
 
     runs: list[RunEstimate]
     skipped: list[RunOutcome]
@@ -92,6 +100,7 @@ class SweepPlan:
     decode_processes: int
     calibration_seconds: float
     spec: SweepSpec
+    device_bytes: int | None = None
 
     @property
     def seconds(self) -> float:
@@ -142,12 +151,36 @@ class SweepPlan:
                 lines.append("seconds per batch, measured:")
                 lines += _table([(step.describe(), f"{timing.seconds:.4f} s") for step, timing in self.measured],
                                 right=(1,))
+            lines += self.memory_lines()
             lines.append("assumptions:")
             lines += [f"  - {line}" for line in self.assumptions()]
         if commands and self.runs:
             lines.append(f"{len(self.runs)} run(s) to launch:")
             lines += [f"  {shlex.join(r.command)}" for r in self.runs]
         return "\n".join(lines)
+
+    def memory_lines(self) -> list[str]:
+        """Each model and task's peak device memory per run and how many such runs one device holds at once
+        (``sweep --workers``); nothing where no peak was measured (a CPU)."""
+        peaks: dict[tuple[str, str], int] = {}
+        for estimate in self.runs:
+            if estimate.peak_bytes is not None:
+                key = (estimate.run.model.label, estimate.run.task)
+                peaks[key] = max(peaks.get(key, 0), estimate.peak_bytes)
+        if not peaks or not self.device_bytes:
+            return []
+        largest = max(peaks.values())
+        fit = max(1, int(SHARED_DEVICE_SHARE * self.device_bytes // (largest + CUDA_CONTEXT_BYTES)))
+        lines = ["device memory per run at its peak, measured (its largest step, model and optimiser state "
+                 "included, plus features it keeps on the device):"]
+        lines += _table([(f"{model} {task}", f"{peak / 2**30:.2f} GiB") for (model, task), peak in peaks.items()],
+                        right=(1,))
+        lines.append(f"one {self.device_bytes / 2**30:.0f} GiB device holds about {fit} run(s) of the largest at "
+                     f"once ({largest / 2**30:.2f} GiB + {CUDA_CONTEXT_BYTES / 2**30:.1f} GiB of CUDA context "
+                     f"each, within {SHARED_DEVICE_SHARE:.0%} of the memory): `sweep --workers N` with N above "
+                     "the GPU count puts several runs on each GPU, each planning its automatic inference batches "
+                     "within its share; how fast they run together is not measured here")
+        return lines
 
     def assumptions(self) -> list[str]:
         """What the estimates rest on, in words."""
@@ -159,6 +192,10 @@ class SweepPlan:
             lines.append(f"runs marked \"{RELEASE_MARK}\" count the images of {', '.join(released)} by the sizes "
                          "its rule gives on the dataset's official release (declared, not read from files): a copy "
                          "that differs from the release runs on other counts")
+        if self.device_bytes:
+            lines.append("inference passes whose batch is `auto` (eval_batch_size, feature_batch_size) are timed at "
+                         "the batch auto gives on a CPU (the training batch; 128 for features): on this GPU a run "
+                         "picks one at least as large where memory allows, so their times are upper bounds")
         if any(r.epochs is not None for r in self.runs):
             lines.append("upper bounds: training is counted at max_epochs (the epochs column, ≤); early stopping "
                          "on the validation set (patience) ends most runs sooner")
@@ -233,10 +270,16 @@ def plan_sweep(spec: SweepSpec, *, force: bool = False, calibrate_batches: int =
         except (Unknown, VlpbenchError) as error:
             estimate.unknown = str(error)
         estimates.append(estimate)
+    device_bytes = None
+    if device.type == "cuda":
+        import torch
+
+        device_bytes = int(torch.cuda.get_device_properties(device).total_memory)
     return SweepPlan(runs=estimates, skipped=skipped, notes=plan.notes, device=device_name(device, threads),
                      calibrate_batches=calibrate_batches, measured=timer.measured, decoding=charged.decoding,
                      decode_processes=processes,
-                     calibration_seconds=calibrator.seconds + charged.decode_timing, spec=spec)
+                     calibration_seconds=calibrator.seconds + charged.decode_timing, spec=spec,
+                     device_bytes=device_bytes)
 
 
 class _Memo:
@@ -274,14 +317,16 @@ class _Charged:
 
     def estimate(self, estimate: RunEstimate, load: Workload, measure: Measure) -> None:
         """Fill ``estimate`` from ``load``; nothing is charged where a step cannot be timed (Unknown)."""
-        seconds, work, reused = 0.0, set(), []
+        seconds, work, reused, peaks = 0.0, set(), [], []
         for item in load.work:
             if item.batches == 0:
                 continue
             if item.shared is not None and (item.shared in self.work or item.shared in work):
                 reused.append(item.what)
                 continue
-            seconds += item.batches * measure(item.step).seconds
+            timing = measure(item.step)
+            seconds += item.batches * timing.seconds
+            peaks.append(timing.peak_bytes)
             if item.shared is not None:
                 work.add(item.shared)
         images, decode = self._decode(load.reads)
@@ -290,6 +335,8 @@ class _Charged:
         estimate.images, estimate.epochs, estimate.reused = load.images, load.epochs, reused
         estimate.decode_seconds = decode
         estimate.seconds = seconds + decode
+        if peaks and None not in peaks:
+            estimate.peak_bytes = max(peaks) + load.kept_bytes
 
     def _decode(self, reads: list[ImageRead]) -> tuple[set[tuple], float]:
         """The images ``reads`` decode first in the sweep, and their decoding's wall seconds."""

@@ -40,11 +40,17 @@ def visible_gpus(device: str) -> list[str]:
 
 def worker_slots(workers: int | None, gpus: list[str]) -> list[dict[str, str]]:
     """The environment of each worker slot: one slot per GPU by default, else one; slots take the GPUs in
-    turn (``CUDA_VISIBLE_DEVICES``)."""
+    turn (``CUDA_VISIBLE_DEVICES``), and where several share a GPU each is told how many do
+    (``VLPBENCH_RUNS_PER_DEVICE``: automatic inference batches then plan within an equal share of its memory,
+    :mod:`vlpbench.protocols.batch_fill`)."""
+    from vlpbench.protocols.batch_fill import RUNS_PER_DEVICE
+
     count = workers or max(1, len(gpus))
-    if gpus:
-        return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(count)]
-    return [{} for _ in range(count)]
+    if not gpus:
+        return [{} for _ in range(count)]
+    slots = [gpus[i % len(gpus)] for i in range(count)]
+    return [{"CUDA_VISIBLE_DEVICES": gpu, **({RUNS_PER_DEVICE: str(slots.count(gpu))} if slots.count(gpu) > 1 else {})}
+            for gpu in slots]
 
 
 def cpu_share(workers: int | None, gpus: list[str]) -> int | None:

@@ -72,10 +72,13 @@ class Step:
 @dataclass(frozen=True)
 class StepTiming:
     """Seconds per batch of a step; ``shapes``: for detection's ``features``, the per-image shapes of the
-    frozen part's output (what keeping a part's features costs, ``detection.feature_storage``)."""
+    frozen part's output (what keeping a part's features costs, ``detection.feature_storage``);
+    ``peak_bytes``: the device memory allocated at the step's peak, the model and optimiser state included
+    (None: not measured, as on a CPU)."""
 
     seconds: float
     shapes: tuple = ()
+    peak_bytes: int | None = None
 
 
 Measure = Callable[[Step], StepTiming]
@@ -107,12 +110,14 @@ class ImageRead:
 @dataclass
 class Workload:
     """A run's images per role as the protocol uses them, ``max_epochs`` (None where nothing trains), its
-    work and its image reads."""
+    work and its image reads; ``kept_bytes``: device memory it holds besides its steps' own (detection's
+    features kept on the device)."""
 
     images: dict[str, int]
     epochs: int | None
     work: list[Work]
     reads: list[ImageRead]
+    kept_bytes: int = 0
 
 
 @dataclass
@@ -235,6 +240,9 @@ def detection(ctx: RunContext, measure: Measure) -> Workload:
     storage = feature_storage(measure(encode).shapes, {"train": len(train), "val": len(val)},
                               float(config["feature_cache_gb"]), frozen=bool(config["freeze_bn"]))
     kept = {name: where != "batch" for name, where in storage.items()}
+    per_image = sum(math.prod(shape) for shape in measure(encode).shapes)
+    on_device = sum(4 * per_image * count for name, count in (("train", len(train)), ("val", len(val)))
+                    if storage[name] == "memory")  # float32 rows, as PartFeatures keeps them
     val_passes = 1 if kept["val"] else epochs
     work = [Work("train features", encode, batches(len(train), evaluated)) if kept["train"] else
             Work("train features, every epoch", ctx.step("features", batch, size, variant), epochs * steps),
@@ -244,7 +252,7 @@ def detection(ctx: RunContext, measure: Measure) -> Workload:
             Work("test features", encode, batches(len(test), evaluated)),
             Work("test", ctx.step("eval", evaluated, size, variant), batches(len(test), evaluated))]
     return Workload(images={"train": len(train), "val": len(val), "test": len(test)}, epochs=epochs, work=work,
-                    reads=[ctx.read(train + val + test, size, config["input_resize"])])
+                    reads=[ctx.read(train + val + test, size, config["input_resize"])], kept_bytes=on_device)
 
 
 def linear(ctx: RunContext, measure: Measure) -> Workload:

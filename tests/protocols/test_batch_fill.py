@@ -34,8 +34,9 @@ class SimulatedMemory:
     The probe callable reports its batch through :meth:`use`, as a real forward pass would allocate.
     """
 
-    def __init__(self, fixed: int, per_image: int, capacity: int):
+    def __init__(self, fixed: int, per_image: int, capacity: int, total: int | None = None, allocated: int = 0):
         self.fixed, self.per_image, self.capacity = fixed, per_image, capacity
+        self._total, self._allocated = total or capacity, allocated
         self.probed: list[int] = []
         self.released = 0
         self._peak = 0
@@ -46,6 +47,12 @@ class SimulatedMemory:
 
     def available(self) -> int:
         return self.capacity
+
+    def total(self) -> int:
+        return self._total
+
+    def allocated(self) -> int:
+        return self._allocated
 
     def peak_of(self, run) -> int:
         self._peak = 0
@@ -95,6 +102,22 @@ def test_memory_the_run_will_keep_is_left_out_and_the_protocol_batch_divides_the
     budget = MEMORY_SHARE * 10 * 2**30 - reserve
     assert batch.size == (int(budget // (10 * MIB)) // 16) * 16 == 400
     assert "less 4.00 GiB reserved" in batch.describe()["how"]
+
+
+def test_runs_sharing_a_gpu_plan_within_their_share_of_its_memory(monkeypatch):
+    # 40 GiB device, 30 GiB free, this run holds 2 GiB; 4 runs share it: 10 - 2 = 8 GiB left to this one.
+    meter = SimulatedMemory(fixed=0, per_image=10 * MIB, capacity=30 * 2**30, total=40 * 2**30,
+                            allocated=2 * 2**30)
+    monkeypatch.setenv("VLPBENCH_RUNS_PER_DEVICE", "4")
+    batch = _auto(meter)
+    assert batch.size == math.floor(MEMORY_SHARE * 8 * 2**30 / (10 * MIB)) == 655
+    assert "8.0 GiB available to this run, one of 4 sharing the device" in batch.describe()["how"]
+    monkeypatch.setenv("VLPBENCH_RUNS_PER_DEVICE", "1")
+    assert _auto(meter).size == MAX_AUTO_BATCH  # alone: 80 % of the 30 GiB free
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("VLPBENCH_RUNS_PER_DEVICE", bad)
+        with pytest.raises(ConfigError, match=rf"VLPBENCH_RUNS_PER_DEVICE='{bad}': expected a positive integer"):
+            _auto(meter).size
 
 
 def test_a_part_of_one_or_two_images_is_one_batch_without_a_probe():
