@@ -1,4 +1,5 @@
-"""Sections of ``perf/RESULTS.md``: each run of ``perf/gpu_figures.py`` appends one; nothing is rewritten."""
+"""Sections of ``perf/RESULTS.md``: each run of ``perf/gpu_figures.py`` or ``perf/linear_probe_sweep.py`` appends
+one; nothing is rewritten."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HEADER = ("# Speed figures\n\n"
-          "Sections appended by `python perf/gpu_figures.py --out perf/RESULTS.md`, one per run, oldest first. "
+          "Sections appended by `python perf/gpu_figures.py --out perf/RESULTS.md` and "
+          "`python perf/linear_probe_sweep.py --out perf/RESULTS.md`, one per run, oldest first. "
           "*measured*: timed in that run; *extrapolated*: a measured time per batch (or per image) times the "
           "batch counts of the rsna/v1 split; *arithmetic*: counted from the split files.\n")
 

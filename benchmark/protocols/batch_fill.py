@@ -154,6 +154,11 @@ class InferenceBatch:
                 "lowered_from": list(self.lowered_from)}
 
 
+def given(size: int | InferenceBatch) -> InferenceBatch:
+    """``size`` as an :class:`InferenceBatch`: an integer is used as it is."""
+    return size if isinstance(size, InferenceBatch) else InferenceBatch(size, size=size)
+
+
 def requested_size(config: Mapping[str, Any], key: str, default: int | str = AUTO) -> int | str:
     """``config[key]`` (``default`` where absent): an integer of at least 1 or ``"auto"``.
 

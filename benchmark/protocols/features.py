@@ -73,7 +73,7 @@ from vlpbench.config import cache_dir
 from vlpbench.data.cache import METHOD_TAGS, cached_images, source_fingerprint
 from vlpbench.errors import ConfigError, VlpbenchError
 from vlpbench.files import atomic_path, atomic_write
-from vlpbench.protocols.batch_fill import InferenceBatch
+from vlpbench.protocols.batch_fill import InferenceBatch, given
 from vlpbench.protocols.prefetch import pinned, prefetch
 from vlpbench.protocols.runtime import DEFAULT_PRECISION, prepare_model, to_device
 
@@ -381,7 +381,7 @@ def cached_features(adapter: Any, source: Any, ids: Sequence[str], pre: Preproce
     with distributed.main_first():  # rank 0 fills the image cache, the others then read it
         images = load_images(source, [image_id for image_id, _ in todo], pre.resize, progress, pre.cache_method)
     encoder = encoder or RunEncoder(adapter, device, precision)
-    batch = batch_size if isinstance(batch_size, InferenceBatch) else InferenceBatch(batch_size, size=batch_size)
+    batch = given(batch_size)
 
     def one_pass(size: int) -> np.ndarray:
         # Under torchrun each rank encodes its block of whole batches; the gathered features are in todo order.

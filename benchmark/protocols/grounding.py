@@ -37,6 +37,10 @@ Steps, each a task option:
 ``score`` applies steps 2 to 5 to heat maps made by any framework (an ``.npz``), through the same
 :func:`evaluate_grounding` as ``run``.
 
+``batch_size`` is the inference batch (images per ``grounding_maps`` call): ``auto`` (default) fills the
+device (:mod:`vlpbench.protocols.batch_fill`; :data:`GROUNDING_BATCH` on a CPU), or an integer. It changes
+memory and speed only.
+
 Under torchrun (:mod:`vlpbench.distributed`) each rank computes the maps of its block of whole image
 batches (the batches of a single process); the maps are gathered in query order before the threshold
 and the scores, so every rank computes the single-process result, and rank 0 alone saves predictions.
@@ -68,6 +72,7 @@ from vlpbench.metrics.grounding import (METRIC_NAMES, candidate_thresholds, choo
 from vlpbench.predictions import HEATMAPS_FILE, check_heatmap, write_heatmaps
 from vlpbench.protocols import SplitIds, base
 from vlpbench.protocols import grounding_pathologies as pathologies
+from vlpbench.protocols.batch_fill import InferenceBatch, given, inference_batch
 from vlpbench.protocols.runtime import DEFAULT_PRECISION, autocast, precision_of
 from vlpbench.threads import single_threaded
 
@@ -104,6 +109,7 @@ class Query:
 
 # Options added after version 1 of the task files; a config without them means the old behaviour.
 DEFAULTS = {"image_read": "cache", "threshold_search": "quantiles"}
+GROUNDING_BATCH = 32  # batch_size: auto on a CPU (vlpbench.protocols.batch_fill)
 
 
 def check_config(config: Mapping[str, Any]) -> None:
@@ -309,15 +315,17 @@ def summarize(scores: dict[str, np.ndarray], *, n_resamples: int, seed: int) -> 
     return metrics, ci
 
 
-def compute_maps(adapter, source, queries: list[Query], *, batch_size: int, device: torch.device,
+def compute_maps(adapter, source, queries: list[Query], *, batch_size: int | InferenceBatch, device: torch.device,
                  progress: bool = True, desc: str = "maps", precision: str = DEFAULT_PRECISION,
                  image_read: str = "cache") -> dict[str, torch.Tensor]:
     """The adapter's raw heat map of every query, ``{key: (h, w) float32 CPU tensor}``, the adapter
     running in ``precision`` (``vlpbench.protocols.runtime``), for images read as ``image_read`` says
     (``cache``, or ``medklip``: :class:`MedKLIPRead`).
 
-    Each batch of images is embedded once for all the distinct texts its queries ask for. Under torchrun
-    each rank computes its block of batches and every rank returns the maps of all queries.
+    Each batch of ``batch_size`` images (an integer, or the run's
+    :class:`~vlpbench.protocols.batch_fill.InferenceBatch`) is embedded once for all the distinct texts its
+    queries ask for. Under torchrun each rank computes its block of batches and every rank returns the maps of
+    all queries.
 
     Raises:
         VlpbenchError: ``grounding_maps`` returned a shape other than ``(B, texts, h, w)``.
@@ -331,27 +339,40 @@ def compute_maps(adapter, source, queries: list[Query], *, batch_size: int, devi
     reader = MedKLIPRead(source) if image_read == "medklip" else source
     with distributed.main_first():  # rank 0 fills the image cache, the others then read it
         images = cached_images(reader, dataset, image_ids, int(adapter.image_size), progress=progress)
-    maps: dict[str, torch.Tensor] = {}
-    first, stop = distributed.batch_block(len(image_ids), batch_size)  # this rank's whole batches
-    bar = tqdm(total=stop - first, desc=desc, disable=not progress, leave=False, unit="img")
-    for start in range(first, stop, batch_size):
-        end = min(start + batch_size, stop)
-        batch_ids = image_ids[start:end]
-        pixels = torch.from_numpy(np.array(images[start:end]))[:, None].to(device)
-        texts = list(dict.fromkeys(query.text for image_id in batch_ids for query in by_image[image_id]))
-        with torch.inference_mode(), autocast(device, precision):
-            batch = adapter.grounding_maps(adapter.preprocess(pixels), texts)
-        if batch.ndim != 4 or tuple(batch.shape[:2]) != (len(batch_ids), len(texts)):
-            raise VlpbenchError(f"adapter {adapter.name!r}: grounding_maps returned shape {tuple(batch.shape)} for "
-                                f"{len(batch_ids)} images and {len(texts)} texts; expected (B, T, h, w)")
-        batch = batch.detach().float().cpu()
-        column = {text: k for k, text in enumerate(texts)}
-        for row, image_id in enumerate(batch_ids):
-            for query in by_image[image_id]:
-                maps[query.key] = batch[row, column[query.text]].clone()
-        bar.update(len(batch_ids))
-    bar.close()
+    def one_pass(size: int) -> dict[str, torch.Tensor]:
+        maps: dict[str, torch.Tensor] = {}
+        first, stop = distributed.batch_block(len(image_ids), size)  # this rank's whole batches
+        bar = tqdm(total=stop - first, desc=desc, disable=not progress, leave=False, unit="img")
+        for start in range(first, stop, size):
+            end = min(start + size, stop)
+            batch_ids = image_ids[start:end]
+            pixels = torch.from_numpy(np.array(images[start:end]))[:, None].to(device)
+            texts = list(dict.fromkeys(query.text for image_id in batch_ids for query in by_image[image_id]))
+            with torch.inference_mode(), autocast(device, precision):
+                batch = adapter.grounding_maps(adapter.preprocess(pixels), texts)
+            if batch.ndim != 4 or tuple(batch.shape[:2]) != (len(batch_ids), len(texts)):
+                raise VlpbenchError(f"adapter {adapter.name!r}: grounding_maps returned shape {tuple(batch.shape)} "
+                                    f"for {len(batch_ids)} images and {len(texts)} texts; expected (B, T, h, w)")
+            batch = batch.detach().float().cpu()
+            column = {text: k for k, text in enumerate(texts)}
+            for row, image_id in enumerate(batch_ids):
+                for query in by_image[image_id]:
+                    maps[query.key] = batch[row, column[query.text]].clone()
+            bar.update(len(batch_ids))
+        bar.close()
+        return maps
+
+    maps = given(batch_size).run(one_pass)
     return _gathered(maps, queries) if distributed.is_active() else maps
+
+
+def _probe(adapter, texts: list[str], precision: str, count: int, device: torch.device) -> None:
+    """Heat maps of ``count`` blank images for ``texts`` (the memory probe of
+    :func:`~vlpbench.protocols.batch_fill.inference_batch`)."""
+    size = int(adapter.image_size)
+    with torch.inference_mode(), autocast(device, precision):
+        pixels = torch.zeros(count, 1, size, size, dtype=torch.uint8, device=device)
+        adapter.grounding_maps(adapter.preprocess(pixels), texts)
 
 
 def _gathered(maps: dict[str, torch.Tensor], queries: list[Query]) -> dict[str, torch.Tensor]:
@@ -388,7 +409,6 @@ def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any],
     check_config(config)
     t0 = time.perf_counter()
     texts = text_source(config, adapter.free_text)
-    batch_size = int(config["batch_size"])
     test, test_negatives = grounding_queries(source, split.test, config, texts)
     if not test:
         raise DataError(f"no positive test image among the {len(split.test)} test images: nothing to ground")
@@ -399,6 +419,11 @@ def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any],
 
     precision = precision_of(config)
     image_read = config.get("image_read", DEFAULTS["image_read"])
+    # The probe asks for as many distinct texts as images, at most those the queries hold: about what a batch asks.
+    asked = list(dict.fromkeys(query.text for query in test))
+    batch_size = inference_batch(config, "batch_size", device=device, fallback=GROUNDING_BATCH,
+                                 limit=len({query.image_id for query in test + val}),
+                                 probe=lambda count: _probe(adapter, asked[:count], precision, count, device))
     maps = compute_maps(adapter, source, val, batch_size=batch_size, device=device, progress=progress,
                         desc="val maps", precision=precision, image_read=image_read) if val else {}
     maps.update(compute_maps(adapter, source, test, batch_size=batch_size, device=device, progress=progress,
@@ -421,7 +446,7 @@ def run_grounding_task(adapter, source, split: SplitIds, config: dict[str, Any],
               "cnr_undefined": int(np.count_nonzero(~np.isfinite(scores["cnr"])))},
         "training": {**chosen, "threshold_source": config["threshold_source"], "text_source": texts,
                      "map_size": map_size, "input_size": int(adapter.image_size), "image_read": image_read,
-                     "world_size": distributed.world_size()},
+                     "world_size": distributed.world_size(), "inference_batch": batch_size.describe()},
         "timing": {"maps_s": t_maps - t0, "evaluate_s": t_test - t_maps, "total_s": t_test - t0},
     }
 

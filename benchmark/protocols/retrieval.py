@@ -3,7 +3,9 @@
 The retrieval set (query images, candidate texts, relevance) is built from label files and reports
 (:mod:`vlpbench.protocols.retrieval_sets`). The adapter embeds every image (``embed_image``, image cache at
 its ``image_size``, ``adapter.preprocess``) and every text (``embed_text``); both are L2-normalised again and
-their float32 dot products are the similarity matrix ``(images, texts)``. Image→text ranks the texts for each
+their float32 dot products are the similarity matrix ``(images, texts)``. ``batch_size`` (images or texts per
+call) is ``auto`` by default, filling the device (:mod:`vlpbench.protocols.batch_fill`; :data:`RETRIEVAL_BATCH`
+on a CPU), or an integer; it changes memory and speed only. Image→text ranks the texts for each
 image; text→image ranks the images for each text (its transpose). Ties are pessimistic
 (:mod:`vlpbench.metrics.retrieval`).
 
@@ -41,12 +43,14 @@ from vlpbench.metrics.bootstrap import bootstrap_ci, weighted_mean
 from vlpbench.metrics.classification import resample_weights
 from vlpbench.metrics.specs import RECOMPUTED, metric_spec
 from vlpbench.protocols import SplitIds, base
+from vlpbench.protocols.batch_fill import InferenceBatch, given, inference_batch, planned_size
 from vlpbench.protocols.retrieval_sets import RetrievalSet, retrieval_set
 from vlpbench.protocols.runtime import autocast, precision_of
 
 log = logging.getLogger("vlpbench")
 
 SIMILARITY_FILE = "similarity.npz"
+RETRIEVAL_BATCH = 64  # batch_size: auto on a CPU (vlpbench.protocols.batch_fill)
 QUERY_UNITS = {"i2t": "image", "t2i": "text"}
 
 
@@ -157,24 +161,38 @@ def _embedded(values: torch.Tensor, adapter, what: str, count: int) -> np.ndarra
 
 
 def embed(adapter, source, rset: RetrievalSet, config: dict[str, Any], *, device: torch.device,
-          progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(image embeddings, text embeddings)`` of ``rset``, float32, rows of unit length (module docstring)."""
+          progress: bool, batch: int | InferenceBatch | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(image embeddings, text embeddings)`` of ``rset``, float32, rows of unit length (module docstring), in
+    batches of ``batch`` images or texts (default: ``config["batch_size"]``, :data:`RETRIEVAL_BATCH` for
+    ``auto``)."""
     size = int(adapter.image_size)
     dataset = type(source).__module__.rpartition(".")[2]  # readers live in vlpbench.data.<dataset>
     images = cached_images(source, dataset, rset.image_ids, size, progress=progress)
-    batch_size = int(config["batch_size"])
-    image_rows, text_rows = [], []
+    batch = given(batch or planned_size(config, "batch_size", RETRIEVAL_BATCH))
+
+    def one_pass(batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        image_rows, text_rows = [], []
+        with torch.inference_mode(), autocast(device, precision_of(config)):
+            for start in tqdm(range(0, len(rset.image_ids), batch_size), desc="retrieval images",
+                              disable=not progress, leave=False, unit="batch"):
+                pixels = torch.from_numpy(np.array(images[start:start + batch_size])).unsqueeze(1).to(device)
+                image_rows.append(_embedded(adapter.embed_image(adapter.preprocess(pixels)), adapter, "embed_image",
+                                            len(pixels)))
+            for start in tqdm(range(0, len(rset.texts), batch_size), desc="retrieval texts", disable=not progress,
+                              leave=False, unit="batch"):
+                texts = rset.texts[start:start + batch_size]
+                text_rows.append(_embedded(adapter.embed_text(list(texts)), adapter, "embed_text", len(texts)))
+        return np.concatenate(image_rows), np.concatenate(text_rows)
+
+    return batch.run(one_pass)
+
+
+def _probe(adapter, config: dict[str, Any], count: int, device: torch.device) -> None:
+    """Embeddings of ``count`` blank images (the memory probe of
+    :func:`~vlpbench.protocols.batch_fill.inference_batch`)."""
+    size = int(adapter.image_size)
     with torch.inference_mode(), autocast(device, precision_of(config)):
-        for start in tqdm(range(0, len(rset.image_ids), batch_size), desc="retrieval images", disable=not progress,
-                          leave=False, unit="batch"):
-            batch = torch.from_numpy(np.array(images[start:start + batch_size])).unsqueeze(1).to(device)
-            image_rows.append(_embedded(adapter.embed_image(adapter.preprocess(batch)), adapter, "embed_image",
-                                        len(batch)))
-        for start in tqdm(range(0, len(rset.texts), batch_size), desc="retrieval texts", disable=not progress,
-                          leave=False, unit="batch"):
-            texts = rset.texts[start:start + batch_size]
-            text_rows.append(_embedded(adapter.embed_text(list(texts)), adapter, "embed_text", len(texts)))
-    return np.concatenate(image_rows), np.concatenate(text_rows)
+        adapter.embed_image(adapter.preprocess(torch.zeros(count, 1, size, size, dtype=torch.uint8, device=device)))
 
 
 def _outcome(evaluated: dict[str, Any], rset: RetrievalSet) -> dict[str, Any]:
@@ -195,7 +213,11 @@ def run_retrieval_task(adapter, source, split: SplitIds, config: dict[str, Any],
     retrieval_options(config)
     t0 = time.perf_counter()
     rset = retrieval_set(source, list(split.test), config)
-    image_embeddings, text_embeddings = embed(adapter, source, rset, config, device=device, progress=progress)
+    batch = inference_batch(config, "batch_size", device=device, fallback=RETRIEVAL_BATCH,
+                            limit=max(len(rset.image_ids), len(rset.texts)),
+                            probe=lambda count: _probe(adapter, config, count, device))
+    image_embeddings, text_embeddings = embed(adapter, source, rset, config, device=device, progress=progress,
+                                              batch=batch)
     similarity = image_embeddings @ text_embeddings.T
     t_embedded = time.perf_counter()
     if predictions is not None:
@@ -204,7 +226,8 @@ def run_retrieval_task(adapter, source, split: SplitIds, config: dict[str, Any],
     t_end = time.perf_counter()
     return {**_outcome(evaluated, rset),
             "training": {"candidates": rset.description, "similarity": "cosine (float32)",
-                         "ties": "pessimistic: a relevant candidate tied with irrelevant ones ranks after them"},
+                         "ties": "pessimistic: a relevant candidate tied with irrelevant ones ranks after them",
+                         "inference_batch": batch.describe()},
             "timing": {"embedding_s": t_embedded - t0, "metrics_s": t_end - t_embedded, "total_s": t_end - t0}}
 
 

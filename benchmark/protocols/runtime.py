@@ -94,7 +94,8 @@ def out_of_memory_hint(config: Mapping[str, Any]) -> Iterator[None]:
         in_use = ", ".join(f"{key}={value}" for key, value in sizes.items()) or "the task's default"
         smaller = " ".join(f"--set {key}={max(1, value // 2)}" for key, value in sizes.items())
         hint = f"rerun with a smaller batch ({smaller})" if smaller else "rerun with a smaller batch"
-        automatic = [key for key, value in config.items() if key.endswith("_batch_size") and value == "auto"]
+        automatic = [key for key, value in config.items()
+                     if (key == "batch_size" or key.endswith("_batch_size")) and value == "auto"]
         if automatic:
             hint += " or " + " ".join(f"--set {key}=N" for key in automatic) + " (an integer below the automatic " \
                     "choice the log names)"

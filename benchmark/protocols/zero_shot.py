@@ -40,6 +40,10 @@ pipeline (G2D §A.4.2): resize to 256², then the central 224² crop. That crop 
 is 224²; an adapter with another ``image_size`` is refused (G2D itself: its attention pool holds 8×8 + 1
 positions, so it takes 256² only), rather than fed the crop resized, which is neither pipeline.
 
+``batch_size`` is the inference batch: ``auto`` (default) fills the device
+(:mod:`vlpbench.protocols.batch_fill`; :data:`ZERO_SHOT_BATCH` on a CPU), or an integer. It changes memory
+and speed only.
+
 Under torchrun (:mod:`vlpbench.distributed`) each rank scores its block of whole batches of the test
 and validation images (the batches of a single process) and the probabilities are gathered in image
 order before thresholds, metrics and CIs, so every rank computes the single-process result.
@@ -63,6 +67,7 @@ from vlpbench.errors import ConfigError, DataError, VlpbenchError
 from vlpbench.metrics.classification import ACC_RULES, CRITERIA, TIE_RULES
 from vlpbench.predictions import PROBABILITIES_FILE, write_probabilities
 from vlpbench.protocols import SplitIds, base
+from vlpbench.protocols.batch_fill import InferenceBatch, given, inference_batch, planned_size
 from vlpbench.protocols.classification import class_thresholds, evaluate_classification, score_predictions_csv
 from vlpbench.protocols.labels import class_names, label_kind, task_labels
 from vlpbench.protocols.runtime import autocast, precision_of
@@ -106,6 +111,7 @@ CLASS_PROMPTS = ("plain", *PROMPT_SETS)
 THRESHOLD_METRICS = ("f1", "acc", "mcc")  # the metrics of a decision at a threshold
 # Options added after version 1 of the task files; a config without them means the old behaviour.
 DEFAULTS = {"class_prompts": "plain", "acc_rule": "ge", "threshold_ties": "highest"}
+ZERO_SHOT_BATCH = 64  # batch_size: auto on a CPU (vlpbench.protocols.batch_fill)
 
 
 def class_prompts(config: dict[str, Any], classes: list[str]) -> list[str]:
@@ -174,8 +180,9 @@ def _metric_names(config: dict[str, Any]) -> list[str]:
 
 def zero_shot_probabilities(adapter, source, ids: list[str], prompts: list[str], templates: tuple[str, str],
                             config: dict[str, Any], *, device: torch.device, progress: bool,
-                            desc: str) -> np.ndarray:
-    """``(len(ids), len(prompts))`` probabilities from ``adapter.zero_shot_scores``, float64.
+                            desc: str, batch: int | InferenceBatch | None = None) -> np.ndarray:
+    """``(len(ids), len(prompts))`` probabilities from ``adapter.zero_shot_scores``, float64, in batches of
+    ``batch`` (default: ``config["batch_size"]``, :data:`ZERO_SHOT_BATCH` for ``auto``).
 
     Images come from the image cache at the adapter's ``image_size`` (with ``center_crop``: at 256², then
     the central 224² crop; see :func:`check_center_crop`) and pass ``adapter.preprocess``.
@@ -191,23 +198,38 @@ def zero_shot_probabilities(adapter, source, ids: list[str], prompts: list[str],
     with distributed.main_first():  # rank 0 fills the image cache, the others then read it
         images = cached_images(source, dataset, ids, cache_size, progress=progress)
     offset = (cache_size - size) // 2
-    batch_size = int(config["batch_size"])
-    first, stop = distributed.batch_block(len(ids), batch_size)  # this rank's whole batches
-    probabilities = np.empty((stop - first, len(prompts)))
+    batch = given(batch or planned_size(config, "batch_size", ZERO_SHOT_BATCH))
+
+    def one_pass(batch_size: int) -> np.ndarray:
+        first, stop = distributed.batch_block(len(ids), batch_size)  # this rank's whole batches
+        probabilities = np.empty((stop - first, len(prompts)))
+        with torch.inference_mode(), autocast(device, precision_of(config)):
+            for start in tqdm(range(first, stop, batch_size), desc=f"zero-shot {desc}", disable=not progress,
+                              leave=False, unit="batch"):
+                pixels = np.array(images[start:min(start + batch_size, stop), offset:offset + size,
+                                         offset:offset + size])
+                scores = adapter.zero_shot_scores(adapter.preprocess(torch.from_numpy(pixels).unsqueeze(1).to(device)),
+                                                  prompts, templates)
+                scores = scores.detach().double().cpu().numpy()
+                if scores.shape != (len(pixels), len(prompts)):
+                    raise VlpbenchError(f"adapter {adapter.name!r}: zero_shot_scores returned shape {scores.shape} "
+                                        f"for {len(pixels)} images and {len(prompts)} classes")
+                if not (np.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1).all()):
+                    raise VlpbenchError(f"adapter {adapter.name!r}: zero_shot_scores returned values outside [0, 1]")
+                probabilities[start - first:start - first + len(pixels)] = scores
+        return distributed.gather_arrays(probabilities)
+
+    return batch.run(one_pass)
+
+
+def _probe(adapter, prompts: list[str], templates: tuple[str, str], config: dict[str, Any], count: int,
+           device: torch.device) -> None:
+    """Zero-shot scores of ``count`` blank images (the memory probe of
+    :func:`~vlpbench.protocols.batch_fill.inference_batch`)."""
+    size = int(adapter.image_size)
     with torch.inference_mode(), autocast(device, precision_of(config)):
-        for start in tqdm(range(first, stop, batch_size), desc=f"zero-shot {desc}", disable=not progress,
-                          leave=False, unit="batch"):
-            batch = np.array(images[start:min(start + batch_size, stop), offset:offset + size, offset:offset + size])
-            pixels = torch.from_numpy(batch).unsqueeze(1).to(device)
-            scores = adapter.zero_shot_scores(adapter.preprocess(pixels), prompts, templates)
-            scores = scores.detach().double().cpu().numpy()
-            if scores.shape != (len(batch), len(prompts)):
-                raise VlpbenchError(f"adapter {adapter.name!r}: zero_shot_scores returned shape {scores.shape} "
-                                    f"for {len(batch)} images and {len(prompts)} classes")
-            if not (np.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1).all()):
-                raise VlpbenchError(f"adapter {adapter.name!r}: zero_shot_scores returned values outside [0, 1]")
-            probabilities[start - first:start - first + len(batch)] = scores
-    return distributed.gather_arrays(probabilities)
+        pixels = torch.zeros(count, 1, size, size, dtype=torch.uint8, device=device)
+        adapter.zero_shot_scores(adapter.preprocess(pixels), prompts, templates)
 
 
 def _chexpert_valid(source) -> tuple[Any, list[str], str]:
@@ -296,8 +318,11 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
         raise DataError("zero-shot: no test images")
 
     test_labels = task_labels(source, split.test, config)
+    batch = inference_batch(config, "batch_size", device=device, fallback=ZERO_SHOT_BATCH,
+                            limit=max(len(split.test), len(split.val)),
+                            probe=lambda count: _probe(adapter, prompts, templates, config, count, device))
     test_scores = zero_shot_probabilities(adapter, source, list(split.test), prompts, templates, config,
-                                          device=device, progress=progress, desc="test")
+                                          device=device, progress=progress, desc="test", batch=batch)
     t_test = time.perf_counter()
     n_threshold_images = 0
     saved = dict(zip(split.test, test_scores))
@@ -316,7 +341,7 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
                                 f"chexpert_valid where it applies, or threshold_source test_oracle")
             val_labels = task_labels(reader, ids, config)
             val_scores = zero_shot_probabilities(adapter, reader, ids, prompts, templates, config,
-                                                 device=device, progress=progress, desc="val")
+                                                 device=device, progress=progress, desc="val", batch=batch)
             thresholds = class_thresholds(val_labels, val_scores, classes, criterion, ties)
             n_threshold_images = len(ids)
             saved.update(zip(ids, val_scores))
@@ -349,7 +374,7 @@ def run_zero_shot_task(adapter, source, split: SplitIds, config: dict[str, Any],
         "n": {"train": 0, "val": n_threshold_images, "test": len(split.test), "test_positives": positives},
         "training": {**training, "prompts": dict(zip(classes, prompts)),
                      "class_prompts": config.get("class_prompts", DEFAULTS["class_prompts"]),
-                     "world_size": distributed.world_size()},
+                     "world_size": distributed.world_size(), "inference_batch": batch.describe()},
         "timing": {"test_inference_s": t_test - t0, "threshold_s": t_scored - t_test,
                    "metrics_s": t_end - t_scored, "total_s": t_end - t0},
     }

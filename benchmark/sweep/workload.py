@@ -318,13 +318,15 @@ def zero_shot(ctx: RunContext, measure: Measure) -> Workload:
     """Zero-shot scores of the test images and, where thresholds come from them, of the validation images
     (``threshold_images``); nothing is trained or cached between runs (:mod:`vlpbench.protocols.zero_shot`)."""
     from vlpbench.protocols.labels import class_names, label_kind
-    from vlpbench.protocols.zero_shot import CROP_FROM, THRESHOLD_IMAGES, class_prompts, prompt_templates
+    from vlpbench.protocols.batch_fill import planned_size
+    from vlpbench.protocols.zero_shot import (CROP_FROM, THRESHOLD_IMAGES, ZERO_SHOT_BATCH, class_prompts,
+                                              prompt_templates)
 
     config = ctx.config
     prompts = class_prompts(config, class_names(config))
     templates = prompt_templates(config)
     adapter = ctx.adapter()
-    size, batch = int(adapter.image_size), int(config["batch_size"])
+    size, batch = int(adapter.image_size), planned_size(config, "batch_size", ZERO_SHOT_BATCH)
     test = ctx.ids("test")
     cache = (CROP_FROM if config["center_crop"] else size, "antialias")
     val: list[str] = []
@@ -348,7 +350,8 @@ def zero_shot(ctx: RunContext, measure: Measure) -> Workload:
 def grounding(ctx: RunContext, measure: Measure) -> Workload:
     """Heat maps of the positive test images and, with ``threshold_source: val``, of the positive validation
     images (``grounding_queries``); nothing is trained (:mod:`vlpbench.protocols.grounding`)."""
-    from vlpbench.protocols.grounding import DEFAULTS, check_config, grounding_queries, text_source
+    from vlpbench.protocols.batch_fill import planned_size
+    from vlpbench.protocols.grounding import DEFAULTS, GROUNDING_BATCH, check_config, grounding_queries, text_source
 
     config = ctx.config
     check_config(config)
@@ -359,7 +362,7 @@ def grounding(ctx: RunContext, measure: Measure) -> Workload:
     test = _query_images(grounding_queries(labels, ctx.ids("test"), config, texts)[0])
     val = _query_images(grounding_queries(labels, ctx.ids("val"), config, texts)[0]) \
         if config["threshold_source"] == "val" else []
-    size, batch = int(adapter.image_size), int(config["batch_size"])
+    size, batch = int(adapter.image_size), planned_size(config, "batch_size", GROUNDING_BATCH)
     step = ctx.step("maps", batch, size, (config["queries"],))
     cache = (size, "antialias", config.get("image_read", DEFAULTS["image_read"]))
     return Workload(images={"train": 0, "val": len(val), "test": len(test)}, epochs=None,
@@ -371,7 +374,9 @@ def grounding(ctx: RunContext, measure: Measure) -> Workload:
 def retrieval(ctx: RunContext, measure: Measure) -> Workload:
     """Embeddings of the query images and of the candidate texts (``retrieval_set``); nothing is trained
     (:mod:`vlpbench.protocols.retrieval`)."""
+    from vlpbench.protocols.batch_fill import planned_size
     from vlpbench.protocols.labels import class_names
+    from vlpbench.protocols.retrieval import RETRIEVAL_BATCH
     from vlpbench.protocols.retrieval_sets import expand_prompt_grid, retrieval_set
 
     config = ctx.config
@@ -384,7 +389,7 @@ def retrieval(ctx: RunContext, measure: Measure) -> Workload:
     else:
         raise Unknown(f"the candidate texts ({config.get('candidates')}) come from the {ctx.task.dataset} data "
                       f"folder: {ctx.missing}")
-    size, batch = int(ctx.adapter().image_size), int(config["batch_size"])
+    size, batch = int(ctx.adapter().image_size), planned_size(config, "batch_size", RETRIEVAL_BATCH)
     return Workload(images={"train": 0, "val": 0, "test": len(images)}, epochs=None,
                     work=[Work("image embeddings", ctx.step("embed_image", batch, size), batches(len(images), batch)),
                           Work("text embeddings", ctx.step("embed_text", batch, 0, (config.get("candidates"),)),

@@ -302,9 +302,13 @@ PROTOCOL_DOMAINS: dict[str, dict[str, Any]] = {
         "threshold_source": Choice(("val", "fixed")),
         # a cut of heat-map values: in [0, 1] after normalize=minmax, raw values (any sign) with normalize=none
         "threshold": Real(),
+        "batch_size": CountOrAuto(),  # an inference batch, as zero_shot's below
     },
     # detection normalises the grey image once, before it is repeated to three channels
     "detection": {"mean": Real(), "std": POSITIVE},
+    # nothing trains: their batch is an inference batch, "auto" fills the device (vlpbench.protocols.batch_fill)
+    "zero_shot": {"batch_size": CountOrAuto()},
+    "retrieval": {"batch_size": CountOrAuto()},
 }
 
 

@@ -10,7 +10,7 @@ import torch
 
 from vlpbench import api
 from vlpbench.errors import ConfigError
-from vlpbench.protocols import SplitIds, detection, finetune, segmentation
+from vlpbench.protocols import SplitIds, batch_fill, detection, finetune, segmentation
 from vlpbench.protocols.batch_fill import (
     MAX_AUTO_BATCH,
     MEMORY_SHARE,
@@ -327,3 +327,28 @@ def test_finetuning_scores_the_same_whatever_the_inference_batch(tmp_path):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
         assert b["train_loss"] == a["train_loss"]
     assert large["metrics"] == pytest.approx(small["metrics"], abs=1e-6)
+
+
+def test_on_cuda_the_allocators_statistics_are_read(monkeypatch):
+    """The CUDA meter's wiring, with torch.cuda's statistics simulated (no GPU here): free memory plus the
+    allocator's cached free blocks is what is available, the peak is read above what was allocated before."""
+    state = {"allocated": 1 * 2**30, "peak": 0}
+    gib = 2**30
+
+    def run_probe(count):  # a pass that allocates 64 MiB per image at its peak
+        state["peak"] = state["allocated"] + count * 64 * MIB
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (20 * gib, 80 * gib))
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 3 * gib)
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["allocated"]))
+    monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(cuda, "get_device_properties", lambda device=None: type("P", (), {"total_memory": 80 * gib}))
+    device = torch.device("cuda", 0)
+    meter = batch_fill.CudaMemory(device)
+    assert meter.available() == 22 * gib and meter.total() == 80 * gib and meter.allocated() == gib
+    batch = inference_batch({}, "eval_batch_size", device=device, fallback=8, limit=10_000, probe=run_probe)
+    assert batch.size == int(MEMORY_SHARE * 22 * gib // (64 * MIB)) == 281
+    assert batch.retry and "cuda: probed 64.0 MiB per image, 80% of 22.0 GiB available" in batch.how

@@ -261,3 +261,18 @@ def test_score_errors_name_the_key_and_the_problem(roots, tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="not a readable .npz"):
         PROTOCOL.score(tmp_path / "junk.npz", source, SplitIds([], [], parts["test"]), spec.config)
+
+
+def test_the_inference_batch_changes_no_map_and_auto_on_a_cpu_is_32(roots):
+    spec, source, parts = _source_and_split("rsna_ground", roots["rsna"])
+    config = spec.resolve({"eval_size": SIZE, "bootstrap_resamples": 50})
+    assert config["batch_size"] == "auto"
+    split = SplitIds([], parts["val"], parts["test"])
+    automatic, small = (run_grounding_task(BrightnessModel(), source, split, {**config, **change}, seed=0,
+                                           device=torch.device("cpu"), progress=False)
+                        for change in ({}, {"batch_size": 5}))
+    assert automatic["training"]["inference_batch"] == {"size": 32, "requested": "auto", "lowered_from": [],
+                                                        "how": "cpu: the protocol's fallback"}
+    assert small["training"]["inference_batch"]["size"] == 5
+    assert small["per_image"] == pytest.approx(automatic["per_image"], abs=1e-6)
+    assert small["training"]["threshold"] == pytest.approx(automatic["training"]["threshold"], abs=1e-6)

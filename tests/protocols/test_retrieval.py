@@ -394,3 +394,18 @@ def load_protocol():
     from vlpbench.protocols.base import protocol_named
 
     return protocol_named("retrieval")
+
+
+def test_the_inference_batch_changes_no_rank_and_auto_on_a_cpu_is_64(roots):
+    paths, _ = roots
+    task, root = "chexpert5x200_ret", paths["chexpert"]
+    model = table_model(task, root, aligned=False)
+    source, _, ids = task_set(task, root)
+    config = {**load_task(task).config, **FAST}
+    assert config["batch_size"] == "auto"
+    automatic, small = (run_retrieval_task(model(), source, SplitIds([], [], ids), {**config, **change}, seed=0,
+                                           device=torch.device("cpu"), progress=False)
+                        for change in ({}, {"batch_size": 9}))
+    assert automatic["training"]["inference_batch"]["size"] == 64
+    assert small["training"]["inference_batch"] == {"size": 9, "requested": 9, "how": "set", "lowered_from": []}
+    assert small["metrics"] == automatic["metrics"]

@@ -146,3 +146,18 @@ def test_every_zero_shot_task_runs_from_the_cli(roots, registered, tmp_path, tas
         assert training["optimistic"] is False
     if task == "chexpert_zs":
         assert "valid.csv" in training["threshold_images"]
+
+
+def test_the_inference_batch_changes_no_score_and_auto_on_a_cpu_is_64(roots):
+    source, model = RsnaSource(roots["rsna"]), BrightnessModel()
+    split = rsna_split(source)
+    config = {**load_task("rsna_zs").config, "bootstrap_resamples": 50}
+    assert config["batch_size"] == "auto"
+    automatic = run_zero_shot_task(model, source, split, config, seed=0, device=torch.device("cpu"), progress=False)
+    small = run_zero_shot_task(model, source, split, {**config, "batch_size": 7}, seed=0, device=torch.device("cpu"),
+                               progress=False)
+    assert automatic["training"]["inference_batch"] == {"size": 64, "requested": "auto", "lowered_from": [],
+                                                        "how": "cpu: the protocol's fallback"}
+    assert small["training"]["inference_batch"]["size"] == 7
+    assert small["metrics"] == pytest.approx(automatic["metrics"], abs=1e-9)
+    assert small["training"]["thresholds"] == pytest.approx(automatic["training"]["thresholds"], abs=1e-9)
