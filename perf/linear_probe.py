@@ -85,38 +85,52 @@ def _report(args, spec, split, holder, runs: dict) -> None:
           f"{mgca / cached:.0f}x (arithmetic)")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser, *, n: int, size: int) -> None:
+    """The options of both linear-probe benchmarks (this one and ``linear_probe_sweep.py``)."""
     parser.add_argument("--task", default="rsna_cls", choices=sorted(TASKS))
-    parser.add_argument("--n", type=int, default=160, help="synthetic images")
-    parser.add_argument("--size", type=int, default=128, help="image-cache resize; the crop is 7/8 of it")
+    parser.add_argument("--n", type=int, default=n, help="synthetic images")
+    parser.add_argument("--size", type=int, default=size, help="image-cache resize; the crop is 7/8 of it")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--arch", default="resnet18", help="torchvision ResNet of the generic adapter")
     parser.add_argument("--lr", type=float, default=0.01,
                         help="head learning rate (the task's 5e-4 suits pre-trained features; the random-init "
                              "encoder here gives small ones)")
     parser.add_argument("--device", default="auto")
+
+
+def prepare(args: argparse.Namespace, work: Path):
+    """Synthetic data of ``args.task`` under ``work``, a random-init checkpoint, and the image cache filled (so that
+    no timed run decodes): ``(data folder, checkpoint, task, split, test holder, run overrides)``, the overrides
+    training ``args.epochs`` epochs with early stopping off."""
+    from vlpbench import api
+    from vlpbench.protocols.features import load_images
+
+    data = work / TASKS[args.task]
+    api.synth(TASKS[args.task], data, n=args.n, size=args.size, progress=False)
+    checkpoint = _checkpoint(args.arch, work)
+    spec = api.load_task(args.task)
+    source = api.open_dataset(spec, data)
+    split, holder = api.task_splits(spec, source)
+    ids = [i for part, s in (("train", split), ("val", split), ("test", holder))
+           for i in api.split_ids(s, part, source)[0]]
+    load_images(source, ids, args.size, progress=False)
+    overrides = {"resize_size": args.size, "image_size": args.size * 7 // 8, "max_epochs": args.epochs,
+                 "patience": args.epochs, "lr": args.lr, "bootstrap_resamples": 200}
+    return data, checkpoint, spec, split, holder, overrides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, n=160, size=128)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="vlpbench-linear-probe-"))
     os.environ["VLPBENCH_CACHE"] = str(work / "cache")  # a private cache: every run starts cold
     from vlpbench import api
-    from vlpbench.protocols.features import cache_root, load_images
+    from vlpbench.protocols.features import cache_root
 
     try:
-        dataset = TASKS[args.task]
-        data = work / dataset
-        api.synth(dataset, data, n=args.n, size=args.size, progress=False)
-        checkpoint = _checkpoint(args.arch, work)
-        spec = api.load_task(args.task)
-        source = api.open_dataset(spec, data)
-        split, holder = api.task_splits(spec, source)
-        ids = [i for part, s in (("train", split), ("val", split), ("test", holder))
-               for i in api.split_ids(s, part, source)[0]]
-        load_images(source, ids, args.size, progress=False)  # decode once, outside every timing
-
-        base = {"resize_size": args.size, "image_size": args.size * 7 // 8, "max_epochs": args.epochs,
-                "patience": args.epochs, "lr": args.lr, "bootstrap_resamples": 200}
+        data, checkpoint, spec, split, holder, base = prepare(args, work)
         runs = {}
         for label, changes, fresh in (("cached, cold", {}, True), ("cached, warm", {}, False),
                                       ("lbfgs, warm", {"head_solver": "lbfgs"}, False),

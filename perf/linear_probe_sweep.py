@@ -27,22 +27,21 @@ from pathlib import Path
 
 import torch
 
-from linear_probe import TASKS, _checkpoint, encoder_passes  # perf/ is this script's folder, first on sys.path
+from linear_probe import add_arguments, encoder_passes, prepare  # perf/ is this script's folder, first on sys.path
 from results_md import Figure, append_section, section
 
 SEEDS = (0, 1, 2)
 RESAMPLES = 1000
 
 
-def run_sweep(args, data: Path, checkpoint: Path, work: Path, mode: str) -> tuple[float, dict]:
-    """Every fraction x seed of ``args.task`` in ``mode`` from an empty feature cache: the sweep's wall seconds
-    and ``{(fraction, seed): (record, record file)}``."""
+def run_sweep(args, data: Path, checkpoint: Path, work: Path, overrides: dict) -> tuple[float, dict]:
+    """Every fraction x seed of ``args.task`` with ``overrides`` from an empty feature cache: the sweep's wall
+    seconds and ``{(fraction, seed): (record, record file)}``."""
     from vlpbench import api
     from vlpbench.protocols.features import cache_root
 
     shutil.rmtree(cache_root(), ignore_errors=True)
-    overrides = {"resize_size": args.size, "image_size": args.size * 7 // 8, "max_epochs": args.epochs,
-                 "patience": args.epochs, "lr": args.lr, "bootstrap_resamples": 200, "linear_mode": mode}
+    mode = overrides["linear_mode"]
     runs, started = {}, time.perf_counter()
     for fraction in api.load_task(args.task).fractions:
         for seed in SEEDS:
@@ -71,38 +70,20 @@ def auc_difference(cached: tuple, mgca: tuple) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="rsna_cls", choices=sorted(TASKS))
-    parser.add_argument("--n", type=int, default=2000, help="synthetic images (the 1 % part needs one batch)")
-    parser.add_argument("--size", type=int, default=64, help="image-cache resize; the crop is 7/8 of it")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--arch", default="resnet18", help="torchvision ResNet of the generic adapter")
-    parser.add_argument("--lr", type=float, default=0.01,
-                        help="head learning rate (the task's 5e-4 suits pre-trained features; the random-init "
-                             "encoder here gives small ones)")
-    parser.add_argument("--device", default="auto")
+    add_arguments(parser, n=2000, size=64)
     parser.add_argument("--out", type=Path, default=None, help="append a section to this Markdown file")
     parser.add_argument("--label", default="", help="added to the section's title (e.g. the machine's sharing)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="vlpbench-linear-sweep-"))
     os.environ["VLPBENCH_CACHE"] = str(work / "cache")  # never the user's own caches
-    from vlpbench import api
-    from vlpbench.protocols.features import load_images
     from vlpbench.sweep.calibrate import device_name
 
     try:
-        data = work / TASKS[args.task]
-        api.synth(TASKS[args.task], data, n=args.n, size=args.size, progress=False)
-        checkpoint = _checkpoint(args.arch, work)
-        spec = api.load_task(args.task)
-        source = api.open_dataset(spec, data)
-        split, holder = api.task_splits(spec, source)
-        ids = [i for part, s in (("train", split), ("val", split), ("test", holder))
-               for i in api.split_ids(s, part, source)[0]]
-        load_images(source, ids, args.size, progress=False)  # decode once, outside every timing
+        data, checkpoint, _, _, _, overrides = prepare(args, work)
         started = time.perf_counter()
-        cached_s, cached = run_sweep(args, data, checkpoint, work, "cached")
-        mgca_s, mgca = run_sweep(args, data, checkpoint, work, "mgca")
+        cached_s, cached = run_sweep(args, data, checkpoint, work, {**overrides, "linear_mode": "cached"})
+        mgca_s, mgca = run_sweep(args, data, checkpoint, work, {**overrides, "linear_mode": "mgca"})
 
         first = next(iter(cached.values()))[0]
         n_eval, batch = first["n"]["val"] + first["n"]["test"], int(first["config"]["batch_size"])
