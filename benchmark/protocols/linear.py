@@ -77,7 +77,7 @@ from vlpbench.protocols.logistic import select_logistic
 from vlpbench.protocols.runtime import (
     LOWEST_VAL_LOSS,
     FitResult,
-    check_finite,
+    epoch_mean_loss,
     fit,
     precision_of,
     state_copy,
@@ -446,16 +446,17 @@ def _fit(head: torch.nn.Module, batches: Callable[[torch.Tensor], torch.Tensor],
     def train_epoch(epoch: int) -> float:
         head.train()
         order = torch.randperm(n, generator=generator).to(train_targets.device)
-        total = 0.0
         steps = n // batch_size
+        # Kept on the device and read once per epoch: a step of the head is too small to wait for the host.
+        losses = torch.empty(steps, device=train_targets.device)
         for step in range(steps):
             index = order[step * batch_size:(step + 1) * batch_size]
             loss = loss_fn(head(batches(index)), train_targets[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += check_finite(loss, epoch, step + 1)
-        return total / steps
+            losses[step] = loss.detach()
+        return epoch_mean_loss(losses, epoch)
 
     def validate(epoch: int) -> dict[str, float]:
         head.eval()

@@ -2,7 +2,8 @@
 
 - :func:`fit`: the epoch loop of the training protocols (segmentation, detection, linear,
   finetune): divergence check, best-epoch selection and snapshot, early stopping, history.
-- :func:`check_finite`: stop a run at the first NaN or infinite loss, naming the epoch and step.
+- :func:`check_finite`: stop a run at the first NaN or infinite loss, naming the epoch and step
+  (:func:`epoch_mean_loss`: the same check once per epoch, for loops of tiny steps).
 - :func:`out_of_memory_hint`: turn a CUDA out-of-memory error into a message with the batch size in
   use and the option that lowers it.
 - Precision (``--precision``): ``fp32`` (default) or ``bf16``. With ``bf16`` the forward passes of
@@ -63,11 +64,30 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int) -> float:
         NonFiniteLossError: naming the value, the epoch and the step.
     """
     value = float(loss.detach().float().item())
+    _require_finite(value, epoch, step)
+    return value
+
+
+def epoch_mean_loss(losses: torch.Tensor, epoch: int) -> float:
+    """The mean of one epoch's per-step losses, ``losses`` a device tensor filled step by step and read once here:
+    a loop whose steps are tiny (the linear head's) then pays one device synchronisation per epoch instead of
+    one per step. The values are summed in step order in float64, as a loop summing :func:`check_finite`'s
+    floats does.
+
+    Raises:
+        NonFiniteLossError: naming the first step whose loss is NaN or infinite.
+    """
+    values = losses.detach().float().cpu().tolist()
+    for step, value in enumerate(values, 1):
+        _require_finite(value, epoch, step)
+    return sum(values) / len(values)
+
+
+def _require_finite(value: float, epoch: int, step: int) -> None:
     if not math.isfinite(value):
         raise NonFiniteLossError(
             f"training loss became {value} at epoch {epoch}, step {step}; the run stopped and no record was "
             f"written. Lower the learning rate (--set lr=...), {DIVERGED_HINT}")
-    return value
 
 
 def batch_sizes(config: Mapping[str, Any]) -> dict[str, int]:

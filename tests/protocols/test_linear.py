@@ -193,3 +193,23 @@ def test_moco2_on_grey_images_jitters_brightness_within_mgca_range():
     out = moco2(halves, torch.Generator().manual_seed(1))
     flipped = out[..., 4:].mean(dim=(1, 2, 3)) > out[..., :4].mean(dim=(1, 2, 3))
     assert 0.4 < flipped.float().mean() < 0.6  # horizontal flip with p 0.5
+
+
+def test_a_non_finite_head_loss_stops_training_naming_its_epoch_and_step():
+    from vlpbench.protocols import linear as lin
+    from vlpbench.protocols.runtime import NonFiniteLossError
+    from vlpbench.tasks import load_task
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(64, 8, generator=generator)
+    targets = (torch.rand(64, 1, generator=generator) < 0.5).float()
+    calls = []
+
+    def batches(index):  # the third training batch carries a NaN feature
+        calls.append(len(index))
+        return features[index] * (float("nan") if len(calls) == 3 else 1.0)
+
+    config = {**load_task("rsna_cls").config, "max_epochs": 2, "patience": 2}
+    with pytest.raises(NonFiniteLossError, match="training loss became nan at epoch 1, step 3;"):
+        lin._fit(lin.seeded_head(8, 1, 0), batches, targets, features[:8], targets[:8], lin.loss_function("binary"),
+                 config, 0, False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,6 +29,8 @@ from vlpbench.protocols.runtime import (
     FitResult,
     NonFiniteLossError,
     Selection,
+    check_finite,
+    epoch_mean_loss,
     fit,
     state_copy,
 )
@@ -240,3 +243,15 @@ def test_max_epochs_below_one_is_a_config_error():
 def test_selection_mode_must_be_min_or_max():
     with pytest.raises(ValueError, match="'lowest'"):
         Selection("val_loss", "lowest")
+
+
+def test_an_epochs_losses_read_once_give_the_step_by_step_mean_and_name_the_first_bad_step():
+    rng = np.random.default_rng(0)
+    losses = torch.from_numpy(rng.random(2001).astype(np.float32))
+    step_by_step = 0.0
+    for step, loss in enumerate(losses, 1):  # what a loop summing check_finite's floats computes
+        step_by_step += check_finite(loss, 1, step)
+    assert epoch_mean_loss(losses, 1) == step_by_step / len(losses)  # bit for bit
+    losses[[7, 9]] = torch.tensor([float("inf"), float("nan")])
+    with pytest.raises(NonFiniteLossError, match="training loss became inf at epoch 4, step 8;"):
+        epoch_mean_loss(losses, 4)
