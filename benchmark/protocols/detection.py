@@ -76,8 +76,8 @@ from vlpbench.protocols.batch_fill import inference_batch, probing
 from vlpbench.protocols.labels import class_names
 from vlpbench.protocols.prefetch import pinned, prefetch
 from vlpbench.protocols.runtime import (
+    EpochLosses,
     Selection,
-    check_finite,
     cudnn_benchmark,
     eval_backbone,
     fit,
@@ -971,7 +971,7 @@ def _train_epoch(model: Detector, head: nn.Module, data: DetectionImages, featur
         index = list(distributed.shard(order[start:start + batch_size].tolist()))
         return start, index, features.host(index)
 
-    total, count = 0.0, 0
+    losses = EpochLosses()  # read once per epoch
     # drop_last, as MGCA; the next batches are read while the head trains (vlpbench.protocols.prefetch)
     for start, index, host in prefetch(prepare, range(0, len(data) - batch_size + 1, batch_size), features.device):
         loss = _batch_loss(head(features.on_device(index, host)), [data.targets[i] for i in index], anchors, size,
@@ -979,10 +979,9 @@ def _train_epoch(model: Detector, head: nn.Module, data: DetectionImages, featur
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += check_finite(loss, epoch, start // batch_size + 1) * len(index)
-        count += batch_size
+        losses.add(loss, len(index))
     # Each rank's loss is the mean over its equal share: the global batch's mean is their mean.
-    return distributed.all_reduce_sum([total])[0] / count
+    return distributed.all_reduce_sum([losses.total(epoch)])[0] / (len(losses) * batch_size)
 
 
 @torch.inference_mode()

@@ -67,8 +67,8 @@ from vlpbench.protocols.linear import (
 )
 from vlpbench.protocols.runtime import (
     LOWEST_VAL_LOSS,
+    EpochLosses,
     Selection,
-    check_finite,
     fit,
     neck_of,
     precision_of,
@@ -140,7 +140,7 @@ def train_epoch(model: torch.nn.Module, stepped: torch.nn.Module, images: np.nda
     normalises images in [0, 1] for the encoder."""
     model.train()
     ranks, steps = distributed.world_size(), len(images) // batch_size
-    total = 0.0
+    losses = EpochLosses()  # read once per epoch: the host queues the next steps meanwhile
     for step, (index, pixels, draws) in enumerate(train_batches(images, batch_size, augment_images, generator,
                                                                 device)):
         x = as_unit_float(pixels, device)
@@ -151,8 +151,8 @@ def train_epoch(model: torch.nn.Module, stepped: torch.nn.Module, images: np.nda
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += check_finite(loss, epoch, step + 1)
-    return distributed.all_reduce_sum([total])[0] / ranks / steps  # equal shares: mean of the means
+        losses.add(loss)
+    return distributed.all_reduce_sum([losses.total(epoch)])[0] / ranks / steps  # equal shares: mean of the means
 
 
 def run_finetune_task(adapter, source, split: SplitIds, config: dict[str, Any], *, seed: int,

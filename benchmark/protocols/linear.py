@@ -76,8 +76,8 @@ from vlpbench.protocols.labels import class_names, label_kind, task_labels
 from vlpbench.protocols.logistic import select_logistic
 from vlpbench.protocols.runtime import (
     LOWEST_VAL_LOSS,
+    EpochLosses,
     FitResult,
-    epoch_mean_loss,
     fit,
     precision_of,
     state_copy,
@@ -447,16 +447,15 @@ def _fit(head: torch.nn.Module, batches: Callable[[torch.Tensor], torch.Tensor],
         head.train()
         order = torch.randperm(n, generator=generator).to(train_targets.device)
         steps = n // batch_size
-        # Kept on the device and read once per epoch: a step of the head is too small to wait for the host.
-        losses = torch.empty(steps, device=train_targets.device)
+        losses = EpochLosses()  # read once per epoch: a step of the head is far shorter than a host round trip
         for step in range(steps):
             index = order[step * batch_size:(step + 1) * batch_size]
             loss = loss_fn(head(batches(index)), train_targets[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses[step] = loss.detach()
-        return epoch_mean_loss(losses, epoch)
+            losses.add(loss)
+        return losses.total(epoch) / steps
 
     def validate(epoch: int) -> dict[str, float]:
         head.eval()

@@ -3,7 +3,7 @@
 - :func:`fit`: the epoch loop of the training protocols (segmentation, detection, linear,
   finetune): divergence check, best-epoch selection and snapshot, early stopping, history.
 - :func:`check_finite`: stop a run at the first NaN or infinite loss, naming the epoch and step
-  (:func:`epoch_mean_loss`: the same check once per epoch, for loops of tiny steps).
+  (:class:`EpochLosses`: the same check once per epoch, so that the host does not wait at every step).
 - :func:`out_of_memory_hint`: turn a CUDA out-of-memory error into a message with the batch size in
   use and the option that lowers it.
 - Precision (``--precision``): ``fp32`` (default) or ``bf16``. With ``bf16`` the forward passes of
@@ -68,19 +68,37 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int) -> float:
     return value
 
 
-def epoch_mean_loss(losses: torch.Tensor, epoch: int) -> float:
-    """The mean of one epoch's per-step losses, ``losses`` a device tensor filled step by step and read once here:
-    a loop whose steps are tiny (the linear head's) then pays one device synchronisation per epoch instead of
-    one per step. The values are summed in step order in float64, as a loop summing :func:`check_finite`'s
-    floats does.
+class EpochLosses:
+    """One epoch's training losses, kept on the device and read once at its end (:meth:`total`): a training loop
+    that adds each step's loss here waits for the device once per epoch, where :func:`check_finite` waits at every
+    step, so the host can queue the next steps while the device computes. A non-finite loss is then found at the
+    end of the epoch instead of at its step (the weights after it are NaN; nothing is recorded either way)."""
 
-    Raises:
-        NonFiniteLossError: naming the first step whose loss is NaN or infinite.
-    """
-    values = losses.detach().float().cpu().tolist()
-    for step, value in enumerate(values, 1):
-        _require_finite(value, epoch, step)
-    return sum(values) / len(values)
+    def __init__(self) -> None:
+        self._losses: list[torch.Tensor] = []
+        self._weights: list[float] = []
+
+    def add(self, loss: torch.Tensor, weight: float = 1.0) -> None:
+        """Step ``len(self) + 1``'s scalar loss, counted ``weight`` times in :meth:`total` (its batch size)."""
+        self._losses.append(loss.detach().float().reshape(()))
+        self._weights.append(weight)
+
+    def __len__(self) -> int:
+        return len(self._losses)
+
+    def total(self, epoch: int) -> float:
+        """The weighted sum of the losses, in step order in float64: the value a loop summing
+        ``check_finite(loss) * weight`` step by step computes, bit for bit.
+
+        Raises:
+            NonFiniteLossError: naming ``epoch`` and the first step whose loss is NaN or infinite.
+        """
+        values = torch.stack(self._losses).cpu().tolist() if self._losses else []
+        total = 0.0
+        for step, (value, weight) in enumerate(zip(values, self._weights), 1):
+            _require_finite(value, epoch, step)
+            total += value * weight
+        return total
 
 
 def _require_finite(value: float, epoch: int, step: int) -> None:

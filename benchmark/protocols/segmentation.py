@@ -77,7 +77,7 @@ from vlpbench.protocols.batch_fill import inference_batch, probing, protocol_chu
 from vlpbench.protocols.prefetch import pinned, prefetch
 from vlpbench.protocols.runtime import (
     LOWEST_VAL_LOSS,
-    check_finite,
+    EpochLosses,
     eval_backbone,
     fit,
     freeze_backbone,
@@ -684,7 +684,7 @@ def _train_epoch(model, stepped, data: Images, optimizer, loss_fn, normalize, co
     if config["freeze_bn"]:
         eval_backbone(model.unet.encoder)  # frozen means frozen: BatchNorm statistics do not drift
     batch_size = config["batch_size"]
-    total, count = 0.0, 0
+    losses = EpochLosses()  # read once per epoch: the host queues the next steps meanwhile
     for start, host, theta in train_batches(data, config, generator, device):
         if data.full is not None:
             theta = theta.to(device)
@@ -702,9 +702,8 @@ def _train_epoch(model, stepped, data: Images, optimizer, loss_fn, normalize, co
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += check_finite(loss, epoch, start // batch_size + 1) * batch_size
-        count += batch_size
-    return total / count
+        losses.add(loss, batch_size)
+    return losses.total(epoch) / (len(losses) * batch_size)
 
 
 def _augment_theta(config: dict[str, Any], batch_size: int, generator: torch.Generator) -> torch.Tensor:

@@ -26,11 +26,11 @@ import torch
 from vlpbench.errors import ConfigError
 from vlpbench.protocols.runtime import (
     LOWEST_VAL_LOSS,
+    EpochLosses,
     FitResult,
     NonFiniteLossError,
     Selection,
     check_finite,
-    epoch_mean_loss,
     fit,
     state_copy,
 )
@@ -245,13 +245,18 @@ def test_selection_mode_must_be_min_or_max():
         Selection("val_loss", "lowest")
 
 
-def test_an_epochs_losses_read_once_give_the_step_by_step_mean_and_name_the_first_bad_step():
+def test_an_epochs_losses_read_once_give_the_step_by_step_total_and_name_the_first_bad_step():
     rng = np.random.default_rng(0)
     losses = torch.from_numpy(rng.random(2001).astype(np.float32))
-    step_by_step = 0.0
-    for step, loss in enumerate(losses, 1):  # what a loop summing check_finite's floats computes
-        step_by_step += check_finite(loss, 1, step)
-    assert epoch_mean_loss(losses, 1) == step_by_step / len(losses)  # bit for bit
-    losses[[7, 9]] = torch.tensor([float("inf"), float("nan")])
-    with pytest.raises(NonFiniteLossError, match="training loss became inf at epoch 4, step 8;"):
-        epoch_mean_loss(losses, 4)
+    weights = rng.integers(1, 17, len(losses))
+    step_by_step, kept = 0.0, EpochLosses()
+    for step, (loss, weight) in enumerate(zip(losses, weights), 1):  # what a loop summing check_finite computes
+        step_by_step += check_finite(loss, 1, step) * int(weight)
+        kept.add(loss, int(weight))
+    assert len(kept) == 2001 and kept.total(1) == step_by_step  # bit for bit
+    bad = EpochLosses()
+    for value in (0.5, 0.25, float("inf"), 1.0, float("nan")):
+        bad.add(torch.tensor(value))
+    with pytest.raises(NonFiniteLossError, match="training loss became inf at epoch 4, step 3;"):
+        bad.total(4)
+    assert EpochLosses().total(1) == 0.0
