@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="local (default): --workers parallel runs on this machine; slurm: one job array through "
                         "submitit; torchrun: one run at a time over --nproc-per-node processes")
     p.add_argument("--workers", type=int, help="local: parallel runs (default: one per visible GPU, each with its "
-                   "own CUDA_VISIBLE_DEVICES; 1 on CPU)")
+                   "own CUDA_VISIBLE_DEVICES; 1 on CPU); more than the GPUs puts several runs on each GPU, their "
+                   "automatic inference batches sized to their share of its memory (--plan says how many fit)")
     p.add_argument("--slurm-partition", help="slurm: partition")
     p.add_argument("--slurm-timeout-min", type=int, help="slurm: time limit of each run in minutes (default 1440)")
     p.add_argument("--gpus-per-node", type=int, help="slurm: GPUs per run")
