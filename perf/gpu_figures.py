@@ -316,7 +316,8 @@ def inference_batch_figures(device: torch.device, quick: bool) -> list[Figure]:
     }
     figures = []
     for name, (batch, baseline, make, one_pass) in passes.items():
-        figures.append(Figure(f"{name}: automatic batch", batch.size, "images", "measured", batch.how))
+        figures.append(Figure(f"{name}: automatic batch", batch.size, "images",
+                              "measured" if device.type == "cuda" else "default", batch.how))
         if device.type != "cuda" or quick:
             continue
         images = 2 * max(batch.size, baseline)
