@@ -138,13 +138,14 @@ class InferenceBatch:
             except torch.cuda.OutOfMemoryError:
                 if not self.retry or self.size <= self.multiple_of:
                     raise
-                if self.meter is not None:
-                    self.meter.release()
-                smaller = _round_down(self.size // 2, self.multiple_of)
-                log.warning("inference batch %d ran out of device memory; running the pass again at %d",
-                            self.size, smaller)
-                self.lowered_from.append(self.size)
-                self._size = smaller
+            # Out of the handler, the failed pass's tensors (held by its traceback until then) are freed.
+            if self.meter is not None:
+                self.meter.release()
+            smaller = _round_down(self.size // 2, self.multiple_of)
+            log.warning("inference batch %d ran out of device memory; running the pass again at %d",
+                        self.size, smaller)
+            self.lowered_from.append(self.size)
+            self._size = smaller
 
     def describe(self) -> dict[str, Any]:
         """What a record states: the size used last (None: no pass needed one), what was asked for, how it was
@@ -213,24 +214,33 @@ def inference_batch(config: Mapping[str, Any], key: str, *, device: torch.device
         return InferenceBatch(AUTO, size=fallback, how=f"{device.type}: the protocol's fallback")
     meter = meter or CudaMemory(device)
 
+    def probed(sizes: tuple[int, int]) -> tuple[int, str]:
+        try:
+            peaks = {size: meter.peak_of(lambda size=size: probe(size)) for size in sizes}
+        except torch.cuda.OutOfMemoryError:
+            peaks = None
+        if peaks is None:  # out of the handler, so that the probe's tensors are freed: the retry halves from here
+            meter.release()
+            return (_round_down(fallback, multiple_of),
+                    f"{device.type}: the probe ran out of memory, so the protocol's fallback")
+        sharing = runs_per_device()
+        available = meter.available()
+        if sharing > 1:  # what is left of this run's share of the device
+            available = min(available, max(0, meter.total() // sharing - meter.allocated()))
+        size = fitting_batch(peaks, MEMORY_SHARE * available - reserve_bytes, limit=limit, multiple_of=multiple_of)
+        (small, small_peak), (large, large_peak) = sorted(peaks.items())
+        return size, (f"{device.type}: probed {(large_peak - small_peak) / (large - small) / 2**20:.1f} MiB per "
+                      f"image, {MEMORY_SHARE:.0%} of {available / 2**30:.1f} GiB available"
+                      + (f" to this run, one of {sharing} sharing the device" if sharing > 1 else "")
+                      + (f", less {reserve_bytes / 2**30:.2f} GiB reserved" if reserve_bytes else ""))
+
     def choose() -> tuple[int, str]:
-        sizes = tuple(min(size, max(limit, 1)) for size in PROBE_SIZES)
+        sizes = (min(PROBE_SIZES[0], max(limit, 1)), min(PROBE_SIZES[1], max(limit, 1)))
         if sizes[0] == sizes[1]:  # so few images that one small batch holds them all
             size = _round_down(math.ceil(limit / multiple_of) * multiple_of, multiple_of)
             how = f"{device.type}: all {limit} image(s) in one batch"
         else:
-            peaks = {size: meter.peak_of(lambda size=size: probe(size)) for size in sizes}
-            sharing = runs_per_device()
-            available = meter.available()
-            if sharing > 1:  # what is left of this run's share of the device
-                available = min(available, max(0, meter.total() // sharing - meter.allocated()))
-            size = fitting_batch(peaks, MEMORY_SHARE * available - reserve_bytes, limit=limit,
-                                 multiple_of=multiple_of)
-            (small, small_peak), (large, large_peak) = sorted(peaks.items())
-            how = (f"{device.type}: probed {(large_peak - small_peak) / (large - small) / 2**20:.1f} MiB per image, "
-                   f"{MEMORY_SHARE:.0%} of {available / 2**30:.1f} GiB available"
-                   + (f" to this run, one of {sharing} sharing the device" if sharing > 1 else "")
-                   + (f", less {reserve_bytes / 2**30:.2f} GiB reserved" if reserve_bytes else ""))
+            size, how = probed(sizes)
         if distributed.is_active():
             size = distributed.all_min(size)
             how += ", the smallest of the ranks' choices"

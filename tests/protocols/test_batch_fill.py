@@ -352,3 +352,14 @@ def test_on_cuda_the_allocators_statistics_are_read(monkeypatch):
     batch = inference_batch({}, "eval_batch_size", device=device, fallback=8, limit=10_000, probe=run_probe)
     assert batch.size == int(MEMORY_SHARE * 22 * gib // (64 * MIB)) == 281
     assert batch.retry and "cuda: probed 64.0 MiB per image, 80% of 22.0 GiB available" in batch.how
+
+
+def test_a_probe_that_runs_out_of_memory_falls_back_to_the_protocol_batch_and_frees_the_cache():
+    class FullDevice(SimulatedMemory):
+        def peak_of(self, run):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    meter = FullDevice(fixed=0, per_image=MIB, capacity=MIB)
+    batch = _auto(meter, fallback=16, multiple_of=8)
+    assert batch.size == 16 and batch.retry and meter.released == 1
+    assert batch.how == "cpu: the probe ran out of memory, so the protocol's fallback"
