@@ -47,6 +47,7 @@ different is the order of floating-point sums, whose rounding AdamW amplifies ov
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -477,6 +478,14 @@ class ScaleTargets:
     offsets: torch.Tensor  # box centre within its cell, in [0, 1]
     log_sizes: torch.Tensor  # log(box size / anchor size)
     classes: torch.Tensor  # (B, anchors, H, W, n_classes): 1 for the class of each assigned box
+
+    def pinned(self, device: torch.device) -> ScaleTargets:
+        """These host tensors page-locked where bound for CUDA (:func:`~vlpbench.protocols.prefetch.pinned`)."""
+        return ScaleTargets(*(pinned(t, device) for t in dataclasses.astuple(self)))
+
+    def on(self, device: torch.device) -> ScaleTargets:
+        """These tensors on ``device``, copied without blocking where they are page-locked."""
+        return ScaleTargets(*(to_device(t, device) for t in dataclasses.astuple(self)))
 
 
 def _shape_iou(sizes: torch.Tensor, anchors: torch.Tensor, rule: str = "plain") -> torch.Tensor:
@@ -943,18 +952,37 @@ def _normalize(images: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
     return ((images.float().div_(255.0) - config["mean"]) / config["std"]).unsqueeze(1).expand(-1, 3, -1, -1)
 
 
+def batch_targets(targets: list[torch.Tensor], labels: list[torch.Tensor] | None, grids: Sequence[tuple[int, int]],
+                  anchors: torch.Tensor, size: int, config: dict[str, Any], n_classes: int) -> list[ScaleTargets]:
+    """Each scale's YOLO targets (:func:`assign_targets`, on the host) of one batch's boxes, for prediction maps
+    of ``grids`` (coarsest first) at a ``size`` input."""
+    return [assign_targets(targets, grid, (size / grid[0], size / grid[1]), scale_anchors,
+                           config["ignore_threshold"], anchor_iou=config["anchor_iou"], labels=labels,
+                           n_classes=n_classes) for grid, scale_anchors in zip(grids, anchors)]
+
+
 def _batch_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], anchors: torch.Tensor, size: int,
-                config: dict[str, Any], labels: list[torch.Tensor] | None = None) -> torch.Tensor:
+                config: dict[str, Any], labels: list[torch.Tensor] | None = None,
+                scale_targets: list[ScaleTargets] | None = None) -> torch.Tensor:
+    """The YOLO loss of one batch, summed over scales; ``scale_targets``: the batch's targets assigned
+    beforehand (:func:`batch_targets`), else assigned here."""
+    if scale_targets is None:
+        n_classes = outputs[0].shape[1] // len(anchors[0]) - BOX_ATTRIBUTES
+        scale_targets = batch_targets(targets, labels, [tuple(raw.shape[-2:]) for raw in outputs], anchors, size,
+                                      config, n_classes)
     total = outputs[0].new_zeros(())
-    for raw, scale_anchors in zip(outputs, anchors):
-        grid = tuple(raw.shape[-2:])
-        stride = (size / grid[0], size / grid[1])
-        scale_targets = assign_targets(targets, grid, stride, scale_anchors, config["ignore_threshold"],
-                                       anchor_iou=config["anchor_iou"], labels=labels,
-                                       n_classes=raw.shape[1] // len(scale_anchors) - BOX_ATTRIBUTES)
-        total = total + yolo_loss(raw, scale_targets, box_weight=config["box_weight"],
-                                  noobj_weight=config["noobj_weight"], noobj_assigned=config["noobj_assigned"])
+    for raw, scale in zip(outputs, scale_targets):
+        total = total + yolo_loss(raw, scale, box_weight=config["box_weight"], noobj_weight=config["noobj_weight"],
+                                  noobj_assigned=config["noobj_assigned"])
     return total
+
+
+def head_layout(model: Detector, features: PartFeatures, n_anchors: int) -> tuple[list[tuple[int, int]], int]:
+    """The (H, W) of each of the head's prediction maps, coarsest first, and the classes it predicts, from one
+    image's forward in eval mode (the training loop assigns targets ahead of the head, so it needs them first)."""
+    with probing(model):
+        outputs = model.head(features([0]))
+    return [tuple(raw.shape[-2:]) for raw in outputs], outputs[0].shape[1] // n_anchors - BOX_ATTRIBUTES
 
 
 def _train_epoch(model: Detector, head: nn.Module, data: DetectionImages, features: PartFeatures, optimizer,
@@ -965,17 +993,22 @@ def _train_epoch(model: Detector, head: nn.Module, data: DetectionImages, featur
     if config["freeze_bn"]:
         eval_backbone(model.encoder)  # frozen means frozen: BatchNorm statistics do not drift
     size = data.images.shape[-1]
+    grids, n_classes = head_layout(model, features, len(anchors[0]))
+    device = features.device
     order = torch.randperm(len(data), generator=generator)
 
-    def prepare(start: int) -> tuple[int, list[int], torch.Tensor | None]:
+    def prepare(start: int) -> tuple[list[int], torch.Tensor | None, list[ScaleTargets]]:
         index = list(distributed.shard(order[start:start + batch_size].tolist()))
-        return start, index, features.host(index)
+        targets = batch_targets([data.targets[i] for i in index], [data.target_labels[i] for i in index], grids,
+                                anchors, size, config, n_classes)
+        return index, features.host(index), [scale.pinned(device) for scale in targets]
 
     losses = EpochLosses()  # read once per epoch
-    # drop_last, as MGCA; the next batches are read while the head trains (vlpbench.protocols.prefetch)
-    for start, index, host in prefetch(prepare, range(0, len(data) - batch_size + 1, batch_size), features.device):
-        loss = _batch_loss(head(features.on_device(index, host)), [data.targets[i] for i in index], anchors, size,
-                           config, [data.target_labels[i] for i in index])
+    # drop_last, as MGCA. The next batches' features are read and their targets assigned while the head trains
+    # (vlpbench.protocols.prefetch); page-locked, they reach the GPU without the host waiting.
+    for index, host, targets in prefetch(prepare, range(0, len(data) - batch_size + 1, batch_size), device):
+        loss = _batch_loss(head(features.on_device(index, host)), [], anchors, size, config,
+                           scale_targets=[scale.on(device) for scale in targets])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

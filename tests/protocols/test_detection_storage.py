@@ -14,6 +14,7 @@ from vlpbench.protocols.detection import (
     PartFeatures,
     _predict,
     deepest_stages,
+    head_layout,
     feature_storage,
     run_detection,
     scaled_anchors,
@@ -145,3 +146,32 @@ def test_a_failed_run_removes_its_feature_file(tiny_run, monkeypatch):
         run_detection(_encoder(), source, split, _config(), seed=0, device=torch.device("cpu"), progress=False)
     assert sorted(seen) == ["train-rank0.f16", "val-rank0.f16"]
     assert list((cache_dir() / "detection").iterdir()) == []
+
+
+def test_the_head_layout_is_that_of_its_outputs_and_leaves_the_modes_alone(tiny_model):
+    config = {**load_task("rsna_det").config, "image_size": 64}
+    features = PartFeatures(tiny_model, _tiny_part(), config, torch.device("cpu"), storage="memory", batch_size=5,
+                            progress=False, desc="train")
+    tiny_model.head.train()
+    try:
+        grids, n_classes = head_layout(tiny_model, features, 3)
+        assert tiny_model.head.training and not tiny_model.encoder.training
+    finally:
+        tiny_model.eval()
+    with torch.no_grad():
+        outputs = tiny_model.head(features([1, 2]))
+    assert grids == [tuple(raw.shape[-2:]) for raw in outputs] == [(4, 4), (8, 8), (16, 16)] and n_classes == 1
+
+
+@pytest.mark.parametrize("cache_gb", [1.0, 0.0])
+def test_targets_assigned_ahead_of_the_head_change_no_bit_of_training(tiny_run, monkeypatch, cache_gb):
+    """Training assigns each batch's targets in the prefetching thread; in the loop's own thread (depth 0) the
+    run is the same bit for bit."""
+    source, split = tiny_run
+    runs = []
+    for depth in ("0", "2"):
+        monkeypatch.setenv("VLPBENCH_PREFETCH", depth)
+        runs.append(run_detection(_encoder(), source, split, _config(max_epochs=2, feature_cache_gb=cache_gb), seed=0,
+                                  device=torch.device("cpu"), progress=False))
+    assert runs[0]["training"]["history"] == runs[1]["training"]["history"]
+    assert runs[0]["metrics"] == runs[1]["metrics"] and runs[0]["per_image"] == runs[1]["per_image"]
