@@ -468,6 +468,12 @@ def feature_storage(shapes: Sequence[Sequence[int]], sizes: dict[str, int], budg
     return storage
 
 
+def memory_bytes(shapes: Sequence[Sequence[int]], sizes: dict[str, int], storage: dict[str, str]) -> int:
+    """Bytes of the parts' features that :func:`feature_storage` keeps in ``memory`` (float32, on the device)."""
+    per_image = sum(int(np.prod(shape)) for shape in shapes)
+    return sum(4 * count * per_image for name, count in sizes.items() if storage[name] == "memory")
+
+
 @dataclass
 class ScaleTargets:
     """Training targets of one scale, each (B, anchors, H, W) (``offsets`` and ``log_sizes`` with a last
@@ -815,17 +821,14 @@ def _train_and_test(model: Detector, head: nn.Module, train: DetectionImages, va
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=lr, betas=tuple(config["betas"]),
                                   weight_decay=config["weight_decay"])
     # A frozen encoder in eval mode on unaugmented images gives the same features every epoch.
-    shapes = _feature_shapes(model, size, device)
-    storage = feature_storage(shapes, {"train": len(train), "val": len(val)},
-                              float(config["feature_cache_gb"]), frozen=bool(config["freeze_bn"]),
+    shapes, sizes = _feature_shapes(model, size, device), {"train": len(train), "val": len(val)}
+    storage = feature_storage(shapes, sizes, float(config["feature_cache_gb"]), frozen=bool(config["freeze_bn"]),
                               disk_bytes=shutil.disk_usage(scratch).free - DISK_RESERVE_BYTES)
     # Feature extraction and prediction batches sized to fill the device (vlpbench.protocols.batch_fill),
     # leaving room for the features the run keeps on the device.
-    per_image = sum(int(np.prod(shape)) for shape in shapes)
-    kept_bytes = sum(4 * len(part) * per_image for name, part in (("train", train), ("val", val))
-                     if storage[name] == "memory")
     eval_batch = inference_batch(config, "eval_batch_size", device=device, fallback=batch_size,
-                                 limit=max(len(train), len(val), len(test)), reserve_bytes=kept_bytes,
+                                 limit=max(len(train), len(val), len(test)),
+                                 reserve_bytes=memory_bytes(shapes, sizes, storage),
                                  probe=lambda count: _probe(model, count, size, config, device))
     part_features = {name: eval_batch.run(lambda count, name=name, part=part: PartFeatures(
         model, part, config, device, storage=storage[name], batch_size=count, progress=progress, desc=name,

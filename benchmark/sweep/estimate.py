@@ -272,9 +272,9 @@ def plan_sweep(spec: SweepSpec, *, force: bool = False, calibrate_batches: int =
         estimates.append(estimate)
     device_bytes = None
     if device.type == "cuda":
-        import torch
+        from vlpbench.protocols.batch_fill import CudaMemory
 
-        device_bytes = int(torch.cuda.get_device_properties(device).total_memory)
+        device_bytes = CudaMemory(device).total()
     return SweepPlan(runs=estimates, skipped=skipped, notes=plan.notes, device=device_name(device, threads),
                      calibrate_batches=calibrate_batches, measured=timer.measured, decoding=charged.decoding,
                      decode_processes=processes,

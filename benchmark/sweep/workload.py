@@ -227,7 +227,7 @@ def detection(ctx: RunContext, measure: Measure) -> Workload:
     with ``freeze_bn`` (kept in memory or in a file, ``detection.feature_storage``), else in every batch; the
     head trains and predicts on them (:mod:`vlpbench.protocols.detection`)."""
     from vlpbench.protocols.batch_fill import planned_size
-    from vlpbench.protocols.detection import feature_storage, fraction_settings
+    from vlpbench.protocols.detection import feature_storage, fraction_settings, memory_bytes
 
     config = ctx.config
     _, batch = fraction_settings(config, ctx.run.frac)
@@ -237,12 +237,9 @@ def detection(ctx: RunContext, measure: Measure) -> Workload:
     steps = training_batches(len(train), batch)
     evaluated = planned_size(config, "eval_batch_size", batch)
     encode = ctx.step("features", evaluated, size, variant)
-    storage = feature_storage(measure(encode).shapes, {"train": len(train), "val": len(val)},
-                              float(config["feature_cache_gb"]), frozen=bool(config["freeze_bn"]))
+    shapes, sizes = measure(encode).shapes, {"train": len(train), "val": len(val)}
+    storage = feature_storage(shapes, sizes, float(config["feature_cache_gb"]), frozen=bool(config["freeze_bn"]))
     kept = {name: where != "batch" for name, where in storage.items()}
-    per_image = sum(math.prod(shape) for shape in measure(encode).shapes)
-    on_device = sum(4 * per_image * count for name, count in (("train", len(train)), ("val", len(val)))
-                    if storage[name] == "memory")  # float32 rows, as PartFeatures keeps them
     val_passes = 1 if kept["val"] else epochs
     work = [Work("train features", encode, batches(len(train), evaluated)) if kept["train"] else
             Work("train features, every epoch", ctx.step("features", batch, size, variant), epochs * steps),
@@ -252,7 +249,8 @@ def detection(ctx: RunContext, measure: Measure) -> Workload:
             Work("test features", encode, batches(len(test), evaluated)),
             Work("test", ctx.step("eval", evaluated, size, variant), batches(len(test), evaluated))]
     return Workload(images={"train": len(train), "val": len(val), "test": len(test)}, epochs=epochs, work=work,
-                    reads=[ctx.read(train + val + test, size, config["input_resize"])], kept_bytes=on_device)
+                    reads=[ctx.read(train + val + test, size, config["input_resize"])],
+                    kept_bytes=memory_bytes(shapes, sizes, storage))
 
 
 def linear(ctx: RunContext, measure: Measure) -> Workload:
